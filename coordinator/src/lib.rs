@@ -1,0 +1,1 @@
+//! capsnet-coordinator: placeholder until its issue lands (see DESIGN.md).

@@ -1,0 +1,119 @@
+//! Matrix products on OpenBLAS, split across the rayon pool.
+//!
+//! OpenBLAS runs single-threaded ([`init_blas`]); parallelism comes from rayon, which splits each
+//! product into row blocks. One pool feeds both BLAS and the element-wise loops, so the number of
+//! busy threads never exceeds the pool size (no oversubscription), and the split depends only on
+//! the pool size, so results are the same run to run.
+
+use ndarray::linalg::general_mat_mul;
+use ndarray::{ArrayView2, ArrayViewMut2, Axis};
+use rayon::prelude::*;
+
+// Link OpenBLAS (system library) for ndarray's `blas` feature.
+extern crate blas_src;
+
+unsafe extern "C" {
+    fn openblas_set_num_threads(num_threads: std::ffi::c_int);
+}
+
+/// Makes OpenBLAS single-threaded. Idempotent; called by everything that builds a model.
+pub fn init_blas() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    // SAFETY: plain setter of OpenBLAS's global thread count, called before any product.
+    ONCE.call_once(|| unsafe { openblas_set_num_threads(1) });
+}
+
+/// Rows per task below which splitting a product costs more than it saves.
+const MIN_ROWS_PER_TASK: usize = 16;
+
+/// `c = alpha * a @ b + beta * c`, with the rows of `c` (and `a`) split across the current
+/// rayon pool. `a` and `b` may be transposed views; BLAS handles the strides.
+pub fn par_gemm(
+    alpha: f32,
+    a: &ArrayView2<'_, f32>,
+    b: &ArrayView2<'_, f32>,
+    beta: f32,
+    c: &mut ArrayViewMut2<'_, f32>,
+) {
+    debug_assert_eq!(a.nrows(), c.nrows());
+    debug_assert_eq!(a.ncols(), b.nrows());
+    debug_assert_eq!(b.ncols(), c.ncols());
+    let m = c.nrows();
+    let threads = rayon::current_num_threads();
+    if threads <= 1 || m < 2 * MIN_ROWS_PER_TASK {
+        general_mat_mul(alpha, a, b, beta, c);
+        return;
+    }
+    let rows = m.div_ceil(threads).max(MIN_ROWS_PER_TASK);
+    let tasks: Vec<_> = a
+        .axis_chunks_iter(Axis(0), rows)
+        .zip(c.axis_chunks_iter_mut(Axis(0), rows))
+        .collect();
+    tasks
+        .into_par_iter()
+        .for_each(|(a, mut c)| general_mat_mul(alpha, &a, b, beta, &mut c));
+}
+
+/// A row-major `[rows, cols]` view of a slice.
+pub fn view2(s: &[f32], rows: usize, cols: usize) -> ArrayView2<'_, f32> {
+    debug_assert_eq!(s.len(), rows * cols);
+    ArrayView2::from_shape((rows, cols), s).unwrap_or_else(|_| unreachable!())
+}
+
+/// A mutable row-major `[rows, cols]` view of a slice.
+pub fn view2_mut(s: &mut [f32], rows: usize, cols: usize) -> ArrayViewMut2<'_, f32> {
+    debug_assert_eq!(s.len(), rows * cols);
+    ArrayViewMut2::from_shape((rows, cols), s).unwrap_or_else(|_| unreachable!())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    fn naive(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
+        let mut c = vec![0.0f64; m * n];
+        for i in 0..m {
+            for p in 0..k {
+                for j in 0..n {
+                    c[i * n + j] += a[i * k + p] as f64 * b[p * n + j] as f64;
+                }
+            }
+        }
+        c
+    }
+
+    /// Guards against BLAS builds that pick a broken kernel on this CPU: odd sizes, transposes,
+    /// and the row split all have to agree with a plain triple loop.
+    #[test]
+    fn par_gemm_matches_naive_at_odd_sizes() {
+        init_blas();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let mut rng = Rng::new(3);
+        for &(m, k, n) in &[(1, 1, 1), (37, 81, 45), (130, 257, 33), (200, 9, 300)] {
+            let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| rng.normal()).collect();
+            let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+            let want = naive(&a, &b, m, k, n);
+            let mut c = vec![1.0f32; m * n];
+            pool.install(|| {
+                par_gemm(
+                    1.0,
+                    &view2(&a, m, k),
+                    &view2(&bt, n, k).t(),
+                    0.0,
+                    &mut view2_mut(&mut c, m, n),
+                )
+            });
+            for (x, y) in c.iter().zip(&want) {
+                assert!(
+                    (*x as f64 - y).abs() < 1e-3 * (1.0 + y.abs()),
+                    "{m}x{k}x{n}: {x} vs {y}"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,372 @@
+//! Capsule operations: squash, the digit-capsule transform `u_hat = W u`, and dynamic routing,
+//! each with its backward pass. Batched over the whole batch, parallel over the batch (or over
+//! capsules for the weight gradient), with a fixed reduction order so results do not depend on
+//! thread timing.
+
+use rayon::prelude::*;
+
+/// `f(n2) = n2 / ((1 + n2) sqrt(n2 + eps))`, so that `squash(s) = f(|s|^2) s`.
+#[inline]
+fn squash_factor(n2: f32, eps: f32) -> f32 {
+    n2 / ((1.0 + n2) * (n2 + eps).sqrt())
+}
+
+/// `df/dn2 = (n2 + 2 eps - n2^2) / (2 (n2 + eps)^(3/2) (1 + n2)^2)`; finite at `n2 = 0`.
+#[inline]
+fn squash_factor_grad(n2: f32, eps: f32) -> f32 {
+    let q2 = n2 + eps;
+    let one = 1.0 + n2;
+    (n2 + 2.0 * eps - n2 * n2) / (2.0 * q2 * q2.sqrt() * one * one)
+}
+
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// `v = |s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + eps)` on every `dim`-long vector of `s`.
+pub fn squash(s: &[f32], dim: usize, eps: f32, v: &mut [f32]) {
+    for (s, v) in s.chunks_exact(dim).zip(v.chunks_exact_mut(dim)) {
+        let f = squash_factor(dot(s, s), eps);
+        for (v, s) in v.iter_mut().zip(s) {
+            *v = f * s;
+        }
+    }
+}
+
+/// Gradient of [`squash`]: `gs = f gv + 2 f'(|s|^2) (s . gv) s`, per vector (overwrites `gs`).
+pub fn squash_backward(s: &[f32], gv: &[f32], dim: usize, eps: f32, gs: &mut [f32]) {
+    for ((s, gv), gs) in s
+        .chunks_exact(dim)
+        .zip(gv.chunks_exact(dim))
+        .zip(gs.chunks_exact_mut(dim))
+    {
+        let n2 = dot(s, s);
+        let f = squash_factor(n2, eps);
+        let k = 2.0 * squash_factor_grad(n2, eps) * dot(s, gv);
+        for ((gs, gv), s) in gs.iter_mut().zip(gv).zip(s) {
+            *gs = f * gv + k * s;
+        }
+    }
+}
+
+/// Sizes of the digit-capsule layer: `batch` samples of `inputs` capsules of `in_dim`, mapped to
+/// `outputs` capsules of `out_dim`, routed `iters` times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DigitDims {
+    pub batch: usize,
+    pub inputs: usize,
+    pub in_dim: usize,
+    pub outputs: usize,
+    pub out_dim: usize,
+    pub iters: usize,
+}
+
+impl DigitDims {
+    fn jd(&self) -> usize {
+        self.outputs * self.out_dim
+    }
+    /// Floats of `u_hat` per sample: inputs x outputs x out_dim.
+    pub fn uhat_per_sample(&self) -> usize {
+        self.inputs * self.jd()
+    }
+}
+
+/// Samples per task in the `u_hat` product: enough to reuse each 16x8 block of W from L1.
+const UHAT_SAMPLES_PER_TASK: usize = 4;
+
+/// `u_hat[b,i,j,:] = W[i,j] @ u[b,i]`: `(B, I, E) x (I, J, D, E) -> (B, I, J, D)`.
+pub fn uhat_forward(u: &[f32], w: &[f32], dims: &DigitDims, uhat: &mut [f32]) {
+    let (ni, e, jd) = (dims.inputs, dims.in_dim, dims.jd());
+    uhat.par_chunks_mut(UHAT_SAMPLES_PER_TASK * ni * jd)
+        .enumerate()
+        .for_each(|(task, out)| {
+            let b0 = task * UHAT_SAMPLES_PER_TASK;
+            let nb = out.len() / (ni * jd);
+            for i in 0..ni {
+                let wi = &w[i * jd * e..][..jd * e];
+                for b in 0..nb {
+                    let ui = &u[((b0 + b) * ni + i) * e..][..e];
+                    let o = &mut out[(b * ni + i) * jd..][..jd];
+                    for (o, wrow) in o.iter_mut().zip(wi.chunks_exact(e)) {
+                        *o = dot(wrow, ui);
+                    }
+                }
+            }
+        });
+}
+
+/// Backward of [`uhat_forward`]: `gw[i,j,d,e] = sum_b g[b,i,j,d] u[b,i,e]` (overwritten) and
+/// `gu[b,i,e] = sum_{j,d} W[i,j,d,e] g[b,i,j,d]` (overwritten). `scratch` holds `B*I*E` floats.
+pub fn uhat_backward(
+    u: &[f32],
+    w: &[f32],
+    g_uhat: &[f32],
+    dims: &DigitDims,
+    gw: &mut [f32],
+    gu: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    let (nb, ni, e, jd) = (dims.batch, dims.inputs, dims.in_dim, dims.jd());
+    scratch.resize(ni * nb * e, 0.0);
+    // Per input capsule i: its slice of gw and its [B, E] block of gu (transposed layout).
+    gw.par_chunks_mut(jd * e)
+        .zip(scratch.par_chunks_mut(nb * e))
+        .enumerate()
+        .for_each(|(i, (gwi, gui))| {
+            gwi.fill(0.0);
+            let wi = &w[i * jd * e..][..jd * e];
+            for b in 0..nb {
+                let ui = &u[(b * ni + i) * e..][..e];
+                let g = &g_uhat[(b * ni + i) * jd..][..jd];
+                let gub = &mut gui[b * e..][..e];
+                gub.fill(0.0);
+                for ((gwrow, wrow), &gv) in gwi.chunks_exact_mut(e).zip(wi.chunks_exact(e)).zip(g) {
+                    for k in 0..e {
+                        gwrow[k] += gv * ui[k];
+                        gub[k] += gv * wrow[k];
+                    }
+                }
+            }
+        });
+    gu.par_chunks_mut(ni * e).enumerate().for_each(|(b, gub)| {
+        for i in 0..ni {
+            gub[i * e..][..e].copy_from_slice(&scratch[(i * nb + b) * e..][..e]);
+        }
+    });
+}
+
+/// What routing keeps for its backward pass, per sample: the coupling coefficients and the
+/// pre-squash outputs of every iteration.
+#[derive(Debug, Default)]
+pub struct RoutingCache {
+    /// `c[b, t, i, j]`.
+    pub c: Vec<f32>,
+    /// `s[b, t, j, d]`.
+    pub s: Vec<f32>,
+}
+
+/// Dynamic routing (Procedure 1 of the paper), batched: `u_hat (B, I, J, D) -> v (B, J, D)`.
+///
+/// `b = 0; repeat r times { c = softmax_j(b); s_j = sum_i c_ij u_hat_j|i; v_j = squash(s_j);
+/// if not last: b_ij += u_hat_j|i . v_j }`. Gradients flow through every iteration.
+pub fn routing_forward(
+    uhat: &[f32],
+    dims: &DigitDims,
+    eps: f32,
+    cache: &mut RoutingCache,
+    v: &mut [f32],
+) {
+    let (ni, nj, d, t) = (dims.inputs, dims.outputs, dims.out_dim, dims.iters);
+    let per = dims.uhat_per_sample();
+    cache.c.resize(dims.batch * t * ni * nj, 0.0);
+    cache.s.resize(dims.batch * t * nj * d, 0.0);
+    v.par_chunks_mut(nj * d)
+        .zip(cache.c.par_chunks_mut(t * ni * nj))
+        .zip(cache.s.par_chunks_mut(t * nj * d))
+        .enumerate()
+        .for_each_init(
+            || vec![0.0f32; ni * nj],
+            |logits, (b, ((v, c), s))| {
+                route_one(&uhat[b * per..][..per], ni, nj, d, t, eps, logits, c, s, v);
+            },
+        );
+}
+
+#[allow(clippy::too_many_arguments)]
+fn route_one(
+    u: &[f32],
+    ni: usize,
+    nj: usize,
+    d: usize,
+    iters: usize,
+    eps: f32,
+    logits: &mut [f32],
+    c_all: &mut [f32],
+    s_all: &mut [f32],
+    v: &mut [f32],
+) {
+    logits.fill(0.0);
+    for t in 0..iters {
+        let c = &mut c_all[t * ni * nj..][..ni * nj];
+        if t == 0 {
+            c.fill(1.0 / nj as f32);
+        } else {
+            for (ci, li) in c.chunks_exact_mut(nj).zip(logits.chunks_exact(nj)) {
+                let m = li.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut z = 0.0;
+                for (c, &l) in ci.iter_mut().zip(li) {
+                    *c = (l - m).exp();
+                    z += *c;
+                }
+                let inv = 1.0 / z;
+                ci.iter_mut().for_each(|c| *c *= inv);
+            }
+        }
+        let s = &mut s_all[t * nj * d..][..nj * d];
+        s.fill(0.0);
+        for (ui, ci) in u.chunks_exact(nj * d).zip(c.chunks_exact(nj)) {
+            for ((sj, uij), &cij) in s.chunks_exact_mut(d).zip(ui.chunks_exact(d)).zip(ci) {
+                for (s, u) in sj.iter_mut().zip(uij) {
+                    *s += cij * u;
+                }
+            }
+        }
+        squash(s, d, eps, v);
+        if t + 1 < iters {
+            for (ui, li) in u.chunks_exact(nj * d).zip(logits.chunks_exact_mut(nj)) {
+                for ((l, uij), vj) in li.iter_mut().zip(ui.chunks_exact(d)).zip(v.chunks_exact(d)) {
+                    *l += dot(uij, vj);
+                }
+            }
+        }
+    }
+}
+
+/// Backward of [`routing_forward`]: `g_uhat` (overwritten) from `gv (B, J, D)`.
+pub fn routing_backward(
+    uhat: &[f32],
+    dims: &DigitDims,
+    eps: f32,
+    cache: &RoutingCache,
+    gv: &[f32],
+    g_uhat: &mut [f32],
+) {
+    let (ni, nj, d, t) = (dims.inputs, dims.outputs, dims.out_dim, dims.iters);
+    let per = dims.uhat_per_sample();
+    g_uhat.par_chunks_mut(per).enumerate().for_each_init(
+        || vec![0.0f32; ni * nj + 3 * nj * d + nj],
+        |scratch, (b, gu)| {
+            route_one_backward(
+                &uhat[b * per..][..per],
+                ni,
+                nj,
+                d,
+                t,
+                eps,
+                &cache.c[b * t * ni * nj..][..t * ni * nj],
+                &cache.s[b * t * nj * d..][..t * nj * d],
+                &gv[b * nj * d..][..nj * d],
+                gu,
+                scratch,
+            )
+        },
+    );
+}
+
+#[allow(clippy::too_many_arguments)]
+fn route_one_backward(
+    u: &[f32],
+    ni: usize,
+    nj: usize,
+    d: usize,
+    iters: usize,
+    eps: f32,
+    c_all: &[f32],
+    s_all: &[f32],
+    gv_out: &[f32],
+    gu: &mut [f32],
+    scratch: &mut [f32],
+) {
+    let (glogits, rest) = scratch.split_at_mut(ni * nj);
+    let (v, rest) = rest.split_at_mut(nj * d);
+    let (gv, rest) = rest.split_at_mut(nj * d);
+    let (gs, rest) = rest.split_at_mut(nj * d);
+    let gc = &mut rest[..nj];
+    gu.fill(0.0);
+    glogits.fill(0.0);
+    for t in (0..iters).rev() {
+        let c = &c_all[t * ni * nj..][..ni * nj];
+        let s = &s_all[t * nj * d..][..nj * d];
+        if t + 1 == iters {
+            gv.copy_from_slice(gv_out);
+        } else {
+            // b_{t+1} = b_t + u_hat . v_t: glogits holds dL/db_{t+1}.
+            squash(s, d, eps, v);
+            gv.fill(0.0);
+            for ((ui, gui), gli) in u
+                .chunks_exact(nj * d)
+                .zip(gu.chunks_exact_mut(nj * d))
+                .zip(glogits.chunks_exact(nj))
+            {
+                for (((uij, guij), &g), (vj, gvj)) in ui
+                    .chunks_exact(d)
+                    .zip(gui.chunks_exact_mut(d))
+                    .zip(gli)
+                    .zip(v.chunks_exact(d).zip(gv.chunks_exact_mut(d)))
+                {
+                    for k in 0..d {
+                        gvj[k] += g * uij[k];
+                        guij[k] += g * vj[k];
+                    }
+                }
+            }
+        }
+        squash_backward(s, gv, d, eps, gs);
+        // s_j = sum_i c_ij u_hat_j|i; c = softmax(b_t); b_0 = 0 is a constant.
+        for (((ui, gui), ci), gli) in u
+            .chunks_exact(nj * d)
+            .zip(gu.chunks_exact_mut(nj * d))
+            .zip(c.chunks_exact(nj))
+            .zip(glogits.chunks_exact_mut(nj))
+        {
+            for (j, ((uij, guij), &cij)) in ui
+                .chunks_exact(d)
+                .zip(gui.chunks_exact_mut(d))
+                .zip(ci)
+                .enumerate()
+            {
+                let gsj = &gs[j * d..][..d];
+                gc[j] = dot(gsj, uij);
+                for k in 0..d {
+                    guij[k] += cij * gsj[k];
+                }
+            }
+            if t > 0 {
+                let mean = dot(ci, gc);
+                for ((gl, &cij), &gcj) in gli.iter_mut().zip(ci).zip(gc.iter()) {
+                    *gl += cij * (gcj - mean);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn squash_keeps_direction_and_bounds_length() {
+        let s = [3.0f32, 4.0];
+        let mut v = [0.0; 2];
+        squash(&s, 2, 1e-8, &mut v);
+        let len = (v[0] * v[0] + v[1] * v[1]).sqrt();
+        assert!((len - 25.0 / 26.0).abs() < 1e-6);
+        assert!((v[0] / v[1] - 0.75).abs() < 1e-6);
+        let z = [0.0f32; 2];
+        squash(&z, 2, 1e-8, &mut v);
+        assert_eq!(v, [0.0, 0.0]);
+    }
+
+    #[test]
+    fn one_iteration_routes_with_uniform_coefficients() {
+        let dims = DigitDims {
+            batch: 1,
+            inputs: 2,
+            in_dim: 1,
+            outputs: 2,
+            out_dim: 1,
+            iters: 1,
+        };
+        let uhat = [1.0, 2.0, 3.0, 4.0]; // (i, j)
+        let mut cache = RoutingCache::default();
+        let mut v = [0.0; 2];
+        routing_forward(&uhat, &dims, 0.0, &mut cache, &mut v);
+        // s_0 = 0.5 (1 + 3) = 2, s_1 = 0.5 (2 + 4) = 3; squash of a scalar is s^2/(1+s^2) sign(s).
+        assert!(
+            (v[0] - 0.8).abs() < 1e-6 && (v[1] - 0.9).abs() < 1e-6,
+            "{v:?}"
+        );
+    }
+}

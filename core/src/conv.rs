@@ -1,0 +1,187 @@
+//! Convolution geometry, im2col and col2im on channel-major (`[C, B, H, W]`) activations.
+//!
+//! Both convolutions of CapsNet read a channel-major tensor (the image, whose single channel makes
+//! `[B, 1, H, W]` and `[1, B, H, W]` the same bytes, and conv1's output). Columns are ordered
+//! `(cin, kh, kw)`, the order of the PyTorch weight `[cout, cin, kh, kw]`, so the weights are used
+//! as stored. Two column layouts are offered:
+//! - k-major `[K, B*P]` for `out[cout, B*P] = W @ col` (conv1: output stays channel-major);
+//! - row-major `[B*P, K]` for `out[B*P, cout] = col @ W^T` (primary: one row per capsule
+//!   position, channels contiguous, which is the capsule layout).
+
+use rayon::prelude::*;
+
+/// A square convolution without padding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeom {
+    pub cin: usize,
+    pub cout: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    /// Input side.
+    pub h_in: usize,
+    /// Output side.
+    pub h_out: usize,
+}
+
+impl ConvGeom {
+    pub fn new(cin: usize, cout: usize, kernel: usize, stride: usize, h_in: usize) -> Self {
+        ConvGeom {
+            cin,
+            cout,
+            kernel,
+            stride,
+            h_in,
+            h_out: (h_in - kernel) / stride + 1,
+        }
+    }
+    /// Column length cin * k * k.
+    pub fn k(&self) -> usize {
+        self.cin * self.kernel * self.kernel
+    }
+    /// Output positions per image.
+    pub fn positions(&self) -> usize {
+        self.h_out * self.h_out
+    }
+
+    /// `col[(cin,kh,kw), (b,oy,ox)]` for images `b0..b0+nb` of a `[cin, batch, h, h]` input.
+    pub fn im2col_k_major(&self, x: &[f32], batch: usize, b0: usize, nb: usize, col: &mut [f32]) {
+        let (h, ho, k, s) = (self.h_in, self.h_out, self.kernel, self.stride);
+        let n = nb * ho * ho;
+        debug_assert_eq!(col.len(), self.k() * n);
+        col.par_chunks_mut(n).enumerate().for_each(|(r, row)| {
+            let (c, kh, kw) = (r / (k * k), (r / k) % k, r % k);
+            for b in 0..nb {
+                let plane = &x[(c * batch + b0 + b) * h * h..][..h * h];
+                for oy in 0..ho {
+                    let src = &plane[(oy * s + kh) * h + kw..];
+                    let dst = &mut row[(b * ho + oy) * ho..][..ho];
+                    for (ox, d) in dst.iter_mut().enumerate() {
+                        *d = src[ox * s];
+                    }
+                }
+            }
+        });
+    }
+
+    /// Adds a k-major column gradient back into `gx` (`[cin, batch, h, h]`).
+    pub fn col2im_k_major(&self, col: &[f32], batch: usize, b0: usize, nb: usize, gx: &mut [f32]) {
+        let (h, ho, k, s) = (self.h_in, self.h_out, self.kernel, self.stride);
+        let n = nb * ho * ho;
+        gx.par_chunks_mut(batch * h * h)
+            .enumerate()
+            .for_each(|(c, gxc)| {
+                for kh in 0..k {
+                    for kw in 0..k {
+                        let row = &col[((c * k + kh) * k + kw) * n..][..n];
+                        for b in 0..nb {
+                            let plane = &mut gxc[(b0 + b) * h * h..][..h * h];
+                            for oy in 0..ho {
+                                for ox in 0..ho {
+                                    plane[(oy * s + kh) * h + ox * s + kw] +=
+                                        row[(b * ho + oy) * ho + ox];
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+    }
+
+    /// `col[(b,oy,ox), (cin,kh,kw)]` for images `b0..b0+nb` of a `[cin, batch, h, h]` input.
+    pub fn im2col_row_major(&self, x: &[f32], batch: usize, b0: usize, nb: usize, col: &mut [f32]) {
+        let (h, ho, k, s) = (self.h_in, self.h_out, self.kernel, self.stride);
+        let kk = self.k();
+        debug_assert_eq!(col.len(), nb * ho * ho * kk);
+        col.par_chunks_mut(kk).enumerate().for_each(|(r, row)| {
+            let (b, oy, ox) = (r / (ho * ho), (r / ho) % ho, r % ho);
+            for c in 0..self.cin {
+                let plane = &x[(c * batch + b0 + b) * h * h..][..h * h];
+                for kh in 0..k {
+                    let src = &plane[(oy * s + kh) * h + ox * s..][..k];
+                    row[(c * k + kh) * k..][..k].copy_from_slice(src);
+                }
+            }
+        });
+    }
+
+    /// Adds a row-major column gradient back into `gx` (`[cin, batch, h, h]`).
+    pub fn col2im_row_major(
+        &self,
+        col: &[f32],
+        batch: usize,
+        b0: usize,
+        nb: usize,
+        gx: &mut [f32],
+    ) {
+        let (h, ho, k, s) = (self.h_in, self.h_out, self.kernel, self.stride);
+        let kk = self.k();
+        gx.par_chunks_mut(batch * h * h)
+            .enumerate()
+            .for_each(|(c, gxc)| {
+                for b in 0..nb {
+                    let plane = &mut gxc[(b0 + b) * h * h..][..h * h];
+                    for oy in 0..ho {
+                        for ox in 0..ho {
+                            let row = &col[((b * ho + oy) * ho + ox) * kk + c * k * k..][..k * k];
+                            for kh in 0..k {
+                                let dst = &mut plane[(oy * s + kh) * h + ox * s..][..k];
+                                for (d, g) in dst.iter_mut().zip(&row[kh * k..][..k]) {
+                                    *d += g;
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// im2col then the transposed layout must agree, and col2im must be im2col's adjoint:
+    /// <im2col(x), y> == <x, col2im(y)> for any x, y.
+    #[test]
+    fn layouts_agree_and_col2im_is_the_adjoint() {
+        let g = ConvGeom::new(3, 4, 3, 2, 9);
+        assert_eq!(g.h_out, 4);
+        let batch = 3;
+        let x: Vec<f32> = (0..g.cin * batch * 81)
+            .map(|i| ((i * 37) % 101) as f32 * 0.01)
+            .collect();
+        let (b0, nb) = (1, 2);
+        let n = nb * g.positions();
+        let mut km = vec![0.0; g.k() * n];
+        let mut rm = vec![0.0; g.k() * n];
+        g.im2col_k_major(&x, batch, b0, nb, &mut km);
+        g.im2col_row_major(&x, batch, b0, nb, &mut rm);
+        for r in 0..g.k() {
+            for p in 0..n {
+                assert_eq!(km[r * n + p], rm[p * g.k() + r]);
+            }
+        }
+        // Spot check one element against the definition.
+        let (c, kh, kw, b, oy, ox) = (2, 1, 2, 1, 3, 1);
+        let want = x[((c * batch + b0 + b) * 9 + oy * 2 + kh) * 9 + ox * 2 + kw];
+        assert_eq!(
+            km[((c * 3 + kh) * 3 + kw) * n + (b * 4 + oy) * 4 + ox],
+            want
+        );
+
+        let y: Vec<f32> = (0..g.k() * n)
+            .map(|i| ((i * 13) % 17) as f32 - 8.0)
+            .collect();
+        let mut gx = vec![0.0; x.len()];
+        g.col2im_k_major(&y, batch, b0, nb, &mut gx);
+        let lhs: f64 = km.iter().zip(&y).map(|(a, b)| (a * b) as f64).sum();
+        let rhs: f64 = x.iter().zip(&gx).map(|(a, b)| (a * b) as f64).sum();
+        assert!((lhs - rhs).abs() < 1e-6 * lhs.abs().max(1.0), "{lhs} {rhs}");
+        let yt: Vec<f32> = (0..g.k() * n)
+            .map(|i| y[(i % g.k()) * n + i / g.k()])
+            .collect();
+        let mut gx2 = vec![0.0; x.len()];
+        g.col2im_row_major(&yt, batch, b0, nb, &mut gx2);
+        assert_eq!(gx, gx2);
+    }
+}

@@ -1,0 +1,32 @@
+//! capsnet-core: the capsule network of Sabour, Frosst & Hinton (2017), trained on CPUs.
+//!
+//! # Layout
+//! - [`config`]: every size of the network ([`CapsNetConfig`], defaults = the paper).
+//! - [`params`]: named tensors in one flat vector (parameters, gradients, optimizer moments).
+//! - [`blas`], [`conv`], [`caps`], [`loss`]: the kernels: sgemm split over rayon, im2col/col2im,
+//!   squash, `u_hat`, dynamic routing, margin and reconstruction losses, each with its backward.
+//! - [`model`]: [`CapsNet`], the whole forward/backward pass over a reusable [`Workspace`].
+//! - [`optim`]: Adam with exponential learning-rate decay.
+//! - [`data`]: IDX files, epochs, batches and the paper's shift augmentation.
+//! - [`checkpoint`]: safetensors checkpoints (atomic writes, keep last N).
+//! - [`train`]: the single-process trainer behind `capsnet train` and `capsnet eval`.
+//! - [`bench`]: the training/inference throughput benchmark behind `capsnet bench train`.
+//!
+//! `capsnet-core` knows nothing of networking; the distributed crates build on it.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod blas;
+pub mod caps;
+pub mod config;
+pub mod conv;
+pub mod data;
+pub mod error;
+pub mod loss;
+pub mod model;
+pub mod params;
+pub mod rng;
+
+pub use config::CapsNetConfig;
+pub use error::{CoreError, Result};
+pub use model::{BatchStats, CapsNet, Mask, PassOptions, Workspace};
+pub use params::{ParamLayout, ParamSpec, Params};

@@ -1,0 +1,221 @@
+//! Named parameter tensors stored in one flat vector.
+//!
+//! The model's parameters (and, with the same layout, its gradients and Adam moments) live in a
+//! single `Vec<f32>`; each name addresses a contiguous range of it. One flat vector makes the
+//! optimizer a single loop and lets the distributed code address chunks by range.
+
+use crate::config::CapsNetConfig;
+use crate::error::{CoreError, Result};
+
+/// One named tensor inside the flat vector.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParamSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub offset: usize,
+}
+
+impl ParamSpec {
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn range(&self) -> std::ops::Range<usize> {
+        self.offset..self.offset + self.len()
+    }
+}
+
+/// The names, shapes and offsets of every parameter, in checkpoint order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParamLayout {
+    specs: Vec<ParamSpec>,
+    total: usize,
+}
+
+/// Indices of the fixed tensors in [`ParamLayout::specs`]; decoder tensors follow.
+pub(crate) const CONV1_W: usize = 0;
+pub(crate) const CONV1_B: usize = 1;
+pub(crate) const PRIMARY_W: usize = 2;
+pub(crate) const PRIMARY_B: usize = 3;
+pub(crate) const DIGIT_W: usize = 4;
+pub(crate) const DECODER_0: usize = 5;
+
+impl ParamLayout {
+    /// The layout of DESIGN.md: conv1, primary, digit, decoder.{k}.
+    pub fn for_config(cfg: &CapsNetConfig) -> Self {
+        let k1 = cfg.conv1_kernel;
+        let k2 = cfg.primary_kernel;
+        let mut shapes: Vec<(String, Vec<usize>)> = vec![
+            (
+                "conv1.weight".into(),
+                vec![cfg.conv1_channels, cfg.in_channels, k1, k1],
+            ),
+            ("conv1.bias".into(), vec![cfg.conv1_channels]),
+            (
+                "primary.weight".into(),
+                vec![cfg.primary_channels(), cfg.conv1_channels, k2, k2],
+            ),
+            ("primary.bias".into(), vec![cfg.primary_channels()]),
+            (
+                "digit.weight".into(),
+                vec![
+                    cfg.num_primary(),
+                    cfg.classes,
+                    cfg.digit_dim,
+                    cfg.primary_dim,
+                ],
+            ),
+        ];
+        let mut prev = cfg.decoder_in();
+        let outs: Vec<usize> = cfg
+            .decoder_hidden
+            .iter()
+            .copied()
+            .chain([cfg.pixels()])
+            .collect();
+        for (k, &out) in outs.iter().enumerate() {
+            shapes.push((format!("decoder.{k}.weight"), vec![out, prev]));
+            shapes.push((format!("decoder.{k}.bias"), vec![out]));
+            prev = out;
+        }
+        let mut offset = 0;
+        let specs = shapes
+            .into_iter()
+            .map(|(name, shape)| {
+                let spec = ParamSpec {
+                    name,
+                    shape,
+                    offset,
+                };
+                offset += spec.len();
+                spec
+            })
+            .collect();
+        ParamLayout {
+            specs,
+            total: offset,
+        }
+    }
+
+    pub fn specs(&self) -> &[ParamSpec] {
+        &self.specs
+    }
+    /// Total number of floats.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+    pub fn get(&self, name: &str) -> Option<&ParamSpec> {
+        self.specs.iter().find(|s| s.name == name)
+    }
+    /// Number of decoder layers (hidden + output).
+    pub fn decoder_layers(&self) -> usize {
+        (self.specs.len() - DECODER_0) / 2
+    }
+}
+
+/// A flat vector of floats with a [`ParamLayout`]: parameters, gradients or optimizer moments.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Params {
+    layout: ParamLayout,
+    pub data: Vec<f32>,
+}
+
+impl Params {
+    pub fn zeros(layout: &ParamLayout) -> Self {
+        Params {
+            layout: layout.clone(),
+            data: vec![0.0; layout.total()],
+        }
+    }
+
+    /// Wraps a flat vector; its length must match the layout.
+    pub fn from_flat(layout: &ParamLayout, data: Vec<f32>) -> Result<Self> {
+        if data.len() != layout.total() {
+            return Err(CoreError::Shape {
+                op: "Params::from_flat",
+                expected: vec![layout.total()],
+                got: vec![data.len()],
+            });
+        }
+        Ok(Params {
+            layout: layout.clone(),
+            data,
+        })
+    }
+
+    pub fn layout(&self) -> &ParamLayout {
+        &self.layout
+    }
+
+    pub(crate) fn at(&self, index: usize) -> &[f32] {
+        &self.data[self.layout.specs[index].range()]
+    }
+
+    pub(crate) fn at_mut(&mut self, index: usize) -> &mut [f32] {
+        let r = self.layout.specs[index].range();
+        &mut self.data[r]
+    }
+
+    /// The tensor called `name`, if the layout has it.
+    pub fn get(&self, name: &str) -> Option<&[f32]> {
+        self.layout.get(name).map(|s| &self.data[s.range()])
+    }
+
+    pub fn get_mut(&mut self, name: &str) -> Option<&mut [f32]> {
+        let r = self.layout.get(name)?.range();
+        Some(&mut self.data[r])
+    }
+
+    /// Named views in layout order.
+    pub fn iter(&self) -> impl Iterator<Item = (&ParamSpec, &[f32])> {
+        self.layout
+            .specs
+            .iter()
+            .map(move |s| (s, &self.data[s.range()]))
+    }
+
+    pub fn fill(&mut self, v: f32) {
+        self.data.iter_mut().for_each(|x| *x = v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paper_network_has_the_papers_parameter_count() {
+        let l = ParamLayout::for_config(&CapsNetConfig::default());
+        assert_eq!(l.total(), 8_215_568);
+        let without_decoder: usize = l
+            .specs()
+            .iter()
+            .filter(|s| !s.name.starts_with("decoder"))
+            .map(|s| s.len())
+            .sum();
+        assert_eq!(without_decoder, 6_804_224);
+        assert_eq!(
+            l.get("digit.weight").map(|s| s.shape.clone()),
+            Some(vec![1152, 10, 16, 8])
+        );
+        assert_eq!(
+            l.get("decoder.2.weight").map(|s| s.shape.clone()),
+            Some(vec![784, 1024])
+        );
+        assert_eq!(l.decoder_layers(), 3);
+    }
+
+    #[test]
+    fn ranges_tile_the_vector() {
+        let l = ParamLayout::for_config(&CapsNetConfig::tiny());
+        let mut next = 0;
+        for s in l.specs() {
+            assert_eq!(s.offset, next);
+            next += s.len();
+        }
+        assert_eq!(next, l.total());
+        assert!(Params::from_flat(&l, vec![0.0; 3]).is_err());
+    }
+}

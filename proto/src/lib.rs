@@ -1,0 +1,1 @@
+//! capsnet-proto: placeholder until its issue lands (see DESIGN.md).

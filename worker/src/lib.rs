@@ -1,0 +1,1 @@
+//! capsnet-worker: placeholder until its issue lands (see DESIGN.md).
