@@ -1,13 +1,16 @@
-//! Matrix products on OpenBLAS, split across the rayon pool.
+//! Matrix products on OpenBLAS.
 //!
-//! OpenBLAS runs single-threaded ([`init_blas`]); parallelism comes from rayon, which splits each
-//! product into row blocks. One pool feeds both BLAS and the element-wise loops, so the number of
-//! busy threads never exceeds the pool size (no oversubscription), and the split depends only on
-//! the pool size, so results are the same run to run.
+//! Products run on OpenBLAS's own threads, as many as the calling rayon pool has; element-wise
+//! loops run on the rayon pool. The two never run at once (a product is called from outside any
+//! parallel loop), so the busy threads never exceed the pool size. OpenBLAS splits a product
+//! over rows and columns only, never over the shared dimension, so results do not depend on the
+//! thread count. (Splitting rows across rayon tasks with single-threaded BLAS was measured
+//! slower: every task packs the whole right-hand matrix.)
+
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ndarray::linalg::general_mat_mul;
-use ndarray::{ArrayView2, ArrayViewMut2, Axis};
-use rayon::prelude::*;
+use ndarray::{ArrayView2, ArrayViewMut2};
 
 // Link OpenBLAS (system library) for ndarray's `blas` feature.
 extern crate blas_src;
@@ -16,18 +19,26 @@ unsafe extern "C" {
     fn openblas_set_num_threads(num_threads: std::ffi::c_int);
 }
 
-/// Makes OpenBLAS single-threaded. Idempotent; called by everything that builds a model.
-pub fn init_blas() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    // SAFETY: plain setter of OpenBLAS's global thread count, called before any product.
-    ONCE.call_once(|| unsafe { openblas_set_num_threads(1) });
+static BLAS_THREADS: AtomicUsize = AtomicUsize::new(0);
+
+/// Sets OpenBLAS's thread count (only when it changes).
+pub fn set_blas_threads(n: usize) {
+    let n = n.max(1);
+    if BLAS_THREADS.swap(n, Ordering::Relaxed) != n {
+        // SAFETY: plain setter of OpenBLAS's global thread count.
+        unsafe { openblas_set_num_threads(n as std::ffi::c_int) };
+    }
 }
 
-/// Rows per task below which splitting a product costs more than it saves.
-const MIN_ROWS_PER_TASK: usize = 16;
+/// Starts OpenBLAS single-threaded until a product says otherwise.
+pub fn init_blas() {
+    if BLAS_THREADS.load(Ordering::Relaxed) == 0 {
+        set_blas_threads(1);
+    }
+}
 
-/// `c = alpha * a @ b + beta * c`, with the rows of `c` (and `a`) split across the current
-/// rayon pool. `a` and `b` may be transposed views; BLAS handles the strides.
+/// `c = alpha * a @ b + beta * c` on as many BLAS threads as the current rayon pool has.
+/// `a` and `b` may be transposed views; BLAS handles the strides.
 pub fn par_gemm(
     alpha: f32,
     a: &ArrayView2<'_, f32>,
@@ -38,20 +49,8 @@ pub fn par_gemm(
     debug_assert_eq!(a.nrows(), c.nrows());
     debug_assert_eq!(a.ncols(), b.nrows());
     debug_assert_eq!(b.ncols(), c.ncols());
-    let m = c.nrows();
-    let threads = rayon::current_num_threads();
-    if threads <= 1 || m < 2 * MIN_ROWS_PER_TASK {
-        general_mat_mul(alpha, a, b, beta, c);
-        return;
-    }
-    let rows = m.div_ceil(threads).max(MIN_ROWS_PER_TASK);
-    let tasks: Vec<_> = a
-        .axis_chunks_iter(Axis(0), rows)
-        .zip(c.axis_chunks_iter_mut(Axis(0), rows))
-        .collect();
-    tasks
-        .into_par_iter()
-        .for_each(|(a, mut c)| general_mat_mul(alpha, &a, b, beta, &mut c));
+    set_blas_threads(rayon::current_num_threads());
+    general_mat_mul(alpha, a, b, beta, c);
 }
 
 /// A row-major `[rows, cols]` view of a slice.
@@ -83,8 +82,8 @@ mod tests {
         c
     }
 
-    /// Guards against BLAS builds that pick a broken kernel on this CPU: odd sizes, transposes,
-    /// and the row split all have to agree with a plain triple loop.
+    /// Guards against BLAS builds that pick a broken kernel on this CPU: odd sizes, transposes
+    /// and two threads all have to agree with a plain triple loop.
     #[test]
     fn par_gemm_matches_naive_at_odd_sizes() {
         init_blas();

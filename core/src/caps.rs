@@ -5,6 +5,32 @@
 
 use rayon::prelude::*;
 
+/// Compiles a kernel twice, for AVX2+FMA and for the baseline target, and picks one at run time,
+/// so the binary stays portable and still uses 8-wide vectors where the CPU has them. Apply it
+/// to the per-sample kernels that run inside rayon tasks (closures are not inlined across the
+/// dispatch).
+macro_rules! multiversion {
+    ($(#[$m:meta])* fn $name:ident($($a:ident : $t:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        fn $name($($a: $t),*) {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn body($($a: $t),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx2($($a: $t),*) { body($($a),*) }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has the features `avx2` was compiled for.
+                    return unsafe { avx2($($a),*) };
+                }
+            }
+            body($($a),*)
+        }
+    };
+}
+
 /// `f(n2) = n2 / ((1 + n2) sqrt(n2 + eps))`, so that `squash(s) = f(|s|^2) s`.
 #[inline]
 fn squash_factor(n2: f32, eps: f32) -> f32 {
@@ -19,12 +45,35 @@ fn squash_factor_grad(n2: f32, eps: f32) -> f32 {
     (n2 + 2.0 * eps - n2 * n2) / (2.0 * q2 * q2.sqrt() * one * one)
 }
 
-#[inline]
+/// Dot product in 8 independent lanes (a fixed order, so still deterministic) so that the
+/// compiler can vectorise it.
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// `y += a * x`.
+#[inline(always)]
+fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
 }
 
 /// `v = |s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + eps)` on every `dim`-long vector of `s`.
+#[inline]
 pub fn squash(s: &[f32], dim: usize, eps: f32, v: &mut [f32]) {
     for (s, v) in s.chunks_exact(dim).zip(v.chunks_exact_mut(dim)) {
         let f = squash_factor(dot(s, s), eps);
@@ -35,6 +84,7 @@ pub fn squash(s: &[f32], dim: usize, eps: f32, v: &mut [f32]) {
 }
 
 /// Gradient of [`squash`]: `gs = f gv + 2 f'(|s|^2) (s . gv) s`, per vector (overwrites `gs`).
+#[inline]
 pub fn squash_backward(s: &[f32], gv: &[f32], dim: usize, eps: f32, gs: &mut [f32]) {
     for ((s, gv), gs) in s
         .chunks_exact(dim)
@@ -72,35 +122,81 @@ impl DigitDims {
     }
 }
 
-/// Samples per task in the `u_hat` product: enough to reuse each 16x8 block of W from L1.
+/// Samples per task in the `u_hat` product: enough to reuse each capsule's weights from L1.
 const UHAT_SAMPLES_PER_TASK: usize = 4;
 
-/// `u_hat[b,i,j,:] = W[i,j] @ u[b,i]`: `(B, I, E) x (I, J, D, E) -> (B, I, J, D)`.
-pub fn uhat_forward(u: &[f32], w: &[f32], dims: &DigitDims, uhat: &mut [f32]) {
-    let (ni, e, jd) = (dims.inputs, dims.in_dim, dims.jd());
-    uhat.par_chunks_mut(UHAT_SAMPLES_PER_TASK * ni * jd)
-        .enumerate()
-        .for_each(|(task, out)| {
-            let b0 = task * UHAT_SAMPLES_PER_TASK;
-            let nb = out.len() / (ni * jd);
-            for i in 0..ni {
-                let wi = &w[i * jd * e..][..jd * e];
-                for b in 0..nb {
-                    let ui = &u[((b0 + b) * ni + i) * e..][..e];
-                    let o = &mut out[(b * ni + i) * jd..][..jd];
-                    for (o, wrow) in o.iter_mut().zip(wi.chunks_exact(e)) {
-                        *o = dot(wrow, ui);
-                    }
+/// `W [I, J, D, E] -> Wt [I, E, J*D]`: the layout in which `u_hat = W u` and its gradients run
+/// along contiguous rows of J*D.
+pub fn transpose_digit_weight(w: &[f32], dims: &DigitDims, wt: &mut Vec<f32>) {
+    let (e, jd) = (dims.in_dim, dims.jd());
+    wt.resize(w.len(), 0.0);
+    wt.par_chunks_mut(jd * e)
+        .zip(w.par_chunks(jd * e))
+        .for_each(|(t, w)| {
+            for r in 0..jd {
+                for k in 0..e {
+                    t[k * jd + r] = w[r * e + k];
                 }
             }
         });
 }
 
-/// Backward of [`uhat_forward`]: `gw[i,j,d,e] = sum_b g[b,i,j,d] u[b,i,e]` (overwritten) and
-/// `gu[b,i,e] = sum_{j,d} W[i,j,d,e] g[b,i,j,d]` (overwritten). `scratch` holds `B*I*E` floats.
+multiversion! {
+    /// `out[b, i, :] = sum_e u[b, i, e] * wt[i, e, :]` for a block of samples.
+    fn uhat_block(u: &[f32], wt: &[f32], ni: usize, e: usize, jd: usize, out: &mut [f32]) {
+        let nb = out.len() / (ni * jd);
+        for i in 0..ni {
+            let wi = &wt[i * jd * e..][..jd * e];
+            for b in 0..nb {
+                let ui = &u[(b * ni + i) * e..][..e];
+                let o = &mut out[(b * ni + i) * jd..][..jd];
+                o.fill(0.0);
+                for (k, &uk) in ui.iter().enumerate() {
+                    axpy(uk, &wi[k * jd..][..jd], o);
+                }
+            }
+        }
+    }
+}
+
+/// `u_hat[b,i,j,:] = W[i,j] @ u[b,i]`: `(B, I, E) x (I, J, D, E) -> (B, I, J, D)`, from the
+/// transposed weights of [`transpose_digit_weight`].
+pub fn uhat_forward(u: &[f32], wt: &[f32], dims: &DigitDims, uhat: &mut [f32]) {
+    let (ni, e, jd) = (dims.inputs, dims.in_dim, dims.jd());
+    uhat.par_chunks_mut(UHAT_SAMPLES_PER_TASK * ni * jd)
+        .enumerate()
+        .for_each(|(task, out)| {
+            let b0 = task * UHAT_SAMPLES_PER_TASK;
+            uhat_block(&u[b0 * ni * e..], wt, ni, e, jd, out);
+        });
+}
+
+multiversion! {
+    /// For one input capsule i: `gwt[e, :] = sum_b u[b,i,e] g[b,i,:]` and
+    /// `gu[b, e] = wt[e, :] . g[b,i,:]`.
+    fn uhat_backward_one(
+        i: usize, u: &[f32], wt: &[f32], g: &[f32], nb: usize, ni: usize, e: usize, jd: usize,
+        gwt: &mut [f32], gu: &mut [f32],
+    ) {
+        gwt.fill(0.0);
+        let wi = &wt[i * jd * e..][..jd * e];
+        for b in 0..nb {
+            let ui = &u[(b * ni + i) * e..][..e];
+            let gb = &g[(b * ni + i) * jd..][..jd];
+            for k in 0..e {
+                axpy(ui[k], gb, &mut gwt[k * jd..][..jd]);
+                gu[b * e + k] = dot(&wi[k * jd..][..jd], gb);
+            }
+        }
+    }
+}
+
+/// Backward of [`uhat_forward`]: `gw[i,j,d,e] = sum_b g[b,i,j,d] u[b,i,e]` (overwritten, in
+/// the layout of W) and `gu[b,i,e] = sum_{j,d} W[i,j,d,e] g[b,i,j,d]` (overwritten).
+/// `scratch` is reused between calls.
 pub fn uhat_backward(
     u: &[f32],
-    w: &[f32],
+    wt: &[f32],
     g_uhat: &[f32],
     dims: &DigitDims,
     gw: &mut [f32],
@@ -113,22 +209,17 @@ pub fn uhat_backward(
     gw.par_chunks_mut(jd * e)
         .zip(scratch.par_chunks_mut(nb * e))
         .enumerate()
-        .for_each(|(i, (gwi, gui))| {
-            gwi.fill(0.0);
-            let wi = &w[i * jd * e..][..jd * e];
-            for b in 0..nb {
-                let ui = &u[(b * ni + i) * e..][..e];
-                let g = &g_uhat[(b * ni + i) * jd..][..jd];
-                let gub = &mut gui[b * e..][..e];
-                gub.fill(0.0);
-                for ((gwrow, wrow), &gv) in gwi.chunks_exact_mut(e).zip(wi.chunks_exact(e)).zip(g) {
+        .for_each_init(
+            || vec![0.0f32; jd * e],
+            |gwt, (i, (gwi, gui))| {
+                uhat_backward_one(i, u, wt, g_uhat, nb, ni, e, jd, gwt, gui);
+                for r in 0..jd {
                     for k in 0..e {
-                        gwrow[k] += gv * ui[k];
-                        gub[k] += gv * wrow[k];
+                        gwi[r * e + k] = gwt[k * jd + r];
                     }
                 }
-            }
-        });
+            },
+        );
     gu.par_chunks_mut(ni * e).enumerate().for_each(|(b, gub)| {
         for i in 0..ni {
             gub[i * e..][..e].copy_from_slice(&scratch[(i * nb + b) * e..][..e]);
@@ -173,7 +264,7 @@ pub fn routing_forward(
         );
 }
 
-#[allow(clippy::too_many_arguments)]
+multiversion! {
 fn route_one(
     u: &[f32],
     ni: usize,
@@ -222,6 +313,7 @@ fn route_one(
         }
     }
 }
+}
 
 /// Backward of [`routing_forward`]: `g_uhat` (overwritten) from `gv (B, J, D)`.
 pub fn routing_backward(
@@ -254,7 +346,7 @@ pub fn routing_backward(
     );
 }
 
-#[allow(clippy::too_many_arguments)]
+multiversion! {
 fn route_one_backward(
     u: &[f32],
     ni: usize,
@@ -330,6 +422,7 @@ fn route_one_backward(
             }
         }
     }
+}
 }
 
 #[cfg(test)]

@@ -15,16 +15,20 @@
 //! `capsnet-core` knows nothing of networking; the distributed crates build on it.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod bench;
 pub mod blas;
 pub mod caps;
+pub mod checkpoint;
 pub mod config;
 pub mod conv;
 pub mod data;
 pub mod error;
 pub mod loss;
 pub mod model;
+pub mod optim;
 pub mod params;
 pub mod rng;
+pub mod train;
 
 pub use config::CapsNetConfig;
 pub use error::{CoreError, Result};

@@ -108,6 +108,7 @@ pub struct Workspace {
     a2: Vec<f32>,
     u: Vec<f32>,
     uhat: Vec<f32>,
+    digit_wt: Vec<f32>,
     routing: RoutingCache,
     v: Vec<f32>,
     lengths: Vec<f32>,
@@ -326,17 +327,14 @@ impl CapsNet {
         Ok(stats)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn forward_impl(
+    /// conv1 -> primary capsules -> u_hat -> routing -> lengths.
+    fn forward_caps(
         &self,
         params: &Params,
         images: &[f32],
-        labels: &[usize],
-        mask: Mask,
         b: usize,
         ws: &mut Workspace,
-        grad_scale: f32,
-    ) -> Result<BatchStats> {
+    ) -> Result<()> {
         let cfg = &self.cfg;
         let (g1, g2) = (&self.conv1, &self.primary);
         ws.batch = b;
@@ -407,7 +405,8 @@ impl CapsNet {
         // Digit capsules.
         let dims = self.digit_dims(b);
         ws.uhat.resize(b * dims.uhat_per_sample(), 0.0);
-        caps::uhat_forward(&ws.u, params.at(DIGIT_W), &dims, &mut ws.uhat);
+        caps::transpose_digit_weight(params.at(DIGIT_W), &dims, &mut ws.digit_wt);
+        caps::uhat_forward(&ws.u, &ws.digit_wt, &dims, &mut ws.uhat);
         let t3 = Instant::now();
         ws.timings.u_hat += t3 - t2;
         let (nj, dd) = (cfg.classes, cfg.digit_dim);
@@ -417,8 +416,44 @@ impl CapsNet {
         for (l, v) in ws.lengths.iter_mut().zip(ws.v.chunks_exact(dd)) {
             *l = v.iter().map(|x| x * x).sum::<f32>().sqrt();
         }
+        ws.timings.routing += t3.elapsed();
+        Ok(())
+    }
+
+    /// Inference: class capsule lengths `[B, classes]` only (no decoder, no losses).
+    pub fn predict<'w>(
+        &self,
+        params: &Params,
+        images: &[f32],
+        ws: &'w mut Workspace,
+    ) -> Result<&'w [f32]> {
+        let px = self.cfg.pixels();
+        if params.layout() != &self.layout || images.is_empty() || images.len() % px != 0 {
+            return Err(CoreError::Shape {
+                op: "predict",
+                expected: vec![0, px],
+                got: vec![images.len()],
+            });
+        }
+        self.forward_caps(params, images, images.len() / px, ws)?;
+        Ok(&ws.lengths)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward_impl(
+        &self,
+        params: &Params,
+        images: &[f32],
+        labels: &[usize],
+        mask: Mask,
+        b: usize,
+        ws: &mut Workspace,
+        grad_scale: f32,
+    ) -> Result<BatchStats> {
+        self.forward_caps(params, images, b, ws)?;
+        let cfg = &self.cfg;
+        let (nj, dd) = (cfg.classes, cfg.digit_dim);
         let t4 = Instant::now();
-        ws.timings.routing += t4 - t3;
 
         // Decoder on the masked capsules.
         ws.mask.clear();
@@ -612,7 +647,7 @@ impl CapsNet {
         let gw_digit = &mut grads.data[self.layout.specs()[DIGIT_W].range()];
         caps::uhat_backward(
             &ws.u,
-            params.at(DIGIT_W),
+            &ws.digit_wt,
             &ws.g_uhat,
             &dims,
             gw_digit,

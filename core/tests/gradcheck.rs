@@ -190,12 +190,16 @@ fn uhat_gradient() {
     );
     let r = randn(dims.batch * dims.uhat_per_sample(), 1.0, 32);
     let loss = |u: &[f32], w: &[f32]| {
+        let mut wt = vec![];
+        caps::transpose_digit_weight(w, &dims, &mut wt);
         let mut out = vec![0.0; r.len()];
-        caps::uhat_forward(u, w, &dims, &mut out);
+        caps::uhat_forward(u, &wt, &dims, &mut out);
         dot64(&out, &r)
     };
-    let (mut gw, mut gu, mut scratch) = (vec![0.0; w.len()], vec![0.0; u.len()], vec![]);
-    caps::uhat_backward(&u, &w, &r, &dims, &mut gw, &mut gu, &mut scratch);
+    let (mut gw, mut gu, mut scratch, mut wt) =
+        (vec![0.0; w.len()], vec![0.0; u.len()], vec![], vec![]);
+    caps::transpose_digit_weight(&w, &dims, &mut wt);
+    caps::uhat_backward(&u, &wt, &r, &dims, &mut gw, &mut gu, &mut scratch);
     let h = 1e-2;
     let fd_of = |x: &[f32], i: usize, f: &dyn Fn(&[f32]) -> f64| {
         let mut p = x.to_vec();

@@ -1,0 +1,415 @@
+//! Checkpoints and tensor files in safetensors: parameters under their DESIGN.md names, Adam's
+//! moments as `adam.m.<name>` / `adam.v.<name>`, and the config, step and data position in the
+//! metadata. Writes are atomic (temp file, fsync, rename, fsync of the folder); a
+//! [`Checkpointer`] keeps the newest N.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+
+use crate::config::CapsNetConfig;
+use crate::error::{CoreError, Result};
+use crate::optim::{Adam, AdamConfig};
+use crate::params::{ParamLayout, Params};
+
+const FORMAT: &str = "capsnet-checkpoint-v1";
+
+/// A tensor read from or written to a file.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Tensor {
+    F32 { shape: Vec<usize>, data: Vec<f32> },
+    I64 { shape: Vec<usize>, data: Vec<i64> },
+}
+
+impl Tensor {
+    pub fn f32(shape: Vec<usize>, data: Vec<f32>) -> Self {
+        Tensor::F32 { shape, data }
+    }
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            Tensor::F32 { shape, .. } | Tensor::I64 { shape, .. } => shape,
+        }
+    }
+    fn bytes(&self) -> Vec<u8> {
+        match self {
+            Tensor::F32 { data, .. } => data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Tensor::I64 { data, .. } => data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
+    }
+}
+
+/// Named tensors plus string metadata, as in a safetensors file.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TensorFile {
+    pub tensors: BTreeMap<String, Tensor>,
+    pub metadata: HashMap<String, String>,
+}
+
+impl TensorFile {
+    /// Writes atomically: a temp file in the same folder, fsync, rename, fsync of the folder,
+    /// so a crash leaves either the old file or the new one, never half of one.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let bytes: Vec<(String, Vec<u8>, Dtype, Vec<usize>)> = self
+            .tensors
+            .iter()
+            .map(|(n, t)| {
+                let dt = if matches!(t, Tensor::F32 { .. }) {
+                    Dtype::F32
+                } else {
+                    Dtype::I64
+                };
+                (n.clone(), t.bytes(), dt, t.shape().to_vec())
+            })
+            .collect();
+        let views = bytes
+            .iter()
+            .map(|(n, b, dt, shape)| Ok((n.as_str(), TensorView::new(*dt, shape.clone(), b)?)))
+            .collect::<std::result::Result<Vec<_>, safetensors::SafeTensorError>>()
+            .map_err(|source| CoreError::SafeTensors {
+                path: path.into(),
+                source,
+            })?;
+        let meta = if self.metadata.is_empty() {
+            None
+        } else {
+            Some(self.metadata.clone())
+        };
+        let buf = safetensors::serialize(views, meta).map_err(|source| CoreError::SafeTensors {
+            path: path.into(),
+            source,
+        })?;
+        write_atomic(path, &buf)
+    }
+
+    /// Reads every tensor (f32 and i64; other dtypes are an error naming the tensor).
+    pub fn read(path: &Path) -> Result<Self> {
+        let buf = std::fs::read(path).map_err(|e| CoreError::io(path, e))?;
+        let st = SafeTensors::deserialize(&buf).map_err(|source| CoreError::SafeTensors {
+            path: path.into(),
+            source,
+        })?;
+        let (_, meta) =
+            SafeTensors::read_metadata(&buf).map_err(|source| CoreError::SafeTensors {
+                path: path.into(),
+                source,
+            })?;
+        let mut tensors = BTreeMap::new();
+        for (name, view) in st.iter() {
+            let shape = view.shape().to_vec();
+            let data = view.data();
+            let t = match view.dtype() {
+                Dtype::F32 => Tensor::F32 {
+                    shape,
+                    data: data
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect(),
+                },
+                Dtype::I64 => Tensor::I64 {
+                    shape,
+                    data: data
+                        .chunks_exact(8)
+                        .map(|c| {
+                            i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])
+                        })
+                        .collect(),
+                },
+                other => {
+                    return Err(CoreError::checkpoint(
+                        path,
+                        format!(
+                            "tensor {name} has dtype {other:?}; only F32 and I64 are supported"
+                        ),
+                    ));
+                }
+            };
+            tensors.insert(name.to_string(), t);
+        }
+        Ok(TensorFile {
+            tensors,
+            metadata: meta.metadata().clone().unwrap_or_default(),
+        })
+    }
+}
+
+/// Writes `bytes` to `path` atomically.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        // Make the rename itself durable.
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(CoreError::io(path, e));
+    }
+    Ok(())
+}
+
+/// Where the trainer is in the data: the epoch and how many samples of it were consumed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DataPosition {
+    pub epoch: u64,
+    pub offset: u64,
+}
+
+/// Everything needed to resume training, or just the parameters (for eval/grad).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Checkpoint {
+    pub config: CapsNetConfig,
+    pub params: Params,
+    pub adam: Option<Adam>,
+    /// Optimizer steps (rounds) taken.
+    pub step: u64,
+    pub position: DataPosition,
+}
+
+impl Checkpoint {
+    pub fn to_file(&self) -> Result<TensorFile> {
+        let mut f = TensorFile::default();
+        for (spec, data) in self.params.iter() {
+            f.tensors.insert(
+                spec.name.clone(),
+                Tensor::f32(spec.shape.clone(), data.to_vec()),
+            );
+            if let Some(adam) = &self.adam {
+                f.tensors.insert(
+                    format!("adam.m.{}", spec.name),
+                    Tensor::f32(spec.shape.clone(), adam.m[spec.range()].to_vec()),
+                );
+                f.tensors.insert(
+                    format!("adam.v.{}", spec.name),
+                    Tensor::f32(spec.shape.clone(), adam.v[spec.range()].to_vec()),
+                );
+            }
+        }
+        let json = |v: &dyn erased::Json| v.to_json();
+        let m = &mut f.metadata;
+        m.insert("format".into(), FORMAT.into());
+        m.insert("config".into(), json(&self.config)?);
+        m.insert("step".into(), self.step.to_string());
+        m.insert("epoch".into(), self.position.epoch.to_string());
+        m.insert("epoch_offset".into(), self.position.offset.to_string());
+        if let Some(adam) = &self.adam {
+            m.insert("adam.config".into(), json(&adam.config)?);
+            m.insert("adam.step".into(), adam.step.to_string());
+        }
+        Ok(f)
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        self.to_file()?.write(path)
+    }
+
+    /// Loads a checkpoint. The network config comes from the file's metadata, or `fallback`
+    /// (default: the paper's) for files without it, such as the PyTorch oracle's weights. Every
+    /// parameter must be present with its exact shape; unknown tensors are an error. Adam state
+    /// is optional (a parameters-only file loads with `adam = None`).
+    pub fn load(path: &Path, fallback: Option<&CapsNetConfig>) -> Result<Self> {
+        let file = TensorFile::read(path)?;
+        let meta = &file.metadata;
+        let config: CapsNetConfig = match meta.get("config") {
+            Some(s) => serde_json::from_str(s).map_err(|source| CoreError::Json {
+                what: format!("{}: config", path.display()),
+                source,
+            })?,
+            None => fallback.cloned().unwrap_or_default(),
+        };
+        config
+            .validate()
+            .map_err(|e| CoreError::checkpoint(path, e.to_string()))?;
+        let layout = ParamLayout::for_config(&config);
+        let take = |name: &str| -> Result<Option<&Vec<f32>>> {
+            match file.tensors.get(name) {
+                None => Ok(None),
+                Some(Tensor::F32 { shape, data }) => {
+                    let want = layout
+                        .get(
+                            name.trim_start_matches("adam.m.")
+                                .trim_start_matches("adam.v."),
+                        )
+                        .map(|s| &s.shape);
+                    if want != Some(shape) {
+                        return Err(CoreError::checkpoint(
+                            path,
+                            format!(
+                                "tensor {name} has shape {shape:?}, the model needs {:?}",
+                                want.cloned().unwrap_or_default()
+                            ),
+                        ));
+                    }
+                    Ok(Some(data))
+                }
+                Some(Tensor::I64 { .. }) => Err(CoreError::checkpoint(
+                    path,
+                    format!("tensor {name} is I64, expected F32"),
+                )),
+            }
+        };
+        let mut params = Params::zeros(&layout);
+        let mut missing = vec![];
+        for spec in layout.specs() {
+            match take(&spec.name)? {
+                Some(d) => params.data[spec.range()].copy_from_slice(d),
+                None => missing.push(spec.name.clone()),
+            }
+        }
+        if !missing.is_empty() {
+            return Err(CoreError::checkpoint(
+                path,
+                format!("missing parameters: {}", missing.join(", ")),
+            ));
+        }
+        let known = |n: &str| {
+            let base = n
+                .strip_prefix("adam.m.")
+                .or_else(|| n.strip_prefix("adam.v."))
+                .unwrap_or(n);
+            layout.get(base).is_some()
+        };
+        let unknown: Vec<&str> = file
+            .tensors
+            .keys()
+            .map(String::as_str)
+            .filter(|n| !known(n))
+            .collect();
+        if !unknown.is_empty() {
+            return Err(CoreError::checkpoint(
+                path,
+                format!(
+                    "tensors the model does not have: {} (wrong --routing/config or not a capsnet file?)",
+                    unknown.join(", ")
+                ),
+            ));
+        }
+        let num = |key: &str| -> Result<u64> {
+            meta.get(key).map_or(Ok(0), |s| {
+                s.parse().map_err(|_| {
+                    CoreError::checkpoint(path, format!("metadata {key} = {s:?} is not a number"))
+                })
+            })
+        };
+        let adam = if file.tensors.keys().any(|n| n.starts_with("adam.")) {
+            let mut m = vec![0.0; layout.total()];
+            let mut v = vec![0.0; layout.total()];
+            for spec in layout.specs() {
+                for (prefix, dst) in [("adam.m.", &mut m), ("adam.v.", &mut v)] {
+                    let name = format!("{prefix}{}", spec.name);
+                    let d = take(&name)?.ok_or_else(|| {
+                        CoreError::checkpoint(path, format!("missing optimizer state {name}"))
+                    })?;
+                    dst[spec.range()].copy_from_slice(d);
+                }
+            }
+            let config: AdamConfig = match meta.get("adam.config") {
+                Some(s) => serde_json::from_str(s).map_err(|source| CoreError::Json {
+                    what: format!("{}: adam.config", path.display()),
+                    source,
+                })?,
+                None => AdamConfig::default(),
+            };
+            Some(Adam {
+                config,
+                m,
+                v,
+                step: num("adam.step")?,
+            })
+        } else {
+            None
+        };
+        Ok(Checkpoint {
+            config,
+            params,
+            adam,
+            step: num("step")?,
+            position: DataPosition {
+                epoch: num("epoch")?,
+                offset: num("epoch_offset")?,
+            },
+        })
+    }
+}
+
+mod erased {
+    use crate::error::{CoreError, Result};
+    pub trait Json {
+        fn to_json(&self) -> Result<String>;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn to_json(&self) -> Result<String> {
+            serde_json::to_string(self).map_err(|source| CoreError::Json {
+                what: "metadata".into(),
+                source,
+            })
+        }
+    }
+}
+
+/// Saves `checkpoint-<step>.safetensors` into a run directory and keeps the newest `keep`.
+#[derive(Clone, Debug)]
+pub struct Checkpointer {
+    dir: PathBuf,
+    keep: usize,
+}
+
+impl Checkpointer {
+    pub fn new(dir: &Path, keep: usize) -> Self {
+        Checkpointer {
+            dir: dir.to_path_buf(),
+            keep: keep.max(1),
+        }
+    }
+
+    pub fn path_for(&self, step: u64) -> PathBuf {
+        self.dir.join(format!("checkpoint-{step}.safetensors"))
+    }
+
+    /// Writes the checkpoint, then removes all but the newest `keep`.
+    pub fn save(&self, ckpt: &Checkpoint) -> Result<PathBuf> {
+        let path = self.path_for(ckpt.step);
+        ckpt.save(&path)?;
+        let all = list_checkpoints(&self.dir)?;
+        for (_, old) in all.iter().rev().skip(self.keep) {
+            std::fs::remove_file(old).map_err(|e| CoreError::io(old, e))?;
+        }
+        Ok(path)
+    }
+}
+
+/// `(step, path)` of every `checkpoint-<step>.safetensors` in `dir`, oldest first.
+pub fn list_checkpoints(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let mut out = vec![];
+    for entry in std::fs::read_dir(dir).map_err(|e| CoreError::io(dir, e))? {
+        let entry = entry.map_err(|e| CoreError::io(dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(step) = name
+            .strip_prefix("checkpoint-")
+            .and_then(|s| s.strip_suffix(".safetensors"))
+        {
+            if let Ok(step) = step.parse::<u64>() {
+                out.push((step, entry.path()));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The newest checkpoint of a run directory.
+pub fn latest_checkpoint(dir: &Path) -> Result<Option<PathBuf>> {
+    Ok(list_checkpoints(dir)?.pop().map(|(_, p)| p))
+}

@@ -1,0 +1,174 @@
+//! Adam (Kingma & Ba) with exponential learning-rate decay, over a flat parameter vector.
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{CoreError, Result};
+
+/// Adam's hyper-parameters and the decay schedule `lr_t = lr * decay_rate^(t / decay_steps)`
+/// (continuous, as `tf.train.exponential_decay` in the paper's official code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AdamConfig {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub decay_rate: f32,
+    pub decay_steps: u64,
+}
+
+impl Default for AdamConfig {
+    fn default() -> Self {
+        AdamConfig {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            decay_rate: 0.96,
+            decay_steps: 2000,
+        }
+    }
+}
+
+impl AdamConfig {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(CoreError::Config(format!(
+                "lr must be a positive number, got {}",
+                self.lr
+            )));
+        }
+        for (name, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return Err(CoreError::Config(format!(
+                    "{name} must be in [0, 1), got {b}"
+                )));
+            }
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return Err(CoreError::Config(format!(
+                "eps must be positive, got {}",
+                self.eps
+            )));
+        }
+        if !(self.decay_rate > 0.0 && self.decay_rate <= 1.0) {
+            return Err(CoreError::Config(format!(
+                "lr decay rate must be in (0, 1], got {}",
+                self.decay_rate
+            )));
+        }
+        if self.decay_steps == 0 {
+            return Err(CoreError::Config(
+                "lr decay steps must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Learning rate for the update that follows `step` completed updates.
+    pub fn lr_at(&self, step: u64) -> f32 {
+        (f64::from(self.lr)
+            * f64::from(self.decay_rate).powf(step as f64 / self.decay_steps as f64)) as f32
+    }
+}
+
+/// Adam's moments and step count; same layout as the parameters.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Adam {
+    pub config: AdamConfig,
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+    /// Updates applied so far.
+    pub step: u64,
+}
+
+impl Adam {
+    pub fn new(config: AdamConfig, len: usize) -> Self {
+        Adam {
+            config,
+            m: vec![0.0; len],
+            v: vec![0.0; len],
+            step: 0,
+        }
+    }
+
+    /// One update, exactly PyTorch's `torch.optim.Adam` (bias-corrected moments,
+    /// `p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)`), at the decayed learning rate.
+    pub fn update(&mut self, params: &mut [f32], grads: &[f32]) -> Result<()> {
+        if params.len() != self.m.len() || grads.len() != self.m.len() {
+            return Err(CoreError::Shape {
+                op: "Adam::update",
+                expected: vec![self.m.len()],
+                got: vec![params.len(), grads.len()],
+            });
+        }
+        let c = &self.config;
+        let lr = self.config.lr_at(self.step);
+        self.step += 1;
+        let t = self.step as f64;
+        let bc1 = 1.0 - f64::from(c.beta1).powf(t);
+        let bc2 = 1.0 - f64::from(c.beta2).powf(t);
+        let step_size = (f64::from(lr) / bc1) as f32;
+        let inv_sqrt_bc2 = (1.0 / bc2.sqrt()) as f32;
+        let (b1, b2, eps) = (c.beta1, c.beta2, c.eps);
+        const CHUNK: usize = 1 << 14;
+        params
+            .par_chunks_mut(CHUNK)
+            .zip(grads.par_chunks(CHUNK))
+            .zip(
+                self.m
+                    .par_chunks_mut(CHUNK)
+                    .zip(self.v.par_chunks_mut(CHUNK)),
+            )
+            .for_each(|((p, g), (m, v))| {
+                for i in 0..p.len() {
+                    m[i] = b1 * m[i] + (1.0 - b1) * g[i];
+                    v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
+                    p[i] -= step_size * m[i] / (v[i].sqrt() * inv_sqrt_bc2 + eps);
+                }
+            });
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_step_moves_each_parameter_by_lr_against_the_gradient_sign() {
+        let mut adam = Adam::new(AdamConfig::default(), 3);
+        let mut p = vec![1.0, 1.0, 1.0];
+        adam.update(&mut p, &[0.5, -2.0, 0.0]).unwrap();
+        // m_hat = g, v_hat = g^2, so the step is lr * g / (|g| + eps).
+        assert!((p[0] - (1.0 - 1e-3)).abs() < 1e-7, "{p:?}");
+        assert!((p[1] - (1.0 + 1e-3)).abs() < 1e-7, "{p:?}");
+        assert_eq!(p[2], 1.0);
+        assert!(adam.update(&mut p, &[0.0; 2]).is_err());
+    }
+
+    #[test]
+    fn learning_rate_decays_exponentially() {
+        let c = AdamConfig::default();
+        assert_eq!(c.lr_at(0), 1e-3);
+        assert!((c.lr_at(2000) - 0.96e-3).abs() < 1e-9);
+        assert!((c.lr_at(1000) - 1e-3 * 0.96f32.sqrt()).abs() < 1e-9);
+        assert!(
+            AdamConfig {
+                lr: -1.0,
+                ..c.clone()
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            AdamConfig {
+                decay_steps: 0,
+                ..c
+            }
+            .validate()
+            .is_err()
+        );
+    }
+}

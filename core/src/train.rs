@@ -1,0 +1,550 @@
+//! The single-process trainer (`capsnet train`), evaluation (`capsnet eval`) and the one-batch
+//! gradient dump (`capsnet grad`).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{
+    Checkpoint, Checkpointer, DataPosition, Tensor, TensorFile, latest_checkpoint,
+};
+use crate::config::CapsNetConfig;
+use crate::data::{self, Dataset, Split};
+use crate::error::{CoreError, Result};
+use crate::model::{BatchStats, CapsNet, Mask, PassOptions, Workspace};
+use crate::optim::{Adam, AdamConfig};
+use crate::params::Params;
+use crate::rng::Rng;
+
+/// Everything `capsnet train` needs; written to `config.json` in the run directory.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub model: CapsNetConfig,
+    pub adam: AdamConfig,
+    pub data_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub batch_size: usize,
+    pub epochs: u64,
+    /// Stop after this many optimizer steps in total (across resumes).
+    pub max_steps: Option<u64>,
+    pub seed: u64,
+    pub threads: usize,
+    /// Steps between `train` lines in metrics.jsonl.
+    pub log_every: u64,
+    /// Steps between checkpoints (0: only at the end of each epoch and of training).
+    pub checkpoint_every: u64,
+    pub keep_checkpoints: usize,
+    /// Largest random shift of the training augmentation, in pixels (0 disables it).
+    pub max_shift: usize,
+    /// Use only the first N training / test images (quick runs).
+    pub train_limit: Option<usize>,
+    pub test_limit: Option<usize>,
+    pub eval_batch_size: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            model: CapsNetConfig::default(),
+            adam: AdamConfig::default(),
+            data_dir: PathBuf::from(data::FASHION_MNIST_DIR),
+            run_dir: PathBuf::from("runs/latest"),
+            batch_size: 32,
+            epochs: 1,
+            max_steps: None,
+            seed: 0,
+            threads: default_threads(),
+            log_every: 50,
+            checkpoint_every: 0,
+            keep_checkpoints: 3,
+            max_shift: 2,
+            train_limit: None,
+            test_limit: None,
+            eval_batch_size: 128,
+        }
+    }
+}
+
+/// The cores this process may use.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+impl TrainConfig {
+    /// Checks every value before any work starts, naming the first bad one.
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        self.adam.validate()?;
+        let bad = |m: String| Err(CoreError::Config(m));
+        if self.batch_size == 0 {
+            return bad("batch size must be at least 1".into());
+        }
+        if self.eval_batch_size == 0 {
+            return bad("eval batch size must be at least 1".into());
+        }
+        if self.epochs == 0 {
+            return bad("epochs must be at least 1".into());
+        }
+        if self.max_steps == Some(0) {
+            return bad("max steps must be at least 1".into());
+        }
+        if self.threads == 0 {
+            return bad("threads must be at least 1".into());
+        }
+        if self.log_every == 0 {
+            return bad("log interval must be at least 1 step".into());
+        }
+        if self.keep_checkpoints == 0 {
+            return bad("keep checkpoints must be at least 1".into());
+        }
+        if self.max_shift * 2 >= self.model.image_size {
+            return bad(format!(
+                "max shift {} is too large for {}-pixel images",
+                self.max_shift, self.model.image_size
+            ));
+        }
+        if self.train_limit == Some(0) || self.test_limit == Some(0) {
+            return bad("train/test limits must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// One optimizer step, as reported to an [`Observer`].
+#[derive(Clone, Debug, Serialize)]
+pub struct StepReport {
+    pub step: u64,
+    pub epoch: u64,
+    /// Samples of this epoch consumed so far, and the epoch's size.
+    pub epoch_offset: u64,
+    pub epoch_size: u64,
+    pub loss: f64,
+    pub margin_loss: f64,
+    pub reconstruction_loss: f64,
+    pub accuracy: f64,
+    pub lr: f32,
+    pub images_per_s: f64,
+}
+
+/// A test-set evaluation.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EvalReport {
+    pub accuracy: f64,
+    pub margin_loss: f64,
+    pub reconstruction_loss: f64,
+    pub samples: usize,
+}
+
+/// Callbacks of the training loop; the binary draws a progress bar or log lines from them.
+pub trait Observer: Send {
+    fn on_start(&mut self, _cfg: &TrainConfig, _start_step: u64, _total_steps: u64) {}
+    fn on_step(&mut self, _report: &StepReport) {}
+    fn on_eval(&mut self, _step: u64, _epoch: u64, _report: &EvalReport) {}
+    fn on_checkpoint(&mut self, _path: &Path) {}
+}
+
+/// An observer that does nothing.
+pub struct Silent;
+impl Observer for Silent {}
+
+/// What a training run ends with.
+#[derive(Clone, Debug)]
+pub struct TrainOutcome {
+    pub steps: u64,
+    pub last_eval: Option<EvalReport>,
+    pub checkpoint: Option<PathBuf>,
+    pub params: Params,
+    pub wall_s: f64,
+}
+
+fn build_pool(threads: usize) -> Result<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("capsnet-{i}"))
+        .build()
+        .map_err(|e| CoreError::Config(format!("cannot start {threads} threads: {e}")))
+}
+
+/// Loads both splits of a data folder for a model config, honouring the limits.
+pub fn load_data(cfg: &TrainConfig) -> Result<(Dataset, Dataset)> {
+    let mut train = data::load_split(
+        &cfg.data_dir,
+        Split::Train,
+        cfg.model.classes,
+        cfg.model.image_size,
+    )?;
+    let mut test = data::load_split(
+        &cfg.data_dir,
+        Split::Test,
+        cfg.model.classes,
+        cfg.model.image_size,
+    )?;
+    if let Some(n) = cfg.train_limit {
+        train.truncate(n);
+    }
+    if let Some(n) = cfg.test_limit {
+        test.truncate(n);
+    }
+    Ok((train, test))
+}
+
+/// Test accuracy and losses over a whole data set (the decoder sees the predicted class).
+pub fn evaluate(
+    model: &CapsNet,
+    params: &Params,
+    ds: &Dataset,
+    batch_size: usize,
+    ws: &mut Workspace,
+) -> Result<EvalReport> {
+    let mut total = BatchStats::default();
+    let idx: Vec<usize> = (0..ds.len()).collect();
+    for chunk in idx.chunks(batch_size.max(1)) {
+        let batch = data::make_batch(ds, chunk, None);
+        let s = model.forward(params, &batch.images, &batch.labels, Mask::Predicted, ws)?;
+        total.margin_loss += s.margin_loss * s.samples as f64;
+        total.reconstruction_loss += s.reconstruction_loss * s.samples as f64;
+        total.correct += s.correct;
+        total.samples += s.samples;
+    }
+    let n = total.samples.max(1) as f64;
+    Ok(EvalReport {
+        accuracy: total.correct as f64 / n,
+        margin_loss: total.margin_loss / n,
+        reconstruction_loss: total.reconstruction_loss / n,
+        samples: total.samples,
+    })
+}
+
+/// Appends JSON lines to `metrics.jsonl`.
+struct Metrics {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl Metrics {
+    fn open(run_dir: &Path) -> Result<Self> {
+        let path = run_dir.join("metrics.jsonl");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| CoreError::io(&path, e))?;
+        Ok(Metrics { file, path })
+    }
+    fn write(&mut self, v: serde_json::Value) -> Result<()> {
+        writeln!(self.file, "{v}").map_err(|e| CoreError::io(&self.path, e))
+    }
+}
+
+/// Trains as configured; resumes from the newest checkpoint of `run_dir` when `resume`.
+pub fn train(cfg: &TrainConfig, resume: bool, observer: &mut dyn Observer) -> Result<TrainOutcome> {
+    cfg.validate()?;
+    let started = Instant::now();
+    let (train_ds, test_ds) = load_data(cfg)?;
+    let model = CapsNet::new(cfg.model.clone())?;
+    let pool = build_pool(cfg.threads)?;
+    std::fs::create_dir_all(&cfg.run_dir).map_err(|e| CoreError::io(&cfg.run_dir, e))?;
+
+    let (mut params, mut adam, mut pos) = if resume {
+        let path = latest_checkpoint(&cfg.run_dir)?.ok_or_else(|| {
+            CoreError::Config(format!(
+                "--resume: no checkpoint-<step>.safetensors in {}",
+                cfg.run_dir.display()
+            ))
+        })?;
+        let ck = Checkpoint::load(&path, None)?;
+        if ck.config != cfg.model {
+            return Err(CoreError::checkpoint(
+                &path,
+                "was written by a different network config than this run's",
+            ));
+        }
+        let adam = ck.adam.ok_or_else(|| {
+            CoreError::checkpoint(&path, "holds no optimizer state; cannot resume")
+        })?;
+        tracing::info!(checkpoint = %path.display(), step = ck.step, "resuming");
+        (
+            ck.params,
+            Adam {
+                config: cfg.adam.clone(),
+                ..adam
+            },
+            ck.position,
+        )
+    } else {
+        let p = model.init_params(cfg.seed);
+        let n = p.data.len();
+        (p, Adam::new(cfg.adam.clone(), n), DataPosition::default())
+    };
+    let json = serde_json::to_string_pretty(cfg).map_err(|source| CoreError::Json {
+        what: "config".into(),
+        source,
+    })?;
+    crate::checkpoint::write_atomic(&cfg.run_dir.join("config.json"), json.as_bytes())?;
+    let mut metrics = Metrics::open(&cfg.run_dir)?;
+    let ckpt = Checkpointer::new(&cfg.run_dir, cfg.keep_checkpoints);
+
+    let n = train_ds.len();
+    let steps_per_epoch = n.div_ceil(cfg.batch_size) as u64;
+    let planned = steps_per_epoch * cfg.epochs;
+    let total_steps = cfg.max_steps.map_or(planned, |m| m.min(planned));
+    observer.on_start(cfg, adam.step, total_steps);
+
+    let mut grads = Params::zeros(model.layout());
+    let mut ws = Workspace::new();
+    let mut last_eval = None;
+    let mut last_ckpt = None;
+    let mut window = (Instant::now(), 0usize);
+    let save = |params: &Params, adam: &Adam, pos: DataPosition| -> Result<PathBuf> {
+        ckpt.save(&Checkpoint {
+            config: cfg.model.clone(),
+            params: params.clone(),
+            adam: Some(adam.clone()),
+            step: adam.step,
+            position: pos,
+        })
+    };
+
+    pool.install(|| -> Result<()> {
+        'epochs: while pos.epoch < cfg.epochs {
+            let perm = data::epoch_permutation(n, cfg.seed, pos.epoch);
+            while (pos.offset as usize) < n {
+                if adam.step >= total_steps {
+                    break 'epochs;
+                }
+                let start = pos.offset as usize;
+                let idx = &perm[start..(start + cfg.batch_size).min(n)];
+                // Augmentation randomness is keyed by the step, so a resumed run draws the same.
+                let mut rng = Rng::derive(cfg.seed, "augment", adam.step);
+                let shift = (cfg.max_shift > 0).then_some((&mut rng, cfg.max_shift));
+                let batch = data::make_batch(&train_ds, idx, shift);
+                let opts = PassOptions {
+                    mask: Mask::Label,
+                    input_grad: false,
+                };
+                let stats = model.forward_backward(
+                    &params,
+                    &batch.images,
+                    &batch.labels,
+                    opts,
+                    &mut grads,
+                    &mut ws,
+                )?;
+                if !stats.total_loss().is_finite() {
+                    return Err(CoreError::Config(format!(
+                        "loss became {} at step {}; lower --lr",
+                        stats.total_loss(),
+                        adam.step
+                    )));
+                }
+                let lr = adam.config.lr_at(adam.step);
+                let t = Instant::now();
+                adam.update(&mut params.data, &grads.data)?;
+                ws.timings.optimizer += t.elapsed();
+                pos.offset += idx.len() as u64;
+                window.1 += idx.len();
+                let report = StepReport {
+                    step: adam.step,
+                    epoch: pos.epoch,
+                    epoch_offset: pos.offset,
+                    epoch_size: n as u64,
+                    loss: stats.total_loss(),
+                    margin_loss: stats.margin_loss,
+                    reconstruction_loss: stats.reconstruction_loss,
+                    accuracy: stats.accuracy(),
+                    lr,
+                    images_per_s: window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9),
+                };
+                observer.on_step(&report);
+                if adam.step % cfg.log_every == 0 {
+                    let mut v =
+                        serde_json::to_value(&report).map_err(|source| CoreError::Json {
+                            what: "metrics".into(),
+                            source,
+                        })?;
+                    v["kind"] = "train".into();
+                    metrics.write(v)?;
+                    window = (Instant::now(), 0);
+                }
+                if cfg.checkpoint_every > 0 && adam.step % cfg.checkpoint_every == 0 {
+                    let p = save(&params, &adam, pos)?;
+                    observer.on_checkpoint(&p);
+                    last_ckpt = Some(p);
+                }
+            }
+            // End of an epoch: evaluate and checkpoint.
+            pos = DataPosition {
+                epoch: pos.epoch + 1,
+                offset: 0,
+            };
+            let e = evaluate(&model, &params, &test_ds, cfg.eval_batch_size, &mut ws)?;
+            write_eval(&mut metrics, adam.step, pos.epoch, &e)?;
+            observer.on_eval(adam.step, pos.epoch, &e);
+            last_eval = Some(e);
+            let p = save(&params, &adam, pos)?;
+            observer.on_checkpoint(&p);
+            last_ckpt = Some(p);
+            window = (Instant::now(), 0);
+        }
+        // Stopped by --max-steps inside an epoch: evaluate and checkpoint where it stands.
+        if last_ckpt
+            .as_ref()
+            .is_none_or(|p| p != &ckpt.path_for(adam.step))
+        {
+            let e = evaluate(&model, &params, &test_ds, cfg.eval_batch_size, &mut ws)?;
+            write_eval(&mut metrics, adam.step, pos.epoch, &e)?;
+            observer.on_eval(adam.step, pos.epoch, &e);
+            last_eval = Some(e);
+            let p = save(&params, &adam, pos)?;
+            observer.on_checkpoint(&p);
+            last_ckpt = Some(p);
+        }
+        Ok(())
+    })?;
+    Ok(TrainOutcome {
+        steps: adam.step,
+        last_eval,
+        checkpoint: last_ckpt,
+        params,
+        wall_s: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn write_eval(metrics: &mut Metrics, step: u64, epoch: u64, e: &EvalReport) -> Result<()> {
+    metrics.write(serde_json::json!({
+        "kind": "eval", "step": step, "epoch": epoch, "test_accuracy": e.accuracy,
+        "test_margin_loss": e.margin_loss, "test_reconstruction_loss": e.reconstruction_loss, "samples": e.samples,
+    }))
+}
+
+/// `capsnet eval`: a checkpoint's accuracy and losses on a data folder's test split.
+pub fn evaluate_checkpoint(
+    checkpoint: &Path,
+    data_dir: &Path,
+    batch_size: usize,
+    threads: usize,
+) -> Result<EvalReport> {
+    let ck = Checkpoint::load(checkpoint, None)?;
+    let model = CapsNet::new(ck.config.clone())?;
+    let test = data::load_split(
+        data_dir,
+        Split::Test,
+        ck.config.classes,
+        ck.config.image_size,
+    )?;
+    let pool = build_pool(threads)?;
+    let mut ws = Workspace::new();
+    pool.install(|| evaluate(&model, &ck.params, &test, batch_size, &mut ws))
+}
+
+/// `capsnet grad`: one forward and backward pass of a checkpoint on a batch file (`images` f32
+/// `[B,1,H,W]`, `labels` i64 `[B]`), written in the PyTorch oracle's format.
+pub fn gradient_file(
+    checkpoint: &Path,
+    batch: &Path,
+    out: &Path,
+    routing_iters: Option<usize>,
+    threads: usize,
+) -> Result<BatchStats> {
+    let mut ck = Checkpoint::load(checkpoint, None)?;
+    if let Some(r) = routing_iters {
+        ck.config.routing_iters = r;
+    }
+    let cfg = ck.config.clone();
+    let model = CapsNet::new(cfg.clone())?;
+    let file = TensorFile::read(batch)?;
+    let images = match file.tensors.get("images") {
+        Some(Tensor::F32 { shape, data }) => {
+            let want = [cfg.in_channels, cfg.image_size, cfg.image_size];
+            if shape.len() != 4 || shape[1..] != want {
+                return Err(CoreError::checkpoint(
+                    batch,
+                    format!(
+                        "images has shape {shape:?}, expected [B, {}, {}, {}]",
+                        want[0], want[1], want[2]
+                    ),
+                ));
+            }
+            data.clone()
+        }
+        Some(_) => return Err(CoreError::checkpoint(batch, "images must be F32")),
+        None => return Err(CoreError::checkpoint(batch, "no tensor named images")),
+    };
+    let labels: Vec<usize> = match file.tensors.get("labels") {
+        Some(Tensor::I64 { shape, data }) if shape.len() == 1 => data
+            .iter()
+            .map(|&l| {
+                usize::try_from(l)
+                    .ok()
+                    .filter(|&l| l < cfg.classes)
+                    .ok_or_else(|| {
+                        CoreError::checkpoint(
+                            batch,
+                            format!("label {l} out of range for {} classes", cfg.classes),
+                        )
+                    })
+            })
+            .collect::<Result<_>>()?,
+        Some(t) => {
+            return Err(CoreError::checkpoint(
+                batch,
+                format!("labels must be I64 [B], got shape {:?}", t.shape()),
+            ));
+        }
+        None => return Err(CoreError::checkpoint(batch, "no tensor named labels")),
+    };
+    let b = labels.len();
+    if images.len() != b * cfg.pixels() {
+        return Err(CoreError::checkpoint(
+            batch,
+            format!("{} labels but {} images", b, images.len() / cfg.pixels()),
+        ));
+    }
+    let pool = build_pool(threads)?;
+    let mut ws = Workspace::new();
+    let mut grads = Params::zeros(model.layout());
+    let opts = PassOptions {
+        mask: Mask::Label,
+        input_grad: false,
+    };
+    let stats = pool.install(|| {
+        model.forward_backward(&ck.params, &images, &labels, opts, &mut grads, &mut ws)
+    })?;
+    let mut outf = TensorFile::default();
+    let scalar = |v: f64| Tensor::f32(vec![], vec![v as f32]);
+    outf.tensors
+        .insert("loss.margin".into(), scalar(stats.margin_loss));
+    outf.tensors.insert(
+        "loss.reconstruction".into(),
+        scalar(stats.reconstruction_loss),
+    );
+    outf.tensors
+        .insert("loss.total".into(), scalar(stats.total_loss()));
+    outf.tensors.insert(
+        "lengths".into(),
+        Tensor::f32(vec![b, cfg.classes], ws.lengths().to_vec()),
+    );
+    outf.tensors.insert(
+        "digit.v".into(),
+        Tensor::f32(
+            vec![b, cfg.classes, cfg.digit_dim],
+            ws.digit_caps().to_vec(),
+        ),
+    );
+    outf.tensors.insert(
+        "decoder.recon".into(),
+        Tensor::f32(vec![b, cfg.pixels()], ws.reconstruction().to_vec()),
+    );
+    for (spec, g) in grads.iter() {
+        outf.tensors.insert(
+            format!("{}.grad", spec.name),
+            Tensor::f32(spec.shape.clone(), g.to_vec()),
+        );
+    }
+    outf.write(out)?;
+    Ok(stats)
+}

@@ -1,0 +1,158 @@
+//! Checkpoint files: round trips, parameters-only files, and every kind of mismatch.
+
+use capsnet_core::checkpoint::{
+    Checkpoint, Checkpointer, DataPosition, Tensor, TensorFile, latest_checkpoint,
+};
+use capsnet_core::optim::{Adam, AdamConfig};
+use capsnet_core::{CapsNet, CapsNetConfig};
+
+fn sample() -> Checkpoint {
+    let cfg = CapsNetConfig::tiny();
+    let model = CapsNet::new(cfg.clone()).unwrap();
+    let params = model.init_params(1);
+    let mut adam = Adam::new(AdamConfig::default(), params.data.len());
+    let mut p = params.clone();
+    let g: Vec<f32> = (0..p.data.len()).map(|i| (i % 7) as f32 - 3.0).collect();
+    adam.update(&mut p.data, &g).unwrap();
+    Checkpoint {
+        config: cfg,
+        params: p,
+        adam: Some(adam),
+        step: 1,
+        position: DataPosition {
+            epoch: 2,
+            offset: 40,
+        },
+    }
+}
+
+#[test]
+fn round_trip_keeps_everything_and_the_design_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("c.safetensors");
+    let ck = sample();
+    ck.save(&path).unwrap();
+    assert_eq!(Checkpoint::load(&path, None).unwrap(), ck);
+    let f = TensorFile::read(&path).unwrap();
+    for name in [
+        "conv1.weight",
+        "primary.bias",
+        "digit.weight",
+        "decoder.2.bias",
+        "adam.m.digit.weight",
+        "adam.v.conv1.bias",
+    ] {
+        assert!(f.tensors.contains_key(name), "{name} missing");
+    }
+    assert_eq!(f.tensors["digit.weight"].shape(), &[32, 3, 5, 4]);
+    assert!(
+        !tmp.path().read_dir().unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .contains(".tmp"))
+    );
+}
+
+#[test]
+fn a_parameters_only_file_loads_without_optimizer_state() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("p.safetensors");
+    let ck = sample();
+    let mut f = ck.to_file().unwrap();
+    f.tensors.retain(|n, _| !n.starts_with("adam."));
+    f.metadata.clear();
+    f.write(&path).unwrap();
+    // Without metadata the config must be supplied (the paper's by default).
+    let loaded = Checkpoint::load(&path, Some(&CapsNetConfig::tiny())).unwrap();
+    assert_eq!(loaded.params, ck.params);
+    assert!(loaded.adam.is_none());
+    let e = Checkpoint::load(&path, None).unwrap_err().to_string();
+    assert!(
+        e.contains("shape"),
+        "tiny weights against the paper's shapes: {e}"
+    );
+}
+
+fn assert_load_error(f: &TensorFile, words: &[&str]) {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("bad.safetensors");
+    f.write(&path).unwrap();
+    let e = Checkpoint::load(&path, None).unwrap_err().to_string();
+    assert!(
+        e.contains("bad.safetensors"),
+        "error does not name the file: {e}"
+    );
+    for w in words {
+        assert!(e.contains(w), "expected {w:?} in: {e}");
+    }
+}
+
+#[test]
+fn mismatches_are_errors_that_name_the_tensor() {
+    let good = sample().to_file().unwrap();
+    let mut f = good.clone();
+    f.tensors.remove("primary.weight");
+    assert_load_error(&f, &["missing parameters", "primary.weight"]);
+    let mut f = good.clone();
+    f.tensors.insert(
+        "conv1.weight".into(),
+        Tensor::f32(vec![6, 1, 3], vec![0.0; 18]),
+    );
+    assert_load_error(&f, &["conv1.weight", "shape"]);
+    let mut f = good.clone();
+    f.tensors
+        .insert("conv2.weight".into(), Tensor::f32(vec![1], vec![0.0]));
+    assert_load_error(&f, &["conv2.weight"]);
+    let mut f = good.clone();
+    f.tensors.remove("adam.v.digit.weight");
+    assert_load_error(&f, &["adam.v.digit.weight"]);
+    let mut f = good.clone();
+    f.metadata.insert("step".into(), "many".into());
+    assert_load_error(&f, &["step"]);
+    let mut f = good;
+    f.metadata.insert("config".into(), "{not json".into());
+    assert_load_error(&f, &["config"]);
+}
+
+#[test]
+fn garbage_and_missing_files_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("junk.safetensors");
+    std::fs::write(&path, b"definitely not safetensors").unwrap();
+    let e = Checkpoint::load(&path, None).unwrap_err().to_string();
+    assert!(e.contains("junk.safetensors"), "{e}");
+    let e = Checkpoint::load(&tmp.path().join("absent.safetensors"), None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("absent.safetensors"), "{e}");
+}
+
+#[test]
+fn checkpointer_keeps_the_newest_n() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = Checkpointer::new(tmp.path(), 2);
+    let mut ck = sample();
+    for step in [5, 10, 15, 20] {
+        ck.step = step;
+        ckpt.save(&ck).unwrap();
+    }
+    let names: Vec<String> = {
+        let mut v: Vec<String> = tmp
+            .path()
+            .read_dir()
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        names,
+        vec!["checkpoint-15.safetensors", "checkpoint-20.safetensors"]
+    );
+    assert_eq!(
+        latest_checkpoint(tmp.path()).unwrap().unwrap(),
+        tmp.path().join("checkpoint-20.safetensors")
+    );
+}
