@@ -4,6 +4,10 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
+
+mod bench_sync;
+mod launch;
 
 use anyhow::{Context, Result, bail};
 use capsnet_core::CapsNetConfig;
@@ -48,9 +52,196 @@ enum Cmd {
     Eval(EvalArgs),
     /// One forward and backward pass on a batch file; writes losses and every gradient.
     Grad(GradArgs),
+    /// Serve a distributed training run: workers join, send gradients, get parameters.
+    Coordinator(CoordinatorArgs),
+    /// Join a coordinator and train on a shard of the data.
+    Worker(WorkerArgs),
+    /// A coordinator and N workers on this machine, logs interleaved; stops them all at the end.
+    Launch(LaunchArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
+}
+
+/// A duration: `500ms`, `30s`, `2m`, or plain seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 500ms, 30s, 2m)"))?;
+    let secs = match unit {
+        "ms" => v / 1000.0,
+        "s" => v,
+        "m" => v * 60.0,
+        "h" => v * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
+    };
+    if !(secs.is_finite() && secs > 0.0) {
+        return Err(format!("{s:?} must be a positive duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Debug)]
+enum SyncArg {
+    /// Average gradients every round; the coordinator applies Adam.
+    Grad,
+    /// Local SGD: average parameters every --sync-every local steps.
+    Params,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Debug)]
+enum WireArg {
+    F32,
+    Bf16,
+}
+
+impl WireArg {
+    fn encoding(self) -> capsnet_proto::Encoding {
+        match self {
+            WireArg::F32 => capsnet_proto::Encoding::F32,
+            WireArg::Bf16 => capsnet_proto::Encoding::Bf16,
+        }
+    }
+}
+
+/// Where the shared token comes from: `--token-file`, or the CAPSNET_TOKEN variable.
+#[derive(Args, Clone)]
+struct TokenArgs {
+    /// File holding the bearer token every RPC must carry (or set CAPSNET_TOKEN).
+    #[arg(long, env = "CAPSNET_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+}
+
+impl TokenArgs {
+    fn token(&self) -> Result<String> {
+        let t = match &self.token_file {
+            Some(p) => std::fs::read_to_string(p)
+                .with_context(|| format!("--token-file {}", p.display()))?,
+            None => std::env::var("CAPSNET_TOKEN").context(
+                "no token: pass --token-file FILE or set CAPSNET_TOKEN (at least 16 characters)",
+            )?,
+        };
+        let t = t.trim().to_string();
+        if t.len() < 16 {
+            bail!("the token must be at least 16 characters");
+        }
+        Ok(t)
+    }
+}
+
+#[derive(Args, Clone)]
+struct CoordinatorArgs {
+    #[command(flatten)]
+    flags: TrainFlags,
+    /// Where config.json, metrics.jsonl and checkpoints go.
+    #[arg(long, env = "CAPSNET_RUN_DIR", default_value = "runs/coordinator")]
+    run_dir: PathBuf,
+    /// Continue from the newest checkpoint in --run-dir (fresh start if there is none).
+    #[arg(long, env = "CAPSNET_RESUME")]
+    resume: bool,
+    /// Address to listen on; port 0 picks a free port (the address is logged).
+    #[arg(long, env = "CAPSNET_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: String,
+    /// What workers send: gradients (default) or parameters after local steps.
+    #[arg(long, env = "CAPSNET_SYNC", value_enum, default_value = "grad")]
+    sync: SyncArg,
+    /// Local steps per round with --sync params.
+    #[arg(long, env = "CAPSNET_SYNC_EVERY", default_value_t = 1)]
+    sync_every: usize,
+    /// A round closes at this deadline with --min-workers updates; the rest are marked unhealthy.
+    #[arg(long, env = "CAPSNET_ROUND_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    round_timeout: Duration,
+    #[arg(long, env = "CAPSNET_MIN_WORKERS", default_value_t = 1)]
+    min_workers: usize,
+    /// Start training when this many workers joined [default: --min-workers].
+    #[arg(long, env = "CAPSNET_EXPECT_WORKERS")]
+    expect_workers: Option<usize>,
+    /// Start anyway after this long with at least --min-workers.
+    #[arg(long, env = "CAPSNET_START_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    start_timeout: Duration,
+    /// Evaluate on the test set (and checkpoint) every N rounds; 0: at the end of each epoch.
+    #[arg(long, env = "CAPSNET_EVAL_EVERY", default_value_t = 0)]
+    eval_every: u64,
+    /// Worker heartbeat interval; three missed ones mark a worker unhealthy.
+    #[arg(long, env = "CAPSNET_HEARTBEAT", default_value = "1s", value_parser = parse_duration)]
+    heartbeat: Duration,
+    /// Encoding of updates on the wire (the coordinator keeps fp32 master weights).
+    #[arg(long, env = "CAPSNET_WIRE", value_enum, default_value = "f32")]
+    wire: WireArg,
+    /// Bytes per streamed chunk.
+    #[arg(long, env = "CAPSNET_CHUNK_BYTES", default_value_t = 1 << 20)]
+    chunk_bytes: usize,
+    #[command(flatten)]
+    token: TokenArgs,
+    /// TLS certificate (PEM); with --tls-key, the coordinator serves TLS.
+    #[arg(long, env = "CAPSNET_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, env = "CAPSNET_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) that client certificates must be signed by (mutual TLS).
+    #[arg(long, env = "CAPSNET_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Write the bound address to this file once listening (used by `capsnet launch`).
+    #[arg(long, hide = true)]
+    ready_file: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
+struct WorkerArgs {
+    /// The coordinator's URL.
+    #[arg(
+        long,
+        env = "CAPSNET_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    coordinator: String,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Stable name; a worker restarted under the same name gets its shard back
+    /// [default: worker-<rank>, or the host name].
+    #[arg(long, env = "CAPSNET_WORKER_NAME")]
+    name: Option<String>,
+    /// Preferred rank (Kubernetes Indexed Jobs: JOB_COMPLETION_INDEX is used when unset).
+    #[arg(long, env = "CAPSNET_RANK")]
+    rank: Option<u32>,
+    /// Threads [default: the cores available].
+    #[arg(long, env = "CAPSNET_THREADS")]
+    threads: Option<usize>,
+    /// Exit with an error when the coordinator stays unreachable this long.
+    #[arg(long, env = "CAPSNET_GIVE_UP_AFTER", default_value = "5m", value_parser = parse_duration)]
+    give_up_after: Duration,
+    #[command(flatten)]
+    token: TokenArgs,
+    /// CA (PEM) of the coordinator's certificate: connect with TLS.
+    #[arg(long, env = "CAPSNET_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate and key (PEM) for mutual TLS.
+    #[arg(
+        long,
+        env = "CAPSNET_TLS_CERT",
+        requires = "tls_ca",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, env = "CAPSNET_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Server name to verify in the coordinator's certificate [default: the URL's host].
+    #[arg(long, env = "CAPSNET_TLS_DOMAIN", requires = "tls_ca")]
+    tls_domain: Option<String>,
+}
+
+#[derive(Args)]
+struct LaunchArgs {
+    /// Worker processes to start.
+    #[arg(long, env = "CAPSNET_WORKERS", default_value_t = 2)]
+    workers: usize,
+    #[command(flatten)]
+    coordinator: CoordinatorArgs,
 }
 
 #[derive(Args, Clone)]
@@ -75,8 +266,9 @@ impl DataArgs {
     }
 }
 
-#[derive(Args)]
-struct TrainArgs {
+/// The training flags shared by `train` and `coordinator`.
+#[derive(Args, Clone)]
+struct TrainFlags {
     #[command(flatten)]
     data: DataArgs,
     /// Passes over the training set.
@@ -89,7 +281,7 @@ struct TrainArgs {
     #[arg(long, env = "CAPSNET_BATCH_SIZE")]
     batch_size: Option<usize>,
     /// Adam learning rate [default: 0.001].
-    #[arg(long, env = "CAPSNET_LR")]
+    #[arg(long, env = "CAPSNET_LR", allow_negative_numbers = true)]
     lr: Option<f32>,
     /// Learning-rate decay factor per --lr-decay-steps [default: 0.96].
     #[arg(long, env = "CAPSNET_LR_DECAY")]
@@ -106,18 +298,6 @@ struct TrainArgs {
     /// Threads [default: the cores available].
     #[arg(long, env = "CAPSNET_THREADS")]
     threads: Option<usize>,
-    /// Where config.json, metrics.jsonl and checkpoints go [default: runs/<UTC time>].
-    #[arg(long, env = "CAPSNET_RUN_DIR")]
-    run_dir: Option<PathBuf>,
-    /// Continue the run in RUN_DIR from its newest checkpoint, with its config.json; flags given
-    /// here override it.
-    #[arg(
-        long,
-        env = "CAPSNET_RESUME",
-        value_name = "RUN_DIR",
-        conflicts_with = "run_dir"
-    )]
-    resume: Option<PathBuf>,
     /// Steps between train lines in metrics.jsonl (and log lines off a terminal) [default: 50].
     #[arg(long, env = "CAPSNET_LOG_EVERY")]
     log_every: Option<u64>,
@@ -139,6 +319,24 @@ struct TrainArgs {
     /// Network size: the paper's, or a tiny one for smoke tests [default: paper].
     #[arg(long, env = "CAPSNET_MODEL", value_enum)]
     model: Option<ModelSize>,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    flags: TrainFlags,
+    /// Where config.json, metrics.jsonl and checkpoints go [default: runs/<UTC time>].
+    #[arg(long, env = "CAPSNET_RUN_DIR")]
+    run_dir: Option<PathBuf>,
+    /// Continue the run in RUN_DIR from its newest checkpoint, with its config.json; flags given
+    /// here override it.
+    #[arg(
+        long,
+        env = "CAPSNET_RESUME",
+        value_name = "RUN_DIR",
+        conflicts_with = "run_dir"
+    )]
+    resume: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -199,16 +397,18 @@ struct GradArgs {
 enum BenchCmd {
     /// Training and inference throughput of the model.
     Train(BenchTrainArgs),
+    /// Gradient-sync rounds through a coordinator with synthetic workers (no model compute).
+    Sync(bench_sync::BenchSyncArgs),
 }
 
 #[derive(Args)]
 struct BenchTrainArgs {
-    /// Batch sizes of the training rows.
-    #[arg(long, value_delimiter = ',', default_value = "32,128")]
-    batch_sizes: Vec<usize>,
-    /// Batch sizes of the inference rows (empty: none).
-    #[arg(long, value_delimiter = ',', default_value = "128")]
-    infer_batch_sizes: Vec<usize>,
+    /// Batch sizes of the training rows ("none" for none).
+    #[arg(long, default_value = "32,128", value_parser = parse_sizes)]
+    batch_sizes: Sizes,
+    /// Batch sizes of the inference rows ("none" for none).
+    #[arg(long, default_value = "128", value_parser = parse_sizes)]
+    infer_batch_sizes: Sizes,
     /// Timed steps per setting.
     #[arg(long, default_value_t = 10)]
     steps: usize,
@@ -233,6 +433,23 @@ struct BenchTrainArgs {
     single: Option<String>,
 }
 
+/// A comma-separated list of batch sizes, or "none".
+#[derive(Clone, Debug)]
+struct Sizes(Vec<usize>);
+
+fn parse_sizes(s: &str) -> Result<Sizes, String> {
+    if s == "none" || s.is_empty() {
+        return Ok(Sizes(vec![]));
+    }
+    s.split(',')
+        .map(|x| match x.trim().parse::<usize>() {
+            Ok(0) | Err(_) => Err(format!("{x:?} is not a batch size (a positive integer)")),
+            Ok(n) => Ok(n),
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Sizes)
+}
+
 fn main() {
     let cli = Cli::parse();
     init_logging(cli.log_format);
@@ -247,7 +464,8 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -259,7 +477,45 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Train(a) => cmd_train(a),
         Cmd::Eval(a) => cmd_eval(a),
         Cmd::Grad(a) => cmd_grad(a),
+        Cmd::Coordinator(a) => cmd_coordinator(a),
+        Cmd::Worker(a) => cmd_worker(a),
+        Cmd::Launch(a) => launch::run(a.workers, &a.coordinator),
         Cmd::Bench(BenchCmd::Train(a)) => cmd_bench_train(a),
+        Cmd::Bench(BenchCmd::Sync(a)) => bench_sync::run(a),
+    }
+}
+
+impl TrainFlags {
+    /// Applies the flags that were given to `cfg` (data only when given or `data_default`).
+    fn apply(&self, cfg: &mut TrainConfig, data_default: bool) -> Result<()> {
+        if data_default || self.data.dataset.is_some() || self.data.data_dir.is_some() {
+            cfg.data_dir = self.data.resolve()?;
+        }
+        if let Some(m) = self.model {
+            let mut model = m.config();
+            model.routing_iters = cfg.model.routing_iters;
+            cfg.model = model;
+        }
+        macro_rules! set {
+            ($($field:expr => $value:expr),* $(,)?) => { $( if let Some(v) = $value { $field = v; } )* };
+        }
+        set!(
+            cfg.epochs => self.epochs, cfg.batch_size => self.batch_size, cfg.adam.lr => self.lr,
+            cfg.adam.decay_rate => self.lr_decay, cfg.adam.decay_steps => self.lr_decay_steps,
+            cfg.model.routing_iters => self.routing_iters, cfg.seed => self.seed, cfg.threads => self.threads,
+            cfg.log_every => self.log_every, cfg.checkpoint_every => self.checkpoint_every,
+            cfg.keep_checkpoints => self.keep_checkpoints, cfg.max_shift => self.max_shift,
+        );
+        if self.max_steps.is_some() {
+            cfg.max_steps = self.max_steps;
+        }
+        if self.train_limit.is_some() {
+            cfg.train_limit = self.train_limit;
+        }
+        if self.test_limit.is_some() {
+            cfg.test_limit = self.test_limit;
+        }
+        Ok(())
     }
 }
 
@@ -278,33 +534,9 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
             ..TrainConfig::default()
         },
     };
-    if !resume || a.data.dataset.is_some() || a.data.data_dir.is_some() {
-        cfg.data_dir = a.data.resolve()?;
-    }
-    if let Some(m) = a.model {
-        let mut model = m.config();
-        model.routing_iters = cfg.model.routing_iters;
-        cfg.model = model;
-    }
-    macro_rules! set {
-        ($($field:expr => $value:expr),* $(,)?) => { $( if let Some(v) = $value { $field = v; } )* };
-    }
-    set!(
-        cfg.epochs => a.epochs, cfg.batch_size => a.batch_size, cfg.adam.lr => a.lr,
-        cfg.adam.decay_rate => a.lr_decay, cfg.adam.decay_steps => a.lr_decay_steps,
-        cfg.model.routing_iters => a.routing_iters, cfg.seed => a.seed, cfg.threads => a.threads,
-        cfg.log_every => a.log_every, cfg.checkpoint_every => a.checkpoint_every,
-        cfg.keep_checkpoints => a.keep_checkpoints, cfg.max_shift => a.max_shift,
-        cfg.run_dir => a.run_dir.clone().or(a.resume.clone()),
-    );
-    if a.max_steps.is_some() {
-        cfg.max_steps = a.max_steps;
-    }
-    if a.train_limit.is_some() {
-        cfg.train_limit = a.train_limit;
-    }
-    if a.test_limit.is_some() {
-        cfg.test_limit = a.test_limit;
+    a.flags.apply(&mut cfg, !resume)?;
+    if let Some(d) = a.run_dir.clone().or(a.resume.clone()) {
+        cfg.run_dir = d;
     }
     cfg.validate()?;
     if !resume && latest_checkpoint(&cfg.run_dir).ok().flatten().is_some() {
@@ -509,12 +741,13 @@ fn cmd_bench_train(a: BenchTrainArgs) -> Result<()> {
     }
     let settings: Vec<(BenchMode, usize)> = a
         .batch_sizes
+        .0
         .iter()
         .map(|&b| (BenchMode::Train, b))
-        .chain(a.infer_batch_sizes.iter().map(|&b| (BenchMode::Infer, b)))
+        .chain(a.infer_batch_sizes.0.iter().map(|&b| (BenchMode::Infer, b)))
         .collect();
-    if let Some(&(_, 0)) = settings.iter().find(|(_, b)| *b == 0) {
-        bail!("batch sizes must be at least 1");
+    if settings.is_empty() {
+        bail!("nothing to measure: --batch-sizes and --infer-batch-sizes are both none");
     }
     let exe = std::env::current_exe().context("cannot find the capsnet executable")?;
     let cfg = a.model.config();
@@ -675,4 +908,143 @@ fn machine_summary() -> String {
         .map(|v| format!("OPENBLAS_CORETYPE={v}"))
         .unwrap_or_else(|_| "OPENBLAS_CORETYPE unset".into());
     format!("{cpu}, {cores} cores, {mem} memory, {blas}")
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Resolves on SIGTERM (how Kubernetes stops a pod) or ctrl-c.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async {
+            match term.as_mut() {
+                Some(t) => { t.recv().await; }
+                None => std::future::pending::<()>().await,
+            }
+        } => {}
+    }
+    tracing::info!("stop signal received");
+}
+
+impl CoordinatorArgs {
+    fn config(&self) -> Result<capsnet_coordinator::CoordinatorConfig> {
+        let mut train = TrainConfig {
+            run_dir: self.run_dir.clone(),
+            ..TrainConfig::default()
+        };
+        self.flags.apply(&mut train, true)?;
+        let mut c = capsnet_coordinator::CoordinatorConfig::new(train, self.token.token()?);
+        c.sync_mode = match self.sync {
+            SyncArg::Grad => capsnet_proto::SyncMode::Grad,
+            SyncArg::Params => capsnet_proto::SyncMode::Params,
+        };
+        c.sync_every = self.sync_every;
+        c.round_timeout = self.round_timeout;
+        c.min_workers = self.min_workers;
+        c.expect_workers = self.expect_workers.unwrap_or(self.min_workers);
+        c.start_timeout = self.start_timeout;
+        c.eval_every = self.eval_every;
+        c.heartbeat = self.heartbeat;
+        c.wire = self.wire.encoding();
+        c.chunk_bytes = self.chunk_bytes;
+        c.resume = self.resume;
+        c.tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(capsnet_coordinator::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls_client_ca.clone(),
+            }),
+            _ => None,
+        };
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+fn cmd_coordinator(a: CoordinatorArgs) -> Result<()> {
+    let cfg = a.config()?;
+    let rt = runtime()?;
+    let outcome = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&a.listen)
+            .await
+            .with_context(|| format!("--listen {}", a.listen))?;
+        let addr = listener.local_addr()?;
+        if let Some(f) = &a.ready_file {
+            capsnet_core::checkpoint::write_atomic(f, addr.to_string().as_bytes())?;
+        }
+        Ok::<_, anyhow::Error>(capsnet_coordinator::serve(listener, cfg, shutdown_signal()).await?)
+    })?;
+    match &outcome.last_eval {
+        Some(e) => println!(
+            "coordinator: {} rounds{}; test accuracy {:.2}% (margin loss {:.4}, reconstruction loss {:.4})",
+            outcome.rounds,
+            if outcome.finished {
+                ", finished"
+            } else {
+                ", stopped"
+            },
+            100.0 * e.accuracy,
+            e.margin_loss,
+            e.reconstruction_loss
+        ),
+        None => println!("coordinator: {} rounds, stopped", outcome.rounds),
+    }
+    if let Some(p) = &outcome.checkpoint {
+        println!("checkpoint: {}", p.display());
+    }
+    Ok(())
+}
+
+fn cmd_worker(a: WorkerArgs) -> Result<()> {
+    let rank = a.rank.or_else(|| {
+        std::env::var("JOB_COMPLETION_INDEX")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    let name = match (&a.name, rank) {
+        (Some(n), _) => n.clone(),
+        (None, Some(r)) => format!("worker-{r}"),
+        (None, None) => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| format!("{}-{}", h.trim(), std::process::id()))
+            .unwrap_or_else(|_| format!("worker-{}", std::process::id())),
+    };
+    let tls = a.tls_ca.as_ref().map(|ca| capsnet_worker::ClientTls {
+        ca: ca.clone(),
+        cert: a.tls_cert.clone(),
+        key: a.tls_key.clone(),
+        domain: a.tls_domain.clone(),
+    });
+    let threads = a.threads.unwrap_or_else(train::default_threads);
+    if threads == 0 {
+        bail!("threads must be at least 1");
+    }
+    let cfg = capsnet_worker::WorkerConfig {
+        coordinator: a.coordinator.clone(),
+        token: a.token.token()?,
+        data_dir: a.data.resolve()?,
+        name,
+        rank_hint: rank,
+        threads,
+        give_up_after: a.give_up_after,
+        tls,
+    };
+    let rt = runtime()?;
+    let out = rt.block_on(capsnet_worker::run(cfg, shutdown_signal()))?;
+    println!(
+        "worker: {} updates sent{}",
+        out.rounds,
+        if out.finished {
+            ", training finished"
+        } else {
+            ", stopped"
+        }
+    );
+    Ok(())
 }

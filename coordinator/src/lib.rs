@@ -1,1 +1,148 @@
-//! capsnet-coordinator: placeholder until its issue lands (see DESIGN.md).
+//! capsnet-coordinator: the server of synchronous data-parallel training.
+//!
+//! # Layout
+//! - [`config`]: [`CoordinatorConfig`], the training flags plus sync mode, deadlines, security.
+//! - [`plan`]: which samples each member works on, per epoch and round (pure functions).
+//! - `actor`: the round state machine, on one thread: members and their states, updates,
+//!   averaging in member order, Adam, evaluation and checkpoints in the background.
+//! - `service`: the tonic service; streams and checks chunks, hands whole updates to the actor.
+//! - [`auth`]: the bearer-token interceptor.
+//! - [`error`]: [`CoordinatorError`] and its mapping to gRPC statuses (the only one).
+//!
+//! [`serve`] takes a bound listener and a shutdown future, so tests run it on port 0.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+use std::future::Future;
+use std::sync::{Arc, mpsc};
+use std::time::Duration;
+
+use capsnet_proto::pb;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+mod actor;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod plan;
+mod service;
+
+pub use actor::Outcome;
+pub use config::{CoordinatorConfig, TlsFiles};
+pub use error::{CoordinatorError, Result};
+
+fn tls_config(files: &TlsFiles) -> Result<ServerTlsConfig> {
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| CoordinatorError::Config(format!("{}: {e}", p.display())))
+    };
+    let mut tls =
+        ServerTlsConfig::new().identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?));
+    if let Some(ca) = &files.client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    Ok(tls)
+}
+
+/// Serves until training is finished (then exits after workers had time to hear it) or until
+/// `shutdown` resolves (then writes a checkpoint first). Returns how the run ended.
+pub async fn serve(
+    listener: TcpListener,
+    cfg: CoordinatorConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<Outcome> {
+    cfg.validate()?;
+    let tls = cfg.tls.as_ref().map(tls_config).transpose()?;
+    let (pub_tx, pub_rx) = watch::channel(Arc::new(actor::Published::placeholder()));
+    let actor_cfg = cfg.clone();
+    let actor = tokio::task::spawn_blocking(move || actor::Actor::new(actor_cfg, pub_tx))
+        .await
+        .map_err(|e| CoordinatorError::Io(format!("actor start: {e}")))??;
+    let model_layout = capsnet_core::ParamLayout::for_config(&cfg.train.model);
+    let names = model_layout
+        .specs()
+        .iter()
+        .map(|s| (s.name.clone(), s.range()))
+        .collect();
+    let (tx, rx) = mpsc::channel();
+    let actor_thread = std::thread::Builder::new()
+        .name("capsnet-rounds".into())
+        .spawn(move || actor.run(rx))
+        .map_err(|e| CoordinatorError::Io(format!("actor thread: {e}")))?;
+    let svc = service::Service {
+        tx: tx.clone(),
+        published: pub_rx.clone(),
+        num_floats: model_layout.total() as u64,
+        layout_hash: capsnet_proto::layout_hash(&model_layout),
+        names: Arc::new(names),
+    };
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<pb::coordinator_server::CoordinatorServer<service::Service>>()
+        .await;
+    let check = auth::TokenCheck::new(&cfg.token);
+    let grpc =
+        pb::coordinator_server::CoordinatorServer::with_interceptor(svc, move |r| check.check(r));
+
+    // Stop on the external signal (after a checkpoint), or once training finished and the
+    // workers had a few heartbeats to hear it.
+    let grace = (3 * cfg.heartbeat).clamp(Duration::from_millis(500), Duration::from_secs(10));
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let stopper = {
+        let tx = tx.clone();
+        let mut finished = pub_rx.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = shutdown => {
+                    let (reply, done) = oneshot::channel();
+                    if tx.send(actor::Msg::Shutdown { reply }).is_ok() {
+                        match done.await {
+                            Ok(Ok(Some(p))) => tracing::info!(checkpoint = %p.display(), "stopped by signal"),
+                            Ok(Err(e)) => tracing::error!(error = %e, "checkpoint on shutdown failed"),
+                            _ => {}
+                        }
+                    }
+                }
+                _ = async {
+                    while !finished.borrow_and_update().finished {
+                        if finished.changed().await.is_err() { break; }
+                    }
+                    tokio::time::sleep(grace).await;
+                } => {}
+            }
+            let _ = stop_tx.send(());
+        })
+    };
+    drop(tx);
+
+    let local = listener
+        .local_addr()
+        .map_err(|e| CoordinatorError::Io(e.to_string()))?;
+    tracing::info!(address = %local, tls = tls.is_some(), "coordinator listening");
+    let mut builder = Server::builder()
+        .initial_stream_window_size(Some(16 << 20))
+        .initial_connection_window_size(Some(32 << 20))
+        .http2_keepalive_interval(Some(Duration::from_secs(10)));
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| CoordinatorError::Config(format!("TLS: {e}")))?;
+    }
+    let served = builder
+        .add_service(health_svc)
+        .add_service(grpc)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async {
+                let _ = stop_rx.await;
+            },
+        )
+        .await;
+    stopper.abort();
+    served.map_err(|e| CoordinatorError::Io(format!("server: {e}")))?;
+    let outcome = tokio::task::spawn_blocking(move || actor_thread.join())
+        .await
+        .map_err(|e| CoordinatorError::Io(format!("actor: {e}")))?
+        .map_err(|_| CoordinatorError::Io("the round thread panicked".into()))?;
+    Ok(outcome)
+}

@@ -12,6 +12,7 @@ use rayon::prelude::*;
 macro_rules! multiversion {
     ($(#[$m:meta])* fn $name:ident($($a:ident : $t:ty),* $(,)?) $body:block) => {
         $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
         fn $name($($a: $t),*) {
             #[inline(always)]
             #[allow(clippy::too_many_arguments)]

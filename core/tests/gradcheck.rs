@@ -37,15 +37,6 @@ fn assert_close(what: &str, fd: &[f64], an: &[f64]) {
     );
 }
 
-/// Coordinates to probe: all of a small tensor, else a seeded sample.
-fn probe(len: usize, max: usize, seed: u64) -> Vec<usize> {
-    if len <= max {
-        return (0..len).collect();
-    }
-    let mut rng = Rng::new(seed);
-    (0..max).map(|_| rng.below(len)).collect()
-}
-
 fn randn(n: usize, std: f32, seed: u64) -> Vec<f32> {
     let mut rng = Rng::new(seed);
     (0..n).map(|_| std * rng.normal()).collect()

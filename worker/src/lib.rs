@@ -1,1 +1,447 @@
-//! capsnet-worker: placeholder until its issue lands (see DESIGN.md).
+//! capsnet-worker: one replica of the model that trains on its shard of the data.
+//!
+//! # Layout
+//! - [`WorkerConfig`]: where the coordinator is, credentials, data, threads.
+//! - [`run`]: the worker's life, an explicit state machine ([`Phase`]): connect and join (with
+//!   retry and backoff), then per round pull the parameters and work order, compute off the
+//!   async runtime, push the update; rejoin when the coordinator restarts; leave when training
+//!   is finished or on shutdown.
+//! - [`client`]: a connected, authenticated gRPC client.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use capsnet_core::data::{self, Dataset, Split};
+use capsnet_core::model::{Mask, PassOptions, Workspace};
+use capsnet_core::optim::Adam;
+use capsnet_core::rng::Rng;
+use capsnet_core::{CapsNet, Params};
+use capsnet_proto::wire::{Assembler, ChunkIn, encode_chunks};
+use capsnet_proto::{Encoding, RunSettings, SyncMode, pb};
+use tonic::Code;
+
+pub mod client;
+
+pub use client::{Client, ClientTls};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Core(#[from] capsnet_core::CoreError),
+    #[error("coordinator: {0}")]
+    Rpc(#[from] tonic::Status),
+    #[error("cannot reach the coordinator at {url} for {waited:?}: {last}")]
+    Unreachable {
+        url: String,
+        waited: Duration,
+        last: String,
+    },
+    #[error(transparent)]
+    Proto(#[from] capsnet_proto::ProtoError),
+}
+
+pub type Result<T, E = WorkerError> = std::result::Result<T, E>;
+
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// `http://host:port` or `https://host:port`.
+    pub coordinator: String,
+    pub token: String,
+    pub data_dir: PathBuf,
+    /// Stable name; a worker restarted under the same name gets its rank and shard back.
+    pub name: String,
+    pub rank_hint: Option<u32>,
+    pub threads: usize,
+    /// Give up when the coordinator cannot be reached for this long.
+    pub give_up_after: Duration,
+    pub tls: Option<ClientTls>,
+}
+
+/// The worker's side of its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Connecting and joining (again after a coordinator restart).
+    Joining,
+    /// Has a rank; pulling, computing and pushing rounds.
+    Working,
+    /// Training is over or the worker was told to stop; it left.
+    Stopped,
+}
+
+/// How a worker's run ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerOutcome {
+    pub rounds: u64,
+    pub finished: bool,
+}
+
+/// Parameters and work order of one round.
+pub struct Pulled {
+    pub order: pb::WorkOrder,
+    pub params: Vec<f32>,
+}
+
+/// Pulls the parameters of the first round after `after` (checked chunk by chunk).
+pub async fn pull(
+    client: &mut Client,
+    id: &str,
+    after: Option<u64>,
+    enc: Encoding,
+    total: u64,
+) -> Result<Pulled> {
+    let req = pb::PullRequest {
+        worker_id: id.to_string(),
+        after_round: after,
+        encoding: enc as i32,
+    };
+    let mut stream = client.rpc().pull_params(req).await?.into_inner();
+    let first = stream
+        .message()
+        .await?
+        .ok_or_else(|| tonic::Status::data_loss("empty parameter stream"))?;
+    let order = first
+        .work
+        .ok_or_else(|| tonic::Status::data_loss("first chunk carries no work order"))?;
+    let mut params = vec![0.0f32; total as usize];
+    let mut asm = Assembler::new(
+        total,
+        first.total_len,
+        Encoding::try_from(first.encoding).unwrap_or(Encoding::Unspecified),
+    )?;
+    let mut next = Some(first);
+    while let Some(c) = next {
+        asm.accept(ChunkIn::from_params(&c), &mut params)?;
+        next = stream.message().await?;
+    }
+    asm.finish()?;
+    Ok(Pulled { order, params })
+}
+
+/// Streams one update for `round`.
+pub async fn push(
+    client: &mut Client,
+    id: &str,
+    s: &RunSettings,
+    round: u64,
+    samples: u64,
+    loss: f64,
+    data: &[f32],
+) -> Result<()> {
+    let chunks = encode_chunks(data, s.wire, s.chunk_bytes);
+    let total = data.len() as u64;
+    let msgs: Vec<pb::UpdateChunk> = chunks
+        .into_iter()
+        .map(|c| pb::UpdateChunk {
+            worker_id: id.to_string(),
+            round,
+            offset: c.offset,
+            total_len: total,
+            encoding: s.wire as i32,
+            payload: c.payload,
+            crc32: c.crc32,
+            samples,
+            layout_hash: s.layout_hash,
+            total_crc32: c.total_crc32,
+            loss,
+        })
+        .collect();
+    client.rpc().push_update(tokio_stream::iter(msgs)).await?;
+    Ok(())
+}
+
+/// What the worker computes with, kept across rounds (and across rejoins with the same config).
+struct Replica {
+    settings: RunSettings,
+    model: CapsNet,
+    train: Arc<Dataset>,
+    ws: Workspace,
+    grads: Params,
+    /// Local optimizer of params mode.
+    adam: Option<Adam>,
+    pool: rayon::ThreadPool,
+}
+
+impl Replica {
+    fn new(settings: RunSettings, cfg: &WorkerConfig) -> Result<Self> {
+        let model = CapsNet::new(settings.model.clone())?;
+        let train = data::load_split(
+            &cfg.data_dir,
+            Split::Train,
+            settings.model.classes,
+            settings.model.image_size,
+        )?;
+        if train.len() as u64 != settings.train_len {
+            return Err(WorkerError::Config(format!(
+                "{} holds {} training images, the coordinator's data has {}; every worker needs the same data set",
+                cfg.data_dir.display(),
+                train.len(),
+                settings.train_len
+            )));
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(cfg.threads.max(1))
+            .build()
+            .map_err(|e| WorkerError::Config(format!("threads: {e}")))?;
+        Ok(Replica {
+            grads: Params::zeros(model.layout()),
+            model,
+            train: Arc::new(train),
+            ws: Workspace::new(),
+            adam: None,
+            pool,
+            settings,
+        })
+    }
+
+    /// Runs a work order: the gradient of the batch (grad mode) or up to `sync_every` local Adam
+    /// steps (params mode). Returns (update, samples, mean loss).
+    fn compute(&mut self, order: &pb::WorkOrder, params: Vec<f32>) -> Result<(Vec<f32>, u64, f64)> {
+        let s = &self.settings;
+        let mut params = Params::from_flat(self.model.layout(), params)?;
+        let perm = data::epoch_permutation(self.train.len(), s.seed, order.epoch);
+        let positions = order.start as usize..(order.end as usize).min(perm.len());
+        let indices = &perm[positions];
+        // Augmentation keyed by (round, first position): independent of which process computes.
+        let mut rng = Rng::derive(
+            s.seed,
+            "augment-round",
+            order.round.wrapping_mul(1 << 32) ^ order.start,
+        );
+        let opts = PassOptions {
+            mask: Mask::Label,
+            input_grad: false,
+        };
+        let (model, ws, grads, train, pool) = (
+            &self.model,
+            &mut self.ws,
+            &mut self.grads,
+            &self.train,
+            &self.pool,
+        );
+        match s.sync_mode {
+            SyncMode::Params => {
+                let adam = self
+                    .adam
+                    .get_or_insert_with(|| Adam::new(s.adam.clone(), params.data.len()));
+                let mut loss = 0.0;
+                let mut steps = 0;
+                for batch_idx in indices.chunks(s.batch_size) {
+                    let shift = (s.max_shift > 0).then_some((&mut rng, s.max_shift));
+                    let batch = data::make_batch(train, batch_idx, shift);
+                    let st = pool.install(|| {
+                        model.forward_backward(
+                            &params,
+                            &batch.images,
+                            &batch.labels,
+                            opts,
+                            grads,
+                            ws,
+                        )
+                    })?;
+                    pool.install(|| adam.update(&mut params.data, &grads.data))?;
+                    loss += st.total_loss();
+                    steps += 1;
+                }
+                Ok((
+                    params.data,
+                    indices.len() as u64,
+                    loss / steps.max(1) as f64,
+                ))
+            }
+            _ => {
+                let shift = (s.max_shift > 0).then_some((&mut rng, s.max_shift));
+                let batch = data::make_batch(train, indices, shift);
+                let st = pool.install(|| {
+                    model.forward_backward(&params, &batch.images, &batch.labels, opts, grads, ws)
+                })?;
+                Ok((grads.data.clone(), indices.len() as u64, st.total_loss()))
+            }
+        }
+    }
+}
+
+fn retryable(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::DeadlineExceeded
+            | Code::Aborted
+            | Code::Internal
+    )
+}
+
+/// Connects and joins, retrying with exponential backoff (100 ms to 5 s) for up to
+/// `give_up_after`.
+async fn join(cfg: &WorkerConfig) -> Result<(Client, pb::JoinResponse)> {
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let attempt = async {
+            let mut client =
+                Client::connect(&cfg.coordinator, &cfg.token, cfg.tls.as_ref()).await?;
+            let req = pb::JoinRequest {
+                name: cfg.name.clone(),
+                rank_hint: cfg.rank_hint,
+            };
+            let resp = client.rpc().join(req).await?.into_inner();
+            Ok::<_, WorkerError>((client, resp))
+        };
+        match attempt.await {
+            Ok(ok) => return Ok(ok),
+            Err(WorkerError::Rpc(s)) if !retryable(s.code()) => return Err(WorkerError::Rpc(s)),
+            Err(e) => {
+                if started.elapsed() >= cfg.give_up_after {
+                    return Err(WorkerError::Unreachable {
+                        url: cfg.coordinator.clone(),
+                        waited: started.elapsed(),
+                        last: e.to_string(),
+                    });
+                }
+                tracing::debug!(error = %e, ?delay, "coordinator not reachable yet");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Runs the worker until training is finished (`Ok(finished = true)`) or `shutdown` resolves
+/// (it leaves first).
+pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<WorkerOutcome> {
+    tokio::pin!(shutdown);
+    let mut replica: Option<Replica> = None;
+    let mut rounds = 0u64;
+    loop {
+        tracing::info!(phase = ?Phase::Joining, coordinator = %cfg.coordinator, "joining");
+        let (mut client, joined) = tokio::select! {
+            r = join(&cfg) => r?,
+            _ = &mut shutdown => return Ok(WorkerOutcome { rounds, finished: false }),
+        };
+        let settings = RunSettings::try_from(joined.config.unwrap_or_default())?;
+        let id = joined.worker_id.clone();
+        tracing::info!(worker = %id, rank = joined.rank, round = joined.round, "joined");
+        if replica.as_ref().is_none_or(|r| r.settings != settings) {
+            let (s, c) = (settings.clone(), cfg.clone());
+            replica = Some(
+                tokio::task::spawn_blocking(move || Replica::new(s, &c))
+                    .await
+                    .map_err(|e| WorkerError::Config(format!("loading data: {e}")))??,
+            );
+        }
+        tracing::debug!(phase = ?Phase::Working);
+        // Heartbeats in the background; a NotFound means the coordinator forgot us.
+        let (lost_tx, mut lost) = tokio::sync::watch::channel(false);
+        let hb = {
+            let mut c = client.clone();
+            let (id, every) = (
+                id.clone(),
+                Duration::from_millis(settings.heartbeat_ms.max(50)),
+            );
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    match c
+                        .rpc()
+                        .heartbeat(pb::HeartbeatRequest {
+                            worker_id: id.clone(),
+                        })
+                        .await
+                    {
+                        Ok(_) => {}
+                        Err(s) if s.code() == Code::NotFound => {
+                            let _ = lost_tx.send(true);
+                            return;
+                        }
+                        Err(s) => tracing::debug!(status = %s, "heartbeat failed"),
+                    }
+                }
+            })
+        };
+        let mut after: Option<u64> = None;
+        let total = settings.layout().total() as u64;
+        let result: Result<Option<bool>> = loop {
+            let step = async {
+                let pulled = pull(&mut client, &id, after, settings.wire, total).await?;
+                let order = pulled.order;
+                if order.finished {
+                    return Ok(Some(true));
+                }
+                after = Some(order.round);
+                if !order.participate {
+                    return Ok(None);
+                }
+                let Some(mut r) = replica.take() else {
+                    return Err(WorkerError::Config("no replica".into()));
+                };
+                let o = order;
+                let (r, out) = tokio::task::spawn_blocking(move || {
+                    let out = r.compute(&o, pulled.params);
+                    (r, out)
+                })
+                .await
+                .map_err(|e| WorkerError::Config(format!("compute task: {e}")))?;
+                replica = Some(r);
+                let (update, samples, loss) = out?;
+                match push(
+                    &mut client,
+                    &id,
+                    &settings,
+                    order.round,
+                    samples,
+                    loss,
+                    &update,
+                )
+                .await
+                {
+                    Ok(()) => {
+                        rounds += 1;
+                        tracing::debug!(round = order.round, loss, "update accepted");
+                    }
+                    Err(WorkerError::Rpc(s))
+                        if matches!(s.code(), Code::FailedPrecondition | Code::AlreadyExists) =>
+                    {
+                        tracing::info!(round = order.round, status = %s.message(), "update not used");
+                    }
+                    Err(e) => return Err(e),
+                }
+                Ok(None)
+            };
+            let r = tokio::select! {
+                r = step => r,
+                _ = lost.changed() => Err(WorkerError::Rpc(tonic::Status::not_found("coordinator forgot this worker"))),
+                _ = &mut shutdown => Ok(Some(false)),
+            };
+            match r {
+                Ok(None) => continue,
+                Ok(Some(finished)) => break Ok(Some(finished)),
+                Err(WorkerError::Rpc(s)) if s.code() == Code::NotFound || retryable(s.code()) => {
+                    tracing::warn!(status = %s, "lost the coordinator; joining again");
+                    break Ok(None);
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        hb.abort();
+        match result {
+            Ok(Some(finished)) => {
+                let _ = client
+                    .rpc()
+                    .leave(pb::LeaveRequest {
+                        worker_id: id.clone(),
+                    })
+                    .await;
+                tracing::info!(rounds, finished, phase = ?Phase::Stopped, "worker done");
+                return Ok(WorkerOutcome { rounds, finished });
+            }
+            Ok(None) => {}
+            Err(e) => return Err(e),
+        }
+    }
+}

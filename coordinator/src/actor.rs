@@ -1,0 +1,902 @@
+//! The round state machine. One thread owns all mutable state (members, the round, the
+//! updates, parameters and optimizer) and handles one message at a time, so no lock is ever
+//! held across an `.await` and the order of events is the order of messages. gRPC handlers
+//! stream and check chunks themselves and send the actor whole, checked updates.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use capsnet_core::checkpoint::{Checkpoint, Checkpointer, DataPosition, latest_checkpoint};
+use capsnet_core::data::Dataset;
+use capsnet_core::model::Workspace;
+use capsnet_core::optim::Adam;
+use capsnet_core::train::{self, EvalReport};
+use capsnet_core::{CapsNet, Params};
+use capsnet_proto::wire::{EncodedChunk, encode_chunks};
+use capsnet_proto::{Encoding, RunSettings, SyncMode, WorkerState, pb};
+use rayon::prelude::*;
+use tokio::sync::{oneshot, watch};
+
+use crate::config::CoordinatorConfig;
+use crate::error::{CoordinatorError, Result};
+use crate::plan::EpochPlan;
+
+/// The parameters of a round as served to workers, encoded once per encoding on first use.
+pub(crate) struct Published {
+    pub round: u64,
+    pub finished: bool,
+    pub params: Arc<Vec<f32>>,
+    chunk_bytes: usize,
+    f32_chunks: OnceLock<Arc<Vec<EncodedChunk>>>,
+    bf16_chunks: OnceLock<Arc<Vec<EncodedChunk>>>,
+}
+
+impl Published {
+    fn new(round: u64, finished: bool, params: Arc<Vec<f32>>, chunk_bytes: usize) -> Self {
+        Published {
+            round,
+            finished,
+            params,
+            chunk_bytes,
+            f32_chunks: OnceLock::new(),
+            bf16_chunks: OnceLock::new(),
+        }
+    }
+
+    /// Before the actor has loaded anything.
+    pub fn placeholder() -> Self {
+        Published::new(0, false, Arc::new(vec![]), 1 << 20)
+    }
+
+    pub fn chunks(&self, enc: Encoding) -> Arc<Vec<EncodedChunk>> {
+        let cell = if enc == Encoding::Bf16 {
+            &self.bf16_chunks
+        } else {
+            &self.f32_chunks
+        };
+        cell.get_or_init(|| Arc::new(encode_chunks(&self.params, enc, self.chunk_bytes)))
+            .clone()
+    }
+}
+
+pub(crate) enum PullReply {
+    Ready(pb::WorkOrder, Arc<Published>),
+    Wait,
+}
+
+pub(crate) enum Msg {
+    Join {
+        name: String,
+        rank_hint: Option<u32>,
+        reply: oneshot::Sender<Result<pb::JoinResponse>>,
+    },
+    Pull {
+        worker_id: String,
+        after_round: Option<u64>,
+        reply: oneshot::Sender<Result<PullReply>>,
+    },
+    Submit {
+        worker_id: String,
+        round: u64,
+        samples: u64,
+        loss: f64,
+        data: Vec<f32>,
+        reply: oneshot::Sender<Result<u64>>,
+    },
+    Touch {
+        worker_id: String,
+        reply: oneshot::Sender<Result<(u64, WorkerState)>>,
+    },
+    Leave {
+        worker_id: String,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    Status {
+        reply: oneshot::Sender<pb::StatusResponse>,
+    },
+    /// Checkpoint now and stop (SIGTERM).
+    Shutdown {
+        reply: oneshot::Sender<Result<Option<PathBuf>>>,
+    },
+}
+
+struct Worker {
+    id: String,
+    rank: u32,
+    state: WorkerState,
+    last_seen: Instant,
+    last_round: u64,
+}
+
+struct Update {
+    samples: u64,
+    loss: f64,
+    data: Vec<f32>,
+}
+
+/// Appends JSON lines to metrics.jsonl; shared with evaluation threads.
+pub(crate) struct Metrics(std::fs::File);
+
+impl Metrics {
+    fn write(&mut self, v: serde_json::Value) {
+        use std::io::Write;
+        if let Err(e) = writeln!(self.0, "{v}") {
+            tracing::warn!(error = %e, "cannot write metrics.jsonl");
+        }
+    }
+}
+
+/// What the run ended with.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub rounds: u64,
+    pub finished: bool,
+    pub last_eval: Option<EvalReport>,
+    pub checkpoint: Option<PathBuf>,
+}
+
+pub(crate) struct Actor {
+    cfg: CoordinatorConfig,
+    run_msg: pb::RunConfig,
+    model: CapsNet,
+    test: Arc<Dataset>,
+    n_train: usize,
+    params: Params,
+    adam: Adam,
+    round: u64,
+    epoch: u64,
+    round_in_epoch: u64,
+    plan: Option<EpochPlan>,
+    workers: BTreeMap<String, Worker>,
+    names: HashMap<String, String>,
+    updates: BTreeMap<usize, Update>,
+    round_started: Instant,
+    first_update: Option<Instant>,
+    first_join: Option<Instant>,
+    samples_seen: u64,
+    finished: bool,
+    published: watch::Sender<Arc<Published>>,
+    metrics: Arc<Mutex<Metrics>>,
+    last_eval: Arc<Mutex<Option<(u64, EvalReport)>>>,
+    background: Vec<JoinHandle<()>>,
+    checkpointer: Arc<Mutex<Checkpointer>>,
+    last_checkpoint: Arc<Mutex<Option<PathBuf>>>,
+    id_prefix: String,
+    next_id: u64,
+    stop: bool,
+    waiting_logged: bool,
+}
+
+impl Actor {
+    /// Loads the data, the model and (with `resume`) the newest checkpoint.
+    pub(crate) fn new(
+        cfg: CoordinatorConfig,
+        published: watch::Sender<Arc<Published>>,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let t = &cfg.train;
+        let (train_ds, test_ds) = train::load_data(t)?;
+        let model = CapsNet::new(t.model.clone())?;
+        std::fs::create_dir_all(&t.run_dir)
+            .map_err(|e| CoordinatorError::Io(format!("{}: {e}", t.run_dir.display())))?;
+        let (params, adam, round, pos) = if cfg.resume {
+            match latest_checkpoint(&t.run_dir)? {
+                Some(path) => {
+                    let ck = Checkpoint::load(&path, None)?;
+                    if ck.config != t.model {
+                        return Err(CoordinatorError::Config(format!(
+                            "{} was written by a different network config",
+                            path.display()
+                        )));
+                    }
+                    let adam = match ck.adam {
+                        Some(a) => Adam {
+                            config: t.adam.clone(),
+                            ..a
+                        },
+                        None => Adam::new(t.adam.clone(), ck.params.data.len()),
+                    };
+                    tracing::info!(checkpoint = %path.display(), round = ck.step, "resuming");
+                    (ck.params, adam, ck.step, ck.position)
+                }
+                None => {
+                    tracing::info!(run_dir = %t.run_dir.display(), "--resume: no checkpoint yet, starting fresh");
+                    let p = model.init_params(t.seed);
+                    let n = p.data.len();
+                    (p, Adam::new(t.adam.clone(), n), 0, DataPosition::default())
+                }
+            }
+        } else {
+            if latest_checkpoint(&t.run_dir)?.is_some() {
+                return Err(CoordinatorError::Config(format!(
+                    "{} already holds checkpoints; pass --resume to continue that run or choose another --run-dir",
+                    t.run_dir.display()
+                )));
+            }
+            let p = model.init_params(t.seed);
+            let n = p.data.len();
+            (p, Adam::new(t.adam.clone(), n), 0, DataPosition::default())
+        };
+        let json =
+            serde_json::to_string_pretty(t).map_err(|e| CoordinatorError::Io(e.to_string()))?;
+        capsnet_core::checkpoint::write_atomic(&t.run_dir.join("config.json"), json.as_bytes())?;
+        let metrics_path = t.run_dir.join("metrics.jsonl");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics_path)
+            .map_err(|e| CoordinatorError::Io(format!("{}: {e}", metrics_path.display())))?;
+        let settings = RunSettings {
+            model: t.model.clone(),
+            adam: t.adam.clone(),
+            batch_size: t.batch_size,
+            seed: t.seed,
+            sync_mode: cfg.sync_mode,
+            sync_every: cfg.sync_every,
+            max_shift: t.max_shift,
+            layout_hash: capsnet_proto::layout_hash(model.layout()),
+            wire: cfg.wire,
+            chunk_bytes: cfg.chunk_bytes,
+            heartbeat_ms: cfg.heartbeat.as_millis() as u64,
+            train_len: train_ds.len() as u64,
+        };
+        let run_msg = settings.to_message()?;
+        let nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let actor = Actor {
+            checkpointer: Arc::new(Mutex::new(Checkpointer::new(
+                &t.run_dir,
+                t.keep_checkpoints,
+            ))),
+            cfg: cfg.clone(),
+            run_msg,
+            model,
+            test: Arc::new(test_ds),
+            n_train: train_ds.len(),
+            params,
+            adam,
+            round,
+            epoch: pos.epoch,
+            round_in_epoch: pos.offset,
+            plan: None,
+            workers: BTreeMap::new(),
+            names: HashMap::new(),
+            updates: BTreeMap::new(),
+            round_started: Instant::now(),
+            first_update: None,
+            first_join: None,
+            samples_seen: 0,
+            finished: false,
+            published,
+            metrics: Arc::new(Mutex::new(Metrics(file))),
+            last_eval: Arc::new(Mutex::new(None)),
+            background: vec![],
+            last_checkpoint: Arc::new(Mutex::new(None)),
+            id_prefix: format!("{:x}", (nonce as u64) & 0xffff_ffff),
+            next_id: 0,
+            stop: false,
+            waiting_logged: false,
+        };
+        actor.publish();
+        Ok(actor)
+    }
+
+    fn publish(&self) {
+        let p = Published::new(
+            self.round,
+            self.finished,
+            Arc::new(self.params.data.clone()),
+            self.cfg.chunk_bytes,
+        );
+        self.published.send_replace(Arc::new(p));
+    }
+
+    fn plan_done(&self) -> bool {
+        self.epoch >= self.cfg.train.epochs
+            || self.cfg.train.max_steps.is_some_and(|m| self.round >= m)
+    }
+
+    /// Runs until every sender is gone or a shutdown was handled.
+    pub(crate) fn run(mut self, rx: mpsc::Receiver<Msg>) -> Outcome {
+        if self.plan_done() {
+            self.finish();
+        }
+        loop {
+            match rx.recv_timeout(Duration::from_millis(20)) {
+                Ok(msg) => self.handle(msg),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+            self.tick();
+            if self.stop {
+                break;
+            }
+        }
+        for h in self.background.drain(..) {
+            let _ = h.join();
+        }
+        Outcome {
+            rounds: self.round,
+            finished: self.finished,
+            last_eval: self
+                .last_eval
+                .lock()
+                .ok()
+                .and_then(|e| e.as_ref().map(|(_, r)| r.clone())),
+            checkpoint: self.last_checkpoint.lock().ok().and_then(|c| c.clone()),
+        }
+    }
+
+    fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Join {
+                name,
+                rank_hint,
+                reply,
+            } => {
+                let _ = reply.send(self.join(name, rank_hint));
+            }
+            Msg::Pull {
+                worker_id,
+                after_round,
+                reply,
+            } => {
+                let _ = reply.send(self.pull(&worker_id, after_round));
+            }
+            Msg::Submit {
+                worker_id,
+                round,
+                samples,
+                loss,
+                data,
+                reply,
+            } => {
+                let _ = reply.send(self.submit(&worker_id, round, samples, loss, data));
+            }
+            Msg::Touch { worker_id, reply } => {
+                let r = self.worker_mut(&worker_id).map(|w| {
+                    w.last_seen = Instant::now();
+                    w.state
+                });
+                let _ = reply.send(r.map(|s| (self.round, s)));
+            }
+            Msg::Leave { worker_id, reply } => {
+                let r = self.worker_mut(&worker_id).map(|w| {
+                    w.state = WorkerState::Left;
+                });
+                if r.is_ok() {
+                    tracing::info!(worker = %worker_id, "worker left");
+                }
+                let _ = reply.send(r);
+            }
+            Msg::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+            Msg::Shutdown { reply } => {
+                tracing::info!(round = self.round, "shutting down: writing a checkpoint");
+                let r = self.checkpoint_now(true);
+                for h in self.background.drain(..) {
+                    let _ = h.join();
+                }
+                self.stop = true;
+                let _ = reply.send(r);
+            }
+        }
+    }
+
+    fn worker_mut(&mut self, id: &str) -> Result<&mut Worker> {
+        let name = self
+            .names
+            .get(id)
+            .ok_or_else(|| CoordinatorError::UnknownWorker(id.into()))?;
+        match self.workers.get_mut(name) {
+            Some(w) if w.id == id => Ok(w),
+            // The name rejoined under a new id: this one is gone.
+            _ => Err(CoordinatorError::UnknownWorker(id.into())),
+        }
+    }
+
+    fn join(&mut self, name: String, rank_hint: Option<u32>) -> Result<pb::JoinResponse> {
+        if name.is_empty() || name.len() > 253 {
+            return Err(CoordinatorError::BadUpdate(
+                "worker name must be 1 to 253 characters".into(),
+            ));
+        }
+        self.next_id += 1;
+        let id = format!("{}-{}", self.id_prefix, self.next_id);
+        let in_plan = self
+            .plan
+            .as_ref()
+            .is_some_and(|p| p.member_index(&name).is_some());
+        let state = if in_plan && !self.finished {
+            WorkerState::Healthy
+        } else {
+            WorkerState::Joining
+        };
+        let rank = match self.workers.get(&name) {
+            Some(w) => {
+                self.names.remove(&w.id);
+                w.rank
+            }
+            None => {
+                let taken: Vec<u32> = self.workers.values().map(|w| w.rank).collect();
+                match rank_hint {
+                    Some(r) if !taken.contains(&r) => r,
+                    _ => (0..).find(|r| !taken.contains(r)).unwrap_or(0),
+                }
+            }
+        };
+        tracing::info!(worker = %id, %name, rank, state = ?state, "worker joined");
+        self.names.insert(id.clone(), name.clone());
+        self.workers.insert(
+            name,
+            Worker {
+                id: id.clone(),
+                rank,
+                state,
+                last_seen: Instant::now(),
+                last_round: self.round,
+            },
+        );
+        self.first_join.get_or_insert_with(Instant::now);
+        Ok(pb::JoinResponse {
+            worker_id: id,
+            rank,
+            config: Some(self.run_msg.clone()),
+            round: self.round,
+        })
+    }
+
+    fn published_now(&self) -> Arc<Published> {
+        self.published.borrow().clone()
+    }
+
+    fn pull(&mut self, id: &str, after_round: Option<u64>) -> Result<PullReply> {
+        let (round, finished) = (self.round, self.finished);
+        let w = self.worker_mut(id)?;
+        w.last_seen = Instant::now();
+        let name = self.names.get(id).cloned().unwrap_or_default();
+        if finished {
+            let order = pb::WorkOrder {
+                round,
+                finished: true,
+                ..Default::default()
+            };
+            return Ok(PullReply::Ready(order, self.published_now()));
+        }
+        let Some(plan) = &self.plan else {
+            return Ok(PullReply::Wait);
+        };
+        if after_round.is_some_and(|a| a >= round) {
+            return Ok(PullReply::Wait);
+        }
+        let member = plan.member_index(&name);
+        let range = member
+            .map(|k| plan.work(k, self.round_in_epoch))
+            .unwrap_or(0..0);
+        let done = member.is_some_and(|k| self.updates.contains_key(&k));
+        if member.is_some() {
+            // Back at work after a missed deadline: expected again from this round on.
+            if let Some(w) = self.workers.get_mut(&name) {
+                if w.state == WorkerState::Unhealthy {
+                    tracing::info!(worker = %id, "worker is back");
+                    w.state = WorkerState::Healthy;
+                }
+            }
+        }
+        let order = pb::WorkOrder {
+            round,
+            epoch: self.epoch,
+            start: range.start as u64,
+            end: range.end as u64,
+            participate: !range.is_empty() && !done,
+            finished: false,
+        };
+        Ok(PullReply::Ready(order, self.published_now()))
+    }
+
+    fn submit(
+        &mut self,
+        id: &str,
+        round: u64,
+        samples: u64,
+        loss: f64,
+        data: Vec<f32>,
+    ) -> Result<u64> {
+        let current = self.round;
+        self.worker_mut(id)?.last_seen = Instant::now();
+        if self.finished {
+            return Err(CoordinatorError::Finished);
+        }
+        if round != current {
+            return Err(CoordinatorError::StaleRound {
+                got: round,
+                current,
+            });
+        }
+        let name = self.names.get(id).cloned().unwrap_or_default();
+        let plan = self
+            .plan
+            .as_ref()
+            .ok_or_else(|| CoordinatorError::NotMember(id.into()))?;
+        let k = plan
+            .member_index(&name)
+            .ok_or_else(|| CoordinatorError::NotMember(id.into()))?;
+        if self.updates.contains_key(&k) {
+            return Err(CoordinatorError::Duplicate(id.into(), round));
+        }
+        let want = plan.work(k, self.round_in_epoch).len() as u64;
+        if samples != want || samples == 0 {
+            return Err(CoordinatorError::BadUpdate(format!(
+                "update covers {samples} samples, this round's work order has {want}"
+            )));
+        }
+        if data.len() != self.params.data.len() {
+            return Err(CoordinatorError::BadUpdate(format!(
+                "update has {} floats, the model has {}",
+                data.len(),
+                self.params.data.len()
+            )));
+        }
+        if let Some(w) = self.workers.get_mut(&name) {
+            w.state = WorkerState::Healthy;
+            w.last_round = round;
+        }
+        self.first_update.get_or_insert_with(Instant::now);
+        self.updates.insert(
+            k,
+            Update {
+                samples,
+                loss,
+                data,
+            },
+        );
+        Ok(round)
+    }
+
+    fn status(&self) -> pb::StatusResponse {
+        pb::StatusResponse {
+            round: self.round,
+            epoch: self.epoch,
+            workers: self
+                .workers
+                .iter()
+                .map(|(name, w)| pb::WorkerStatus {
+                    worker_id: w.id.clone(),
+                    name: name.clone(),
+                    rank: w.rank,
+                    state: w.state as i32,
+                    last_round: w.last_round,
+                })
+                .collect(),
+            finished: self.finished,
+            last_eval: self.last_eval.lock().ok().and_then(|e| {
+                e.as_ref().map(|(round, r)| pb::EvalResult {
+                    round: *round,
+                    accuracy: r.accuracy,
+                    margin_loss: r.margin_loss,
+                    reconstruction_loss: r.reconstruction_loss,
+                    samples: r.samples as u64,
+                })
+            }),
+        }
+    }
+
+    fn tick(&mut self) {
+        if self.finished || self.stop {
+            return;
+        }
+        let now = Instant::now();
+        // Workers whose heartbeats stopped.
+        let limit = 3 * self.cfg.heartbeat;
+        for (name, w) in self.workers.iter_mut() {
+            if matches!(w.state, WorkerState::Healthy | WorkerState::Joining)
+                && now - w.last_seen > limit
+            {
+                tracing::warn!(worker = %w.id, %name, "no heartbeat for {:?}: unhealthy", now - w.last_seen);
+                w.state = WorkerState::Unhealthy;
+            }
+        }
+        if self.plan.is_none() {
+            self.maybe_start(now);
+            return;
+        }
+        let Some(plan) = &self.plan else { return };
+        let expected: Vec<usize> = plan
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(k, name)| {
+                self.workers
+                    .get(*name)
+                    .is_some_and(|w| w.state == WorkerState::Healthy)
+                    && !plan.work(*k, self.round_in_epoch).is_empty()
+            })
+            .map(|(k, _)| k)
+            .collect();
+        let all_in =
+            !self.updates.is_empty() && expected.iter().all(|k| self.updates.contains_key(k));
+        let deadline = now - self.round_started >= self.cfg.round_timeout;
+        if all_in && self.updates.len() >= self.cfg.min_workers.min(expected.len().max(1)) {
+            self.close_round();
+        } else if deadline && self.updates.len() >= self.cfg.min_workers {
+            let missing: Vec<String> = expected
+                .iter()
+                .filter(|k| !self.updates.contains_key(k))
+                .map(|&k| plan.members[k].clone())
+                .collect();
+            for name in &missing {
+                if let Some(w) = self.workers.get_mut(name) {
+                    tracing::warn!(worker = %w.id, %name, round = self.round, "missed the round deadline: unhealthy");
+                    w.state = WorkerState::Unhealthy;
+                }
+            }
+            self.close_round();
+        } else if deadline && !self.waiting_logged {
+            tracing::warn!(
+                round = self.round,
+                updates = self.updates.len(),
+                min_workers = self.cfg.min_workers,
+                "round deadline passed with too few updates; waiting for workers"
+            );
+            self.waiting_logged = true;
+        }
+    }
+
+    fn maybe_start(&mut self, now: Instant) {
+        let ready: Vec<(u32, String)> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| matches!(w.state, WorkerState::Joining | WorkerState::Healthy))
+            .map(|(n, w)| (w.rank, n.clone()))
+            .collect();
+        let waited = self
+            .first_join
+            .is_some_and(|t| now - t >= self.cfg.start_timeout);
+        if ready.len() >= self.cfg.expect_workers || (waited && ready.len() >= self.cfg.min_workers)
+        {
+            self.start_epoch();
+        }
+    }
+
+    /// Plans the current epoch with every live worker, in rank order.
+    fn start_epoch(&mut self) {
+        let mut live: Vec<(u32, String)> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| matches!(w.state, WorkerState::Joining | WorkerState::Healthy))
+            .map(|(n, w)| (w.rank, n.clone()))
+            .collect();
+        live.sort();
+        for (_, n) in &live {
+            if let Some(w) = self.workers.get_mut(n) {
+                w.state = WorkerState::Healthy;
+            }
+        }
+        let per_round = self.cfg.train.batch_size * self.cfg.sync_every;
+        let plan = EpochPlan::new(
+            self.epoch,
+            live.into_iter().map(|(_, n)| n).collect(),
+            self.n_train,
+            per_round,
+        );
+        if self.round_in_epoch >= plan.rounds {
+            self.round_in_epoch = 0;
+        }
+        tracing::info!(epoch = self.epoch, members = ?plan.members, rounds = plan.rounds, "epoch planned");
+        self.plan = Some(plan);
+        self.round_started = Instant::now();
+        self.waiting_logged = false;
+    }
+
+    /// Averages the updates (weighted by samples, in member order, so the result does not
+    /// depend on arrival order), applies them and opens the next round.
+    fn close_round(&mut self) {
+        let t0 = Instant::now();
+        let updates = std::mem::take(&mut self.updates);
+        let total: u64 = updates.values().map(|u| u.samples).sum();
+        let weights: Vec<(f32, &[f32])> = updates
+            .values()
+            .map(|u| ((u.samples as f64 / total as f64) as f32, u.data.as_slice()))
+            .collect();
+        let loss = updates
+            .values()
+            .map(|u| u.loss * u.samples as f64)
+            .sum::<f64>()
+            / total as f64;
+        let mut avg = vec![0.0f32; self.params.data.len()];
+        const CHUNK: usize = 1 << 14;
+        avg.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+            let (base, len) = (c * CHUNK, out.len());
+            for (w, data) in &weights {
+                for (o, x) in out.iter_mut().zip(&data[base..base + len]) {
+                    *o += w * x;
+                }
+            }
+        });
+        match self.cfg.sync_mode {
+            SyncMode::Params => self.params.data = avg,
+            _ => {
+                if let Err(e) = self.adam.update(&mut self.params.data, &avg) {
+                    tracing::error!(error = %e, "optimizer update failed");
+                }
+            }
+        }
+        let reduce_s = t0.elapsed().as_secs_f64();
+        let round_s = (t0 - self.round_started).as_secs_f64();
+        let sync_s = self.first_update.map_or(0.0, |f| (t0 - f).as_secs_f64()) + reduce_s;
+        self.samples_seen += total;
+        let workers = updates.len();
+        let closed = self.round;
+        self.round += 1;
+        self.round_in_epoch += 1;
+        let lr = self.adam.config.lr_at(self.adam.step.saturating_sub(1));
+        if let Ok(mut m) = self.metrics.lock() {
+            m.write(serde_json::json!({
+                "kind": "round", "round": closed, "epoch": self.epoch, "samples_seen": self.samples_seen,
+                "train_loss": loss, "workers": workers, "images_per_s": total as f64 / round_s.max(1e-9),
+                "round_s": round_s, "sync_s": sync_s, "lr": lr,
+            }));
+        }
+        if (closed + 1) % self.cfg.train.log_every == 0 {
+            tracing::info!(
+                round = closed,
+                epoch = self.epoch,
+                loss,
+                workers,
+                round_s,
+                sync_s,
+                "round closed"
+            );
+        } else {
+            tracing::debug!(
+                round = closed,
+                epoch = self.epoch,
+                loss,
+                workers,
+                round_s,
+                sync_s,
+                "round closed"
+            );
+        }
+        let epoch_end = self
+            .plan
+            .as_ref()
+            .is_some_and(|p| self.round_in_epoch >= p.rounds);
+        if epoch_end {
+            self.epoch += 1;
+            self.round_in_epoch = 0;
+        }
+        if self.plan_done() {
+            self.finish();
+            return;
+        }
+        let every = self.cfg.eval_every;
+        if epoch_end || (every > 0 && self.round % every == 0) {
+            self.spawn_eval();
+            let _ = self.checkpoint_now(false);
+        } else if self.cfg.train.checkpoint_every > 0
+            && self.round % self.cfg.train.checkpoint_every == 0
+        {
+            let _ = self.checkpoint_now(false);
+        }
+        if epoch_end {
+            self.start_epoch();
+        }
+        self.first_update = None;
+        self.round_started = Instant::now();
+        self.waiting_logged = false;
+        self.publish();
+    }
+
+    fn position(&self) -> DataPosition {
+        DataPosition {
+            epoch: self.epoch,
+            offset: self.round_in_epoch,
+        }
+    }
+
+    /// Writes a checkpoint of the state after the last closed round; in the background unless
+    /// `wait`.
+    fn checkpoint_now(&mut self, wait: bool) -> Result<Option<PathBuf>> {
+        let ck = Checkpoint {
+            config: self.cfg.train.model.clone(),
+            params: self.params.clone(),
+            adam: (self.cfg.sync_mode == SyncMode::Grad).then(|| self.adam.clone()),
+            step: self.round,
+            position: self.position(),
+        };
+        let (ckpt, last) = (self.checkpointer.clone(), self.last_checkpoint.clone());
+        let write = move || -> Result<Option<PathBuf>> {
+            let guard = ckpt
+                .lock()
+                .map_err(|_| CoordinatorError::Io("checkpointer poisoned".into()))?;
+            let path = guard.save(&ck)?;
+            tracing::info!(path = %path.display(), "checkpoint written");
+            if let Ok(mut l) = last.lock() {
+                *l = Some(path.clone());
+            }
+            Ok(Some(path))
+        };
+        if wait {
+            write()
+        } else {
+            self.background.push(std::thread::spawn(move || {
+                if let Err(e) = write() {
+                    tracing::error!(error = %e, "checkpoint failed");
+                }
+            }));
+            Ok(None)
+        }
+    }
+
+    fn eval_job(&self) -> impl FnOnce() + Send + 'static {
+        let (model, params, test) = (self.model.clone(), self.params.clone(), self.test.clone());
+        let (metrics, last) = (self.metrics.clone(), self.last_eval.clone());
+        let (round, epoch, bs, threads) = (
+            self.round,
+            self.epoch,
+            self.cfg.train.eval_batch_size,
+            self.cfg.train.threads,
+        );
+        move || {
+            let t = Instant::now();
+            let pool = match rayon::ThreadPoolBuilder::new().num_threads(threads).build() {
+                Ok(p) => p,
+                Err(e) => return tracing::error!(error = %e, "evaluation pool"),
+            };
+            let mut ws = Workspace::new();
+            match pool.install(|| train::evaluate(&model, &params, &test, bs, &mut ws)) {
+                Ok(e) => {
+                    tracing::info!(
+                        round,
+                        accuracy = e.accuracy,
+                        margin = e.margin_loss,
+                        "evaluated"
+                    );
+                    if let Ok(mut m) = metrics.lock() {
+                        m.write(serde_json::json!({
+                            "kind": "eval", "round": round, "epoch": epoch, "test_accuracy": e.accuracy,
+                            "test_margin_loss": e.margin_loss, "test_reconstruction_loss": e.reconstruction_loss,
+                            "samples": e.samples, "eval_s": t.elapsed().as_secs_f64(),
+                        }));
+                    }
+                    if let Ok(mut l) = last.lock() {
+                        if l.as_ref().is_none_or(|(r, _)| *r <= round) {
+                            *l = Some((round, e));
+                        }
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "evaluation failed"),
+            }
+        }
+    }
+
+    /// Evaluates on a snapshot in a background thread: rounds go on meanwhile.
+    fn spawn_eval(&mut self) {
+        let job = self.eval_job();
+        self.background.push(std::thread::spawn(job));
+    }
+
+    fn finish(&mut self) {
+        for h in self.background.drain(..) {
+            let _ = h.join();
+        }
+        tracing::info!(
+            round = self.round,
+            epoch = self.epoch,
+            "training finished: final evaluation"
+        );
+        (self.eval_job())();
+        if let Err(e) = self.checkpoint_now(true) {
+            tracing::error!(error = %e, "final checkpoint failed");
+        }
+        self.finished = true;
+        self.publish();
+    }
+}

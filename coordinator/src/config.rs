@@ -1,0 +1,92 @@
+//! The coordinator's configuration.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use capsnet_core::train::TrainConfig;
+use capsnet_proto::{Encoding, SyncMode};
+
+use crate::error::{CoordinatorError, Result};
+
+/// Certificate files for TLS; with `client_ca`, clients must present a certificate it signed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug)]
+pub struct CoordinatorConfig {
+    /// Model, optimizer, data, run dir, per-worker batch size, epochs, seed, checkpoints.
+    pub train: TrainConfig,
+    pub sync_mode: SyncMode,
+    /// Local steps per round in params mode.
+    pub sync_every: usize,
+    /// A round closes at this deadline with at least `min_workers` updates.
+    pub round_timeout: Duration,
+    pub min_workers: usize,
+    /// Training starts when this many workers joined (or `start_timeout` passed with at least
+    /// `min_workers`).
+    pub expect_workers: usize,
+    pub start_timeout: Duration,
+    /// Evaluate (and checkpoint) every this many rounds; 0: at the end of each epoch only.
+    pub eval_every: u64,
+    pub heartbeat: Duration,
+    pub wire: Encoding,
+    pub chunk_bytes: usize,
+    pub token: String,
+    pub tls: Option<TlsFiles>,
+    pub resume: bool,
+}
+
+impl CoordinatorConfig {
+    pub fn new(train: TrainConfig, token: String) -> Self {
+        CoordinatorConfig {
+            train,
+            sync_mode: SyncMode::Grad,
+            sync_every: 1,
+            round_timeout: Duration::from_secs(60),
+            min_workers: 1,
+            expect_workers: 1,
+            start_timeout: Duration::from_secs(30),
+            eval_every: 0,
+            heartbeat: Duration::from_millis(1000),
+            wire: Encoding::F32,
+            chunk_bytes: capsnet_proto::wire::DEFAULT_CHUNK_BYTES,
+            token,
+            tls: None,
+            resume: false,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.train.validate()?;
+        let bad = |m: &str| Err(CoordinatorError::Config(m.into()));
+        if self.sync_mode == SyncMode::Unspecified {
+            return bad("sync mode must be grad or params");
+        }
+        if self.sync_every == 0 {
+            return bad("sync-every must be at least 1");
+        }
+        if self.sync_mode == SyncMode::Grad && self.sync_every != 1 {
+            return bad("sync-every applies to --sync params only");
+        }
+        if self.min_workers == 0 {
+            return bad("min-workers must be at least 1");
+        }
+        if self.expect_workers < self.min_workers {
+            return bad("expect-workers must be at least min-workers");
+        }
+        if self.round_timeout.is_zero() || self.heartbeat.is_zero() {
+            return bad("round timeout and heartbeat interval must be positive");
+        }
+        if self.chunk_bytes < 1024 || self.chunk_bytes > 4 << 20 {
+            return bad("chunk size must be between 1 KiB and 4 MiB");
+        }
+        if self.token.len() < 16 {
+            return bad("the token must be at least 16 characters");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,228 @@
+//! The gRPC service: streams chunks in and out, checks them, and asks the actor for the rest.
+
+use std::pin::Pin;
+use std::sync::{Arc, mpsc};
+
+use capsnet_proto::wire::{Assembler, ChunkIn};
+use capsnet_proto::{Encoding, pb};
+use futures_util::Stream;
+use tokio::sync::{oneshot, watch};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::actor::{Msg, Published, PullReply};
+use crate::error::CoordinatorError;
+
+#[derive(Clone)]
+pub(crate) struct Service {
+    pub tx: mpsc::Sender<Msg>,
+    pub published: watch::Receiver<Arc<Published>>,
+    pub num_floats: u64,
+    pub layout_hash: u64,
+    pub names: Arc<Vec<(String, std::ops::Range<usize>)>>,
+}
+
+impl Service {
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Msg) -> Result<T, Status> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(make(tx))
+            .map_err(|_| Status::from(CoordinatorError::ShuttingDown))?;
+        rx.await
+            .map_err(|_| Status::from(CoordinatorError::ShuttingDown))
+    }
+
+    /// Names a float index as `tensor[i]` for error messages.
+    fn locate(&self, i: usize) -> String {
+        match self.names.iter().find(|(_, r)| r.contains(&i)) {
+            Some((n, r)) => format!("{n}[{}]", i - r.start),
+            None => format!("float {i}"),
+        }
+    }
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ParamChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::coordinator_server::Coordinator for Service {
+    async fn join(
+        &self,
+        req: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        let r = req.into_inner();
+        let out = self
+            .ask(|reply| Msg::Join {
+                name: r.name,
+                rank_hint: r.rank_hint,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(out?))
+    }
+
+    type PullParamsStream = ChunkStream;
+
+    async fn pull_params(
+        &self,
+        req: Request<pb::PullRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
+        let r = req.into_inner();
+        let enc = match Encoding::try_from(r.encoding) {
+            Ok(Encoding::Bf16) => Encoding::Bf16,
+            Ok(_) => Encoding::F32,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown encoding {}",
+                    r.encoding
+                )));
+            }
+        };
+        let mut watch = self.published.clone();
+        let (order, snapshot) = loop {
+            // Mark the current value seen before asking, so a round published in between wakes us.
+            watch.borrow_and_update();
+            let reply = self
+                .ask(|reply| Msg::Pull {
+                    worker_id: r.worker_id.clone(),
+                    after_round: r.after_round,
+                    reply,
+                })
+                .await?;
+            match reply? {
+                PullReply::Ready(order, snapshot) => break (order, snapshot),
+                PullReply::Wait => {
+                    if watch.changed().await.is_err() {
+                        return Err(CoordinatorError::ShuttingDown.into());
+                    }
+                }
+            }
+        };
+        let chunks = snapshot.chunks(enc);
+        let total = snapshot.params.len() as u64;
+        let round = snapshot.round;
+        let n = chunks.len();
+        let mut order = Some(order);
+        let items: Vec<Result<pb::ParamChunk, Status>> = (0..n)
+            .map(|i| {
+                let c = &chunks[i];
+                Ok(pb::ParamChunk {
+                    round,
+                    offset: c.offset,
+                    total_len: total,
+                    encoding: enc as i32,
+                    payload: c.payload.clone(),
+                    crc32: c.crc32,
+                    work: order.take(),
+                    total_crc32: c.total_crc32,
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(items))))
+    }
+
+    async fn push_update(
+        &self,
+        req: Request<Streaming<pb::UpdateChunk>>,
+    ) -> Result<Response<pb::PushResponse>, Status> {
+        let mut stream = req.into_inner();
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty update stream"))?;
+        // Cheap checks before reading 33 MB: the round and the layout.
+        let current = self.published.borrow().round;
+        if first.round < current {
+            return Err(CoordinatorError::StaleRound {
+                got: first.round,
+                current,
+            }
+            .into());
+        }
+        if first.layout_hash != self.layout_hash {
+            return Err(CoordinatorError::BadUpdate(
+                "update's tensor names/shapes do not match the model (layout hash differs)".into(),
+            )
+            .into());
+        }
+        let enc = Encoding::try_from(first.encoding).unwrap_or(Encoding::Unspecified);
+        let mut asm = Assembler::new(self.num_floats, first.total_len, enc)
+            .map_err(CoordinatorError::from)?;
+        let mut data = vec![0.0f32; self.num_floats as usize];
+        let (worker_id, round, samples, loss) = (
+            first.worker_id.clone(),
+            first.round,
+            first.samples,
+            first.loss,
+        );
+        let mut next = Some(first);
+        while let Some(c) = next {
+            if c.round != round || c.worker_id != worker_id {
+                return Err(CoordinatorError::BadUpdate(
+                    "round or worker id changed mid-stream".into(),
+                )
+                .into());
+            }
+            asm.accept(ChunkIn::from_update(&c), &mut data)
+                .map_err(CoordinatorError::from)?;
+            next = stream.message().await?;
+        }
+        asm.finish().map_err(CoordinatorError::from)?;
+        if let Some(i) = data.iter().position(|x| !x.is_finite()) {
+            return Err(CoordinatorError::BadUpdate(format!(
+                "update holds a non-finite value ({}) at {}",
+                data[i],
+                self.locate(i)
+            ))
+            .into());
+        }
+        let out = self
+            .ask(|reply| Msg::Submit {
+                worker_id,
+                round,
+                samples,
+                loss,
+                data,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(pb::PushResponse { round: out? }))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let id = req.into_inner().worker_id;
+        let (round, state) = self
+            .ask(|reply| Msg::Touch {
+                worker_id: id,
+                reply,
+            })
+            .await??;
+        Ok(Response::new(pb::HeartbeatResponse {
+            round,
+            state: state as i32,
+        }))
+    }
+
+    async fn leave(
+        &self,
+        req: Request<pb::LeaveRequest>,
+    ) -> Result<Response<pb::LeaveResponse>, Status> {
+        let id = req.into_inner().worker_id;
+        self.ask(|reply| Msg::Leave {
+            worker_id: id,
+            reply,
+        })
+        .await??;
+        Ok(Response::new(pb::LeaveResponse {}))
+    }
+
+    async fn status(
+        &self,
+        _req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        Ok(Response::new(
+            self.ask(|reply| Msg::Status { reply }).await?,
+        ))
+    }
+}

@@ -1,0 +1,364 @@
+//! Tensors on the wire: a flat `f32` vector cut into chunks of at most `chunk_bytes`, each
+//! addressed by its float offset, encoded as f32 or bf16, with a CRC-32 per chunk and one over
+//! the whole stream.
+
+use std::ops::Range;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::{Encoding, ProtoError, Result};
+
+/// Default chunk payload: 1 MiB, far below gRPC's 4 MiB message limit.
+pub const DEFAULT_CHUNK_BYTES: usize = 1 << 20;
+
+pub fn bytes_per_float(enc: Encoding) -> usize {
+    if enc == Encoding::Bf16 { 2 } else { 4 }
+}
+
+/// Round-to-nearest-even f32 -> bf16 (NaN stays NaN).
+#[inline]
+pub fn f32_to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    let rounding = 0x7FFF + ((b >> 16) & 1);
+    (b.wrapping_add(rounding) >> 16) as u16
+}
+
+#[inline]
+pub fn bf16_to_f32(h: u16) -> f32 {
+    f32::from_bits(u32::from(h) << 16)
+}
+
+/// Float ranges of the chunks of a `total`-float vector.
+pub fn chunk_ranges(
+    total: usize,
+    enc: Encoding,
+    chunk_bytes: usize,
+) -> impl Iterator<Item = Range<usize>> {
+    let per = (chunk_bytes / bytes_per_float(enc)).max(1);
+    (0..total.div_ceil(per)).map(move |i| i * per..((i + 1) * per).min(total))
+}
+
+/// Encodes floats as a payload.
+pub fn encode(values: &[f32], enc: Encoding) -> Bytes {
+    let mut b = BytesMut::with_capacity(values.len() * bytes_per_float(enc));
+    match enc {
+        Encoding::Bf16 => values.iter().for_each(|&x| b.put_u16_le(f32_to_bf16(x))),
+        _ => values.iter().for_each(|&x| b.put_f32_le(x)),
+    }
+    b.freeze()
+}
+
+/// Decodes a payload into `out` (whose length must match).
+pub fn decode_into(payload: &[u8], enc: Encoding, out: &mut [f32]) -> Result<()> {
+    let n = bytes_per_float(enc);
+    if payload.len() != out.len() * n {
+        return Err(ProtoError::Invalid(format!(
+            "payload of {} bytes does not hold {} floats of {n} bytes",
+            payload.len(),
+            out.len()
+        )));
+    }
+    match enc {
+        Encoding::Bf16 => {
+            for (o, c) in out.iter_mut().zip(payload.chunks_exact(2)) {
+                *o = bf16_to_f32(u16::from_le_bytes([c[0], c[1]]));
+            }
+        }
+        _ => {
+            for (o, c) in out.iter_mut().zip(payload.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn crc32(payload: &[u8]) -> u32 {
+    crc32fast::hash(payload)
+}
+
+/// One encoded chunk, before it is put in a message.
+#[derive(Clone, Debug)]
+pub struct EncodedChunk {
+    pub offset: u64,
+    pub payload: Bytes,
+    pub crc32: u32,
+    /// Set on the last chunk: CRC-32 of all payloads in order.
+    pub total_crc32: Option<u32>,
+}
+
+/// Cuts `values` into encoded chunks with their checksums.
+pub fn encode_chunks(values: &[f32], enc: Encoding, chunk_bytes: usize) -> Vec<EncodedChunk> {
+    let mut total = crc32fast::Hasher::new();
+    let ranges: Vec<Range<usize>> = chunk_ranges(values.len(), enc, chunk_bytes).collect();
+    let n = ranges.len();
+    ranges
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let payload = encode(&values[r.clone()], enc);
+            total.update(&payload);
+            EncodedChunk {
+                offset: r.start as u64,
+                crc32: crc32(&payload),
+                payload,
+                total_crc32: (i + 1 == n).then(|| total.clone().finalize()),
+            }
+        })
+        .collect()
+}
+
+/// One received chunk, as the assembler checks it.
+#[derive(Clone, Copy, Debug)]
+pub struct ChunkIn<'a> {
+    pub offset: u64,
+    pub total: u64,
+    pub encoding: Encoding,
+    pub payload: &'a [u8],
+    pub crc32: u32,
+    pub total_crc32: Option<u32>,
+}
+
+impl<'a> ChunkIn<'a> {
+    pub fn from_update(c: &'a crate::pb::UpdateChunk) -> Self {
+        ChunkIn {
+            offset: c.offset,
+            total: c.total_len,
+            encoding: Encoding::try_from(c.encoding).unwrap_or(Encoding::Unspecified),
+            payload: &c.payload,
+            crc32: c.crc32,
+            total_crc32: c.total_crc32,
+        }
+    }
+
+    pub fn from_params(c: &'a crate::pb::ParamChunk) -> Self {
+        ChunkIn {
+            offset: c.offset,
+            total: c.total_len,
+            encoding: Encoding::try_from(c.encoding).unwrap_or(Encoding::Unspecified),
+            payload: &c.payload,
+            crc32: c.crc32,
+            total_crc32: c.total_crc32,
+        }
+    }
+}
+
+/// Checks a chunk stream as it arrives and decodes it into a buffer: chunks must come in
+/// order without gaps or overlaps, agree on the total length and encoding, match their CRC,
+/// and the last one must carry the CRC of the whole stream.
+#[derive(Debug)]
+pub struct Assembler {
+    total: u64,
+    enc: Encoding,
+    next: u64,
+    crc: crc32fast::Hasher,
+    done: bool,
+}
+
+impl Assembler {
+    /// `expected_total`: the number of floats the receiver's model has.
+    pub fn new(expected_total: u64, first_total: u64, enc: Encoding) -> Result<Self> {
+        if first_total != expected_total {
+            return Err(ProtoError::Size {
+                expected: expected_total,
+                got: first_total,
+            });
+        }
+        if enc == Encoding::Unspecified {
+            return Err(ProtoError::Invalid("encoding unspecified".into()));
+        }
+        Ok(Assembler {
+            total: expected_total,
+            enc,
+            next: 0,
+            crc: crc32fast::Hasher::new(),
+            done: false,
+        })
+    }
+
+    /// Checks one chunk and decodes it into `out[offset..]` (the whole vector's buffer).
+    pub fn accept(&mut self, chunk: ChunkIn<'_>, out: &mut [f32]) -> Result<()> {
+        let ChunkIn {
+            offset,
+            total,
+            encoding: enc,
+            payload,
+            crc32: chunk_crc,
+            total_crc32: total_crc,
+        } = chunk;
+        let err = |reason: String| ProtoError::Chunk { offset, reason };
+        if self.done {
+            return Err(err("chunk after the last one".into()));
+        }
+        if total != self.total {
+            return Err(ProtoError::Size {
+                expected: self.total,
+                got: total,
+            });
+        }
+        if enc != self.enc {
+            return Err(err(format!(
+                "encoding changed mid-stream from {:?} to {enc:?}",
+                self.enc
+            )));
+        }
+        if offset != self.next {
+            return Err(err(format!("expected the chunk at offset {}", self.next)));
+        }
+        let bpf = bytes_per_float(enc) as u64;
+        if payload.is_empty() || payload.len() as u64 % bpf != 0 {
+            return Err(err(format!(
+                "payload of {} bytes is not a whole number of floats",
+                payload.len()
+            )));
+        }
+        let n = payload.len() as u64 / bpf;
+        if offset + n > self.total {
+            return Err(err(format!("{n} floats run past the end ({})", self.total)));
+        }
+        let got = crc32(payload);
+        if got != chunk_crc {
+            return Err(ProtoError::Checksum {
+                what: format!("in the chunk at offset {offset}"),
+                sent: chunk_crc,
+                got,
+            });
+        }
+        decode_into(
+            payload,
+            enc,
+            &mut out[offset as usize..(offset + n) as usize],
+        )?;
+        self.crc.update(payload);
+        self.next = offset + n;
+        if self.next == self.total {
+            let sent =
+                total_crc.ok_or_else(|| err("last chunk carries no total checksum".into()))?;
+            let got = self.crc.clone().finalize();
+            if sent != got {
+                return Err(ProtoError::Checksum {
+                    what: "over the whole tensor".into(),
+                    sent,
+                    got,
+                });
+            }
+            self.done = true;
+        } else if total_crc.is_some() {
+            return Err(err("total checksum on a chunk that is not the last".into()));
+        }
+        Ok(())
+    }
+
+    /// Whether every float arrived and checked out.
+    pub fn finish(&self) -> Result<()> {
+        if self.done {
+            Ok(())
+        } else {
+            Err(ProtoError::Size {
+                expected: self.total,
+                got: self.next,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize) -> Vec<f32> {
+        (0..n).map(|i| (i as f32 * 0.37).sin() * 3.0).collect()
+    }
+
+    fn assemble(chunks: &[EncodedChunk], total: u64, enc: Encoding) -> Result<Vec<f32>> {
+        let mut out = vec![0.0; total as usize];
+        let mut a = Assembler::new(total, total, enc)?;
+        for c in chunks {
+            let chunk = ChunkIn {
+                offset: c.offset,
+                total,
+                encoding: enc,
+                payload: &c.payload,
+                crc32: c.crc32,
+                total_crc32: c.total_crc32,
+            };
+            a.accept(chunk, &mut out)?;
+        }
+        a.finish()?;
+        Ok(out)
+    }
+
+    #[test]
+    fn f32_round_trip_is_exact_and_chunks_respect_the_size() {
+        let v = values(1000);
+        let chunks = encode_chunks(&v, Encoding::F32, 400);
+        assert_eq!(chunks.len(), 10);
+        assert!(chunks.iter().all(|c| c.payload.len() <= 400));
+        assert_eq!(assemble(&chunks, 1000, Encoding::F32).unwrap(), v);
+    }
+
+    #[test]
+    fn bf16_rounds_to_nearest_even_within_its_precision() {
+        assert_eq!(bf16_to_f32(f32_to_bf16(1.0)), 1.0);
+        assert!(bf16_to_f32(f32_to_bf16(f32::NAN)).is_nan());
+        assert_eq!(bf16_to_f32(f32_to_bf16(f32::INFINITY)), f32::INFINITY);
+        // 1 + 2^-8 is exactly halfway between two bf16 values: ties go to even (1.0).
+        assert_eq!(bf16_to_f32(f32_to_bf16(1.0 + 1.0 / 256.0)), 1.0);
+        let v = values(333);
+        let back = assemble(&encode_chunks(&v, Encoding::Bf16, 64), 333, Encoding::Bf16).unwrap();
+        for (a, b) in v.iter().zip(&back) {
+            assert!((a - b).abs() <= a.abs() / 256.0, "{a} {b}");
+        }
+    }
+
+    #[test]
+    fn corrupt_missing_reordered_and_oversized_streams_are_rejected() {
+        let v = values(100);
+        let chunks = encode_chunks(&v, Encoding::F32, 80);
+        // A flipped byte.
+        let mut bad = chunks.clone();
+        let mut p = bad[1].payload.to_vec();
+        p[3] ^= 0x10;
+        bad[1].payload = Bytes::from(p);
+        assert!(matches!(
+            assemble(&bad, 100, Encoding::F32),
+            Err(ProtoError::Checksum { .. })
+        ));
+        // A missing chunk.
+        let mut bad = chunks.clone();
+        bad.remove(2);
+        assert!(matches!(
+            assemble(&bad, 100, Encoding::F32),
+            Err(ProtoError::Chunk { .. })
+        ));
+        // Swapped chunks.
+        let mut bad = chunks.clone();
+        bad.swap(0, 1);
+        assert!(assemble(&bad, 100, Encoding::F32).is_err());
+        // Truncated stream.
+        let bad = &chunks[..chunks.len() - 1];
+        assert!(matches!(
+            assemble(bad, 100, Encoding::F32),
+            Err(ProtoError::Size { .. })
+        ));
+        // Wrong total.
+        assert!(matches!(
+            Assembler::new(100, 99, Encoding::F32),
+            Err(ProtoError::Size {
+                expected: 100,
+                got: 99
+            })
+        ));
+        // A forged total checksum.
+        let mut bad = chunks;
+        let last = bad.len() - 1;
+        bad[last].total_crc32 = Some(0);
+        assert!(matches!(
+            assemble(&bad, 100, Encoding::F32),
+            Err(ProtoError::Checksum { .. })
+        ));
+    }
+}

@@ -1,0 +1,262 @@
+//! `capsnet bench sync`: full gradient-sync rounds (every worker pushes its update, the
+//! coordinator reduces and applies it, every worker pulls the new parameters) through a real
+//! coordinator on loopback, with synthetic workers that compute nothing.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use capsnet_core::CapsNetConfig;
+use capsnet_core::train::TrainConfig;
+use capsnet_proto::{Encoding, RunSettings, pb};
+use capsnet_worker::Client;
+use clap::Args;
+
+use crate::{ModelSize, WireArg};
+
+#[derive(Args)]
+pub struct BenchSyncArgs {
+    /// Worker counts to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    workers: Vec<usize>,
+    /// Wire encodings to measure.
+    #[arg(long, value_delimiter = ',', value_enum, default_value = "f32,bf16")]
+    wire: Vec<WireArg>,
+    /// Timed rounds per setting.
+    #[arg(long, default_value_t = 10)]
+    rounds: usize,
+    /// Untimed rounds first.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Tensor size: the paper's model (8,215,568 floats) or the tiny one.
+    #[arg(long, value_enum, default_value = "paper")]
+    model: ModelSize,
+    #[arg(long, default_value_t = 1 << 20)]
+    chunk_bytes: usize,
+    /// Also write the rows as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(serde::Serialize)]
+struct Row {
+    workers: usize,
+    wire: &'static str,
+    floats: usize,
+    median_ms: f64,
+    min_ms: f64,
+    max_ms: f64,
+    mb_per_s_per_worker: f64,
+    mb_per_s_coordinator: f64,
+}
+
+/// Per round: the earliest push start and the latest end of the next pull, over all workers.
+type Spans = Arc<Mutex<BTreeMap<u64, (Instant, Instant)>>>;
+
+async fn synthetic_worker(url: String, token: String, rank: usize, spans: Spans) -> Result<()> {
+    let mut client = Client::connect(&url, &token, None).await?;
+    let joined = client
+        .rpc()
+        .join(pb::JoinRequest {
+            name: format!("synthetic-{rank}"),
+            rank_hint: Some(rank as u32),
+        })
+        .await?
+        .into_inner();
+    let s = RunSettings::try_from(joined.config.unwrap_or_default())?;
+    let id = joined.worker_id;
+    let total = s.layout().total();
+    let update: Vec<f32> = (0..total)
+        .map(|i| ((i % 97) as f32 - 48.0) * 1e-4)
+        .collect();
+    let mut after = None;
+    let mut pushed: Option<(u64, Instant)> = None;
+    loop {
+        let pulled = capsnet_worker::pull(&mut client, &id, after, s.wire, total as u64).await?;
+        let now = Instant::now();
+        if let Some((round, start)) = pushed.take() {
+            let mut m = spans.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+            let e = m.entry(round).or_insert((start, now));
+            e.0 = e.0.min(start);
+            e.1 = e.1.max(now);
+        }
+        let o = pulled.order;
+        if o.finished {
+            let _ = client
+                .rpc()
+                .leave(pb::LeaveRequest {
+                    worker_id: id.clone(),
+                })
+                .await;
+            return Ok(());
+        }
+        after = Some(o.round);
+        if !o.participate {
+            continue;
+        }
+        let start = Instant::now();
+        capsnet_worker::push(&mut client, &id, &s, o.round, o.end - o.start, 0.0, &update).await?;
+        pushed = Some((o.round, start));
+    }
+}
+
+fn measure(
+    workers: usize,
+    wire: Encoding,
+    a: &BenchSyncArgs,
+    model: &CapsNetConfig,
+) -> Result<Row> {
+    let tmp = std::env::temp_dir().join(format!(
+        "capsnet-bench-sync-{}-{workers}-{}",
+        std::process::id(),
+        wire as i32
+    ));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let data = tmp.join("data");
+    let rounds = a.warmup + a.rounds + 1;
+    capsnet_core::data::write_synthetic(
+        &data,
+        workers * (rounds + 2),
+        2,
+        model.image_size,
+        model.classes,
+        1,
+    )?;
+    let train = TrainConfig {
+        model: model.clone(),
+        data_dir: data,
+        run_dir: tmp.join("run"),
+        batch_size: 1,
+        max_steps: Some(rounds as u64),
+        threads: 1,
+        max_shift: 0,
+        keep_checkpoints: 1,
+        eval_batch_size: 2,
+        ..TrainConfig::default()
+    };
+    let token = "bench-sync-token-0123456789".to_string();
+    let mut cfg = capsnet_coordinator::CoordinatorConfig::new(train, token.clone());
+    cfg.expect_workers = workers;
+    cfg.min_workers = workers;
+    cfg.wire = wire;
+    cfg.chunk_bytes = a.chunk_bytes;
+    cfg.heartbeat = Duration::from_millis(200);
+    let spans: Spans = Arc::default();
+    let rt = crate::runtime()?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let server = tokio::spawn(capsnet_coordinator::serve(
+            listener,
+            cfg,
+            std::future::pending(),
+        ));
+        let mut tasks = vec![];
+        for rank in 0..workers {
+            tasks.push(tokio::spawn(synthetic_worker(
+                url.clone(),
+                token.clone(),
+                rank,
+                spans.clone(),
+            )));
+        }
+        for t in tasks {
+            t.await.context("worker task")??;
+        }
+        server.await.context("coordinator task")??;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    let _ = std::fs::remove_dir_all(&tmp);
+    let spans = spans.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let mut ms: Vec<f64> = spans
+        .iter()
+        .skip(a.warmup)
+        .take(a.rounds)
+        .map(|(_, (s, e))| (*e - *s).as_secs_f64() * 1e3)
+        .collect();
+    if ms.is_empty() {
+        bail!("no rounds were timed");
+    }
+    ms.sort_by(f64::total_cmp);
+    let median = ms[ms.len() / 2];
+    let floats = capsnet_core::ParamLayout::for_config(model).total();
+    let bytes = 2.0 * floats as f64 * capsnet_proto::wire::bytes_per_float(wire) as f64;
+    let per_worker = bytes / (median / 1e3) / 1e6;
+    Ok(Row {
+        workers,
+        wire: if wire == Encoding::Bf16 {
+            "bf16"
+        } else {
+            "f32"
+        },
+        floats,
+        median_ms: median,
+        min_ms: ms[0],
+        max_ms: ms[ms.len() - 1],
+        mb_per_s_per_worker: per_worker,
+        mb_per_s_coordinator: per_worker * workers as f64,
+    })
+}
+
+/// Gloo all-reduce of the same 33 MB on loopback with PyTorch (the anchors).
+fn gloo(workers: usize) -> &'static str {
+    match workers {
+        2 => "20.5-22.7",
+        4 => "42-44",
+        _ => "-",
+    }
+}
+
+pub fn run(a: BenchSyncArgs) -> Result<()> {
+    if a.rounds == 0 || a.workers.is_empty() || a.workers.contains(&0) || a.wire.is_empty() {
+        bail!("--rounds, --workers and --wire must be non-empty and positive");
+    }
+    let model = a.model.config();
+    println!(
+        "capsnet bench sync: {} floats per update ({:.1} MB fp32), {} timed rounds after {} warm-up, loopback",
+        capsnet_core::ParamLayout::for_config(&model).total(),
+        capsnet_core::ParamLayout::for_config(&model).total() as f64 * 4.0 / 1e6,
+        a.rounds,
+        a.warmup
+    );
+    println!(
+        "round = every worker pushes its update, the coordinator averages and applies Adam, every worker pulls the result"
+    );
+    println!();
+    println!(
+        "{:>7} {:>5} {:>10} {:>9} {:>9} {:>13} {:>14}   {:<14}",
+        "workers",
+        "wire",
+        "median_ms",
+        "min_ms",
+        "max_ms",
+        "MB/s/worker",
+        "MB/s coord.",
+        "gloo ms (torch)"
+    );
+    let mut rows = vec![];
+    for &n in &a.workers {
+        for &w in &a.wire {
+            let r = measure(n, w.encoding(), &a, &model)?;
+            println!(
+                "{:>7} {:>5} {:>10.1} {:>9.1} {:>9.1} {:>13.0} {:>14.0}   {:<14}",
+                r.workers,
+                r.wire,
+                r.median_ms,
+                r.min_ms,
+                r.max_ms,
+                r.mb_per_s_per_worker,
+                r.mb_per_s_coordinator,
+                gloo(n)
+            );
+            rows.push(r);
+        }
+    }
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string_pretty(&rows)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,255 @@
+//! The `capsnet` binary end to end: real processes on a tiny network and synthetic 28x28 data.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use capsnet_core::checkpoint::{Tensor, TensorFile};
+use capsnet_core::data::write_synthetic;
+
+fn capsnet(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_capsnet"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env(
+            "OPENBLAS_CORETYPE",
+            std::env::var("OPENBLAS_CORETYPE").unwrap_or_else(|_| "Haswell".into()),
+        )
+        .output()
+        .expect("run capsnet")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn data(dir: &Path) -> String {
+    write_synthetic(dir, 64, 32, 28, 10, 5).unwrap();
+    dir.display().to_string()
+}
+
+const TINY: &[&str] = &["--model", "tiny", "--batch-size", "16", "--threads", "2"];
+
+#[test]
+fn train_then_eval_then_resume_then_grad() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = data(&tmp.path().join("data"));
+    let run = tmp.path().join("run");
+    let run_s = run.display().to_string();
+    let mut args = vec![
+        "train",
+        "--data-dir",
+        &d,
+        "--max-steps",
+        "3",
+        "--epochs",
+        "2",
+        "--run-dir",
+        &run_s,
+    ];
+    args.extend_from_slice(TINY);
+    let o = capsnet(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("test accuracy"), "{}", text(&o));
+    for f in ["config.json", "metrics.jsonl", "checkpoint-3.safetensors"] {
+        assert!(run.join(f).exists(), "{f} missing: {}", text(&o));
+    }
+
+    // The same run dir again without --resume is refused, and nothing is overwritten.
+    let o = capsnet(&args);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("--resume"), "{}", text(&o));
+
+    // Resume from config.json; only --max-steps changes.
+    let o = capsnet(&["train", "--resume", &run_s, "--max-steps", "5"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        run.join("checkpoint-5.safetensors").exists(),
+        "{}",
+        text(&o)
+    );
+
+    let ck = run.join("checkpoint-5.safetensors").display().to_string();
+    let o = capsnet(&["eval", "--checkpoint", &ck, "--data-dir", &d, "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for k in ["accuracy", "margin_loss", "reconstruction_loss", "samples"] {
+        assert!(v.get(k).is_some(), "{k} missing in {v}");
+    }
+    assert_eq!(v["samples"], 32);
+
+    // grad: a batch file in the oracle's format in, losses and every gradient out.
+    let batch = tmp.path().join("batch.safetensors");
+    let mut f = TensorFile::default();
+    f.tensors.insert(
+        "images".into(),
+        Tensor::f32(
+            vec![2, 1, 28, 28],
+            (0..2 * 784).map(|i| (i % 13) as f32 / 13.0).collect(),
+        ),
+    );
+    f.tensors.insert(
+        "labels".into(),
+        Tensor::I64 {
+            shape: vec![2],
+            data: vec![3, 7],
+        },
+    );
+    f.write(&batch).unwrap();
+    let out = tmp.path().join("grads.safetensors");
+    let o = capsnet(&[
+        "grad",
+        "--checkpoint",
+        &ck,
+        "--batch",
+        &batch.display().to_string(),
+        "--out",
+        &out.display().to_string(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let g = TensorFile::read(&out).unwrap();
+    for k in [
+        "loss.margin",
+        "loss.reconstruction",
+        "loss.total",
+        "lengths",
+        "conv1.weight.grad",
+        "digit.weight.grad",
+        "decoder.2.bias.grad",
+    ] {
+        assert!(g.tensors.contains_key(k), "{k} missing");
+    }
+    assert_eq!(g.tensors["lengths"].shape(), &[2, 10]);
+
+    // A label out of range in the batch file is named.
+    f.tensors.insert(
+        "labels".into(),
+        Tensor::I64 {
+            shape: vec![2],
+            data: vec![3, 12],
+        },
+    );
+    f.write(&batch).unwrap();
+    let o = capsnet(&[
+        "grad",
+        "--checkpoint",
+        &ck,
+        "--batch",
+        &batch.display().to_string(),
+        "--out",
+        &out.display().to_string(),
+    ]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("label 12"), "{}", text(&o));
+}
+
+#[test]
+fn bad_flags_fail_before_any_work_with_a_clear_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = data(&tmp.path().join("data"));
+    let run = tmp.path().join("run").display().to_string();
+    let cases: &[(&[&str], &str)] = &[
+        (&["--batch-size", "0"], "batch size"),
+        (&["--epochs", "0"], "epochs"),
+        (&["--lr", "-1"], "lr"),
+        (&["--routing-iters", "0"], "routing_iters"),
+        (&["--threads", "0"], "threads"),
+        (&["--batch-size", "many"], "invalid value"),
+    ];
+    for (extra, want) in cases {
+        let mut args = vec![
+            "train",
+            "--data-dir",
+            &d,
+            "--run-dir",
+            &run,
+            "--model",
+            "tiny",
+        ];
+        args.extend_from_slice(extra);
+        let o = capsnet(&args);
+        assert!(!o.status.success(), "{extra:?} was accepted");
+        assert!(
+            text(&o).contains(want),
+            "{extra:?}: expected {want:?} in {}",
+            text(&o)
+        );
+    }
+    assert!(
+        !tmp.path().join("run").exists(),
+        "a rejected run created its run dir"
+    );
+
+    // Environment variables are flags too.
+    let o = Command::new(env!("CARGO_BIN_EXE_capsnet"))
+        .args([
+            "train",
+            "--data-dir",
+            &d,
+            "--run-dir",
+            &run,
+            "--model",
+            "tiny",
+        ])
+        .env("CAPSNET_BATCH_SIZE", "0")
+        .output()
+        .unwrap();
+    assert!(
+        !o.status.success() && text(&o).contains("batch size"),
+        "{}",
+        text(&o)
+    );
+
+    // Missing data: the message names the folder.
+    let o = capsnet(&["train", "--data-dir", "/nonexistent/idx", "--run-dir", &run]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("/nonexistent/idx"), "{}", text(&o));
+}
+
+#[test]
+fn bench_train_prints_a_table_and_writes_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("bench.json");
+    let o = capsnet(&[
+        "bench",
+        "train",
+        "--model",
+        "tiny",
+        "--batch-sizes",
+        "4",
+        "--infer-batch-sizes",
+        "4",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        "--no-sgemm",
+        "--json",
+        &json.display().to_string(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("images/s") && t.contains("routing"), "{t}");
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(rows.len(), 2);
+    for k in [
+        "mode",
+        "batch",
+        "median_s",
+        "min_s",
+        "max_s",
+        "images_per_s",
+        "peak_rss_mib",
+    ] {
+        assert!(rows[0].get(k).is_some(), "{k} missing");
+    }
+    assert_eq!(rows[0]["mode"], "train");
+    assert_eq!(rows[1]["mode"], "infer");
+    assert!(rows[0]["images_per_s"].as_f64().unwrap() > 0.0);
+}

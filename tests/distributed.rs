@@ -1,0 +1,472 @@
+//! Distributed training with real processes on loopback: a tiny network, synthetic 28x28 data,
+//! seconds per test. Every process is killed when its guard drops.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use capsnet_coordinator::plan::EpochPlan;
+use capsnet_core::checkpoint::Checkpoint;
+use capsnet_core::data::{self, Split, write_synthetic};
+use capsnet_core::model::{Mask, PassOptions, Workspace};
+use capsnet_core::optim::Adam;
+use capsnet_core::train::TrainConfig;
+use capsnet_core::{CapsNet, Params};
+use common::*;
+
+fn data(dir: &Path, n_train: usize) -> std::path::PathBuf {
+    let d = dir.join("data");
+    write_synthetic(&d, n_train, 16, 28, 10, 3).unwrap();
+    d
+}
+
+/// 2 workers with batch b each in grad mode give, after 3 rounds, the parameters of one process
+/// training with batch 2b on the same samples.
+#[test]
+fn two_workers_equal_one_process_with_the_summed_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = data(tmp.path(), 64);
+    let run = tmp.path().join("run");
+    let (mut coord, url) = coordinator(
+        tmp.path(),
+        "coordinator",
+        &[
+            "--data-dir",
+            d.to_str().unwrap(),
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--model",
+            "tiny",
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "3",
+            "--max-shift",
+            "0",
+            "--seed",
+            "11",
+            "--expect-workers",
+            "2",
+            "--min-workers",
+            "2",
+            "--threads",
+            "1",
+        ],
+    );
+    let mut w0 = worker(tmp.path(), &url, 0, &d, &[]);
+    let mut w1 = worker(tmp.path(), &url, 1, &d, &[]);
+    assert!(
+        coord.wait(Duration::from_secs(120)).success(),
+        "{}",
+        coord.log_text()
+    );
+    assert!(
+        w0.wait(Duration::from_secs(30)).success(),
+        "{}",
+        w0.log_text()
+    );
+    assert!(
+        w1.wait(Duration::from_secs(30)).success(),
+        "{}",
+        w1.log_text()
+    );
+
+    // The same three steps in one process.
+    let cfg: TrainConfig =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    let model = CapsNet::new(cfg.model.clone()).unwrap();
+    let ds = data::load_split(&d, Split::Train, 10, 28).unwrap();
+    let mut params = model.init_params(cfg.seed);
+    let mut adam = Adam::new(cfg.adam.clone(), params.data.len());
+    let mut grads = Params::zeros(model.layout());
+    let mut ws = Workspace::new();
+    let plan = EpochPlan::new(0, vec!["worker-0".into(), "worker-1".into()], ds.len(), 4);
+    let perm = data::epoch_permutation(ds.len(), cfg.seed, 0);
+    for r in 0..3 {
+        let idx: Vec<usize> = plan
+            .work(0, r)
+            .chain(plan.work(1, r))
+            .map(|p| perm[p])
+            .collect();
+        assert_eq!(idx.len(), 8);
+        let batch = data::make_batch(&ds, &idx, None);
+        let opts = PassOptions {
+            mask: Mask::Label,
+            input_grad: false,
+        };
+        model
+            .forward_backward(
+                &params,
+                &batch.images,
+                &batch.labels,
+                opts,
+                &mut grads,
+                &mut ws,
+            )
+            .unwrap();
+        adam.update(&mut params.data, &grads.data).unwrap();
+    }
+    let ck = Checkpoint::load(&run.join("checkpoint-3.safetensors"), None).unwrap();
+    assert_eq!(ck.step, 3);
+    let init = model.init_params(cfg.seed);
+    let moved = params
+        .data
+        .iter()
+        .zip(&init.data)
+        .filter(|(a, b)| a != b)
+        .count();
+    assert!(
+        moved > params.data.len() / 2,
+        "the reference barely trained"
+    );
+    let worst = params
+        .data
+        .iter()
+        .zip(&ck.params.data)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    // Three Adam steps move a parameter by up to 3e-3; the two sums differ only in rounding.
+    assert!(
+        worst < 1e-5,
+        "distributed and single-process parameters differ by {worst}"
+    );
+}
+
+/// A worker killed mid-run: the round closes without it, training goes on, and the worker
+/// restarted under the same rank rejoins and contributes again. Nothing hangs.
+#[test]
+fn a_killed_worker_is_dropped_and_rejoins() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = data(tmp.path(), 512);
+    let run = tmp.path().join("run");
+    let (mut coord, url) = coordinator(
+        tmp.path(),
+        "coordinator",
+        &[
+            "--data-dir",
+            d.to_str().unwrap(),
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--model",
+            "tiny",
+            "--batch-size",
+            "2",
+            "--epochs",
+            "1000",
+            "--expect-workers",
+            "2",
+            "--min-workers",
+            "1",
+            "--round-timeout",
+            "2s",
+            "--heartbeat",
+            "200ms",
+            "--threads",
+            "1",
+            "--log-every",
+            "1000",
+        ],
+    );
+    let _w0 = worker(tmp.path(), &url, 0, &d, &[]);
+    let w1 = worker(tmp.path(), &url, 1, &d, &[]);
+    wait_for("rounds with both workers", Duration::from_secs(60), || {
+        (rounds(&run).iter().filter(|r| r["workers"] == 2).count() >= 5).then_some(())
+    });
+    w1.signal(libc::SIGKILL);
+    let killed_at = rounds(&run).len();
+    wait_for(
+        "rounds without the killed worker",
+        Duration::from_secs(30),
+        || {
+            (rounds(&run)
+                .iter()
+                .skip(killed_at)
+                .filter(|r| r["workers"] == 1)
+                .count()
+                >= 5)
+                .then_some(())
+        },
+    );
+    drop(w1);
+    let _w1 = worker(tmp.path(), &url, 1, &d, &[]);
+    let restarted_at = rounds(&run).len();
+    wait_for(
+        "rounds with the restarted worker",
+        Duration::from_secs(60),
+        || {
+            (rounds(&run)
+                .iter()
+                .skip(restarted_at)
+                .filter(|r| r["workers"] == 2)
+                .count()
+                >= 5)
+                .then_some(())
+        },
+    );
+    coord.signal(libc::SIGTERM);
+    assert!(
+        coord.wait(Duration::from_secs(30)).success(),
+        "{}",
+        coord.log_text()
+    );
+    assert!(
+        coord.log_text().contains("unhealthy"),
+        "{}",
+        coord.log_text()
+    );
+    assert!(std::fs::read_dir(&run).unwrap().any(|e| {
+        e.unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("checkpoint-")
+    }));
+}
+
+/// The coordinator killed (SIGKILL) and restarted with --resume on the same address: workers
+/// reconnect and training continues from the checkpoint's round.
+#[test]
+fn a_restarted_coordinator_resumes_and_workers_reconnect() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = data(tmp.path(), 512);
+    let run = tmp.path().join("run");
+    let r = run.to_str().unwrap().to_string();
+    let ds = d.to_str().unwrap().to_string();
+    let base = [
+        "--data-dir",
+        &ds,
+        "--run-dir",
+        &r,
+        "--model",
+        "tiny",
+        "--batch-size",
+        "2",
+        "--epochs",
+        "1000",
+        "--expect-workers",
+        "2",
+        "--heartbeat",
+        "200ms",
+        "--checkpoint-every",
+        "10",
+        "--threads",
+        "1",
+        "--log-every",
+        "1000",
+    ];
+    let (coord, url) = coordinator(tmp.path(), "coordinator", &base);
+    let _w0 = worker(tmp.path(), &url, 0, &d, &[]);
+    let _w1 = worker(tmp.path(), &url, 1, &d, &[]);
+    let ck = wait_for("a checkpoint", Duration::from_secs(60), || {
+        capsnet_core::checkpoint::latest_checkpoint(&run)
+            .ok()
+            .flatten()
+    });
+    coord.signal(libc::SIGKILL);
+    drop(coord);
+    let ck_round = capsnet_core::checkpoint::latest_checkpoint(&run)
+        .unwrap()
+        .map_or(0, |p| Checkpoint::load(&p, None).unwrap().step);
+    assert!(ck_round >= 10, "{}", ck.display());
+    let before = rounds(&run).len();
+    let addr = url.trim_start_matches("http://").to_string();
+    let mut args: Vec<&str> = base.to_vec();
+    args.extend(["--resume", "--listen", &addr]);
+    let (mut coord, _) = coordinator(tmp.path(), "coordinator-2", &args);
+    let resumed = wait_for("rounds after the restart", Duration::from_secs(60), || {
+        let r = rounds(&run);
+        (r.len() >= before + 5).then(|| r[before].clone())
+    });
+    assert_eq!(
+        resumed["round"].as_u64().unwrap(),
+        ck_round,
+        "training did not continue from the checkpoint"
+    );
+    assert_eq!(resumed["workers"], 2, "both workers should be back");
+    coord.signal(libc::SIGTERM);
+    assert!(
+        coord.wait(Duration::from_secs(30)).success(),
+        "{}",
+        coord.log_text()
+    );
+    assert!(
+        coord.log_text().contains("resuming"),
+        "{}",
+        coord.log_text()
+    );
+}
+
+mod rejected {
+    use super::*;
+    use capsnet_proto::wire::encode_chunks;
+    use capsnet_proto::{Encoding, RunSettings, pb};
+    use capsnet_worker::Client;
+    use tonic::Code;
+
+    fn chunks_msg(
+        id: &str,
+        round: u64,
+        s: &RunSettings,
+        samples: u64,
+        data: &[f32],
+    ) -> Vec<pb::UpdateChunk> {
+        encode_chunks(data, Encoding::F32, 4096)
+            .into_iter()
+            .map(|c| pb::UpdateChunk {
+                worker_id: id.into(),
+                round,
+                offset: c.offset,
+                total_len: data.len() as u64,
+                encoding: Encoding::F32 as i32,
+                payload: c.payload,
+                crc32: c.crc32,
+                samples,
+                layout_hash: s.layout_hash,
+                total_crc32: c.total_crc32,
+                loss: 0.5,
+            })
+            .collect()
+    }
+
+    async fn push(c: &mut Client, msgs: Vec<pb::UpdateChunk>) -> Result<(), tonic::Status> {
+        c.rpc()
+            .push_update(tokio_stream::iter(msgs))
+            .await
+            .map(|_| ())
+    }
+
+    /// Bad token, stale round, wrong size, wrong layout, NaN and a corrupt chunk are each
+    /// rejected with a clear status, and none of them changes the round or takes the worker's
+    /// slot: its valid update is accepted afterwards and closes the round.
+    #[test]
+    fn bad_updates_are_rejected_and_change_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = data(tmp.path(), 64);
+        let run = tmp.path().join("run");
+        let (mut coord, url) = coordinator(
+            tmp.path(),
+            "coordinator",
+            &[
+                "--data-dir",
+                d.to_str().unwrap(),
+                "--run-dir",
+                run.to_str().unwrap(),
+                "--model",
+                "tiny",
+                "--batch-size",
+                "4",
+                "--max-steps",
+                "2",
+                "--heartbeat",
+                "5s",
+                "--threads",
+                "1",
+            ],
+        );
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let mut bad = Client::connect(&url, "wrong-token-0123456789", None)
+                .await
+                .unwrap();
+            let e = bad
+                .rpc()
+                .join(pb::JoinRequest {
+                    name: "x".into(),
+                    rank_hint: None,
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), Code::Unauthenticated, "{e}");
+            let e = bad.rpc().status(pb::StatusRequest {}).await.unwrap_err();
+            assert_eq!(e.code(), Code::Unauthenticated, "{e}");
+
+            let mut c = Client::connect(&url, TOKEN, None).await.unwrap();
+            let j = c
+                .rpc()
+                .join(pb::JoinRequest {
+                    name: "probe".into(),
+                    rank_hint: Some(0),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let s = RunSettings::try_from(j.config.unwrap()).unwrap();
+            let id = j.worker_id;
+            let total = s.layout().total() as u64;
+            let pulled = capsnet_worker::pull(&mut c, &id, None, Encoding::F32, total)
+                .await
+                .unwrap();
+            let o = pulled.order;
+            assert!(o.participate);
+            let samples = o.end - o.start;
+            let good = vec![1e-3f32; total as usize];
+
+            let e = push(&mut c, chunks_msg(&id, 7, &s, samples, &good))
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+            assert!(e.message().contains("round 7"), "{e}");
+
+            let e = push(&mut c, chunks_msg(&id, 0, &s, samples, &good[1..]))
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+            assert!(e.message().contains("floats"), "{e}");
+
+            let mut msgs = chunks_msg(&id, 0, &s, samples, &good);
+            msgs.iter_mut().for_each(|m| m.layout_hash ^= 1);
+            let e = push(&mut c, msgs).await.unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+            assert!(e.message().contains("layout"), "{e}");
+
+            let mut nan = good.clone();
+            let at = s.layout().get("digit.weight").unwrap().offset + 5;
+            nan[at] = f32::NAN;
+            let e = push(&mut c, chunks_msg(&id, 0, &s, samples, &nan))
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+            assert!(e.message().contains("digit.weight[5]"), "{e}");
+
+            let mut msgs = chunks_msg(&id, 0, &s, samples, &good);
+            let mut p = msgs[1].payload.to_vec();
+            p[0] ^= 1;
+            msgs[1].payload = p.into();
+            let e = push(&mut c, msgs).await.unwrap_err();
+            assert_eq!(e.code(), Code::DataLoss, "{e}");
+
+            let st = c
+                .rpc()
+                .status(pb::StatusRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(st.round, 0, "a rejected update changed the round");
+
+            // The slot is still free: the valid update is accepted and closes round 0.
+            push(&mut c, chunks_msg(&id, 0, &s, samples, &good))
+                .await
+                .unwrap();
+            let next = capsnet_worker::pull(&mut c, &id, Some(0), Encoding::F32, total)
+                .await
+                .unwrap();
+            assert_eq!(next.order.round, 1);
+            // Now round 0 is stale.
+            let e = push(&mut c, chunks_msg(&id, 0, &s, samples, &good))
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+            assert!(e.message().contains("current round is 1"), "{e}");
+            // Finish the run.
+            let o = next.order;
+            push(&mut c, chunks_msg(&id, 1, &s, o.end - o.start, &good))
+                .await
+                .unwrap();
+        });
+        assert!(
+            coord.wait(Duration::from_secs(60)).success(),
+            "{}",
+            coord.log_text()
+        );
+    }
+}
