@@ -118,17 +118,21 @@ struct TokenArgs {
 }
 
 impl TokenArgs {
+    /// The token; every problem with it is a configuration error (exit 2).
     fn token(&self) -> Result<String> {
         let t = match &self.token_file {
             Some(p) => std::fs::read_to_string(p)
-                .with_context(|| format!("--token-file {}", p.display()))?,
-            None => std::env::var("CAPSNET_TOKEN").context(
-                "no token: pass --token-file FILE or set CAPSNET_TOKEN (at least 16 characters)",
-            )?,
+                .map_err(|e| ConfigError(format!("--token-file {}: {e}", p.display())))?,
+            None => std::env::var("CAPSNET_TOKEN").map_err(|_| {
+                ConfigError(
+                    "no token: pass --token-file FILE or set CAPSNET_TOKEN (at least 16 characters)"
+                        .into(),
+                )
+            })?,
         };
         let t = t.trim().to_string();
         if t.len() < 16 {
-            bail!("the token must be at least 16 characters");
+            return Err(ConfigError("the token must be at least 16 characters".into()).into());
         }
         Ok(t)
     }
@@ -186,6 +190,10 @@ struct CoordinatorArgs {
     /// CA (PEM) that client certificates must be signed by (mutual TLS).
     #[arg(long, env = "CAPSNET_TLS_CLIENT_CA", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// Exit once training is finished and workers were told; false keeps serving (status,
+    /// health) until SIGTERM, as a Kubernetes Deployment expects.
+    #[arg(long, env = "CAPSNET_EXIT_WHEN_DONE", default_value_t = true, action = clap::ArgAction::Set)]
+    exit_when_done: bool,
     /// Write the bound address to this file once listening (used by `capsnet launch`).
     #[arg(long, hide = true)]
     ready_file: Option<PathBuf>,
@@ -262,7 +270,8 @@ impl DataArgs {
         } else {
             None
         });
-        Ok(data::resolve_data_dir(preset, self.data_dir.as_deref())?)
+        data::resolve_data_dir(preset, self.data_dir.as_deref())
+            .map_err(|e| ConfigError(e.to_string()).into())
     }
 }
 
@@ -454,10 +463,72 @@ fn main() {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     if let Err(e) = run(cli) {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+        eprintln!("error: {}", report(&e));
+        std::process::exit(exit_code(&e));
     }
 }
+
+/// The error and its causes on one line, leaving out causes whose text the line already holds
+/// (our errors name their source in their own message).
+fn report(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+/// Exit status: 2 for a configuration error (a bad flag or value, missing data: retrying will
+/// not help, and Kubernetes' pod failure policy fails the job at once), 1 for anything else.
+/// clap's own usage errors also exit with 2.
+fn exit_code(e: &anyhow::Error) -> i32 {
+    use capsnet_coordinator::CoordinatorError as C;
+    use capsnet_core::CoreError;
+    use capsnet_worker::WorkerError as W;
+    let core = |e: &CoreError| {
+        matches!(
+            e,
+            CoreError::Config(_) | CoreError::DatasetMissing { .. } | CoreError::Data { .. }
+        )
+    };
+    for cause in e.chain() {
+        let config = cause.downcast_ref::<CoreError>().is_some_and(core)
+            || match cause.downcast_ref::<C>() {
+                Some(C::Config(_)) => true,
+                Some(C::Core(c)) => core(c),
+                _ => false,
+            }
+            || match cause.downcast_ref::<W>() {
+                Some(W::Config(_)) => true,
+                Some(W::Core(c)) => core(c),
+                _ => false,
+            }
+            || cause.downcast_ref::<ConfigError>().is_some();
+        if config {
+            return 2;
+        }
+    }
+    1
+}
+
+/// A configuration problem found by the binary itself (flags that do not fit together).
+#[derive(Debug)]
+struct ConfigError(String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -955,6 +1026,7 @@ impl CoordinatorArgs {
         c.wire = self.wire.encoding();
         c.chunk_bytes = self.chunk_bytes;
         c.resume = self.resume;
+        c.exit_when_done = self.exit_when_done;
         c.tls = match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => Some(capsnet_coordinator::TlsFiles {
                 cert: cert.clone(),

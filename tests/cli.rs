@@ -172,6 +172,12 @@ fn bad_flags_fail_before_any_work_with_a_clear_message() {
         args.extend_from_slice(extra);
         let o = capsnet(&args);
         assert!(!o.status.success(), "{extra:?} was accepted");
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "configuration errors exit with 2: {}",
+            text(&o)
+        );
         assert!(
             text(&o).contains(want),
             "{extra:?}: expected {want:?} in {}",
@@ -203,10 +209,25 @@ fn bad_flags_fail_before_any_work_with_a_clear_message() {
         text(&o)
     );
 
-    // Missing data: the message names the folder.
+    // Missing data: the message names the folder, once.
     let o = capsnet(&["train", "--data-dir", "/nonexistent/idx", "--run-dir", &run]);
-    assert!(!o.status.success());
-    assert!(text(&o).contains("/nonexistent/idx"), "{}", text(&o));
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert_eq!(
+        text(&o).matches("/nonexistent/idx").count(),
+        1,
+        "{}",
+        text(&o)
+    );
+
+    // No token for a worker: a configuration error that says how to give one.
+    let o = Command::new(env!("CARGO_BIN_EXE_capsnet"))
+        .args(["worker", "--data-dir", &d])
+        .env_remove("CAPSNET_TOKEN")
+        .env_remove("CAPSNET_TOKEN_FILE")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("CAPSNET_TOKEN"), "{}", text(&o));
 }
 
 #[test]

@@ -21,16 +21,12 @@ fn data(dir: &Path, n_train: usize) -> std::path::PathBuf {
     d
 }
 
-/// 2 workers with batch b each in grad mode give, after 3 rounds, the parameters of one process
-/// training with batch 2b on the same samples.
-#[test]
-fn two_workers_equal_one_process_with_the_summed_batch() {
-    let tmp = tempfile::tempdir().unwrap();
-    let d = data(tmp.path(), 64);
-    let run = tmp.path().join("run");
+/// Runs 3 rounds of 2 workers with batch 4 and returns the run dir.
+fn three_rounds(tmp: &Path, d: &Path, name: &str) -> std::path::PathBuf {
+    let run = tmp.join(name);
     let (mut coord, url) = coordinator(
-        tmp.path(),
-        "coordinator",
+        tmp,
+        name,
         &[
             "--data-dir",
             d.to_str().unwrap(),
@@ -54,8 +50,8 @@ fn two_workers_equal_one_process_with_the_summed_batch() {
             "1",
         ],
     );
-    let mut w0 = worker(tmp.path(), &url, 0, &d, &[]);
-    let mut w1 = worker(tmp.path(), &url, 1, &d, &[]);
+    let mut w0 = worker(tmp, &url, 0, d, &[]);
+    let mut w1 = worker(tmp, &url, 1, d, &[]);
     assert!(
         coord.wait(Duration::from_secs(120)).success(),
         "{}",
@@ -71,6 +67,16 @@ fn two_workers_equal_one_process_with_the_summed_batch() {
         "{}",
         w1.log_text()
     );
+    run
+}
+
+/// 2 workers with batch b each in grad mode give, after 3 rounds, the parameters of one process
+/// training with batch 2b on the same samples; and a second run gives the same bits.
+#[test]
+fn two_workers_equal_one_process_with_the_summed_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = data(tmp.path(), 64);
+    let run = three_rounds(tmp.path(), &d, "run");
 
     // The same three steps in one process.
     let cfg: TrainConfig =
@@ -131,6 +137,79 @@ fn two_workers_equal_one_process_with_the_summed_batch() {
         worst < 1e-5,
         "distributed and single-process parameters differ by {worst}"
     );
+
+    // The reduction does not depend on which update arrives first: same seed, same bits.
+    let again = three_rounds(tmp.path(), &d, "again");
+    let ck2 = Checkpoint::load(&again.join("checkpoint-3.safetensors"), None).unwrap();
+    assert!(
+        ck.params
+            .data
+            .iter()
+            .zip(&ck2.params.data)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "two runs differ"
+    );
+}
+
+/// `capsnet launch` runs a coordinator and workers to the end, prefixes their logs, and fails
+/// (before starting anything) on bad flags.
+#[test]
+fn launch_runs_a_fleet_to_the_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = data(tmp.path(), 64);
+    let run = tmp.path().join("run");
+    let out = capsnet()
+        .env_remove("CAPSNET_TOKEN")
+        .args([
+            "launch",
+            "--workers",
+            "2",
+            "--model",
+            "tiny",
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "4",
+        ])
+        .arg("--data-dir")
+        .arg(&d)
+        .arg("--run-dir")
+        .arg(&run)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    for prefix in ["[coordinator]", "[worker-0]", "[worker-1]"] {
+        assert!(text.contains(prefix), "{prefix} missing:\n{text}");
+    }
+    assert!(run.join("checkpoint-4.safetensors").exists(), "{text}");
+    assert_eq!(rounds(&run).len(), 4);
+
+    let out = capsnet()
+        .args([
+            "launch",
+            "--workers",
+            "2",
+            "--model",
+            "tiny",
+            "--batch-size",
+            "0",
+            "--data-dir",
+        ])
+        .arg(&d)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("batch size"));
 }
 
 /// A worker killed mid-run: the round closes without it, training goes on, and the worker
@@ -255,8 +334,8 @@ fn a_restarted_coordinator_resumes_and_workers_reconnect() {
         "1000",
     ];
     let (coord, url) = coordinator(tmp.path(), "coordinator", &base);
-    let _w0 = worker(tmp.path(), &url, 0, &d, &[]);
-    let _w1 = worker(tmp.path(), &url, 1, &d, &[]);
+    let w0 = worker(tmp.path(), &url, 0, &d, &[]);
+    let w1 = worker(tmp.path(), &url, 1, &d, &[]);
     let ck = wait_for("a checkpoint", Duration::from_secs(60), || {
         capsnet_core::checkpoint::latest_checkpoint(&run)
             .ok()
@@ -273,10 +352,15 @@ fn a_restarted_coordinator_resumes_and_workers_reconnect() {
     let mut args: Vec<&str> = base.to_vec();
     args.extend(["--resume", "--listen", &addr]);
     let (mut coord, _) = coordinator(tmp.path(), "coordinator-2", &args);
-    let resumed = wait_for("rounds after the restart", Duration::from_secs(60), || {
-        let r = rounds(&run);
-        (r.len() >= before + 5).then(|| r[before].clone())
-    });
+    let resumed = wait_for_or_log(
+        "rounds after the restart",
+        Duration::from_secs(60),
+        &[&coord],
+        || {
+            let r = rounds(&run);
+            (r.len() >= before + 5).then(|| r[before].clone())
+        },
+    );
     assert_eq!(
         resumed["round"].as_u64().unwrap(),
         ck_round,

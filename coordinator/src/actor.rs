@@ -242,6 +242,7 @@ impl Actor {
             chunk_bytes: cfg.chunk_bytes,
             heartbeat_ms: cfg.heartbeat.as_millis() as u64,
             train_len: train_ds.len() as u64,
+            train_limit: t.train_limit.map(|n| n as u64),
         };
         let run_msg = settings.to_message()?;
         let nonce = std::time::SystemTime::now()
@@ -304,7 +305,15 @@ impl Actor {
     /// Runs until every sender is gone or a shutdown was handled.
     pub(crate) fn run(mut self, rx: mpsc::Receiver<Msg>) -> Outcome {
         if self.plan_done() {
-            self.finish();
+            if self.round > 0 && self.cfg.resume {
+                // Resumed a run that had already finished: its final evaluation and checkpoint
+                // exist; tell workers it is over and do not redo them.
+                tracing::info!(round = self.round, "this run is already finished");
+                self.finished = true;
+                self.publish();
+            } else {
+                self.finish();
+            }
         }
         loop {
             match rx.recv_timeout(Duration::from_millis(20)) {

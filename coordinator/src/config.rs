@@ -38,6 +38,9 @@ pub struct CoordinatorConfig {
     pub token: String,
     pub tls: Option<TlsFiles>,
     pub resume: bool,
+    /// Stop serving once training is finished (and workers had time to hear it); otherwise
+    /// serve until the shutdown future resolves.
+    pub exit_when_done: bool,
 }
 
 impl CoordinatorConfig {
@@ -57,6 +60,7 @@ impl CoordinatorConfig {
             token,
             tls: None,
             resume: false,
+            exit_when_done: true,
         }
     }
 

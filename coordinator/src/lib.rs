@@ -88,6 +88,7 @@ pub async fn serve(
     // workers had a few heartbeats to hear it.
     let grace = (3 * cfg.heartbeat).clamp(Duration::from_millis(500), Duration::from_secs(10));
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let exit_when_done = cfg.exit_when_done;
     let stopper = {
         let tx = tx.clone();
         let mut finished = pub_rx.clone();
@@ -104,6 +105,9 @@ pub async fn serve(
                     }
                 }
                 _ = async {
+                    if !exit_when_done {
+                        return std::future::pending::<()>().await;
+                    }
                     while !finished.borrow_and_update().finished {
                         if finished.changed().await.is_err() { break; }
                     }

@@ -72,6 +72,8 @@ pub struct RunSettings {
     pub chunk_bytes: usize,
     pub heartbeat_ms: u64,
     pub train_len: u64,
+    /// The run uses only the first N training images.
+    pub train_limit: Option<u64>,
 }
 
 impl RunSettings {
@@ -107,6 +109,7 @@ impl RunSettings {
             chunk_bytes: self.chunk_bytes as u32,
             heartbeat_ms: self.heartbeat_ms as u32,
             train_len: self.train_len,
+            train_limit: self.train_limit,
         })
     }
 }
@@ -169,6 +172,7 @@ impl TryFrom<pb::RunConfig> for RunSettings {
             chunk_bytes: m.chunk_bytes as usize,
             heartbeat_ms: u64::from(m.heartbeat_ms),
             train_len: m.train_len,
+            train_limit: m.train_limit,
         })
     }
 }
@@ -192,6 +196,7 @@ mod tests {
             chunk_bytes: 1 << 20,
             heartbeat_ms: 500,
             train_len: 100,
+            train_limit: Some(100),
         }
     }
 

@@ -146,3 +146,25 @@ pub fn worker(dir: &Path, url: &str, rank: u32, data: &Path, extra: &[&str]) -> 
     .args(extra);
     Proc::spawn(&format!("worker-{rank}"), cmd, dir)
 }
+
+/// [`wait_for`], printing the logs of `procs` when it times out.
+pub fn wait_for_or_log<T>(
+    what: &str,
+    timeout: Duration,
+    procs: &[&Proc],
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if start.elapsed() >= timeout {
+            for p in procs {
+                eprintln!("--- {} ---\n{}", p.name, p.log_text());
+            }
+            panic!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

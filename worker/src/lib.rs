@@ -43,6 +43,8 @@ pub enum WorkerError {
     },
     #[error(transparent)]
     Proto(#[from] capsnet_proto::ProtoError),
+    #[error("internal: {0}")]
+    Internal(String),
 }
 
 pub type Result<T, E = WorkerError> = std::result::Result<T, E>;
@@ -169,12 +171,15 @@ struct Replica {
 impl Replica {
     fn new(settings: RunSettings, cfg: &WorkerConfig) -> Result<Self> {
         let model = CapsNet::new(settings.model.clone())?;
-        let train = data::load_split(
+        let mut train = data::load_split(
             &cfg.data_dir,
             Split::Train,
             settings.model.classes,
             settings.model.image_size,
         )?;
+        if let Some(n) = settings.train_limit {
+            train.truncate(n as usize);
+        }
         if train.len() as u64 != settings.train_len {
             return Err(WorkerError::Config(format!(
                 "{} holds {} training images, the coordinator's data has {}; every worker needs the same data set",
@@ -332,7 +337,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
             replica = Some(
                 tokio::task::spawn_blocking(move || Replica::new(s, &c))
                     .await
-                    .map_err(|e| WorkerError::Config(format!("loading data: {e}")))??,
+                    .map_err(|e| WorkerError::Internal(format!("loading data: {e}")))??,
             );
         }
         tracing::debug!(phase = ?Phase::Working);
@@ -378,7 +383,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                     return Ok(None);
                 }
                 let Some(mut r) = replica.take() else {
-                    return Err(WorkerError::Config("no replica".into()));
+                    return Err(WorkerError::Internal("no replica".into()));
                 };
                 let o = order;
                 let (r, out) = tokio::task::spawn_blocking(move || {
@@ -386,7 +391,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                     (r, out)
                 })
                 .await
-                .map_err(|e| WorkerError::Config(format!("compute task: {e}")))?;
+                .map_err(|e| WorkerError::Internal(format!("compute task: {e}")))?;
                 replica = Some(r);
                 let (update, samples, loss) = out?;
                 match push(

@@ -1,0 +1,186 @@
+//! TLS and mutual TLS between coordinator and workers (rustls), with certificates made by the
+//! openssl command line for the test.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use capsnet_core::data::write_synthetic;
+use common::*;
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl").args(args).current_dir(dir).output().expect(
+        "the openssl command is needed for this test (scripts/setup installs it: apt-get install openssl)",
+    );
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA, a server certificate for localhost/127.0.0.1 and a client certificate.
+fn certificates(dir: &Path) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=capsnet test CA",
+    ]);
+    openssl(dir, &ca);
+    for (name, cn, usage) in [
+        (
+            "server",
+            "localhost",
+            "serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1",
+        ),
+        ("client", "worker", "clientAuth"),
+    ] {
+        let mut req = vec!["req"];
+        req.extend(ec);
+        let (key, csr, subj) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("/CN={cn}"),
+        );
+        req.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
+        openssl(dir, &req);
+        let ext = format!("{name}.ext");
+        std::fs::write(
+            dir.join(&ext),
+            format!(
+                "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage={usage}\n"
+            ),
+        )
+        .unwrap();
+        let pem = format!("{name}.pem");
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
+            ],
+        );
+    }
+}
+
+#[test]
+fn mutual_tls_trains_and_refuses_clients_without_a_certificate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    certificates(t);
+    let d = t.join("data");
+    write_synthetic(&d, 32, 8, 28, 10, 1).unwrap();
+    let run = t.join("run");
+    let p = |f: &str| t.join(f).display().to_string();
+    let (mut coord, url) = coordinator(
+        t,
+        "coordinator",
+        &[
+            "--data-dir",
+            d.to_str().unwrap(),
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--model",
+            "tiny",
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "3",
+            "--expect-workers",
+            "1",
+            "--threads",
+            "1",
+            "--tls-cert",
+            &p("server.pem"),
+            "--tls-key",
+            &p("server.key"),
+            "--tls-client-ca",
+            &p("ca.pem"),
+        ],
+    );
+    let https = url.replace("http://", "https://");
+
+    // Without a client certificate, or without TLS at all, the worker cannot join.
+    let tls_only = [
+        "--tls-ca",
+        &p("ca.pem"),
+        "--tls-domain",
+        "localhost",
+        "--give-up-after",
+        "2s",
+    ];
+    let mut anon = worker(t, &https, 5, &d, &tls_only);
+    assert!(
+        !anon.wait(Duration::from_secs(30)).success(),
+        "{}",
+        anon.log_text()
+    );
+    let mut plain = worker(t, &url, 6, &d, &["--give-up-after", "2s"]);
+    assert!(
+        !plain.wait(Duration::from_secs(30)).success(),
+        "{}",
+        plain.log_text()
+    );
+    assert!(
+        plain.log_text().contains("cannot reach the coordinator"),
+        "{}",
+        plain.log_text()
+    );
+
+    let mut w = worker(
+        t,
+        &https,
+        0,
+        &d,
+        &[
+            "--tls-ca",
+            &p("ca.pem"),
+            "--tls-domain",
+            "localhost",
+            "--tls-cert",
+            &p("client.pem"),
+            "--tls-key",
+            &p("client.key"),
+        ],
+    );
+    assert!(
+        coord.wait(Duration::from_secs(60)).success(),
+        "{}",
+        coord.log_text()
+    );
+    assert!(
+        w.wait(Duration::from_secs(30)).success(),
+        "{}",
+        w.log_text()
+    );
+    assert!(run.join("checkpoint-3.safetensors").exists());
+}
