@@ -355,7 +355,7 @@ fn a_restarted_coordinator_resumes_and_workers_reconnect() {
     let resumed = wait_for_or_log(
         "rounds after the restart",
         Duration::from_secs(60),
-        &[&coord],
+        &[&coord, &w0, &w1],
         || {
             let r = rounds(&run);
             (r.len() >= before + 5).then(|| r[before].clone())
