@@ -437,6 +437,10 @@ struct BenchTrainArgs {
     /// Skip the sgemm reference measurement.
     #[arg(long)]
     no_sgemm: bool,
+    /// The --json output of ../shared/reference/torch_capsnet_bench.py measured on this machine:
+    /// its numbers are printed beside ours, with the speed-up and memory ratio.
+    #[arg(long)]
+    torch_json: Option<PathBuf>,
     /// Internal: run one setting in this process and print its row as JSON.
     #[arg(long, hide = true, value_name = "MODE:BATCH")]
     single: Option<String>,
@@ -775,7 +779,8 @@ fn cmd_grad(a: GradArgs) -> Result<()> {
     Ok(())
 }
 
-/// PyTorch 2.15 on the same 2 cores (../shared/reference/README.md): images/s range, peak GiB.
+/// PyTorch 2.15 on a 2-core AVX-512 machine (../shared/reference/README.md), for when no
+/// measurement of this machine is given: images/s range, peak GiB.
 fn torch_reference(mode: BenchMode, batch: usize) -> Option<(&'static str, &'static str)> {
     match (mode, batch) {
         (BenchMode::Train, 32) => Some(("124-149", "1.0")),
@@ -784,6 +789,37 @@ fn torch_reference(mode: BenchMode, batch: usize) -> Option<(&'static str, &'sta
         (BenchMode::Infer, 128) => Some(("331-370", "0.8")),
         _ => None,
     }
+}
+
+/// Best images/s and its peak RSS per (mode, batch) from torch_capsnet_bench.py --json.
+fn read_torch_json(path: &Path) -> Result<Vec<(String, usize, f64, f64)>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--torch-json {}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("--torch-json {}", path.display()))?;
+    let rows = v["results"]
+        .as_array()
+        .with_context(|| format!("{}: no \"results\" list", path.display()))?;
+    let mut best: Vec<(String, usize, f64, f64)> = vec![];
+    for r in rows {
+        let (Some(mode), Some(batch), Some(ips), Some(rss)) = (
+            r["mode"].as_str(),
+            r["batch"].as_u64(),
+            r["images_per_s"].as_f64(),
+            r["peak_rss_mib"].as_f64(),
+        ) else {
+            continue;
+        };
+        match best
+            .iter_mut()
+            .find(|b| b.0 == mode && b.1 == batch as usize)
+        {
+            Some(b) if b.2 >= ips => {}
+            Some(b) => *b = (mode.into(), batch as usize, ips, rss),
+            None => best.push((mode.into(), batch as usize, ips, rss)),
+        }
+    }
+    Ok(best)
 }
 
 fn cmd_bench_train(a: BenchTrainArgs) -> Result<()> {
@@ -842,19 +878,18 @@ fn cmd_bench_train(a: BenchTrainArgs) -> Result<()> {
         );
     }
     println!();
-    println!(
-        "{:<6} {:>5} {:>9} {:>9} {:>9} {:>9} {:>8} {:>9}   {:<13} {:>9}",
-        "mode",
-        "batch",
-        "median_s",
-        "min_s",
-        "max_s",
-        "images/s",
-        "GFLOP/s",
-        "peak_MiB",
-        "torch img/s",
-        "torch GiB"
+    let torch = a.torch_json.as_deref().map(read_torch_json).transpose()?;
+    let head = format!(
+        "{:<6} {:>5} {:>9} {:>9} {:>9} {:>9} {:>8} {:>9}",
+        "mode", "batch", "median_s", "min_s", "max_s", "images/s", "GFLOP/s", "peak_MiB"
     );
+    match &torch {
+        Some(_) => println!(
+            "{head}   {:>11} {:>10} {:>8} {:>9}",
+            "torch img/s", "torch MiB", "speed-up", "memory"
+        ),
+        None => println!("{head}   {:<13} {:>9}", "torch img/s", "torch GiB"),
+    }
     let mut rows: Vec<BenchRow> = vec![];
     for (mode, batch) in settings {
         // Each setting in its own process, so peak memory is that setting's alone.
@@ -892,9 +927,8 @@ fn cmd_bench_train(a: BenchTrainArgs) -> Result<()> {
         }
         let row: BenchRow =
             serde_json::from_slice(&out.stdout).context("reading a benchmark row")?;
-        let (ti, tg) = torch_reference(mode, batch).unwrap_or(("-", "-"));
-        println!(
-            "{:<6} {:>5} {:>9.3} {:>9.3} {:>9.3} {:>9.1} {:>8.1} {:>9.0}   {:<13} {:>9}",
+        let line = format!(
+            "{:<6} {:>5} {:>9.3} {:>9.3} {:>9.3} {:>9.1} {:>8.1} {:>9.0}",
             mode_s,
             batch,
             row.median_s,
@@ -902,11 +936,30 @@ fn cmd_bench_train(a: BenchTrainArgs) -> Result<()> {
             row.max_s,
             row.images_per_s,
             row.gflop_per_s,
-            row.peak_rss_mib,
-            ti,
-            tg
+            row.peak_rss_mib
         );
+        match &torch {
+            Some(t) => match t.iter().find(|r| r.0 == mode_s && r.1 == batch) {
+                Some(r) => println!(
+                    "{line}   {:>11.1} {:>10.0} {:>7.2}x {:>8.0}%",
+                    r.2,
+                    r.3,
+                    row.images_per_s / r.2,
+                    100.0 * row.peak_rss_mib / r.3
+                ),
+                None => println!("{line}   {:>11} {:>10} {:>8} {:>9}", "-", "-", "-", "-"),
+            },
+            None => {
+                let (ti, tg) = torch_reference(mode, batch).unwrap_or(("-", "-"));
+                println!("{line}   {ti:<13} {tg:>9}");
+            }
+        }
         rows.push(row);
+    }
+    if torch.is_none() {
+        println!(
+            "(torch columns: PyTorch 2.15 on a 2-core AVX-512 machine, from the issue; pass --torch-json to compare with a run on this machine)"
+        );
     }
     println!();
     println!("time per step by part (ms):");

@@ -233,6 +233,12 @@ fn bad_flags_fail_before_any_work_with_a_clear_message() {
 #[test]
 fn bench_train_prints_a_table_and_writes_json() {
     let tmp = tempfile::tempdir().unwrap();
+    let torch = tmp.path().join("torch.json");
+    std::fs::write(
+        &torch,
+        r#"{"results": [{"mode": "train", "batch": 4, "images_per_s": 10.0, "peak_rss_mib": 100.0}]}"#,
+    )
+    .unwrap();
     let json = tmp.path().join("bench.json");
     let o = capsnet(&[
         "bench",
@@ -250,12 +256,16 @@ fn bench_train_prints_a_table_and_writes_json() {
         "--threads",
         "1",
         "--no-sgemm",
+        "--torch-json",
+        torch.to_str().unwrap(),
         "--json",
         &json.display().to_string(),
     ]);
     assert!(o.status.success(), "{}", text(&o));
     let t = text(&o);
     assert!(t.contains("images/s") && t.contains("routing"), "{t}");
+    // The PyTorch row of the same setting is printed beside ours with the ratios.
+    assert!(t.contains("speed-up") && t.contains("10.0"), "{t}");
     let rows: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(rows.len(), 2);
