@@ -110,10 +110,13 @@ pub fn encode_chunks(values: &[f32], enc: Encoding, chunk_bytes: usize) -> Vec<E
         .enumerate()
         .map(|(i, r)| {
             let payload = encode(&values[r.clone()], enc);
-            total.update(&payload);
+            // One pass over the bytes: the chunk's CRC, combined into the running total.
+            let mut h = crc32fast::Hasher::new();
+            h.update(&payload);
+            total.combine(&h);
             EncodedChunk {
                 offset: r.start as u64,
-                crc32: crc32(&payload),
+                crc32: h.finalize(),
                 payload,
                 total_crc32: (i + 1 == n).then(|| total.clone().finalize()),
             }
@@ -229,7 +232,9 @@ impl Assembler {
         if offset + n > self.total {
             return Err(err(format!("{n} floats run past the end ({})", self.total)));
         }
-        let got = crc32(payload);
+        let mut h = crc32fast::Hasher::new();
+        h.update(payload);
+        let got = h.clone().finalize();
         if got != chunk_crc {
             return Err(ProtoError::Checksum {
                 what: format!("in the chunk at offset {offset}"),
@@ -242,7 +247,7 @@ impl Assembler {
             enc,
             &mut out[offset as usize..(offset + n) as usize],
         )?;
-        self.crc.update(payload);
+        self.crc.combine(&h);
         self.next = offset + n;
         if self.next == self.total {
             let sent =
