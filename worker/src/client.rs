@@ -41,6 +41,7 @@ impl Client {
             .connect_timeout(Duration::from_secs(5))
             .initial_stream_window_size(Some(16 << 20))
             .initial_connection_window_size(Some(32 << 20))
+            .max_frame_size(Some(2 << 20))
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(20));
         if let Some(t) = tls {
