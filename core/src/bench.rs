@@ -53,23 +53,10 @@ pub struct BenchRow {
 /// FLOPs of one image in a mode: forward, or forward + backward (twice the forward but for
 /// conv1's input gradient, which training never needs) = 1.20 GFLOP at full size.
 pub fn flops_per_image(cfg: &CapsNetConfig, mode: BenchMode) -> f64 {
-    let fwd = cfg.forward_flops();
-    let conv1 = 2.0
-        * (cfg.conv1_channels * cfg.in_channels * cfg.conv1_kernel * cfg.conv1_kernel) as f64
-        * (cfg.conv1_out() * cfg.conv1_out()) as f64;
-    let mut dec = 0.0;
-    let mut prev = cfg.decoder_in();
-    for &h in cfg
-        .decoder_hidden
-        .iter()
-        .chain(std::iter::once(&cfg.pixels()))
-    {
-        dec += 2.0 * (prev * h) as f64;
-        prev = h;
-    }
+    let f = cfg.layer_flops();
     match mode {
-        BenchMode::Train => 3.0 * fwd - conv1,
-        BenchMode::Infer => fwd - dec,
+        BenchMode::Train => 3.0 * f.total() - f.conv1,
+        BenchMode::Infer => f.total() - f.decoder,
     }
 }
 
@@ -205,4 +192,21 @@ pub fn sgemm_gflops(threads: usize, reps: usize) -> Result<f64> {
         }
     });
     Ok(2.0 * (m * k * n) as f64 / best / 1e9)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The same counts as torch_capsnet_bench.py prints, so GFLOP/s compare directly.
+    #[test]
+    fn flops_match_the_pytorch_benchmark() {
+        let c = CapsNetConfig::default();
+        assert_eq!(c.forward_flops(), 406_405_120.0);
+        assert_eq!(flops_per_image(&c, BenchMode::Train), 1_202_626_560.0);
+        assert_eq!(
+            flops_per_image(&c, BenchMode::Infer),
+            406_405_120.0 - 2_818_048.0
+        );
+    }
 }

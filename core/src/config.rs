@@ -178,33 +178,61 @@ impl CapsNetConfig {
         Ok(())
     }
 
-    /// Forward FLOPs per image (multiply-adds count 2), the unit of the benchmark's GFLOP/s.
-    pub fn forward_flops(&self) -> f64 {
-        let c1 = 2.0
+    /// Forward FLOPs per image by layer (multiply-adds count 2), the unit of the benchmark's
+    /// GFLOP/s.
+    pub fn layer_flops(&self) -> LayerFlops {
+        let conv1 = 2.0
             * (self.conv1_channels * self.in_channels * self.conv1_kernel * self.conv1_kernel)
                 as f64
             * (self.conv1_out() * self.conv1_out()) as f64;
         let k2 = self.conv1_channels * self.primary_kernel * self.primary_kernel;
-        let p = 2.0
+        let primary = 2.0
             * (self.primary_channels() * k2) as f64
             * (self.primary_out() * self.primary_out()) as f64;
-        let uhat =
+        let u_hat =
             2.0 * (self.num_primary() * self.classes * self.digit_dim * self.primary_dim) as f64;
         // Per iteration: s (2 flops per element of u_hat) and agreement (2 more but the last).
         let per = (self.num_primary() * self.classes * self.digit_dim) as f64;
         let routing =
             per * (2.0 * self.routing_iters as f64 + 2.0 * (self.routing_iters - 1) as f64);
-        let mut dec = 0.0;
+        let mut decoder = 0.0;
         let mut prev = self.decoder_in();
         for &h in self
             .decoder_hidden
             .iter()
             .chain(std::iter::once(&self.pixels()))
         {
-            dec += 2.0 * (prev * h) as f64;
+            decoder += 2.0 * (prev * h) as f64;
             prev = h;
         }
-        c1 + p + uhat + routing + dec
+        LayerFlops {
+            conv1,
+            primary,
+            u_hat,
+            routing,
+            decoder,
+        }
+    }
+
+    /// Forward FLOPs per image (406.4 M for the paper's network).
+    pub fn forward_flops(&self) -> f64 {
+        self.layer_flops().total()
+    }
+}
+
+/// Forward FLOPs of one image, per layer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LayerFlops {
+    pub conv1: f64,
+    pub primary: f64,
+    pub u_hat: f64,
+    pub routing: f64,
+    pub decoder: f64,
+}
+
+impl LayerFlops {
+    pub fn total(&self) -> f64 {
+        self.conv1 + self.primary + self.u_hat + self.routing + self.decoder
     }
 }
 
