@@ -24,16 +24,12 @@ fn data(dir: &Path, n_train: usize) -> std::path::PathBuf {
 /// Runs 3 rounds of 2 workers with batch 4 and returns the run dir.
 fn three_rounds(tmp: &Path, d: &Path, name: &str) -> std::path::PathBuf {
     let run = tmp.join(name);
-    let (mut coord, url) = coordinator(
+    let (mut coord, url) = tiny_coordinator(
         tmp,
         name,
+        d,
+        &run,
         &[
-            "--data-dir",
-            d.to_str().unwrap(),
-            "--run-dir",
-            run.to_str().unwrap(),
-            "--model",
-            "tiny",
             "--batch-size",
             "4",
             "--max-steps",
@@ -46,8 +42,6 @@ fn three_rounds(tmp: &Path, d: &Path, name: &str) -> std::path::PathBuf {
             "2",
             "--min-workers",
             "2",
-            "--threads",
-            "1",
         ],
     );
     let mut w0 = worker(tmp, &url, 0, d, &[]);
@@ -219,16 +213,12 @@ fn a_killed_worker_is_dropped_and_rejoins() {
     let tmp = tempfile::tempdir().unwrap();
     let d = data(tmp.path(), 512);
     let run = tmp.path().join("run");
-    let (mut coord, url) = coordinator(
+    let (mut coord, url) = tiny_coordinator(
         tmp.path(),
         "coordinator",
+        &d,
+        &run,
         &[
-            "--data-dir",
-            d.to_str().unwrap(),
-            "--run-dir",
-            run.to_str().unwrap(),
-            "--model",
-            "tiny",
             "--batch-size",
             "2",
             "--epochs",
@@ -241,8 +231,6 @@ fn a_killed_worker_is_dropped_and_rejoins() {
             "2s",
             "--heartbeat",
             "200ms",
-            "--threads",
-            "1",
             "--log-every",
             "1000",
         ],
@@ -427,25 +415,12 @@ mod rejected {
         let tmp = tempfile::tempdir().unwrap();
         let d = data(tmp.path(), 64);
         let run = tmp.path().join("run");
-        let (mut coord, url) = coordinator(
+        let (mut coord, url) = tiny_coordinator(
             tmp.path(),
             "coordinator",
-            &[
-                "--data-dir",
-                d.to_str().unwrap(),
-                "--run-dir",
-                run.to_str().unwrap(),
-                "--model",
-                "tiny",
-                "--batch-size",
-                "4",
-                "--max-steps",
-                "2",
-                "--heartbeat",
-                "5s",
-                "--threads",
-                "1",
-            ],
+            &d,
+            &run,
+            &["--batch-size", "4", "--max-steps", "2", "--heartbeat", "5s"],
         );
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async {

@@ -101,23 +101,17 @@ fn mutual_tls_trains_and_refuses_clients_without_a_certificate() {
     write_synthetic(&d, 32, 8, 28, 10, 1).unwrap();
     let run = t.join("run");
     let p = |f: &str| t.join(f).display().to_string();
-    let (mut coord, url) = coordinator(
+    let (mut coord, url) = tiny_coordinator(
         t,
         "coordinator",
+        &d,
+        &run,
         &[
-            "--data-dir",
-            d.to_str().unwrap(),
-            "--run-dir",
-            run.to_str().unwrap(),
-            "--model",
-            "tiny",
             "--batch-size",
             "4",
             "--max-steps",
             "3",
             "--expect-workers",
-            "1",
-            "--threads",
             "1",
             "--tls-cert",
             &p("server.pem"),

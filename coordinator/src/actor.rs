@@ -752,18 +752,9 @@ impl Actor {
                 "round_s": round_s, "sync_s": sync_s, "lr": lr,
             }));
         }
+        // Every round is in metrics.jsonl; the log gets one line per --log-every rounds.
         if (closed + 1) % self.cfg.train.log_every == 0 {
             tracing::info!(
-                round = closed,
-                epoch = self.epoch,
-                loss,
-                workers,
-                round_s,
-                sync_s,
-                "round closed"
-            );
-        } else {
-            tracing::debug!(
                 round = closed,
                 epoch = self.epoch,
                 loss,

@@ -161,7 +161,7 @@ impl pb::coordinator_server::Coordinator for Service {
                 )
                 .into());
             }
-            asm.accept(ChunkIn::from_update(&c), &mut data)
+            asm.accept(ChunkIn::from(&c), &mut data)
                 .map_err(CoordinatorError::from)?;
             next = stream.message().await?;
         }

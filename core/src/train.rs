@@ -80,26 +80,17 @@ impl TrainConfig {
         self.model.validate()?;
         self.adam.validate()?;
         let bad = |m: String| Err(CoreError::Config(m));
-        if self.batch_size == 0 {
-            return bad("batch size must be at least 1".into());
-        }
-        if self.eval_batch_size == 0 {
-            return bad("eval batch size must be at least 1".into());
-        }
-        if self.epochs == 0 {
-            return bad("epochs must be at least 1".into());
-        }
-        if self.max_steps == Some(0) {
-            return bad("max steps must be at least 1".into());
-        }
-        if self.threads == 0 {
-            return bad("threads must be at least 1".into());
-        }
-        if self.log_every == 0 {
-            return bad("log interval must be at least 1 step".into());
-        }
-        if self.keep_checkpoints == 0 {
-            return bad("keep checkpoints must be at least 1".into());
+        let at_least_one = [
+            ("batch size", self.batch_size as u64),
+            ("eval batch size", self.eval_batch_size as u64),
+            ("epochs", self.epochs),
+            ("max steps", self.max_steps.unwrap_or(1)),
+            ("threads", self.threads as u64),
+            ("log interval (steps)", self.log_every),
+            ("keep checkpoints", self.keep_checkpoints as u64),
+        ];
+        if let Some((name, _)) = at_least_one.iter().find(|(_, v)| *v == 0) {
+            return bad(format!("{name} must be at least 1"));
         }
         if self.max_shift * 2 >= self.model.image_size {
             return bad(format!(

@@ -135,29 +135,24 @@ pub struct ChunkIn<'a> {
     pub total_crc32: Option<u32>,
 }
 
-impl<'a> ChunkIn<'a> {
-    pub fn from_update(c: &'a crate::pb::UpdateChunk) -> Self {
-        ChunkIn {
-            offset: c.offset,
-            total: c.total_len,
-            encoding: Encoding::try_from(c.encoding).unwrap_or(Encoding::Unspecified),
-            payload: &c.payload,
-            crc32: c.crc32,
-            total_crc32: c.total_crc32,
+/// Update and parameter chunks carry the same fields; one conversion serves both.
+macro_rules! chunk_in_from {
+    ($($msg:ty),*) => {$(
+        impl<'a> From<&'a $msg> for ChunkIn<'a> {
+            fn from(c: &'a $msg) -> Self {
+                ChunkIn {
+                    offset: c.offset,
+                    total: c.total_len,
+                    encoding: Encoding::try_from(c.encoding).unwrap_or(Encoding::Unspecified),
+                    payload: &c.payload,
+                    crc32: c.crc32,
+                    total_crc32: c.total_crc32,
+                }
+            }
         }
-    }
-
-    pub fn from_params(c: &'a crate::pb::ParamChunk) -> Self {
-        ChunkIn {
-            offset: c.offset,
-            total: c.total_len,
-            encoding: Encoding::try_from(c.encoding).unwrap_or(Encoding::Unspecified),
-            payload: &c.payload,
-            crc32: c.crc32,
-            total_crc32: c.total_crc32,
-        }
-    }
+    )*};
 }
+chunk_in_from!(crate::pb::UpdateChunk, crate::pb::ParamChunk);
 
 /// Checks a chunk stream as it arrives and decodes it into a buffer: chunks must come in
 /// order without gaps or overlaps, agree on the total length and encoding, match their CRC,

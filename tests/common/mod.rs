@@ -168,3 +168,26 @@ pub fn wait_for_or_log<T>(
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// `coordinator` for the tiny network on `data`, writing to `run`, one thread, plus `extra`.
+pub fn tiny_coordinator(
+    dir: &Path,
+    name: &str,
+    data: &Path,
+    run: &Path,
+    extra: &[&str],
+) -> (Proc, String) {
+    let (d, r) = (data.display().to_string(), run.display().to_string());
+    let mut args = vec![
+        "--data-dir",
+        d.as_str(),
+        "--run-dir",
+        r.as_str(),
+        "--model",
+        "tiny",
+        "--threads",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    coordinator(dir, name, &args)
+}

@@ -117,7 +117,7 @@ pub async fn pull(
     )?;
     let mut next = Some(first);
     while let Some(c) = next {
-        asm.accept(ChunkIn::from_params(&c), &mut params)?;
+        asm.accept(ChunkIn::from(&c), &mut params)?;
         next = stream.message().await?;
     }
     asm.finish()?;
