@@ -68,13 +68,16 @@ async fn synthetic_worker(url: String, token: String, rank: usize, spans: Spans)
     let s = RunSettings::try_from(joined.config.unwrap_or_default())?;
     let id = joined.worker_id;
     let total = s.layout().total();
-    let update: Vec<f32> = (0..total)
-        .map(|i| ((i % 97) as f32 - 48.0) * 1e-4)
-        .collect();
+    let update: Arc<Vec<f32>> = Arc::new(
+        (0..total)
+            .map(|i| ((i % 97) as f32 - 48.0) * 1e-4)
+            .collect(),
+    );
+    let mut params = vec![0.0f32; total];
     let mut after = None;
     let mut pushed: Option<(u64, Instant)> = None;
     loop {
-        let pulled = capsnet_worker::pull(&mut client, &id, after, s.wire, total as u64).await?;
+        let o = capsnet_worker::pull_into(&mut client, &id, after, s.wire, &mut params).await?;
         let now = Instant::now();
         if let Some((round, start)) = pushed.take() {
             let mut m = spans.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
@@ -82,7 +85,6 @@ async fn synthetic_worker(url: String, token: String, rank: usize, spans: Spans)
             e.0 = e.0.min(start);
             e.1 = e.1.max(now);
         }
-        let o = pulled.order;
         if o.finished {
             let _ = client
                 .rpc()
@@ -97,7 +99,16 @@ async fn synthetic_worker(url: String, token: String, rank: usize, spans: Spans)
             continue;
         }
         let start = Instant::now();
-        capsnet_worker::push(&mut client, &id, &s, o.round, o.end - o.start, 0.0, &update).await?;
+        capsnet_worker::push(
+            &mut client,
+            &id,
+            &s,
+            o.round,
+            o.end - o.start,
+            0.0,
+            update.clone(),
+        )
+        .await?;
         pushed = Some((o.round, start));
     }
 }

@@ -463,6 +463,11 @@ fn parse_sizes(s: &str) -> Result<Sizes, String> {
         .map(Sizes)
 }
 
+/// mimalloc keeps freed pages for reuse: the sync path moves 33 MB per message in 1 MiB chunks,
+/// and with glibc's allocator every round page-faulted its buffers in afresh.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let cli = Cli::parse();
     init_logging(cli.log_format);

@@ -324,11 +324,16 @@ fn a_restarted_coordinator_resumes_and_workers_reconnect() {
     let (coord, url) = coordinator(tmp.path(), "coordinator", &base);
     let w0 = worker(tmp.path(), &url, 0, &d, &[]);
     let w1 = worker(tmp.path(), &url, 1, &d, &[]);
-    let ck = wait_for("a checkpoint", Duration::from_secs(60), || {
-        capsnet_core::checkpoint::latest_checkpoint(&run)
-            .ok()
-            .flatten()
-    });
+    let ck = wait_for_or_log(
+        "a checkpoint",
+        Duration::from_secs(60),
+        &[&coord, &w0, &w1],
+        || {
+            capsnet_core::checkpoint::latest_checkpoint(&run)
+                .ok()
+                .flatten()
+        },
+    );
     coord.signal(libc::SIGKILL);
     drop(coord);
     let ck_round = capsnet_core::checkpoint::latest_checkpoint(&run)
@@ -382,7 +387,18 @@ mod rejected {
         samples: u64,
         data: &[f32],
     ) -> Vec<pb::UpdateChunk> {
-        encode_chunks(data, Encoding::F32, 4096)
+        chunks_sized(id, round, s, samples, data, s.chunk_bytes)
+    }
+
+    fn chunks_sized(
+        id: &str,
+        round: u64,
+        s: &RunSettings,
+        samples: u64,
+        data: &[f32],
+        chunk_bytes: usize,
+    ) -> Vec<pb::UpdateChunk> {
+        encode_chunks(data, Encoding::F32, chunk_bytes)
             .into_iter()
             .map(|c| pb::UpdateChunk {
                 worker_id: id.into(),
@@ -420,7 +436,16 @@ mod rejected {
             "coordinator",
             &d,
             &run,
-            &["--batch-size", "4", "--max-steps", "2", "--heartbeat", "5s"],
+            &[
+                "--batch-size",
+                "4",
+                "--max-steps",
+                "2",
+                "--heartbeat",
+                "5s",
+                "--chunk-bytes",
+                "4096",
+            ],
         );
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async {
@@ -487,6 +512,31 @@ mod rejected {
             assert_eq!(e.code(), Code::InvalidArgument, "{e}");
             assert!(e.message().contains("digit.weight[5]"), "{e}");
 
+            // Chunks off the run's grid (half the run's chunk size).
+            let e = push(&mut c, chunks_sized(&id, 0, &s, samples, &good, 2048))
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+            assert!(e.message().contains("chunk 0 covers floats 0..512"), "{e}");
+
+            // A corrupt byte in the last chunk, after the others were reduced (with the opposite
+            // sign, so a trace of it in the result would show).
+            let mut msgs = chunks_msg(&id, 0, &s, samples, &vec![-1e-3f32; total as usize]);
+            assert!(msgs.len() > 2);
+            let last = msgs.len() - 1;
+            let mut p = msgs[last].payload.to_vec();
+            p[0] ^= 1;
+            msgs[last].payload = p.into();
+            let e = push(&mut c, msgs).await.unwrap_err();
+            assert_eq!(e.code(), Code::DataLoss, "{e}");
+
+            // Pulling in another encoding than the run's wire.
+            let e = capsnet_worker::pull(&mut c, &id, None, Encoding::Bf16, total)
+                .await
+                .err()
+                .unwrap();
+            assert!(e.to_string().contains("serves parameters as F32"), "{e}");
+
             let mut msgs = chunks_msg(&id, 0, &s, samples, &good);
             let mut p = msgs[1].payload.to_vec();
             p[0] ^= 1;
@@ -510,6 +560,11 @@ mod rejected {
                 .await
                 .unwrap();
             assert_eq!(next.order.round, 1);
+            // Adam's first step moves every parameter by lr against the gradient's sign: only
+            // the valid update was used.
+            for (i, (a, b)) in pulled.params.iter().zip(&next.params).enumerate() {
+                assert!((b - a + 1e-3).abs() < 1e-6, "float {i}: {a} -> {b}");
+            }
             // Now round 0 is stale.
             let e = push(&mut c, chunks_msg(&id, 0, &s, samples, &good))
                 .await

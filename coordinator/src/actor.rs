@@ -1,64 +1,51 @@
 //! The round state machine. One thread owns all mutable state (members, the round, the
 //! updates, parameters and optimizer) and handles one message at a time, so no lock is ever
 //! held across an `.await` and the order of events is the order of messages. gRPC handlers
-//! stream and check chunks themselves and send the actor whole, checked updates.
+//! stream and check chunks themselves and send the actor each checked chunk, which the
+//! [`Reducer`] averages and steps range by range as soon as every expected worker sent it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use capsnet_core::checkpoint::{Checkpoint, Checkpointer, DataPosition, latest_checkpoint};
 use capsnet_core::data::Dataset;
 use capsnet_core::model::Workspace;
-use capsnet_core::optim::Adam;
-use capsnet_core::train::{self, EvalReport};
+use capsnet_core::optim::{Adam, AdamStep};
+use capsnet_core::train::{self, EvalReport, MetricsLog};
 use capsnet_core::{CapsNet, Params};
-use capsnet_proto::wire::{EncodedChunk, encode_chunks};
+use capsnet_proto::wire::{EncodedChunk, chunk_ranges, encode_chunks};
 use capsnet_proto::{Encoding, RunSettings, SyncMode, WorkerState, pb};
-use rayon::prelude::*;
 use tokio::sync::{oneshot, watch};
 
 use crate::config::CoordinatorConfig;
 use crate::error::{CoordinatorError, Result};
 use crate::plan::EpochPlan;
+use crate::reduce::{Reducer, Source};
 
-/// The parameters of a round as served to workers, encoded once per encoding on first use.
+/// The parameters of a round as served to workers: encoded once, in the run's wire encoding,
+/// on the run's chunk grid.
 pub(crate) struct Published {
     pub round: u64,
     pub finished: bool,
-    pub params: Arc<Vec<f32>>,
-    chunk_bytes: usize,
-    f32_chunks: OnceLock<Arc<Vec<EncodedChunk>>>,
-    bf16_chunks: OnceLock<Arc<Vec<EncodedChunk>>>,
+    pub total_len: u64,
+    pub encoding: Encoding,
+    pub chunks: Arc<Vec<EncodedChunk>>,
 }
 
 impl Published {
-    fn new(round: u64, finished: bool, params: Arc<Vec<f32>>, chunk_bytes: usize) -> Self {
-        Published {
-            round,
-            finished,
-            params,
-            chunk_bytes,
-            f32_chunks: OnceLock::new(),
-            bf16_chunks: OnceLock::new(),
-        }
-    }
-
     /// Before the actor has loaded anything.
     pub fn placeholder() -> Self {
-        Published::new(0, false, Arc::new(vec![]), 1 << 20)
-    }
-
-    pub fn chunks(&self, enc: Encoding) -> Arc<Vec<EncodedChunk>> {
-        let cell = if enc == Encoding::Bf16 {
-            &self.bf16_chunks
-        } else {
-            &self.f32_chunks
-        };
-        cell.get_or_init(|| Arc::new(encode_chunks(&self.params, enc, self.chunk_bytes)))
-            .clone()
+        Published {
+            round: 0,
+            finished: false,
+            total_len: 0,
+            encoding: Encoding::F32,
+            chunks: Arc::new(vec![]),
+        }
     }
 }
 
@@ -78,14 +65,31 @@ pub(crate) enum Msg {
         after_round: Option<u64>,
         reply: oneshot::Sender<Result<PullReply>>,
     },
-    Submit {
+    /// The first chunk of an update arrived: checks the round, membership and sample count
+    /// before the rest is read; replies with the member index the chunks go to.
+    Begin {
         worker_id: String,
         round: u64,
         samples: u64,
         loss: f64,
-        data: Vec<f32>,
+        encoding: Encoding,
+        reply: oneshot::Sender<Result<usize>>,
+    },
+    /// A checked chunk `index` of the run's grid.
+    Chunk {
+        member: usize,
+        round: u64,
+        index: usize,
+        payload: Bytes,
+    },
+    /// Every chunk arrived and the whole checked out.
+    End {
+        member: usize,
+        round: u64,
         reply: oneshot::Sender<Result<u64>>,
     },
+    /// The update failed or its stream was dropped: forget it.
+    Abort { member: usize, round: u64 },
     Touch {
         worker_id: String,
         reply: oneshot::Sender<Result<(u64, WorkerState)>>,
@@ -111,19 +115,12 @@ struct Worker {
     last_round: u64,
 }
 
-struct Update {
-    samples: u64,
-    loss: f64,
-    data: Vec<f32>,
-}
-
-/// Appends JSON lines to metrics.jsonl; shared with evaluation threads.
-pub(crate) struct Metrics(std::fs::File);
+/// metrics.jsonl, shared with evaluation threads.
+pub(crate) struct Metrics(MetricsLog);
 
 impl Metrics {
     fn write(&mut self, v: serde_json::Value) {
-        use std::io::Write;
-        if let Err(e) = writeln!(self.0, "{v}") {
+        if let Err(e) = self.0.write(&v) {
             tracing::warn!(error = %e, "cannot write metrics.jsonl");
         }
     }
@@ -152,7 +149,7 @@ pub(crate) struct Actor {
     plan: Option<EpochPlan>,
     workers: BTreeMap<String, Worker>,
     names: HashMap<String, String>,
-    updates: BTreeMap<usize, Update>,
+    reducer: Reducer,
     round_started: Instant,
     first_update: Option<Instant>,
     first_join: Option<Instant>,
@@ -223,12 +220,7 @@ impl Actor {
         let json =
             serde_json::to_string_pretty(t).map_err(|e| CoordinatorError::Io(e.to_string()))?;
         capsnet_core::checkpoint::write_atomic(&t.run_dir.join("config.json"), json.as_bytes())?;
-        let metrics_path = t.run_dir.join("metrics.jsonl");
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&metrics_path)
-            .map_err(|e| CoordinatorError::Io(format!("{}: {e}", metrics_path.display())))?;
+        let metrics = MetricsLog::open(&t.run_dir)?;
         let settings = RunSettings {
             model: t.model.clone(),
             adam: t.adam.clone(),
@@ -249,6 +241,7 @@ impl Actor {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
+        let n_floats = params.data.len();
         let actor = Actor {
             checkpointer: Arc::new(Mutex::new(Checkpointer::new(
                 &t.run_dir,
@@ -267,14 +260,19 @@ impl Actor {
             plan: None,
             workers: BTreeMap::new(),
             names: HashMap::new(),
-            updates: BTreeMap::new(),
+            reducer: Reducer::new(
+                Arc::new(chunk_ranges(n_floats, cfg.wire, cfg.chunk_bytes).collect()),
+                cfg.wire,
+                n_floats,
+                cfg.sync_mode == SyncMode::Grad,
+            ),
             round_started: Instant::now(),
             first_update: None,
             first_join: None,
             samples_seen: 0,
             finished: false,
             published,
-            metrics: Arc::new(Mutex::new(Metrics(file))),
+            metrics: Arc::new(Mutex::new(Metrics(metrics))),
             last_eval: Arc::new(Mutex::new(None)),
             background: vec![],
             last_checkpoint: Arc::new(Mutex::new(None)),
@@ -287,14 +285,20 @@ impl Actor {
         Ok(actor)
     }
 
+    /// Serves the current parameters (encoded here: at start, on resume and at the end).
     fn publish(&self) {
-        let p = Published::new(
-            self.round,
-            self.finished,
-            Arc::new(self.params.data.clone()),
-            self.cfg.chunk_bytes,
-        );
-        self.published.send_replace(Arc::new(p));
+        let chunks = encode_chunks(&self.params.data, self.cfg.wire, self.cfg.chunk_bytes);
+        self.publish_chunks(chunks);
+    }
+
+    fn publish_chunks(&self, chunks: Vec<EncodedChunk>) {
+        self.published.send_replace(Arc::new(Published {
+            round: self.round,
+            finished: self.finished,
+            total_len: self.params.data.len() as u64,
+            encoding: self.cfg.wire,
+            chunks: Arc::new(chunks),
+        }));
     }
 
     fn plan_done(&self) -> bool {
@@ -357,19 +361,66 @@ impl Actor {
             } => {
                 let _ = reply.send(self.pull(&worker_id, after_round));
             }
-            Msg::Submit {
+            Msg::Begin {
                 worker_id,
                 round,
                 samples,
                 loss,
-                data,
+                encoding,
                 reply,
             } => {
-                let _ = reply.send(self.submit(&worker_id, round, samples, loss, data));
+                let _ = reply.send(self.begin(&worker_id, round, samples, loss, encoding));
+            }
+            Msg::Chunk {
+                member,
+                round,
+                index,
+                payload,
+            } => {
+                if round == self.round && !self.finished {
+                    let expected = self.expected();
+                    let src = Source {
+                        params: &self.params.data,
+                        m: &self.adam.m,
+                        v: &self.adam.v,
+                        step: self.step(),
+                    };
+                    self.reducer.chunk(member, index, payload, &expected, &src);
+                }
+            }
+            Msg::End {
+                member,
+                round,
+                reply,
+            } => {
+                let r = if round != self.round || self.finished {
+                    Err(CoordinatorError::StaleRound {
+                        got: round,
+                        current: self.round,
+                    })
+                } else {
+                    self.reducer.end(member).map(|()| round)
+                };
+                let _ = reply.send(r);
+            }
+            Msg::Abort { member, round } => {
+                if round == self.round && !self.reducer.complete(member) {
+                    self.reducer.abort(member);
+                }
             }
             Msg::Touch { worker_id, reply } => {
+                let member = self.names.get(&worker_id).is_some_and(|n| {
+                    self.plan
+                        .as_ref()
+                        .is_some_and(|p| p.member_index(n).is_some())
+                });
                 let r = self.worker_mut(&worker_id).map(|w| {
                     w.last_seen = Instant::now();
+                    // Alive again but without a shard: it gets one from the next epoch. (A plan
+                    // member that missed a deadline is back once it pulls a round.)
+                    if w.state == WorkerState::Unhealthy && !member {
+                        w.state = WorkerState::Joining;
+                    }
                     w.state
                 });
                 let _ = reply.send(r.map(|s| (self.round, s)));
@@ -488,7 +539,7 @@ impl Actor {
         let range = member
             .map(|k| plan.work(k, self.round_in_epoch))
             .unwrap_or(0..0);
-        let done = member.is_some_and(|k| self.updates.contains_key(&k));
+        let done = member.is_some_and(|k| self.reducer.complete(k));
         if member.is_some() {
             // Back at work after a missed deadline: expected again from this round on.
             if let Some(w) = self.workers.get_mut(&name) {
@@ -509,14 +560,19 @@ impl Actor {
         Ok(PullReply::Ready(order, self.published_now()))
     }
 
-    fn submit(
+    /// This round's Adam step (none in params mode).
+    fn step(&self) -> Option<AdamStep> {
+        (self.cfg.sync_mode == SyncMode::Grad).then(|| self.adam.next_step())
+    }
+
+    fn begin(
         &mut self,
         id: &str,
         round: u64,
         samples: u64,
         loss: f64,
-        data: Vec<f32>,
-    ) -> Result<u64> {
+        encoding: Encoding,
+    ) -> Result<usize> {
         let current = self.round;
         self.worker_mut(id)?.last_seen = Instant::now();
         if self.finished {
@@ -536,7 +592,7 @@ impl Actor {
         let k = plan
             .member_index(&name)
             .ok_or_else(|| CoordinatorError::NotMember(id.into()))?;
-        if self.updates.contains_key(&k) {
+        if self.reducer.has(k) {
             return Err(CoordinatorError::Duplicate(id.into(), round));
         }
         let want = plan.work(k, self.round_in_epoch).len() as u64;
@@ -545,27 +601,13 @@ impl Actor {
                 "update covers {samples} samples, this round's work order has {want}"
             )));
         }
-        if data.len() != self.params.data.len() {
-            return Err(CoordinatorError::BadUpdate(format!(
-                "update has {} floats, the model has {}",
-                data.len(),
-                self.params.data.len()
-            )));
-        }
         if let Some(w) = self.workers.get_mut(&name) {
             w.state = WorkerState::Healthy;
             w.last_round = round;
         }
         self.first_update.get_or_insert_with(Instant::now);
-        self.updates.insert(
-            k,
-            Update {
-                samples,
-                loss,
-                data,
-            },
-        );
-        Ok(round)
+        self.reducer.begin(k, samples, loss, encoding);
+        Ok(k)
     }
 
     fn status(&self) -> pb::StatusResponse {
@@ -596,6 +638,24 @@ impl Actor {
         }
     }
 
+    /// Plan members this round waits for: healthy, with work this round.
+    fn expected(&self) -> Vec<usize> {
+        let Some(plan) = &self.plan else {
+            return vec![];
+        };
+        plan.members
+            .iter()
+            .enumerate()
+            .filter(|(k, name)| {
+                self.workers
+                    .get(*name)
+                    .is_some_and(|w| w.state == WorkerState::Healthy)
+                    && !plan.work(*k, self.round_in_epoch).is_empty()
+            })
+            .map(|(k, _)| k)
+            .collect()
+    }
+
     fn tick(&mut self) {
         if self.finished || self.stop {
             return;
@@ -615,28 +675,17 @@ impl Actor {
             self.maybe_start(now);
             return;
         }
+        let expected = self.expected();
         let Some(plan) = &self.plan else { return };
-        let expected: Vec<usize> = plan
-            .members
-            .iter()
-            .enumerate()
-            .filter(|(k, name)| {
-                self.workers
-                    .get(*name)
-                    .is_some_and(|w| w.state == WorkerState::Healthy)
-                    && !plan.work(*k, self.round_in_epoch).is_empty()
-            })
-            .map(|(k, _)| k)
-            .collect();
-        let all_in =
-            !self.updates.is_empty() && expected.iter().all(|k| self.updates.contains_key(k));
+        let done = self.reducer.completed();
+        let all_in = !done.is_empty() && expected.iter().all(|k| done.contains(k));
         let deadline = now - self.round_started >= self.cfg.round_timeout;
-        if all_in && self.updates.len() >= self.cfg.min_workers.min(expected.len().max(1)) {
+        if all_in && done.len() >= self.cfg.min_workers.min(expected.len().max(1)) {
             self.close_round();
-        } else if deadline && self.updates.len() >= self.cfg.min_workers {
+        } else if deadline && done.len() >= self.cfg.min_workers {
             let missing: Vec<String> = expected
                 .iter()
-                .filter(|k| !self.updates.contains_key(k))
+                .filter(|k| !done.contains(k))
                 .map(|&k| plan.members[k].clone())
                 .collect();
             for name in &missing {
@@ -649,7 +698,7 @@ impl Actor {
         } else if deadline && !self.waiting_logged {
             tracing::warn!(
                 round = self.round,
-                updates = self.updates.len(),
+                updates = done.len(),
                 min_workers = self.cfg.min_workers,
                 "round deadline passed with too few updates; waiting for workers"
             );
@@ -703,44 +752,32 @@ impl Actor {
         self.waiting_logged = false;
     }
 
-    /// Averages the updates (weighted by samples, in member order, so the result does not
-    /// depend on arrival order), applies them and opens the next round.
+    /// Finishes the reduction over the complete updates (weighted by samples, in member order,
+    /// so the result does not depend on arrival order), commits it and opens the next round.
     fn close_round(&mut self) {
         let t0 = Instant::now();
-        let updates = std::mem::take(&mut self.updates);
-        let total: u64 = updates.values().map(|u| u.samples).sum();
-        let weights: Vec<(f32, &[f32])> = updates
-            .values()
-            .map(|u| ((u.samples as f64 / total as f64) as f32, u.data.as_slice()))
-            .collect();
-        let loss = updates
-            .values()
-            .map(|u| u.loss * u.samples as f64)
-            .sum::<f64>()
-            / total as f64;
-        let mut avg = vec![0.0f32; self.params.data.len()];
-        const CHUNK: usize = 1 << 14;
-        avg.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
-            let (base, len) = (c * CHUNK, out.len());
-            for (w, data) in &weights {
-                for (o, x) in out.iter_mut().zip(&data[base..base + len]) {
-                    *o += w * x;
-                }
-            }
-        });
-        match self.cfg.sync_mode {
-            SyncMode::Params => self.params.data = avg,
-            _ => {
-                if let Err(e) = self.adam.update(&mut self.params.data, &avg) {
-                    tracing::error!(error = %e, "optimizer update failed");
-                }
-            }
+        let src = Source {
+            params: &self.params.data,
+            m: &self.adam.m,
+            v: &self.adam.v,
+            step: self.step(),
+        };
+        let Some(closed) = self.reducer.close(&src) else {
+            return;
+        };
+        // Commit: the stepped buffers become the state; the old ones are next round's buffers.
+        std::mem::swap(&mut self.params.data, &mut self.reducer.next_params);
+        if self.cfg.sync_mode == SyncMode::Grad {
+            std::mem::swap(&mut self.adam.m, &mut self.reducer.next_m);
+            std::mem::swap(&mut self.adam.v, &mut self.reducer.next_v);
+            self.adam.step += 1;
         }
+        let (total, loss, chunks) = (closed.samples, closed.loss, closed.chunks);
         let reduce_s = t0.elapsed().as_secs_f64();
         let round_s = (t0 - self.round_started).as_secs_f64();
         let sync_s = self.first_update.map_or(0.0, |f| (t0 - f).as_secs_f64()) + reduce_s;
         self.samples_seen += total;
-        let workers = updates.len();
+        let workers = closed.members.len();
         let closed = self.round;
         self.round += 1;
         self.round_in_epoch += 1;
@@ -776,6 +813,14 @@ impl Actor {
             self.finish();
             return;
         }
+        if epoch_end {
+            self.start_epoch();
+        }
+        self.first_update = None;
+        self.round_started = Instant::now();
+        self.waiting_logged = false;
+        // Workers get the new parameters before any snapshot is taken for evaluation.
+        self.publish_chunks(chunks);
         let every = self.cfg.eval_every;
         if epoch_end || (every > 0 && self.round % every == 0) {
             self.spawn_eval();
@@ -785,13 +830,6 @@ impl Actor {
         {
             let _ = self.checkpoint_now(false);
         }
-        if epoch_end {
-            self.start_epoch();
-        }
-        self.first_update = None;
-        self.round_started = Instant::now();
-        self.waiting_logged = false;
-        self.publish();
     }
 
     fn position(&self) -> DataPosition {

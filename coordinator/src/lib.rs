@@ -5,7 +5,8 @@
 //! - [`plan`]: which samples each member works on, per epoch and round (pure functions).
 //! - `actor`: the round state machine, on one thread: members and their states, updates,
 //!   averaging in member order, Adam, evaluation and checkpoints in the background.
-//! - `service`: the tonic service; streams and checks chunks, hands whole updates to the actor.
+//! - `reduce`: one round's updates, averaged and stepped range by range while they stream in.
+//! - `service`: the tonic service; streams and checks chunks, hands each to the actor.
 //! - [`auth`]: the bearer-token interceptor.
 //! - [`error`]: [`CoordinatorError`] and its mapping to gRPC statuses (the only one).
 //!
@@ -26,6 +27,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod plan;
+mod reduce;
 mod service;
 
 pub use actor::Outcome;
@@ -75,6 +77,10 @@ pub async fn serve(
         num_floats: model_layout.total() as u64,
         layout_hash: capsnet_proto::layout_hash(&model_layout),
         names: Arc::new(names),
+        grid: Arc::new(
+            capsnet_proto::wire::chunk_ranges(model_layout.total(), cfg.wire, cfg.chunk_bytes)
+                .collect(),
+        ),
     };
     let (health, health_svc) = tonic_health::server::health_reporter();
     health

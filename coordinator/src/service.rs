@@ -1,15 +1,17 @@
 //! The gRPC service: streams chunks in and out, checks them, and asks the actor for the rest.
 
+use std::ops::Range;
 use std::pin::Pin;
 use std::sync::{Arc, mpsc};
 
-use capsnet_proto::wire::{Assembler, ChunkIn};
+use capsnet_proto::wire::{Assembler, ChunkIn, first_non_finite};
 use capsnet_proto::{Encoding, pb};
 use futures_util::Stream;
 use tokio::sync::{oneshot, watch};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::actor::{Msg, Published, PullReply};
+
 use crate::error::CoordinatorError;
 
 #[derive(Clone)]
@@ -18,7 +20,29 @@ pub(crate) struct Service {
     pub published: watch::Receiver<Arc<Published>>,
     pub num_floats: u64,
     pub layout_hash: u64,
-    pub names: Arc<Vec<(String, std::ops::Range<usize>)>>,
+    pub names: Arc<Vec<(String, Range<usize>)>>,
+    /// The run's chunk grid: update chunk `i` must cover exactly `grid[i]`.
+    pub grid: Arc<Vec<Range<usize>>>,
+}
+
+/// Tells the actor to forget an update whose stream ended early or failed (also when the
+/// client went away and the handler was dropped mid-stream).
+struct AbortOnDrop {
+    tx: mpsc::Sender<Msg>,
+    member: usize,
+    round: u64,
+    armed: bool,
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self.tx.send(Msg::Abort {
+                member: self.member,
+                round: self.round,
+            });
+        }
+    }
 }
 
 impl Service {
@@ -66,16 +90,8 @@ impl pb::coordinator_server::Coordinator for Service {
         req: Request<pb::PullRequest>,
     ) -> Result<Response<ChunkStream>, Status> {
         let r = req.into_inner();
-        let enc = match Encoding::try_from(r.encoding) {
-            Ok(Encoding::Bf16) => Encoding::Bf16,
-            Ok(_) => Encoding::F32,
-            Err(_) => {
-                return Err(Status::invalid_argument(format!(
-                    "unknown encoding {}",
-                    r.encoding
-                )));
-            }
-        };
+        let asked = Encoding::try_from(r.encoding)
+            .map_err(|_| Status::invalid_argument(format!("unknown encoding {}", r.encoding)))?;
         let mut watch = self.published.clone();
         let (order, snapshot) = loop {
             // Mark the current value seen before asking, so a round published in between wakes us.
@@ -96,8 +112,14 @@ impl pb::coordinator_server::Coordinator for Service {
                 }
             }
         };
-        let chunks = snapshot.chunks(enc);
-        let total = snapshot.params.len() as u64;
+        let enc = snapshot.encoding;
+        if asked != Encoding::Unspecified && asked != enc {
+            return Err(Status::invalid_argument(format!(
+                "this run serves parameters as {enc:?} (the coordinator's --wire), not {asked:?}"
+            )));
+        }
+        let chunks = snapshot.chunks.clone();
+        let total = snapshot.total_len;
         let round = snapshot.round;
         let n = chunks.len();
         let mut order = Some(order);
@@ -146,14 +168,26 @@ impl pb::coordinator_server::Coordinator for Service {
         let enc = Encoding::try_from(first.encoding).unwrap_or(Encoding::Unspecified);
         let mut asm = Assembler::new(self.num_floats, first.total_len, enc)
             .map_err(CoordinatorError::from)?;
-        let mut data = vec![0.0f32; self.num_floats as usize];
-        let (worker_id, round, samples, loss) = (
-            first.worker_id.clone(),
-            first.round,
-            first.samples,
-            first.loss,
-        );
+        let (worker_id, round) = (first.worker_id.clone(), first.round);
+        let member = self
+            .ask(|reply| Msg::Begin {
+                worker_id: worker_id.clone(),
+                round,
+                samples: first.samples,
+                loss: first.loss,
+                encoding: enc,
+                reply,
+            })
+            .await??;
+        // From here on, any way out but a complete update makes the actor forget this one.
+        let mut guard = AbortOnDrop {
+            tx: self.tx.clone(),
+            member,
+            round,
+            armed: true,
+        };
         let mut next = Some(first);
+        let mut index = 0;
         while let Some(c) = next {
             if c.round != round || c.worker_id != worker_id {
                 return Err(CoordinatorError::BadUpdate(
@@ -161,29 +195,44 @@ impl pb::coordinator_server::Coordinator for Service {
                 )
                 .into());
             }
-            asm.accept(ChunkIn::from(&c), &mut data)
+            let r = asm
+                .check(ChunkIn::from(&c))
                 .map_err(CoordinatorError::from)?;
+            if self.grid.get(index) != Some(&r) {
+                return Err(CoordinatorError::BadUpdate(format!(
+                    "chunk {index} covers floats {r:?}; this run's chunks cover {:?} \
+                     (chunk_bytes and wire of the run config)",
+                    self.grid.get(index).cloned().unwrap_or(0..0)
+                ))
+                .into());
+            }
+            if let Some((i, x)) = first_non_finite(&c.payload, enc) {
+                return Err(CoordinatorError::BadUpdate(format!(
+                    "update holds a non-finite value ({x}) at {}",
+                    self.locate(r.start + i)
+                ))
+                .into());
+            }
+            self.tx
+                .send(Msg::Chunk {
+                    member,
+                    round,
+                    index,
+                    payload: c.payload,
+                })
+                .map_err(|_| Status::from(CoordinatorError::ShuttingDown))?;
+            index += 1;
             next = stream.message().await?;
         }
         asm.finish().map_err(CoordinatorError::from)?;
-        if let Some(i) = data.iter().position(|x| !x.is_finite()) {
-            return Err(CoordinatorError::BadUpdate(format!(
-                "update holds a non-finite value ({}) at {}",
-                data[i],
-                self.locate(i)
-            ))
-            .into());
-        }
         let out = self
-            .ask(|reply| Msg::Submit {
-                worker_id,
+            .ask(|reply| Msg::End {
+                member,
                 round,
-                samples,
-                loss,
-                data,
                 reply,
             })
             .await?;
+        guard.armed = out.is_err();
         Ok(Response::new(pb::PushResponse { round: out? }))
     }
 

@@ -93,6 +93,23 @@ impl Adam {
         }
     }
 
+    /// The constants of the next update (the `step + 1`-th), without applying it: the
+    /// coordinator applies one update range by range as the averaged gradient comes together.
+    pub fn next_step(&self) -> AdamStep {
+        let c = &self.config;
+        let lr = c.lr_at(self.step);
+        let t = (self.step + 1) as f64;
+        let bc1 = 1.0 - f64::from(c.beta1).powf(t);
+        let bc2 = 1.0 - f64::from(c.beta2).powf(t);
+        AdamStep {
+            step_size: (f64::from(lr) / bc1) as f32,
+            inv_sqrt_bc2: (1.0 / bc2.sqrt()) as f32,
+            b1: c.beta1,
+            b2: c.beta2,
+            eps: c.eps,
+        }
+    }
+
     /// One update, exactly PyTorch's `torch.optim.Adam` (bias-corrected moments,
     /// `p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)`), at the decayed learning rate.
     pub fn update(&mut self, params: &mut [f32], grads: &[f32]) -> Result<()> {
@@ -103,15 +120,8 @@ impl Adam {
                 got: vec![params.len(), grads.len()],
             });
         }
-        let c = &self.config;
-        let lr = self.config.lr_at(self.step);
+        let s = self.next_step();
         self.step += 1;
-        let t = self.step as f64;
-        let bc1 = 1.0 - f64::from(c.beta1).powf(t);
-        let bc2 = 1.0 - f64::from(c.beta2).powf(t);
-        let step_size = (f64::from(lr) / bc1) as f32;
-        let inv_sqrt_bc2 = (1.0 / bc2.sqrt()) as f32;
-        let (b1, b2, eps) = (c.beta1, c.beta2, c.eps);
         const CHUNK: usize = 1 << 14;
         params
             .par_chunks_mut(CHUNK)
@@ -121,20 +131,93 @@ impl Adam {
                     .par_chunks_mut(CHUNK)
                     .zip(self.v.par_chunks_mut(CHUNK)),
             )
-            .for_each(|((p, g), (m, v))| {
-                for i in 0..p.len() {
-                    m[i] = b1 * m[i] + (1.0 - b1) * g[i];
-                    v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
-                    p[i] -= step_size * m[i] / (v[i].sqrt() * inv_sqrt_bc2 + eps);
-                }
-            });
+            .for_each(|((p, g), (m, v))| s.apply(p, g, m, v));
         Ok(())
+    }
+}
+
+/// One Adam update's constants, applicable to any range of the flat vector.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamStep {
+    step_size: f32,
+    inv_sqrt_bc2: f32,
+    b1: f32,
+    b2: f32,
+    eps: f32,
+}
+
+impl AdamStep {
+    /// The update of one element: `(p, m, v)` after gradient `g`.
+    #[inline(always)]
+    fn element(&self, p: f32, m: f32, v: f32, g: f32) -> (f32, f32, f32) {
+        let m = self.b1 * m + (1.0 - self.b1) * g;
+        let v = self.b2 * v + (1.0 - self.b2) * g * g;
+        (
+            p - self.step_size * m / (v.sqrt() * self.inv_sqrt_bc2 + self.eps),
+            m,
+            v,
+        )
+    }
+
+    /// Updates `p`, `m` and `v` in place (all slices the same length).
+    pub fn apply(&self, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+        let n = p.len().min(g.len()).min(m.len()).min(v.len());
+        for i in 0..n {
+            (p[i], m[i], v[i]) = self.element(p[i], m[i], v[i], g[i]);
+        }
+    }
+
+    /// Writes the updated `p`, `m` and `v` to the `*_out` slices, leaving the inputs as they
+    /// were (all slices the same length).
+    pub fn apply_into(
+        &self,
+        (p, m, v): (&[f32], &[f32], &[f32]),
+        g: &[f32],
+        (p_out, m_out, v_out): (&mut [f32], &mut [f32], &mut [f32]),
+    ) {
+        let n = p.len().min(g.len()).min(m.len()).min(v.len());
+        let n = n.min(p_out.len()).min(m_out.len()).min(v_out.len());
+        for i in 0..n {
+            (p_out[i], m_out[i], v_out[i]) = self.element(p[i], m[i], v[i], g[i]);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_step_applied_by_ranges_equals_the_whole_update_bit_for_bit() {
+        let n = 1000;
+        let grads: Vec<Vec<f32>> = (0..3)
+            .map(|k| {
+                (0..n)
+                    .map(|i| ((i * 7 + k * 13) as f32 * 0.01).sin())
+                    .collect()
+            })
+            .collect();
+        let mut whole = Adam::new(AdamConfig::default(), n);
+        let mut p_whole: Vec<f32> = (0..n).map(|i| i as f32 * 1e-3).collect();
+        let mut ranged = whole.clone();
+        let mut p = p_whole.clone();
+        for g in &grads {
+            whole.update(&mut p_whole, g).unwrap();
+            let s = ranged.next_step();
+            let (mut p2, mut m2, mut v2) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+            for r in [0..300, 300..301, 301..n] {
+                s.apply_into(
+                    (&p[r.clone()], &ranged.m[r.clone()], &ranged.v[r.clone()]),
+                    &g[r.clone()],
+                    (&mut p2[r.clone()], &mut m2[r.clone()], &mut v2[r.clone()]),
+                );
+            }
+            (p, ranged.m, ranged.v) = (p2, m2, v2);
+            ranged.step += 1;
+        }
+        assert_eq!(p, p_whole);
+        assert_eq!(ranged, whole);
+    }
 
     #[test]
     fn first_step_moves_each_parameter_by_lr_against_the_gradient_sign() {

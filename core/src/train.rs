@@ -210,24 +210,42 @@ pub fn evaluate(
     })
 }
 
-/// Appends JSON lines to `metrics.jsonl`.
-struct Metrics {
+/// Appends JSON lines to `metrics.jsonl`, each in a single `write` so that a process killed
+/// mid-line cannot tear it; a line torn before (by a crash) is closed when the file is opened,
+/// so a resumed run's lines stay readable.
+pub struct MetricsLog {
     file: std::fs::File,
     path: PathBuf,
 }
 
-impl Metrics {
-    fn open(run_dir: &Path) -> Result<Self> {
+impl MetricsLog {
+    pub fn open(run_dir: &Path) -> Result<Self> {
+        use std::io::{Read, Seek, SeekFrom};
         let path = run_dir.join("metrics.jsonl");
-        let file = std::fs::OpenOptions::new()
+        let mut file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .read(true)
             .open(&path)
             .map_err(|e| CoreError::io(&path, e))?;
-        Ok(Metrics { file, path })
+        let len = file.metadata().map_err(|e| CoreError::io(&path, e))?.len();
+        if len > 0 {
+            let mut last = [0u8];
+            file.seek(SeekFrom::End(-1))
+                .and_then(|_| file.read_exact(&mut last))
+                .map_err(|e| CoreError::io(&path, e))?;
+            if last[0] != b'\n' {
+                file.write_all(b"\n").map_err(|e| CoreError::io(&path, e))?;
+            }
+        }
+        Ok(MetricsLog { file, path })
     }
-    fn write(&mut self, v: serde_json::Value) -> Result<()> {
-        writeln!(self.file, "{v}").map_err(|e| CoreError::io(&self.path, e))
+
+    pub fn write(&mut self, v: &serde_json::Value) -> Result<()> {
+        let line = format!("{v}\n");
+        self.file
+            .write_all(line.as_bytes())
+            .map_err(|e| CoreError::io(&self.path, e))
     }
 }
 
@@ -276,7 +294,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, observer: &mut dyn Observer) -> Re
         source,
     })?;
     crate::checkpoint::write_atomic(&cfg.run_dir.join("config.json"), json.as_bytes())?;
-    let mut metrics = Metrics::open(&cfg.run_dir)?;
+    let mut metrics = MetricsLog::open(&cfg.run_dir)?;
     let ckpt = Checkpointer::new(&cfg.run_dir, cfg.keep_checkpoints);
 
     let n = train_ds.len();
@@ -358,7 +376,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, observer: &mut dyn Observer) -> Re
                             source,
                         })?;
                     v["kind"] = "train".into();
-                    metrics.write(v)?;
+                    metrics.write(&v)?;
                     window = (Instant::now(), 0);
                 }
                 if cfg.checkpoint_every > 0 && adam.step % cfg.checkpoint_every == 0 {
@@ -405,8 +423,8 @@ pub fn train(cfg: &TrainConfig, resume: bool, observer: &mut dyn Observer) -> Re
     })
 }
 
-fn write_eval(metrics: &mut Metrics, step: u64, epoch: u64, e: &EvalReport) -> Result<()> {
-    metrics.write(serde_json::json!({
+fn write_eval(metrics: &mut MetricsLog, step: u64, epoch: u64, e: &EvalReport) -> Result<()> {
+    metrics.write(&serde_json::json!({
         "kind": "eval", "step": step, "epoch": epoch, "test_accuracy": e.accuracy,
         "test_margin_loss": e.margin_loss, "test_reconstruction_loss": e.reconstruction_loss, "samples": e.samples,
     }))

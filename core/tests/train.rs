@@ -209,3 +209,22 @@ fn bad_values_are_rejected_before_any_work() {
         "a rejected run created its run dir"
     );
 }
+
+/// A line torn by a crash (a process killed mid-write) is closed when the log is opened again,
+/// so the resumed run's lines parse.
+#[test]
+fn a_torn_metrics_line_does_not_swallow_the_next_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("metrics.jsonl");
+    std::fs::write(&path, "{\"kind\":\"train\",\"step\":1}\n{\"kind\":\"tra").unwrap();
+    let mut log = train::MetricsLog::open(dir.path()).unwrap();
+    log.write(&serde_json::json!({"kind": "train", "step": 2}))
+        .unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let parsed: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert_eq!(parsed.len(), 2, "{text}");
+    assert_eq!(parsed[1]["step"], 2);
+}

@@ -19,8 +19,9 @@ use capsnet_core::model::{Mask, PassOptions, Workspace};
 use capsnet_core::optim::Adam;
 use capsnet_core::rng::Rng;
 use capsnet_core::{CapsNet, Params};
-use capsnet_proto::wire::{Assembler, ChunkIn, encode_chunks};
+use capsnet_proto::wire::{Assembler, ChunkIn, chunk_ranges, encode};
 use capsnet_proto::{Encoding, RunSettings, SyncMode, pb};
+use tokio_stream::StreamExt;
 use tonic::Code;
 
 pub mod client;
@@ -96,6 +97,19 @@ pub async fn pull(
     enc: Encoding,
     total: u64,
 ) -> Result<Pulled> {
+    let mut params = vec![0.0f32; total as usize];
+    let order = pull_into(client, id, after, enc, &mut params).await?;
+    Ok(Pulled { order, params })
+}
+
+/// [`pull`] into a buffer the caller keeps across rounds (its length is the model's size).
+pub async fn pull_into(
+    client: &mut Client,
+    id: &str,
+    after: Option<u64>,
+    enc: Encoding,
+    params: &mut [f32],
+) -> Result<pb::WorkOrder> {
     let req = pb::PullRequest {
         worker_id: id.to_string(),
         after_round: after,
@@ -109,22 +123,22 @@ pub async fn pull(
     let order = first
         .work
         .ok_or_else(|| tonic::Status::data_loss("first chunk carries no work order"))?;
-    let mut params = vec![0.0f32; total as usize];
     let mut asm = Assembler::new(
-        total,
+        params.len() as u64,
         first.total_len,
         Encoding::try_from(first.encoding).unwrap_or(Encoding::Unspecified),
     )?;
     let mut next = Some(first);
     while let Some(c) = next {
-        asm.accept(ChunkIn::from(&c), &mut params)?;
+        asm.accept(ChunkIn::from(&c), params)?;
         next = stream.message().await?;
     }
     asm.finish()?;
-    Ok(Pulled { order, params })
+    Ok(order)
 }
 
-/// Streams one update for `round`.
+/// Streams one update for `round`. Chunks are encoded as the stream is sent, so encoding one
+/// overlaps sending the one before.
 pub async fn push(
     client: &mut Client,
     id: &str,
@@ -132,27 +146,33 @@ pub async fn push(
     round: u64,
     samples: u64,
     loss: f64,
-    data: &[f32],
+    data: Arc<Vec<f32>>,
 ) -> Result<()> {
-    let chunks = encode_chunks(data, s.wire, s.chunk_bytes);
     let total = data.len() as u64;
-    let msgs: Vec<pb::UpdateChunk> = chunks
-        .into_iter()
-        .map(|c| pb::UpdateChunk {
-            worker_id: id.to_string(),
+    let ranges: Vec<_> = chunk_ranges(data.len(), s.wire, s.chunk_bytes).collect();
+    let last = ranges.len().saturating_sub(1);
+    let (id, wire, layout_hash) = (id.to_string(), s.wire, s.layout_hash);
+    let mut whole = crc32fast::Hasher::new();
+    let msgs = tokio_stream::iter(ranges.into_iter().enumerate()).map(move |(i, r)| {
+        let payload = encode(&data[r.clone()], wire);
+        let mut h = crc32fast::Hasher::new();
+        h.update(&payload);
+        whole.combine(&h);
+        pb::UpdateChunk {
+            worker_id: id.clone(),
             round,
-            offset: c.offset,
+            offset: r.start as u64,
             total_len: total,
-            encoding: s.wire as i32,
-            payload: c.payload,
-            crc32: c.crc32,
+            encoding: wire as i32,
+            payload,
+            crc32: h.finalize(),
             samples,
-            layout_hash: s.layout_hash,
-            total_crc32: c.total_crc32,
+            layout_hash,
+            total_crc32: (i == last).then(|| whole.clone().finalize()),
             loss,
-        })
-        .collect();
-    client.rpc().push_update(tokio_stream::iter(msgs)).await?;
+        }
+    });
+    client.rpc().push_update(msgs).await?;
     Ok(())
 }
 
@@ -332,16 +352,8 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
         let settings = RunSettings::try_from(joined.config.unwrap_or_default())?;
         let id = joined.worker_id.clone();
         tracing::info!(worker = %id, rank = joined.rank, round = joined.round, "joined");
-        if replica.as_ref().is_none_or(|r| r.settings != settings) {
-            let (s, c) = (settings.clone(), cfg.clone());
-            replica = Some(
-                tokio::task::spawn_blocking(move || Replica::new(s, &c))
-                    .await
-                    .map_err(|e| WorkerError::Internal(format!("loading data: {e}")))??,
-            );
-        }
-        tracing::debug!(phase = ?Phase::Working);
-        // Heartbeats in the background; a NotFound means the coordinator forgot us.
+        // Heartbeats in the background from the moment we joined (loading the data can take
+        // longer than the coordinator waits for a heartbeat); a NotFound means it forgot us.
         let (lost_tx, mut lost) = tokio::sync::watch::channel(false);
         let hb = {
             let mut c = client.clone();
@@ -369,6 +381,21 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                 }
             })
         };
+        if replica.as_ref().is_none_or(|r| r.settings != settings) {
+            let (s, c) = (settings.clone(), cfg.clone());
+            let loaded = tokio::task::spawn_blocking(move || Replica::new(s, &c))
+                .await
+                .map_err(|e| WorkerError::Internal(format!("loading data: {e}")))
+                .and_then(|r| r);
+            match loaded {
+                Ok(r) => replica = Some(r),
+                Err(e) => {
+                    hb.abort();
+                    return Err(e);
+                }
+            }
+        }
+        tracing::debug!(phase = ?Phase::Working);
         let mut after: Option<u64> = None;
         let total = settings.layout().total() as u64;
         let result: Result<Option<bool>> = loop {
@@ -401,7 +428,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                     order.round,
                     samples,
                     loss,
-                    &update,
+                    Arc::new(update),
                 )
                 .await
                 {

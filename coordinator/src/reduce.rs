@@ -1,0 +1,383 @@
+//! One round's updates, reduced range by range while they stream in.
+//!
+//! Updates arrive as chunks on the run's grid (chunk `i` covers the floats `grid[i]`). As soon
+//! as every worker the round expects has delivered chunk `i`, that range is averaged (weighted
+//! by samples, in member order, so the bits never depend on arrival order), stepped through
+//! Adam and encoded for the next pull. The step writes into a second set of buffers, so the
+//! current parameters and moments stay untouched until the round commits: a worker that fails
+//! half-way (corrupt last chunk, dropped connection, missed deadline) only makes the ranges it
+//! took part in be redone at close, over the updates that did complete. Received payloads are
+//! kept as the `Bytes` they arrived in (no decode copy) until the round closes.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use capsnet_core::optim::AdamStep;
+use capsnet_proto::Encoding;
+use capsnet_proto::wire::{self, EncodedChunk};
+
+use crate::error::{CoordinatorError, Result};
+
+/// An update being received (or complete) from one plan member.
+struct Slot {
+    samples: u64,
+    loss: f64,
+    encoding: Encoding,
+    chunks: Vec<Option<Bytes>>,
+    complete: bool,
+}
+
+/// A range already reduced: the members it averaged and its encoded result.
+struct Reduced {
+    members: Vec<usize>,
+    chunk: EncodedChunk,
+    crc: crc32fast::Hasher,
+}
+
+/// The state a range is reduced from: the committed parameters and moments, and the Adam step
+/// of this round (none in params mode, where the average is the new parameters).
+pub(crate) struct Source<'a> {
+    pub params: &'a [f32],
+    pub m: &'a [f32],
+    pub v: &'a [f32],
+    pub step: Option<AdamStep>,
+}
+
+/// What a closed round hands back: the new state lives in the reducer's `next_*` buffers.
+pub(crate) struct Closed {
+    pub members: Vec<usize>,
+    pub samples: u64,
+    pub loss: f64,
+    pub chunks: Vec<EncodedChunk>,
+}
+
+pub(crate) struct Reducer {
+    grid: Arc<Vec<Range<usize>>>,
+    wire: Encoding,
+    slots: BTreeMap<usize, Slot>,
+    reduced: Vec<Option<Reduced>>,
+    scratch: Vec<f32>,
+    pub next_params: Vec<f32>,
+    pub next_m: Vec<f32>,
+    pub next_v: Vec<f32>,
+}
+
+impl Reducer {
+    pub fn new(grid: Arc<Vec<Range<usize>>>, wire: Encoding, total: usize, adam: bool) -> Self {
+        let moments = if adam { total } else { 0 };
+        Reducer {
+            reduced: (0..grid.len()).map(|_| None).collect(),
+            grid,
+            wire,
+            slots: BTreeMap::new(),
+            scratch: vec![],
+            next_params: vec![0.0; total],
+            next_m: vec![0.0; moments],
+            next_v: vec![0.0; moments],
+        }
+    }
+
+    /// Members with an update in progress or complete.
+    pub fn has(&self, k: usize) -> bool {
+        self.slots.contains_key(&k)
+    }
+
+    pub fn complete(&self, k: usize) -> bool {
+        self.slots.get(&k).is_some_and(|s| s.complete)
+    }
+
+    /// Members whose update is complete, in member order.
+    pub fn completed(&self) -> Vec<usize> {
+        self.slots
+            .iter()
+            .filter(|(_, s)| s.complete)
+            .map(|(&k, _)| k)
+            .collect()
+    }
+
+    /// Opens member `k`'s update.
+    pub fn begin(&mut self, k: usize, samples: u64, loss: f64, encoding: Encoding) {
+        self.slots.insert(
+            k,
+            Slot {
+                samples,
+                loss,
+                encoding,
+                chunks: vec![None; self.grid.len()],
+                complete: false,
+            },
+        );
+    }
+
+    /// Stores chunk `index` of member `k` (checked by the service) and reduces that range when
+    /// every member of `expected` has it.
+    pub fn chunk(
+        &mut self,
+        k: usize,
+        index: usize,
+        payload: Bytes,
+        expected: &[usize],
+        src: &Source<'_>,
+    ) {
+        let Some(slot) = self.slots.get_mut(&k) else {
+            return;
+        };
+        let Some(c) = slot.chunks.get_mut(index) else {
+            return;
+        };
+        *c = Some(payload);
+        if !expected.is_empty()
+            && expected.contains(&k)
+            && expected
+                .iter()
+                .all(|m| self.slots.get(m).is_some_and(|s| s.chunks[index].is_some()))
+        {
+            self.reduce(index, expected, src);
+        }
+    }
+
+    /// Marks member `k`'s update complete; every chunk must be there.
+    pub fn end(&mut self, k: usize) -> Result<()> {
+        let slot = self
+            .slots
+            .get_mut(&k)
+            .ok_or_else(|| CoordinatorError::BadUpdate("no update in progress".into()))?;
+        if let Some(i) = slot.chunks.iter().position(Option::is_none) {
+            return Err(CoordinatorError::BadUpdate(format!(
+                "update ended without chunk {i} (floats {:?})",
+                self.grid[i]
+            )));
+        }
+        slot.complete = true;
+        Ok(())
+    }
+
+    /// Drops member `k`'s update and forgets every range it took part in.
+    pub fn abort(&mut self, k: usize) {
+        if self.slots.remove(&k).is_some() {
+            for r in &mut self.reduced {
+                if r.as_ref().is_some_and(|r| r.members.contains(&k)) {
+                    *r = None;
+                }
+            }
+        }
+    }
+
+    /// Averages range `index` over `members` (weighted by samples, in member order) and steps
+    /// it into the `next_*` buffers.
+    fn reduce(&mut self, index: usize, members: &[usize], src: &Source<'_>) {
+        let r = self.grid[index].clone();
+        let total: u64 = members.iter().map(|m| self.slots[m].samples).sum();
+        self.scratch.clear();
+        self.scratch.resize(r.len(), 0.0);
+        for m in members {
+            let s = &self.slots[m];
+            if let Some(p) = &s.chunks[index] {
+                let w = (s.samples as f64 / total as f64) as f32;
+                wire::add_scaled(&mut self.scratch, w, p, s.encoding);
+            }
+        }
+        let out = &mut self.next_params[r.clone()];
+        match src.step {
+            Some(step) => step.apply_into(
+                (&src.params[r.clone()], &src.m[r.clone()], &src.v[r.clone()]),
+                &self.scratch,
+                (
+                    out,
+                    &mut self.next_m[r.clone()],
+                    &mut self.next_v[r.clone()],
+                ),
+            ),
+            None => out.copy_from_slice(&self.scratch),
+        }
+        let payload = wire::encode(&self.next_params[r.clone()], self.wire);
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&payload);
+        self.reduced[index] = Some(Reduced {
+            members: members.to_vec(),
+            chunk: EncodedChunk {
+                offset: r.start as u64,
+                crc32: crc.clone().finalize(),
+                payload,
+                total_crc32: None,
+            },
+            crc,
+        });
+    }
+
+    /// Closes the round over the complete updates: redoes every range that was reduced over
+    /// another set of members (or not yet), and returns the encoded new parameters. None when
+    /// no update is complete. Clears the round's updates either way.
+    pub fn close(&mut self, src: &Source<'_>) -> Option<Closed> {
+        let members = self.completed();
+        if members.is_empty() {
+            self.clear();
+            return None;
+        }
+        for i in 0..self.grid.len() {
+            if self.reduced[i]
+                .as_ref()
+                .is_none_or(|r| r.members != members)
+            {
+                self.reduce(i, &members, src);
+            }
+        }
+        let samples = members.iter().map(|m| self.slots[m].samples).sum::<u64>();
+        let loss = members
+            .iter()
+            .map(|m| self.slots[m].loss * self.slots[m].samples as f64)
+            .sum::<f64>()
+            / samples as f64;
+        let mut total = crc32fast::Hasher::new();
+        let n = self.reduced.len();
+        let chunks = self
+            .reduced
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, r)| {
+                let r = r.take()?;
+                total.combine(&r.crc);
+                let mut c = r.chunk;
+                c.total_crc32 = (i + 1 == n).then(|| total.clone().finalize());
+                Some(c)
+            })
+            .collect();
+        self.clear();
+        Some(Closed {
+            members,
+            samples,
+            loss,
+            chunks,
+        })
+    }
+
+    /// Forgets the round's updates and reductions.
+    pub fn clear(&mut self) {
+        self.slots.clear();
+        self.reduced.iter_mut().for_each(|r| *r = None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use capsnet_core::optim::{Adam, AdamConfig};
+
+    fn grad(k: usize, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 31 + k * 7) as f32 * 0.01).sin())
+            .collect()
+    }
+
+    /// The whole-vector reference: weighted average in member order, then Adam.
+    fn reference(p: &[f32], adam: &Adam, updates: &[(u64, Vec<f32>)]) -> Vec<f32> {
+        let total: u64 = updates.iter().map(|u| u.0).sum();
+        let mut avg = vec![0.0f32; p.len()];
+        for (s, g) in updates {
+            let w = (*s as f64 / total as f64) as f32;
+            for (o, x) in avg.iter_mut().zip(g) {
+                *o += w * x;
+            }
+        }
+        let (mut p, mut adam) = (p.to_vec(), adam.clone());
+        adam.update(&mut p, &avg).unwrap();
+        p
+    }
+
+    fn decode(chunks: &[EncodedChunk], n: usize) -> Vec<f32> {
+        let mut out = vec![0.0; n];
+        let mut a = wire::Assembler::new(n as u64, n as u64, Encoding::F32).unwrap();
+        for c in chunks {
+            let chunk = wire::ChunkIn {
+                offset: c.offset,
+                total: n as u64,
+                encoding: Encoding::F32,
+                payload: &c.payload,
+                crc32: c.crc32,
+                total_crc32: c.total_crc32,
+            };
+            a.accept(chunk, &mut out).unwrap();
+        }
+        a.finish().unwrap();
+        out
+    }
+
+    /// Chunks arriving in any interleaving, a member failing half-way and retrying, and a
+    /// member missing the round all give the bits of the whole-vector reference over the
+    /// updates that completed.
+    #[test]
+    fn ranges_reduced_while_streaming_equal_the_whole_vector_reference() {
+        let n = 1000;
+        let grid: Arc<Vec<Range<usize>>> =
+            Arc::new(wire::chunk_ranges(n, Encoding::F32, 400).collect());
+        let p: Vec<f32> = (0..n).map(|i| i as f32 * 1e-3).collect();
+        let mut adam = Adam::new(AdamConfig::default(), n);
+        adam.update(&mut p.clone(), &grad(9, n)).unwrap();
+        let src = Source {
+            params: &p,
+            m: &adam.m,
+            v: &adam.v,
+            step: Some(adam.next_step()),
+        };
+        let payload =
+            |k: usize, i: usize| wire::encode(&grad(k, n)[grid[i].clone()], Encoding::F32);
+        let mut red = Reducer::new(grid.clone(), Encoding::F32, n, true);
+        let expected = [0, 1, 2];
+        red.begin(2, 5, 0.5, Encoding::F32);
+        red.begin(0, 3, 0.1, Encoding::F32);
+        red.begin(1, 4, 0.2, Encoding::F32);
+        // Member 1 sends two chunks with wrong data, then fails; it retries with the right ones.
+        for i in 0..2 {
+            red.chunk(1, i, payload(7, i), &expected, &src);
+        }
+        red.abort(1);
+        red.begin(1, 4, 0.2, Encoding::F32);
+        for i in (0..grid.len()).rev() {
+            for k in [2, 1, 0] {
+                red.chunk(k, i, payload(k, i), &expected, &src);
+            }
+        }
+        for k in 0..3 {
+            red.end(k).unwrap();
+        }
+        let closed = red.close(&src).unwrap();
+        assert_eq!(closed.members, vec![0, 1, 2]);
+        assert_eq!(closed.samples, 12);
+        let want = reference(
+            &p,
+            &adam,
+            &[(3, grad(0, n)), (4, grad(1, n)), (5, grad(2, n))],
+        );
+        assert_eq!(decode(&closed.chunks, n), want);
+        assert_eq!(red.next_params, want);
+
+        // Member 2 streams everything but never completes: ranges reduced with it are redone.
+        red.begin(0, 3, 0.1, Encoding::F32);
+        red.begin(2, 5, 0.5, Encoding::F32);
+        for i in 0..grid.len() {
+            red.chunk(2, i, payload(2, i), &[0, 2], &src);
+            red.chunk(0, i, payload(0, i), &[0, 2], &src);
+        }
+        red.end(0).unwrap();
+        let closed = red.close(&src).unwrap();
+        assert_eq!(closed.members, vec![0]);
+        assert_eq!(
+            decode(&closed.chunks, n),
+            reference(&p, &adam, &[(3, grad(0, n))])
+        );
+        // A closed round leaves nothing behind.
+        assert!(!red.has(0) && !red.has(2) && red.completed().is_empty());
+        assert!(red.close(&src).is_none());
+    }
+
+    #[test]
+    fn an_update_missing_a_chunk_cannot_complete() {
+        let grid = Arc::new(wire::chunk_ranges(10, Encoding::F32, 16).collect::<Vec<_>>());
+        let mut red = Reducer::new(grid, Encoding::F32, 10, true);
+        red.begin(0, 1, 0.0, Encoding::F32);
+        let e = red.end(0).unwrap_err();
+        assert!(e.to_string().contains("chunk 0"), "{e}");
+    }
+}
