@@ -584,3 +584,77 @@ mod rejected {
         );
     }
 }
+
+/// A worker that joins and pulls before the plan exists (the fleet is still joining) waits,
+/// and gets its work as soon as the last expected worker joins: no pull is left behind.
+#[test]
+fn a_pull_before_the_epoch_is_planned_is_answered_when_it_starts() {
+    use capsnet_proto::{Encoding, pb};
+    use capsnet_worker::Client;
+    let tmp = tempfile::tempdir().unwrap();
+    let d = data(tmp.path(), 64);
+    let run = tmp.path().join("run");
+    let (mut coord, url) = tiny_coordinator(
+        tmp.path(),
+        "coordinator",
+        &d,
+        &run,
+        &[
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "1",
+            "--expect-workers",
+            "2",
+            "--start-timeout",
+            "600s",
+            "--heartbeat",
+            "10s",
+        ],
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let join = |name: &'static str| {
+            let url = url.clone();
+            async move {
+                let mut c = Client::connect(&url, common::TOKEN, None).await.unwrap();
+                let j = c
+                    .rpc()
+                    .join(pb::JoinRequest {
+                        name: name.into(),
+                        rank_hint: None,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let total = capsnet_proto::RunSettings::try_from(j.config.unwrap())
+                    .unwrap()
+                    .layout()
+                    .total() as u64;
+                (c, j.worker_id, total)
+            }
+        };
+        let (mut a, a_id, total) = join("early").await;
+        let early = tokio::spawn(async move {
+            capsnet_worker::pull(&mut a, &a_id, None, Encoding::F32, total)
+                .await
+                .unwrap()
+                .order
+        });
+        // The early pull is waiting: there is no plan yet.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!early.is_finished(), "a pull was answered before the plan");
+        let _late = join("late").await;
+        let order = tokio::time::timeout(Duration::from_secs(20), early)
+            .await
+            .expect("the early pull was never answered")
+            .unwrap();
+        assert!(order.participate && order.round == 0, "{order:?}");
+    });
+    coord.signal(libc::SIGTERM);
+    assert!(
+        coord.wait(Duration::from_secs(30)).success(),
+        "{}",
+        coord.log_text()
+    );
+}

@@ -748,6 +748,8 @@ impl Actor {
         }
         tracing::info!(epoch = self.epoch, members = ?plan.members, rounds = plan.rounds, "epoch planned");
         self.plan = Some(plan);
+        // Pulls that arrived before there was a plan wait on the published round: wake them.
+        self.published.send_modify(|_| {});
         self.round_started = Instant::now();
         self.waiting_logged = false;
     }
