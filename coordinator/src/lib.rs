@@ -144,7 +144,10 @@ pub async fn serve(
         .add_service(health_svc)
         .add_service(grpc)
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            // TCP_NODELAY on every accepted socket (the builder's own setting only applies to
+            // listeners it binds): a round's small messages (the end of an update, a pull
+            // request) must not wait for Nagle and delayed ACKs.
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             async {
                 let _ = stop_rx.await;
             },
