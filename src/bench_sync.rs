@@ -68,11 +68,9 @@ async fn synthetic_worker(url: String, token: String, rank: usize, spans: Spans)
     let s = RunSettings::try_from(joined.config.unwrap_or_default())?;
     let id = joined.worker_id;
     let total = s.layout().total();
-    let update: Arc<Vec<f32>> = Arc::new(
-        (0..total)
-            .map(|i| ((i % 97) as f32 - 48.0) * 1e-4)
-            .collect(),
-    );
+    let update: Arc<[f32]> = (0..total)
+        .map(|i| ((i % 97) as f32 - 48.0) * 1e-4)
+        .collect();
     let mut params = vec![0.0f32; total];
     let mut after = None;
     let mut pushed: Option<(u64, Instant)> = None;

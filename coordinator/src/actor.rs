@@ -285,6 +285,11 @@ impl Actor {
         Ok(actor)
     }
 
+    /// The run's chunk grid, which the service checks update chunks against.
+    pub(crate) fn grid(&self) -> Arc<Vec<std::ops::Range<usize>>> {
+        self.reducer.grid()
+    }
+
     /// Serves the current parameters (encoded here: at start, on resume and at the end).
     fn publish(&self) {
         let chunks = encode_chunks(&self.params.data, self.cfg.wire, self.cfg.chunk_bytes);

@@ -67,6 +67,7 @@ pub async fn serve(
         .map(|s| (s.name.clone(), s.range()))
         .collect();
     let (tx, rx) = mpsc::channel();
+    let grid = actor.grid();
     let actor_thread = std::thread::Builder::new()
         .name("capsnet-rounds".into())
         .spawn(move || actor.run(rx))
@@ -77,10 +78,7 @@ pub async fn serve(
         num_floats: model_layout.total() as u64,
         layout_hash: capsnet_proto::layout_hash(&model_layout),
         names: Arc::new(names),
-        grid: Arc::new(
-            capsnet_proto::wire::chunk_ranges(model_layout.total(), cfg.wire, cfg.chunk_bytes)
-                .collect(),
-        ),
+        grid,
     };
     let (health, health_svc) = tonic_health::server::health_reporter();
     health

@@ -79,6 +79,10 @@ impl Reducer {
         }
     }
 
+    pub fn grid(&self) -> Arc<Vec<Range<usize>>> {
+        self.grid.clone()
+    }
+
     /// Members with an update in progress or complete.
     pub fn has(&self, k: usize) -> bool {
         self.slots.contains_key(&k)

@@ -11,7 +11,6 @@ use tokio::sync::{oneshot, watch};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::actor::{Msg, Published, PullReply};
-
 use crate::error::CoordinatorError;
 
 #[derive(Clone)]

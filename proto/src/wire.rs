@@ -145,26 +145,33 @@ pub struct EncodedChunk {
 
 /// Cuts `values` into encoded chunks with their checksums.
 pub fn encode_chunks(values: &[f32], enc: Encoding, chunk_bytes: usize) -> Vec<EncodedChunk> {
-    let mut total = crc32fast::Hasher::new();
-    let ranges: Vec<Range<usize>> = chunk_ranges(values.len(), enc, chunk_bytes).collect();
+    chunk_encoder(values, enc, chunk_bytes).collect()
+}
+
+/// [`encode_chunks`] one chunk at a time, as the iterator is advanced: a sender encodes the next
+/// chunk while the previous one is on the wire. `values` is owned (a `Vec<f32>`, an
+/// `Arc<[f32]>`) or borrowed.
+pub fn chunk_encoder<V: AsRef<[f32]>>(
+    values: V,
+    enc: Encoding,
+    chunk_bytes: usize,
+) -> impl Iterator<Item = EncodedChunk> {
+    let ranges: Vec<Range<usize>> = chunk_ranges(values.as_ref().len(), enc, chunk_bytes).collect();
     let n = ranges.len();
-    ranges
-        .into_iter()
-        .enumerate()
-        .map(|(i, r)| {
-            let payload = encode(&values[r.clone()], enc);
-            // One pass over the bytes: the chunk's CRC, combined into the running total.
-            let mut h = crc32fast::Hasher::new();
-            h.update(&payload);
-            total.combine(&h);
-            EncodedChunk {
-                offset: r.start as u64,
-                crc32: h.finalize(),
-                payload,
-                total_crc32: (i + 1 == n).then(|| total.clone().finalize()),
-            }
-        })
-        .collect()
+    let mut total = crc32fast::Hasher::new();
+    ranges.into_iter().enumerate().map(move |(i, r)| {
+        let payload = encode(&values.as_ref()[r.clone()], enc);
+        // One pass over the bytes: the chunk's CRC, combined into the running total.
+        let mut h = crc32fast::Hasher::new();
+        h.update(&payload);
+        total.combine(&h);
+        EncodedChunk {
+            offset: r.start as u64,
+            crc32: h.finalize(),
+            payload,
+            total_crc32: (i + 1 == n).then(|| total.clone().finalize()),
+        }
+    })
 }
 
 /// One received chunk, as the assembler checks it.

@@ -19,7 +19,7 @@ use capsnet_core::model::{Mask, PassOptions, Workspace};
 use capsnet_core::optim::Adam;
 use capsnet_core::rng::Rng;
 use capsnet_core::{CapsNet, Params};
-use capsnet_proto::wire::{Assembler, ChunkIn, chunk_ranges, encode};
+use capsnet_proto::wire::{Assembler, ChunkIn, chunk_encoder};
 use capsnet_proto::{Encoding, RunSettings, SyncMode, pb};
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -146,29 +146,22 @@ pub async fn push(
     round: u64,
     samples: u64,
     loss: f64,
-    data: Arc<Vec<f32>>,
+    data: impl AsRef<[f32]> + Send + 'static,
 ) -> Result<()> {
-    let total = data.len() as u64;
-    let ranges: Vec<_> = chunk_ranges(data.len(), s.wire, s.chunk_bytes).collect();
-    let last = ranges.len().saturating_sub(1);
+    let total = data.as_ref().len() as u64;
     let (id, wire, layout_hash) = (id.to_string(), s.wire, s.layout_hash);
-    let mut whole = crc32fast::Hasher::new();
-    let msgs = tokio_stream::iter(ranges.into_iter().enumerate()).map(move |(i, r)| {
-        let payload = encode(&data[r.clone()], wire);
-        let mut h = crc32fast::Hasher::new();
-        h.update(&payload);
-        whole.combine(&h);
+    let msgs = tokio_stream::iter(chunk_encoder(data, wire, s.chunk_bytes)).map(move |c| {
         pb::UpdateChunk {
             worker_id: id.clone(),
             round,
-            offset: r.start as u64,
+            offset: c.offset,
             total_len: total,
             encoding: wire as i32,
-            payload,
-            crc32: h.finalize(),
+            payload: c.payload,
+            crc32: c.crc32,
             samples,
             layout_hash,
-            total_crc32: (i == last).then(|| whole.clone().finalize()),
+            total_crc32: c.total_crc32,
             loss,
         }
     });
@@ -428,7 +421,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                     order.round,
                     samples,
                     loss,
-                    Arc::new(update),
+                    update,
                 )
                 .await
                 {
