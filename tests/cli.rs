@@ -158,6 +158,11 @@ fn bad_flags_fail_before_any_work_with_a_clear_message() {
         (&["--routing-iters", "0"], "routing_iters"),
         (&["--threads", "0"], "threads"),
         (&["--batch-size", "many"], "invalid value"),
+        (&["--ema-decay", "1"], "EMA decay"),
+        (
+            &["--lr-schedule", "linear"],
+            "expected exponential or cosine",
+        ),
     ];
     for (extra, want) in cases {
         let mut args = vec![

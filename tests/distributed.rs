@@ -38,6 +38,8 @@ fn three_rounds(tmp: &Path, d: &Path, name: &str) -> std::path::PathBuf {
             "0",
             "--seed",
             "11",
+            "--ema-decay",
+            "0.5",
             "--expect-workers",
             "2",
             "--min-workers",
@@ -64,8 +66,9 @@ fn three_rounds(tmp: &Path, d: &Path, name: &str) -> std::path::PathBuf {
     run
 }
 
-/// 2 workers with batch b each in grad mode give, after 3 rounds, the parameters of one process
-/// training with batch 2b on the same samples; and a second run gives the same bits.
+/// 2 workers with batch b each in grad mode give, after 3 rounds, the parameters (and weight
+/// average) of one process training with batch 2b on the same samples; and a second run gives
+/// the same bits.
 #[test]
 fn two_workers_equal_one_process_with_the_summed_batch() {
     let tmp = tempfile::tempdir().unwrap();
@@ -79,6 +82,7 @@ fn two_workers_equal_one_process_with_the_summed_batch() {
     let ds = data::load_split(&d, Split::Train, 10, 28).unwrap();
     let mut params = model.init_params(cfg.seed);
     let mut adam = Adam::new(cfg.adam.clone(), params.data.len());
+    let mut ema = params.data.clone();
     let mut grads = Params::zeros(model.layout());
     let mut ws = Workspace::new();
     let plan = EpochPlan::new(0, vec!["worker-0".into(), "worker-1".into()], ds.len(), 4);
@@ -106,6 +110,7 @@ fn two_workers_equal_one_process_with_the_summed_batch() {
             )
             .unwrap();
         adam.update(&mut params.data, &grads.data).unwrap();
+        capsnet_core::optim::ema_update(&mut ema, &params.data, 0.5, r + 1);
     }
     let ck = Checkpoint::load(&run.join("checkpoint-3.safetensors"), None).unwrap();
     assert_eq!(ck.step, 3);
@@ -120,16 +125,26 @@ fn two_workers_equal_one_process_with_the_summed_batch() {
         moved > params.data.len() / 2,
         "the reference barely trained"
     );
-    let worst = params
-        .data
-        .iter()
-        .zip(&ck.params.data)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
+    let worst = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max)
+    };
     // Three Adam steps move a parameter by up to 3e-3; the two sums differ only in rounding.
+    let w = worst(&params.data, &ck.params.data);
     assert!(
-        worst < 1e-5,
-        "distributed and single-process parameters differ by {worst}"
+        w < 1e-5,
+        "distributed and single-process parameters differ by {w}"
+    );
+    let w = worst(&ema, ck.ema.as_deref().expect("no weight average"));
+    assert!(w < 1e-5, "the weight averages differ by {w}");
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.contains("\"eval\"") && l.contains("ema_test_accuracy")),
+        "no evaluation of the weight average:\n{metrics}"
     );
 
     // The reduction does not depend on which update arrives first: same seed, same bits.
@@ -143,6 +158,7 @@ fn two_workers_equal_one_process_with_the_summed_batch() {
             .all(|(a, b)| a.to_bits() == b.to_bits()),
         "two runs differ"
     );
+    assert_eq!(ck.ema, ck2.ema, "two runs' weight averages differ");
 }
 
 /// `capsnet launch` runs a coordinator and workers to the end, prefixes their logs, and fails

@@ -143,6 +143,8 @@ pub(crate) struct Actor {
     n_train: usize,
     params: Params,
     adam: Adam,
+    /// The moving average of the weights (`--ema-decay`), updated as each round commits.
+    ema: Option<Vec<f32>>,
     round: u64,
     epoch: u64,
     round_in_epoch: u64,
@@ -179,7 +181,7 @@ impl Actor {
         let model = CapsNet::new(t.model.clone())?;
         std::fs::create_dir_all(&t.run_dir)
             .map_err(|e| CoordinatorError::Io(format!("{}: {e}", t.run_dir.display())))?;
-        let (params, adam, round, pos) = if cfg.resume {
+        let (params, adam, round, pos, ema) = if cfg.resume {
             match latest_checkpoint(&t.run_dir)? {
                 Some(path) => {
                     let ck = Checkpoint::load(&path, None)?;
@@ -197,13 +199,31 @@ impl Actor {
                         None => Adam::new(t.adam.clone(), ck.params.data.len()),
                     };
                     tracing::info!(checkpoint = %path.display(), round = ck.step, "resuming");
-                    (ck.params, adam, ck.step, ck.position)
+                    let ema = match (t.ema_decay, ck.ema) {
+                        (None, _) => None,
+                        (Some(_), Some(e)) => Some(e),
+                        (Some(_), None) => {
+                            tracing::warn!(
+                                checkpoint = %path.display(),
+                                "the checkpoint holds no weight average; starting it from its weights"
+                            );
+                            Some(ck.params.data.clone())
+                        }
+                    };
+                    (ck.params, adam, ck.step, ck.position, ema)
                 }
                 None => {
                     tracing::info!(run_dir = %t.run_dir.display(), "--resume: no checkpoint yet, starting fresh");
                     let p = model.init_params(t.seed);
                     let n = p.data.len();
-                    (p, Adam::new(t.adam.clone(), n), 0, DataPosition::default())
+                    let ema = t.ema_decay.map(|_| p.data.clone());
+                    (
+                        p,
+                        Adam::new(t.adam.clone(), n),
+                        0,
+                        DataPosition::default(),
+                        ema,
+                    )
                 }
             }
         } else {
@@ -215,7 +235,14 @@ impl Actor {
             }
             let p = model.init_params(t.seed);
             let n = p.data.len();
-            (p, Adam::new(t.adam.clone(), n), 0, DataPosition::default())
+            let ema = t.ema_decay.map(|_| p.data.clone());
+            (
+                p,
+                Adam::new(t.adam.clone(), n),
+                0,
+                DataPosition::default(),
+                ema,
+            )
         };
         let json =
             serde_json::to_string_pretty(t).map_err(|e| CoordinatorError::Io(e.to_string()))?;
@@ -254,6 +281,7 @@ impl Actor {
             n_train: train_ds.len(),
             params,
             adam,
+            ema,
             round,
             epoch: pos.epoch,
             round_in_epoch: pos.offset,
@@ -779,6 +807,9 @@ impl Actor {
             std::mem::swap(&mut self.adam.v, &mut self.reducer.next_v);
             self.adam.step += 1;
         }
+        if let (Some(e), Some(d)) = (&mut self.ema, self.cfg.train.ema_decay) {
+            capsnet_core::optim::ema_update(e, &self.params.data, d, self.round + 1);
+        }
         let (total, loss, chunks) = (closed.samples, closed.loss, closed.chunks);
         let reduce_s = t0.elapsed().as_secs_f64();
         let round_s = (t0 - self.round_started).as_secs_f64();
@@ -853,6 +884,7 @@ impl Actor {
             config: self.cfg.train.model.clone(),
             params: self.params.clone(),
             adam: (self.cfg.sync_mode == SyncMode::Grad).then(|| self.adam.clone()),
+            ema: self.ema.clone(),
             step: self.round,
             position: self.position(),
         };
@@ -882,6 +914,7 @@ impl Actor {
 
     fn eval_job(&self) -> impl FnOnce() + Send + 'static {
         let (model, params, test) = (self.model.clone(), self.params.clone(), self.test.clone());
+        let ema = self.ema.clone();
         let (metrics, last) = (self.metrics.clone(), self.last_eval.clone());
         let (round, epoch, bs, threads) = (
             self.round,
@@ -896,20 +929,45 @@ impl Actor {
                 Err(e) => return tracing::error!(error = %e, "evaluation pool"),
             };
             let mut ws = Workspace::new();
-            match pool.install(|| train::evaluate(&model, &params, &test, bs, &mut ws)) {
-                Ok(e) => {
+            let run = |p: &Params, ws: &mut Workspace| {
+                pool.install(|| train::evaluate(&model, p, &test, bs, ws))
+            };
+            let both = run(&params, &mut ws).and_then(|e| {
+                let avg = match ema {
+                    Some(avg) => {
+                        let mut p = params.clone();
+                        p.data = avg;
+                        Some(run(&p, &mut ws)?)
+                    }
+                    None => None,
+                };
+                Ok((e, avg))
+            });
+            match both {
+                Ok((e, avg)) => {
                     tracing::info!(
                         round,
                         accuracy = e.accuracy,
                         margin = e.margin_loss,
                         "evaluated"
                     );
+                    let mut line = serde_json::json!({
+                        "kind": "eval", "round": round, "epoch": epoch, "test_accuracy": e.accuracy,
+                        "test_margin_loss": e.margin_loss, "test_reconstruction_loss": e.reconstruction_loss,
+                        "samples": e.samples, "eval_s": t.elapsed().as_secs_f64(),
+                    });
+                    if let Some(a) = &avg {
+                        tracing::info!(
+                            round,
+                            accuracy = a.accuracy,
+                            "evaluated the weight average"
+                        );
+                        line["ema_test_accuracy"] = a.accuracy.into();
+                        line["ema_test_margin_loss"] = a.margin_loss.into();
+                        line["ema_test_reconstruction_loss"] = a.reconstruction_loss.into();
+                    }
                     if let Ok(mut m) = metrics.lock() {
-                        m.write(serde_json::json!({
-                            "kind": "eval", "round": round, "epoch": epoch, "test_accuracy": e.accuracy,
-                            "test_margin_loss": e.margin_loss, "test_reconstruction_loss": e.reconstruction_loss,
-                            "samples": e.samples, "eval_s": t.elapsed().as_secs_f64(),
-                        }));
+                        m.write(line);
                     }
                     if let Ok(mut l) = last.lock() {
                         if l.as_ref().is_none_or(|(r, _)| *r <= round) {

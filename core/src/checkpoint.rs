@@ -1,7 +1,7 @@
 //! Checkpoints and tensor files in safetensors: parameters under their DESIGN.md names, Adam's
-//! moments as `adam.m.<name>` / `adam.v.<name>`, and the config, step and data position in the
-//! metadata. Writes are atomic (temp file, fsync, rename, fsync of the folder); a
-//! [`Checkpointer`] keeps the newest N.
+//! moments as `adam.m.<name>` / `adam.v.<name>`, the weight average (if kept) as `ema.<name>`,
+//! and the config, step and data position in the metadata. Writes are atomic (temp file, fsync,
+//! rename, fsync of the folder); a [`Checkpointer`] keeps the newest N.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -173,6 +173,8 @@ pub struct Checkpoint {
     pub config: CapsNetConfig,
     pub params: Params,
     pub adam: Option<Adam>,
+    /// The moving average of the weights (`--ema-decay`), stored as `ema.<name>`.
+    pub ema: Option<Vec<f32>>,
     /// Optimizer steps (rounds) taken.
     pub step: u64,
     pub position: DataPosition,
@@ -194,6 +196,12 @@ impl Checkpoint {
                 f.tensors.insert(
                     format!("adam.v.{}", spec.name),
                     Tensor::f32(spec.shape.clone(), adam.v[spec.range()].to_vec()),
+                );
+            }
+            if let Some(ema) = &self.ema {
+                f.tensors.insert(
+                    format!("ema.{}", spec.name),
+                    Tensor::f32(spec.shape.clone(), ema[spec.range()].to_vec()),
                 );
             }
         }
@@ -237,12 +245,7 @@ impl Checkpoint {
             match file.tensors.get(name) {
                 None => Ok(None),
                 Some(Tensor::F32 { shape, data }) => {
-                    let want = layout
-                        .get(
-                            name.trim_start_matches("adam.m.")
-                                .trim_start_matches("adam.v."),
-                        )
-                        .map(|s| &s.shape);
+                    let want = layout.get(base_name(name)).map(|s| &s.shape);
                     if want != Some(shape) {
                         return Err(CoreError::checkpoint(
                             path,
@@ -274,13 +277,7 @@ impl Checkpoint {
                 format!("missing parameters: {}", missing.join(", ")),
             ));
         }
-        let known = |n: &str| {
-            let base = n
-                .strip_prefix("adam.m.")
-                .or_else(|| n.strip_prefix("adam.v."))
-                .unwrap_or(n);
-            layout.get(base).is_some()
-        };
+        let known = |n: &str| layout.get(base_name(n)).is_some();
         let unknown: Vec<&str> = file
             .tensors
             .keys()
@@ -331,10 +328,24 @@ impl Checkpoint {
         } else {
             None
         };
+        let ema = if file.tensors.keys().any(|n| n.starts_with("ema.")) {
+            let mut ema = vec![0.0; layout.total()];
+            for spec in layout.specs() {
+                let name = format!("ema.{}", spec.name);
+                let d = take(&name)?.ok_or_else(|| {
+                    CoreError::checkpoint(path, format!("missing weight average {name}"))
+                })?;
+                ema[spec.range()].copy_from_slice(d);
+            }
+            Some(ema)
+        } else {
+            None
+        };
         Ok(Checkpoint {
             config,
             params,
             adam,
+            ema,
             step: num("step")?,
             position: DataPosition {
                 epoch: num("epoch")?,
@@ -342,6 +353,15 @@ impl Checkpoint {
             },
         })
     }
+}
+
+/// The parameter a stored tensor belongs to: `adam.m.<name>`, `adam.v.<name>` and
+/// `ema.<name>` all have the shape of `<name>`.
+fn base_name(n: &str) -> &str {
+    ["adam.m.", "adam.v.", "ema."]
+        .iter()
+        .find_map(|p| n.strip_prefix(p))
+        .unwrap_or(n)
 }
 
 mod erased {

@@ -5,8 +5,34 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{CoreError, Result};
 
-/// Adam's hyper-parameters and the decay schedule `lr_t = lr * decay_rate^(t / decay_steps)`
-/// (continuous, as `tf.train.exponential_decay` in the paper's official code).
+/// How the learning rate moves with the step count `t`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    /// `lr * decay_rate^(t / decay_steps)`, continuous, as `tf.train.exponential_decay` in the
+    /// paper's official code.
+    #[default]
+    Exponential,
+    /// Half a cosine from `lr` down to `lr * decay_rate` over the first `decay_steps` steps,
+    /// then constant (SGDR's annealing without restarts).
+    Cosine,
+}
+
+impl std::str::FromStr for LrSchedule {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "exponential" | "exp" => Ok(LrSchedule::Exponential),
+            "cosine" | "cos" => Ok(LrSchedule::Cosine),
+            _ => Err(format!(
+                "unknown learning-rate schedule {s:?}; expected exponential or cosine"
+            )),
+        }
+    }
+}
+
+/// Adam's hyper-parameters and the learning-rate schedule.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct AdamConfig {
@@ -14,6 +40,7 @@ pub struct AdamConfig {
     pub beta1: f32,
     pub beta2: f32,
     pub eps: f32,
+    pub schedule: LrSchedule,
     pub decay_rate: f32,
     pub decay_steps: u64,
 }
@@ -25,6 +52,7 @@ impl Default for AdamConfig {
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
+            schedule: LrSchedule::Exponential,
             decay_rate: 0.96,
             decay_steps: 2000,
         }
@@ -68,8 +96,15 @@ impl AdamConfig {
 
     /// Learning rate for the update that follows `step` completed updates.
     pub fn lr_at(&self, step: u64) -> f32 {
-        (f64::from(self.lr)
-            * f64::from(self.decay_rate).powf(step as f64 / self.decay_steps as f64)) as f32
+        let (lr, rate) = (f64::from(self.lr), f64::from(self.decay_rate));
+        let t = step as f64 / self.decay_steps as f64;
+        let factor = match self.schedule {
+            LrSchedule::Exponential => rate.powf(t),
+            LrSchedule::Cosine => {
+                rate + (1.0 - rate) * 0.5 * (1.0 + (std::f64::consts::PI * t.min(1.0)).cos())
+            }
+        };
+        (lr * factor) as f32
     }
 }
 
@@ -183,6 +218,28 @@ impl AdamStep {
     }
 }
 
+/// The decay an exponential moving average of the weights uses at optimizer step `step`:
+/// `min(decay, (1 + step) / (10 + step))`, TensorFlow's `ExponentialMovingAverage` warm-up, so
+/// the first steps' weights do not linger in the average.
+pub fn ema_decay_at(decay: f32, step: u64) -> f32 {
+    let t = step as f64;
+    f64::from(decay).min((1.0 + t) / (10.0 + t)) as f32
+}
+
+/// Moves the average `ema` towards `params` after optimizer step `step`:
+/// `ema = d * ema + (1 - d) * params` with `d = ema_decay_at(decay, step)`.
+pub fn ema_update(ema: &mut [f32], params: &[f32], decay: f32, step: u64) {
+    let d = ema_decay_at(decay, step);
+    const CHUNK: usize = 1 << 14;
+    ema.par_chunks_mut(CHUNK)
+        .zip(params.par_chunks(CHUNK))
+        .for_each(|(e, p)| {
+            for (e, p) in e.iter_mut().zip(p) {
+                *e = d * *e + (1.0 - d) * *p;
+            }
+        });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,6 +286,42 @@ mod tests {
         assert!((p[1] - (1.0 + 1e-3)).abs() < 1e-7, "{p:?}");
         assert_eq!(p[2], 1.0);
         assert!(adam.update(&mut p, &[0.0; 2]).is_err());
+    }
+
+    #[test]
+    fn cosine_schedule_falls_from_lr_to_lr_times_rate_then_holds() {
+        let c = AdamConfig {
+            schedule: LrSchedule::Cosine,
+            decay_rate: 0.1,
+            decay_steps: 1000,
+            ..AdamConfig::default()
+        };
+        assert_eq!(c.lr_at(0), 1e-3);
+        assert!((c.lr_at(500) - 0.55e-3).abs() < 1e-9, "{}", c.lr_at(500));
+        assert!((c.lr_at(1000) - 1e-4).abs() < 1e-9);
+        assert_eq!(c.lr_at(5000), c.lr_at(1000));
+        let lrs: Vec<f32> = (0..=1000).map(|t| c.lr_at(t)).collect();
+        assert!(lrs.windows(2).all(|w| w[1] <= w[0]), "not monotone");
+        assert_eq!("cosine".parse(), Ok(LrSchedule::Cosine));
+        assert_eq!("exponential".parse(), Ok(LrSchedule::Exponential));
+        let err = "linear".parse::<LrSchedule>().unwrap_err();
+        assert!(err.contains("linear") && err.contains("cosine"), "{err}");
+    }
+
+    #[test]
+    fn ema_warms_up_then_averages_with_the_set_decay() {
+        assert_eq!(ema_decay_at(0.999, 0), 0.1);
+        assert_eq!(ema_decay_at(0.999, 10), 0.55);
+        assert_eq!(ema_decay_at(0.999, 1_000_000), 0.999);
+        let mut ema = vec![0.0, 10.0];
+        ema_update(&mut ema, &[1.0, 0.0], 0.5, 1000);
+        assert_eq!(ema, vec![0.5, 5.0]);
+        // A constant sequence is a fixed point.
+        let mut ema = vec![3.0; 40_000];
+        for t in 0..5 {
+            ema_update(&mut ema, &vec![3.0; 40_000], 0.9, t);
+        }
+        assert!(ema.iter().all(|&e| e == 3.0));
     }
 
     #[test]

@@ -42,6 +42,11 @@ pub struct TrainConfig {
     pub train_limit: Option<usize>,
     pub test_limit: Option<usize>,
     pub eval_batch_size: usize,
+    /// Keep an exponential moving average of the weights with this decay (Polyak averaging,
+    /// warmed up as `min(decay, (1 + t) / (10 + t))` like TensorFlow's
+    /// `ExponentialMovingAverage`); evaluations then also report the averaged weights.
+    #[serde(default)]
+    pub ema_decay: Option<f32>,
 }
 
 impl Default for TrainConfig {
@@ -63,6 +68,7 @@ impl Default for TrainConfig {
             train_limit: None,
             test_limit: None,
             eval_batch_size: 128,
+            ema_decay: None,
         }
     }
 }
@@ -97,6 +103,11 @@ impl TrainConfig {
                 "max shift {} is too large for {}-pixel images",
                 self.max_shift, self.model.image_size
             ));
+        }
+        if let Some(d) = self.ema_decay
+            && !(d > 0.0 && d < 1.0)
+        {
+            return bad(format!("EMA decay must be in (0, 1), got {d}"));
         }
         if self.train_limit == Some(0) || self.test_limit == Some(0) {
             return bad("train/test limits must be at least 1".into());
@@ -134,7 +145,15 @@ pub struct EvalReport {
 pub trait Observer: Send {
     fn on_start(&mut self, _cfg: &TrainConfig, _start_step: u64, _total_steps: u64) {}
     fn on_step(&mut self, _report: &StepReport) {}
-    fn on_eval(&mut self, _step: u64, _epoch: u64, _report: &EvalReport) {}
+    /// A test-set evaluation of the weights, and of their moving average when one is kept.
+    fn on_eval(
+        &mut self,
+        _step: u64,
+        _epoch: u64,
+        _report: &EvalReport,
+        _ema: Option<&EvalReport>,
+    ) {
+    }
     fn on_checkpoint(&mut self, _path: &Path) {}
 }
 
@@ -147,6 +166,8 @@ impl Observer for Silent {}
 pub struct TrainOutcome {
     pub steps: u64,
     pub last_eval: Option<EvalReport>,
+    /// The last evaluation of the weight average (`--ema-decay`).
+    pub last_ema_eval: Option<EvalReport>,
     pub checkpoint: Option<PathBuf>,
     pub params: Params,
     pub wall_s: f64,
@@ -258,7 +279,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, observer: &mut dyn Observer) -> Re
     let pool = build_pool(cfg.threads)?;
     std::fs::create_dir_all(&cfg.run_dir).map_err(|e| CoreError::io(&cfg.run_dir, e))?;
 
-    let (mut params, mut adam, mut pos) = if resume {
+    let (mut params, mut adam, mut pos, mut ema) = if resume {
         let path = latest_checkpoint(&cfg.run_dir)?.ok_or_else(|| {
             CoreError::Config(format!(
                 "--resume: no checkpoint-<step>.safetensors in {}",
@@ -276,6 +297,17 @@ pub fn train(cfg: &TrainConfig, resume: bool, observer: &mut dyn Observer) -> Re
             CoreError::checkpoint(&path, "holds no optimizer state; cannot resume")
         })?;
         tracing::info!(checkpoint = %path.display(), step = ck.step, "resuming");
+        let ema = match (cfg.ema_decay, ck.ema) {
+            (None, _) => None,
+            (Some(_), Some(e)) => Some(e),
+            (Some(_), None) => {
+                tracing::warn!(
+                    checkpoint = %path.display(),
+                    "the checkpoint holds no weight average; starting it from its weights"
+                );
+                Some(ck.params.data.clone())
+            }
+        };
         (
             ck.params,
             Adam {
@@ -283,11 +315,18 @@ pub fn train(cfg: &TrainConfig, resume: bool, observer: &mut dyn Observer) -> Re
                 ..adam
             },
             ck.position,
+            ema,
         )
     } else {
         let p = model.init_params(cfg.seed);
         let n = p.data.len();
-        (p, Adam::new(cfg.adam.clone(), n), DataPosition::default())
+        let ema = cfg.ema_decay.map(|_| p.data.clone());
+        (
+            p,
+            Adam::new(cfg.adam.clone(), n),
+            DataPosition::default(),
+            ema,
+        )
     };
     let json = serde_json::to_string_pretty(cfg).map_err(|source| CoreError::Json {
         what: "config".into(),
@@ -306,16 +345,36 @@ pub fn train(cfg: &TrainConfig, resume: bool, observer: &mut dyn Observer) -> Re
     let mut grads = Params::zeros(model.layout());
     let mut ws = Workspace::new();
     let mut last_eval = None;
+    let mut last_ema_eval = None;
+    let mut evaluated_at = None;
     let mut last_ckpt = None;
     let mut window = (Instant::now(), 0usize);
-    let save = |params: &Params, adam: &Adam, pos: DataPosition| -> Result<PathBuf> {
+    let save = |params: &Params, adam: &Adam, ema: &Option<Vec<f32>>, pos: DataPosition| {
         ckpt.save(&Checkpoint {
             config: cfg.model.clone(),
             params: params.clone(),
             adam: Some(adam.clone()),
+            ema: ema.clone(),
             step: adam.step,
             position: pos,
         })
+    };
+
+    // The test set through the weights, and through their average when one is kept.
+    let eval_both = |params: &Params,
+                     ema: &Option<Vec<f32>>,
+                     ws: &mut Workspace|
+     -> Result<(EvalReport, Option<EvalReport>)> {
+        let e = evaluate(&model, params, &test_ds, cfg.eval_batch_size, ws)?;
+        let ee = match ema {
+            Some(avg) => {
+                let mut p = params.clone();
+                p.data.copy_from_slice(avg);
+                Some(evaluate(&model, &p, &test_ds, cfg.eval_batch_size, ws)?)
+            }
+            None => None,
+        };
+        Ok((e, ee))
     };
 
     pool.install(|| -> Result<()> {
@@ -353,6 +412,9 @@ pub fn train(cfg: &TrainConfig, resume: bool, observer: &mut dyn Observer) -> Re
                 let lr = adam.config.lr_at(adam.step);
                 let t = Instant::now();
                 adam.update(&mut params.data, &grads.data)?;
+                if let (Some(e), Some(d)) = (&mut ema, cfg.ema_decay) {
+                    crate::optim::ema_update(e, &params.data, d, adam.step);
+                }
                 ws.timings.optimizer += t.elapsed();
                 pos.offset += idx.len() as u64;
                 window.1 += idx.len();
@@ -380,7 +442,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, observer: &mut dyn Observer) -> Re
                     window = (Instant::now(), 0);
                 }
                 if cfg.checkpoint_every > 0 && adam.step % cfg.checkpoint_every == 0 {
-                    let p = save(&params, &adam, pos)?;
+                    let p = save(&params, &adam, &ema, pos)?;
                     observer.on_checkpoint(&p);
                     last_ckpt = Some(p);
                 }
@@ -390,25 +452,29 @@ pub fn train(cfg: &TrainConfig, resume: bool, observer: &mut dyn Observer) -> Re
                 epoch: pos.epoch + 1,
                 offset: 0,
             };
-            let e = evaluate(&model, &params, &test_ds, cfg.eval_batch_size, &mut ws)?;
-            write_eval(&mut metrics, adam.step, pos.epoch, &e)?;
-            observer.on_eval(adam.step, pos.epoch, &e);
-            last_eval = Some(e);
-            let p = save(&params, &adam, pos)?;
+            let (e, ee) = eval_both(&params, &ema, &mut ws)?;
+            write_eval(&mut metrics, adam.step, pos.epoch, &e, ee.as_ref())?;
+            observer.on_eval(adam.step, pos.epoch, &e, ee.as_ref());
+            (last_eval, last_ema_eval) = (Some(e), ee);
+            evaluated_at = Some(adam.step);
+            let p = save(&params, &adam, &ema, pos)?;
             observer.on_checkpoint(&p);
             last_ckpt = Some(p);
             window = (Instant::now(), 0);
         }
-        // Stopped by --max-steps inside an epoch: evaluate and checkpoint where it stands.
+        // Stopped by --max-steps inside an epoch: evaluate and checkpoint where it stands
+        // (unless --checkpoint-every just wrote this step's checkpoint).
+        if evaluated_at != Some(adam.step) {
+            let (e, ee) = eval_both(&params, &ema, &mut ws)?;
+            write_eval(&mut metrics, adam.step, pos.epoch, &e, ee.as_ref())?;
+            observer.on_eval(adam.step, pos.epoch, &e, ee.as_ref());
+            (last_eval, last_ema_eval) = (Some(e), ee);
+        }
         if last_ckpt
             .as_ref()
             .is_none_or(|p| p != &ckpt.path_for(adam.step))
         {
-            let e = evaluate(&model, &params, &test_ds, cfg.eval_batch_size, &mut ws)?;
-            write_eval(&mut metrics, adam.step, pos.epoch, &e)?;
-            observer.on_eval(adam.step, pos.epoch, &e);
-            last_eval = Some(e);
-            let p = save(&params, &adam, pos)?;
+            let p = save(&params, &adam, &ema, pos)?;
             observer.on_checkpoint(&p);
             last_ckpt = Some(p);
         }
@@ -417,27 +483,52 @@ pub fn train(cfg: &TrainConfig, resume: bool, observer: &mut dyn Observer) -> Re
     Ok(TrainOutcome {
         steps: adam.step,
         last_eval,
+        last_ema_eval,
         checkpoint: last_ckpt,
         params,
         wall_s: started.elapsed().as_secs_f64(),
     })
 }
 
-fn write_eval(metrics: &mut MetricsLog, step: u64, epoch: u64, e: &EvalReport) -> Result<()> {
-    metrics.write(&serde_json::json!({
+/// One `eval` line of metrics.jsonl; the weight average's results as `ema_test_*`.
+pub fn write_eval(
+    metrics: &mut MetricsLog,
+    step: u64,
+    epoch: u64,
+    e: &EvalReport,
+    ema: Option<&EvalReport>,
+) -> Result<()> {
+    let mut v = serde_json::json!({
         "kind": "eval", "step": step, "epoch": epoch, "test_accuracy": e.accuracy,
         "test_margin_loss": e.margin_loss, "test_reconstruction_loss": e.reconstruction_loss, "samples": e.samples,
-    }))
+    });
+    if let Some(a) = ema {
+        v["ema_test_accuracy"] = a.accuracy.into();
+        v["ema_test_margin_loss"] = a.margin_loss.into();
+        v["ema_test_reconstruction_loss"] = a.reconstruction_loss.into();
+    }
+    metrics.write(&v)
 }
 
-/// `capsnet eval`: a checkpoint's accuracy and losses on a data folder's test split.
+/// `capsnet eval`: a checkpoint's accuracy and losses on a data folder's test split, through its
+/// weights or (`ema`) their moving average.
 pub fn evaluate_checkpoint(
     checkpoint: &Path,
     data_dir: &Path,
     batch_size: usize,
     threads: usize,
+    ema: bool,
 ) -> Result<EvalReport> {
-    let ck = Checkpoint::load(checkpoint, None)?;
+    let mut ck = Checkpoint::load(checkpoint, None)?;
+    if ema {
+        let avg = ck.ema.take().ok_or_else(|| {
+            CoreError::checkpoint(
+                checkpoint,
+                "holds no weight average (ema.<name>); it was trained without --ema-decay",
+            )
+        })?;
+        ck.params.data = avg;
+    }
     let model = CapsNet::new(ck.config.clone())?;
     let test = data::load_split(
         data_dir,

@@ -14,10 +14,12 @@ fn sample() -> Checkpoint {
     let mut p = params.clone();
     let g: Vec<f32> = (0..p.data.len()).map(|i| (i % 7) as f32 - 3.0).collect();
     adam.update(&mut p.data, &g).unwrap();
+    let ema = p.data.iter().map(|x| 0.5 * x).collect();
     Checkpoint {
         config: cfg,
         params: p,
         adam: Some(adam),
+        ema: Some(ema),
         step: 1,
         position: DataPosition {
             epoch: 2,
@@ -41,6 +43,7 @@ fn round_trip_keeps_everything_and_the_design_names() {
         "decoder.2.bias",
         "adam.m.digit.weight",
         "adam.v.conv1.bias",
+        "ema.digit.weight",
     ] {
         assert!(f.tensors.contains_key(name), "{name} missing");
     }
@@ -60,13 +63,14 @@ fn a_parameters_only_file_loads_without_optimizer_state() {
     let path = tmp.path().join("p.safetensors");
     let ck = sample();
     let mut f = ck.to_file().unwrap();
-    f.tensors.retain(|n, _| !n.starts_with("adam."));
+    f.tensors
+        .retain(|n, _| !n.starts_with("adam.") && !n.starts_with("ema."));
     f.metadata.clear();
     f.write(&path).unwrap();
     // Without metadata the config must be supplied (the paper's by default).
     let loaded = Checkpoint::load(&path, Some(&CapsNetConfig::tiny())).unwrap();
     assert_eq!(loaded.params, ck.params);
-    assert!(loaded.adam.is_none());
+    assert!(loaded.adam.is_none() && loaded.ema.is_none());
     let e = Checkpoint::load(&path, None).unwrap_err().to_string();
     assert!(
         e.contains("shape"),
@@ -107,6 +111,13 @@ fn mismatches_are_errors_that_name_the_tensor() {
     let mut f = good.clone();
     f.tensors.remove("adam.v.digit.weight");
     assert_load_error(&f, &["adam.v.digit.weight"]);
+    let mut f = good.clone();
+    f.tensors.remove("ema.primary.bias");
+    assert_load_error(&f, &["weight average", "ema.primary.bias"]);
+    let mut f = good.clone();
+    f.tensors
+        .insert("ema.conv1.bias".into(), Tensor::f32(vec![2], vec![0.0; 2]));
+    assert_load_error(&f, &["ema.conv1.bias", "shape"]);
     let mut f = good.clone();
     f.metadata.insert("step".into(), "many".into());
     assert_load_error(&f, &["step"]);

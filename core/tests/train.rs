@@ -97,6 +97,74 @@ fn resume_continues_exactly_where_the_checkpoint_left_off() {
     );
 }
 
+/// `--ema-decay`: the average in the checkpoint is the warmed-up moving average of the weights
+/// after every step (recomputed here from one checkpoint per step), it survives a resume
+/// exactly, and each evaluation reports it.
+#[test]
+fn the_weight_average_follows_every_step_and_survives_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    synthetic(tmp.path());
+    let decay = 0.9f32;
+    let mut straight = config(tmp.path(), &tmp.path().join("straight"));
+    (straight.max_steps, straight.ema_decay) = (Some(5), Some(decay));
+    (straight.checkpoint_every, straight.keep_checkpoints) = (1, 10);
+    let out = train::train(&straight, false, &mut Silent).unwrap();
+    let model = capsnet_core::CapsNet::new(straight.model.clone()).unwrap();
+    let mut want = model.init_params(straight.seed).data;
+    let mut last = None;
+    for (step, path) in list_checkpoints(&straight.run_dir).unwrap() {
+        let ck = Checkpoint::load(&path, None).unwrap();
+        let d = decay.min((1.0 + step as f32) / (10.0 + step as f32));
+        for (e, p) in want.iter_mut().zip(&ck.params.data) {
+            *e = d * *e + (1.0 - d) * *p;
+        }
+        assert_eq!(ck.ema.as_ref(), Some(&want), "average after step {step}");
+        last = Some(ck);
+    }
+    let last = last.unwrap();
+    assert_eq!(last.step, 5);
+    assert_ne!(last.ema.as_ref(), Some(&last.params.data));
+    let ema_eval = out.last_ema_eval.expect("no evaluation of the average");
+    let line = std::fs::read_to_string(straight.run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .rfind(|v| v["kind"] == "eval")
+        .unwrap();
+    assert_eq!(line["ema_test_accuracy"].as_f64(), Some(ema_eval.accuracy));
+    assert_eq!(
+        line["test_accuracy"].as_f64(),
+        Some(out.last_eval.unwrap().accuracy)
+    );
+    // `capsnet eval --ema` scores the average; the file's weights are scored without it.
+    let ck_path = out.checkpoint.unwrap();
+    let avg = train::evaluate_checkpoint(&ck_path, tmp.path(), 16, 2, true).unwrap();
+    assert_eq!(avg, ema_eval);
+
+    // Stopped after 2 steps and resumed to 5: the same average, bit for bit.
+    let mut first = straight.clone();
+    first.run_dir = tmp.path().join("split");
+    first.max_steps = Some(2);
+    train::train(&first, false, &mut Silent).unwrap();
+    first.max_steps = Some(5);
+    let resumed = train::train(&first, true, &mut Silent).unwrap();
+    let ck = Checkpoint::load(resumed.checkpoint.as_ref().unwrap(), None).unwrap();
+    assert_eq!(ck.ema, last.ema);
+
+    // A run without the average has none to evaluate, and says so.
+    let mut plain = config(tmp.path(), &tmp.path().join("plain"));
+    plain.max_steps = Some(1);
+    let p = train::train(&plain, false, &mut Silent).unwrap();
+    assert!(p.last_ema_eval.is_none());
+    let e = train::evaluate_checkpoint(p.checkpoint.as_ref().unwrap(), tmp.path(), 16, 2, true)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("no weight average") && e.contains("--ema-decay"),
+        "{e}"
+    );
+}
+
 #[test]
 fn resume_without_a_checkpoint_is_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
@@ -196,6 +264,13 @@ fn bad_values_are_rejected_before_any_work() {
                 ..base.clone()
             },
             "routing_iters",
+        ),
+        (
+            TrainConfig {
+                ema_decay: Some(1.0),
+                ..base.clone()
+            },
+            "EMA decay",
         ),
     ];
     for (cfg, word) in cases {
