@@ -482,25 +482,7 @@ fn parse_sizes(s: &str) -> Result<Sizes, String> {
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// `mi_option_purge_delay` in mimalloc v3's `mi_option_t` (libmimalloc-sys has no constant).
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
-/// mimalloc hands freed memory back to the OS one second after it was last used. A sync round
-/// frees and allocates 1 MiB message buffers in patterns that leave some of them idle for longer,
-/// and each reuse then paid for fresh, zeroed (huge) pages: `perf stat -e page-faults capsnet
-/// bench sync --workers 2 --wire bf16 --rounds 30` counted 11,000-35,000 page faults, against
-/// 1,100 with ten seconds. `MIMALLOC_PURGE_DELAY` (ms) still decides when it is set.
-fn keep_freed_memory_for_reuse() {
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-        // SAFETY: sets an integer option, which mimalloc reads atomically.
-        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
-    }
-}
-
-const PURGE_DELAY_MS: std::ffi::c_long = 10_000;
-
 fn main() {
-    keep_freed_memory_for_reuse();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     if let Err(e) = run(cli) {
@@ -1229,52 +1211,4 @@ fn cmd_worker(a: WorkerArgs) -> Result<()> {
         }
     );
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    /// Minor page faults of this process so far.
-    fn minor_faults() -> i64 {
-        // SAFETY: getrusage fills the struct it is given.
-        unsafe {
-            let mut u: libc::rusage = std::mem::zeroed();
-            libc::getrusage(libc::RUSAGE_SELF, &mut u);
-            u.ru_minflt
-        }
-    }
-
-    /// Memory freed a moment ago is reused without faulting its pages in again (with mimalloc's
-    /// own one-second delay this test saw 1,694 faults).
-    #[test]
-    fn freed_memory_is_reused_without_page_faults() {
-        super::keep_freed_memory_for_reuse();
-        // SAFETY: reads an integer option.
-        let delay = unsafe { libmimalloc_sys::mi_option_get(super::MI_OPTION_PURGE_DELAY) };
-        assert_eq!(
-            delay,
-            super::PURGE_DELAY_MS,
-            "the option index is not purge_delay"
-        );
-        // The sync path's pattern: many 1 MiB buffers, freed on another thread than the one
-        // that allocated them.
-        let alloc = || -> Vec<Vec<u8>> {
-            (0..64)
-                .map(|_| {
-                    let mut v = vec![0u8; 1 << 20];
-                    for i in (0..v.len()).step_by(4096) {
-                        v[i] = 1;
-                    }
-                    v
-                })
-                .collect()
-        };
-        let bufs = alloc();
-        std::thread::spawn(move || drop(bufs)).join().unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(1500));
-        let before = minor_faults();
-        let again = alloc();
-        let faults = minor_faults() - before;
-        drop(again);
-        assert!(faults < 1000, "{faults} page faults reusing freed memory");
-    }
 }

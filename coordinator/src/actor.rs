@@ -199,17 +199,7 @@ impl Actor {
                         None => Adam::new(t.adam.clone(), ck.params.data.len()),
                     };
                     tracing::info!(checkpoint = %path.display(), round = ck.step, "resuming");
-                    let ema = match (t.ema_decay, ck.ema) {
-                        (None, _) => None,
-                        (Some(_), Some(e)) => Some(e),
-                        (Some(_), None) => {
-                            tracing::warn!(
-                                checkpoint = %path.display(),
-                                "the checkpoint holds no weight average; starting it from its weights"
-                            );
-                            Some(ck.params.data.clone())
-                        }
-                    };
+                    let ema = train::resumed_ema(t.ema_decay, ck.ema, &ck.params, &path);
                     (ck.params, adam, ck.step, ck.position, ema)
                 }
                 None => {

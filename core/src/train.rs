@@ -270,6 +270,24 @@ impl MetricsLog {
     }
 }
 
+/// The weight average a resumed run continues: the checkpoint's, or (when the run keeps one but
+/// the checkpoint was written without) one that starts from the checkpoint's weights.
+pub fn resumed_ema(
+    ema_decay: Option<f32>,
+    stored: Option<Vec<f32>>,
+    params: &Params,
+    path: &Path,
+) -> Option<Vec<f32>> {
+    ema_decay?;
+    Some(stored.unwrap_or_else(|| {
+        tracing::warn!(
+            checkpoint = %path.display(),
+            "the checkpoint holds no weight average; starting it from its weights"
+        );
+        params.data.clone()
+    }))
+}
+
 /// Trains as configured; resumes from the newest checkpoint of `run_dir` when `resume`.
 pub fn train(cfg: &TrainConfig, resume: bool, observer: &mut dyn Observer) -> Result<TrainOutcome> {
     cfg.validate()?;
@@ -297,17 +315,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, observer: &mut dyn Observer) -> Re
             CoreError::checkpoint(&path, "holds no optimizer state; cannot resume")
         })?;
         tracing::info!(checkpoint = %path.display(), step = ck.step, "resuming");
-        let ema = match (cfg.ema_decay, ck.ema) {
-            (None, _) => None,
-            (Some(_), Some(e)) => Some(e),
-            (Some(_), None) => {
-                tracing::warn!(
-                    checkpoint = %path.display(),
-                    "the checkpoint holds no weight average; starting it from its weights"
-                );
-                Some(ck.params.data.clone())
-            }
-        };
+        let ema = resumed_ema(cfg.ema_decay, ck.ema, &ck.params, &path);
         (
             ck.params,
             Adam {

@@ -163,6 +163,22 @@ fn the_weight_average_follows_every_step_and_survives_resume() {
         e.contains("no weight average") && e.contains("--ema-decay"),
         "{e}"
     );
+
+    // Resumed with --ema-decay, that run starts its average from the checkpoint's weights.
+    plain.ema_decay = Some(decay);
+    plain.max_steps = Some(2);
+    let resumed = train::train(&plain, true, &mut Silent).unwrap();
+    let at_1 = Checkpoint::load(p.checkpoint.as_ref().unwrap(), None).unwrap();
+    let at_2 = Checkpoint::load(resumed.checkpoint.as_ref().unwrap(), None).unwrap();
+    let d = decay.min(3.0 / 12.0);
+    let want: Vec<f32> = at_1
+        .params
+        .data
+        .iter()
+        .zip(&at_2.params.data)
+        .map(|(a, b)| d * a + (1.0 - d) * b)
+        .collect();
+    assert_eq!(at_2.ema, Some(want));
 }
 
 #[test]
