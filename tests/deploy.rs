@@ -457,8 +457,7 @@ fn rehearsal_with_the_configmap_environment_on_loopback() {
         .collect();
 
     for w in &mut workers {
-        let status = w.wait(Duration::from_secs(60));
-        assert!(status.success(), "{}: {status}\n{}", w.name, w.log_text());
+        w.expect_success(Duration::from_secs(60));
     }
     // CAPSNET_EXIT_WHEN_DONE=false: the finished coordinator keeps serving (so a Deployment does
     // not restart it) until SIGTERM, which it answers with a checkpoint and exit 0.
@@ -469,12 +468,7 @@ fn rehearsal_with_the_configmap_environment_on_loopback() {
         coord.log_text()
     );
     coord.signal(libc::SIGTERM);
-    let status = coord.wait(Duration::from_secs(60));
-    assert!(
-        status.success(),
-        "coordinator: {status}\n{}",
-        coord.log_text()
-    );
+    coord.expect_success(Duration::from_secs(60));
 
     // Every round had both workers, and training ran to the requested step.
     let rounds = rounds(&run);

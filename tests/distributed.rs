@@ -48,21 +48,9 @@ fn three_rounds(tmp: &Path, d: &Path, name: &str) -> std::path::PathBuf {
     );
     let mut w0 = worker(tmp, &url, 0, d, &[]);
     let mut w1 = worker(tmp, &url, 1, d, &[]);
-    assert!(
-        coord.wait(Duration::from_secs(120)).success(),
-        "{}",
-        coord.log_text()
-    );
-    assert!(
-        w0.wait(Duration::from_secs(30)).success(),
-        "{}",
-        w0.log_text()
-    );
-    assert!(
-        w1.wait(Duration::from_secs(30)).success(),
-        "{}",
-        w1.log_text()
-    );
+    coord.expect_success(Duration::from_secs(120));
+    w0.expect_success(Duration::from_secs(30));
+    w1.expect_success(Duration::from_secs(30));
     run
 }
 
@@ -288,11 +276,7 @@ fn a_killed_worker_is_dropped_and_rejoins() {
         },
     );
     coord.signal(libc::SIGTERM);
-    assert!(
-        coord.wait(Duration::from_secs(30)).success(),
-        "{}",
-        coord.log_text()
-    );
+    coord.expect_success(Duration::from_secs(30));
     assert!(
         coord.log_text().contains("unhealthy"),
         "{}",
@@ -377,11 +361,7 @@ fn a_restarted_coordinator_resumes_and_workers_reconnect() {
     );
     assert_eq!(resumed["workers"], 2, "both workers should be back");
     coord.signal(libc::SIGTERM);
-    assert!(
-        coord.wait(Duration::from_secs(30)).success(),
-        "{}",
-        coord.log_text()
-    );
+    coord.expect_success(Duration::from_secs(30));
     assert!(
         coord.log_text().contains("resuming"),
         "{}",
@@ -593,11 +573,7 @@ mod rejected {
                 .await
                 .unwrap();
         });
-        assert!(
-            coord.wait(Duration::from_secs(60)).success(),
-            "{}",
-            coord.log_text()
-        );
+        coord.expect_success(Duration::from_secs(60));
     }
 }
 
@@ -668,9 +644,5 @@ fn a_pull_before_the_epoch_is_planned_is_answered_when_it_starts() {
         assert!(order.participate && order.round == 0, "{order:?}");
     });
     coord.signal(libc::SIGTERM);
-    assert!(
-        coord.wait(Duration::from_secs(30)).success(),
-        "{}",
-        coord.log_text()
-    );
+    coord.expect_success(Duration::from_secs(30));
 }

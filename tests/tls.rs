@@ -133,17 +133,9 @@ fn mutual_tls_trains_and_refuses_clients_without_a_certificate() {
         "2s",
     ];
     let mut anon = worker(t, &https, 5, &d, &tls_only);
-    assert!(
-        !anon.wait(Duration::from_secs(30)).success(),
-        "{}",
-        anon.log_text()
-    );
+    anon.expect_failure(Duration::from_secs(30));
     let mut plain = worker(t, &url, 6, &d, &["--give-up-after", "2s"]);
-    assert!(
-        !plain.wait(Duration::from_secs(30)).success(),
-        "{}",
-        plain.log_text()
-    );
+    plain.expect_failure(Duration::from_secs(30));
     assert!(
         plain.log_text().contains("cannot reach the coordinator"),
         "{}",
@@ -166,15 +158,7 @@ fn mutual_tls_trains_and_refuses_clients_without_a_certificate() {
             &p("client.key"),
         ],
     );
-    assert!(
-        coord.wait(Duration::from_secs(60)).success(),
-        "{}",
-        coord.log_text()
-    );
-    assert!(
-        w.wait(Duration::from_secs(30)).success(),
-        "{}",
-        w.log_text()
-    );
+    coord.expect_success(Duration::from_secs(60));
+    w.expect_success(Duration::from_secs(30));
     assert!(run.join("checkpoint-3.safetensors").exists());
 }

@@ -76,6 +76,28 @@ impl Proc {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Waits for the process to exit and fails the test, showing its log, unless it exited 0.
+    pub fn expect_success(&mut self, timeout: Duration) {
+        let status = self.wait(timeout);
+        assert!(
+            status.success(),
+            "{} exited with {status}\n{}",
+            self.name,
+            self.log_text()
+        );
+    }
+
+    /// Waits for the process to exit and fails the test, showing its log, if it exited 0.
+    pub fn expect_failure(&mut self, timeout: Duration) {
+        let status = self.wait(timeout);
+        assert!(
+            !status.success(),
+            "{} exited 0 but should have failed\n{}",
+            self.name,
+            self.log_text()
+        );
+    }
 }
 
 impl Drop for Proc {
