@@ -653,22 +653,12 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
     progress.finish();
     if let Some(e) = &out.last_eval {
         println!(
-            "done: {} steps in {:.1} s; test accuracy {:.2}% (margin loss {:.4}, reconstruction loss {:.4}, {} images)",
-            out.steps,
-            out.wall_s,
-            100.0 * e.accuracy,
-            e.margin_loss,
-            e.reconstruction_loss,
-            e.samples
+            "done: {} steps in {:.1} s; test {e} on {} images",
+            out.steps, out.wall_s, e.samples
         );
     }
     if let Some(e) = &out.last_ema_eval {
-        println!(
-            "weight average (--ema-decay): test accuracy {:.2}% (margin loss {:.4}, reconstruction loss {:.4})",
-            100.0 * e.accuracy,
-            e.margin_loss,
-            e.reconstruction_loss
-        );
+        println!("weight average (--ema-decay): test {e}");
     }
     if let Some(p) = &out.checkpoint {
         println!("checkpoint: {}", p.display());
@@ -761,19 +751,9 @@ impl Observer for Progress {
         }
     }
     fn on_eval(&mut self, step: u64, epoch: u64, e: &EvalReport, ema: Option<&EvalReport>) {
-        let mut line = format!(
-            "eval after step {step} (epoch {epoch}): test accuracy {:.2}%, margin loss {:.4}, reconstruction loss {:.4}",
-            100.0 * e.accuracy,
-            e.margin_loss,
-            e.reconstruction_loss
-        );
+        let mut line = format!("eval after step {step} (epoch {epoch}): test {e}");
         if let Some(a) = ema {
-            line += &format!(
-                "; weight average: {:.2}%, margin loss {:.4}, reconstruction loss {:.4}",
-                100.0 * a.accuracy,
-                a.margin_loss,
-                a.reconstruction_loss
-            );
+            line += &format!("; weight average: {a}");
         }
         match &self.bar {
             Some(b) => b.println(line),
@@ -792,13 +772,11 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     if a.json {
         println!("{}", serde_json::to_string(&e)?);
     } else {
+        let what = if a.ema { " (weight average)" } else { "" };
         println!(
-            "{}: accuracy {:.2}% on {} images; margin loss {:.4}, reconstruction loss {:.4}",
+            "{}{what}: {e} on {} images",
             a.checkpoint.display(),
-            100.0 * e.accuracy,
-            e.samples,
-            e.margin_loss,
-            e.reconstruction_loss
+            e.samples
         );
     }
     Ok(())
@@ -1147,16 +1125,13 @@ fn cmd_coordinator(a: CoordinatorArgs) -> Result<()> {
     })?;
     match &outcome.last_eval {
         Some(e) => println!(
-            "coordinator: {} rounds{}; test accuracy {:.2}% (margin loss {:.4}, reconstruction loss {:.4})",
+            "coordinator: {} rounds{}; test {e}",
             outcome.rounds,
             if outcome.finished {
                 ", finished"
             } else {
                 ", stopped"
             },
-            100.0 * e.accuracy,
-            e.margin_loss,
-            e.reconstruction_loss
         ),
         None => println!("coordinator: {} rounds, stopped", outcome.rounds),
     }

@@ -21,6 +21,37 @@ fn data(dir: &Path, n_train: usize) -> std::path::PathBuf {
     d
 }
 
+/// A temporary folder with `n_train` synthetic images (`d`) and a tiny coordinator on them,
+/// started with `args`, that writes to `run`.
+struct Setup {
+    tmp: tempfile::TempDir,
+    d: std::path::PathBuf,
+    run: std::path::PathBuf,
+    coord: Proc,
+    url: String,
+}
+
+impl Setup {
+    /// The folder guard, the coordinator and its URL, for tests that need nothing else.
+    fn server(self) -> (tempfile::TempDir, Proc, String) {
+        (self.tmp, self.coord, self.url)
+    }
+}
+
+fn start(n_train: usize, args: &[&str]) -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = data(tmp.path(), n_train);
+    let run = tmp.path().join("run");
+    let (coord, url) = tiny_coordinator(tmp.path(), "coordinator", &d, &run, args);
+    Setup {
+        tmp,
+        d,
+        run,
+        coord,
+        url,
+    }
+}
+
 /// Runs 3 rounds of 2 workers with batch 4 and returns the run dir.
 fn three_rounds(tmp: &Path, d: &Path, name: &str) -> std::path::PathBuf {
     let run = tmp.join(name);
@@ -214,14 +245,14 @@ fn launch_runs_a_fleet_to_the_end() {
 /// restarted under the same rank rejoins and contributes again. Nothing hangs.
 #[test]
 fn a_killed_worker_is_dropped_and_rejoins() {
-    let tmp = tempfile::tempdir().unwrap();
-    let d = data(tmp.path(), 512);
-    let run = tmp.path().join("run");
-    let (mut coord, url) = tiny_coordinator(
-        tmp.path(),
-        "coordinator",
-        &d,
-        &run,
+    let Setup {
+        tmp,
+        d,
+        run,
+        mut coord,
+        url,
+    } = start(
+        512,
         &[
             "--batch-size",
             "2",
@@ -424,14 +455,8 @@ mod rejected {
     /// slot: its valid update is accepted afterwards and closes the round.
     #[test]
     fn bad_updates_are_rejected_and_change_nothing() {
-        let tmp = tempfile::tempdir().unwrap();
-        let d = data(tmp.path(), 64);
-        let run = tmp.path().join("run");
-        let (mut coord, url) = tiny_coordinator(
-            tmp.path(),
-            "coordinator",
-            &d,
-            &run,
+        let (_tmp, mut coord, url) = start(
+            64,
             &[
                 "--batch-size",
                 "4",
@@ -442,7 +467,8 @@ mod rejected {
                 "--chunk-bytes",
                 "4096",
             ],
-        );
+        )
+        .server();
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async {
             let mut bad = Client::connect(&url, "wrong-token-0123456789", None)
@@ -583,14 +609,8 @@ mod rejected {
 fn a_pull_before_the_epoch_is_planned_is_answered_when_it_starts() {
     use capsnet_proto::{Encoding, pb};
     use capsnet_worker::Client;
-    let tmp = tempfile::tempdir().unwrap();
-    let d = data(tmp.path(), 64);
-    let run = tmp.path().join("run");
-    let (mut coord, url) = tiny_coordinator(
-        tmp.path(),
-        "coordinator",
-        &d,
-        &run,
+    let (_tmp, mut coord, url) = start(
+        64,
         &[
             "--batch-size",
             "4",
@@ -603,7 +623,8 @@ fn a_pull_before_the_epoch_is_planned_is_answered_when_it_starts() {
             "--heartbeat",
             "10s",
         ],
-    );
+    )
+    .server();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let join = |name: &'static str| {

@@ -919,19 +919,9 @@ impl Actor {
                 Err(e) => return tracing::error!(error = %e, "evaluation pool"),
             };
             let mut ws = Workspace::new();
-            let run = |p: &Params, ws: &mut Workspace| {
-                pool.install(|| train::evaluate(&model, p, &test, bs, ws))
-            };
-            let both = run(&params, &mut ws).and_then(|e| {
-                let avg = match ema {
-                    Some(avg) => {
-                        let mut p = params.clone();
-                        p.data = avg;
-                        Some(run(&p, &mut ws)?)
-                    }
-                    None => None,
-                };
-                Ok((e, avg))
+            let both = pool.install(|| {
+                let avg = ema.as_deref();
+                train::evaluate_with_average(&model, &params, avg, &test, bs, &mut ws)
             });
             match both {
                 Ok((e, avg)) => {
@@ -952,10 +942,8 @@ impl Actor {
                             accuracy = a.accuracy,
                             "evaluated the weight average"
                         );
-                        line["ema_test_accuracy"] = a.accuracy.into();
-                        line["ema_test_margin_loss"] = a.margin_loss.into();
-                        line["ema_test_reconstruction_loss"] = a.reconstruction_loss.into();
                     }
+                    train::add_average_fields(&mut line, avg.as_ref());
                     if let Ok(mut m) = metrics.lock() {
                         m.write(line);
                     }

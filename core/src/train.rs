@@ -141,6 +141,19 @@ pub struct EvalReport {
     pub samples: usize,
 }
 
+/// `accuracy 88.11% (margin loss 0.0853, reconstruction loss 0.0108)`.
+impl std::fmt::Display for EvalReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "accuracy {:.2}% (margin loss {:.4}, reconstruction loss {:.4})",
+            100.0 * self.accuracy,
+            self.margin_loss,
+            self.reconstruction_loss
+        )
+    }
+}
+
 /// Callbacks of the training loop; the binary draws a progress bar or log lines from them.
 pub trait Observer: Send {
     fn on_start(&mut self, _cfg: &TrainConfig, _start_step: u64, _total_steps: u64) {}
@@ -229,6 +242,36 @@ pub fn evaluate(
         reconstruction_loss: total.reconstruction_loss / n,
         samples: total.samples,
     })
+}
+
+/// The data set through the weights, and through their moving average (`--ema-decay`) when
+/// one is kept.
+pub fn evaluate_with_average(
+    model: &CapsNet,
+    params: &Params,
+    average: Option<&[f32]>,
+    ds: &Dataset,
+    batch_size: usize,
+    ws: &mut Workspace,
+) -> Result<(EvalReport, Option<EvalReport>)> {
+    let e = evaluate(model, params, ds, batch_size, ws)?;
+    let avg = match average {
+        Some(a) => {
+            let p = Params::from_flat(model.layout(), a.to_vec())?;
+            Some(evaluate(model, &p, ds, batch_size, ws)?)
+        }
+        None => None,
+    };
+    Ok((e, avg))
+}
+
+/// Adds the weight average's results to an `eval` line of metrics.jsonl, as `ema_test_*`.
+pub fn add_average_fields(line: &mut serde_json::Value, average: Option<&EvalReport>) {
+    if let Some(a) = average {
+        line["ema_test_accuracy"] = a.accuracy.into();
+        line["ema_test_margin_loss"] = a.margin_loss.into();
+        line["ema_test_reconstruction_loss"] = a.reconstruction_loss.into();
+    }
 }
 
 /// Appends JSON lines to `metrics.jsonl`, each in a single `write` so that a process killed
@@ -368,21 +411,9 @@ pub fn train(cfg: &TrainConfig, resume: bool, observer: &mut dyn Observer) -> Re
         })
     };
 
-    // The test set through the weights, and through their average when one is kept.
-    let eval_both = |params: &Params,
-                     ema: &Option<Vec<f32>>,
-                     ws: &mut Workspace|
-     -> Result<(EvalReport, Option<EvalReport>)> {
-        let e = evaluate(&model, params, &test_ds, cfg.eval_batch_size, ws)?;
-        let ee = match ema {
-            Some(avg) => {
-                let mut p = params.clone();
-                p.data.copy_from_slice(avg);
-                Some(evaluate(&model, &p, &test_ds, cfg.eval_batch_size, ws)?)
-            }
-            None => None,
-        };
-        Ok((e, ee))
+    let eval_both = |params: &Params, ema: &Option<Vec<f32>>, ws: &mut Workspace| {
+        let avg = ema.as_deref();
+        evaluate_with_average(&model, params, avg, &test_ds, cfg.eval_batch_size, ws)
     };
 
     pool.install(|| -> Result<()> {
@@ -499,7 +530,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, observer: &mut dyn Observer) -> Re
 }
 
 /// One `eval` line of metrics.jsonl; the weight average's results as `ema_test_*`.
-pub fn write_eval(
+fn write_eval(
     metrics: &mut MetricsLog,
     step: u64,
     epoch: u64,
@@ -510,11 +541,7 @@ pub fn write_eval(
         "kind": "eval", "step": step, "epoch": epoch, "test_accuracy": e.accuracy,
         "test_margin_loss": e.margin_loss, "test_reconstruction_loss": e.reconstruction_loss, "samples": e.samples,
     });
-    if let Some(a) = ema {
-        v["ema_test_accuracy"] = a.accuracy.into();
-        v["ema_test_margin_loss"] = a.margin_loss.into();
-        v["ema_test_reconstruction_loss"] = a.reconstruction_loss.into();
-    }
+    add_average_fields(&mut v, ema);
     metrics.write(&v)
 }
 

@@ -41,12 +41,12 @@ pub fn chunk_ranges(
 }
 
 /// Encodes floats as a payload. f32 on a little-endian machine is one copy of the floats'
-/// bytes; bf16 is a tight loop over fixed-size chunks, which compiles to vector code.
+/// bytes; bf16 converts each float (branch-free, so the loop vectorizes) straight into the
+/// buffer the payload owns.
 pub fn encode(values: &[f32], enc: Encoding) -> Bytes {
     match enc {
         #[cfg(target_endian = "little")]
         Encoding::Bf16 => {
-            // Converted straight into the buffer the payload owns: no zero-fill, no copy.
             let halves: Vec<u16> = values.iter().map(|&x| f32_to_bf16(x)).collect();
             Bytes::from_owner(Halves(halves))
         }
