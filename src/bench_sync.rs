@@ -72,6 +72,25 @@ async fn synthetic_worker(url: String, token: String, rank: usize, spans: Spans)
         .map(|i| ((i % 97) as f32 - 48.0) * 1e-4)
         .collect();
     let mut params = vec![0.0f32; total];
+    let pool = capsnet_proto::wire::BufPool::new(64);
+    // Heartbeats in the background, as a real worker sends them: a slow round (4 workers on
+    // 2 cores) must not get a synthetic worker marked unhealthy.
+    let hb = {
+        let (mut c, id) = (client.clone(), id.clone());
+        let every = Duration::from_millis(s.heartbeat_ms.max(50));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let _ = c
+                    .rpc()
+                    .heartbeat(pb::HeartbeatRequest {
+                        worker_id: id.clone(),
+                    })
+                    .await;
+            }
+        })
+    };
+    let _stop_heartbeats = AbortOnDrop(hb);
     let mut after = None;
     let mut pushed: Option<(u64, Instant)> = None;
     loop {
@@ -97,17 +116,23 @@ async fn synthetic_worker(url: String, token: String, rank: usize, spans: Spans)
             continue;
         }
         let start = Instant::now();
-        capsnet_worker::push(
-            &mut client,
-            &id,
-            &s,
-            o.round,
-            o.end - o.start,
-            0.0,
-            update.clone(),
-        )
-        .await?;
+        let u = capsnet_worker::Update {
+            round: o.round,
+            samples: o.end - o.start,
+            loss: 0.0,
+            data: update.clone(),
+        };
+        capsnet_worker::push(&mut client, &id, &s, u, &pool).await?;
         pushed = Some((o.round, start));
+    }
+}
+
+/// Stops a background task when dropped (on every way out of a synthetic worker).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

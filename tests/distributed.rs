@@ -485,6 +485,19 @@ mod rejected {
             assert_eq!(e.code(), Code::Unauthenticated, "{e}");
             let e = bad.rpc().status(pb::StatusRequest {}).await.unwrap_err();
             assert_eq!(e.code(), Code::Unauthenticated, "{e}");
+            // The bulk streams are served ahead of tonic's router and check the token too.
+            let e = capsnet_worker::pull(&mut bad, "w", None, Encoding::F32, 8)
+                .await
+                .err()
+                .unwrap();
+            assert!(
+                matches!(&e, capsnet_worker::WorkerError::Rpc(s) if s.code() == Code::Unauthenticated),
+                "{e}"
+            );
+            let e = push(&mut bad, vec![pb::UpdateChunk::default()])
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), Code::Unauthenticated, "{e}");
 
             let mut c = Client::connect(&url, TOKEN, None).await.unwrap();
             let j = c
@@ -505,6 +518,28 @@ mod rejected {
             let o = pulled.order;
             assert!(o.participate);
             let samples = o.end - o.start;
+            // A generic gRPC client (tonic's generated one) reads the hand-framed parameter
+            // stream as the same parameters and work order.
+            let mut stream = c
+                .rpc()
+                .pull_params(pb::PullRequest {
+                    worker_id: id.clone(),
+                    after_round: None,
+                    encoding: Encoding::F32 as i32,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let mut via_tonic = vec![0.0f32; total as usize];
+            let mut asm = capsnet_proto::wire::Assembler::new(total, total, Encoding::F32).unwrap();
+            let mut work = None;
+            while let Some(m) = stream.message().await.unwrap() {
+                work = work.or(m.work);
+                asm.accept((&m).into(), &mut via_tonic).unwrap();
+            }
+            asm.finish().unwrap();
+            assert_eq!(via_tonic, pulled.params);
+            assert_eq!(work, Some(o));
             let good = vec![1e-3f32; total as usize];
 
             let e = push(&mut c, chunks_msg(&id, 7, &s, samples, &good))

@@ -17,16 +17,23 @@ impl TokenCheck {
     }
 
     pub fn check(&self, req: Request<()>) -> Result<Request<()>, Status> {
-        let given = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+        self.verify(req.metadata().get("authorization").map(|v| v.as_bytes()))?;
+        Ok(req)
+    }
+
+    /// The same check on the headers of a request served without tonic's router.
+    pub fn check_headers(&self, headers: &http::HeaderMap) -> Result<(), Status> {
+        self.verify(headers.get("authorization").map(|v| v.as_bytes()))
+    }
+
+    fn verify(&self, authorization: Option<&[u8]>) -> Result<(), Status> {
+        let given = authorization
+            .and_then(|v| v.strip_prefix(b"Bearer "))
             .ok_or_else(|| {
                 Status::unauthenticated("missing bearer token (authorization: Bearer <token>)")
             })?;
-        if bool::from(given.as_bytes().ct_eq(&self.token)) {
-            Ok(req)
+        if bool::from(given.ct_eq(&self.token)) {
+            Ok(())
         } else {
             Err(Status::unauthenticated("invalid token"))
         }
@@ -59,6 +66,35 @@ mod tests {
         assert_eq!(
             t.check(Request::new(())).unwrap_err().code(),
             tonic::Code::Unauthenticated
+        );
+    }
+
+    /// The check of the data plane's requests, on raw HTTP headers.
+    #[test]
+    fn raw_headers_pass_only_with_the_exact_token() {
+        let t = TokenCheck::new("s3cret-token-0123456789");
+        let with = |v: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert("authorization", v.parse().unwrap());
+            h
+        };
+        assert!(
+            t.check_headers(&with("Bearer s3cret-token-0123456789"))
+                .is_ok()
+        );
+        for bad in [
+            "Bearer s3cret-token-012345678X",
+            "Basic s3cret-token-0123456789",
+        ] {
+            let e = t.check_headers(&with(bad)).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::Unauthenticated, "{bad}");
+        }
+        let e = t.check_headers(&http::HeaderMap::new()).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        assert!(
+            e.message().contains("missing bearer token"),
+            "{}",
+            e.message()
         );
     }
 }

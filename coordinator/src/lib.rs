@@ -7,6 +7,7 @@
 //!   averaging in member order, Adam, evaluation and checkpoints in the background.
 //! - `reduce`: one round's updates, averaged and stepped range by range while they stream in.
 //! - `service`: the tonic service; streams and checks chunks, hands each to the actor.
+//! - `data_plane`: serves the two bulk RPCs ahead of tonic's router, payloads framed by hand.
 //! - [`auth`]: the bearer-token interceptor.
 //! - [`error`]: [`CoordinatorError`] and its mapping to gRPC statuses (the only one).
 //!
@@ -25,6 +26,7 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 mod actor;
 pub mod auth;
 pub mod config;
+mod data_plane;
 pub mod error;
 pub mod plan;
 mod reduce;
@@ -85,8 +87,14 @@ pub async fn serve(
         .set_serving::<pb::coordinator_server::CoordinatorServer<service::Service>>()
         .await;
     let check = auth::TokenCheck::new(&cfg.token);
-    let grpc =
-        pb::coordinator_server::CoordinatorServer::with_interceptor(svc, move |r| check.check(r));
+    let interceptor = check.clone();
+    let grpc = data_plane::DataPlane {
+        inner: pb::coordinator_server::CoordinatorServer::with_interceptor(svc.clone(), move |r| {
+            interceptor.check(r)
+        }),
+        svc,
+        auth: check,
+    };
 
     // Stop on the external signal (after a checkpoint), or once training finished and the
     // workers had a few heartbeats to hear it.

@@ -4,6 +4,8 @@ use std::ops::Range;
 use std::pin::Pin;
 use std::sync::{Arc, mpsc};
 
+use bytes::Bytes;
+use capsnet_proto::frame::Messages;
 use capsnet_proto::wire::{Assembler, ChunkIn, first_non_finite};
 use capsnet_proto::{Encoding, pb};
 use futures_util::Stream;
@@ -54,41 +56,12 @@ impl Service {
             .map_err(|_| Status::from(CoordinatorError::ShuttingDown))
     }
 
-    /// Names a float index as `tensor[i]` for error messages.
-    fn locate(&self, i: usize) -> String {
-        match self.names.iter().find(|(_, r)| r.contains(&i)) {
-            Some((n, r)) => format!("{n}[{}]", i - r.start),
-            None => format!("float {i}"),
-        }
-    }
-}
-
-type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ParamChunk, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl pb::coordinator_server::Coordinator for Service {
-    async fn join(
+    /// Waits for the parameters a pull asks for: the worker's work order and the round's
+    /// encoded chunks.
+    pub async fn pull(
         &self,
-        req: Request<pb::JoinRequest>,
-    ) -> Result<Response<pb::JoinResponse>, Status> {
-        let r = req.into_inner();
-        let out = self
-            .ask(|reply| Msg::Join {
-                name: r.name,
-                rank_hint: r.rank_hint,
-                reply,
-            })
-            .await?;
-        Ok(Response::new(out?))
-    }
-
-    type PullParamsStream = ChunkStream;
-
-    async fn pull_params(
-        &self,
-        req: Request<pb::PullRequest>,
-    ) -> Result<Response<ChunkStream>, Status> {
-        let r = req.into_inner();
+        r: pb::PullRequest,
+    ) -> Result<(pb::WorkOrder, Arc<Published>), Status> {
         let asked = Encoding::try_from(r.encoding)
             .map_err(|_| Status::invalid_argument(format!("unknown encoding {}", r.encoding)))?;
         let mut watch = self.published.clone();
@@ -117,35 +90,16 @@ impl pb::coordinator_server::Coordinator for Service {
                 "this run serves parameters as {enc:?} (the coordinator's --wire), not {asked:?}"
             )));
         }
-        let chunks = snapshot.chunks.clone();
-        let total = snapshot.total_len;
-        let round = snapshot.round;
-        let n = chunks.len();
-        let mut order = Some(order);
-        let items: Vec<Result<pb::ParamChunk, Status>> = (0..n)
-            .map(|i| {
-                let c = &chunks[i];
-                Ok(pb::ParamChunk {
-                    round,
-                    offset: c.offset,
-                    total_len: total,
-                    encoding: enc as i32,
-                    payload: c.payload.clone(),
-                    crc32: c.crc32,
-                    work: order.take(),
-                    total_crc32: c.total_crc32,
-                })
-            })
-            .collect();
-        Ok(Response::new(Box::pin(tokio_stream::iter(items))))
+        Ok((order, snapshot))
     }
 
-    async fn push_update(
-        &self,
-        req: Request<Streaming<pb::UpdateChunk>>,
-    ) -> Result<Response<pb::PushResponse>, Status> {
-        let mut stream = req.into_inner();
-        let first = stream
+    /// Receives one update stream, checks every chunk and hands it to the actor.
+    pub async fn push<B>(&self, stream: &mut Messages<B>) -> Result<pb::PushResponse, Status>
+    where
+        B: http_body::Body<Data = Bytes> + Unpin,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let first: pb::UpdateChunk = stream
             .message()
             .await?
             .ok_or_else(|| Status::invalid_argument("empty update stream"))?;
@@ -232,7 +186,57 @@ impl pb::coordinator_server::Coordinator for Service {
             })
             .await?;
         guard.armed = out.is_err();
-        Ok(Response::new(pb::PushResponse { round: out? }))
+        Ok(pb::PushResponse { round: out? })
+    }
+
+    /// Names a float index as `tensor[i]` for error messages.
+    fn locate(&self, i: usize) -> String {
+        match self.names.iter().find(|(_, r)| r.contains(&i)) {
+            Some((n, r)) => format!("{n}[{}]", i - r.start),
+            None => format!("float {i}"),
+        }
+    }
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ParamChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::coordinator_server::Coordinator for Service {
+    async fn join(
+        &self,
+        req: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        let r = req.into_inner();
+        let out = self
+            .ask(|reply| Msg::Join {
+                name: r.name,
+                rank_hint: r.rank_hint,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(out?))
+    }
+
+    type PullParamsStream = ChunkStream;
+
+    /// Served by [`crate::data_plane`] ahead of this router.
+    async fn pull_params(
+        &self,
+        _req: Request<pb::PullRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
+        Err(Status::unimplemented(
+            "PullParams is served by the data plane",
+        ))
+    }
+
+    /// Served by [`crate::data_plane`] ahead of this router.
+    async fn push_update(
+        &self,
+        _req: Request<Streaming<pb::UpdateChunk>>,
+    ) -> Result<Response<pb::PushResponse>, Status> {
+        Err(Status::unimplemented(
+            "PushUpdate is served by the data plane",
+        ))
     }
 
     async fn heartbeat(

@@ -11,6 +11,7 @@
 use capsnet_core::optim::AdamConfig;
 use capsnet_core::{CapsNetConfig, ParamLayout};
 
+pub mod frame;
 pub mod wire;
 
 /// Generated protocol code.

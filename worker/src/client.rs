@@ -3,7 +3,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use capsnet_proto::frame::{GRPC_CONTENT_TYPE, MAX_MESSAGE, Messages};
 use capsnet_proto::pb::coordinator_client::CoordinatorClient;
+use tonic::body::Body;
+use tonic::codegen::Service;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -31,8 +34,16 @@ impl tonic::service::Interceptor for Auth {
     }
 }
 
+/// The generated client for the small RPCs, and the channel itself for the two bulk streams,
+/// whose messages are framed by hand ([`capsnet_proto::frame`]).
 #[derive(Clone)]
-pub struct Client(CoordinatorClient<InterceptedService<Channel, Auth>>);
+pub struct Client {
+    rpc: CoordinatorClient<InterceptedService<Channel, Auth>>,
+    channel: Channel,
+    /// `scheme://authority` of the coordinator.
+    origin: String,
+    authorization: MetadataValue<tonic::metadata::Ascii>,
+}
 
 impl Client {
     pub async fn connect(url: &str, token: &str, tls: Option<&ClientTls>) -> Result<Self> {
@@ -66,13 +77,65 @@ impl Client {
         let value: MetadataValue<_> = format!("Bearer {token}")
             .parse()
             .map_err(|_| WorkerError::Config("the token must be printable ASCII".into()))?;
-        Ok(Client(
-            CoordinatorClient::with_interceptor(channel, Auth(value))
-                .max_decoding_message_size(8 << 20),
-        ))
+        let uri = ep.uri();
+        let origin = format!(
+            "{}://{}",
+            uri.scheme_str().unwrap_or("http"),
+            uri.authority().map_or("", |a| a.as_str())
+        );
+        Ok(Client {
+            rpc: CoordinatorClient::with_interceptor(channel.clone(), Auth(value.clone()))
+                .max_decoding_message_size(MAX_MESSAGE),
+            channel,
+            origin,
+            authorization: value,
+        })
     }
 
     pub fn rpc(&mut self) -> &mut CoordinatorClient<InterceptedService<Channel, Auth>> {
-        &mut self.0
+        &mut self.rpc
+    }
+
+    /// Starts a call of the data plane (`path` is [`PULL_PATH`](capsnet_proto::frame::PULL_PATH)
+    /// or [`PUSH_PATH`](capsnet_proto::frame::PUSH_PATH)) with `body` as its request messages;
+    /// returns the response's messages, or the status of a response that carries none.
+    pub async fn call(&mut self, path: &str, body: Body) -> Result<Messages<Body>, Status> {
+        let mut req = http::Request::new(body);
+        *req.method_mut() = http::Method::POST;
+        *req.uri_mut() = format!("{}{path}", self.origin)
+            .parse()
+            .map_err(|e| Status::internal(format!("request URI: {e}")))?;
+        let h = req.headers_mut();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static(GRPC_CONTENT_TYPE),
+        );
+        h.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+        h.insert(
+            http::header::AUTHORIZATION,
+            http::HeaderValue::from_bytes(self.authorization.as_bytes())
+                .map_err(|e| Status::internal(format!("token header: {e}")))?,
+        );
+        std::future::poll_fn(|cx| self.channel.poll_ready(cx))
+            .await
+            .map_err(|e| Status::from_error(e.into()))?;
+        let resp = self
+            .channel
+            .call(req)
+            .await
+            .map_err(|e| Status::from_error(e.into()))?;
+        // A call that failed before any message answers with its status in the headers.
+        if let Some(s) = Status::from_header_map(resp.headers())
+            && s.code() != tonic::Code::Ok
+        {
+            return Err(s);
+        }
+        if resp.status() != http::StatusCode::OK {
+            return Err(Status::unknown(format!(
+                "the coordinator answered HTTP {}",
+                resp.status()
+            )));
+        }
+        Ok(Messages::new(resp.into_body()))
     }
 }

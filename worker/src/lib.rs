@@ -14,15 +14,20 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use capsnet_core::data::{self, Dataset, Split};
 use capsnet_core::model::{Mask, PassOptions, Workspace};
 use capsnet_core::optim::Adam;
 use capsnet_core::rng::Rng;
 use capsnet_core::{CapsNet, Params};
-use capsnet_proto::wire::{Assembler, ChunkIn, chunk_encoder};
+use capsnet_proto::frame;
+use capsnet_proto::wire::{Assembler, BufPool, ChunkIn, chunk_encoder};
 use capsnet_proto::{Encoding, RunSettings, SyncMode, pb};
+use http_body::Frame;
+use http_body_util::StreamBody;
 use tokio_stream::StreamExt;
 use tonic::Code;
+use tonic::body::Body;
 
 pub mod client;
 
@@ -115,8 +120,9 @@ pub async fn pull_into(
         after_round: after,
         encoding: enc as i32,
     };
-    let mut stream = client.rpc().pull_params(req).await?.into_inner();
-    let first = stream
+    let body = Body::new(http_body_util::Full::new(frame::frame(&req)));
+    let mut stream = client.call(frame::PULL_PATH, body).await?;
+    let first: pb::ParamChunk = stream
         .message()
         .await?
         .ok_or_else(|| tonic::Status::data_loss("empty parameter stream"))?;
@@ -133,39 +139,73 @@ pub async fn pull_into(
         asm.accept(ChunkIn::from(&c), params)?;
         next = stream.message().await?;
     }
+    stream.status().await?;
     asm.finish()?;
     Ok(order)
 }
 
-/// Streams one update for `round`. Chunks are encoded as the stream is sent, so encoding one
-/// overlaps sending the one before.
-pub async fn push(
+/// Floats shared with the stream that sends them, so that their buffer can be taken back
+/// (`Arc::try_unwrap`) once it is sent.
+#[derive(Clone, Debug)]
+pub struct SharedFloats(pub Arc<Vec<f32>>);
+
+impl AsRef<[f32]> for SharedFloats {
+    fn as_ref(&self) -> &[f32] {
+        &self.0
+    }
+}
+
+/// One update to stream.
+pub struct Update<V> {
+    pub round: u64,
+    pub samples: u64,
+    pub loss: f64,
+    /// The floats: owned (`Vec<f32>`, `Arc<[f32]>`), since they are encoded as they are sent.
+    pub data: V,
+}
+
+/// Streams one update. Chunks are encoded as the stream is sent, so encoding one overlaps
+/// sending the one before; their payloads come from `pool`, so a worker that keeps its pool
+/// across rounds reuses the memory of the round before.
+pub async fn push<V: AsRef<[f32]> + Send + 'static>(
     client: &mut Client,
     id: &str,
     s: &RunSettings,
-    round: u64,
-    samples: u64,
-    loss: f64,
-    data: impl AsRef<[f32]> + Send + 'static,
+    update: Update<V>,
+    pool: &BufPool,
 ) -> Result<()> {
+    let Update {
+        round,
+        samples,
+        loss,
+        data,
+    } = update;
     let total = data.as_ref().len() as u64;
     let (id, wire, layout_hash) = (id.to_string(), s.wire, s.layout_hash);
-    let msgs = tokio_stream::iter(chunk_encoder(data, wire, s.chunk_bytes)).map(move |c| {
-        pb::UpdateChunk {
+    let frames = chunk_encoder(data, wire, s.chunk_bytes, pool).flat_map(move |c| {
+        let fields = pb::UpdateChunk {
             worker_id: id.clone(),
             round,
             offset: c.offset,
             total_len: total,
             encoding: wire as i32,
-            payload: c.payload,
+            payload: Bytes::new(),
             crc32: c.crc32,
             samples,
             layout_hash,
             total_crc32: c.total_crc32,
             loss,
-        }
+        };
+        frame::frame_with_payload(&fields, frame::UPDATE_PAYLOAD_TAG, c.payload)
     });
-    client.rpc().push_update(msgs).await?;
+    let body = tokio_stream::iter(frames).map(|b| Ok::<_, tonic::Status>(Frame::data(b)));
+    let mut resp = client
+        .call(frame::PUSH_PATH, Body::new(StreamBody::new(body)))
+        .await?;
+    resp.message::<pb::PushResponse>()
+        .await?
+        .ok_or_else(|| tonic::Status::data_loss("no answer to the update"))?;
+    resp.status().await?;
     Ok(())
 }
 
@@ -178,6 +218,8 @@ struct Replica {
     grads: Params,
     /// Local optimizer of params mode.
     adam: Option<Adam>,
+    /// The buffer of the last update sent, for the next one.
+    spare: Option<Vec<f32>>,
     pool: rayon::ThreadPool,
 }
 
@@ -211,16 +253,31 @@ impl Replica {
             train: Arc::new(train),
             ws: Workspace::new(),
             adam: None,
+            spare: None,
             pool,
             settings,
         })
     }
 
-    /// Runs a work order: the gradient of the batch (grad mode) or up to `sync_every` local Adam
-    /// steps (params mode). Returns (update, samples, mean loss).
-    fn compute(&mut self, order: &pb::WorkOrder, params: Vec<f32>) -> Result<(Vec<f32>, u64, f64)> {
+    /// Runs a work order on the pulled `params`: the gradient of the batch (grad mode) or up to
+    /// `sync_every` local Adam steps (params mode). Returns (update, samples, mean loss).
+    ///
+    /// No 33 MB buffer is allocated per round: the update is written to the buffer of an earlier
+    /// update ([`Replica::recycle`]), and `params` is left holding a buffer for the next pull.
+    fn compute(
+        &mut self,
+        order: &pb::WorkOrder,
+        params: &mut Vec<f32>,
+    ) -> Result<(Vec<f32>, u64, f64)> {
+        let n = params.len();
+        let spare = self
+            .spare
+            .take()
+            .filter(|v| v.len() == n)
+            .unwrap_or_else(|| vec![0.0; n]);
         let s = &self.settings;
-        let mut params = Params::from_flat(self.model.layout(), params)?;
+        let pulled = std::mem::take(params);
+        let mut p = Params::from_flat(self.model.layout(), pulled)?;
         let perm = data::epoch_permutation(self.train.len(), s.seed, order.epoch);
         let positions = order.start as usize..(order.end as usize).min(perm.len());
         let indices = &perm[positions];
@@ -245,41 +302,38 @@ impl Replica {
             SyncMode::Params => {
                 let adam = self
                     .adam
-                    .get_or_insert_with(|| Adam::new(s.adam.clone(), params.data.len()));
+                    .get_or_insert_with(|| Adam::new(s.adam.clone(), p.data.len()));
                 let mut loss = 0.0;
                 let mut steps = 0;
                 for batch_idx in indices.chunks(s.batch_size) {
                     let shift = (s.max_shift > 0).then_some((&mut rng, s.max_shift));
                     let batch = data::make_batch(train, batch_idx, shift);
                     let st = pool.install(|| {
-                        model.forward_backward(
-                            &params,
-                            &batch.images,
-                            &batch.labels,
-                            opts,
-                            grads,
-                            ws,
-                        )
+                        model.forward_backward(&p, &batch.images, &batch.labels, opts, grads, ws)
                     })?;
-                    pool.install(|| adam.update(&mut params.data, &grads.data))?;
+                    pool.install(|| adam.update(&mut p.data, &grads.data))?;
                     loss += st.total_loss();
                     steps += 1;
                 }
-                Ok((
-                    params.data,
-                    indices.len() as u64,
-                    loss / steps.max(1) as f64,
-                ))
+                *params = spare;
+                Ok((p.data, indices.len() as u64, loss / steps.max(1) as f64))
             }
             _ => {
                 let shift = (s.max_shift > 0).then_some((&mut rng, s.max_shift));
                 let batch = data::make_batch(train, indices, shift);
                 let st = pool.install(|| {
-                    model.forward_backward(&params, &batch.images, &batch.labels, opts, grads, ws)
+                    model.forward_backward(&p, &batch.images, &batch.labels, opts, grads, ws)
                 })?;
-                Ok((grads.data.clone(), indices.len() as u64, st.total_loss()))
+                *params = p.data;
+                let update = std::mem::replace(&mut grads.data, spare);
+                Ok((update, indices.len() as u64, st.total_loss()))
             }
         }
+    }
+
+    /// Takes back the buffer of a sent update, for the next one.
+    fn recycle(&mut self, update: Vec<f32>) {
+        self.spare = Some(update);
     }
 }
 
@@ -390,11 +444,23 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
         }
         tracing::debug!(phase = ?Phase::Working);
         let mut after: Option<u64> = None;
+        // The parameters of the round, pulled into the same buffer every round.
+        let mut pulled: Vec<f32> = vec![];
+        // Payload buffers for two updates: the one being sent and the next.
+        let chunks = capsnet_proto::wire::chunk_ranges(
+            settings.layout().total(),
+            settings.wire,
+            settings.chunk_bytes,
+        )
+        .count();
+        let pool = BufPool::new(2 * chunks);
         let total = settings.layout().total() as u64;
         let result: Result<Option<bool>> = loop {
             let step = async {
-                let pulled = pull(&mut client, &id, after, settings.wire, total).await?;
-                let order = pulled.order;
+                if pulled.len() != total as usize {
+                    pulled = vec![0.0; total as usize];
+                }
+                let order = pull_into(&mut client, &id, after, settings.wire, &mut pulled).await?;
                 if order.finished {
                     return Ok(Some(true));
                 }
@@ -406,25 +472,30 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                     return Err(WorkerError::Internal("no replica".into()));
                 };
                 let o = order;
-                let (r, out) = tokio::task::spawn_blocking(move || {
-                    let out = r.compute(&o, pulled.params);
-                    (r, out)
+                let mut params = std::mem::take(&mut pulled);
+                let (r, params, out) = tokio::task::spawn_blocking(move || {
+                    let out = r.compute(&o, &mut params);
+                    (r, params, out)
                 })
                 .await
                 .map_err(|e| WorkerError::Internal(format!("compute task: {e}")))?;
-                replica = Some(r);
+                pulled = params;
+                let r = replica.insert(r);
                 let (update, samples, loss) = out?;
-                match push(
-                    &mut client,
-                    &id,
-                    &settings,
-                    order.round,
+                let data = SharedFloats(Arc::new(update));
+                let update = Update {
+                    round: order.round,
                     samples,
                     loss,
-                    update,
-                )
-                .await
-                {
+                    data: data.clone(),
+                };
+                let pushed = push(&mut client, &id, &settings, update, &pool).await;
+                // The stream that sent the update is done with it by now (or else it is left
+                // to be freed, and the next update gets a fresh buffer).
+                if let Ok(v) = Arc::try_unwrap(data.0) {
+                    r.recycle(v);
+                }
+                match pushed {
                     Ok(()) => {
                         rounds += 1;
                         tracing::debug!(round = order.round, loss, "update accepted");
