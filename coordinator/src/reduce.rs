@@ -13,6 +13,8 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::Arc;
 
+use rayon::prelude::*;
+
 use bytes::Bytes;
 use capsnet_core::optim::AdamStep;
 use capsnet_proto::Encoding;
@@ -64,15 +66,28 @@ pub(crate) struct Reducer {
     reduced: Vec<Option<Reduced>>,
     /// Buffers of the encoded results, reused once the pulls of their round are done.
     pool: BufPool,
+    /// Threads that reduce the blocks of a range.
+    threads: rayon::ThreadPool,
     pub next_params: Vec<f32>,
     pub next_m: Vec<f32>,
     pub next_v: Vec<f32>,
 }
 
 impl Reducer {
-    pub fn new(grid: Arc<Vec<Range<usize>>>, wire: Encoding, total: usize, adam: bool) -> Self {
+    pub fn new(
+        grid: Arc<Vec<Range<usize>>>,
+        wire: Encoding,
+        total: usize,
+        adam: bool,
+        threads: usize,
+    ) -> Result<Self> {
         let moments = if adam { total } else { 0 };
-        Reducer {
+        let threads = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .thread_name(|i| format!("capsnet-reduce-{i}"))
+            .build()
+            .map_err(|e| CoordinatorError::Config(format!("reducer threads: {e}")))?;
+        Ok(Reducer {
             reduced: (0..grid.len()).map(|_| None).collect(),
             wire,
             slots: BTreeMap::new(),
@@ -82,7 +97,8 @@ impl Reducer {
             next_params: vec![0.0; total],
             next_m: vec![0.0; moments],
             next_v: vec![0.0; moments],
-        }
+            threads,
+        })
     }
 
     pub fn grid(&self) -> Arc<Vec<Range<usize>>> {
@@ -177,7 +193,9 @@ impl Reducer {
 
     /// Averages range `index` over `members` (weighted by samples, in member order), steps it
     /// into the `next_*` buffers and encodes it for the next pull: one pass over the range in
-    /// blocks that stay in L1, instead of a pass each for the sum, the step and the encoding.
+    /// blocks that stay in L1, instead of a pass each for the sum, the step and the encoding,
+    /// with the blocks spread over the reducer's threads (each element's arithmetic is the
+    /// same on any thread, so the bits do not depend on the thread count).
     fn reduce(&mut self, index: usize, members: &[usize], src: &Source<'_>) {
         let r = self.grid[index].clone();
         let total: u64 = members.iter().map(|m| self.slots[m].samples).sum();
@@ -189,33 +207,52 @@ impl Reducer {
                 s.chunks[index].as_deref().map(|p| (w, p, s.encoding))
             })
             .collect();
-        let out_bpf = wire::bytes_per_float(self.wire);
+        let (wire, step) = (self.wire, src.step);
+        let out_bpf = wire::bytes_per_float(wire);
         let mut payload = self.pool.take(r.len() * out_bpf);
+        // The moments' blocks, in grad mode only (params mode keeps no moments).
+        let mut moments: Vec<Option<(&mut [f32], &mut [f32])>> = match step {
+            Some(_) => self.next_m[r.clone()]
+                .chunks_mut(BLOCK)
+                .zip(self.next_v[r.clone()].chunks_mut(BLOCK))
+                .map(Some)
+                .collect(),
+            None => (0..r.len().div_ceil(BLOCK)).map(|_| None).collect(),
+        };
+        let out = &mut self.next_params[r.clone()];
+        let crcs: Vec<crc32fast::Hasher> = self.threads.install(|| {
+            out.par_chunks_mut(BLOCK)
+                .zip(payload.as_mut().par_chunks_mut(BLOCK * out_bpf))
+                .zip(moments.par_iter_mut())
+                .enumerate()
+                .map(|(k, ((out, bytes), mv))| {
+                    let b = k * BLOCK;
+                    let e = b + out.len();
+                    let (lo, hi) = (r.start + b, r.start + e);
+                    let mut g = [0.0f32; BLOCK];
+                    let g = &mut g[..out.len()];
+                    for &(w, p, enc) in &inputs {
+                        let bpf = wire::bytes_per_float(enc);
+                        wire::add_scaled(g, w, &p[b * bpf..e * bpf], enc);
+                    }
+                    match (step, mv) {
+                        (Some(step), Some((m, v))) => step.apply_into(
+                            (&src.params[lo..hi], &src.m[lo..hi], &src.v[lo..hi]),
+                            g,
+                            (out, m, v),
+                        ),
+                        _ => out.copy_from_slice(g),
+                    }
+                    wire::encode_into(out, wire, bytes);
+                    let mut h = crc32fast::Hasher::new();
+                    h.update(bytes);
+                    h
+                })
+                .collect()
+        });
         let mut crc = crc32fast::Hasher::new();
-        let mut g = [0.0f32; BLOCK];
-        let mut lo = r.start;
-        while lo < r.end {
-            let hi = (lo + BLOCK).min(r.end);
-            let (b, e) = (lo - r.start, hi - r.start);
-            let g = &mut g[..hi - lo];
-            g.fill(0.0);
-            for &(w, p, enc) in &inputs {
-                let bpf = wire::bytes_per_float(enc);
-                wire::add_scaled(g, w, &p[b * bpf..e * bpf], enc);
-            }
-            let out = &mut self.next_params[lo..hi];
-            match src.step {
-                Some(step) => step.apply_into(
-                    (&src.params[lo..hi], &src.m[lo..hi], &src.v[lo..hi]),
-                    g,
-                    (out, &mut self.next_m[lo..hi], &mut self.next_v[lo..hi]),
-                ),
-                None => out.copy_from_slice(g),
-            }
-            let bytes = &mut payload.as_mut()[b * out_bpf..e * out_bpf];
-            wire::encode_into(out, self.wire, bytes);
-            crc.update(bytes);
-            lo = hi;
+        for h in &crcs {
+            crc.combine(h);
         }
         self.reduced[index] = Some(Reduced {
             members: members.to_vec(),
@@ -331,9 +368,10 @@ mod tests {
     /// updates that completed.
     #[test]
     fn ranges_reduced_while_streaming_equal_the_whole_vector_reference() {
-        let n = 1000;
+        // Chunks of 5000 floats: three blocks each, the last one short.
+        let n = 20_000;
         let grid: Arc<Vec<Range<usize>>> =
-            Arc::new(wire::chunk_ranges(n, Encoding::F32, 400).collect());
+            Arc::new(wire::chunk_ranges(n, Encoding::F32, 4 * 5000).collect());
         let p: Vec<f32> = (0..n).map(|i| i as f32 * 1e-3).collect();
         let mut adam = Adam::new(AdamConfig::default(), n);
         adam.update(&mut p.clone(), &grad(9, n)).unwrap();
@@ -345,7 +383,7 @@ mod tests {
         };
         let payload =
             |k: usize, i: usize| wire::encode(&grad(k, n)[grid[i].clone()], Encoding::F32);
-        let mut red = Reducer::new(grid.clone(), Encoding::F32, n, true);
+        let mut red = Reducer::new(grid.clone(), Encoding::F32, n, true, 3).unwrap();
         let expected = [0, 1, 2];
         red.begin(2, 5, 0.5, Encoding::F32);
         red.begin(0, 3, 0.1, Encoding::F32);
@@ -397,7 +435,7 @@ mod tests {
     #[test]
     fn an_update_missing_a_chunk_cannot_complete() {
         let grid = Arc::new(wire::chunk_ranges(10, Encoding::F32, 16).collect::<Vec<_>>());
-        let mut red = Reducer::new(grid, Encoding::F32, 10, true);
+        let mut red = Reducer::new(grid, Encoding::F32, 10, true, 1).unwrap();
         red.begin(0, 1, 0.0, Encoding::F32);
         let e = red.end(0).unwrap_err();
         assert!(e.to_string().contains("chunk 0"), "{e}");
