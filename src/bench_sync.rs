@@ -164,7 +164,8 @@ fn measure(
         run_dir: tmp.join("run"),
         batch_size: 1,
         max_steps: Some(rounds as u64),
-        threads: 1,
+        // The coordinator reduces on every core, as `capsnet coordinator` does by default.
+        threads: capsnet_core::train::default_threads(),
         max_shift: 0,
         keep_checkpoints: 1,
         eval_batch_size: 2,
@@ -187,18 +188,33 @@ fn measure(
             cfg,
             std::future::pending(),
         ));
-        let mut tasks = vec![];
+        // Each worker on its own thread and runtime, as a worker process would be: the OS
+        // shares the cores between the coordinator and the workers, and a worker's encoding
+        // does not queue behind the coordinator's tasks (or the other way round).
+        let mut threads = vec![];
         for rank in 0..workers {
-            tasks.push(tokio::spawn(synthetic_worker(
-                url.clone(),
-                token.clone(),
-                rank,
-                spans.clone(),
-            )));
+            let (url, token, spans) = (url.clone(), token.clone(), spans.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("synthetic-{rank}"))
+                    .spawn(move || {
+                        tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()?
+                            .block_on(synthetic_worker(url, token, rank, spans))
+                    })?,
+            );
         }
-        for t in tasks {
-            t.await.context("worker task")??;
-        }
+        let joined = tokio::task::spawn_blocking(move || {
+            threads
+                .into_iter()
+                .map(|t| {
+                    t.join()
+                        .map_err(|_| anyhow::anyhow!("a worker thread panicked"))?
+                })
+                .collect::<Result<Vec<()>>>()
+        });
+        joined.await.context("worker threads")??;
         server.await.context("coordinator task")??;
         Ok::<_, anyhow::Error>(())
     })?;
