@@ -289,3 +289,50 @@ fn bench_train_prints_a_table_and_writes_json() {
     assert_eq!(rows[1]["mode"], "infer");
     assert!(rows[0]["images_per_s"].as_f64().unwrap() > 0.0);
 }
+
+/// `bench sync` on the tiny model: real rounds through a coordinator, one row per setting,
+/// Gloo's anchors printed beside them.
+#[test]
+fn bench_sync_times_rounds_and_writes_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("sync.json");
+    let o = capsnet(&[
+        "bench",
+        "sync",
+        "--model",
+        "tiny",
+        "--workers",
+        "1,2",
+        "--wire",
+        "f32,bf16",
+        "--rounds",
+        "3",
+        "--warmup",
+        "1",
+        "--chunk-bytes",
+        "4096",
+        "--json",
+        &json.display().to_string(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("gloo") && t.contains("20.5-22.7"), "{t}");
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let settings: Vec<(u64, &str)> = rows
+        .iter()
+        .map(|r| (r["workers"].as_u64().unwrap(), r["wire"].as_str().unwrap()))
+        .collect();
+    assert_eq!(settings, [(1, "f32"), (1, "bf16"), (2, "f32"), (2, "bf16")]);
+    for r in &rows {
+        let ms = |k: &str| r[k].as_f64().unwrap();
+        assert!(
+            0.0 < ms("min_ms")
+                && ms("min_ms") <= ms("median_ms")
+                && ms("median_ms") <= ms("max_ms"),
+            "{r}"
+        );
+        assert!(r["floats"].as_u64().unwrap() > 0, "{r}");
+        assert!(ms("mb_per_s_per_worker") > 0.0, "{r}");
+    }
+}
