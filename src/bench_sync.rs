@@ -50,6 +50,8 @@ struct Row {
     max_ms: f64,
     mb_per_s_per_worker: f64,
     mb_per_s_coordinator: f64,
+    /// Peak resident memory of the setting (coordinator and workers, one process), MiB.
+    peak_rss_mib: f64,
 }
 
 /// Per round: the earliest push start and the latest end of the next pull, over all workers.
@@ -179,6 +181,8 @@ fn measure(
     cfg.chunk_bytes = a.chunk_bytes;
     cfg.heartbeat = Duration::from_millis(200);
     let spans: Spans = Arc::default();
+    // Restart the peak-memory count (VmHWM) for this setting; Linux only, best effort.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
     let rt = crate::runtime()?;
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -247,7 +251,23 @@ fn measure(
         max_ms: ms[ms.len() - 1],
         mb_per_s_per_worker: per_worker,
         mb_per_s_coordinator: per_worker * workers as f64,
+        peak_rss_mib: capsnet_core::bench::peak_rss_mib().unwrap_or(f64::NAN),
     })
+}
+
+/// The machine's copy bandwidth, one core: the ceiling of any pass over the payloads (MB/s,
+/// best of 5 copies of `floats` f32 between two warm buffers).
+fn memcpy_mb_per_s(floats: usize) -> f64 {
+    let src = vec![1.0f32; floats];
+    let mut dst = vec![0.0f32; floats];
+    let mut best = f64::MAX;
+    for _ in 0..6 {
+        let t = Instant::now();
+        dst.copy_from_slice(&src);
+        std::hint::black_box(&dst);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    floats as f64 * 4.0 / best / 1e6
 }
 
 /// Gloo all-reduce of the same 33 MB on loopback with PyTorch (the anchors).
@@ -274,9 +294,16 @@ pub fn run(a: BenchSyncArgs) -> Result<()> {
     println!(
         "round = every worker pushes its update, the coordinator averages and applies Adam, every worker pulls the result"
     );
+    let floats = capsnet_core::ParamLayout::for_config(&model).total();
+    println!("machine: {}", crate::machine_summary());
+    println!(
+        "memcpy of {:.1} MB, one core: {:.0} MB/s (each byte of a round passes through memory at least 4 times: encode, kernel send, kernel receive, reduce or decode)",
+        floats as f64 * 4.0 / 1e6,
+        memcpy_mb_per_s(floats)
+    );
     println!();
     println!(
-        "{:>7} {:>5} {:>10} {:>9} {:>9} {:>13} {:>14}   {:<14}",
+        "{:>7} {:>5} {:>10} {:>9} {:>9} {:>13} {:>14} {:>9}   {:<14}",
         "workers",
         "wire",
         "median_ms",
@@ -284,6 +311,7 @@ pub fn run(a: BenchSyncArgs) -> Result<()> {
         "max_ms",
         "MB/s/worker",
         "MB/s coord.",
+        "peak_MiB",
         "gloo ms (torch)"
     );
     let mut rows = vec![];
@@ -291,7 +319,7 @@ pub fn run(a: BenchSyncArgs) -> Result<()> {
         for &w in &a.wire {
             let r = measure(n, w.encoding(), &a, &model)?;
             println!(
-                "{:>7} {:>5} {:>10.1} {:>9.1} {:>9.1} {:>13.0} {:>14.0}   {:<14}",
+                "{:>7} {:>5} {:>10.1} {:>9.1} {:>9.1} {:>13.0} {:>14.0} {:>9.0}   {:<14}",
                 r.workers,
                 r.wire,
                 r.median_ms,
@@ -299,6 +327,7 @@ pub fn run(a: BenchSyncArgs) -> Result<()> {
                 r.max_ms,
                 r.mb_per_s_per_worker,
                 r.mb_per_s_coordinator,
+                r.peak_rss_mib,
                 gloo(n)
             );
             rows.push(r);

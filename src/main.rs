@@ -1022,7 +1022,7 @@ fn cmd_bench_train(a: BenchTrainArgs) -> Result<()> {
     Ok(())
 }
 
-fn machine_summary() -> String {
+pub(crate) fn machine_summary() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {

@@ -317,6 +317,7 @@ fn bench_sync_times_rounds_and_writes_json() {
     assert!(o.status.success(), "{}", text(&o));
     let t = text(&o);
     assert!(t.contains("gloo") && t.contains("20.5-22.7"), "{t}");
+    assert!(t.contains("memcpy") && t.contains("peak_MiB"), "{t}");
     let rows: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let settings: Vec<(u64, &str)> = rows
@@ -334,5 +335,6 @@ fn bench_sync_times_rounds_and_writes_json() {
         );
         assert!(r["floats"].as_u64().unwrap() > 0, "{r}");
         assert!(ms("mb_per_s_per_worker") > 0.0, "{r}");
+        assert!(ms("peak_rss_mib") > 0.0, "{r}");
     }
 }
