@@ -235,6 +235,20 @@ fn bad_flags_fail_before_any_work_with_a_clear_message() {
     assert!(text(&o).contains("CAPSNET_TOKEN"), "{}", text(&o));
 }
 
+/// Runs `capsnet bench ARGS --json FILE`; returns what it printed and the JSON rows.
+fn bench(args: &[&str]) -> (String, Vec<serde_json::Value>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("bench.json");
+    let json_arg = json.display().to_string();
+    let mut all = vec!["bench"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--json", &json_arg]);
+    let o = capsnet(&all);
+    assert!(o.status.success(), "{}", text(&o));
+    let rows = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    (text(&o), rows)
+}
+
 #[test]
 fn bench_train_prints_a_table_and_writes_json() {
     let tmp = tempfile::tempdir().unwrap();
@@ -244,9 +258,7 @@ fn bench_train_prints_a_table_and_writes_json() {
         r#"{"results": [{"mode": "train", "batch": 4, "images_per_s": 10.0, "peak_rss_mib": 100.0}]}"#,
     )
     .unwrap();
-    let json = tmp.path().join("bench.json");
-    let o = capsnet(&[
-        "bench",
+    let (t, rows) = bench(&[
         "train",
         "--model",
         "tiny",
@@ -263,16 +275,10 @@ fn bench_train_prints_a_table_and_writes_json() {
         "--no-sgemm",
         "--torch-json",
         torch.to_str().unwrap(),
-        "--json",
-        &json.display().to_string(),
     ]);
-    assert!(o.status.success(), "{}", text(&o));
-    let t = text(&o);
     assert!(t.contains("images/s") && t.contains("routing"), "{t}");
     // The PyTorch row of the same setting is printed beside ours with the ratios.
     assert!(t.contains("speed-up") && t.contains("10.0"), "{t}");
-    let rows: Vec<serde_json::Value> =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(rows.len(), 2);
     for k in [
         "mode",
@@ -294,10 +300,7 @@ fn bench_train_prints_a_table_and_writes_json() {
 /// Gloo's anchors printed beside them.
 #[test]
 fn bench_sync_times_rounds_and_writes_json() {
-    let tmp = tempfile::tempdir().unwrap();
-    let json = tmp.path().join("sync.json");
-    let o = capsnet(&[
-        "bench",
+    let (t, rows) = bench(&[
         "sync",
         "--model",
         "tiny",
@@ -311,15 +314,9 @@ fn bench_sync_times_rounds_and_writes_json() {
         "1",
         "--chunk-bytes",
         "4096",
-        "--json",
-        &json.display().to_string(),
     ]);
-    assert!(o.status.success(), "{}", text(&o));
-    let t = text(&o);
     assert!(t.contains("gloo") && t.contains("20.5-22.7"), "{t}");
     assert!(t.contains("memcpy") && t.contains("peak_MiB"), "{t}");
-    let rows: Vec<serde_json::Value> =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let settings: Vec<(u64, &str)> = rows
         .iter()
         .map(|r| (r["workers"].as_u64().unwrap(), r["wire"].as_str().unwrap()))
