@@ -180,6 +180,117 @@ fn two_workers_equal_one_process_with_the_summed_batch() {
     assert_eq!(ck.ema, ck2.ema, "two runs' weight averages differ");
 }
 
+/// `--sync params --sync-every 2`: each worker takes two local Adam steps (its optimizer kept
+/// across rounds) from the round's parameters, and the coordinator's new parameters are the
+/// sample-weighted average of the workers', over two rounds.
+#[test]
+fn params_mode_averages_local_steps() {
+    let Setup {
+        tmp,
+        d,
+        run,
+        mut coord,
+        url,
+    } = start(
+        64,
+        &[
+            "--sync",
+            "params",
+            "--sync-every",
+            "2",
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "2",
+            "--max-shift",
+            "0",
+            "--seed",
+            "5",
+            "--expect-workers",
+            "2",
+            "--min-workers",
+            "2",
+        ],
+    );
+    let mut w0 = worker(tmp.path(), &url, 0, &d, &[]);
+    let mut w1 = worker(tmp.path(), &url, 1, &d, &[]);
+    coord.expect_success(Duration::from_secs(120));
+    w0.expect_success(Duration::from_secs(30));
+    w1.expect_success(Duration::from_secs(30));
+
+    let cfg: TrainConfig =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    let model = CapsNet::new(cfg.model.clone()).unwrap();
+    let ds = data::load_split(&d, Split::Train, 10, 28).unwrap();
+    let mut global = model.init_params(cfg.seed);
+    let mut local_adam: Vec<Adam> = (0..2)
+        .map(|_| Adam::new(cfg.adam.clone(), global.data.len()))
+        .collect();
+    let mut grads = Params::zeros(model.layout());
+    let mut ws = Workspace::new();
+    let plan = EpochPlan::new(0, vec!["worker-0".into(), "worker-1".into()], ds.len(), 8);
+    let perm = data::epoch_permutation(ds.len(), cfg.seed, 0);
+    let opts = PassOptions {
+        mask: Mask::Label,
+        input_grad: false,
+    };
+    let mut last_locals = vec![];
+    for r in 0..2 {
+        let mut locals = vec![];
+        for (k, adam) in local_adam.iter_mut().enumerate() {
+            let mut p = global.clone();
+            let idx: Vec<usize> = plan.work(k, r).map(|i| perm[i]).collect();
+            assert_eq!(idx.len(), 8);
+            for b in idx.chunks(4) {
+                let batch = data::make_batch(&ds, b, None);
+                model
+                    .forward_backward(&p, &batch.images, &batch.labels, opts, &mut grads, &mut ws)
+                    .unwrap();
+                adam.update(&mut p.data, &grads.data).unwrap();
+            }
+            locals.push(p);
+        }
+        // Equal samples: weight 1/2 each, summed from zero in rank order.
+        let w = (8.0f64 / 16.0) as f32;
+        for (i, g) in global.data.iter_mut().enumerate() {
+            let mut acc = 0.0f32;
+            for l in &locals {
+                acc += w * l.data[i];
+            }
+            *g = acc;
+        }
+        last_locals = locals;
+    }
+    let ck = Checkpoint::load(&run.join("checkpoint-2.safetensors"), None).unwrap();
+    let init = model.init_params(cfg.seed);
+    assert!(
+        global
+            .data
+            .iter()
+            .zip(&init.data)
+            .filter(|(a, b)| a != b)
+            .count()
+            > global.data.len() / 2,
+        "the reference barely trained"
+    );
+    let worst = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max)
+    };
+    // The workers run one thread and this reference the test's pool: sums inside the passes
+    // round differently (by about 1e-8), nothing more.
+    let w = worst(&global.data, &ck.params.data);
+    assert!(
+        w < 1e-6,
+        "distributed and reference parameters differ by {w}"
+    );
+    // And the check can tell: each worker's own parameters are far from the average.
+    let apart = worst(&global.data, &last_locals[0].data);
+    assert!(apart > 1e-4, "the workers barely differ ({apart})");
+}
+
 /// `capsnet launch` runs a coordinator and workers to the end, prefixes their logs, and fails
 /// (before starting anything) on bad flags.
 #[test]
