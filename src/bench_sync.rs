@@ -94,16 +94,16 @@ async fn synthetic_worker(url: String, token: String, rank: usize, spans: Spans)
     };
     let _stop_heartbeats = AbortOnDrop(hb);
     let mut after = None;
-    let mut pushed: Option<(u64, Instant)> = None;
+    // The next round's parameters, pulled while the update was pushed (as a worker does).
+    let mut ready = None;
+    let mut puller = client.clone();
     loop {
-        let o = capsnet_worker::pull_into(&mut client, &id, after, s.wire, &mut params).await?;
-        let now = Instant::now();
-        if let Some((round, start)) = pushed.take() {
-            let mut m = spans.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-            let e = m.entry(round).or_insert((start, now));
-            e.0 = e.0.min(start);
-            e.1 = e.1.max(now);
-        }
+        let o = match ready.take() {
+            Some(o) => o,
+            None => {
+                capsnet_worker::pull_final(&mut client, &id, after, s.wire, &mut params).await?
+            }
+        };
         if o.finished {
             let _ = client
                 .rpc()
@@ -124,8 +124,17 @@ async fn synthetic_worker(url: String, token: String, rank: usize, spans: Spans)
             loss: 0.0,
             data: update.clone(),
         };
-        capsnet_worker::push(&mut client, &id, &s, u, &pool).await?;
-        pushed = Some((o.round, start));
+        let (_, next) = tokio::try_join!(
+            capsnet_worker::push(&mut client, &id, &s, u, &pool),
+            capsnet_worker::pull_final(&mut puller, &id, after, s.wire, &mut params),
+        )?;
+        let now = Instant::now();
+        let mut m = spans.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        let e = m.entry(o.round).or_insert((start, now));
+        e.0 = e.0.min(start);
+        e.1 = e.1.max(now);
+        drop(m);
+        ready = Some(next);
     }
 }
 

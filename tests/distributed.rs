@@ -561,6 +561,151 @@ mod rejected {
             .map(|_| ())
     }
 
+    /// Full duplex: a pull for the next round, made while the round is still being reduced,
+    /// gets ranges early. When a range it got is reduced again (a worker's update failed after
+    /// taking part, and its retry carries other values), the stream ends with ABORTED, and
+    /// pulling again gives the final parameters.
+    #[test]
+    fn an_early_pull_is_aborted_when_a_range_it_got_is_redone() {
+        let (_tmp, mut coord, url) = start(
+            64,
+            &[
+                "--batch-size",
+                "4",
+                "--max-steps",
+                "2",
+                "--heartbeat",
+                "5s",
+                "--chunk-bytes",
+                "4096",
+                "--expect-workers",
+                "2",
+                "--min-workers",
+                "2",
+            ],
+        )
+        .server();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let mut joined = vec![];
+            for (name, rank) in [("a", 0), ("b", 1)] {
+                let mut c = Client::connect(&url, TOKEN, None).await.unwrap();
+                let j = c
+                    .rpc()
+                    .join(pb::JoinRequest {
+                        name: name.into(),
+                        rank_hint: Some(rank),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                joined.push((c, j));
+            }
+            let s = RunSettings::try_from(joined[0].1.config.clone().unwrap()).unwrap();
+            let total = s.layout().total() as u64;
+            let [(mut a, ja), (mut b, jb)] = <[_; 2]>::try_from(joined).ok().unwrap();
+            let (a_id, b_id) = (ja.worker_id, jb.worker_id);
+            let oa = capsnet_worker::pull(&mut a, &a_id, None, Encoding::F32, total)
+                .await
+                .unwrap()
+                .order;
+            let ob = capsnet_worker::pull(&mut b, &b_id, None, Encoding::F32, total)
+                .await
+                .unwrap()
+                .order;
+            let (sa, sb) = (oa.end - oa.start, ob.end - ob.start);
+            let one = vec![1e-3f32; total as usize];
+            push(&mut a, chunks_msg(&a_id, 0, &s, sa, &one))
+                .await
+                .unwrap();
+
+            // a pulls round 1 while b is still sending.
+            let mut early = a
+                .rpc()
+                .pull_params(pb::PullRequest {
+                    worker_id: a_id.clone(),
+                    after_round: Some(0),
+                    encoding: Encoding::F32 as i32,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            // b sends all but its last chunk, waits until a got range 0, then sends a corrupt
+            // last chunk.
+            let mut msgs = chunks_msg(&b_id, 0, &s, sb, &one);
+            assert!(msgs.len() > 2);
+            let mut last = msgs.pop().unwrap();
+            let (tx, rx) = tokio::sync::mpsc::channel(msgs.len() + 1);
+            for m in msgs {
+                tx.send(m).await.unwrap();
+            }
+            let mut b2 = b.clone();
+            let failing = tokio::spawn(async move {
+                b2.rpc()
+                    .push_update(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await
+            });
+            let first = early.message().await.unwrap().unwrap();
+            assert_eq!((first.round, first.offset), (1, 0));
+            assert!(first.work.is_none(), "the work order comes last");
+            let mut p = last.payload.to_vec();
+            p[0] ^= 1;
+            last.payload = p.into();
+            tx.send(last).await.unwrap();
+            drop(tx);
+            let e = failing.await.unwrap().unwrap_err();
+            assert_eq!(e.code(), Code::DataLoss, "{e}");
+
+            // b's retry carries other values: every range is reduced again.
+            let two = vec![2e-3f32; total as usize];
+            push(&mut b, chunks_msg(&b_id, 0, &s, sb, &two))
+                .await
+                .unwrap();
+            let e = loop {
+                match early.message().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => panic!("the early stream ended normally"),
+                    Err(e) => break e,
+                }
+            };
+            assert_eq!(e.code(), Code::Aborted, "{e}");
+
+            // Pulling again gives round 1 as it closed, with range 0 unlike the early copy.
+            let fin = capsnet_worker::pull_final(
+                &mut a,
+                &a_id,
+                Some(0),
+                Encoding::F32,
+                &mut vec![0.0; total as usize],
+            )
+            .await
+            .unwrap();
+            assert_eq!(fin.round, 1);
+            let again = capsnet_worker::pull(&mut a, &a_id, Some(0), Encoding::F32, total)
+                .await
+                .unwrap();
+            let mut early0 = vec![0.0f32; first.payload.len() / 4];
+            capsnet_proto::wire::decode_into(&first.payload, Encoding::F32, &mut early0).unwrap();
+            assert_ne!(
+                early0[..],
+                again.params[..early0.len()],
+                "range 0 was not redone"
+            );
+
+            // Finish the run.
+            let fb = capsnet_worker::pull(&mut b, &b_id, Some(0), Encoding::F32, total)
+                .await
+                .unwrap()
+                .order;
+            for (c, id, o) in [(&mut a, &a_id, &fin), (&mut b, &b_id, &fb)] {
+                push(c, chunks_msg(id, 1, &s, o.end - o.start, &one))
+                    .await
+                    .unwrap();
+            }
+        });
+        coord.expect_success(Duration::from_secs(60));
+    }
+
     /// Bad token, stale round, wrong size, wrong layout, NaN and a corrupt chunk are each
     /// rejected with a clear status, and none of them changes the round or takes the worker's
     /// slot: its valid update is accepted afterwards and closes the round.

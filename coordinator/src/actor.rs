@@ -34,6 +34,27 @@ pub(crate) struct Published {
     pub total_len: u64,
     pub encoding: Encoding,
     pub chunks: Arc<Vec<EncodedChunk>>,
+    /// The reduction that produced each chunk (0: encoded from the state, not reduced).
+    pub generations: Arc<Vec<u64>>,
+}
+
+/// The next round's parameters as far as the open round has reduced them, for pulls that
+/// stream them early (full duplex). Provisional: a range is final only once the round closes
+/// with the same generation.
+#[derive(Clone, Debug)]
+pub(crate) struct Progress {
+    /// The open round: these are the parameters of `round + 1`.
+    pub round: u64,
+    pub chunks: Vec<Option<(u64, EncodedChunk)>>,
+}
+
+impl Progress {
+    pub fn empty(round: u64, n: usize) -> Self {
+        Progress {
+            round,
+            chunks: vec![None; n],
+        }
+    }
 }
 
 impl Published {
@@ -45,6 +66,7 @@ impl Published {
             total_len: 0,
             encoding: Encoding::F32,
             chunks: Arc::new(vec![]),
+            generations: Arc::new(vec![]),
         }
     }
 }
@@ -158,6 +180,7 @@ pub(crate) struct Actor {
     samples_seen: u64,
     finished: bool,
     published: watch::Sender<Arc<Published>>,
+    progress: watch::Sender<Progress>,
     metrics: Arc<Mutex<Metrics>>,
     last_eval: Arc<Mutex<Option<(u64, EvalReport)>>>,
     background: Vec<JoinHandle<()>>,
@@ -174,6 +197,7 @@ impl Actor {
     pub(crate) fn new(
         cfg: CoordinatorConfig,
         published: watch::Sender<Arc<Published>>,
+        progress: watch::Sender<Progress>,
     ) -> Result<Self> {
         cfg.validate()?;
         let t = &cfg.train;
@@ -291,6 +315,7 @@ impl Actor {
             samples_seen: 0,
             finished: false,
             published,
+            progress,
             metrics: Arc::new(Mutex::new(Metrics(metrics))),
             last_eval: Arc::new(Mutex::new(None)),
             background: vec![],
@@ -312,17 +337,35 @@ impl Actor {
     /// Serves the current parameters (encoded here: at start, on resume and at the end).
     fn publish(&self) {
         let chunks = encode_chunks(&self.params.data, self.cfg.wire, self.cfg.chunk_bytes);
-        self.publish_chunks(chunks);
+        let generations = vec![0; chunks.len()];
+        self.publish_chunks(chunks, generations);
     }
 
-    fn publish_chunks(&self, chunks: Vec<EncodedChunk>) {
+    /// Publishes the parameters of the current round, and opens its progress.
+    fn publish_chunks(&self, chunks: Vec<EncodedChunk>, generations: Vec<u64>) {
+        let n = chunks.len();
         self.published.send_replace(Arc::new(Published {
             round: self.round,
             finished: self.finished,
             total_len: self.params.data.len() as u64,
             encoding: self.cfg.wire,
             chunks: Arc::new(chunks),
+            generations: Arc::new(generations),
         }));
+        self.progress.send_replace(Progress::empty(self.round, n));
+    }
+
+    /// Shows pulls what range `index` of the open round is now (None: forgotten).
+    fn show_progress(&self, index: usize) {
+        let now = self.reducer.reduced(index).map(|(g, c)| (g, c.clone()));
+        let round = self.round;
+        self.progress.send_if_modified(|p| {
+            if p.round != round || index >= p.chunks.len() {
+                return false;
+            }
+            p.chunks[index] = now;
+            true
+        });
     }
 
     fn plan_done(&self) -> bool {
@@ -409,7 +452,9 @@ impl Actor {
                         v: &self.adam.v,
                         step: self.step(),
                     };
-                    self.reducer.chunk(member, index, payload, &expected, &src);
+                    if self.reducer.chunk(member, index, payload, &expected, &src) {
+                        self.show_progress(index);
+                    }
                 }
             }
             Msg::End {
@@ -429,7 +474,9 @@ impl Actor {
             }
             Msg::Abort { member, round } => {
                 if round == self.round && !self.reducer.complete(member) {
-                    self.reducer.abort(member);
+                    for i in self.reducer.abort(member) {
+                        self.show_progress(i);
+                    }
                 }
             }
             Msg::Touch { worker_id, reply } => {
@@ -789,6 +836,9 @@ impl Actor {
             step: self.step(),
         };
         let Some(closed) = self.reducer.close(&src) else {
+            // Nothing completed: the round stays open, with nothing reduced.
+            let n = self.reducer.grid().len();
+            self.progress.send_replace(Progress::empty(self.round, n));
             return;
         };
         // Commit: the stepped buffers become the state; the old ones are next round's buffers.
@@ -801,7 +851,12 @@ impl Actor {
         if let (Some(e), Some(d)) = (&mut self.ema, self.cfg.train.ema_decay) {
             capsnet_core::optim::ema_update(e, &self.params.data, d, self.round + 1);
         }
-        let (total, loss, chunks) = (closed.samples, closed.loss, closed.chunks);
+        let (total, loss, chunks, generations) = (
+            closed.samples,
+            closed.loss,
+            closed.chunks,
+            closed.generations,
+        );
         let reduce_s = t0.elapsed().as_secs_f64();
         let round_s = (t0 - self.round_started).as_secs_f64();
         let sync_s = self.first_update.map_or(0.0, |f| (t0 - f).as_secs_f64()) + reduce_s;
@@ -849,7 +904,7 @@ impl Actor {
         self.round_started = Instant::now();
         self.waiting_logged = false;
         // Workers get the new parameters before any snapshot is taken for evaluation.
-        self.publish_chunks(chunks);
+        self.publish_chunks(chunks, generations);
         let every = self.cfg.eval_every;
         if epoch_end || (every > 0 && self.round % every == 0) {
             self.spawn_eval();

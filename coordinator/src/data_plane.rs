@@ -10,14 +10,20 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use capsnet_proto::frame::{self, Messages, PULL_PATH, PUSH_PATH};
-use capsnet_proto::pb;
+use std::sync::Arc;
+
+use capsnet_proto::wire::EncodedChunk;
+use capsnet_proto::{Encoding, pb};
 use futures_util::StreamExt;
 use http_body::Frame;
 use http_body_util::StreamBody;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 use tonic::body::Body;
 use tonic::server::NamedService;
 
+use crate::actor::{Published, PullReply};
 use crate::auth::TokenCheck;
 use crate::service::Service;
 
@@ -79,12 +85,125 @@ fn respond(frames: Vec<Bytes>) -> http::Response<Body> {
         .chain(futures_util::stream::once(async {
             Ok(Frame::trailers(trailers))
         }));
-    let mut resp = http::Response::new(Body::new(StreamBody::new(body)));
+    grpc_response(Body::new(StreamBody::new(body)))
+}
+
+fn grpc_response(body: Body) -> http::Response<Body> {
+    let mut resp = http::Response::new(body);
     resp.headers_mut().insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static(frame::GRPC_CONTENT_TYPE),
     );
     resp
+}
+
+/// The frames of one parameter chunk of round `round`.
+fn chunk_frames(
+    round: u64,
+    total_len: u64,
+    encoding: Encoding,
+    c: &EncodedChunk,
+    work: Option<pb::WorkOrder>,
+) -> [Bytes; 2] {
+    let fields = pb::ParamChunk {
+        round,
+        offset: c.offset,
+        total_len,
+        encoding: encoding as i32,
+        payload: Bytes::new(),
+        crc32: c.crc32,
+        work,
+        total_crc32: c.total_crc32,
+    };
+    frame::frame_with_payload(&fields, frame::PARAM_PAYLOAD_TAG, c.payload.clone())
+}
+
+/// The frames of a published round's chunks from `from` on; the last carries the work order
+/// (and, as every last chunk, the checksum of the whole).
+fn round_frames(snapshot: &Published, from: usize, order: pb::WorkOrder) -> Vec<Bytes> {
+    let n = snapshot.chunks.len();
+    let mut order = Some(order);
+    snapshot.chunks[from.min(n)..]
+        .iter()
+        .enumerate()
+        .flat_map(|(i, c)| {
+            let work = if from + i + 1 == n {
+                order.take()
+            } else {
+                None
+            };
+            chunk_frames(
+                snapshot.round,
+                snapshot.total_len,
+                snapshot.encoding,
+                c,
+                work,
+            )
+        })
+        .collect()
+}
+
+/// Streams the parameters of the round after `r.after_round` while that round is still being
+/// reduced: each range as soon as it is reduced, in order, all but the last. When the round is
+/// published, the ranges sent early must be the ones it kept (same generation); then the rest
+/// follows, the last chunk with the work order and the checksum of the whole. If a range sent
+/// early was reduced again (a worker's update failed after it took part), the stream ends with
+/// ABORTED and the worker pulls again.
+async fn speculate(
+    svc: &Service,
+    r: &pb::PullRequest,
+    mut published: watch::Receiver<Arc<Published>>,
+    tx: &mpsc::Sender<Result<Frame<Bytes>, Status>>,
+) -> Result<(), Status> {
+    let gone = || Status::cancelled("the worker stopped reading");
+    let mut progress = svc.progress.clone();
+    let n = svc.grid.len();
+    let round = r.after_round.map_or(0, |a| a + 1);
+    let mut sent: Vec<u64> = vec![];
+    // The actor said "not yet" just before: ask again only once something was published.
+    let mut ask = false;
+    loop {
+        let early: Vec<(u64, EncodedChunk)> = {
+            let p = progress.borrow_and_update();
+            if Some(p.round) == r.after_round && p.chunks.len() == n && sent.len() + 1 < n {
+                p.chunks[sent.len()..n - 1]
+                    .iter()
+                    .map_while(Clone::clone)
+                    .collect()
+            } else {
+                vec![]
+            }
+        };
+        for (g, c) in early {
+            for b in chunk_frames(round, svc.num_floats, svc.wire, &c, None) {
+                tx.send(Ok(Frame::data(b))).await.map_err(|_| gone())?;
+            }
+            sent.push(g);
+        }
+        if std::mem::take(&mut ask) {
+            published.borrow_and_update();
+            if let PullReply::Ready(order, snapshot) = svc.ask_pull(r).await? {
+                if snapshot.generations.get(..sent.len()) != Some(&sent[..]) {
+                    return Err(Status::aborted(
+                        "parameters sent early were reduced again (an update failed after \
+                         taking part); pull again",
+                    ));
+                }
+                for b in round_frames(&snapshot, sent.len(), order) {
+                    tx.send(Ok(Frame::data(b))).await.map_err(|_| gone())?;
+                }
+                return Ok(());
+            }
+        }
+        let changed = tokio::select! {
+            c = progress.changed() => c,
+            c = published.changed() => { ask = true; c }
+            _ = tx.closed() => return Err(gone()),
+        };
+        if changed.is_err() {
+            return Err(Status::unavailable("the coordinator is shutting down"));
+        }
+    }
 }
 
 async fn serve(
@@ -100,26 +219,27 @@ async fn serve(
             .message()
             .await?
             .ok_or_else(|| Status::invalid_argument("empty pull request"))?;
-        let (order, snapshot) = svc.pull(r).await?;
-        let mut order = Some(order);
-        let frames = snapshot
-            .chunks
-            .iter()
-            .flat_map(|c| {
-                let fields = pb::ParamChunk {
-                    round: snapshot.round,
-                    offset: c.offset,
-                    total_len: snapshot.total_len,
-                    encoding: snapshot.encoding as i32,
-                    payload: Bytes::new(),
-                    crc32: c.crc32,
-                    work: order.take(),
-                    total_crc32: c.total_crc32,
-                };
-                frame::frame_with_payload(&fields, frame::PARAM_PAYLOAD_TAG, c.payload.clone())
-            })
-            .collect();
-        Ok(respond(frames))
+        svc.check_encoding(&r)?;
+        let mut published = svc.published.clone();
+        published.borrow_and_update();
+        if let PullReply::Ready(order, snapshot) = svc.ask_pull(&r).await? {
+            return Ok(respond(round_frames(&snapshot, 0, order)));
+        }
+        // Not published yet: stream the ranges as the open round reduces them (full duplex).
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let status = match speculate(&svc, &r, published, &tx).await {
+                Ok(()) => Status::ok(""),
+                Err(s) => s,
+            };
+            let mut trailers = http::HeaderMap::new();
+            if status.add_header(&mut trailers).is_ok() {
+                let _ = tx.send(Ok(Frame::trailers(trailers))).await;
+            }
+        });
+        Ok(grpc_response(Body::new(StreamBody::new(
+            ReceiverStream::new(rx),
+        ))))
     } else {
         let out = svc.push(&mut msgs).await?;
         Ok(respond(vec![frame::frame(&out)]))

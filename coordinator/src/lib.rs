@@ -58,10 +58,12 @@ pub async fn serve(
     cfg.validate()?;
     let tls = cfg.tls.as_ref().map(tls_config).transpose()?;
     let (pub_tx, pub_rx) = watch::channel(Arc::new(actor::Published::placeholder()));
+    let (progress_tx, progress_rx) = watch::channel(actor::Progress::empty(0, 0));
     let actor_cfg = cfg.clone();
-    let actor = tokio::task::spawn_blocking(move || actor::Actor::new(actor_cfg, pub_tx))
-        .await
-        .map_err(|e| CoordinatorError::Io(format!("actor start: {e}")))??;
+    let actor =
+        tokio::task::spawn_blocking(move || actor::Actor::new(actor_cfg, pub_tx, progress_tx))
+            .await
+            .map_err(|e| CoordinatorError::Io(format!("actor start: {e}")))??;
     let model_layout = capsnet_core::ParamLayout::for_config(&cfg.train.model);
     let names = model_layout
         .specs()
@@ -77,6 +79,8 @@ pub async fn serve(
     let svc = service::Service {
         tx: tx.clone(),
         published: pub_rx.clone(),
+        progress: progress_rx,
+        wire: cfg.wire,
         num_floats: model_layout.total() as u64,
         layout_hash: capsnet_proto::layout_hash(&model_layout),
         names: Arc::new(names),

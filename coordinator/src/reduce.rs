@@ -40,6 +40,9 @@ struct Reduced {
     members: Vec<usize>,
     chunk: EncodedChunk,
     crc: crc32fast::Hasher,
+    /// Which reduction produced it: a range reduced again gets a new generation, so a copy sent
+    /// early can be told from the final one.
+    generation: u64,
 }
 
 /// The state a range is reduced from: the committed parameters and moments, and the Adam step
@@ -57,6 +60,8 @@ pub(crate) struct Closed {
     pub samples: u64,
     pub loss: f64,
     pub chunks: Vec<EncodedChunk>,
+    /// The generation of each chunk.
+    pub generations: Vec<u64>,
 }
 
 pub(crate) struct Reducer {
@@ -68,6 +73,8 @@ pub(crate) struct Reducer {
     pool: BufPool,
     /// Threads that reduce the blocks of a range.
     threads: rayon::ThreadPool,
+    /// Reductions so far (the generation of the next one).
+    generation: u64,
     pub next_params: Vec<f32>,
     pub next_m: Vec<f32>,
     pub next_v: Vec<f32>,
@@ -98,6 +105,7 @@ impl Reducer {
             next_m: vec![0.0; moments],
             next_v: vec![0.0; moments],
             threads,
+            generation: 0,
         })
     }
 
@@ -137,8 +145,16 @@ impl Reducer {
         );
     }
 
+    /// Range `index` as reduced so far this round, with its generation.
+    pub fn reduced(&self, index: usize) -> Option<(u64, &EncodedChunk)> {
+        self.reduced
+            .get(index)?
+            .as_ref()
+            .map(|r| (r.generation, &r.chunk))
+    }
+
     /// Stores chunk `index` of member `k` (checked by the service) and reduces that range when
-    /// every member of `expected` has it.
+    /// every member of `expected` has it (then returns true).
     pub fn chunk(
         &mut self,
         k: usize,
@@ -146,12 +162,12 @@ impl Reducer {
         payload: Bytes,
         expected: &[usize],
         src: &Source<'_>,
-    ) {
+    ) -> bool {
         let Some(slot) = self.slots.get_mut(&k) else {
-            return;
+            return false;
         };
         let Some(c) = slot.chunks.get_mut(index) else {
-            return;
+            return false;
         };
         *c = Some(payload);
         if !expected.is_empty()
@@ -161,7 +177,9 @@ impl Reducer {
                 .all(|m| self.slots.get(m).is_some_and(|s| s.chunks[index].is_some()))
         {
             self.reduce(index, expected, src);
+            return true;
         }
+        false
     }
 
     /// Marks member `k`'s update complete; every chunk must be there.
@@ -180,15 +198,18 @@ impl Reducer {
         Ok(())
     }
 
-    /// Drops member `k`'s update and forgets every range it took part in.
-    pub fn abort(&mut self, k: usize) {
+    /// Drops member `k`'s update and forgets every range it took part in; returns those ranges.
+    pub fn abort(&mut self, k: usize) -> Vec<usize> {
+        let mut forgotten = vec![];
         if self.slots.remove(&k).is_some() {
-            for r in &mut self.reduced {
+            for (i, r) in self.reduced.iter_mut().enumerate() {
                 if r.as_ref().is_some_and(|r| r.members.contains(&k)) {
                     *r = None;
+                    forgotten.push(i);
                 }
             }
         }
+        forgotten
     }
 
     /// Averages range `index` over `members` (weighted by samples, in member order), steps it
@@ -254,7 +275,9 @@ impl Reducer {
         for h in &crcs {
             crc.combine(h);
         }
+        self.generation += 1;
         self.reduced[index] = Some(Reduced {
+            generation: self.generation,
             members: members.to_vec(),
             chunk: EncodedChunk {
                 offset: r.start as u64,
@@ -291,7 +314,7 @@ impl Reducer {
             / samples as f64;
         let mut total = crc32fast::Hasher::new();
         let n = self.reduced.len();
-        let chunks = self
+        let (chunks, generations) = self
             .reduced
             .iter_mut()
             .enumerate()
@@ -300,15 +323,16 @@ impl Reducer {
                 total.combine(&r.crc);
                 let mut c = r.chunk;
                 c.total_crc32 = (i + 1 == n).then(|| total.clone().finalize());
-                Some(c)
+                Some((c, r.generation))
             })
-            .collect();
+            .unzip();
         self.clear();
         Some(Closed {
             members,
             samples,
             loss,
             chunks,
+            generations,
         })
     }
 

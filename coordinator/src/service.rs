@@ -12,13 +12,17 @@ use futures_util::Stream;
 use tokio::sync::{oneshot, watch};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::actor::{Msg, Published, PullReply};
+use crate::actor::{Msg, Progress, Published, PullReply};
 use crate::error::CoordinatorError;
 
 #[derive(Clone)]
 pub(crate) struct Service {
     pub tx: mpsc::Sender<Msg>,
     pub published: watch::Receiver<Arc<Published>>,
+    /// The open round's reduced ranges, for pulls that stream them early.
+    pub progress: watch::Receiver<Progress>,
+    /// The run's wire encoding, the only one pulls are served in.
+    pub wire: Encoding,
     pub num_floats: u64,
     pub layout_hash: u64,
     pub names: Arc<Vec<(String, Range<usize>)>>,
@@ -56,41 +60,29 @@ impl Service {
             .map_err(|_| Status::from(CoordinatorError::ShuttingDown))
     }
 
-    /// Waits for the parameters a pull asks for: the worker's work order and the round's
-    /// encoded chunks.
-    pub async fn pull(
-        &self,
-        r: pb::PullRequest,
-    ) -> Result<(pb::WorkOrder, Arc<Published>), Status> {
+    /// Checks a pull request's encoding against the run's wire encoding.
+    pub fn check_encoding(&self, r: &pb::PullRequest) -> Result<(), Status> {
         let asked = Encoding::try_from(r.encoding)
             .map_err(|_| Status::invalid_argument(format!("unknown encoding {}", r.encoding)))?;
-        let mut watch = self.published.clone();
-        let (order, snapshot) = loop {
-            // Mark the current value seen before asking, so a round published in between wakes us.
-            watch.borrow_and_update();
-            let reply = self
-                .ask(|reply| Msg::Pull {
-                    worker_id: r.worker_id.clone(),
-                    after_round: r.after_round,
-                    reply,
-                })
-                .await?;
-            match reply? {
-                PullReply::Ready(order, snapshot) => break (order, snapshot),
-                PullReply::Wait => {
-                    if watch.changed().await.is_err() {
-                        return Err(CoordinatorError::ShuttingDown.into());
-                    }
-                }
-            }
-        };
-        let enc = snapshot.encoding;
-        if asked != Encoding::Unspecified && asked != enc {
+        if asked != Encoding::Unspecified && asked != self.wire {
             return Err(Status::invalid_argument(format!(
-                "this run serves parameters as {enc:?} (the coordinator's --wire), not {asked:?}"
+                "this run serves parameters as {:?} (the coordinator's --wire), not {asked:?}",
+                self.wire
             )));
         }
-        Ok((order, snapshot))
+        Ok(())
+    }
+
+    /// Asks the actor for the parameters a pull wants: ready (work order and chunks), or not
+    /// yet published.
+    pub async fn ask_pull(&self, r: &pb::PullRequest) -> Result<PullReply, Status> {
+        Ok(self
+            .ask(|reply| Msg::Pull {
+                worker_id: r.worker_id.clone(),
+                after_round: r.after_round,
+                reply,
+            })
+            .await??)
     }
 
     /// Receives one update stream, checks every chunk and hands it to the actor.

@@ -126,22 +126,42 @@ pub async fn pull_into(
         .message()
         .await?
         .ok_or_else(|| tonic::Status::data_loss("empty parameter stream"))?;
-    let order = first
-        .work
-        .ok_or_else(|| tonic::Status::data_loss("first chunk carries no work order"))?;
     let mut asm = Assembler::new(
         params.len() as u64,
         first.total_len,
         Encoding::try_from(first.encoding).unwrap_or(Encoding::Unspecified),
     )?;
+    let mut order = None;
     let mut next = Some(first);
     while let Some(c) = next {
         asm.accept(ChunkIn::from(&c), params)?;
+        order = c.work.or(order);
         next = stream.message().await?;
     }
     stream.status().await?;
     asm.finish()?;
-    Ok(order)
+    order.ok_or_else(|| tonic::Status::data_loss("the parameters came without a work order").into())
+}
+
+/// [`pull_into`], again when the coordinator aborted a stream it had begun early (a range it
+/// sent was reduced again because an update failed): the second pull gets the final one.
+pub async fn pull_final(
+    client: &mut Client,
+    id: &str,
+    after: Option<u64>,
+    enc: Encoding,
+    params: &mut [f32],
+) -> Result<pb::WorkOrder> {
+    let mut tries = 0;
+    loop {
+        match pull_into(client, id, after, enc, params).await {
+            Err(WorkerError::Rpc(s)) if s.code() == Code::Aborted && tries < 3 => {
+                tracing::debug!(status = %s.message(), "pulling again");
+                tries += 1;
+            }
+            r => return r,
+        }
+    }
 }
 
 /// Floats shared with the stream that sends them, so that their buffer can be taken back
@@ -444,8 +464,10 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
         }
         tracing::debug!(phase = ?Phase::Working);
         let mut after: Option<u64> = None;
-        // The parameters of the round, pulled into the same buffer every round.
+        // The parameters of the round, pulled into the same buffer every round, and the work
+        // order that came with them when they were pulled beside the last push.
         let mut pulled: Vec<f32> = vec![];
+        let mut ready: Option<pb::WorkOrder> = None;
         // Payload buffers for two updates: the one being sent and the next.
         let chunks = capsnet_proto::wire::chunk_ranges(
             settings.layout().total(),
@@ -457,10 +479,15 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
         let total = settings.layout().total() as u64;
         let result: Result<Option<bool>> = loop {
             let step = async {
-                if pulled.len() != total as usize {
-                    pulled = vec![0.0; total as usize];
-                }
-                let order = pull_into(&mut client, &id, after, settings.wire, &mut pulled).await?;
+                let order = match ready.take() {
+                    Some(o) => o,
+                    None => {
+                        if pulled.len() != total as usize {
+                            pulled = vec![0.0; total as usize];
+                        }
+                        pull_final(&mut client, &id, after, settings.wire, &mut pulled).await?
+                    }
+                };
                 if order.finished {
                     return Ok(Some(true));
                 }
@@ -489,24 +516,36 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                     loss,
                     data: data.clone(),
                 };
-                let pushed = push(&mut client, &id, &settings, update, &pool).await;
+                // Full duplex: the next round's parameters stream in while the update streams
+                // out (the coordinator sends each range as soon as it is reduced).
+                let mut puller = client.clone();
+                let pushing = async {
+                    match push(&mut client, &id, &settings, update, &pool).await {
+                        Ok(()) => Ok(true),
+                        Err(WorkerError::Rpc(s))
+                            if matches!(
+                                s.code(),
+                                Code::FailedPrecondition | Code::AlreadyExists
+                            ) =>
+                        {
+                            tracing::info!(round = order.round, status = %s.message(), "update not used");
+                            Ok(false)
+                        }
+                        Err(e) => Err(e),
+                    }
+                };
+                let pulling = pull_final(&mut puller, &id, after, settings.wire, &mut pulled);
+                let (used, next) = tokio::try_join!(pushing, pulling)?;
                 // The stream that sent the update is done with it by now (or else it is left
                 // to be freed, and the next update gets a fresh buffer).
                 if let Ok(v) = Arc::try_unwrap(data.0) {
                     r.recycle(v);
                 }
-                match pushed {
-                    Ok(()) => {
-                        rounds += 1;
-                        tracing::debug!(round = order.round, loss, "update accepted");
-                    }
-                    Err(WorkerError::Rpc(s))
-                        if matches!(s.code(), Code::FailedPrecondition | Code::AlreadyExists) =>
-                    {
-                        tracing::info!(round = order.round, status = %s.message(), "update not used");
-                    }
-                    Err(e) => return Err(e),
+                if used {
+                    rounds += 1;
+                    tracing::debug!(round = order.round, loss, "update accepted");
                 }
+                ready = Some(next);
                 Ok(None)
             };
             let r = tokio::select! {
