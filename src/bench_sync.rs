@@ -100,9 +100,7 @@ async fn synthetic_worker(url: String, token: String, rank: usize, spans: Spans)
     loop {
         let o = match ready.take() {
             Some(o) => o,
-            None => {
-                capsnet_worker::pull_final(&mut client, &id, after, s.wire, &mut params).await?
-            }
+            None => capsnet_worker::pull_into(&mut client, &id, after, s.wire, &mut params).await?,
         };
         if o.finished {
             let _ = client
@@ -126,7 +124,7 @@ async fn synthetic_worker(url: String, token: String, rank: usize, spans: Spans)
         };
         let (_, next) = tokio::try_join!(
             capsnet_worker::push(&mut client, &id, &s, u, &pool),
-            capsnet_worker::pull_final(&mut puller, &id, after, s.wire, &mut params),
+            capsnet_worker::pull_into(&mut puller, &id, after, s.wire, &mut params),
         )?;
         let now = Instant::now();
         let mut m = spans.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;

@@ -15,6 +15,14 @@ use capsnet_core::train::TrainConfig;
 use capsnet_core::{CapsNet, Params};
 use common::*;
 
+/// The largest difference between two vectors.
+fn worst(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max)
+}
+
 fn data(dir: &Path, n_train: usize) -> std::path::PathBuf {
     let d = dir.join("data");
     write_synthetic(&d, n_train, 16, 28, 10, 3).unwrap();
@@ -144,12 +152,6 @@ fn two_workers_equal_one_process_with_the_summed_batch() {
         moved > params.data.len() / 2,
         "the reference barely trained"
     );
-    let worst = |a: &[f32], b: &[f32]| {
-        a.iter()
-            .zip(b)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max)
-    };
     // Three Adam steps move a parameter by up to 3e-3; the two sums differ only in rounding.
     let w = worst(&params.data, &ck.params.data);
     assert!(
@@ -185,13 +187,7 @@ fn two_workers_equal_one_process_with_the_summed_batch() {
 /// sample-weighted average of the workers', over two rounds.
 #[test]
 fn params_mode_averages_local_steps() {
-    let Setup {
-        tmp,
-        d,
-        run,
-        mut coord,
-        url,
-    } = start(
+    let mut s = start(
         64,
         &[
             "--sync",
@@ -212,16 +208,16 @@ fn params_mode_averages_local_steps() {
             "2",
         ],
     );
-    let mut w0 = worker(tmp.path(), &url, 0, &d, &[]);
-    let mut w1 = worker(tmp.path(), &url, 1, &d, &[]);
-    coord.expect_success(Duration::from_secs(120));
+    let mut w0 = worker(s.tmp.path(), &s.url, 0, &s.d, &[]);
+    let mut w1 = worker(s.tmp.path(), &s.url, 1, &s.d, &[]);
+    s.coord.expect_success(Duration::from_secs(120));
     w0.expect_success(Duration::from_secs(30));
     w1.expect_success(Duration::from_secs(30));
 
     let cfg: TrainConfig =
-        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(s.run.join("config.json")).unwrap()).unwrap();
     let model = CapsNet::new(cfg.model.clone()).unwrap();
-    let ds = data::load_split(&d, Split::Train, 10, 28).unwrap();
+    let ds = data::load_split(&s.d, Split::Train, 10, 28).unwrap();
     let mut global = model.init_params(cfg.seed);
     let mut local_adam: Vec<Adam> = (0..2)
         .map(|_| Adam::new(cfg.adam.clone(), global.data.len()))
@@ -261,7 +257,7 @@ fn params_mode_averages_local_steps() {
         }
         last_locals = locals;
     }
-    let ck = Checkpoint::load(&run.join("checkpoint-2.safetensors"), None).unwrap();
+    let ck = Checkpoint::load(&s.run.join("checkpoint-2.safetensors"), None).unwrap();
     let init = model.init_params(cfg.seed);
     assert!(
         global
@@ -273,12 +269,6 @@ fn params_mode_averages_local_steps() {
             > global.data.len() / 2,
         "the reference barely trained"
     );
-    let worst = |a: &[f32], b: &[f32]| {
-        a.iter()
-            .zip(b)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max)
-    };
     // The workers run one thread and this reference the test's pool: sums inside the passes
     // round differently (by about 1e-8), nothing more.
     let w = worst(&global.data, &ck.params.data);
@@ -518,6 +508,19 @@ mod rejected {
     use capsnet_worker::Client;
     use tonic::Code;
 
+    /// A tiny run for clients that drive the protocol by hand: two rounds, heartbeats that do
+    /// not expire while a test thinks, small chunks.
+    const PROBE: [&str; 8] = [
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "2",
+        "--heartbeat",
+        "5s",
+        "--chunk-bytes",
+        "4096",
+    ];
+
     fn chunks_msg(
         id: &str,
         round: u64,
@@ -567,24 +570,8 @@ mod rejected {
     /// pulling again gives the final parameters.
     #[test]
     fn an_early_pull_is_aborted_when_a_range_it_got_is_redone() {
-        let (_tmp, mut coord, url) = start(
-            64,
-            &[
-                "--batch-size",
-                "4",
-                "--max-steps",
-                "2",
-                "--heartbeat",
-                "5s",
-                "--chunk-bytes",
-                "4096",
-                "--expect-workers",
-                "2",
-                "--min-workers",
-                "2",
-            ],
-        )
-        .server();
+        let args = [&PROBE[..], &["--expect-workers", "2", "--min-workers", "2"]].concat();
+        let (_tmp, mut coord, url) = start(64, &args).server();
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async {
             let mut joined = vec![];
@@ -671,7 +658,7 @@ mod rejected {
             assert_eq!(e.code(), Code::Aborted, "{e}");
 
             // Pulling again gives round 1 as it closed, with range 0 unlike the early copy.
-            let fin = capsnet_worker::pull_final(
+            let fin = capsnet_worker::pull_into(
                 &mut a,
                 &a_id,
                 Some(0),
@@ -711,20 +698,7 @@ mod rejected {
     /// slot: its valid update is accepted afterwards and closes the round.
     #[test]
     fn bad_updates_are_rejected_and_change_nothing() {
-        let (_tmp, mut coord, url) = start(
-            64,
-            &[
-                "--batch-size",
-                "4",
-                "--max-steps",
-                "2",
-                "--heartbeat",
-                "5s",
-                "--chunk-bytes",
-                "4096",
-            ],
-        )
-        .server();
+        let (_tmp, mut coord, url) = start(64, &PROBE).server();
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async {
             let mut bad = Client::connect(&url, "wrong-token-0123456789", None)

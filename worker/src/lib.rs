@@ -108,6 +108,8 @@ pub async fn pull(
 }
 
 /// [`pull`] into a buffer the caller keeps across rounds (its length is the model's size).
+/// A stream the coordinator began early and then aborted (a range it sent was reduced again
+/// because an update failed) is pulled again: the second pull gets the final parameters.
 pub async fn pull_into(
     client: &mut Client,
     id: &str,
@@ -120,7 +122,26 @@ pub async fn pull_into(
         after_round: after,
         encoding: enc as i32,
     };
-    let body = Body::new(http_body_util::Full::new(frame::frame(&req)));
+    let mut tries = 0;
+    loop {
+        match pull_stream(client, &req, params).await {
+            Err(WorkerError::Rpc(s)) if s.code() == Code::Aborted && tries < 3 => {
+                tracing::debug!(status = %s.message(), "pulling again");
+                tries += 1;
+            }
+            r => return r,
+        }
+    }
+}
+
+/// One parameter stream, checked chunk by chunk into `params`; the last chunk carries the
+/// work order.
+async fn pull_stream(
+    client: &mut Client,
+    req: &pb::PullRequest,
+    params: &mut [f32],
+) -> Result<pb::WorkOrder> {
+    let body = Body::new(http_body_util::Full::new(frame::frame(req)));
     let mut stream = client.call(frame::PULL_PATH, body).await?;
     let first: pb::ParamChunk = stream
         .message()
@@ -141,27 +162,6 @@ pub async fn pull_into(
     stream.status().await?;
     asm.finish()?;
     order.ok_or_else(|| tonic::Status::data_loss("the parameters came without a work order").into())
-}
-
-/// [`pull_into`], again when the coordinator aborted a stream it had begun early (a range it
-/// sent was reduced again because an update failed): the second pull gets the final one.
-pub async fn pull_final(
-    client: &mut Client,
-    id: &str,
-    after: Option<u64>,
-    enc: Encoding,
-    params: &mut [f32],
-) -> Result<pb::WorkOrder> {
-    let mut tries = 0;
-    loop {
-        match pull_into(client, id, after, enc, params).await {
-            Err(WorkerError::Rpc(s)) if s.code() == Code::Aborted && tries < 3 => {
-                tracing::debug!(status = %s.message(), "pulling again");
-                tries += 1;
-            }
-            r => return r,
-        }
-    }
 }
 
 /// Floats shared with the stream that sends them, so that their buffer can be taken back
@@ -485,7 +485,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                         if pulled.len() != total as usize {
                             pulled = vec![0.0; total as usize];
                         }
-                        pull_final(&mut client, &id, after, settings.wire, &mut pulled).await?
+                        pull_into(&mut client, &id, after, settings.wire, &mut pulled).await?
                     }
                 };
                 if order.finished {
@@ -534,7 +534,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                         Err(e) => Err(e),
                     }
                 };
-                let pulling = pull_final(&mut puller, &id, after, settings.wire, &mut pulled);
+                let pulling = pull_into(&mut puller, &id, after, settings.wire, &mut pulled);
                 let (used, next) = tokio::try_join!(pushing, pulling)?;
                 // The stream that sent the update is done with it by now (or else it is left
                 // to be freed, and the next update gets a fresh buffer).
