@@ -1,17 +1,18 @@
 //! The two bulk RPCs, PullParams and PushUpdate, served ahead of tonic's generated router with
 //! messages framed by hand ([`capsnet_proto::frame`]): a parameter chunk leaves as its small
 //! head and the round's shared payload, and an update chunk's payload is the memory its HTTP/2
-//! frame was read into, so no payload passes through a codec buffer. Every other path goes to
-//! the router. Same wire format, same token check, same status codes.
+//! frame was read into, so no payload passes through a codec buffer. A pull made while its round
+//! is still being reduced streams each range as soon as it is reduced ([`speculate`]: full
+//! duplex). Every other path goes to the router. Same wire format, same token check, same status
+//! codes.
 
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use capsnet_proto::frame::{self, Messages, PULL_PATH, PUSH_PATH};
-use std::sync::Arc;
-
 use capsnet_proto::wire::EncodedChunk;
 use capsnet_proto::{Encoding, pb};
 use futures_util::StreamExt;
