@@ -160,6 +160,7 @@ async fn speculate(
     let mut progress = svc.progress.clone();
     let n = svc.grid.len();
     let round = r.after_round.map_or(0, |a| a + 1);
+    let wire = svc.wire();
     let mut sent: Vec<u64> = vec![];
     // The actor said "not yet" just before: ask again only once something was published.
     let mut ask = false;
@@ -176,7 +177,7 @@ async fn speculate(
             }
         };
         for (g, c) in early {
-            for b in chunk_frames(round, svc.num_floats, svc.wire, &c, None) {
+            for b in chunk_frames(round, svc.num_floats, wire, &c, None) {
                 tx.send(Ok(Frame::data(b))).await.map_err(|_| gone())?;
             }
             sent.push(g);

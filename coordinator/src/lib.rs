@@ -80,7 +80,6 @@ pub async fn serve(
         tx: tx.clone(),
         published: pub_rx.clone(),
         progress: progress_rx,
-        wire: cfg.wire,
         num_floats: model_layout.total() as u64,
         layout_hash: capsnet_proto::layout_hash(&model_layout),
         names: Arc::new(names),

@@ -21,8 +21,6 @@ pub(crate) struct Service {
     pub published: watch::Receiver<Arc<Published>>,
     /// The open round's reduced ranges, for pulls that stream them early.
     pub progress: watch::Receiver<Progress>,
-    /// The run's wire encoding, the only one pulls are served in.
-    pub wire: Encoding,
     pub num_floats: u64,
     pub layout_hash: u64,
     pub names: Arc<Vec<(String, Range<usize>)>>,
@@ -60,14 +58,20 @@ impl Service {
             .map_err(|_| Status::from(CoordinatorError::ShuttingDown))
     }
 
+    /// The run's wire encoding (the actor publishes before the service exists), the only one
+    /// pulls are served in.
+    pub fn wire(&self) -> Encoding {
+        self.published.borrow().encoding
+    }
+
     /// Checks a pull request's encoding against the run's wire encoding.
     pub fn check_encoding(&self, r: &pb::PullRequest) -> Result<(), Status> {
         let asked = Encoding::try_from(r.encoding)
             .map_err(|_| Status::invalid_argument(format!("unknown encoding {}", r.encoding)))?;
-        if asked != Encoding::Unspecified && asked != self.wire {
+        let wire = self.wire();
+        if asked != Encoding::Unspecified && asked != wire {
             return Err(Status::invalid_argument(format!(
-                "this run serves parameters as {:?} (the coordinator's --wire), not {asked:?}",
-                self.wire
+                "this run serves parameters as {wire:?} (the coordinator's --wire), not {asked:?}"
             )));
         }
         Ok(())
