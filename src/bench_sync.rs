@@ -14,7 +14,7 @@ use capsnet_proto::{Encoding, RunSettings, pb};
 use capsnet_worker::Client;
 use clap::Args;
 
-use crate::{ModelSize, WireArg};
+use crate::args::{ModelSize, WireArg};
 
 #[derive(Args)]
 pub struct BenchSyncArgs {
@@ -192,7 +192,7 @@ fn measure(
     let spans: Spans = Arc::default();
     // Restart the peak-memory count (VmHWM) for this setting; Linux only, best effort.
     let _ = std::fs::write("/proc/self/clear_refs", "5");
-    let rt = crate::runtime()?;
+    let rt = crate::distributed::runtime()?;
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
@@ -279,15 +279,6 @@ fn memcpy_mb_per_s(floats: usize) -> f64 {
     floats as f64 * 4.0 / best / 1e6
 }
 
-/// Gloo all-reduce of the same 33 MB on loopback with PyTorch (the anchors).
-fn gloo(workers: usize) -> &'static str {
-    match workers {
-        2 => "20.5-22.7",
-        4 => "42-44",
-        _ => "-",
-    }
-}
-
 pub fn run(a: BenchSyncArgs) -> Result<()> {
     if a.rounds == 0 || a.workers.is_empty() || a.workers.contains(&0) || a.wire.is_empty() {
         bail!("--rounds, --workers and --wire must be non-empty and positive");
@@ -304,7 +295,7 @@ pub fn run(a: BenchSyncArgs) -> Result<()> {
         "round = every worker pushes its update, the coordinator averages and applies Adam, every worker pulls the result"
     );
     let floats = capsnet_core::ParamLayout::for_config(&model).total();
-    println!("machine: {}", crate::machine_summary());
+    println!("machine: {}", capsnet_core::bench::machine_summary());
     println!(
         "memcpy of {:.1} MB, one core: {:.0} MB/s (each byte of a round passes through memory at least 4 times: encode, kernel send, kernel receive, reduce or decode)",
         floats as f64 * 4.0 / 1e6,
@@ -312,7 +303,7 @@ pub fn run(a: BenchSyncArgs) -> Result<()> {
     );
     println!();
     println!(
-        "{:>7} {:>5} {:>10} {:>9} {:>9} {:>13} {:>14} {:>9}   {:<14}",
+        "{:>7} {:>5} {:>10} {:>9} {:>9} {:>13} {:>14} {:>9}",
         "workers",
         "wire",
         "median_ms",
@@ -321,14 +312,13 @@ pub fn run(a: BenchSyncArgs) -> Result<()> {
         "MB/s/worker",
         "MB/s coord.",
         "peak_MiB",
-        "gloo ms (torch)"
     );
     let mut rows = vec![];
     for &n in &a.workers {
         for &w in &a.wire {
             let r = measure(n, w.encoding(), &a, &model)?;
             println!(
-                "{:>7} {:>5} {:>10.1} {:>9.1} {:>9.1} {:>13.0} {:>14.0} {:>9.0}   {:<14}",
+                "{:>7} {:>5} {:>10.1} {:>9.1} {:>9.1} {:>13.0} {:>14.0} {:>9.0}",
                 r.workers,
                 r.wire,
                 r.median_ms,
@@ -337,11 +327,13 @@ pub fn run(a: BenchSyncArgs) -> Result<()> {
                 r.mb_per_s_per_worker,
                 r.mb_per_s_coordinator,
                 r.peak_rss_mib,
-                gloo(n)
             );
             rows.push(r);
         }
     }
+    println!(
+        "(the anchor: PyTorch's Gloo all-reduce of the same floats, scripts/reference/gloo_allreduce_bench.py on this machine; docs/benchmarks.md has earlier comparisons)"
+    );
     if let Some(p) = &a.json {
         std::fs::write(p, serde_json::to_string_pretty(&rows)?)
             .with_context(|| format!("writing {}", p.display()))?;

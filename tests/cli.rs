@@ -1,4 +1,5 @@
 //! The `capsnet` binary end to end: real processes on a tiny network and synthetic 28x28 data.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails on its first panic
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -296,8 +297,7 @@ fn bench_train_prints_a_table_and_writes_json() {
     assert!(rows[0]["images_per_s"].as_f64().unwrap() > 0.0);
 }
 
-/// `bench sync` on the tiny model: real rounds through a coordinator, one row per setting,
-/// Gloo's anchors printed beside them.
+/// `bench sync` on the tiny model: real rounds through a coordinator, one row per setting.
 #[test]
 fn bench_sync_times_rounds_and_writes_json() {
     let (t, rows) = bench(&[
@@ -315,7 +315,6 @@ fn bench_sync_times_rounds_and_writes_json() {
         "--chunk-bytes",
         "4096",
     ]);
-    assert!(t.contains("gloo") && t.contains("20.5-22.7"), "{t}");
     assert!(t.contains("memcpy") && t.contains("peak_MiB"), "{t}");
     let settings: Vec<(u64, &str)> = rows
         .iter()

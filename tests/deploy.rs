@@ -6,6 +6,7 @@
 //! - a rehearsal: one coordinator and two workers on loopback, with exactly the environment the
 //!   base ConfigMaps carry (`base/coordinator.env`, `base/worker.env`), changed only where a
 //!   laptop-scale run must differ (data, model size, steps, addresses, paths).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails on its first panic
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! TLS and mutual TLS between coordinator and workers (rustls), with certificates made by the
 //! openssl command line for the test.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails on its first panic
 
 mod common;
 

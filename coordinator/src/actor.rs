@@ -16,7 +16,7 @@ use capsnet_core::data::Dataset;
 use capsnet_core::model::Workspace;
 use capsnet_core::optim::{Adam, AdamStep};
 use capsnet_core::train::{self, EvalReport, MetricsLog};
-use capsnet_core::{CapsNet, Params};
+use capsnet_core::{CapsNet, CoreError, Params};
 use capsnet_proto::wire::{EncodedChunk, chunk_ranges, encode_chunks};
 use capsnet_proto::{Encoding, RunSettings, SyncMode, WorkerState, pb};
 use tokio::sync::{oneshot, watch};
@@ -204,7 +204,7 @@ impl Actor {
         let (train_ds, test_ds) = train::load_data(t)?;
         let model = CapsNet::new(t.model.clone())?;
         std::fs::create_dir_all(&t.run_dir)
-            .map_err(|e| CoordinatorError::Io(format!("{}: {e}", t.run_dir.display())))?;
+            .map_err(|e| CoordinatorError::io(t.run_dir.display().to_string(), e))?;
         let (params, adam, round, pos, ema) = if cfg.resume {
             match latest_checkpoint(&t.run_dir)? {
                 Some(path) => {
@@ -241,12 +241,7 @@ impl Actor {
                 }
             }
         } else {
-            if latest_checkpoint(&t.run_dir)?.is_some() {
-                return Err(CoordinatorError::Config(format!(
-                    "{} already holds checkpoints; pass --resume to continue that run or choose another --run-dir",
-                    t.run_dir.display()
-                )));
-            }
+            capsnet_core::checkpoint::refuse_existing_run(&t.run_dir, "--resume")?;
             let p = model.init_params(t.seed);
             let n = p.data.len();
             let ema = t.ema_decay.map(|_| p.data.clone());
@@ -258,8 +253,10 @@ impl Actor {
                 ema,
             )
         };
-        let json =
-            serde_json::to_string_pretty(t).map_err(|e| CoordinatorError::Io(e.to_string()))?;
+        let json = serde_json::to_string_pretty(t).map_err(|source| CoreError::Json {
+            what: "config.json".into(),
+            source,
+        })?;
         capsnet_core::checkpoint::write_atomic(&t.run_dir.join("config.json"), json.as_bytes())?;
         let metrics = MetricsLog::open(&t.run_dir)?;
         let settings = RunSettings {
@@ -534,9 +531,10 @@ impl Actor {
 
     fn join(&mut self, name: String, rank_hint: Option<u32>) -> Result<pb::JoinResponse> {
         if name.is_empty() || name.len() > 253 {
-            return Err(CoordinatorError::BadUpdate(
-                "worker name must be 1 to 253 characters".into(),
-            ));
+            return Err(CoordinatorError::InvalidName {
+                name,
+                reason: "a worker name has 1 to 253 characters",
+            });
         }
         self.next_id += 1;
         let id = format!("{}-{}", self.id_prefix, self.next_id);
@@ -659,12 +657,12 @@ impl Actor {
         let plan = self
             .plan
             .as_ref()
-            .ok_or_else(|| CoordinatorError::NotMember(id.into()))?;
+            .ok_or_else(|| CoordinatorError::NotMember { name: name.clone() })?;
         let k = plan
             .member_index(&name)
-            .ok_or_else(|| CoordinatorError::NotMember(id.into()))?;
+            .ok_or_else(|| CoordinatorError::NotMember { name: name.clone() })?;
         if self.reducer.has(k) {
-            return Err(CoordinatorError::Duplicate(id.into(), round));
+            return Err(CoordinatorError::Duplicate { name, round });
         }
         let want = plan.work(k, self.round_in_epoch).len() as u64;
         if samples != want || samples == 0 {
@@ -938,7 +936,7 @@ impl Actor {
         let write = move || -> Result<Option<PathBuf>> {
             let guard = ckpt
                 .lock()
-                .map_err(|_| CoordinatorError::Io("checkpointer poisoned".into()))?;
+                .map_err(|_| CoordinatorError::Panicked("an earlier checkpoint write"))?;
             let path = guard.save(&ck)?;
             tracing::info!(path = %path.display(), "checkpoint written");
             if let Ok(mut l) = last.lock() {

@@ -1,5 +1,8 @@
 //! The coordinator's errors, and the one place they become gRPC statuses.
 
+use std::path::PathBuf;
+
+use capsnet_proto::ProtoError;
 use tonic::{Code, Status};
 
 #[derive(Debug, thiserror::Error)]
@@ -8,33 +11,73 @@ pub enum CoordinatorError {
     UnknownWorker(String),
     #[error("update for round {got}, the current round is {current}")]
     StaleRound { got: u64, current: u64 },
-    #[error("worker {0} is not a member of this epoch; it gets a shard from the next epoch")]
-    NotMember(String),
-    #[error("worker {0} already sent its update for round {1}")]
-    Duplicate(String, u64),
+    #[error("worker {name} is not a member of this epoch; it gets a shard from the next epoch")]
+    NotMember { name: String },
+    #[error("worker {name} already sent its update for round {round}")]
+    Duplicate { name: String, round: u64 },
+    /// An update whose content does not fit the round (sample count, names, sizes).
     #[error("{0}")]
     BadUpdate(String),
-    #[error("corrupt update: {0}")]
-    Corrupt(String),
+    #[error("invalid worker name {name:?}: {reason}")]
+    InvalidName { name: String, reason: &'static str },
+    /// A message or tensor stream that breaks the protocol (a checksum mismatch included).
+    #[error(transparent)]
+    Proto(#[from] ProtoError),
     #[error("training is finished")]
     Finished,
     #[error("coordinator is shutting down")]
     ShuttingDown,
     #[error(transparent)]
     Core(#[from] capsnet_core::CoreError),
+    /// A configuration value out of range or flags that do not fit together.
     #[error("{0}")]
     Config(String),
-    #[error("{0}")]
-    Io(String),
+    /// A file named by a flag (TLS certificate, key or CA) that cannot be read.
+    #[error("{}: {source}", path.display())]
+    ReadFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS: {0}")]
+    Tls(#[source] tonic::transport::Error),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("server: {0}")]
+    Serve(#[source] tonic::transport::Error),
+    #[error("{what}: {source}")]
+    Task {
+        what: &'static str,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    #[error("{0} panicked")]
+    Panicked(&'static str),
 }
 
 pub type Result<T, E = CoordinatorError> = std::result::Result<T, E>;
 
-impl From<capsnet_proto::ProtoError> for CoordinatorError {
-    fn from(e: capsnet_proto::ProtoError) -> Self {
-        match e {
-            capsnet_proto::ProtoError::Checksum { .. } => CoordinatorError::Corrupt(e.to_string()),
-            other => CoordinatorError::BadUpdate(other.to_string()),
+impl CoordinatorError {
+    pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        CoordinatorError::Io {
+            what: what.into(),
+            source,
+        }
+    }
+
+    /// True for a configuration error (exit 2: retrying cannot help); see
+    /// [`capsnet_core::CoreError::is_config`].
+    pub fn is_config(&self) -> bool {
+        match self {
+            CoordinatorError::Config(_)
+            | CoordinatorError::ReadFile { .. }
+            | CoordinatorError::Tls(_) => true,
+            CoordinatorError::Core(e) => e.is_config(),
+            _ => false,
         }
     }
 }
@@ -43,16 +86,23 @@ impl From<CoordinatorError> for Status {
     fn from(e: CoordinatorError) -> Status {
         let code = match &e {
             CoordinatorError::UnknownWorker(_) => Code::NotFound,
-            CoordinatorError::StaleRound { .. } | CoordinatorError::NotMember(_) => {
+            CoordinatorError::StaleRound { .. } | CoordinatorError::NotMember { .. } => {
                 Code::FailedPrecondition
             }
-            CoordinatorError::Duplicate(..) => Code::AlreadyExists,
-            CoordinatorError::BadUpdate(_) => Code::InvalidArgument,
-            CoordinatorError::Corrupt(_) => Code::DataLoss,
+            CoordinatorError::Duplicate { .. } => Code::AlreadyExists,
+            CoordinatorError::Proto(ProtoError::Checksum { .. }) => Code::DataLoss,
+            CoordinatorError::BadUpdate(_)
+            | CoordinatorError::InvalidName { .. }
+            | CoordinatorError::Proto(_) => Code::InvalidArgument,
             CoordinatorError::Finished | CoordinatorError::ShuttingDown => Code::Unavailable,
-            CoordinatorError::Core(_) | CoordinatorError::Config(_) | CoordinatorError::Io(_) => {
-                Code::Internal
-            }
+            CoordinatorError::Core(_)
+            | CoordinatorError::Config(_)
+            | CoordinatorError::ReadFile { .. }
+            | CoordinatorError::Tls(_)
+            | CoordinatorError::Io { .. }
+            | CoordinatorError::Serve(_)
+            | CoordinatorError::Task { .. }
+            | CoordinatorError::Panicked(_) => Code::Internal,
         };
         Status::new(code, e.to_string())
     }

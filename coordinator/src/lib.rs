@@ -12,7 +12,7 @@
 //! - [`error`]: [`CoordinatorError`] and its mapping to gRPC statuses (the only one).
 //!
 //! [`serve`] takes a bound listener and a shutdown future, so tests run it on port 0.
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+#![forbid(unsafe_code)]
 
 use std::future::Future;
 use std::sync::{Arc, mpsc};
@@ -38,7 +38,10 @@ pub use error::{CoordinatorError, Result};
 
 fn tls_config(files: &TlsFiles) -> Result<ServerTlsConfig> {
     let read = |p: &std::path::Path| {
-        std::fs::read(p).map_err(|e| CoordinatorError::Config(format!("{}: {e}", p.display())))
+        std::fs::read(p).map_err(|source| CoordinatorError::ReadFile {
+            path: p.to_path_buf(),
+            source,
+        })
     };
     let mut tls =
         ServerTlsConfig::new().identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?));
@@ -63,7 +66,10 @@ pub async fn serve(
     let actor =
         tokio::task::spawn_blocking(move || actor::Actor::new(actor_cfg, pub_tx, progress_tx))
             .await
-            .map_err(|e| CoordinatorError::Io(format!("actor start: {e}")))??;
+            .map_err(|source| CoordinatorError::Task {
+                what: "starting the round actor",
+                source,
+            })??;
     let model_layout = capsnet_core::ParamLayout::for_config(&cfg.train.model);
     let names = model_layout
         .specs()
@@ -75,7 +81,7 @@ pub async fn serve(
     let actor_thread = std::thread::Builder::new()
         .name("capsnet-rounds".into())
         .spawn(move || actor.run(rx))
-        .map_err(|e| CoordinatorError::Io(format!("actor thread: {e}")))?;
+        .map_err(|e| CoordinatorError::io("starting the round thread", e))?;
     let svc = service::Service {
         tx: tx.clone(),
         published: pub_rx.clone(),
@@ -136,7 +142,7 @@ pub async fn serve(
 
     let local = listener
         .local_addr()
-        .map_err(|e| CoordinatorError::Io(e.to_string()))?;
+        .map_err(|e| CoordinatorError::io("reading the listener's address", e))?;
     tracing::info!(address = %local, tls = tls.is_some(), "coordinator listening");
     let mut builder = Server::builder()
         .initial_stream_window_size(Some(16 << 20))
@@ -145,9 +151,7 @@ pub async fn serve(
         .max_frame_size(Some(2 << 20))
         .http2_keepalive_interval(Some(Duration::from_secs(10)));
     if let Some(tls) = tls {
-        builder = builder
-            .tls_config(tls)
-            .map_err(|e| CoordinatorError::Config(format!("TLS: {e}")))?;
+        builder = builder.tls_config(tls).map_err(CoordinatorError::Tls)?;
     }
     let served = builder
         .add_service(health_svc)
@@ -163,10 +167,13 @@ pub async fn serve(
         )
         .await;
     stopper.abort();
-    served.map_err(|e| CoordinatorError::Io(format!("server: {e}")))?;
+    served.map_err(CoordinatorError::Serve)?;
     let outcome = tokio::task::spawn_blocking(move || actor_thread.join())
         .await
-        .map_err(|e| CoordinatorError::Io(format!("actor: {e}")))?
-        .map_err(|_| CoordinatorError::Io("the round thread panicked".into()))?;
+        .map_err(|source| CoordinatorError::Task {
+            what: "waiting for the round thread",
+            source,
+        })?
+        .map_err(|_| CoordinatorError::Panicked("the round thread"))?;
     Ok(outcome)
 }

@@ -93,7 +93,10 @@ impl Reducer {
             .num_threads(threads.max(1))
             .thread_name(|i| format!("capsnet-reduce-{i}"))
             .build()
-            .map_err(|e| CoordinatorError::Config(format!("reducer threads: {e}")))?;
+            .map_err(|source| capsnet_core::CoreError::ThreadPool {
+                threads: threads.max(1),
+                source,
+            })?;
         Ok(Reducer {
             reduced: (0..grid.len()).map(|_| None).collect(),
             wire,

@@ -1,6 +1,7 @@
 //! Throughput benchmark of the model (`capsnet bench train`): time per step, images/s, GFLOP/s,
 //! peak memory, time per layer, and the machine's sgemm rate for context.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -23,7 +24,8 @@ pub enum BenchMode {
     Infer,
 }
 
-#[derive(Clone, Debug)]
+/// One benchmark setting; [`run_isolated`] hands it to a child process as JSON.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BenchSettings {
     pub mode: BenchMode,
     pub batch: usize,
@@ -48,6 +50,160 @@ pub struct BenchRow {
     pub peak_rss_mib: f64,
     /// Seconds per step by part of the network, in network order.
     pub parts: Vec<(String, f64)>,
+}
+
+impl BenchMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchMode::Train => "train",
+            BenchMode::Infer => "infer",
+        }
+    }
+}
+
+/// The environment variable that carries a setting to the child process that runs it.
+pub const SETTING_ENV: &str = "CAPSNET_BENCH_SETTING";
+
+/// Runs one setting in a child process, so that its peak memory is that setting's alone.
+/// `command` starts this program in the mode that calls [`setting_from_env`] and prints
+/// [`run_setting`]'s row as JSON on stdout.
+pub fn run_isolated(mut command: std::process::Command, s: &BenchSettings) -> Result<BenchRow> {
+    let what = format!("benchmark {} batch {}", s.mode.name(), s.batch);
+    let json = serde_json::to_string(s).map_err(|source| CoreError::Json {
+        what: what.clone(),
+        source,
+    })?;
+    let out = command
+        .env(SETTING_ENV, json)
+        .output()
+        .map_err(|e| CoreError::Subprocess {
+            what: what.clone(),
+            reason: e.to_string(),
+        })?;
+    if !out.status.success() {
+        return Err(CoreError::Subprocess {
+            what,
+            reason: format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        });
+    }
+    serde_json::from_slice(&out.stdout).map_err(|source| CoreError::Json {
+        what: format!("the row of the {what}"),
+        source,
+    })
+}
+
+/// The setting this process was started to run by [`run_isolated`], if any.
+pub fn setting_from_env() -> Option<Result<BenchSettings>> {
+    let json = std::env::var(SETTING_ENV).ok()?;
+    Some(
+        serde_json::from_str(&json).map_err(|source| CoreError::Json {
+            what: SETTING_ENV.into(),
+            source,
+        }),
+    )
+}
+
+/// The rows as JSON objects with the keys of `torch_capsnet_bench.py --json`.
+pub fn rows_json(rows: &[BenchRow]) -> serde_json::Value {
+    rows.iter()
+        .map(|r| {
+            let parts: serde_json::Map<String, serde_json::Value> = r
+                .parts
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::json!(v)))
+                .collect();
+            serde_json::json!({
+                "impl": "capsnet", "mode": r.mode, "batch": r.batch, "threads": r.threads,
+                "median_s": r.median_s, "min_s": r.min_s, "max_s": r.max_s,
+                "images_per_s": r.images_per_s, "gflop_per_s": r.gflop_per_s,
+                "peak_rss_mib": r.peak_rss_mib, "parts_s": parts,
+            })
+        })
+        .collect()
+}
+
+/// PyTorch's best result for one setting, from `torch_capsnet_bench.py --json`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TorchRow {
+    pub mode: String,
+    pub batch: usize,
+    pub images_per_s: f64,
+    pub peak_rss_mib: f64,
+}
+
+/// The best images/s (and its peak memory) per (mode, batch) of a `torch_capsnet_bench.py
+/// --json` file.
+pub fn read_torch_json(path: &Path) -> Result<Vec<TorchRow>> {
+    #[derive(Deserialize)]
+    struct File {
+        results: Vec<serde_json::Value>,
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| CoreError::io(path, e))?;
+    let file: File = serde_json::from_str(&text).map_err(|source| CoreError::Json {
+        what: format!("{} (torch_capsnet_bench.py --json)", path.display()),
+        source,
+    })?;
+    let mut best: Vec<TorchRow> = vec![];
+    for r in &file.results {
+        let (Some(mode), Some(batch), Some(ips), Some(rss)) = (
+            r["mode"].as_str(),
+            r["batch"].as_u64(),
+            r["images_per_s"].as_f64(),
+            r["peak_rss_mib"].as_f64(),
+        ) else {
+            continue;
+        };
+        let row = TorchRow {
+            mode: mode.into(),
+            batch: batch as usize,
+            images_per_s: ips,
+            peak_rss_mib: rss,
+        };
+        match best
+            .iter_mut()
+            .find(|b| b.mode == mode && b.batch == row.batch)
+        {
+            Some(b) if b.images_per_s >= ips => {}
+            Some(b) => *b = row,
+            None => best.push(row),
+        }
+    }
+    Ok(best)
+}
+
+/// One line about this machine for benchmark reports: CPU model, cores, memory, and the
+/// OpenBLAS kernel override.
+pub fn machine_summary() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|k| k.parse::<f64>().ok())
+        })
+        .map(|kb| format!("{:.1} GiB", kb / 1048576.0))
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let blas = std::env::var("OPENBLAS_CORETYPE")
+        .map(|v| format!("OPENBLAS_CORETYPE={v}"))
+        .unwrap_or_else(|_| "OPENBLAS_CORETYPE unset".into());
+    format!("{cpu}, {cores} cores, {mem} memory, {blas}")
 }
 
 /// FLOPs of one image in a mode: forward, or forward + backward (twice the forward but for
@@ -92,7 +248,7 @@ pub fn run_setting(s: &BenchSettings) -> Result<BenchRow> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(s.threads)
         .build()
-        .map_err(|e| CoreError::Config(format!("cannot start {} threads: {e}", s.threads)))?;
+        .map_err(|e| CoreError::thread_pool(s.threads, e))?;
     let mut params = model.init_params(1);
     let mut rng = Rng::new(2);
     let images: Vec<f32> = (0..s.batch * s.model.pixels())
@@ -172,7 +328,7 @@ pub fn sgemm_gflops(threads: usize, reps: usize) -> Result<f64> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads.max(1))
         .build()
-        .map_err(|e| CoreError::Config(format!("cannot start {threads} threads: {e}")))?;
+        .map_err(|e| CoreError::thread_pool(threads, e))?;
     let mut rng = Rng::new(4);
     let a: Vec<f32> = (0..m * k).map(|_| rng.uniform(-1.0, 1.0)).collect();
     let b: Vec<f32> = (0..n * k).map(|_| rng.uniform(-1.0, 1.0)).collect();
@@ -197,6 +353,29 @@ pub fn sgemm_gflops(threads: usize, reps: usize) -> Result<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn torch_json_keeps_the_best_row_per_setting() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("torch.json");
+        std::fs::write(
+            &path,
+            r#"{"results": [
+                {"mode": "train", "batch": 32, "images_per_s": 100.0, "peak_rss_mib": 900},
+                {"mode": "train", "batch": 32, "images_per_s": 120.0, "peak_rss_mib": 950},
+                {"mode": "infer", "batch": 128, "images_per_s": 300.0, "peak_rss_mib": 700},
+                {"mode": "train", "note": "a row without numbers is skipped"}
+            ]}"#,
+        )
+        .unwrap();
+        let rows = read_torch_json(&path).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!((rows[0].images_per_s, rows[0].peak_rss_mib), (120.0, 950.0));
+        assert_eq!((rows[1].mode.as_str(), rows[1].batch), ("infer", 128));
+        std::fs::write(&path, "[1, 2]").unwrap();
+        let e = read_torch_json(&path).unwrap_err().to_string();
+        assert!(e.contains("torch.json"), "{e}");
+    }
 
     /// The same counts as torch_capsnet_bench.py prints, so GFLOP/s compare directly.
     #[test]

@@ -54,15 +54,29 @@ pub fn par_gemm(
 }
 
 /// A row-major `[rows, cols]` view of a slice.
+///
+/// # Panics
+/// When `s.len() != rows * cols`. Every caller slices its buffer from the model's own sizes
+/// (the [`crate::Workspace`] and [`crate::ParamLayout`] are built from the same config), so a
+/// mismatch is a bug in this crate, never bad input: inputs are checked before any kernel runs.
+#[allow(
+    clippy::expect_used,
+    reason = "a length mismatch is an internal bug, see # Panics"
+)]
 pub fn view2(s: &[f32], rows: usize, cols: usize) -> ArrayView2<'_, f32> {
-    debug_assert_eq!(s.len(), rows * cols);
-    ArrayView2::from_shape((rows, cols), s).unwrap_or_else(|_| unreachable!())
+    ArrayView2::from_shape((rows, cols), s).expect("view2: slice length is not rows * cols")
 }
 
 /// A mutable row-major `[rows, cols]` view of a slice.
+///
+/// # Panics
+/// When `s.len() != rows * cols`, as [`view2`].
+#[allow(
+    clippy::expect_used,
+    reason = "a length mismatch is an internal bug, see # Panics"
+)]
 pub fn view2_mut(s: &mut [f32], rows: usize, cols: usize) -> ArrayViewMut2<'_, f32> {
-    debug_assert_eq!(s.len(), rows * cols);
-    ArrayViewMut2::from_shape((rows, cols), s).unwrap_or_else(|_| unreachable!())
+    ArrayViewMut2::from_shape((rows, cols), s).expect("view2_mut: slice length is not rows * cols")
 }
 
 #[cfg(test)]

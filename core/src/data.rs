@@ -323,12 +323,9 @@ pub fn resolve_data_dir_in(
 ) -> Result<PathBuf> {
     if let Some(dir) = data_dir {
         if !dir.is_dir() {
-            return Err(CoreError::io(
+            return Err(CoreError::data(
                 dir,
-                std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "data directory (--data-dir) does not exist or is not a directory",
-                ),
+                "data directory (--data-dir) does not exist or is not a directory",
             ));
         }
         return Ok(dir.to_path_buf());

@@ -45,11 +45,46 @@ pub enum CoreError {
         #[source]
         source: serde_json::Error,
     },
+    /// The thread pool could not be started (a resource limit: retrying may help).
+    #[error("cannot start {threads} threads: {source}")]
+    ThreadPool {
+        threads: usize,
+        #[source]
+        source: rayon::ThreadPoolBuildError,
+    },
+    /// The training loss stopped being finite.
+    #[error("loss became {loss} at step {step}; lower --lr")]
+    Diverged { step: u64, loss: f64 },
+    /// A label outside `0..classes` in a batch.
+    #[error("label {label} out of range for {classes} classes")]
+    Label { label: usize, classes: usize },
+    /// A benchmark setting run in a child process that failed or printed no result.
+    #[error("{what}: {reason}")]
+    Subprocess { what: String, reason: String },
+    /// Parameters or gradients laid out for another network than the model's.
+    #[error("{what} do not match the model's layout")]
+    LayoutMismatch { what: &'static str },
 }
 
 pub type Result<T, E = CoreError> = std::result::Result<T, E>;
 
 impl CoreError {
+    /// True for a configuration error: a bad flag or value, a missing or malformed data set, an
+    /// input that cannot be used. Retrying cannot help, so the binary exits 2 (and Kubernetes'
+    /// pod failure policy fails the Job at once); every other error exits 1.
+    pub fn is_config(&self) -> bool {
+        matches!(
+            self,
+            CoreError::Config(_)
+                | CoreError::DatasetMissing { .. }
+                | CoreError::Data { .. }
+                | CoreError::Label { .. }
+        )
+    }
+
+    pub(crate) fn thread_pool(threads: usize, source: rayon::ThreadPoolBuildError) -> Self {
+        CoreError::ThreadPool { threads, source }
+    }
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         CoreError::Io {
             path: path.into(),

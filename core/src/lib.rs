@@ -13,7 +13,6 @@
 //! - [`bench`]: the training/inference throughput benchmark behind `capsnet bench train`.
 //!
 //! `capsnet-core` knows nothing of networking; the distributed crates build on it.
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod bench;
 pub mod blas;

@@ -262,9 +262,7 @@ impl CapsNet {
 
     fn check_inputs(&self, params: &Params, images: &[f32], labels: &[usize]) -> Result<usize> {
         if params.layout() != &self.layout {
-            return Err(CoreError::Config(
-                "parameters do not match the model's layout".into(),
-            ));
+            return Err(CoreError::LayoutMismatch { what: "parameters" });
         }
         let px = self.cfg.pixels();
         if images.is_empty() || images.len() % px != 0 {
@@ -283,10 +281,10 @@ impl CapsNet {
             });
         }
         if let Some(&l) = labels.iter().find(|&&l| l >= self.cfg.classes) {
-            return Err(CoreError::Config(format!(
-                "label {l} out of range for {} classes",
-                self.cfg.classes
-            )));
+            return Err(CoreError::Label {
+                label: l,
+                classes: self.cfg.classes,
+            });
         }
         Ok(b)
     }
@@ -318,9 +316,9 @@ impl CapsNet {
     ) -> Result<BatchStats> {
         let b = self.check_inputs(params, images, labels)?;
         if grads.layout() != &self.layout {
-            return Err(CoreError::Config(
-                "gradient buffer does not match the model's layout".into(),
-            ));
+            return Err(CoreError::LayoutMismatch {
+                what: "gradient buffers",
+            });
         }
         let stats = self.forward_impl(params, images, labels, opts.mask, b, ws, 1.0 / b as f32)?;
         self.backward_impl(params, images, b, opts.input_grad, grads, ws);

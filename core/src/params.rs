@@ -43,7 +43,7 @@ pub(crate) const DIGIT_W: usize = 4;
 pub(crate) const DECODER_0: usize = 5;
 
 impl ParamLayout {
-    /// The layout of DESIGN.md: conv1, primary, digit, decoder.{k}.
+    /// The layout of docs/design.md: conv1, primary, digit, decoder.{k}.
     pub fn for_config(cfg: &CapsNetConfig) -> Self {
         let k1 = cfg.conv1_kernel;
         let k2 = cfg.primary_kernel;

@@ -14,7 +14,7 @@ use crate::config::CapsNetConfig;
 use crate::data::{self, Dataset, Split};
 use crate::error::{CoreError, Result};
 use crate::model::{BatchStats, CapsNet, Mask, PassOptions, Workspace};
-use crate::optim::{Adam, AdamConfig};
+use crate::optim::{Adam, AdamConfig, LrSchedule};
 use crate::params::Params;
 use crate::rng::Rng;
 
@@ -73,6 +73,75 @@ impl Default for TrainConfig {
     }
 }
 
+/// Values given on the command line (or in the environment) to lay over a [`TrainConfig`]:
+/// `None` keeps the config's value. `capsnet train` lays them over the defaults (or, with
+/// `--resume`, over the run's `config.json`); `capsnet coordinator` over the defaults.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TrainOverrides {
+    pub data_dir: Option<PathBuf>,
+    /// A whole network config; the config's routing iterations are kept unless
+    /// `routing_iters` is given too.
+    pub model: Option<CapsNetConfig>,
+    pub epochs: Option<u64>,
+    pub max_steps: Option<u64>,
+    pub batch_size: Option<usize>,
+    pub lr: Option<f32>,
+    pub lr_schedule: Option<LrSchedule>,
+    pub lr_decay: Option<f32>,
+    pub lr_decay_steps: Option<u64>,
+    pub routing_iters: Option<usize>,
+    pub seed: Option<u64>,
+    pub threads: Option<usize>,
+    pub log_every: Option<u64>,
+    pub checkpoint_every: Option<u64>,
+    pub keep_checkpoints: Option<usize>,
+    pub max_shift: Option<usize>,
+    pub ema_decay: Option<f32>,
+    pub train_limit: Option<usize>,
+    pub test_limit: Option<usize>,
+}
+
+impl TrainOverrides {
+    /// Lays every given value over `cfg`.
+    pub fn apply(&self, cfg: &mut TrainConfig) {
+        fn set<T: Clone>(field: &mut T, value: &Option<T>) {
+            if let Some(v) = value {
+                *field = v.clone();
+            }
+        }
+        fn set_some<T: Clone>(field: &mut Option<T>, value: &Option<T>) {
+            if value.is_some() {
+                field.clone_from(value);
+            }
+        }
+        set(&mut cfg.data_dir, &self.data_dir);
+        if let Some(m) = &self.model {
+            let routing_iters = cfg.model.routing_iters;
+            cfg.model = CapsNetConfig {
+                routing_iters,
+                ..m.clone()
+            };
+        }
+        set(&mut cfg.epochs, &self.epochs);
+        set_some(&mut cfg.max_steps, &self.max_steps);
+        set(&mut cfg.batch_size, &self.batch_size);
+        set(&mut cfg.adam.lr, &self.lr);
+        set(&mut cfg.adam.schedule, &self.lr_schedule);
+        set(&mut cfg.adam.decay_rate, &self.lr_decay);
+        set(&mut cfg.adam.decay_steps, &self.lr_decay_steps);
+        set(&mut cfg.model.routing_iters, &self.routing_iters);
+        set(&mut cfg.seed, &self.seed);
+        set(&mut cfg.threads, &self.threads);
+        set(&mut cfg.log_every, &self.log_every);
+        set(&mut cfg.checkpoint_every, &self.checkpoint_every);
+        set(&mut cfg.keep_checkpoints, &self.keep_checkpoints);
+        set(&mut cfg.max_shift, &self.max_shift);
+        set_some(&mut cfg.ema_decay, &self.ema_decay);
+        set_some(&mut cfg.train_limit, &self.train_limit);
+        set_some(&mut cfg.test_limit, &self.test_limit);
+    }
+}
+
 /// The cores this process may use.
 pub fn default_threads() -> usize {
     std::thread::available_parallelism()
@@ -81,6 +150,16 @@ pub fn default_threads() -> usize {
 }
 
 impl TrainConfig {
+    /// The config of an earlier run, from the `config.json` in its run directory.
+    pub fn load(run_dir: &Path) -> Result<Self> {
+        let path = run_dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| CoreError::io(&path, e))?;
+        serde_json::from_str(&text).map_err(|source| CoreError::Json {
+            what: format!("{} is not a capsnet config", path.display()),
+            source,
+        })
+    }
+
     /// Checks every value before any work starts, naming the first bad one.
     pub fn validate(&self) -> Result<()> {
         self.model.validate()?;
@@ -191,7 +270,7 @@ fn build_pool(threads: usize) -> Result<rayon::ThreadPool> {
         .num_threads(threads)
         .thread_name(|i| format!("capsnet-{i}"))
         .build()
-        .map_err(|e| CoreError::Config(format!("cannot start {threads} threads: {e}")))
+        .map_err(|e| CoreError::thread_pool(threads, e))
 }
 
 /// Loads both splits of a data folder for a model config, honouring the limits.
@@ -334,6 +413,12 @@ pub fn resumed_ema(
 /// Trains as configured; resumes from the newest checkpoint of `run_dir` when `resume`.
 pub fn train(cfg: &TrainConfig, resume: bool, observer: &mut dyn Observer) -> Result<TrainOutcome> {
     cfg.validate()?;
+    if !resume {
+        crate::checkpoint::refuse_existing_run(
+            &cfg.run_dir,
+            &format!("--resume {}", cfg.run_dir.display()),
+        )?;
+    }
     let started = Instant::now();
     let (train_ds, test_ds) = load_data(cfg)?;
     let model = CapsNet::new(cfg.model.clone())?;
@@ -442,11 +527,10 @@ pub fn train(cfg: &TrainConfig, resume: bool, observer: &mut dyn Observer) -> Re
                     &mut ws,
                 )?;
                 if !stats.total_loss().is_finite() {
-                    return Err(CoreError::Config(format!(
-                        "loss became {} at step {}; lower --lr",
-                        stats.total_loss(),
-                        adam.step
-                    )));
+                    return Err(CoreError::Diverged {
+                        step: adam.step,
+                        loss: stats.total_loss(),
+                    });
                 }
                 let lr = adam.config.lr_at(adam.step);
                 let t = Instant::now();
@@ -682,4 +766,51 @@ pub fn gradient_file(
     }
     outf.write(out)?;
     Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_replace_only_what_is_given() {
+        let mut cfg = TrainConfig {
+            model: CapsNetConfig {
+                routing_iters: 2,
+                ..CapsNetConfig::default()
+            },
+            ema_decay: Some(0.99),
+            ..TrainConfig::default()
+        };
+        let before = cfg.clone();
+        TrainOverrides::default().apply(&mut cfg);
+        assert_eq!(cfg, before);
+
+        TrainOverrides {
+            model: Some(CapsNetConfig::tiny()),
+            batch_size: Some(7),
+            lr: Some(0.5),
+            lr_schedule: Some(LrSchedule::Cosine),
+            max_steps: Some(9),
+            test_limit: Some(5),
+            ..TrainOverrides::default()
+        }
+        .apply(&mut cfg);
+        // A new network keeps the run's routing iterations unless they are given too.
+        assert_eq!(cfg.model.image_size, CapsNetConfig::tiny().image_size);
+        assert_eq!(cfg.model.routing_iters, 2);
+        assert_eq!(
+            (cfg.batch_size, cfg.adam.lr, cfg.adam.schedule),
+            (7, 0.5, LrSchedule::Cosine)
+        );
+        assert_eq!((cfg.max_steps, cfg.test_limit), (Some(9), Some(5)));
+        assert_eq!((cfg.ema_decay, cfg.epochs), (Some(0.99), before.epochs));
+
+        TrainOverrides {
+            routing_iters: Some(4),
+            ..TrainOverrides::default()
+        }
+        .apply(&mut cfg);
+        assert_eq!(cfg.model.routing_iters, 4);
+    }
 }

@@ -1,4 +1,5 @@
 //! IDX loading, checking and batching, through the public API of `capsnet_core::data`.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails on its first panic
 
 use std::path::{Path, PathBuf};
 

@@ -5,6 +5,7 @@
 //! `|g_fd - g_analytic| / |g_analytic| < TOL`. A broken backward (a zeroed routing gradient, a
 //! missing iteration, a wrong sign) gives errors of order 1, far above the tolerance; float32
 //! rounding with these step sizes stays near 1e-3.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails on its first panic
 
 use capsnet_core::caps::{self, DigitDims, RoutingCache};
 use capsnet_core::loss::{self, MarginParams};

@@ -1,5 +1,6 @@
 //! The trainer end to end on a tiny network and synthetic data: determinism, resume, learning,
 //! and configuration errors.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails on its first panic
 
 use std::path::Path;
 

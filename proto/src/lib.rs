@@ -6,7 +6,7 @@
 //!   [`wire::Assembler`] that checks and decodes a stream as it arrives.
 //! - [`RunSettings`]: the run configuration a worker receives, converted from its message with
 //!   `TryFrom` (conversions live here, at the edge).
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+#![forbid(unsafe_code)]
 
 use capsnet_core::optim::AdamConfig;
 use capsnet_core::{CapsNetConfig, ParamLayout};
@@ -56,6 +56,20 @@ pub fn layout_hash(layout: &ParamLayout) -> u64 {
         eat(&(s.offset as u64).to_le_bytes());
     }
     h
+}
+
+/// The positions in the epoch's permutation of `epoch_len` samples that a work order covers.
+/// An order that starts after its end or past the epoch is refused, never sliced.
+pub fn work_range(order: &pb::WorkOrder, epoch_len: usize) -> Result<std::ops::Range<usize>> {
+    let (start, end) = (order.start, order.end.min(epoch_len as u64));
+    if order.start > order.end || start >= end {
+        return Err(ProtoError::Invalid(format!(
+            "work order of round {} covers samples {}..{} of an epoch of {epoch_len}",
+            order.round, order.start, order.end
+        )));
+    }
+    // Both are at most `epoch_len`, a usize.
+    Ok(start as usize..end as usize)
 }
 
 /// The run configuration as the worker uses it.
@@ -225,6 +239,23 @@ mod tests {
                 .to_string()
                 .contains("routing_iters")
         );
+    }
+
+    #[test]
+    fn work_range_refuses_orders_outside_the_epoch() {
+        let order = |start, end| pb::WorkOrder {
+            round: 3,
+            start,
+            end,
+            participate: true,
+            ..Default::default()
+        };
+        assert_eq!(work_range(&order(4, 8), 10).unwrap(), 4..8);
+        assert_eq!(work_range(&order(4, 80), 10).unwrap(), 4..10);
+        for (start, end) in [(8, 4), (10, 12), (5, 5), (u64::MAX, 3)] {
+            let e = work_range(&order(start, end), 10).unwrap_err().to_string();
+            assert!(e.contains(&format!("{start}..{end}")), "{e}");
+        }
     }
 
     #[test]

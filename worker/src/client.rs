@@ -48,7 +48,10 @@ pub struct Client {
 impl Client {
     pub async fn connect(url: &str, token: &str, tls: Option<&ClientTls>) -> Result<Self> {
         let mut ep = Endpoint::from_shared(url.to_string())
-            .map_err(|e| WorkerError::Config(format!("coordinator address {url:?}: {e}")))?
+            .map_err(|source| WorkerError::Address {
+                url: url.to_string(),
+                source,
+            })?
             .connect_timeout(Duration::from_secs(5))
             .initial_stream_window_size(Some(16 << 20))
             .initial_connection_window_size(Some(32 << 20))
@@ -57,7 +60,10 @@ impl Client {
             .keep_alive_timeout(Duration::from_secs(20));
         if let Some(t) = tls {
             let read = |p: &PathBuf| {
-                std::fs::read(p).map_err(|e| WorkerError::Config(format!("{}: {e}", p.display())))
+                std::fs::read(p).map_err(|source| WorkerError::ReadFile {
+                    path: p.clone(),
+                    source,
+                })
             };
             let mut c = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(&t.ca)?));
             if let (Some(cert), Some(key)) = (&t.cert, &t.key) {
@@ -66,9 +72,7 @@ impl Client {
             if let Some(d) = &t.domain {
                 c = c.domain_name(d.clone());
             }
-            ep = ep
-                .tls_config(c)
-                .map_err(|e| WorkerError::Config(format!("TLS: {e}")))?;
+            ep = ep.tls_config(c).map_err(WorkerError::Tls)?;
         }
         let channel = ep
             .connect()
@@ -76,7 +80,7 @@ impl Client {
             .map_err(|e| WorkerError::Rpc(Status::unavailable(e.to_string())))?;
         let value: MetadataValue<_> = format!("Bearer {token}")
             .parse()
-            .map_err(|_| WorkerError::Config("the token must be printable ASCII".into()))?;
+            .map_err(|_| WorkerError::TokenNotAscii)?;
         let uri = ep.uri();
         let origin = format!(
             "{}://{}",

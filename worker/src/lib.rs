@@ -7,7 +7,8 @@
 //!   async runtime, push the update; rejoin when the coordinator restarts; leave when training
 //!   is finished or on shutdown.
 //! - [`client`]: a connected, authenticated gRPC client.
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+//! - [`identity`]: the worker's name and preferred rank when the operator gives none.
+#![forbid(unsafe_code)]
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -30,13 +31,43 @@ use tonic::Code;
 use tonic::body::Body;
 
 pub mod client;
+mod identity;
 
 pub use client::{Client, ClientTls};
+pub use identity::identity;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
+    /// A configuration value out of range or flags that do not fit together.
     #[error("{0}")]
     Config(String),
+    #[error("coordinator address {url:?}: {source}")]
+    Address {
+        url: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// A file named by a flag (TLS CA, certificate or key) that cannot be read.
+    #[error("{}: {source}", path.display())]
+    ReadFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS: {0}")]
+    Tls(#[source] tonic::transport::Error),
+    #[error("the token must be printable ASCII")]
+    TokenNotAscii,
+    /// This machine's training set differs from the coordinator's.
+    #[error(
+        "{} holds {local} training images, the coordinator's data has {coordinator}; every worker needs the same data set",
+        data_dir.display()
+    )]
+    DataMismatch {
+        data_dir: PathBuf,
+        local: u64,
+        coordinator: u64,
+    },
     #[error(transparent)]
     Core(#[from] capsnet_core::CoreError),
     #[error("coordinator: {0}")]
@@ -49,8 +80,37 @@ pub enum WorkerError {
     },
     #[error(transparent)]
     Proto(#[from] capsnet_proto::ProtoError),
+    /// A broken invariant of this crate (a bug, not bad input).
     #[error("internal: {0}")]
-    Internal(String),
+    Internal(&'static str),
+    /// A blocking task (loading data, a training step) that panicked or was cancelled.
+    #[error("{what}: {source}")]
+    Task {
+        what: &'static str,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+}
+
+impl WorkerError {
+    /// True for a configuration error (exit 2: retrying cannot help; Kubernetes fails the Job
+    /// at once); see [`capsnet_core::CoreError::is_config`].
+    pub fn is_config(&self) -> bool {
+        match self {
+            WorkerError::Config(_)
+            | WorkerError::Address { .. }
+            | WorkerError::ReadFile { .. }
+            | WorkerError::Tls(_)
+            | WorkerError::TokenNotAscii
+            | WorkerError::DataMismatch { .. } => true,
+            WorkerError::Core(e) => e.is_config(),
+            WorkerError::Rpc(_)
+            | WorkerError::Unreachable { .. }
+            | WorkerError::Proto(_)
+            | WorkerError::Internal(_)
+            | WorkerError::Task { .. } => false,
+        }
+    }
 }
 
 pub type Result<T, E = WorkerError> = std::result::Result<T, E>;
@@ -161,7 +221,16 @@ async fn pull_stream(
     }
     stream.status().await?;
     asm.finish()?;
-    order.ok_or_else(|| tonic::Status::data_loss("the parameters came without a work order").into())
+    let order = order
+        .ok_or_else(|| tonic::Status::data_loss("the parameters came without a work order"))?;
+    if order.start > order.end {
+        return Err(capsnet_proto::ProtoError::Invalid(format!(
+            "work order of round {} starts at sample {} after its end {}",
+            order.round, order.start, order.end
+        ))
+        .into());
+    }
+    Ok(order)
 }
 
 /// Floats shared with the stream that sends them, so that their buffer can be taken back
@@ -256,17 +325,19 @@ impl Replica {
             train.truncate(n as usize);
         }
         if train.len() as u64 != settings.train_len {
-            return Err(WorkerError::Config(format!(
-                "{} holds {} training images, the coordinator's data has {}; every worker needs the same data set",
-                cfg.data_dir.display(),
-                train.len(),
-                settings.train_len
-            )));
+            return Err(WorkerError::DataMismatch {
+                data_dir: cfg.data_dir.clone(),
+                local: train.len() as u64,
+                coordinator: settings.train_len,
+            });
         }
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(cfg.threads.max(1))
             .build()
-            .map_err(|e| WorkerError::Config(format!("threads: {e}")))?;
+            .map_err(|source| capsnet_core::CoreError::ThreadPool {
+                threads: cfg.threads.max(1),
+                source,
+            })?;
         Ok(Replica {
             grads: Params::zeros(model.layout()),
             model,
@@ -299,8 +370,7 @@ impl Replica {
         let pulled = std::mem::take(params);
         let mut p = Params::from_flat(self.model.layout(), pulled)?;
         let perm = data::epoch_permutation(self.train.len(), s.seed, order.epoch);
-        let positions = order.start as usize..(order.end as usize).min(perm.len());
-        let indices = &perm[positions];
+        let indices = &perm[capsnet_proto::work_range(order, perm.len())?];
         // Augmentation keyed by (round, first position): independent of which process computes.
         let mut rng = Rng::derive(
             s.seed,
@@ -452,7 +522,10 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
             let (s, c) = (settings.clone(), cfg.clone());
             let loaded = tokio::task::spawn_blocking(move || Replica::new(s, &c))
                 .await
-                .map_err(|e| WorkerError::Internal(format!("loading data: {e}")))
+                .map_err(|source| WorkerError::Task {
+                    what: "loading data",
+                    source,
+                })
                 .and_then(|r| r);
             match loaded {
                 Ok(r) => replica = Some(r),
@@ -495,8 +568,10 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                 if !order.participate {
                     return Ok(None);
                 }
+                // The replica was loaded above, before the loop, and is put back after every
+                // step; a failed step ends the session.
                 let Some(mut r) = replica.take() else {
-                    return Err(WorkerError::Internal("no replica".into()));
+                    return Err(WorkerError::Internal("no model replica is loaded"));
                 };
                 let o = order;
                 let mut params = std::mem::take(&mut pulled);
@@ -505,7 +580,10 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                     (r, params, out)
                 })
                 .await
-                .map_err(|e| WorkerError::Internal(format!("compute task: {e}")))?;
+                .map_err(|source| WorkerError::Task {
+                    what: "training step",
+                    source,
+                })?;
                 pulled = params;
                 let r = replica.insert(r);
                 let (update, samples, loss) = out?;

@@ -1,0 +1,254 @@
+//! `capsnet coordinator` and `capsnet worker`: flags to configs, the async runtime, and the
+//! stop signal.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use capsnet_core::train::{self, TrainConfig};
+use clap::Args;
+
+use crate::args::{DataArgs, SyncArg, TokenArgs, TrainFlags, WireArg, parse_duration};
+use crate::exit::ConfigError;
+
+#[derive(Args, Clone)]
+pub struct CoordinatorArgs {
+    #[command(flatten)]
+    pub flags: TrainFlags,
+    /// Where config.json, metrics.jsonl and checkpoints go.
+    #[arg(long, env = "CAPSNET_RUN_DIR", default_value = "runs/coordinator")]
+    pub run_dir: PathBuf,
+    /// Continue from the newest checkpoint in --run-dir (fresh start if there is none).
+    #[arg(long, env = "CAPSNET_RESUME")]
+    pub resume: bool,
+    /// Address to listen on; port 0 picks a free port (the address is logged).
+    #[arg(long, env = "CAPSNET_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: String,
+    /// What workers send: gradients (default) or parameters after local steps.
+    #[arg(long, env = "CAPSNET_SYNC", value_enum, default_value = "grad")]
+    pub sync: SyncArg,
+    /// Local steps per round with --sync params.
+    #[arg(long, env = "CAPSNET_SYNC_EVERY", default_value_t = 1)]
+    pub sync_every: usize,
+    /// A round closes at this deadline with --min-workers updates; the rest are marked unhealthy.
+    #[arg(long, env = "CAPSNET_ROUND_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub round_timeout: Duration,
+    #[arg(long, env = "CAPSNET_MIN_WORKERS", default_value_t = 1)]
+    pub min_workers: usize,
+    /// Start training when this many workers joined [default: --min-workers].
+    #[arg(long, env = "CAPSNET_EXPECT_WORKERS")]
+    pub expect_workers: Option<usize>,
+    /// Start anyway after this long with at least --min-workers.
+    #[arg(long, env = "CAPSNET_START_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub start_timeout: Duration,
+    /// Evaluate on the test set (and checkpoint) every N rounds; 0: at the end of each epoch.
+    #[arg(long, env = "CAPSNET_EVAL_EVERY", default_value_t = 0)]
+    pub eval_every: u64,
+    /// Worker heartbeat interval; three missed ones mark a worker unhealthy.
+    #[arg(long, env = "CAPSNET_HEARTBEAT", default_value = "1s", value_parser = parse_duration)]
+    pub heartbeat: Duration,
+    /// Encoding of updates on the wire (the coordinator keeps fp32 master weights).
+    #[arg(long, env = "CAPSNET_WIRE", value_enum, default_value = "f32")]
+    pub wire: WireArg,
+    /// Bytes per streamed chunk.
+    #[arg(long, env = "CAPSNET_CHUNK_BYTES", default_value_t = 1 << 20)]
+    pub chunk_bytes: usize,
+    #[command(flatten)]
+    pub token: TokenArgs,
+    /// TLS certificate (PEM); with --tls-key, the coordinator serves TLS.
+    #[arg(long, env = "CAPSNET_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long, env = "CAPSNET_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA (PEM) that client certificates must be signed by (mutual TLS).
+    #[arg(long, env = "CAPSNET_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Exit once training is finished and workers were told; false keeps serving (status,
+    /// health) until SIGTERM, as a Kubernetes Deployment expects.
+    #[arg(long, env = "CAPSNET_EXIT_WHEN_DONE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub exit_when_done: bool,
+    /// Write the bound address to this file once listening (for tests and scripts that listen
+    /// on port 0).
+    #[arg(long, hide = true)]
+    pub ready_file: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
+pub struct WorkerArgs {
+    /// The coordinator's URL.
+    #[arg(
+        long,
+        env = "CAPSNET_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    coordinator: String,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Stable name; a worker restarted under the same name gets its shard back
+    /// [default: worker-<rank>, or the host name].
+    #[arg(long, env = "CAPSNET_WORKER_NAME")]
+    name: Option<String>,
+    /// Preferred rank (Kubernetes Indexed Jobs: JOB_COMPLETION_INDEX is used when unset).
+    #[arg(long, env = "CAPSNET_RANK")]
+    rank: Option<u32>,
+    /// Threads [default: the cores available].
+    #[arg(long, env = "CAPSNET_THREADS")]
+    threads: Option<usize>,
+    /// Exit with an error when the coordinator stays unreachable this long.
+    #[arg(long, env = "CAPSNET_GIVE_UP_AFTER", default_value = "5m", value_parser = parse_duration)]
+    give_up_after: Duration,
+    #[command(flatten)]
+    token: TokenArgs,
+    /// CA (PEM) of the coordinator's certificate: connect with TLS.
+    #[arg(long, env = "CAPSNET_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate and key (PEM) for mutual TLS.
+    #[arg(
+        long,
+        env = "CAPSNET_TLS_CERT",
+        requires = "tls_ca",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, env = "CAPSNET_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Server name to verify in the coordinator's certificate [default: the URL's host].
+    #[arg(long, env = "CAPSNET_TLS_DOMAIN", requires = "tls_ca")]
+    tls_domain: Option<String>,
+}
+
+impl CoordinatorArgs {
+    /// The coordinator's config, every value checked; `token` is the run's bearer token.
+    pub fn config(&self, token: String) -> Result<capsnet_coordinator::CoordinatorConfig> {
+        let mut train = TrainConfig {
+            run_dir: self.run_dir.clone(),
+            ..TrainConfig::default()
+        };
+        self.flags.overrides(true)?.apply(&mut train);
+        let mut c = capsnet_coordinator::CoordinatorConfig::new(train, token);
+        c.sync_mode = self.sync.mode();
+        c.sync_every = self.sync_every;
+        c.round_timeout = self.round_timeout;
+        c.min_workers = self.min_workers;
+        c.expect_workers = self.expect_workers.unwrap_or(self.min_workers);
+        c.start_timeout = self.start_timeout;
+        c.eval_every = self.eval_every;
+        c.heartbeat = self.heartbeat;
+        c.wire = self.wire.encoding();
+        c.chunk_bytes = self.chunk_bytes;
+        c.resume = self.resume;
+        c.exit_when_done = self.exit_when_done;
+        c.tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(capsnet_coordinator::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls_client_ca.clone(),
+            }),
+            _ => None,
+        };
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+/// Serves a coordinator on `listener` until training is over or the stop signal; prints how
+/// the run ended. `launch` runs it too, beside its worker processes.
+pub async fn serve_coordinator(
+    listener: tokio::net::TcpListener,
+    cfg: capsnet_coordinator::CoordinatorConfig,
+) -> Result<capsnet_coordinator::Outcome> {
+    let outcome = capsnet_coordinator::serve(listener, cfg, shutdown_signal()).await?;
+    match &outcome.last_eval {
+        Some(e) => println!(
+            "coordinator: {} rounds{}; test {e}",
+            outcome.rounds,
+            if outcome.finished {
+                ", finished"
+            } else {
+                ", stopped"
+            },
+        ),
+        None => println!("coordinator: {} rounds, stopped", outcome.rounds),
+    }
+    if let Some(p) = &outcome.checkpoint {
+        println!("checkpoint: {}", p.display());
+    }
+    Ok(outcome)
+}
+
+pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
+    let cfg = a.config(a.token.token()?)?;
+    runtime()?.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&a.listen)
+            .await
+            .with_context(|| format!("--listen {}", a.listen))?;
+        if let Some(f) = &a.ready_file {
+            let addr = listener.local_addr()?.to_string();
+            capsnet_core::checkpoint::write_atomic(f, addr.as_bytes())?;
+        }
+        serve_coordinator(listener, cfg).await
+    })?;
+    Ok(())
+}
+
+pub fn worker(a: WorkerArgs) -> Result<()> {
+    let (name, rank) = capsnet_worker::identity(a.name.clone(), a.rank);
+    let tls = a.tls_ca.as_ref().map(|ca| capsnet_worker::ClientTls {
+        ca: ca.clone(),
+        cert: a.tls_cert.clone(),
+        key: a.tls_key.clone(),
+        domain: a.tls_domain.clone(),
+    });
+    let threads = a.threads.unwrap_or_else(train::default_threads);
+    if threads == 0 {
+        return Err(ConfigError("threads must be at least 1".into()).into());
+    }
+    let cfg = capsnet_worker::WorkerConfig {
+        coordinator: a.coordinator.clone(),
+        token: a.token.token()?,
+        data_dir: a.data.resolve()?,
+        name,
+        rank_hint: rank,
+        threads,
+        give_up_after: a.give_up_after,
+        tls,
+    };
+    let out = runtime()?.block_on(capsnet_worker::run(cfg, shutdown_signal()))?;
+    println!(
+        "worker: {} updates sent{}",
+        out.rounds,
+        if out.finished {
+            ", training finished"
+        } else {
+            ", stopped"
+        }
+    );
+    Ok(())
+}
+
+/// The async runtime of the network commands. Two threads: the gRPC I/O, per-chunk checks and
+/// encoding are light; the heavy work (training steps, reductions, evaluation) runs on rayon
+/// pools sized by --threads, outside the runtime.
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    const IO_THREADS: usize = 2;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(IO_THREADS)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Resolves on SIGTERM (how Kubernetes stops a pod) or ctrl-c.
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async {
+            match term.as_mut() {
+                Some(t) => { t.recv().await; }
+                None => std::future::pending::<()>().await,
+            }
+        } => {}
+    }
+    tracing::info!("stop signal received");
+}

@@ -1,0 +1,216 @@
+//! `capsnet train`, `capsnet eval` and `capsnet grad`: one machine, the core library alone.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use capsnet_core::train::{self, EvalReport, Observer, StepReport, TrainConfig};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::args::{DataArgs, TrainFlags};
+
+#[derive(Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    flags: TrainFlags,
+    /// Where config.json, metrics.jsonl and checkpoints go [default: runs/<UTC time>].
+    #[arg(long, env = "CAPSNET_RUN_DIR")]
+    run_dir: Option<PathBuf>,
+    /// Continue the run in RUN_DIR from its newest checkpoint, with its config.json; flags given
+    /// here override it.
+    #[arg(
+        long,
+        env = "CAPSNET_RESUME",
+        value_name = "RUN_DIR",
+        conflicts_with = "run_dir"
+    )]
+    resume: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// A checkpoint file (capsnet's or a parameters-only safetensors file).
+    #[arg(long, env = "CAPSNET_CHECKPOINT")]
+    checkpoint: PathBuf,
+    #[command(flatten)]
+    data: DataArgs,
+    #[arg(long, env = "CAPSNET_BATCH_SIZE", default_value_t = 128)]
+    batch_size: usize,
+    #[arg(long, env = "CAPSNET_THREADS")]
+    threads: Option<usize>,
+    /// Evaluate the checkpoint's moving average of the weights (`ema.<name>`, written by
+    /// `--ema-decay`) instead of the weights.
+    #[arg(long)]
+    ema: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct GradArgs {
+    #[arg(long, env = "CAPSNET_CHECKPOINT")]
+    checkpoint: PathBuf,
+    /// safetensors with images f32 [B,1,28,28] and labels i64 [B].
+    #[arg(long)]
+    batch: PathBuf,
+    /// Output safetensors: loss.*, lengths, digit.v, decoder.recon and <param>.grad.
+    #[arg(long)]
+    out: PathBuf,
+    /// Routing iterations (default: the checkpoint's).
+    #[arg(long, env = "CAPSNET_ROUTING_ITERS")]
+    routing_iters: Option<usize>,
+    #[arg(long, env = "CAPSNET_THREADS")]
+    threads: Option<usize>,
+}
+
+pub fn train(a: TrainArgs) -> Result<()> {
+    let resume = a.resume.is_some();
+    let mut cfg = match &a.resume {
+        Some(dir) => TrainConfig::load(dir)?,
+        None => TrainConfig {
+            run_dir: default_run_dir(),
+            ..TrainConfig::default()
+        },
+    };
+    a.flags.overrides(!resume)?.apply(&mut cfg);
+    if let Some(d) = a.run_dir.or(a.resume) {
+        cfg.run_dir = d;
+    }
+    cfg.validate()?;
+    tracing::info!(
+        data = %cfg.data_dir.display(), run_dir = %cfg.run_dir.display(), batch = cfg.batch_size,
+        epochs = cfg.epochs, threads = cfg.threads, routing = cfg.model.routing_iters, "training"
+    );
+    let mut progress = Progress::new(cfg.log_every);
+    let out = train::train(&cfg, resume, &mut progress)?;
+    progress.finish();
+    if let Some(e) = &out.last_eval {
+        println!(
+            "done: {} steps in {:.1} s; test {e} on {} images",
+            out.steps, out.wall_s, e.samples
+        );
+    }
+    if let Some(e) = &out.last_ema_eval {
+        println!("weight average (--ema-decay): test {e}");
+    }
+    if let Some(p) = &out.checkpoint {
+        println!("checkpoint: {}", p.display());
+    }
+    Ok(())
+}
+
+/// `runs/<UTC date>-<time>`, unique per second.
+fn default_run_dir() -> PathBuf {
+    // "2026-12-02T07:04:56Z" -> "20261202-070456"
+    let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let digits: String = stamp.chars().filter(char::is_ascii_digit).collect();
+    let (date, time) = digits.split_at(digits.len().min(8));
+    PathBuf::from(format!("runs/{date}-{time}"))
+}
+
+pub fn eval(a: EvalArgs) -> Result<()> {
+    let dir = a.data.resolve()?;
+    let threads = a.threads.unwrap_or_else(train::default_threads);
+    let e = train::evaluate_checkpoint(&a.checkpoint, &dir, a.batch_size, threads, a.ema)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&e)?);
+    } else {
+        let what = if a.ema { " (weight average)" } else { "" };
+        println!(
+            "{}{what}: {e} on {} images",
+            a.checkpoint.display(),
+            e.samples
+        );
+    }
+    Ok(())
+}
+
+pub fn grad(a: GradArgs) -> Result<()> {
+    let threads = a.threads.unwrap_or_else(train::default_threads);
+    let s = train::gradient_file(&a.checkpoint, &a.batch, &a.out, a.routing_iters, threads)?;
+    println!(
+        "{} images: margin loss {:.6}, reconstruction loss {:.6}, total {:.6}; gradients in {}",
+        s.samples,
+        s.margin_loss,
+        s.reconstruction_loss,
+        s.total_loss(),
+        a.out.display()
+    );
+    Ok(())
+}
+
+/// A progress bar on a terminal; plain log lines every `log_every` steps otherwise.
+struct Progress {
+    bar: Option<ProgressBar>,
+    log_every: u64,
+}
+
+impl Progress {
+    fn new(log_every: u64) -> Self {
+        Progress {
+            bar: None,
+            log_every,
+        }
+    }
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+impl Observer for Progress {
+    fn on_start(&mut self, _cfg: &TrainConfig, start: u64, total: u64) {
+        if std::io::stderr().is_terminal() {
+            let bar = ProgressBar::new(total);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise}, ETA {eta}]",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            bar.set_position(start);
+            self.bar = Some(bar);
+        }
+    }
+    fn on_step(&mut self, r: &StepReport) {
+        let msg = format!(
+            "epoch {} loss {:.4} acc {:.1}% {:.1} img/s",
+            r.epoch + 1,
+            r.loss,
+            100.0 * r.accuracy,
+            r.images_per_s
+        );
+        match &self.bar {
+            Some(b) => {
+                b.set_position(r.step);
+                b.set_message(msg);
+            }
+            None if r.step % self.log_every == 0 => tracing::info!(
+                step = r.step,
+                epoch = r.epoch + 1,
+                loss = r.loss,
+                accuracy = r.accuracy,
+                images_per_s = r.images_per_s,
+                lr = r.lr,
+                "train"
+            ),
+            None => {}
+        }
+    }
+    fn on_eval(&mut self, step: u64, epoch: u64, e: &EvalReport, ema: Option<&EvalReport>) {
+        let mut line = format!("eval after step {step} (epoch {epoch}): test {e}");
+        if let Some(a) = ema {
+            line += &format!("; weight average: {a}");
+        }
+        match &self.bar {
+            Some(b) => b.println(line),
+            None => tracing::info!("{line}"),
+        }
+    }
+    fn on_checkpoint(&mut self, path: &Path) {
+        tracing::debug!(path = %path.display(), "checkpoint written");
+    }
+}
