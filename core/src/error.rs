@@ -23,6 +23,9 @@ pub enum CoreError {
     /// A configuration value out of range.
     #[error("invalid config: {0}")]
     Config(String),
+    /// A network or optimizer config value out of range (checked by `capsnet-config`).
+    #[error(transparent)]
+    InvalidConfig(#[from] capsnet_config::ConfigError),
     /// A tensor with the wrong shape for an operation.
     #[error("shape mismatch in {op}: expected {expected:?}, got {got:?}")]
     Shape {
@@ -76,6 +79,7 @@ impl CoreError {
         matches!(
             self,
             CoreError::Config(_)
+                | CoreError::InvalidConfig(_)
                 | CoreError::DatasetMissing { .. }
                 | CoreError::Data { .. }
                 | CoreError::Label { .. }

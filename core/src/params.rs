@@ -4,116 +4,11 @@
 //! single `Vec<f32>`; each name addresses a contiguous range of it. One flat vector makes the
 //! optimizer a single loop and lets the distributed code address chunks by range.
 
-use crate::config::CapsNetConfig;
+pub use capsnet_config::layout::{
+    CONV1_B, CONV1_W, DECODER_0, DIGIT_W, PRIMARY_B, PRIMARY_W, ParamLayout, ParamSpec,
+};
+
 use crate::error::{CoreError, Result};
-
-/// One named tensor inside the flat vector.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ParamSpec {
-    pub name: String,
-    pub shape: Vec<usize>,
-    pub offset: usize,
-}
-
-impl ParamSpec {
-    pub fn len(&self) -> usize {
-        self.shape.iter().product()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    pub fn range(&self) -> std::ops::Range<usize> {
-        self.offset..self.offset + self.len()
-    }
-}
-
-/// The names, shapes and offsets of every parameter, in checkpoint order.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ParamLayout {
-    specs: Vec<ParamSpec>,
-    total: usize,
-}
-
-/// Indices of the fixed tensors in [`ParamLayout::specs`]; decoder tensors follow.
-pub(crate) const CONV1_W: usize = 0;
-pub(crate) const CONV1_B: usize = 1;
-pub(crate) const PRIMARY_W: usize = 2;
-pub(crate) const PRIMARY_B: usize = 3;
-pub(crate) const DIGIT_W: usize = 4;
-pub(crate) const DECODER_0: usize = 5;
-
-impl ParamLayout {
-    /// The layout of docs/design.md: conv1, primary, digit, decoder.{k}.
-    pub fn for_config(cfg: &CapsNetConfig) -> Self {
-        let k1 = cfg.conv1_kernel;
-        let k2 = cfg.primary_kernel;
-        let mut shapes: Vec<(String, Vec<usize>)> = vec![
-            (
-                "conv1.weight".into(),
-                vec![cfg.conv1_channels, cfg.in_channels, k1, k1],
-            ),
-            ("conv1.bias".into(), vec![cfg.conv1_channels]),
-            (
-                "primary.weight".into(),
-                vec![cfg.primary_channels(), cfg.conv1_channels, k2, k2],
-            ),
-            ("primary.bias".into(), vec![cfg.primary_channels()]),
-            (
-                "digit.weight".into(),
-                vec![
-                    cfg.num_primary(),
-                    cfg.classes,
-                    cfg.digit_dim,
-                    cfg.primary_dim,
-                ],
-            ),
-        ];
-        let mut prev = cfg.decoder_in();
-        let outs: Vec<usize> = cfg
-            .decoder_hidden
-            .iter()
-            .copied()
-            .chain([cfg.pixels()])
-            .collect();
-        for (k, &out) in outs.iter().enumerate() {
-            shapes.push((format!("decoder.{k}.weight"), vec![out, prev]));
-            shapes.push((format!("decoder.{k}.bias"), vec![out]));
-            prev = out;
-        }
-        let mut offset = 0;
-        let specs = shapes
-            .into_iter()
-            .map(|(name, shape)| {
-                let spec = ParamSpec {
-                    name,
-                    shape,
-                    offset,
-                };
-                offset += spec.len();
-                spec
-            })
-            .collect();
-        ParamLayout {
-            specs,
-            total: offset,
-        }
-    }
-
-    pub fn specs(&self) -> &[ParamSpec] {
-        &self.specs
-    }
-    /// Total number of floats.
-    pub fn total(&self) -> usize {
-        self.total
-    }
-    pub fn get(&self, name: &str) -> Option<&ParamSpec> {
-        self.specs.iter().find(|s| s.name == name)
-    }
-    /// Number of decoder layers (hidden + output).
-    pub fn decoder_layers(&self) -> usize {
-        (self.specs.len() - DECODER_0) / 2
-    }
-}
 
 /// A flat vector of floats with a [`ParamLayout`]: parameters, gradients or optimizer moments.
 #[derive(Clone, Debug, PartialEq)]
@@ -150,11 +45,11 @@ impl Params {
     }
 
     pub(crate) fn at(&self, index: usize) -> &[f32] {
-        &self.data[self.layout.specs[index].range()]
+        &self.data[self.layout.specs()[index].range()]
     }
 
     pub(crate) fn at_mut(&mut self, index: usize) -> &mut [f32] {
-        let r = self.layout.specs[index].range();
+        let r = self.layout.specs()[index].range();
         &mut self.data[r]
     }
 
@@ -171,7 +66,7 @@ impl Params {
     /// Named views in layout order.
     pub fn iter(&self) -> impl Iterator<Item = (&ParamSpec, &[f32])> {
         self.layout
-            .specs
+            .specs()
             .iter()
             .map(move |s| (s, &self.data[s.range()]))
     }
@@ -184,6 +79,7 @@ impl Params {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::CapsNetConfig;
 
     #[test]
     fn paper_network_has_the_papers_parameter_count() {

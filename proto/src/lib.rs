@@ -5,11 +5,11 @@
 //! - [`wire`]: tensors as streams of chunks: f32/bf16 encoding, CRC-32 checksums, and an
 //!   [`wire::Assembler`] that checks and decodes a stream as it arrives.
 //! - [`RunSettings`]: the run configuration a worker receives, converted from its message with
-//!   `TryFrom` (conversions live here, at the edge).
+//!   `TryFrom` (conversions live here, at the edge). The config types come from
+//!   `capsnet-config`, so speaking the protocol needs no BLAS.
 #![forbid(unsafe_code)]
 
-use capsnet_core::optim::AdamConfig;
-use capsnet_core::{CapsNetConfig, ParamLayout};
+use capsnet_config::{AdamConfig, CapsNetConfig, LrSchedule, ParamLayout};
 
 pub mod frame;
 pub mod wire;
@@ -98,17 +98,14 @@ impl RunSettings {
 
     pub fn to_message(&self) -> Result<pb::RunConfig> {
         let layout = self.layout();
-        let json = |v: &dyn Fn() -> serde_json::Result<String>| {
-            v().map_err(|e| ProtoError::Invalid(e.to_string()))
-        };
         Ok(pb::RunConfig {
-            model_json: json(&|| serde_json::to_string(&self.model))?,
-            adam_json: json(&|| serde_json::to_string(&self.adam))?,
-            batch_size: self.batch_size as u32,
+            model: Some(pb::ModelConfig::try_from(&self.model)?),
+            adam: Some(pb::AdamConfig::from(&self.adam)),
+            batch_size: narrow("batch size", self.batch_size)?,
             seed: self.seed,
             sync_mode: self.sync_mode as i32,
-            sync_every: self.sync_every as u32,
-            max_shift: self.max_shift as u32,
+            sync_every: narrow("sync_every", self.sync_every)?,
+            max_shift: narrow("max shift", self.max_shift)?,
             num_floats: layout.total() as u64,
             tensors: layout
                 .specs()
@@ -121,11 +118,123 @@ impl RunSettings {
                 .collect(),
             layout_hash: self.layout_hash,
             wire: self.wire as i32,
-            chunk_bytes: self.chunk_bytes as u32,
-            heartbeat_ms: self.heartbeat_ms as u32,
+            chunk_bytes: narrow("chunk bytes", self.chunk_bytes)?,
+            heartbeat_ms: narrow("heartbeat (ms)", self.heartbeat_ms)?,
             train_len: self.train_len,
             train_limit: self.train_limit,
         })
+    }
+}
+
+/// A config value as the `uint32` of its field, refused (not wrapped) when it does not fit.
+fn narrow<T: Copy + std::fmt::Display + TryInto<u32>>(what: &str, v: T) -> Result<u32> {
+    v.try_into()
+        .map_err(|_| ProtoError::Invalid(format!("run config: {what} {v} does not fit in 32 bits")))
+}
+
+impl TryFrom<&CapsNetConfig> for pb::ModelConfig {
+    type Error = ProtoError;
+
+    fn try_from(c: &CapsNetConfig) -> Result<Self> {
+        Ok(pb::ModelConfig {
+            image_size: narrow("image_size", c.image_size)?,
+            in_channels: narrow("in_channels", c.in_channels)?,
+            conv1_channels: narrow("conv1_channels", c.conv1_channels)?,
+            conv1_kernel: narrow("conv1_kernel", c.conv1_kernel)?,
+            primary_types: narrow("primary_types", c.primary_types)?,
+            primary_dim: narrow("primary_dim", c.primary_dim)?,
+            primary_kernel: narrow("primary_kernel", c.primary_kernel)?,
+            primary_stride: narrow("primary_stride", c.primary_stride)?,
+            classes: narrow("classes", c.classes)?,
+            digit_dim: narrow("digit_dim", c.digit_dim)?,
+            routing_iters: narrow("routing_iters", c.routing_iters)?,
+            decoder_hidden: c
+                .decoder_hidden
+                .iter()
+                .map(|&h| narrow("decoder_hidden", h))
+                .collect::<Result<_>>()?,
+            recon_weight: c.recon_weight,
+            m_pos: c.m_pos,
+            m_neg: c.m_neg,
+            lambda_neg: c.lambda_neg,
+            squash_eps: c.squash_eps,
+        })
+    }
+}
+
+impl TryFrom<pb::ModelConfig> for CapsNetConfig {
+    type Error = ProtoError;
+
+    /// Every size widened to `usize`, then the whole config checked.
+    fn try_from(m: pb::ModelConfig) -> Result<Self> {
+        let c = CapsNetConfig {
+            image_size: m.image_size as usize,
+            in_channels: m.in_channels as usize,
+            conv1_channels: m.conv1_channels as usize,
+            conv1_kernel: m.conv1_kernel as usize,
+            primary_types: m.primary_types as usize,
+            primary_dim: m.primary_dim as usize,
+            primary_kernel: m.primary_kernel as usize,
+            primary_stride: m.primary_stride as usize,
+            classes: m.classes as usize,
+            digit_dim: m.digit_dim as usize,
+            routing_iters: m.routing_iters as usize,
+            decoder_hidden: m.decoder_hidden.iter().map(|&h| h as usize).collect(),
+            recon_weight: m.recon_weight,
+            m_pos: m.m_pos,
+            m_neg: m.m_neg,
+            lambda_neg: m.lambda_neg,
+            squash_eps: m.squash_eps,
+        };
+        c.validate()
+            .map_err(|e| ProtoError::Invalid(format!("run config: model: {e}")))?;
+        Ok(c)
+    }
+}
+
+impl From<&AdamConfig> for pb::AdamConfig {
+    fn from(a: &AdamConfig) -> Self {
+        pb::AdamConfig {
+            lr: a.lr,
+            beta1: a.beta1,
+            beta2: a.beta2,
+            eps: a.eps,
+            schedule: match a.schedule {
+                LrSchedule::Exponential => pb::LrSchedule::Exponential,
+                LrSchedule::Cosine => pb::LrSchedule::Cosine,
+            } as i32,
+            decay_rate: a.decay_rate,
+            decay_steps: a.decay_steps,
+        }
+    }
+}
+
+impl TryFrom<pb::AdamConfig> for AdamConfig {
+    type Error = ProtoError;
+
+    fn try_from(m: pb::AdamConfig) -> Result<Self> {
+        let schedule = match pb::LrSchedule::try_from(m.schedule) {
+            Ok(pb::LrSchedule::Exponential) => LrSchedule::Exponential,
+            Ok(pb::LrSchedule::Cosine) => LrSchedule::Cosine,
+            _ => {
+                return Err(ProtoError::Invalid(format!(
+                    "run config: adam: unknown learning-rate schedule {}",
+                    m.schedule
+                )));
+            }
+        };
+        let a = AdamConfig {
+            lr: m.lr,
+            beta1: m.beta1,
+            beta2: m.beta2,
+            eps: m.eps,
+            schedule,
+            decay_rate: m.decay_rate,
+            decay_steps: m.decay_steps,
+        };
+        a.validate()
+            .map_err(|e| ProtoError::Invalid(format!("run config: adam: {e}")))?;
+        Ok(a)
     }
 }
 
@@ -136,13 +245,14 @@ impl TryFrom<pb::RunConfig> for RunSettings {
     /// hash the coordinator sent.
     fn try_from(m: pb::RunConfig) -> Result<Self> {
         let bad = |s: String| ProtoError::Invalid(s);
-        let model: CapsNetConfig = serde_json::from_str(&m.model_json)
-            .map_err(|e| bad(format!("run config: model: {e}")))?;
-        model
-            .validate()
-            .map_err(|e| bad(format!("run config: {e}")))?;
-        let adam: AdamConfig = serde_json::from_str(&m.adam_json)
-            .map_err(|e| bad(format!("run config: adam: {e}")))?;
+        let model = CapsNetConfig::try_from(
+            m.model
+                .ok_or_else(|| bad("run config: no model config".into()))?,
+        )?;
+        let adam = AdamConfig::try_from(
+            m.adam
+                .ok_or_else(|| bad("run config: no Adam config".into()))?,
+        )?;
         let layout = ParamLayout::for_config(&model);
         let hash = layout_hash(&layout);
         if hash != m.layout_hash
@@ -231,14 +341,40 @@ mod tests {
         let mut bad = m.clone();
         bad.layout_hash ^= 1;
         assert!(RunSettings::try_from(bad).is_err());
-        let mut bad = m;
-        bad.model_json = "{\"routing_iters\": 0}".into();
+        let mut bad = m.clone();
+        bad.model.as_mut().unwrap().routing_iters = 0;
         assert!(
             RunSettings::try_from(bad)
                 .unwrap_err()
                 .to_string()
                 .contains("routing_iters")
         );
+        let mut bad = m.clone();
+        bad.adam.as_mut().unwrap().schedule = 7;
+        let e = RunSettings::try_from(bad).unwrap_err().to_string();
+        assert!(e.contains("schedule 7"), "{e}");
+        let mut bad = m.clone();
+        bad.adam.as_mut().unwrap().lr = -1.0;
+        let e = RunSettings::try_from(bad).unwrap_err().to_string();
+        assert!(e.contains("adam") && e.contains("lr"), "{e}");
+        let mut bad = m;
+        bad.model = None;
+        let e = RunSettings::try_from(bad).unwrap_err().to_string();
+        assert!(e.contains("no model config"), "{e}");
+    }
+
+    #[test]
+    fn sizes_that_do_not_fit_the_wire_are_refused_not_wrapped() {
+        let big = RunSettings {
+            batch_size: 1 << 33,
+            ..settings()
+        };
+        let e = big.to_message().unwrap_err().to_string();
+        assert!(e.contains("batch size 8589934592"), "{e}");
+        let mut model = CapsNetConfig::tiny();
+        model.decoder_hidden[0] = 1 << 32;
+        let e = pb::ModelConfig::try_from(&model).unwrap_err().to_string();
+        assert!(e.contains("decoder_hidden"), "{e}");
     }
 
     #[test]
