@@ -957,8 +957,9 @@ impl Actor {
     }
 
     fn eval_job(&self) -> impl FnOnce() + Send + 'static {
-        let (model, params, test) = (self.model.clone(), self.params.clone(), self.test.clone());
-        let ema = self.ema.clone();
+        let (model, mut params, test) =
+            (self.model.clone(), self.params.clone(), self.test.clone());
+        let mut ema = self.ema.clone();
         let (metrics, last) = (self.metrics.clone(), self.last_eval.clone());
         let (round, epoch, bs, threads) = (
             self.round,
@@ -974,8 +975,8 @@ impl Actor {
             };
             let mut ws = Workspace::new();
             let both = pool.install(|| {
-                let avg = ema.as_deref();
-                train::evaluate_with_average(&model, &params, avg, &test, bs, &mut ws)
+                let avg = ema.as_mut();
+                train::evaluate_with_average(&model, &mut params, avg, &test, bs, &mut ws)
             });
             match both {
                 Ok((e, avg)) => {

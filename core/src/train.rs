@@ -325,19 +325,29 @@ pub fn evaluate(
 
 /// The data set through the weights, and through their moving average (`--ema-decay`) when
 /// one is kept.
+///
+/// The average is evaluated in place of the weights (their buffers swapped, then swapped
+/// back), so no copy of the parameters is made; both are as they were when this returns.
 pub fn evaluate_with_average(
     model: &CapsNet,
-    params: &Params,
-    average: Option<&[f32]>,
+    params: &mut Params,
+    average: Option<&mut Vec<f32>>,
     ds: &Dataset,
     batch_size: usize,
     ws: &mut Workspace,
 ) -> Result<(EvalReport, Option<EvalReport>)> {
     let e = evaluate(model, params, ds, batch_size, ws)?;
     let avg = match average {
-        Some(a) => {
-            let p = Params::from_flat(model.layout(), a.to_vec())?;
-            Some(evaluate(model, &p, ds, batch_size, ws)?)
+        Some(a) if a.len() == params.data.len() => {
+            std::mem::swap(&mut params.data, a);
+            let r = evaluate(model, params, ds, batch_size, ws);
+            std::mem::swap(&mut params.data, a);
+            Some(r?)
+        }
+        Some(_) => {
+            return Err(CoreError::LayoutMismatch {
+                what: "weight average",
+            });
         }
         None => None,
     };
@@ -496,8 +506,8 @@ pub fn train(cfg: &TrainConfig, resume: bool, observer: &mut dyn Observer) -> Re
         })
     };
 
-    let eval_both = |params: &Params, ema: &Option<Vec<f32>>, ws: &mut Workspace| {
-        let avg = ema.as_deref();
+    let eval_both = |params: &mut Params, ema: &mut Option<Vec<f32>>, ws: &mut Workspace| {
+        let avg = ema.as_mut();
         evaluate_with_average(&model, params, avg, &test_ds, cfg.eval_batch_size, ws)
     };
 
@@ -575,7 +585,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, observer: &mut dyn Observer) -> Re
                 epoch: pos.epoch + 1,
                 offset: 0,
             };
-            let (e, ee) = eval_both(&params, &ema, &mut ws)?;
+            let (e, ee) = eval_both(&mut params, &mut ema, &mut ws)?;
             write_eval(&mut metrics, adam.step, pos.epoch, &e, ee.as_ref())?;
             observer.on_eval(adam.step, pos.epoch, &e, ee.as_ref());
             (last_eval, last_ema_eval) = (Some(e), ee);
@@ -588,7 +598,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, observer: &mut dyn Observer) -> Re
         // Stopped by --max-steps inside an epoch: evaluate and checkpoint where it stands
         // (unless --checkpoint-every just wrote this step's checkpoint).
         if evaluated_at != Some(adam.step) {
-            let (e, ee) = eval_both(&params, &ema, &mut ws)?;
+            let (e, ee) = eval_both(&mut params, &mut ema, &mut ws)?;
             write_eval(&mut metrics, adam.step, pos.epoch, &e, ee.as_ref())?;
             observer.on_eval(adam.step, pos.epoch, &e, ee.as_ref());
             (last_eval, last_ema_eval) = (Some(e), ee);

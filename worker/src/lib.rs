@@ -2,10 +2,10 @@
 //!
 //! # Layout
 //! - [`WorkerConfig`]: where the coordinator is, credentials, data, threads.
-//! - [`run`]: the worker's life, an explicit state machine ([`Phase`]): connect and join (with
-//!   retry and backoff), then per round pull the parameters and work order, compute off the
-//!   async runtime, push the update; rejoin when the coordinator restarts; leave when training
-//!   is finished or on shutdown.
+//! - [`run`]: the worker's life: connect and join (with retry and backoff), then per round pull
+//!   the parameters and work order, compute off the async runtime, push the update; rejoin when
+//!   the coordinator restarts; leave when training is finished or on shutdown. [`Phase`] names
+//!   where it is in that loop for the logs; the loop itself is not yet a state machine.
 //! - [`client`]: a connected, authenticated gRPC client.
 //! - [`identity`]: the worker's name and preferred rank when the operator gives none.
 #![forbid(unsafe_code)]
