@@ -11,12 +11,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use capsnet_core::checkpoint::{Checkpoint, Checkpointer, DataPosition, latest_checkpoint};
+use capsnet_core::checkpoint::{Checkpoint, Checkpointer, DataPosition};
 use capsnet_core::data::Dataset;
 use capsnet_core::model::Workspace;
 use capsnet_core::optim::{Adam, AdamStep};
+use capsnet_core::run::{Resume, Run, RunState, eval_record};
 use capsnet_core::train::{self, EvalReport, MetricsLog};
-use capsnet_core::{CapsNet, CoreError, Params};
+use capsnet_core::{CapsNet, Params};
 use capsnet_proto::wire::{EncodedChunk, chunk_ranges, encode_chunks};
 use capsnet_proto::{Encoding, RunSettings, SyncMode, WorkerState, pb};
 use tokio::sync::{oneshot, watch};
@@ -203,62 +204,26 @@ impl Actor {
         let t = &cfg.train;
         let (train_ds, test_ds) = train::load_data(t)?;
         let model = CapsNet::new(t.model.clone())?;
-        std::fs::create_dir_all(&t.run_dir)
-            .map_err(|e| CoordinatorError::io(t.run_dir.display().to_string(), e))?;
-        let (params, adam, round, pos, ema) = if cfg.resume {
-            match latest_checkpoint(&t.run_dir)? {
-                Some(path) => {
-                    let ck = Checkpoint::load(&path, None)?;
-                    if ck.config != t.model {
-                        return Err(CoordinatorError::Config(format!(
-                            "{} was written by a different network config",
-                            path.display()
-                        )));
-                    }
-                    let adam = match ck.adam {
-                        Some(a) => Adam {
-                            config: t.adam.clone(),
-                            ..a
-                        },
-                        None => Adam::new(t.adam.clone(), ck.params.data.len()),
-                    };
-                    tracing::info!(checkpoint = %path.display(), round = ck.step, "resuming");
-                    let ema = train::resumed_ema(t.ema_decay, ck.ema, &ck.params, &path);
-                    (ck.params, adam, ck.step, ck.position, ema)
-                }
-                None => {
-                    tracing::info!(run_dir = %t.run_dir.display(), "--resume: no checkpoint yet, starting fresh");
-                    let p = model.init_params(t.seed);
-                    let n = p.data.len();
-                    let ema = t.ema_decay.map(|_| p.data.clone());
-                    (
-                        p,
-                        Adam::new(t.adam.clone(), n),
-                        0,
-                        DataPosition::default(),
-                        ema,
-                    )
-                }
-            }
+        let policy = if cfg.resume {
+            Resume::IfAny
         } else {
-            capsnet_core::checkpoint::refuse_existing_run(&t.run_dir, "--resume")?;
-            let p = model.init_params(t.seed);
-            let n = p.data.len();
-            let ema = t.ema_decay.map(|_| p.data.clone());
-            (
-                p,
-                Adam::new(t.adam.clone(), n),
-                0,
-                DataPosition::default(),
-                ema,
-            )
+            Resume::No {
+                how: "--resume".into(),
+            }
         };
-        let json = serde_json::to_string_pretty(t).map_err(|source| CoreError::Json {
-            what: "config.json".into(),
-            source,
-        })?;
-        capsnet_core::checkpoint::write_atomic(&t.run_dir.join("config.json"), json.as_bytes())?;
-        let metrics = MetricsLog::open(&t.run_dir)?;
+        let Run {
+            state,
+            metrics,
+            checkpointer,
+            ..
+        } = Run::open(t, &model, policy)?;
+        let RunState {
+            params,
+            adam,
+            ema,
+            step: round,
+            position: pos,
+        } = state;
         let settings = RunSettings {
             model: t.model.clone(),
             adam: t.adam.clone(),
@@ -281,10 +246,7 @@ impl Actor {
             .unwrap_or(0);
         let n_floats = params.data.len();
         let actor = Actor {
-            checkpointer: Arc::new(Mutex::new(Checkpointer::new(
-                &t.run_dir,
-                t.keep_checkpoints,
-            ))),
+            checkpointer: Arc::new(Mutex::new(checkpointer)),
             cfg: cfg.clone(),
             run_msg,
             model,
@@ -927,6 +889,7 @@ impl Actor {
         let ck = Checkpoint {
             config: self.cfg.train.model.clone(),
             params: self.params.clone(),
+            // Params mode steps no Adam here: its moments would mean nothing on resume.
             adam: (self.cfg.sync_mode == SyncMode::Grad).then(|| self.adam.clone()),
             ema: self.ema.clone(),
             step: self.round,
@@ -986,11 +949,10 @@ impl Actor {
                         margin = e.margin_loss,
                         "evaluated"
                     );
-                    let mut line = serde_json::json!({
-                        "kind": "eval", "round": round, "epoch": epoch, "test_accuracy": e.accuracy,
-                        "test_margin_loss": e.margin_loss, "test_reconstruction_loss": e.reconstruction_loss,
-                        "samples": e.samples, "eval_s": t.elapsed().as_secs_f64(),
-                    });
+                    let eval_s = Some(t.elapsed().as_secs_f64());
+                    let mut line = eval_record(round, epoch, &e, avg.as_ref(), eval_s);
+                    // The coordinator's other lines count rounds: name it so here too.
+                    line["round"] = round.into();
                     if let Some(a) = &avg {
                         tracing::info!(
                             round,
@@ -998,7 +960,6 @@ impl Actor {
                             "evaluated the weight average"
                         );
                     }
-                    train::add_average_fields(&mut line, avg.as_ref());
                     if let Ok(mut m) = metrics.lock() {
                         m.write(line);
                     }

@@ -433,16 +433,3 @@ pub fn list_checkpoints(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
 pub fn latest_checkpoint(dir: &Path) -> Result<Option<PathBuf>> {
     Ok(list_checkpoints(dir)?.pop().map(|(_, p)| p))
 }
-
-/// Refuses to start a new run in a directory that holds another run's checkpoints (a fresh
-/// start would interleave with them, and `keep_checkpoints` would delete the older run's).
-/// `resume` is the flag that continues that run instead.
-pub fn refuse_existing_run(dir: &Path, resume: &str) -> Result<()> {
-    if latest_checkpoint(dir).ok().flatten().is_some() {
-        return Err(CoreError::Config(format!(
-            "{} already holds checkpoints of another run; pass {resume} to continue it, or choose another --run-dir",
-            dir.display()
-        )));
-    }
-    Ok(())
-}

@@ -9,6 +9,8 @@
 //! - [`optim`]: Adam with exponential learning-rate decay.
 //! - [`data`]: IDX files, epochs, batches and the paper's shift augmentation.
 //! - [`checkpoint`]: safetensors checkpoints (atomic writes, keep last N).
+//! - [`run`]: one run's lifecycle (fresh start or resume, config.json, metrics, checkpoints),
+//!   shared by the trainer and the coordinator.
 //! - [`train`]: the single-process trainer behind `capsnet train` and `capsnet eval`.
 //! - [`bench`]: the training/inference throughput benchmark behind `capsnet bench train`.
 //!
@@ -27,6 +29,7 @@ pub mod model;
 pub mod optim;
 pub mod params;
 pub mod rng;
+pub mod run;
 pub mod train;
 
 pub use config::CapsNetConfig;

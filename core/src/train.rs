@@ -7,16 +7,15 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{
-    Checkpoint, Checkpointer, DataPosition, Tensor, TensorFile, latest_checkpoint,
-};
+use crate::checkpoint::{Checkpoint, DataPosition, Tensor, TensorFile};
 use crate::config::CapsNetConfig;
 use crate::data::{self, Dataset, Split};
 use crate::error::{CoreError, Result};
 use crate::model::{BatchStats, CapsNet, Mask, PassOptions, Workspace};
-use crate::optim::{Adam, AdamConfig, LrSchedule};
+use crate::optim::{AdamConfig, LrSchedule};
 use crate::params::Params;
 use crate::rng::Rng;
+use crate::run::{Resume, Run};
 
 /// Everything `capsnet train` needs; written to `config.json` in the run directory.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -354,15 +353,6 @@ pub fn evaluate_with_average(
     Ok((e, avg))
 }
 
-/// Adds the weight average's results to an `eval` line of metrics.jsonl, as `ema_test_*`.
-pub fn add_average_fields(line: &mut serde_json::Value, average: Option<&EvalReport>) {
-    if let Some(a) = average {
-        line["ema_test_accuracy"] = a.accuracy.into();
-        line["ema_test_margin_loss"] = a.margin_loss.into();
-        line["ema_test_reconstruction_loss"] = a.reconstruction_loss.into();
-    }
-}
-
 /// Appends JSON lines to `metrics.jsonl`, each in a single `write` so that a process killed
 /// mid-line cannot tear it; a line torn before (by a crash) is closed when the file is opened,
 /// so a resumed run's lines stay readable.
@@ -402,241 +392,224 @@ impl MetricsLog {
     }
 }
 
-/// The weight average a resumed run continues: the checkpoint's, or (when the run keeps one but
-/// the checkpoint was written without) one that starts from the checkpoint's weights.
-pub fn resumed_ema(
-    ema_decay: Option<f32>,
-    stored: Option<Vec<f32>>,
-    params: &Params,
-    path: &Path,
-) -> Option<Vec<f32>> {
-    ema_decay?;
-    Some(stored.unwrap_or_else(|| {
-        tracing::warn!(
-            checkpoint = %path.display(),
-            "the checkpoint holds no weight average; starting it from its weights"
-        );
-        params.data.clone()
-    }))
-}
-
 /// Trains as configured; resumes from the newest checkpoint of `run_dir` when `resume`.
 pub fn train(cfg: &TrainConfig, resume: bool, observer: &mut dyn Observer) -> Result<TrainOutcome> {
     cfg.validate()?;
-    if !resume {
-        crate::checkpoint::refuse_existing_run(
-            &cfg.run_dir,
-            &format!("--resume {}", cfg.run_dir.display()),
-        )?;
-    }
     let started = Instant::now();
     let (train_ds, test_ds) = load_data(cfg)?;
     let model = CapsNet::new(cfg.model.clone())?;
     let pool = build_pool(cfg.threads)?;
-    std::fs::create_dir_all(&cfg.run_dir).map_err(|e| CoreError::io(&cfg.run_dir, e))?;
-
-    let (mut params, mut adam, mut pos, mut ema) = if resume {
-        let path = latest_checkpoint(&cfg.run_dir)?.ok_or_else(|| {
-            CoreError::Config(format!(
-                "--resume: no checkpoint-<step>.safetensors in {}",
-                cfg.run_dir.display()
-            ))
-        })?;
-        let ck = Checkpoint::load(&path, None)?;
-        if ck.config != cfg.model {
-            return Err(CoreError::checkpoint(
-                &path,
-                "was written by a different network config than this run's",
-            ));
-        }
-        let adam = ck.adam.ok_or_else(|| {
-            CoreError::checkpoint(&path, "holds no optimizer state; cannot resume")
-        })?;
-        tracing::info!(checkpoint = %path.display(), step = ck.step, "resuming");
-        let ema = resumed_ema(cfg.ema_decay, ck.ema, &ck.params, &path);
-        (
-            ck.params,
-            Adam {
-                config: cfg.adam.clone(),
-                ..adam
-            },
-            ck.position,
-            ema,
-        )
+    let policy = if resume {
+        Resume::Required
     } else {
-        let p = model.init_params(cfg.seed);
-        let n = p.data.len();
-        let ema = cfg.ema_decay.map(|_| p.data.clone());
-        (
-            p,
-            Adam::new(cfg.adam.clone(), n),
-            DataPosition::default(),
-            ema,
-        )
-    };
-    let json = serde_json::to_string_pretty(cfg).map_err(|source| CoreError::Json {
-        what: "config".into(),
-        source,
-    })?;
-    crate::checkpoint::write_atomic(&cfg.run_dir.join("config.json"), json.as_bytes())?;
-    let mut metrics = MetricsLog::open(&cfg.run_dir)?;
-    let ckpt = Checkpointer::new(&cfg.run_dir, cfg.keep_checkpoints);
-
-    let n = train_ds.len();
-    let steps_per_epoch = n.div_ceil(cfg.batch_size) as u64;
-    let planned = steps_per_epoch * cfg.epochs;
-    let total_steps = cfg.max_steps.map_or(planned, |m| m.min(planned));
-    observer.on_start(cfg, adam.step, total_steps);
-
-    let mut grads = Params::zeros(model.layout());
-    let mut ws = Workspace::new();
-    let mut last_eval = None;
-    let mut last_ema_eval = None;
-    let mut evaluated_at = None;
-    let mut last_ckpt = None;
-    let mut window = (Instant::now(), 0usize);
-    let save = |params: &Params, adam: &Adam, ema: &Option<Vec<f32>>, pos: DataPosition| {
-        ckpt.save(&Checkpoint {
-            config: cfg.model.clone(),
-            params: params.clone(),
-            adam: Some(adam.clone()),
-            ema: ema.clone(),
-            step: adam.step,
-            position: pos,
-        })
-    };
-
-    let eval_both = |params: &mut Params, ema: &mut Option<Vec<f32>>, ws: &mut Workspace| {
-        let avg = ema.as_mut();
-        evaluate_with_average(&model, params, avg, &test_ds, cfg.eval_batch_size, ws)
-    };
-
-    pool.install(|| -> Result<()> {
-        'epochs: while pos.epoch < cfg.epochs {
-            let perm = data::epoch_permutation(n, cfg.seed, pos.epoch);
-            while (pos.offset as usize) < n {
-                if adam.step >= total_steps {
-                    break 'epochs;
-                }
-                let start = pos.offset as usize;
-                let idx = &perm[start..(start + cfg.batch_size).min(n)];
-                // Augmentation randomness is keyed by the step, so a resumed run draws the same.
-                let mut rng = Rng::derive(cfg.seed, "augment", adam.step);
-                let shift = (cfg.max_shift > 0).then_some((&mut rng, cfg.max_shift));
-                let batch = data::make_batch(&train_ds, idx, shift);
-                let opts = PassOptions {
-                    mask: Mask::Label,
-                    input_grad: false,
-                };
-                let stats = model.forward_backward(
-                    &params,
-                    &batch.images,
-                    &batch.labels,
-                    opts,
-                    &mut grads,
-                    &mut ws,
-                )?;
-                if !stats.total_loss().is_finite() {
-                    return Err(CoreError::Diverged {
-                        step: adam.step,
-                        loss: stats.total_loss(),
-                    });
-                }
-                let lr = adam.config.lr_at(adam.step);
-                let t = Instant::now();
-                adam.update(&mut params.data, &grads.data)?;
-                if let (Some(e), Some(d)) = (&mut ema, cfg.ema_decay) {
-                    crate::optim::ema_update(e, &params.data, d, adam.step);
-                }
-                ws.timings.optimizer += t.elapsed();
-                pos.offset += idx.len() as u64;
-                window.1 += idx.len();
-                let report = StepReport {
-                    step: adam.step,
-                    epoch: pos.epoch,
-                    epoch_offset: pos.offset,
-                    epoch_size: n as u64,
-                    loss: stats.total_loss(),
-                    margin_loss: stats.margin_loss,
-                    reconstruction_loss: stats.reconstruction_loss,
-                    accuracy: stats.accuracy(),
-                    lr,
-                    images_per_s: window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9),
-                };
-                observer.on_step(&report);
-                if adam.step % cfg.log_every == 0 {
-                    let mut v =
-                        serde_json::to_value(&report).map_err(|source| CoreError::Json {
-                            what: "metrics".into(),
-                            source,
-                        })?;
-                    v["kind"] = "train".into();
-                    metrics.write(&v)?;
-                    window = (Instant::now(), 0);
-                }
-                if cfg.checkpoint_every > 0 && adam.step % cfg.checkpoint_every == 0 {
-                    let p = save(&params, &adam, &ema, pos)?;
-                    observer.on_checkpoint(&p);
-                    last_ckpt = Some(p);
-                }
-            }
-            // End of an epoch: evaluate and checkpoint.
-            pos = DataPosition {
-                epoch: pos.epoch + 1,
-                offset: 0,
-            };
-            let (e, ee) = eval_both(&mut params, &mut ema, &mut ws)?;
-            write_eval(&mut metrics, adam.step, pos.epoch, &e, ee.as_ref())?;
-            observer.on_eval(adam.step, pos.epoch, &e, ee.as_ref());
-            (last_eval, last_ema_eval) = (Some(e), ee);
-            evaluated_at = Some(adam.step);
-            let p = save(&params, &adam, &ema, pos)?;
-            observer.on_checkpoint(&p);
-            last_ckpt = Some(p);
-            window = (Instant::now(), 0);
+        Resume::No {
+            how: format!("--resume {}", cfg.run_dir.display()),
         }
-        // Stopped by --max-steps inside an epoch: evaluate and checkpoint where it stands
-        // (unless --checkpoint-every just wrote this step's checkpoint).
-        if evaluated_at != Some(adam.step) {
-            let (e, ee) = eval_both(&mut params, &mut ema, &mut ws)?;
-            write_eval(&mut metrics, adam.step, pos.epoch, &e, ee.as_ref())?;
-            observer.on_eval(adam.step, pos.epoch, &e, ee.as_ref());
-            (last_eval, last_ema_eval) = (Some(e), ee);
-        }
-        if last_ckpt
-            .as_ref()
-            .is_none_or(|p| p != &ckpt.path_for(adam.step))
-        {
-            let p = save(&params, &adam, &ema, pos)?;
-            observer.on_checkpoint(&p);
-            last_ckpt = Some(p);
-        }
-        Ok(())
-    })?;
-    Ok(TrainOutcome {
-        steps: adam.step,
+    };
+    let run = Run::open(cfg, &model, policy)?;
+    let mut t = Trainer {
+        grads: Params::zeros(model.layout()),
+        cfg,
+        model,
+        train: train_ds,
+        test: test_ds,
+        run,
+        ws: Workspace::new(),
+        last_eval: None,
+        last_ema_eval: None,
+        evaluated_at: None,
+        last_checkpoint: None,
+        window: (Instant::now(), 0),
+    };
+    let total_steps = t.total_steps();
+    observer.on_start(cfg, t.run.state.adam.step, total_steps);
+    pool.install(|| t.run_to(total_steps, observer))?;
+    let Trainer {
+        run,
         last_eval,
         last_ema_eval,
-        checkpoint: last_ckpt,
-        params,
+        last_checkpoint,
+        ..
+    } = t;
+    Ok(TrainOutcome {
+        steps: run.state.adam.step,
+        last_eval,
+        last_ema_eval,
+        checkpoint: last_checkpoint,
+        params: run.state.params,
         wall_s: started.elapsed().as_secs_f64(),
     })
 }
 
-/// One `eval` line of metrics.jsonl; the weight average's results as `ema_test_*`.
-fn write_eval(
-    metrics: &mut MetricsLog,
-    step: u64,
-    epoch: u64,
-    e: &EvalReport,
-    ema: Option<&EvalReport>,
-) -> Result<()> {
-    let mut v = serde_json::json!({
-        "kind": "eval", "step": step, "epoch": epoch, "test_accuracy": e.accuracy,
-        "test_margin_loss": e.margin_loss, "test_reconstruction_loss": e.reconstruction_loss, "samples": e.samples,
-    });
-    add_average_fields(&mut v, ema);
-    metrics.write(&v)
+/// The single-process training loop, stage by stage: [`Trainer::step`] one batch,
+/// [`Trainer::end_epoch`], [`Trainer::evaluate`] and [`Trainer::save`].
+struct Trainer<'a> {
+    cfg: &'a TrainConfig,
+    model: CapsNet,
+    train: Dataset,
+    test: Dataset,
+    run: Run,
+    grads: Params,
+    ws: Workspace,
+    last_eval: Option<EvalReport>,
+    last_ema_eval: Option<EvalReport>,
+    /// The step of the last evaluation and checkpoint, so that the end of training does not
+    /// repeat what the end of an epoch or --checkpoint-every just did.
+    evaluated_at: Option<u64>,
+    last_checkpoint: Option<PathBuf>,
+    /// Start and images of the window behind the next images/s figure.
+    window: (Instant, usize),
+}
+
+impl Trainer<'_> {
+    /// Steps in the whole run: every epoch, or fewer with --max-steps.
+    fn total_steps(&self) -> u64 {
+        let planned = self.train.len().div_ceil(self.cfg.batch_size) as u64 * self.cfg.epochs;
+        self.cfg.max_steps.map_or(planned, |m| m.min(planned))
+    }
+
+    /// Trains until `total_steps` or the last epoch; evaluates and checkpoints at every epoch's
+    /// end and where it stops.
+    fn run_to(&mut self, total_steps: u64, observer: &mut dyn Observer) -> Result<()> {
+        let (n, seed) = (self.train.len(), self.cfg.seed);
+        'epochs: while self.run.state.position.epoch < self.cfg.epochs {
+            let perm = data::epoch_permutation(n, seed, self.run.state.position.epoch);
+            while (self.run.state.position.offset as usize) < n {
+                if self.run.state.adam.step >= total_steps {
+                    break 'epochs;
+                }
+                let start = self.run.state.position.offset as usize;
+                let report = self.step(&perm[start..(start + self.cfg.batch_size).min(n)])?;
+                observer.on_step(&report);
+                if report.step % self.cfg.log_every == 0 {
+                    self.log_step(&report)?;
+                }
+                let every = self.cfg.checkpoint_every;
+                if every > 0 && report.step % every == 0 {
+                    self.save(observer)?;
+                }
+            }
+            self.end_epoch(observer)?;
+        }
+        // Stopped by --max-steps inside an epoch: evaluate and checkpoint where it stands.
+        let step = self.run.state.adam.step;
+        if self.evaluated_at != Some(step) {
+            self.evaluate(observer)?;
+        }
+        if self.last_checkpoint.as_ref() != Some(&self.run.checkpointer.path_for(step)) {
+            self.save(observer)?;
+        }
+        Ok(())
+    }
+
+    /// One optimizer step on the samples at `indices`.
+    fn step(&mut self, indices: &[usize]) -> Result<StepReport> {
+        let cfg = self.cfg;
+        let state = &mut self.run.state;
+        // Augmentation randomness is keyed by the step, so a resumed run draws the same.
+        let mut rng = Rng::derive(cfg.seed, "augment", state.adam.step);
+        let shift = (cfg.max_shift > 0).then_some((&mut rng, cfg.max_shift));
+        let batch = data::make_batch(&self.train, indices, shift);
+        let opts = PassOptions {
+            mask: Mask::Label,
+            input_grad: false,
+        };
+        let stats = self.model.forward_backward(
+            &state.params,
+            &batch.images,
+            &batch.labels,
+            opts,
+            &mut self.grads,
+            &mut self.ws,
+        )?;
+        if !stats.total_loss().is_finite() {
+            return Err(CoreError::Diverged {
+                step: state.adam.step,
+                loss: stats.total_loss(),
+            });
+        }
+        let lr = state.adam.config.lr_at(state.adam.step);
+        let t = Instant::now();
+        state
+            .adam
+            .update(&mut state.params.data, &self.grads.data)?;
+        if let (Some(e), Some(d)) = (&mut state.ema, cfg.ema_decay) {
+            crate::optim::ema_update(e, &state.params.data, d, state.adam.step);
+        }
+        self.ws.timings.optimizer += t.elapsed();
+        state.step = state.adam.step;
+        state.position.offset += indices.len() as u64;
+        self.window.1 += indices.len();
+        Ok(StepReport {
+            step: state.adam.step,
+            epoch: state.position.epoch,
+            epoch_offset: state.position.offset,
+            epoch_size: self.train.len() as u64,
+            loss: stats.total_loss(),
+            margin_loss: stats.margin_loss,
+            reconstruction_loss: stats.reconstruction_loss,
+            accuracy: stats.accuracy(),
+            lr,
+            images_per_s: self.window.1 as f64 / self.window.0.elapsed().as_secs_f64().max(1e-9),
+        })
+    }
+
+    /// A `train` line of metrics.jsonl; starts the next images/s window.
+    fn log_step(&mut self, report: &StepReport) -> Result<()> {
+        let mut v = serde_json::to_value(report).map_err(|source| CoreError::Json {
+            what: "metrics".into(),
+            source,
+        })?;
+        v["kind"] = "train".into();
+        self.run.metrics.write(&v)?;
+        self.window = (Instant::now(), 0);
+        Ok(())
+    }
+
+    /// The end of an epoch: move to the next, evaluate and checkpoint.
+    fn end_epoch(&mut self, observer: &mut dyn Observer) -> Result<()> {
+        let pos = &mut self.run.state.position;
+        *pos = DataPosition {
+            epoch: pos.epoch + 1,
+            offset: 0,
+        };
+        self.evaluate(observer)?;
+        self.save(observer)?;
+        self.window = (Instant::now(), 0);
+        Ok(())
+    }
+
+    /// The weights (and their average) on the test set; an `eval` line of metrics.jsonl.
+    fn evaluate(&mut self, observer: &mut dyn Observer) -> Result<()> {
+        let state = &mut self.run.state;
+        let (step, epoch) = (state.adam.step, state.position.epoch);
+        let (e, ee) = evaluate_with_average(
+            &self.model,
+            &mut state.params,
+            state.ema.as_mut(),
+            &self.test,
+            self.cfg.eval_batch_size,
+            &mut self.ws,
+        )?;
+        self.run
+            .metrics
+            .write(&crate::run::eval_record(step, epoch, &e, ee.as_ref(), None))?;
+        observer.on_eval(step, epoch, &e, ee.as_ref());
+        (self.last_eval, self.last_ema_eval) = (Some(e), ee);
+        self.evaluated_at = Some(step);
+        Ok(())
+    }
+
+    /// A checkpoint of the state as it stands.
+    fn save(&mut self, observer: &mut dyn Observer) -> Result<()> {
+        let path = self
+            .run
+            .checkpointer
+            .save(&self.run.state.checkpoint(self.cfg, true))?;
+        observer.on_checkpoint(&path);
+        self.last_checkpoint = Some(path);
+        Ok(())
+    }
 }
 
 /// `capsnet eval`: a checkpoint's accuracy and losses on a data folder's test split, through its
