@@ -1,30 +1,24 @@
 //! The `capsnet` binary end to end: real processes on a tiny network and synthetic 28x28 data.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails on its first panic
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
 use capsnet_core::checkpoint::{Tensor, TensorFile};
 use capsnet_core::data::write_synthetic;
+use common::output_text as text;
 
-fn capsnet(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_capsnet"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .env(
-            "OPENBLAS_CORETYPE",
-            std::env::var("OPENBLAS_CORETYPE").unwrap_or_else(|_| "Haswell".into()),
-        )
-        .output()
-        .expect("run capsnet")
+/// `capsnet` as a user runs it: no token and no log filter from the test's environment.
+fn cli() -> Command {
+    let mut c = common::capsnet();
+    c.env_remove("CAPSNET_TOKEN").env_remove("RUST_LOG");
+    c
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+fn capsnet(args: &[&str]) -> Output {
+    cli().args(args).output().expect("run capsnet")
 }
 
 fn data(dir: &Path) -> String {
@@ -196,7 +190,7 @@ fn bad_flags_fail_before_any_work_with_a_clear_message() {
     );
 
     // Environment variables are flags too.
-    let o = Command::new(env!("CARGO_BIN_EXE_capsnet"))
+    let o = cli()
         .args([
             "train",
             "--data-dir",
@@ -226,9 +220,8 @@ fn bad_flags_fail_before_any_work_with_a_clear_message() {
     );
 
     // No token for a worker: a configuration error that says how to give one.
-    let o = Command::new(env!("CARGO_BIN_EXE_capsnet"))
+    let o = cli()
         .args(["worker", "--data-dir", &d])
-        .env_remove("CAPSNET_TOKEN")
         .env_remove("CAPSNET_TOKEN_FILE")
         .output()
         .unwrap();
@@ -316,11 +309,42 @@ fn bench_sync_times_rounds_and_writes_json() {
         "4096",
     ]);
     assert!(t.contains("memcpy") && t.contains("peak_MiB"), "{t}");
+    assert!(
+        t.contains("gloo_allreduce_bench.py"),
+        "the anchor is named: {t}"
+    );
+    let machine = t.lines().find_map(|l| l.strip_prefix("machine: "));
+    assert!(machine.is_some_and(|m| !m.trim().is_empty()), "{t}");
     let settings: Vec<(u64, &str)> = rows
         .iter()
         .map(|r| (r["workers"].as_u64().unwrap(), r["wire"].as_str().unwrap()))
         .collect();
     assert_eq!(settings, [(1, "f32"), (1, "bf16"), (2, "f32"), (2, "bf16")]);
+    // The printed table: one row per setting (workers, wire, median, min, max, MB/s per
+    // worker, MB/s coordinator, peak MiB), with the JSON's timings, in order.
+    let table: Vec<Vec<&str>> = t
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|w| w.len() == 8 && w[0].parse::<u64>().is_ok())
+        .collect();
+    assert_eq!(table.len(), rows.len(), "{t}");
+    for (row, r) in table.iter().zip(&rows) {
+        let (workers, wire) = (r["workers"].as_u64().unwrap(), r["wire"].as_str().unwrap());
+        assert_eq!(
+            (row[0], row[1]),
+            (workers.to_string().as_str(), wire),
+            "{t}"
+        );
+        let printed: Vec<f64> = row[2..5].iter().map(|v| v.parse().unwrap()).collect();
+        for (p, k) in printed.iter().zip(["median_ms", "min_ms", "max_ms"]) {
+            let want = r[k].as_f64().unwrap();
+            assert!(
+                (p - want).abs() <= 0.05 + 1e-9,
+                "{k}: printed {p}, JSON {want}\n{t}"
+            );
+        }
+        assert!(printed[1] <= printed[0] && printed[0] <= printed[2], "{t}");
+    }
     for r in &rows {
         let ms = |k: &str| r[k].as_f64().unwrap();
         assert!(

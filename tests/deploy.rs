@@ -13,7 +13,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use capsnet_core::data::write_synthetic;
 use common::*;
@@ -382,32 +382,6 @@ fn command_with(env: &[(String, String)], args: &[&str]) -> Command {
     cmd
 }
 
-/// The address the coordinator wrote to its ready file; fails at once, with its log, if it
-/// exits first (a setting it refused).
-fn wait_listening(coord: &mut Proc, ready: &Path) -> String {
-    let start = Instant::now();
-    loop {
-        if let Some(addr) = std::fs::read_to_string(ready)
-            .ok()
-            .filter(|s| !s.is_empty())
-        {
-            return addr;
-        }
-        if let Some(status) = coord.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
-            panic!(
-                "the coordinator exited ({status}) before listening:\n{}",
-                coord.log_text()
-            );
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "the coordinator did not listen within 60 s:\n{}",
-            coord.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn rehearsal_with_the_configmap_environment_on_loopback() {
     let tmp = tempfile::tempdir().unwrap();
@@ -436,7 +410,7 @@ fn rehearsal_with_the_configmap_environment_on_loopback() {
     let ready = dir.join("coordinator.addr");
     let cmd = command_with(&coord_env, &["coordinator", "--ready-file", &path(&ready)]);
     let mut coord = Proc::spawn("coordinator", cmd, dir);
-    let addr = wait_listening(&mut coord, &ready);
+    let addr = coord.wait_ready(&ready, Duration::from_secs(60));
 
     let worker_env = rehearsal_env(
         "base/worker.env",
@@ -464,7 +438,7 @@ fn rehearsal_with_the_configmap_environment_on_loopback() {
     // not restart it) until SIGTERM, which it answers with a checkpoint and exit 0.
     std::thread::sleep(Duration::from_millis(500));
     assert!(
-        coord.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+        coord.exited().is_none(),
         "the coordinator exited after finishing:\n{}",
         coord.log_text()
     );

@@ -135,6 +135,18 @@ fn mutual_tls_trains_and_refuses_clients_without_a_certificate() {
     ];
     let mut anon = worker(t, &https, 5, &d, &tls_only);
     anon.expect_failure(Duration::from_secs(30));
+    // TLS 1.3 completes the client's side of the handshake before the server checks the
+    // client's certificate, so the refusal reaches the worker as the connection ending after
+    // the handshake: a hyper error under the transport error, of a kind that is a race (rustls'
+    // CertificateRequired alert if the worker reads it in time, else a closed connection, a
+    // broken pipe or a connection that was not ready). Failing for another reason reads
+    // differently: a missing file names the file, and a failed connect (nothing listening, a
+    // server the worker does not trust) is a bare "transport error" with no source.
+    let log = anon.log_text();
+    assert!(
+        log.contains("cannot reach the coordinator at https://") && log.contains("hyper::Error("),
+        "{log}"
+    );
     let mut plain = worker(t, &url, 6, &d, &["--give-up-after", "2s"]);
     plain.expect_failure(Duration::from_secs(30));
     assert!(

@@ -431,16 +431,19 @@ fn make_batch_shift_is_deterministic_for_a_seed() {
     );
 }
 
+/// The real data set, where `scripts/setup` installs it. Ignored by a plain `cargo test`, run by
+/// `scripts/test` (`--include-ignored`), and then it fails if the data set is missing rather
+/// than passing without looking at it.
 #[test]
-fn fashion_mnist_test_split_if_installed() {
+#[ignore = "needs dataset-fashion-mnist (scripts/setup installs it)"]
+fn fashion_mnist_test_split() {
     let dir = Path::new(FASHION_MNIST_DIR);
-    if split_paths(dir, Split::Test).is_err() {
-        println!(
-            "skipping: {FASHION_MNIST_DIR} not installed (apt-get install dataset-fashion-mnist)"
-        );
-        return;
-    }
-    let ds = load_split(dir, Split::Test, 10, 28).unwrap();
+    let ds = load_split(dir, Split::Test, 10, 28).unwrap_or_else(|e| {
+        panic!(
+            "the Fashion-MNIST test split in {FASHION_MNIST_DIR}: {e} (scripts/setup installs \
+             dataset-fashion-mnist)"
+        )
+    });
     assert_eq!((ds.len(), ds.rows, ds.cols), (10_000, 28, 28));
     assert_eq!(ds.images.len(), 10_000 * 784);
     assert!(ds.labels.iter().all(|&l| l < 10));

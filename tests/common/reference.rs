@@ -1,0 +1,101 @@
+//! The single-process training that distributed runs are compared with: the same model, data,
+//! seed and epoch plan as the run, read back from its `config.json`.
+
+use std::path::Path;
+
+use capsnet_coordinator::plan::EpochPlan;
+use capsnet_core::data::{self, Dataset, Split};
+use capsnet_core::model::{Mask, PassOptions, Workspace};
+use capsnet_core::train::TrainConfig;
+use capsnet_core::{CapsNet, Params};
+
+pub struct Reference {
+    pub cfg: TrainConfig,
+    pub model: CapsNet,
+    ds: Dataset,
+    plan: EpochPlan,
+    perm: Vec<usize>,
+    grads: Params,
+    ws: Workspace,
+}
+
+impl Reference {
+    /// The run in `run` on the training split in `data`, for `workers` members named
+    /// `worker-0`.. that each take `per_round` samples a round, in epoch 0.
+    pub fn of_run(run: &Path, data: &Path, workers: usize, per_round: usize) -> Reference {
+        let cfg: TrainConfig =
+            serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap())
+                .unwrap();
+        let model = CapsNet::new(cfg.model.clone()).unwrap();
+        let ds = data::load_split(data, Split::Train, 10, 28).unwrap();
+        let names = (0..workers).map(|k| format!("worker-{k}")).collect();
+        let plan = EpochPlan::new(0, names, ds.len(), per_round);
+        let perm = data::epoch_permutation(ds.len(), cfg.seed, 0);
+        let grads = Params::zeros(model.layout());
+        Reference {
+            cfg,
+            model,
+            ds,
+            plan,
+            perm,
+            grads,
+            ws: Workspace::new(),
+        }
+    }
+
+    /// The parameters the run started from.
+    pub fn init(&self) -> Params {
+        self.model.init_params(self.cfg.seed)
+    }
+
+    /// The samples member `k` trains on in round `r`.
+    pub fn work(&self, k: usize, r: u64) -> Vec<usize> {
+        self.plan.work(k, r).map(|p| self.perm[p]).collect()
+    }
+
+    /// The gradient of the loss (labels masking the decoder, no shifts) at `params` over the
+    /// batch of samples `idx`.
+    pub fn gradient(&mut self, params: &Params, idx: &[usize]) -> &Params {
+        let batch = data::make_batch(&self.ds, idx, None);
+        let opts = PassOptions {
+            mask: Mask::Label,
+            input_grad: false,
+        };
+        self.model
+            .forward_backward(
+                params,
+                &batch.images,
+                &batch.labels,
+                opts,
+                &mut self.grads,
+                &mut self.ws,
+            )
+            .unwrap();
+        &self.grads
+    }
+
+    /// Fails unless training moved most parameters from their initial values (a reference that
+    /// barely trained would make any comparison pass).
+    pub fn assert_trained(&self, params: &Params) {
+        let init = self.init();
+        let moved = params
+            .data
+            .iter()
+            .zip(&init.data)
+            .filter(|(a, b)| a != b)
+            .count();
+        assert!(
+            moved > params.data.len() / 2,
+            "the reference barely trained ({moved} of {} parameters moved)",
+            params.data.len()
+        );
+    }
+}
+
+/// The largest difference between two vectors.
+pub fn worst(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max)
+}

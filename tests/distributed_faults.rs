@@ -1,0 +1,217 @@
+//! Distributed training through failures and whole-fleet launches: real processes on
+//! loopback, a tiny network, synthetic 28x28 data. Every process is killed when its guard drops.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails on its first panic
+
+mod common;
+
+use std::time::Duration;
+
+use capsnet_core::checkpoint::{Checkpoint, latest_checkpoint};
+use common::*;
+
+/// `capsnet launch` runs a coordinator and workers to the end, prefixes their logs, and fails
+/// (before starting anything) on bad flags.
+#[test]
+fn launch_runs_a_fleet_to_the_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = synthetic(tmp.path(), 64);
+    let run = tmp.path().join("run");
+    let out = capsnet()
+        .env_remove("CAPSNET_TOKEN")
+        .args([
+            "launch",
+            "--workers",
+            "2",
+            "--model",
+            "tiny",
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "4",
+        ])
+        .arg("--data-dir")
+        .arg(&d)
+        .arg("--run-dir")
+        .arg(&run)
+        .output()
+        .unwrap();
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    for prefix in ["[coordinator]", "[worker-0]", "[worker-1]"] {
+        assert!(text.contains(prefix), "{prefix} missing:\n{text}");
+    }
+    assert!(run.join("checkpoint-4.safetensors").exists(), "{text}");
+    assert_eq!(rounds(&run).len(), 4);
+
+    let out = capsnet()
+        .args([
+            "launch",
+            "--workers",
+            "2",
+            "--model",
+            "tiny",
+            "--batch-size",
+            "0",
+            "--data-dir",
+        ])
+        .arg(&d)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("batch size"));
+}
+
+/// A worker killed mid-run: the round closes without it, training goes on, and the worker
+/// restarted under the same rank rejoins and contributes again. Nothing hangs.
+#[test]
+fn a_killed_worker_is_dropped_and_rejoins() {
+    let mut s = Setup::start(
+        512,
+        &[
+            "--batch-size",
+            "2",
+            "--epochs",
+            "1000",
+            "--expect-workers",
+            "2",
+            "--min-workers",
+            "1",
+            "--round-timeout",
+            "2s",
+            "--heartbeat",
+            "200ms",
+            "--log-every",
+            "1000",
+        ],
+    );
+    let run = s.run.clone();
+    let _w0 = s.worker(0, &[]);
+    let mut w1 = s.worker(1, &[]);
+    wait_for("rounds with both workers", Duration::from_secs(60), || {
+        (rounds(&run).iter().filter(|r| r["workers"] == 2).count() >= 5).then_some(())
+    });
+    w1.signal(libc::SIGKILL);
+    let killed_at = rounds(&run).len();
+    wait_for(
+        "rounds without the killed worker",
+        Duration::from_secs(30),
+        || {
+            (rounds(&run)
+                .iter()
+                .skip(killed_at)
+                .filter(|r| r["workers"] == 1)
+                .count()
+                >= 5)
+                .then_some(())
+        },
+    );
+    drop(w1);
+    let _w1 = s.worker(1, &[]);
+    let restarted_at = rounds(&run).len();
+    wait_for(
+        "rounds with the restarted worker",
+        Duration::from_secs(60),
+        || {
+            (rounds(&run)
+                .iter()
+                .skip(restarted_at)
+                .filter(|r| r["workers"] == 2)
+                .count()
+                >= 5)
+                .then_some(())
+        },
+    );
+    s.coord.signal(libc::SIGTERM);
+    s.coord.expect_success(Duration::from_secs(30));
+    assert!(
+        s.coord.log_text().contains("unhealthy"),
+        "{}",
+        s.coord.log_text()
+    );
+    assert!(std::fs::read_dir(&run).unwrap().any(|e| {
+        e.unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("checkpoint-")
+    }));
+}
+
+/// The coordinator killed (SIGKILL) and restarted with --resume on the same address: workers
+/// reconnect and training continues from the checkpoint's round.
+#[test]
+fn a_restarted_coordinator_resumes_and_workers_reconnect() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = synthetic(tmp.path(), 512);
+    let run = tmp.path().join("run");
+    let r = run.to_str().unwrap().to_string();
+    let ds = d.to_str().unwrap().to_string();
+    let base = [
+        "--data-dir",
+        &ds,
+        "--run-dir",
+        &r,
+        "--model",
+        "tiny",
+        "--batch-size",
+        "2",
+        "--epochs",
+        "1000",
+        "--expect-workers",
+        "2",
+        "--heartbeat",
+        "200ms",
+        "--checkpoint-every",
+        "10",
+        "--threads",
+        "1",
+        "--log-every",
+        "1000",
+    ];
+    let (mut coord, url) = coordinator(tmp.path(), "coordinator", &base);
+    let w0 = worker(tmp.path(), &url, 0, &d, &[]);
+    let w1 = worker(tmp.path(), &url, 1, &d, &[]);
+    let ck = wait_for_or_log(
+        "a checkpoint",
+        Duration::from_secs(60),
+        &[&coord, &w0, &w1],
+        || latest_checkpoint(&run).ok().flatten(),
+    );
+    coord.signal(libc::SIGKILL);
+    drop(coord);
+    let ck_round = latest_checkpoint(&run)
+        .unwrap()
+        .map_or(0, |p| Checkpoint::load(&p, None).unwrap().step);
+    assert!(ck_round >= 10, "{}", ck.display());
+    let before = rounds(&run).len();
+    let addr = url.trim_start_matches("http://").to_string();
+    let mut args: Vec<&str> = base.to_vec();
+    args.extend(["--resume", "--listen", &addr]);
+    let (mut coord, _) = coordinator(tmp.path(), "coordinator-2", &args);
+    let resumed = wait_for_or_log(
+        "rounds after the restart",
+        Duration::from_secs(60),
+        &[&coord, &w0, &w1],
+        || {
+            let r = rounds(&run);
+            (r.len() >= before + 5).then(|| r[before].clone())
+        },
+    );
+    assert_eq!(
+        resumed["round"].as_u64().unwrap(),
+        ck_round,
+        "training did not continue from the checkpoint"
+    );
+    assert_eq!(resumed["workers"], 2, "both workers should be back");
+    coord.signal(libc::SIGTERM);
+    coord.expect_success(Duration::from_secs(30));
+    assert!(
+        coord.log_text().contains("resuming"),
+        "{}",
+        coord.log_text()
+    );
+}

@@ -1,0 +1,539 @@
+//! The coordinator's protocol driven by hand, with no worker process: token checks, updates
+//! that must be rejected, the hand-framed parameter stream read by a generic gRPC client, and
+//! pulls that arrive early. A tiny network on synthetic 28x28 data, one coordinator process per
+//! test.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails on its first panic
+
+mod common;
+
+use std::time::Duration;
+
+use capsnet_proto::wire::{Assembler, encode_chunks};
+use capsnet_proto::{Encoding, RunSettings, pb};
+use capsnet_worker::{Client, Pulled, WorkerError};
+use common::*;
+use tonic::Code;
+
+/// A tiny run for clients that drive the protocol by hand: two rounds, heartbeats that do not
+/// expire while a test thinks, small chunks (1024 floats).
+const PROBE: [&str; 8] = [
+    "--batch-size",
+    "4",
+    "--max-steps",
+    "2",
+    "--heartbeat",
+    "5s",
+    "--chunk-bytes",
+    "4096",
+];
+
+/// `data` as the chunks of one update in the run's chunk size.
+fn chunks_msg(
+    id: &str,
+    round: u64,
+    s: &RunSettings,
+    samples: u64,
+    data: &[f32],
+) -> Vec<pb::UpdateChunk> {
+    chunks_sized(id, round, s, samples, data, s.chunk_bytes)
+}
+
+fn chunks_sized(
+    id: &str,
+    round: u64,
+    s: &RunSettings,
+    samples: u64,
+    data: &[f32],
+    chunk_bytes: usize,
+) -> Vec<pb::UpdateChunk> {
+    encode_chunks(data, Encoding::F32, chunk_bytes)
+        .into_iter()
+        .map(|c| pb::UpdateChunk {
+            worker_id: id.into(),
+            round,
+            offset: c.offset,
+            total_len: data.len() as u64,
+            encoding: Encoding::F32 as i32,
+            payload: c.payload,
+            crc32: c.crc32,
+            samples,
+            layout_hash: s.layout_hash,
+            total_crc32: c.total_crc32,
+            loss: 0.5,
+        })
+        .collect()
+}
+
+/// Flips a bit in the payload of chunk `index`, so its checksum no longer matches.
+fn corrupt(mut msgs: Vec<pb::UpdateChunk>, index: usize) -> Vec<pb::UpdateChunk> {
+    let mut p = msgs[index].payload.to_vec();
+    p[0] ^= 1;
+    msgs[index].payload = p.into();
+    msgs
+}
+
+async fn push(c: &mut Client, msgs: Vec<pb::UpdateChunk>) -> Result<(), tonic::Status> {
+    c.rpc()
+        .push_update(tokio_stream::iter(msgs))
+        .await
+        .map(|_| ())
+}
+
+/// Pulls the parameters after `after` in the run's encoding.
+async fn pull(j: &mut Joined, after: Option<u64>) -> Pulled {
+    capsnet_worker::pull(&mut j.client, &j.id, after, Encoding::F32, j.total)
+        .await
+        .unwrap()
+}
+
+/// Pulls past the last round and checks that the run says it is finished, then stops the
+/// coordinator with SIGTERM (rather than waiting out its grace period for workers).
+async fn finish(j: &mut Joined, last_round: u64, coord: &mut Proc) {
+    let end = pull(j, Some(last_round)).await;
+    assert!(end.order.finished, "{:?}", end.order);
+    coord.signal(libc::SIGTERM);
+}
+
+/// A wrong token is refused with UNAUTHENTICATED by the RPCs tonic serves (Join, Status) and by
+/// the two bulk streams that are served ahead of tonic's router (PullParams, PushUpdate).
+#[test]
+fn a_wrong_token_is_refused_by_every_rpc() {
+    let Setup {
+        tmp: _tmp,
+        mut coord,
+        url,
+        ..
+    } = Setup::start(64, &PROBE);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut bad = Client::connect(&url, "wrong-token-0123456789", None)
+            .await
+            .unwrap();
+        let refused = |rpc: &str, e: &tonic::Status| {
+            assert_eq!(e.code(), Code::Unauthenticated, "{rpc}: {e}");
+            assert!(e.message().contains("invalid token"), "{rpc}: {e}");
+        };
+        let e = bad
+            .rpc()
+            .join(pb::JoinRequest {
+                name: "x".into(),
+                rank_hint: None,
+            })
+            .await
+            .unwrap_err();
+        refused("Join", &e);
+        let e = bad.rpc().status(pb::StatusRequest {}).await.unwrap_err();
+        refused("Status", &e);
+        match capsnet_worker::pull(&mut bad, "w", None, Encoding::F32, 8).await {
+            Err(WorkerError::Rpc(e)) => refused("PullParams", &e),
+            Err(e) => panic!("PullParams: {e}"),
+            Ok(p) => panic!("PullParams answered a wrong token: {:?}", p.order),
+        }
+        let e = push(&mut bad, vec![pb::UpdateChunk::default()])
+            .await
+            .unwrap_err();
+        refused("PushUpdate", &e);
+    });
+    coord.signal(libc::SIGTERM);
+    coord.expect_success(Duration::from_secs(30));
+}
+
+/// A generic gRPC client (tonic's generated one) reads the hand-framed parameter stream as the
+/// same parameters and work order as the worker's own reader; and a pull in another encoding
+/// than the run's wire is refused with a message that names the run's.
+#[test]
+fn a_generic_grpc_client_reads_the_hand_framed_parameter_stream() {
+    let Setup {
+        tmp: _tmp,
+        mut coord,
+        url,
+        ..
+    } = Setup::start(64, &PROBE);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut j = join(&url, "probe", Some(0)).await;
+        let pulled = pull(&mut j, None).await;
+        assert!(pulled.order.participate);
+        let mut stream = j
+            .client
+            .rpc()
+            .pull_params(pb::PullRequest {
+                worker_id: j.id.clone(),
+                after_round: None,
+                encoding: Encoding::F32 as i32,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut via_tonic = vec![0.0f32; j.total as usize];
+        let mut asm = Assembler::new(j.total, j.total, Encoding::F32).unwrap();
+        let mut work = None;
+        while let Some(m) = stream.message().await.unwrap() {
+            work = work.or(m.work);
+            asm.accept((&m).into(), &mut via_tonic).unwrap();
+        }
+        asm.finish().unwrap();
+        assert_eq!(via_tonic, pulled.params);
+        assert_eq!(work, Some(pulled.order));
+
+        let e = capsnet_worker::pull(&mut j.client, &j.id, None, Encoding::Bf16, j.total)
+            .await
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("serves parameters as F32"), "{e}");
+    });
+    coord.signal(libc::SIGTERM);
+    coord.expect_success(Duration::from_secs(30));
+}
+
+/// A valid round-0 update of the probe worker, for a case to break.
+struct Valid<'a> {
+    j: &'a Joined,
+    samples: u64,
+    /// Every float of the update (1e-3).
+    values: &'a [f32],
+}
+
+impl Valid<'_> {
+    fn chunks(&self, round: u64, values: &[f32]) -> Vec<pb::UpdateChunk> {
+        chunks_msg(&self.j.id, round, &self.j.settings, self.samples, values)
+    }
+}
+
+/// One way to break an update, and how the coordinator must refuse it.
+struct Case {
+    name: &'static str,
+    /// The update as sent: a valid one, broken in one way.
+    update: fn(&Valid) -> Vec<pb::UpdateChunk>,
+    code: Code,
+    /// A part of the status message that says what was wrong.
+    message: String,
+}
+
+/// Each broken update is rejected with its own status and message, and none of them changes
+/// the round, the parameters or the worker's slot: after each one the worker still pulls round
+/// 0 as it was, with work to do. Its valid update is then accepted and is the only one used.
+#[test]
+fn bad_updates_are_rejected_and_change_nothing() {
+    let Setup {
+        tmp: _tmp,
+        mut coord,
+        url,
+        ..
+    } = Setup::start(64, &PROBE);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut j = join(&url, "probe", Some(0)).await;
+        let before = pull(&mut j, None).await;
+        assert!(before.order.participate);
+        let total = j.total;
+        let samples = before.order.end - before.order.start;
+        let good = vec![1e-3f32; total as usize];
+        let chunk_floats = (j.settings.chunk_bytes / 4) as u64;
+        let last_offset = (total - 1) / chunk_floats * chunk_floats;
+        assert!(
+            last_offset > chunk_floats,
+            "the update needs 3 chunks or more"
+        );
+
+        let cases = [
+            Case {
+                name: "a round that is not open",
+                update: |v| v.chunks(7, v.values),
+                code: Code::FailedPrecondition,
+                message: "update for round 7, the current round is 0".into(),
+            },
+            Case {
+                name: "one float short",
+                update: |v| v.chunks(0, &v.values[1..]),
+                code: Code::InvalidArgument,
+                message: format!("tensor has {} floats, the model has {total}", total - 1),
+            },
+            Case {
+                name: "another model's layout",
+                update: |v| {
+                    let mut msgs = v.chunks(0, v.values);
+                    msgs.iter_mut().for_each(|m| m.layout_hash ^= 1);
+                    msgs
+                },
+                code: Code::InvalidArgument,
+                message: "layout hash differs".into(),
+            },
+            Case {
+                name: "a NaN",
+                update: |v| {
+                    let mut nan = v.values.to_vec();
+                    let at = v.j.settings.layout().get("digit.weight").unwrap().offset + 5;
+                    nan[at] = f32::NAN;
+                    v.chunks(0, &nan)
+                },
+                code: Code::InvalidArgument,
+                message: "non-finite value (NaN) at digit.weight[5]".into(),
+            },
+            Case {
+                name: "chunks off the run's grid (half its chunk size)",
+                update: |v| {
+                    let s = &v.j.settings;
+                    chunks_sized(&v.j.id, 0, s, v.samples, v.values, s.chunk_bytes / 2)
+                },
+                code: Code::InvalidArgument,
+                message: "chunk 0 covers floats 0..512".into(),
+            },
+            Case {
+                // After the others were reduced, and with the opposite sign, so a trace of
+                // them in the result would show.
+                name: "a corrupt last chunk",
+                update: |v| {
+                    let msgs = v.chunks(0, &vec![-1e-3f32; v.values.len()]);
+                    let last = msgs.len() - 1;
+                    corrupt(msgs, last)
+                },
+                code: Code::DataLoss,
+                message: format!("checksum mismatch in the chunk at offset {last_offset}"),
+            },
+            Case {
+                name: "a corrupt second chunk",
+                update: |v| corrupt(v.chunks(0, v.values), 1),
+                code: Code::DataLoss,
+                message: format!("checksum mismatch in the chunk at offset {chunk_floats}"),
+            },
+        ];
+        for case in &cases {
+            let name = case.name;
+            let valid = Valid {
+                j: &j,
+                samples,
+                values: &good,
+            };
+            let msgs = (case.update)(&valid);
+            let Err(e) = push(&mut j.client, msgs).await else {
+                panic!("{name}: the update was accepted");
+            };
+            assert_eq!(e.code(), case.code, "{name}: {e}");
+            assert!(
+                e.message().contains(&case.message),
+                "{name}: expected {:?} in {e}",
+                case.message
+            );
+
+            let st = coordinator_status(&mut j.client).await;
+            assert_eq!(st.round, 0, "{name} changed the round");
+            let now = pull(&mut j, None).await;
+            assert_eq!(now.order, before.order, "{name} changed the work order");
+            assert!(now.params == before.params, "{name} changed the parameters");
+        }
+
+        // The slot is still free: the valid update is accepted and closes round 0.
+        let valid = Valid {
+            j: &j,
+            samples,
+            values: &good,
+        };
+        let msgs = valid.chunks(0, &good);
+        push(&mut j.client, msgs).await.unwrap();
+        let next = pull(&mut j, Some(0)).await;
+        assert_eq!(next.order.round, 1);
+        // Adam's first step moves every parameter by lr against the gradient's sign: only the
+        // valid update was used.
+        for (i, (a, b)) in before.params.iter().zip(&next.params).enumerate() {
+            assert!((b - a + 1e-3).abs() < 1e-6, "float {i}: {a} -> {b}");
+        }
+        // Now round 0 is stale.
+        let e = push(
+            &mut j.client,
+            chunks_msg(&j.id, 0, &j.settings, samples, &good),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+        assert!(e.message().contains("current round is 1"), "{e}");
+        let o = next.order;
+        let last = chunks_msg(&j.id, 1, &j.settings, o.end - o.start, &good);
+        push(&mut j.client, last).await.unwrap();
+        finish(&mut j, 1, &mut coord).await;
+    });
+    coord.expect_success(Duration::from_secs(60));
+}
+
+/// Full duplex: a pull for the next round, made while the round is still being reduced, gets
+/// ranges early. When a range it got is reduced again (a worker's update failed after taking
+/// part, and its retry carries other values), the stream ends with ABORTED, and pulling again
+/// gives the final parameters.
+#[test]
+fn an_early_pull_is_aborted_when_a_range_it_got_is_redone() {
+    let args = [&PROBE[..], &["--expect-workers", "2", "--min-workers", "2"]].concat();
+    let Setup {
+        tmp: _tmp,
+        mut coord,
+        url,
+        ..
+    } = Setup::start(64, &args);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut a = join(&url, "a", Some(0)).await;
+        let mut b = join(&url, "b", Some(1)).await;
+        let (s, total) = (a.settings.clone(), a.total);
+        let oa = pull(&mut a, None).await.order;
+        let ob = pull(&mut b, None).await.order;
+        let (sa, sb) = (oa.end - oa.start, ob.end - ob.start);
+        let one = vec![1e-3f32; total as usize];
+        push(&mut a.client, chunks_msg(&a.id, 0, &s, sa, &one))
+            .await
+            .unwrap();
+
+        // a pulls round 1 while b is still sending.
+        let mut early = a
+            .client
+            .rpc()
+            .pull_params(pb::PullRequest {
+                worker_id: a.id.clone(),
+                after_round: Some(0),
+                encoding: Encoding::F32 as i32,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        // b sends all but its last chunk, waits until a got range 0, then sends a corrupt last
+        // chunk.
+        let mut msgs = chunks_msg(&b.id, 0, &s, sb, &one);
+        assert!(msgs.len() > 2);
+        let last = msgs.pop().unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(msgs.len() + 1);
+        for m in msgs {
+            tx.send(m).await.unwrap();
+        }
+        let mut b2 = b.client.clone();
+        let failing = tokio::spawn(async move {
+            b2.rpc()
+                .push_update(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        });
+        let first = early.message().await.unwrap().unwrap();
+        assert_eq!((first.round, first.offset), (1, 0));
+        assert!(first.work.is_none(), "the work order comes last");
+        let last = corrupt(vec![last], 0).pop().unwrap();
+        tx.send(last).await.unwrap();
+        drop(tx);
+        let e = failing.await.unwrap().unwrap_err();
+        assert_eq!(e.code(), Code::DataLoss, "{e}");
+
+        // b's retry carries other values: every range is reduced again.
+        let two = vec![2e-3f32; total as usize];
+        push(&mut b.client, chunks_msg(&b.id, 0, &s, sb, &two))
+            .await
+            .unwrap();
+        let e = loop {
+            match early.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the early stream ended normally"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(e.code(), Code::Aborted, "{e}");
+
+        // Pulling again gives round 1 as it closed, with range 0 unlike the early copy.
+        let fin = capsnet_worker::pull_into(
+            &mut a.client,
+            &a.id,
+            Some(0),
+            Encoding::F32,
+            &mut vec![0.0; total as usize],
+        )
+        .await
+        .unwrap();
+        assert_eq!(fin.round, 1);
+        let again = pull(&mut a, Some(0)).await;
+        let mut early0 = vec![0.0f32; first.payload.len() / 4];
+        capsnet_proto::wire::decode_into(&first.payload, Encoding::F32, &mut early0).unwrap();
+        assert_ne!(
+            early0[..],
+            again.params[..early0.len()],
+            "range 0 was not redone"
+        );
+
+        // Finish the run.
+        let fb = pull(&mut b, Some(0)).await.order;
+        for (j, o) in [(&mut a, &fin), (&mut b, &fb)] {
+            let msgs = chunks_msg(&j.id, 1, &s, o.end - o.start, &one);
+            push(&mut j.client, msgs).await.unwrap();
+        }
+        finish(&mut a, 1, &mut coord).await;
+    });
+    coord.expect_success(Duration::from_secs(60));
+}
+
+/// A worker that joins and pulls before the plan exists (the fleet is still joining) waits,
+/// and gets its work as soon as the last expected worker joins: no pull is left behind.
+#[test]
+fn a_pull_before_the_epoch_is_planned_is_answered_when_it_starts() {
+    let Setup {
+        tmp: _tmp,
+        mut coord,
+        url,
+        ..
+    } = Setup::start(
+        64,
+        &[
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "1",
+            "--expect-workers",
+            "2",
+            "--start-timeout",
+            "600s",
+            "--heartbeat",
+            "10s",
+        ],
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut early = join(&url, "early", None).await;
+        // The coordinator sends a pull's response headers only after its actor has answered
+        // the pull (with parameters, or with "not yet"): once this returns, the coordinator has
+        // seen the pull, so the wait below cannot pass merely because it was not sent yet.
+        let mut stream = early
+            .client
+            .rpc()
+            .pull_params(pb::PullRequest {
+                worker_id: early.id.clone(),
+                after_round: None,
+                encoding: Encoding::F32 as i32,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let st = coordinator_status(&mut early.client).await;
+        assert_eq!(
+            st.workers
+                .iter()
+                .map(|w| pb::WorkerState::try_from(w.state).unwrap())
+                .collect::<Vec<_>>(),
+            [pb::WorkerState::Joining],
+            "{st:?}"
+        );
+        // Nothing comes while the fleet is joining.
+        let waiting = tokio::time::timeout(Duration::from_millis(300), stream.message()).await;
+        assert!(waiting.is_err(), "a pull was answered before the plan");
+
+        let _late = join(&url, "late", None).await;
+        let read = async {
+            let mut asm = Assembler::new(early.total, early.total, Encoding::F32).unwrap();
+            let mut params = vec![0.0f32; early.total as usize];
+            let mut work = None;
+            while let Some(m) = stream.message().await.unwrap() {
+                work = work.or(m.work);
+                asm.accept((&m).into(), &mut params).unwrap();
+            }
+            asm.finish().unwrap();
+            work
+        };
+        let order = tokio::time::timeout(Duration::from_secs(20), read)
+            .await
+            .expect("the early pull was never answered")
+            .expect("no work order");
+        assert!(order.participate && order.round == 0, "{order:?}");
+    });
+    coord.signal(libc::SIGTERM);
+    coord.expect_success(Duration::from_secs(30));
+}
