@@ -541,6 +541,8 @@ impl CapsNet {
         })
     }
 
+    /// The backward pass, layer by layer from the losses to conv1, each stage timed. `ws`
+    /// holds the forward pass's activations and the loss gradients it left.
     fn backward_impl(
         &self,
         params: &Params,
@@ -550,12 +552,56 @@ impl CapsNet {
         grads: &mut Params,
         ws: &mut Workspace,
     ) {
-        let cfg = &self.cfg;
-        let (g1, g2) = (&self.conv1, &self.primary);
-        let (nj, dd) = (cfg.classes, cfg.digit_dim);
         let t0 = Instant::now();
+        self.decoder_backward(params, b, input_grad, grads, ws);
+        self.capsule_lengths_backward(b, ws);
+        let t1 = Instant::now();
+        ws.timings.decoder += t1 - t0;
 
-        // Decoder, last layer first: sigmoid, then ReLUs.
+        let dims = self.digit_dims(b);
+        ws.g_uhat.resize(ws.uhat.len(), 0.0);
+        caps::routing_backward(
+            &ws.uhat,
+            &dims,
+            self.cfg.squash_eps,
+            &ws.routing,
+            &ws.g_v,
+            &mut ws.g_uhat,
+        );
+        let t2 = Instant::now();
+        ws.timings.routing += t2 - t1;
+        ws.g_u.resize(ws.u.len(), 0.0);
+        caps::uhat_backward(
+            &ws.u,
+            &ws.digit_wt,
+            &ws.g_uhat,
+            &dims,
+            &mut grads.data[self.layout.specs()[DIGIT_W].range()],
+            &mut ws.g_u,
+            &mut ws.g_scratch,
+        );
+        let t3 = Instant::now();
+        ws.timings.u_hat += t3 - t2;
+
+        self.primary_backward(params, b, grads, ws);
+        let t4 = Instant::now();
+        ws.timings.primary += t4 - t3;
+
+        self.conv1_backward(params, images, b, input_grad, grads, ws);
+        ws.timings.conv1 += t4.elapsed();
+    }
+
+    /// Decoder, last layer first (sigmoid, then ReLUs): its weight and bias gradients, and the
+    /// gradient of its input in `ws.g_dec[0]`. With `input_grad`, starts `ws.g_images` (the
+    /// image is also the reconstruction target).
+    fn decoder_backward(
+        &self,
+        params: &Params,
+        b: usize,
+        input_grad: bool,
+        grads: &mut Params,
+        ws: &mut Workspace,
+    ) {
         let nl = self.layout.decoder_layers();
         if input_grad {
             // The image is also the reconstruction target: dL/dx = -dL/dr there.
@@ -604,7 +650,12 @@ impl CapsNet {
                 &mut view2_mut(gx, b, dinp),
             );
         }
-        // Margin loss through the lengths, plus the decoder through the masked capsule.
+    }
+
+    /// `ws.g_v`, the gradient of the digit capsules: the margin loss through their lengths,
+    /// plus the decoder's input gradient through the masked capsule of each image.
+    fn capsule_lengths_backward(&self, b: usize, ws: &mut Workspace) {
+        let (nj, dd) = (self.cfg.classes, self.cfg.digit_dim);
         ws.g_v.resize(b * nj * dd, 0.0);
         for (((gv, v), &gl), _) in ws
             .g_v
@@ -617,7 +668,7 @@ impl CapsNet {
             let k = if len > 0.0 { gl / len } else { 0.0 };
             gv.iter_mut().zip(v).for_each(|(g, &x)| *g = k * x);
         }
-        let din = cfg.decoder_in();
+        let din = self.cfg.decoder_in();
         for (bi, &m) in ws.mask.iter().enumerate() {
             let src = &ws.g_dec[0][bi * din + m * dd..][..dd];
             ws.g_v[(bi * nj + m) * dd..][..dd]
@@ -625,37 +676,14 @@ impl CapsNet {
                 .zip(src)
                 .for_each(|(g, &s)| *g += s);
         }
-        let t1 = Instant::now();
-        ws.timings.decoder += t1 - t0;
+    }
 
-        // Routing and u_hat.
-        let dims = self.digit_dims(b);
-        ws.g_uhat.resize(ws.uhat.len(), 0.0);
-        caps::routing_backward(
-            &ws.uhat,
-            &dims,
-            cfg.squash_eps,
-            &ws.routing,
-            &ws.g_v,
-            &mut ws.g_uhat,
-        );
-        let t2 = Instant::now();
-        ws.timings.routing += t2 - t1;
-        ws.g_u.resize(ws.u.len(), 0.0);
-        let gw_digit = &mut grads.data[self.layout.specs()[DIGIT_W].range()];
-        caps::uhat_backward(
-            &ws.u,
-            &ws.digit_wt,
-            &ws.g_uhat,
-            &dims,
-            gw_digit,
-            &mut ws.g_u,
-            &mut ws.g_scratch,
-        );
-        let t3 = Instant::now();
-        ws.timings.u_hat += t3 - t2;
-
-        // Squash of the primary capsules, back to the conv layout.
+    /// Squash of the primary capsules back to the conv layout, then the primary conv's bias,
+    /// weight and input gradients (the input's in `ws.g_h1`), blocks of images in reverse so
+    /// the last block's im2col from the forward pass is reused.
+    fn primary_backward(&self, params: &Params, b: usize, grads: &mut Params, ws: &mut Workspace) {
+        let cfg = &self.cfg;
+        let (g1, g2) = (&self.conv1, &self.primary);
         let (types, pd, ni, p2) = (
             cfg.primary_types,
             cfg.primary_dim,
@@ -684,8 +712,6 @@ impl CapsNet {
                     }
                 });
         }
-        // Primary conv: bias, weight and input gradients, blocks in reverse so the last block's
-        // im2col from the forward pass is reused.
         {
             let gb2 = &mut grads.data[self.layout.specs()[PRIMARY_B].range()];
             gb2.fill(0.0);
@@ -726,10 +752,21 @@ impl CapsNet {
             par_gemm(1.0, &ga, &w2, 0.0, &mut view2_mut(gcol, nb * p2, g2.k()));
             g2.col2im_row_major(gcol, b, b0, nb, &mut ws.g_h1);
         }
-        let t4 = Instant::now();
-        ws.timings.primary += t4 - t3;
+    }
 
-        // conv1: ReLU, bias, weight (and optionally input) gradients.
+    /// conv1: through its ReLU to the bias and weight gradients, and with `input_grad` on to
+    /// the images (added to `ws.g_images`).
+    fn conv1_backward(
+        &self,
+        params: &Params,
+        images: &[f32],
+        b: usize,
+        input_grad: bool,
+        grads: &mut Params,
+        ws: &mut Workspace,
+    ) {
+        let g1 = &self.conv1;
+        let n1 = b * g1.positions();
         relu_grad_mask(&mut ws.g_h1, &ws.h1);
         {
             let gb1 = &mut grads.data[self.layout.specs()[CONV1_B].range()];
@@ -759,7 +796,6 @@ impl CapsNet {
             debug_assert_eq!(ws.g_images.len(), images.len());
             g1.col2im_k_major(&ws.g_col1, b, 0, b, &mut ws.g_images);
         }
-        ws.timings.conv1 += t4.elapsed();
     }
 }
 
