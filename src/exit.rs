@@ -39,6 +39,9 @@ pub fn code(e: &anyhow::Error) -> i32 {
             || cause
                 .downcast_ref::<capsnet_worker::WorkerError>()
                 .is_some_and(|e| e.is_config())
+            || cause
+                .downcast_ref::<capsnet_bench::BenchError>()
+                .is_some_and(|e| e.is_config())
     });
     if config { 2 } else { 1 }
 }

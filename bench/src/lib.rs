@@ -1,0 +1,60 @@
+//! capsnet-bench: benchmarks that need a coordinator and workers together, so that neither
+//! crate depends on the other and the binary only prints tables.
+//!
+//! # Layout
+//! - [`sync`]: gradient-sync rounds through a real coordinator on loopback with synthetic
+//!   workers (`capsnet bench sync`).
+//!
+//! The model's own throughput benchmark (`capsnet bench train`) is `capsnet_core::bench`.
+#![forbid(unsafe_code)]
+
+pub mod sync;
+
+/// What can stop a benchmark.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Core(#[from] capsnet_core::CoreError),
+    #[error(transparent)]
+    Coordinator(#[from] capsnet_coordinator::CoordinatorError),
+    #[error("synthetic worker: {0}")]
+    Worker(#[from] capsnet_worker::WorkerError),
+    #[error("synthetic worker: coordinator: {0}")]
+    Rpc(#[from] tonic::Status),
+    #[error(transparent)]
+    Proto(#[from] capsnet_proto::ProtoError),
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0} panicked")]
+    Panicked(&'static str),
+    #[error("{what}: {source}")]
+    Task {
+        what: &'static str,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    /// Settings that cannot be measured (a configuration error).
+    #[error("{0}")]
+    Settings(String),
+    #[error("no rounds were timed")]
+    NoRounds,
+}
+
+impl BenchError {
+    /// True for settings that cannot work (exit 2), as the libraries' `is_config`.
+    pub fn is_config(&self) -> bool {
+        match self {
+            BenchError::Settings(_) => true,
+            BenchError::Core(e) => e.is_config(),
+            BenchError::Coordinator(e) => e.is_config(),
+            BenchError::Worker(e) => e.is_config(),
+            _ => false,
+        }
+    }
+}
+
+pub type Result<T, E = BenchError> = std::result::Result<T, E>;
