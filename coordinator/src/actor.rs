@@ -24,7 +24,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::config::CoordinatorConfig;
 use crate::error::{CoordinatorError, Result};
-use crate::plan::EpochPlan;
+use crate::plan::{EpochCursor, RoundPlan};
 use crate::reduce::{Reducer, Source};
 
 /// The parameters of a round as served to workers: encoded once, in the run's wire encoding,
@@ -138,6 +138,21 @@ struct Worker {
     last_round: u64,
 }
 
+impl Worker {
+    /// A heartbeat or a pull: an unhealthy worker is alive again and gets work from the next
+    /// round.
+    fn seen_alive(&mut self) {
+        self.last_seen = Instant::now();
+        if self.state == WorkerState::Unhealthy {
+            tracing::info!(worker = %self.id, "worker is back");
+            self.state = WorkerState::Joining;
+        }
+    }
+}
+
+/// How often "waiting for workers" is logged while a run cannot go on.
+const WAITING_LOG_EVERY: Duration = Duration::from_secs(5);
+
 /// metrics.jsonl, shared with evaluation threads.
 pub(crate) struct Metrics(MetricsLog);
 
@@ -169,9 +184,15 @@ pub(crate) struct Actor {
     /// The moving average of the weights (`--ema-decay`), updated as each round commits.
     ema: Option<Vec<f32>>,
     round: u64,
-    epoch: u64,
-    round_in_epoch: u64,
-    plan: Option<EpochPlan>,
+    /// What of the current epoch is left to hand out.
+    cursor: EpochCursor,
+    /// The open round's members and their work; None before the first round and while no
+    /// worker is live.
+    plan: Option<RoundPlan>,
+    /// A round was opened: the start conditions (--expect-workers) were met once.
+    started: bool,
+    /// When the last "waiting for workers" line was logged.
+    waiting_since_log: Option<Instant>,
     workers: BTreeMap<String, Worker>,
     names: HashMap<String, String>,
     reducer: Reducer,
@@ -190,7 +211,6 @@ pub(crate) struct Actor {
     id_prefix: String,
     next_id: u64,
     stop: bool,
-    waiting_logged: bool,
 }
 
 impl Actor {
@@ -256,9 +276,10 @@ impl Actor {
             adam,
             ema,
             round,
-            epoch: pos.epoch,
-            round_in_epoch: pos.offset,
+            cursor: EpochCursor::from_position(&pos, train_ds.len()),
             plan: None,
+            started: false,
+            waiting_since_log: None,
             workers: BTreeMap::new(),
             names: HashMap::new(),
             reducer: Reducer::new(
@@ -282,7 +303,6 @@ impl Actor {
             id_prefix: format!("{:x}", (nonce as u64) & 0xffff_ffff),
             next_id: 0,
             stop: false,
-            waiting_logged: false,
         };
         actor.publish();
         Ok(actor)
@@ -328,7 +348,7 @@ impl Actor {
     }
 
     fn plan_done(&self) -> bool {
-        self.epoch >= self.cfg.train.epochs
+        self.cursor.epoch >= self.cfg.train.epochs
             || self.cfg.train.max_steps.is_some_and(|m| self.round >= m)
     }
 
@@ -439,18 +459,8 @@ impl Actor {
                 }
             }
             Msg::Touch { worker_id, reply } => {
-                let member = self.names.get(&worker_id).is_some_and(|n| {
-                    self.plan
-                        .as_ref()
-                        .is_some_and(|p| p.member_index(n).is_some())
-                });
                 let r = self.worker_mut(&worker_id).map(|w| {
-                    w.last_seen = Instant::now();
-                    // Alive again but without a shard: it gets one from the next epoch. (A plan
-                    // member that missed a deadline is back once it pulls a round.)
-                    if w.state == WorkerState::Unhealthy && !member {
-                        w.state = WorkerState::Joining;
-                    }
+                    w.seen_alive();
                     w.state
                 });
                 let _ = reply.send(r.map(|s| (self.round, s)));
@@ -549,8 +559,7 @@ impl Actor {
 
     fn pull(&mut self, id: &str, after_round: Option<u64>) -> Result<PullReply> {
         let (round, finished) = (self.round, self.finished);
-        let w = self.worker_mut(id)?;
-        w.last_seen = Instant::now();
+        self.worker_mut(id)?.seen_alive();
         let name = self.names.get(id).cloned().unwrap_or_default();
         if finished {
             let order = pb::WorkOrder {
@@ -566,23 +575,13 @@ impl Actor {
         if after_round.is_some_and(|a| a >= round) {
             return Ok(PullReply::Wait);
         }
+        // A worker that is not a member of this round gets work from the next one.
         let member = plan.member_index(&name);
-        let range = member
-            .map(|k| plan.work(k, self.round_in_epoch))
-            .unwrap_or(0..0);
+        let range = member.map(|k| plan.work(k)).unwrap_or(0..0);
         let done = member.is_some_and(|k| self.reducer.complete(k));
-        if member.is_some() {
-            // Back at work after a missed deadline: expected again from this round on.
-            if let Some(w) = self.workers.get_mut(&name) {
-                if w.state == WorkerState::Unhealthy {
-                    tracing::info!(worker = %id, "worker is back");
-                    w.state = WorkerState::Healthy;
-                }
-            }
-        }
         let order = pb::WorkOrder {
             round,
-            epoch: self.epoch,
+            epoch: plan.epoch,
             start: range.start as u64,
             end: range.end as u64,
             participate: !range.is_empty() && !done,
@@ -626,7 +625,7 @@ impl Actor {
         if self.reducer.has(k) {
             return Err(CoordinatorError::Duplicate { name, round });
         }
-        let want = plan.work(k, self.round_in_epoch).len() as u64;
+        let want = plan.work(k).len() as u64;
         if samples != want || samples == 0 {
             return Err(CoordinatorError::BadUpdate(format!(
                 "update covers {samples} samples, this round's work order has {want}"
@@ -644,7 +643,8 @@ impl Actor {
     fn status(&self) -> pb::StatusResponse {
         pb::StatusResponse {
             round: self.round,
-            epoch: self.epoch,
+            epoch: self.cursor.epoch,
+            waiting_for_workers: self.waiting_for_workers(),
             workers: self
                 .workers
                 .iter()
@@ -681,10 +681,15 @@ impl Actor {
                 self.workers
                     .get(*name)
                     .is_some_and(|w| w.state == WorkerState::Healthy)
-                    && !plan.work(*k, self.round_in_epoch).is_empty()
+                    && !plan.work(*k).is_empty()
             })
             .map(|(k, _)| k)
             .collect()
+    }
+
+    /// True while the run has started but no worker is live to take the open round's work.
+    fn waiting_for_workers(&self) -> bool {
+        self.started && self.plan.is_none() && !self.finished
     }
 
     fn tick(&mut self) {
@@ -702,13 +707,36 @@ impl Actor {
                 w.state = WorkerState::Unhealthy;
             }
         }
-        if self.plan.is_none() {
+        if !self.started {
             self.maybe_start(now);
             return;
         }
+        let Some(plan) = &self.plan else {
+            self.open_round();
+            if self.plan.is_none()
+                && self
+                    .waiting_since_log
+                    .is_none_or(|t| now - t >= WAITING_LOG_EVERY)
+            {
+                tracing::warn!(
+                    round = self.round,
+                    epoch = self.cursor.epoch,
+                    "no live worker: waiting for one to join or come back"
+                );
+                self.waiting_since_log = Some(now);
+            }
+            return;
+        };
         let expected = self.expected();
-        let Some(plan) = &self.plan else { return };
         let done = self.reducer.completed();
+        let any_update = (0..plan.members.len()).any(|k| self.reducer.has(k));
+        if expected.is_empty() && !any_update {
+            // Every member of the round was lost before sending anything: hand its work to
+            // whoever is live now (or wait for someone to be).
+            tracing::warn!(round = self.round, members = ?plan.members, "every member of the round was lost: planning it again");
+            self.replan();
+            return;
+        }
         let all_in = !done.is_empty() && expected.iter().all(|k| done.contains(k));
         let deadline = now - self.round_started >= self.cfg.round_timeout;
         if all_in && done.len() >= self.cfg.min_workers.min(expected.len().max(1)) {
@@ -726,63 +754,90 @@ impl Actor {
                 }
             }
             self.close_round();
-        } else if deadline && !self.waiting_logged {
+        } else if deadline
+            && self
+                .waiting_since_log
+                .is_none_or(|t| now - t >= WAITING_LOG_EVERY)
+        {
             tracing::warn!(
                 round = self.round,
                 updates = done.len(),
                 min_workers = self.cfg.min_workers,
                 "round deadline passed with too few updates; waiting for workers"
             );
-            self.waiting_logged = true;
+            self.waiting_since_log = Some(now);
         }
     }
 
+    /// Opens the first round once --expect-workers joined, or after --start-timeout with at
+    /// least --min-workers.
     fn maybe_start(&mut self, now: Instant) {
-        let ready: Vec<(u32, String)> = self
-            .workers
-            .iter()
-            .filter(|(_, w)| matches!(w.state, WorkerState::Joining | WorkerState::Healthy))
-            .map(|(n, w)| (w.rank, n.clone()))
-            .collect();
+        let ready = self.live().len();
         let waited = self
             .first_join
             .is_some_and(|t| now - t >= self.cfg.start_timeout);
-        if ready.len() >= self.cfg.expect_workers || (waited && ready.len() >= self.cfg.min_workers)
-        {
-            self.start_epoch();
+        if ready >= self.cfg.expect_workers || (waited && ready >= self.cfg.min_workers) {
+            self.started = true;
+            self.open_round();
         }
     }
 
-    /// Plans the current epoch with every live worker, in rank order.
-    fn start_epoch(&mut self) {
-        let mut live: Vec<(u32, String)> = self
+    /// Live workers (joining or healthy) in rank order.
+    fn live(&self) -> Vec<String> {
+        let mut live: Vec<(u32, &String)> = self
             .workers
             .iter()
             .filter(|(_, w)| matches!(w.state, WorkerState::Joining | WorkerState::Healthy))
-            .map(|(n, w)| (w.rank, n.clone()))
+            .map(|(n, w)| (w.rank, n))
             .collect();
         live.sort();
-        for (_, n) in &live {
+        live.into_iter().map(|(_, n)| n.clone()).collect()
+    }
+
+    /// Plans the current round with every live worker, in rank order: each gets its share of
+    /// what is left of the epoch. No plan while no worker is live.
+    fn open_round(&mut self) {
+        let members = self.live();
+        if members.is_empty() {
+            self.plan = None;
+            return;
+        }
+        let per_round = self.cfg.train.batch_size * self.cfg.sync_every;
+        let work = self.cursor.hand_out(members.len(), per_round);
+        for n in &members {
             if let Some(w) = self.workers.get_mut(n) {
                 w.state = WorkerState::Healthy;
             }
         }
-        let per_round = self.cfg.train.batch_size * self.cfg.sync_every;
-        let plan = EpochPlan::new(
-            self.epoch,
-            live.into_iter().map(|(_, n)| n).collect(),
-            self.n_train,
-            per_round,
+        tracing::debug!(
+            round = self.round,
+            epoch = self.cursor.epoch,
+            ?members,
+            "round planned"
         );
-        if self.round_in_epoch >= plan.rounds {
-            self.round_in_epoch = 0;
-        }
-        tracing::info!(epoch = self.epoch, members = ?plan.members, rounds = plan.rounds, "epoch planned");
-        self.plan = Some(plan);
+        self.plan = Some(RoundPlan {
+            round: self.round,
+            epoch: self.cursor.epoch,
+            members,
+            work,
+        });
         // Pulls that arrived before there was a plan wait on the published round: wake them.
         self.published.send_modify(|_| {});
         self.round_started = Instant::now();
-        self.waiting_logged = false;
+        self.waiting_since_log = None;
+    }
+
+    /// Gives the open round's work back and plans the round again with who is live now.
+    fn replan(&mut self) {
+        if let Some(plan) = self.plan.take() {
+            for w in plan.work {
+                self.cursor.give_back(w);
+            }
+        }
+        self.reducer.clear();
+        let n = self.reducer.grid().len();
+        self.progress.send_replace(Progress::empty(self.round, n));
+        self.open_round();
     }
 
     /// Finishes the reduction over the complete updates (weighted by samples, in member order,
@@ -795,7 +850,11 @@ impl Actor {
             v: &self.adam.v,
             step: self.step(),
         };
+        let Some(plan) = self.plan.take() else {
+            return;
+        };
         let Some(closed) = self.reducer.close(&src) else {
+            self.plan = Some(plan);
             // Nothing completed: the round stays open, with nothing reduced.
             let n = self.reducer.grid().len();
             self.progress.send_replace(Progress::empty(self.round, n));
@@ -822,22 +881,30 @@ impl Actor {
         let sync_s = self.first_update.map_or(0.0, |f| (t0 - f).as_secs_f64()) + reduce_s;
         self.samples_seen += total;
         let workers = closed.members.len();
+        // The work of members whose update is not in the round goes back to be redone.
+        let mut trained = vec![];
+        for (k, w) in plan.work.into_iter().enumerate() {
+            if closed.members.contains(&k) {
+                trained.push([w.start, w.end]);
+            } else {
+                self.cursor.give_back(w);
+            }
+        }
         let closed = self.round;
         self.round += 1;
-        self.round_in_epoch += 1;
         let lr = self.adam.config.lr_at(self.adam.step.saturating_sub(1));
         if let Ok(mut m) = self.metrics.lock() {
             m.write(serde_json::json!({
-                "kind": "round", "round": closed, "epoch": self.epoch, "samples_seen": self.samples_seen,
+                "kind": "round", "round": closed, "epoch": plan.epoch, "samples_seen": self.samples_seen,
                 "train_loss": loss, "workers": workers, "images_per_s": total as f64 / round_s.max(1e-9),
-                "round_s": round_s, "sync_s": sync_s, "lr": lr,
+                "round_s": round_s, "sync_s": sync_s, "lr": lr, "positions": trained,
             }));
         }
         // Every round is in metrics.jsonl; the log gets one line per --log-every rounds.
         if (closed + 1) % self.cfg.train.log_every == 0 {
             tracing::info!(
                 round = closed,
-                epoch = self.epoch,
+                epoch = plan.epoch,
                 loss,
                 workers,
                 round_s,
@@ -845,24 +912,16 @@ impl Actor {
                 "round closed"
             );
         }
-        let epoch_end = self
-            .plan
-            .as_ref()
-            .is_some_and(|p| self.round_in_epoch >= p.rounds);
+        let epoch_end = self.cursor.exhausted();
         if epoch_end {
-            self.epoch += 1;
-            self.round_in_epoch = 0;
+            self.cursor = EpochCursor::new(self.cursor.epoch + 1, self.n_train);
         }
         if self.plan_done() {
             self.finish();
             return;
         }
-        if epoch_end {
-            self.start_epoch();
-        }
         self.first_update = None;
-        self.round_started = Instant::now();
-        self.waiting_logged = false;
+        self.open_round();
         // Workers get the new parameters before any snapshot is taken for evaluation.
         self.publish_chunks(chunks, generations);
         let every = self.cfg.eval_every;
@@ -876,11 +935,16 @@ impl Actor {
         }
     }
 
+    /// Where the run is in the data after the last closed round: the open round's work counts
+    /// as not handed out, so a resume redoes it.
     fn position(&self) -> DataPosition {
-        DataPosition {
-            epoch: self.epoch,
-            offset: self.round_in_epoch,
+        let mut c = self.cursor.clone();
+        if let Some(plan) = &self.plan {
+            for w in &plan.work {
+                c.give_back(w.clone());
+            }
         }
+        c.position()
     }
 
     /// Writes a checkpoint of the state after the last closed round; in the background unless
@@ -926,7 +990,7 @@ impl Actor {
         let (metrics, last) = (self.metrics.clone(), self.last_eval.clone());
         let (round, epoch, bs, threads) = (
             self.round,
-            self.epoch,
+            self.cursor.epoch,
             self.cfg.train.eval_batch_size,
             self.cfg.train.threads,
         );
@@ -986,7 +1050,7 @@ impl Actor {
         }
         tracing::info!(
             round = self.round,
-            epoch = self.epoch,
+            epoch = self.cursor.epoch,
             "training finished: final evaluation"
         );
         (self.eval_job())();

@@ -160,11 +160,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Where the trainer is in the data: the epoch and how many samples of it were consumed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Where a run is in the data: the epoch, how many positions of its permutation were handed
+/// out (`offset`), and the ranges below `offset` that were handed out but not trained (a
+/// distributed member's work, lost with it), which are trained before the rest. The trainer
+/// never has any.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DataPosition {
     pub epoch: u64,
     pub offset: u64,
+    /// `[start, end)` ranges, sorted and disjoint.
+    pub redo: Vec<(u64, u64)>,
 }
 
 /// Everything needed to resume training, or just the parameters (for eval/grad).
@@ -212,6 +217,12 @@ impl Checkpoint {
         m.insert("step".into(), self.step.to_string());
         m.insert("epoch".into(), self.position.epoch.to_string());
         m.insert("epoch_offset".into(), self.position.offset.to_string());
+        if !self.position.redo.is_empty() {
+            let redo: Vec<String> = (self.position.redo.iter())
+                .map(|(a, b)| format!("{a}-{b}"))
+                .collect();
+            m.insert("epoch_redo".into(), redo.join(","));
+        }
         if let Some(adam) = &self.adam {
             m.insert("adam.config".into(), json(&adam.config)?);
             m.insert("adam.step".into(), adam.step.to_string());
@@ -350,9 +361,32 @@ impl Checkpoint {
             position: DataPosition {
                 epoch: num("epoch")?,
                 offset: num("epoch_offset")?,
+                redo: match meta.get("epoch_redo") {
+                    None => vec![],
+                    Some(s) => parse_redo(s).ok_or_else(|| {
+                        CoreError::checkpoint(
+                            path,
+                            format!("epoch_redo {s:?} is not a list of start-end ranges"),
+                        )
+                    })?,
+                },
             },
         })
     }
+}
+
+/// `"a-b,c-d"` as sorted, disjoint, non-empty ranges.
+fn parse_redo(s: &str) -> Option<Vec<(u64, u64)>> {
+    let mut out: Vec<(u64, u64)> = vec![];
+    for part in s.split(',') {
+        let (a, b) = part.split_once('-')?;
+        let (a, b): (u64, u64) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+        if a >= b || out.last().is_some_and(|&(_, e)| e > a) {
+            return None;
+        }
+        out.push((a, b));
+    }
+    Some(out)
 }
 
 /// The parameter a stored tensor belongs to: `adam.m.<name>`, `adam.v.<name>` and

@@ -115,7 +115,7 @@ impl RunState {
             adam: with_adam.then(|| self.adam.clone()),
             ema: self.ema.clone(),
             step: self.step,
-            position: self.position,
+            position: self.position.clone(),
         }
     }
 }

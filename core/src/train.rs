@@ -571,7 +571,7 @@ impl Trainer<'_> {
         let pos = &mut self.run.state.position;
         *pos = DataPosition {
             epoch: pos.epoch + 1,
-            offset: 0,
+            ..DataPosition::default()
         };
         self.evaluate(observer)?;
         self.save(observer)?;

@@ -25,6 +25,7 @@ fn sample() -> Checkpoint {
         position: DataPosition {
             epoch: 2,
             offset: 40,
+            redo: vec![(4, 8), (16, 20)],
         },
     }
 }
@@ -119,6 +120,11 @@ fn mismatches_are_errors_that_name_the_tensor() {
     f.tensors
         .insert("ema.conv1.bias".into(), Tensor::f32(vec![2], vec![0.0; 2]));
     assert_load_error(&f, &["ema.conv1.bias", "shape"]);
+    for bad in ["4-8,6-9", "8-4", "x-3", "4", "4-8,,"] {
+        let mut f = good.clone();
+        f.metadata.insert("epoch_redo".into(), bad.into());
+        assert_load_error(&f, &["epoch_redo", bad]);
+    }
     let mut f = good.clone();
     f.metadata.insert("step".into(), "many".into());
     assert_load_error(&f, &["step"]);

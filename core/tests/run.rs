@@ -31,6 +31,7 @@ fn write_checkpoint(cfg: &TrainConfig, with_adam: bool, with_ema: bool) -> RunSt
     state.position = DataPosition {
         epoch: 1,
         offset: 16,
+        redo: vec![(2, 4)],
     };
     state.ema = with_ema.then(|| vec![0.125; state.params.data.len()]);
     Checkpointer::new(&cfg.run_dir, 3)
@@ -78,7 +79,7 @@ fn both_policies_continue_a_full_checkpoint() {
         let s = &run.state;
         assert_eq!(s.params.data, saved.params.data, "{policy:?}");
         assert_eq!((s.adam.step, s.adam.m[0], s.adam.config.lr), (7, 0.5, 0.05));
-        assert_eq!((s.step, s.position), (7, saved.position));
+        assert_eq!((s.step, &s.position), (7, &saved.position));
         assert_eq!(s.ema, saved.ema);
         assert!(
             run.resumed_from

@@ -3,7 +3,6 @@
 
 use std::path::Path;
 
-use capsnet_coordinator::plan::EpochPlan;
 use capsnet_core::data::{self, Dataset, Split};
 use capsnet_core::model::{Mask, PassOptions, Workspace};
 use capsnet_core::train::TrainConfig;
@@ -13,7 +12,9 @@ pub struct Reference {
     pub cfg: TrainConfig,
     pub model: CapsNet,
     ds: Dataset,
-    plan: EpochPlan,
+    /// Members and samples per member per round of the run.
+    members: usize,
+    per_round: usize,
     perm: Vec<usize>,
     grads: Params,
     ws: Workspace,
@@ -28,15 +29,14 @@ impl Reference {
                 .unwrap();
         let model = CapsNet::new(cfg.model.clone()).unwrap();
         let ds = data::load_split(data, Split::Train, 10, 28).unwrap();
-        let names = (0..workers).map(|k| format!("worker-{k}")).collect();
-        let plan = EpochPlan::new(0, names, ds.len(), per_round);
         let perm = data::epoch_permutation(ds.len(), cfg.seed, 0);
         let grads = Params::zeros(model.layout());
         Reference {
             cfg,
             model,
             ds,
-            plan,
+            members: workers,
+            per_round,
             perm,
             grads,
             ws: Workspace::new(),
@@ -48,9 +48,11 @@ impl Reference {
         self.model.init_params(self.cfg.seed)
     }
 
-    /// The samples member `k` trains on in round `r`.
+    /// The samples member `k` trains on in round `r` (no member lost or added).
     pub fn work(&self, k: usize, r: u64) -> Vec<usize> {
-        self.plan.work(k, r).map(|p| self.perm[p]).collect()
+        capsnet_coordinator::plan::steady_work(self.perm.len(), self.members, self.per_round, k, r)
+            .map(|p| self.perm[p])
+            .collect()
     }
 
     /// The gradient of the loss (labels masking the decoder, no shifts) at `params` over the

@@ -1,0 +1,165 @@
+//! Membership per round: workers that join late, die (SIGKILL) or come back under a new name
+//! change who trains from the next round, never stall the run, and never make a sample of an
+//! epoch trained twice or skipped. Real processes on loopback, a tiny network, synthetic data.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails on its first panic
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+
+/// `capsnet worker` named `name`, with no rank (the coordinator picks one).
+fn named_worker(s: &Setup, name: &str) -> Proc {
+    let mut cmd = capsnet();
+    cmd.args(["worker", "--coordinator", &s.url, "--name", name])
+        .args(["--threads", "1"])
+        .arg("--data-dir")
+        .arg(&s.data);
+    Proc::spawn(name, cmd, s.tmp.path())
+}
+
+/// Rounds closed so far with `workers` updates, from round `from` on.
+fn rounds_with(run: &Path, from: usize, workers: u64) -> usize {
+    rounds(run)
+        .iter()
+        .skip(from)
+        .filter(|r| r["workers"] == workers)
+        .count()
+}
+
+/// Fails unless, in every epoch, the positions the rounds trained tile `0..n` exactly once.
+fn assert_every_sample_once(run: &Path, n: usize, epochs: u64) {
+    let all = rounds(run);
+    for epoch in 0..epochs {
+        let mut trained = vec![0u32; n];
+        for r in all.iter().filter(|r| r["epoch"] == epoch) {
+            for p in r["positions"].as_array().unwrap() {
+                let (a, b) = (p[0].as_u64().unwrap(), p[1].as_u64().unwrap());
+                (a..b).for_each(|i| trained[i as usize] += 1);
+            }
+        }
+        let twice: Vec<usize> = (0..n).filter(|&i| trained[i] > 1).collect();
+        let skipped: Vec<usize> = (0..n).filter(|&i| trained[i] == 0).collect();
+        assert!(
+            twice.is_empty() && skipped.is_empty(),
+            "epoch {epoch}: trained twice {twice:?}, skipped {skipped:?}"
+        );
+    }
+}
+
+/// The new user's run from the elastic issue: a coordinator that starts with the first worker,
+/// a second worker a moment later, then the first killed and started again under a new name.
+/// The late worker trains from the next round, the round goes on without the dead one (the
+/// heartbeat, not the 60 s round deadline, notices), the restarted one trains at once, the
+/// run finishes by itself, and each epoch trains each sample exactly once.
+#[test]
+fn late_dead_and_renamed_workers_change_the_next_round_and_lose_no_sample() {
+    let n = 384;
+    let mut s = Setup::start(
+        n,
+        &[
+            "--batch-size",
+            "2",
+            "--epochs",
+            "2",
+            "--min-workers",
+            "1",
+            "--round-timeout",
+            "60s",
+            "--heartbeat",
+            "200ms",
+            "--log-every",
+            "1000",
+        ],
+    );
+    let run = s.run.clone();
+    let mut alpha = named_worker(&s, "alpha");
+    wait_for("rounds with alpha alone", Duration::from_secs(60), || {
+        (rounds_with(&run, 0, 1) >= 3).then_some(())
+    });
+    let _beta = named_worker(&s, "beta");
+    let at = rounds(&run).len();
+    wait_for_or_log(
+        "rounds with the late worker",
+        Duration::from_secs(30),
+        &[&s.coord],
+        || (rounds_with(&run, at, 2) >= 3).then_some(()),
+    );
+    alpha.signal(libc::SIGKILL);
+    let at = rounds(&run).len();
+    wait_for_or_log(
+        "rounds without the killed worker",
+        Duration::from_secs(30),
+        &[&s.coord],
+        || (rounds_with(&run, at, 1) >= 3).then_some(()),
+    );
+    drop(alpha);
+    let _alpha2 = named_worker(&s, "alpha-2");
+    let at = rounds(&run).len();
+    wait_for_or_log(
+        "rounds with the restarted worker under a new name",
+        Duration::from_secs(30),
+        &[&s.coord],
+        || (rounds_with(&run, at, 2) >= 3).then_some(()),
+    );
+    s.coord.expect_success(Duration::from_secs(120));
+    let log = s.coord.log_text();
+    assert!(!log.contains("missed the round deadline"), "{log}");
+    assert_every_sample_once(&run, n, 2);
+}
+
+/// Every worker dies: the run waits, says so in Status, and goes on when a new worker joins.
+#[test]
+fn a_run_without_live_workers_waits_and_goes_on_when_one_joins() {
+    let n = 128;
+    let mut s = Setup::start(
+        n,
+        &[
+            "--batch-size",
+            "2",
+            "--epochs",
+            "1",
+            "--heartbeat",
+            "200ms",
+            "--log-every",
+            "1000",
+        ],
+    );
+    let run = s.run.clone();
+    let mut only = named_worker(&s, "only");
+    wait_for("a few rounds", Duration::from_secs(60), || {
+        (rounds(&run).len() >= 3).then_some(())
+    });
+    only.signal(libc::SIGKILL);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let url = s.url.clone();
+    rt.block_on(async {
+        let mut client = capsnet_worker::Client::connect(&url, TOKEN, None)
+            .await
+            .unwrap();
+        let start = std::time::Instant::now();
+        loop {
+            let st = coordinator_status(&mut client).await;
+            if st.waiting_for_workers {
+                assert!(!st.finished);
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "never waiting: {st:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    drop(only);
+    let _next = named_worker(&s, "next");
+    s.coord.expect_success(Duration::from_secs(120));
+    assert!(
+        s.coord.log_text().contains("no live worker"),
+        "{}",
+        s.coord.log_text()
+    );
+    assert_every_sample_once(&run, n, 1);
+}
