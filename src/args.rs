@@ -21,8 +21,8 @@ pub enum LogFormat {
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let d = match s.parse::<f64>() {
-        Ok(secs) if secs.is_finite() && secs >= 0.0 => Duration::from_secs_f64(secs),
-        Ok(_) => return Err(format!("{s:?} must be a positive duration")),
+        Ok(secs) => Duration::try_from_secs_f64(secs)
+            .map_err(|_| format!("{s:?} must be a positive duration of at most 2^64 seconds"))?,
         Err(_) => humantime::parse_duration(s)
             .map_err(|e| format!("{s:?} is not a duration (e.g. 500ms, 30s, 2m): {e}"))?,
     };
@@ -257,7 +257,17 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
         assert_eq!(parse_duration(" 30s "), Ok(Duration::from_secs(30)));
-        for bad in ["0", "0s", "-1", "soon", "5 parsecs", "inf"] {
+        for bad in [
+            "0",
+            "0s",
+            "-1",
+            "soon",
+            "5 parsecs",
+            "inf",
+            "1e20",
+            "1e30",
+            "NaN",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }

@@ -118,8 +118,13 @@ pub struct WorkerArgs {
 }
 
 impl CoordinatorArgs {
-    /// The coordinator's config, every value checked; `token` is the run's bearer token.
-    pub fn config(&self, token: String) -> Result<capsnet_coordinator::CoordinatorConfig> {
+    /// The coordinator's config, every value checked; `token` is the run's bearer token,
+    /// `expect_workers` replaces --expect-workers (`launch` knows how many it starts).
+    pub fn config(
+        &self,
+        token: String,
+        expect_workers: Option<usize>,
+    ) -> Result<capsnet_coordinator::CoordinatorConfig> {
         let mut train = TrainConfig {
             run_dir: self.run_dir.clone(),
             ..TrainConfig::default()
@@ -130,7 +135,9 @@ impl CoordinatorArgs {
         c.sync_every = self.sync_every;
         c.round_timeout = self.round_timeout;
         c.min_workers = self.min_workers;
-        c.expect_workers = self.expect_workers.unwrap_or(self.min_workers);
+        c.expect_workers = expect_workers
+            .or(self.expect_workers)
+            .unwrap_or(self.min_workers);
         c.start_timeout = self.start_timeout;
         c.eval_every = self.eval_every;
         c.heartbeat = self.heartbeat;
@@ -151,16 +158,18 @@ impl CoordinatorArgs {
     }
 }
 
-/// Serves a coordinator on `listener` until training is over or the stop signal; prints how
-/// the run ended. `launch` runs it too, beside its worker processes.
+/// Serves a coordinator on `listener` until training is over or `stop` resolves; prints how
+/// the run ended, each line after `prefix`. `launch` runs it too, beside its worker processes.
 pub async fn serve_coordinator(
     listener: tokio::net::TcpListener,
     cfg: capsnet_coordinator::CoordinatorConfig,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+    prefix: &str,
 ) -> Result<capsnet_coordinator::Outcome> {
-    let outcome = capsnet_coordinator::serve(listener, cfg, shutdown_signal()).await?;
+    let outcome = capsnet_coordinator::serve(listener, cfg, stop).await?;
     match &outcome.last_eval {
         Some(e) => println!(
-            "coordinator: {} rounds{}; test {e}",
+            "{prefix}coordinator: {} rounds{}; test {e}",
             outcome.rounds,
             if outcome.finished {
                 ", finished"
@@ -168,17 +177,18 @@ pub async fn serve_coordinator(
                 ", stopped"
             },
         ),
-        None => println!("coordinator: {} rounds, stopped", outcome.rounds),
+        None => println!("{prefix}coordinator: {} rounds, stopped", outcome.rounds),
     }
     if let Some(p) = &outcome.checkpoint {
-        println!("checkpoint: {}", p.display());
+        println!("{prefix}checkpoint: {}", p.display());
     }
     Ok(outcome)
 }
 
 pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
-    let cfg = a.config(a.token.token()?)?;
+    let cfg = a.config(a.token.token()?, None)?;
     runtime()?.block_on(async {
+        let stop = shutdown_signal();
         let listener = tokio::net::TcpListener::bind(&a.listen)
             .await
             .with_context(|| format!("--listen {}", a.listen))?;
@@ -186,7 +196,7 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
             let addr = listener.local_addr()?.to_string();
             capsnet_core::checkpoint::write_atomic(f, addr.as_bytes())?;
         }
-        serve_coordinator(listener, cfg).await
+        serve_coordinator(listener, cfg, stop, "").await
     })?;
     Ok(())
 }
@@ -213,16 +223,12 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
         give_up_after: a.give_up_after,
         tls,
     };
-    let out = runtime()?.block_on(capsnet_worker::run(cfg, shutdown_signal()))?;
-    println!(
-        "worker: {} updates sent{}",
-        out.rounds,
-        if out.finished {
-            ", training finished"
-        } else {
-            ", stopped"
-        }
-    );
+    let out = runtime()?.block_on(async { capsnet_worker::run(cfg, shutdown_signal()).await })?;
+    if !out.finished {
+        println!("worker: {} updates sent, stopped", out.rounds);
+        return Err(crate::exit::Stopped.into());
+    }
+    println!("worker: {} updates sent, training finished", out.rounds);
     Ok(())
 }
 
@@ -238,17 +244,29 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-/// Resolves on SIGTERM (how Kubernetes stops a pod) or ctrl-c.
-pub async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = async {
-            match term.as_mut() {
-                Some(t) => { t.recv().await; }
-                None => std::future::pending::<()>().await,
-            }
-        } => {}
+/// Resolves on SIGTERM (how Kubernetes stops a pod) or SIGINT (ctrl-c). The handlers are
+/// installed when this is called, not when the future is first polled: a signal that comes
+/// while the caller is still starting up is not lost (nor does it kill the process unhandled).
+/// Call it inside the runtime.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).ok();
+    let mut int = signal(SignalKind::interrupt()).ok();
+    async move {
+        tokio::select! {
+            _ = recv(term.as_mut()) => {}
+            _ = recv(int.as_mut()) => {}
+        }
+        tracing::info!("stop signal received");
     }
-    tracing::info!("stop signal received");
+}
+
+/// The next delivery of a signal whose handler could be installed; never without one.
+async fn recv(s: Option<&mut tokio::signal::unix::Signal>) {
+    match s {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending::<()>().await,
+    }
 }

@@ -9,6 +9,13 @@
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
+/// A worker stopped by a signal before training finished. It exits 143 (128 + SIGTERM), not 0,
+/// so that Kubernetes does not count an Indexed Job's index as completed and starts a pod that
+/// takes its place.
+#[derive(Debug, thiserror::Error)]
+#[error("stopped by a signal before training finished")]
+pub struct Stopped;
+
 /// The error and its causes on one line, leaving out causes whose text the line already holds
 /// (our errors name their source in their own message).
 pub fn report(e: &anyhow::Error) -> String {
@@ -26,8 +33,12 @@ pub fn report(e: &anyhow::Error) -> String {
     line
 }
 
-/// The exit status for an error: 2 when any error in its chain is a configuration error.
+/// The exit status for an error: 143 for [`Stopped`], 2 when any error in its chain is a
+/// configuration error, else 1.
 pub fn code(e: &anyhow::Error) -> i32 {
+    if e.is::<Stopped>() {
+        return 143;
+    }
     let config = e.chain().any(|cause| {
         cause.is::<ConfigError>()
             || cause
@@ -68,7 +79,7 @@ mod tests {
             step: 3,
             loss: f64::NAN,
         });
-        assert_eq!(code(&diverged), 1);
+        assert_eq!(code(&diverged), 2, "the same run diverges again");
         let own: anyhow::Result<()> = Err(ConfigError("--steps must be at least 1".into()).into());
         assert_eq!(code(&own.context("bench").unwrap_err()), 2);
         assert_eq!(code(&anyhow::anyhow!("disk on fire")), 1);

@@ -12,7 +12,7 @@ use clap::Args;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::distributed::{CoordinatorArgs, runtime, serve_coordinator};
+use crate::distributed::{CoordinatorArgs, runtime, serve_coordinator, shutdown_signal};
 use crate::exit::ConfigError;
 
 /// What the coordinator's own lines start with, beside the workers' `[worker-i]`.
@@ -87,13 +87,15 @@ pub fn run(a: LaunchArgs) -> Result<()> {
         )
         .into());
     }
-    let token = match std::env::var("CAPSNET_TOKEN") {
-        Ok(t) if t.trim().len() >= 16 => t.trim().to_string(),
-        _ => generate_token()?,
+    // The token the operator gave (--token-file or CAPSNET_TOKEN), else a fresh one.
+    let given = args.token.token_file.is_some() || std::env::var_os("CAPSNET_TOKEN").is_some();
+    let token = if given {
+        args.token.token()?
+    } else {
+        generate_token()?
     };
-    let mut cfg = args.config(token.clone())?; // every flag checked before anything starts
-    cfg.expect_workers = a.workers;
-    cfg.validate()?;
+    // Every flag is checked before anything starts.
+    let cfg = args.config(token.clone(), Some(a.workers))?;
     let data_dir = cfg.train.data_dir.clone();
     let exe = std::env::current_exe().context("cannot find the capsnet executable")?;
     let cores = std::thread::available_parallelism()
@@ -101,13 +103,18 @@ pub fn run(a: LaunchArgs) -> Result<()> {
         .unwrap_or(1);
     let threads = (cores / a.workers).max(1);
     runtime()?.block_on(async {
+        // Handlers first: a signal from here on stops the coordinator (after its checkpoint)
+        // and then the workers, never the process alone with its workers left behind.
+        let signal = shutdown_signal();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .context("binding a loopback port for the coordinator")?;
         let url = format!("http://{}", listener.local_addr()?);
-        let coordinator = tokio::spawn(serve_coordinator(listener, cfg));
-        tracing::info!(
-            "coordinator at {url}; starting {} workers with {threads} threads each",
+        let coordinator = tokio::spawn(async move {
+            serve_coordinator(listener, cfg, signal, COORDINATOR_PREFIX).await
+        });
+        eprintln!(
+            "[launch] coordinator at {url}; starting {} workers with {threads} threads each",
             a.workers
         );
         let mut workers: Vec<(String, Child)> = vec![];
@@ -142,10 +149,16 @@ pub fn run(a: LaunchArgs) -> Result<()> {
             }
         };
         if !outcome.finished {
+            eprintln!("[launch] stopping the workers");
             stop(&mut workers, Duration::from_secs(30)).await;
-            bail!(
-                "interrupted; the coordinator wrote a checkpoint (resume with `capsnet coordinator --resume`)"
-            );
+            match &outcome.checkpoint {
+                Some(p) => bail!(
+                    "interrupted after {} rounds; checkpoint {} (continue with `capsnet launch --resume` and the same --run-dir)",
+                    outcome.rounds,
+                    p.display()
+                ),
+                None => bail!("interrupted after {} rounds; no checkpoint was written", outcome.rounds),
+            }
         }
         let mut failed = vec![];
         for (name, c) in workers.iter_mut() {

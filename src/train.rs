@@ -3,7 +3,7 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use capsnet_core::train::{self, EvalReport, Observer, StepReport, TrainConfig};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -68,7 +68,7 @@ pub struct GradArgs {
 pub fn train(a: TrainArgs) -> Result<()> {
     let resume = a.resume.is_some();
     let mut cfg = match &a.resume {
-        Some(dir) => TrainConfig::load(dir)?,
+        Some(dir) => TrainConfig::load(dir).context("--resume")?,
         None => TrainConfig {
             run_dir: default_run_dir(),
             ..TrainConfig::default()

@@ -66,6 +66,89 @@ fn launch_runs_a_fleet_to_the_end() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("batch size"));
 }
 
+/// Processes whose command line mentions `needle` (a test's own temporary path).
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            cmd.contains(needle)
+                .then(|| format!("{}: {cmd}", e.file_name().to_string_lossy()))
+        })
+        .collect()
+}
+
+/// SIGTERM to `capsnet launch` mid-run: the coordinator checkpoints, every worker is stopped,
+/// and launch exits non-zero saying where the checkpoint is.
+#[test]
+fn launch_stops_coordinator_and_workers_on_sigterm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = synthetic(tmp.path(), 256);
+    let run = tmp.path().join("run");
+    let mut cmd = capsnet();
+    cmd.env_remove("CAPSNET_TOKEN")
+        .args(["launch", "--workers", "2", "--model", "tiny"])
+        .args([
+            "--batch-size",
+            "2",
+            "--epochs",
+            "1000",
+            "--log-every",
+            "1000",
+        ])
+        .arg("--data-dir")
+        .arg(&d)
+        .arg("--run-dir")
+        .arg(&run);
+    let mut launch = Proc::spawn("launch", cmd, tmp.path());
+    wait_for_or_log("rounds", Duration::from_secs(60), &[&launch], || {
+        (rounds(&run).len() >= 3).then_some(())
+    });
+    launch.signal(libc::SIGTERM);
+    let status = launch.wait(Duration::from_secs(60));
+    let log = launch.log_text();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("interrupted after") && log.contains("checkpoint"),
+        "{log}"
+    );
+    assert!(latest_checkpoint(&run).unwrap().is_some(), "{log}");
+    let left = processes_mentioning(&d.display().to_string());
+    assert!(left.is_empty(), "workers left running: {left:?}\n{log}");
+}
+
+/// A worker stopped by SIGTERM before training is over leaves and exits 143, so that a
+/// Kubernetes Indexed Job does not count its index as completed.
+#[test]
+fn a_worker_stopped_by_sigterm_exits_143() {
+    let s = Setup::start(
+        256,
+        &[
+            "--batch-size",
+            "2",
+            "--epochs",
+            "1000",
+            "--log-every",
+            "1000",
+        ],
+    );
+    let run = s.run.clone();
+    let mut w = s.worker(0, &[]);
+    wait_for_or_log("rounds", Duration::from_secs(60), &[&w], || {
+        (rounds(&run).len() >= 3).then_some(())
+    });
+    w.signal(libc::SIGTERM);
+    let status = w.wait(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(143), "{}", w.log_text());
+    assert!(
+        w.log_text().contains("stopped by a signal"),
+        "{}",
+        w.log_text()
+    );
+}
+
 /// A worker killed mid-run: the round closes without it, training goes on, and the worker
 /// restarted under the same rank rejoins and contributes again. Nothing hangs.
 #[test]

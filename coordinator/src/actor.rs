@@ -255,7 +255,8 @@ impl Actor {
             layout_hash: capsnet_proto::layout_hash(model.layout()),
             wire: cfg.wire,
             chunk_bytes: cfg.chunk_bytes,
-            heartbeat_ms: cfg.heartbeat.as_millis() as u64,
+            // Checked against u32 by validate().
+            heartbeat_ms: u64::try_from(cfg.heartbeat.as_millis()).unwrap_or(u64::MAX),
             train_len: train_ds.len() as u64,
             train_limit: t.train_limit.map(|n| n as u64),
         };
@@ -503,8 +504,10 @@ impl Actor {
 
     fn join(&mut self, name: String, rank_hint: Option<u32>) -> Result<pb::JoinResponse> {
         if name.is_empty() || name.len() > 253 {
+            // Echo at most the start of a long name into the status and the log.
+            let shown: String = name.chars().take(64).collect();
             return Err(CoordinatorError::InvalidName {
-                name,
+                name: shown,
                 reason: "a worker name has 1 to 253 characters",
             });
         }

@@ -88,9 +88,44 @@ impl CoordinatorConfig {
         if self.chunk_bytes < 1024 || self.chunk_bytes > 4 << 20 {
             return bad("chunk size must be between 1 KiB and 4 MiB");
         }
+        // These travel to workers as uint32 fields of the run config.
+        let wire_u32 = [
+            ("batch size", self.train.batch_size as u128),
+            ("sync-every", self.sync_every as u128),
+            ("max shift", self.train.max_shift as u128),
+            ("heartbeat (ms)", self.heartbeat.as_millis()),
+        ];
+        if let Some((name, _)) = wire_u32.iter().find(|(_, v)| *v > u128::from(u32::MAX)) {
+            return Err(CoordinatorError::Config(format!(
+                "{name} must be at most {}",
+                u32::MAX
+            )));
+        }
         if self.token.len() < 16 {
             return bad("the token must be at least 16 characters");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> CoordinatorConfig {
+        CoordinatorConfig::new(TrainConfig::default(), "0123456789abcdef".into())
+    }
+
+    #[test]
+    fn values_sent_as_u32_are_refused_before_anything_starts() {
+        assert!(cfg().validate().is_ok());
+        let mut c = cfg();
+        c.train.batch_size = 1 << 33;
+        let e = c.validate().unwrap_err();
+        assert!(e.is_config() && e.to_string().contains("batch size"), "{e}");
+        let mut c = cfg();
+        c.heartbeat = Duration::from_secs(5_000_000);
+        let e = c.validate().unwrap_err();
+        assert!(e.to_string().contains("heartbeat"), "{e}");
     }
 }

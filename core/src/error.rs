@@ -83,6 +83,8 @@ impl CoreError {
                 | CoreError::DatasetMissing { .. }
                 | CoreError::Data { .. }
                 | CoreError::Label { .. }
+                // With the same seed and flags it diverges again: only a lower --lr helps.
+                | CoreError::Diverged { .. }
         )
     }
 

@@ -1,12 +1,13 @@
 //! capsnet-core: the capsule network of Sabour, Frosst & Hinton (2017), trained on CPUs.
 //!
 //! # Layout
-//! - [`config`]: every size of the network ([`CapsNetConfig`], defaults = the paper).
+//! - [`config`]: every size of the network ([`CapsNetConfig`], defaults = the paper), from
+//!   `capsnet-config`, which the protocol shares without this crate's BLAS.
 //! - [`params`]: named tensors in one flat vector (parameters, gradients, optimizer moments).
 //! - [`blas`], [`conv`], [`caps`], [`loss`]: the kernels: sgemm split over rayon, im2col/col2im,
 //!   squash, `u_hat`, dynamic routing, margin and reconstruction losses, each with its backward.
 //! - [`model`]: [`CapsNet`], the whole forward/backward pass over a reusable [`Workspace`].
-//! - [`optim`]: Adam with exponential learning-rate decay.
+//! - [`optim`]: Adam with an exponential or cosine learning-rate schedule.
 //! - [`data`]: IDX files, epochs, batches and the paper's shift augmentation.
 //! - [`checkpoint`]: safetensors checkpoints (atomic writes, keep last N).
 //! - [`run`]: one run's lifecycle (fresh start or resume, config.json, metrics, checkpoints),
@@ -14,7 +15,8 @@
 //! - [`train`]: the single-process trainer behind `capsnet train` and `capsnet eval`.
 //! - [`bench`]: the training/inference throughput benchmark behind `capsnet bench train`.
 //!
-//! `capsnet-core` knows nothing of networking; the distributed crates build on it.
+//! `capsnet-core` knows nothing of networking; the worker and the coordinator build on it (the
+//! protocol crate does not: it needs only `capsnet-config`).
 
 pub mod bench;
 pub mod blas;

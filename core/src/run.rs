@@ -1,7 +1,7 @@
 //! One run's lifecycle, shared by the single-process trainer ([`crate::train::train`]) and the
 //! distributed coordinator: open the run directory, start fresh or resume from its newest
-//! checkpoint, record the config, log metrics, and take checkpoints. A fix to resume lands here
-//! once for both.
+//! checkpoint, record the config, and open the metrics log and the checkpointer. A fix to
+//! resume lands here once for both.
 //!
 //! The two `--resume` policies, side by side:
 //!
@@ -134,7 +134,8 @@ impl Run {
     /// writes the effective `config.json` and opens `metrics.jsonl` for appending.
     pub fn open(cfg: &TrainConfig, model: &CapsNet, resume: Resume) -> Result<Run> {
         let dir = &cfg.run_dir;
-        let newest = latest_checkpoint(dir).ok().flatten();
+        std::fs::create_dir_all(dir).map_err(|e| CoreError::io(dir, e))?;
+        let newest = latest_checkpoint(dir)?;
         let (state, resumed_from) = match (resume, newest) {
             (Resume::No { how }, Some(_)) => {
                 return Err(CoreError::Config(format!(
@@ -159,7 +160,6 @@ impl Run {
                 (state, Some(path))
             }
         };
-        std::fs::create_dir_all(dir).map_err(|e| CoreError::io(dir, e))?;
         let json = serde_json::to_string_pretty(cfg).map_err(|source| CoreError::Json {
             what: "config.json".into(),
             source,

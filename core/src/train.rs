@@ -453,8 +453,8 @@ struct Trainer<'a> {
     ws: Workspace,
     last_eval: Option<EvalReport>,
     last_ema_eval: Option<EvalReport>,
-    /// The step of the last evaluation and checkpoint, so that the end of training does not
-    /// repeat what the end of an epoch or --checkpoint-every just did.
+    /// The step of the last evaluation, so that the end of training does not repeat the end
+    /// of an epoch's; `last_checkpoint` does the same for checkpoints (--checkpoint-every too).
     evaluated_at: Option<u64>,
     last_checkpoint: Option<PathBuf>,
     /// Start and images of the window behind the next images/s figure.

@@ -458,6 +458,8 @@ async fn join(cfg: &WorkerConfig) -> Result<(Client, pb::JoinResponse)> {
         match attempt.await {
             Ok(ok) => return Ok(ok),
             Err(WorkerError::Rpc(s)) if !retryable(s.code()) => return Err(WorkerError::Rpc(s)),
+            // A bad address, TLS file or token does not get better by waiting.
+            Err(e) if e.is_config() => return Err(e),
             Err(e) => {
                 if started.elapsed() >= cfg.give_up_after {
                     return Err(WorkerError::Unreachable {
