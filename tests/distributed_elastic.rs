@@ -163,3 +163,41 @@ fn a_run_without_live_workers_waits_and_goes_on_when_one_joins() {
     );
     assert_every_sample_once(&run, n, 1);
 }
+
+/// A worker killed with SIGKILL is noticed by its closed connection, not by heartbeats (with a
+/// 2 s heartbeat a silent worker counts as dead after 6 s; the log says which path noticed)
+/// nor by the 60 s round deadline; its work of the round it died in is redone.
+#[test]
+fn a_killed_worker_is_noticed_by_its_closed_connection() {
+    let n = 256;
+    let mut s = Setup::start(
+        n,
+        &[
+            "--batch-size",
+            "2",
+            "--epochs",
+            "1",
+            "--expect-workers",
+            "2",
+            "--round-timeout",
+            "60s",
+            "--heartbeat",
+            "2s",
+            "--log-every",
+            "1000",
+        ],
+    );
+    let run = s.run.clone();
+    let mut a = named_worker(&s, "a");
+    let _b = named_worker(&s, "b");
+    wait_for("rounds with both", Duration::from_secs(60), || {
+        (rounds_with(&run, 0, 2) >= 3).then_some(())
+    });
+    a.signal(libc::SIGKILL);
+    s.coord.expect_success(Duration::from_secs(50));
+    let log = s.coord.log_text();
+    assert!(log.contains("connection closed: unhealthy"), "{log}");
+    assert!(!log.contains("missed the round deadline"), "{log}");
+    assert!(!log.contains("no heartbeat"), "{log}");
+    assert_every_sample_once(&run, n, 1);
+}

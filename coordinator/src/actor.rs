@@ -24,6 +24,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::config::CoordinatorConfig;
 use crate::error::{CoordinatorError, Result};
+use crate::liveness::Liveness;
 use crate::plan::{EpochCursor, RoundPlan};
 use crate::reduce::{Reducer, Source};
 
@@ -134,19 +135,18 @@ struct Worker {
     id: String,
     rank: u32,
     state: WorkerState,
+    /// The last time it was heard from (a heartbeat, a join, a pull or an update).
     last_seen: Instant,
     last_round: u64,
+    /// When it was last marked unhealthy: only a sign of life received after that brings it
+    /// back (a request it sent before it died may still be in the queue).
+    unhealthy_since: Option<Instant>,
 }
 
 impl Worker {
-    /// A heartbeat or a pull: an unhealthy worker is alive again and gets work from the next
-    /// round.
-    fn seen_alive(&mut self) {
-        self.last_seen = Instant::now();
-        if self.state == WorkerState::Unhealthy {
-            tracing::info!(worker = %self.id, "worker is back");
-            self.state = WorkerState::Joining;
-        }
+    fn mark_unhealthy(&mut self, now: Instant) {
+        self.state = WorkerState::Unhealthy;
+        self.unhealthy_since = Some(now);
     }
 }
 
@@ -211,6 +211,8 @@ pub(crate) struct Actor {
     id_prefix: String,
     next_id: u64,
     stop: bool,
+    /// Heartbeat stamps and closed connections, recorded outside the actor's queue.
+    liveness: Liveness,
 }
 
 impl Actor {
@@ -219,6 +221,7 @@ impl Actor {
         cfg: CoordinatorConfig,
         published: watch::Sender<Arc<Published>>,
         progress: watch::Sender<Progress>,
+        liveness: Liveness,
     ) -> Result<Self> {
         cfg.validate()?;
         let t = &cfg.train;
@@ -304,6 +307,7 @@ impl Actor {
             id_prefix: format!("{:x}", (nonce as u64) & 0xffff_ffff),
             next_id: 0,
             stop: false,
+            liveness,
         };
         actor.publish();
         Ok(actor)
@@ -460,16 +464,14 @@ impl Actor {
                 }
             }
             Msg::Touch { worker_id, reply } => {
-                let r = self.worker_mut(&worker_id).map(|w| {
-                    w.seen_alive();
-                    w.state
-                });
+                let r = self.worker_mut(&worker_id).map(|w| w.state);
                 let _ = reply.send(r.map(|s| (self.round, s)));
             }
             Msg::Leave { worker_id, reply } => {
                 let r = self.worker_mut(&worker_id).map(|w| {
                     w.state = WorkerState::Left;
                 });
+                self.liveness.forget(&worker_id);
                 if r.is_ok() {
                     tracing::info!(worker = %worker_id, "worker left");
                 }
@@ -525,6 +527,7 @@ impl Actor {
         let rank = match self.workers.get(&name) {
             Some(w) => {
                 self.names.remove(&w.id);
+                self.liveness.forget(&w.id);
                 w.rank
             }
             None => {
@@ -537,6 +540,7 @@ impl Actor {
         };
         tracing::info!(worker = %id, %name, rank, state = ?state, "worker joined");
         self.names.insert(id.clone(), name.clone());
+        self.liveness.track(&id);
         self.workers.insert(
             name,
             Worker {
@@ -544,6 +548,7 @@ impl Actor {
                 rank,
                 state,
                 last_seen: Instant::now(),
+                unhealthy_since: None,
                 last_round: self.round,
             },
         );
@@ -562,7 +567,7 @@ impl Actor {
 
     fn pull(&mut self, id: &str, after_round: Option<u64>) -> Result<PullReply> {
         let (round, finished) = (self.round, self.finished);
-        self.worker_mut(id)?.seen_alive();
+        self.worker_mut(id)?;
         let name = self.names.get(id).cloned().unwrap_or_default();
         if finished {
             let order = pb::WorkOrder {
@@ -607,7 +612,7 @@ impl Actor {
         encoding: Encoding,
     ) -> Result<usize> {
         let current = self.round;
-        self.worker_mut(id)?.last_seen = Instant::now();
+        self.worker_mut(id)?;
         if self.finished {
             return Err(CoordinatorError::Finished);
         }
@@ -634,8 +639,9 @@ impl Actor {
                 "update covers {samples} samples, this round's work order has {want}"
             )));
         }
+        // Its state stays: an update from a worker marked unhealthy is still good work, but
+        // only signs of life received after the marking bring the worker back (see tick).
         if let Some(w) = self.workers.get_mut(&name) {
-            w.state = WorkerState::Healthy;
             w.last_round = round;
         }
         self.first_update.get_or_insert_with(Instant::now);
@@ -700,14 +706,34 @@ impl Actor {
             return;
         }
         let now = Instant::now();
-        // Workers whose heartbeats stopped.
+        // Workers whose process died (their heartbeat connection closed), then those whose
+        // heartbeats stopped.
+        let (stamps, lost) = self.liveness.take();
+        for (name, w) in self.workers.iter_mut() {
+            if let Some(&t) = stamps.get(&w.id) {
+                w.last_seen = w.last_seen.max(t);
+            }
+            // Heard from since it was marked unhealthy: back, with work from the next round.
+            if w.state == WorkerState::Unhealthy
+                && w.unhealthy_since.is_some_and(|u| w.last_seen > u)
+            {
+                tracing::info!(worker = %w.id, %name, "worker is back");
+                w.state = WorkerState::Joining;
+            }
+            if lost.contains(&w.id)
+                && matches!(w.state, WorkerState::Healthy | WorkerState::Joining)
+            {
+                tracing::warn!(worker = %w.id, %name, "connection closed: unhealthy");
+                w.mark_unhealthy(now);
+            }
+        }
         let limit = 3 * self.cfg.heartbeat;
         for (name, w) in self.workers.iter_mut() {
             if matches!(w.state, WorkerState::Healthy | WorkerState::Joining)
                 && now - w.last_seen > limit
             {
                 tracing::warn!(worker = %w.id, %name, "no heartbeat for {:?}: unhealthy", now - w.last_seen);
-                w.state = WorkerState::Unhealthy;
+                w.mark_unhealthy(now);
             }
         }
         if !self.started {
@@ -753,7 +779,7 @@ impl Actor {
             for name in &missing {
                 if let Some(w) = self.workers.get_mut(name) {
                     tracing::warn!(worker = %w.id, %name, round = self.round, "missed the round deadline: unhealthy");
-                    w.state = WorkerState::Unhealthy;
+                    w.mark_unhealthy(now);
                 }
             }
             self.close_round();

@@ -215,12 +215,17 @@ async fn serve(
 ) -> Result<http::Response<Body>, Status> {
     auth.check_headers(req.headers())?;
     let pull = req.uri().path() == PULL_PATH;
+    let peer = req
+        .extensions()
+        .get::<tonic::transport::server::TcpConnectInfo>()
+        .and_then(|i| i.remote_addr());
     let mut msgs = Messages::new(req.into_body());
     if pull {
         let r: pb::PullRequest = msgs
             .message()
             .await?
             .ok_or_else(|| Status::invalid_argument("empty pull request"))?;
+        svc.liveness.beat(&r.worker_id, peer);
         svc.check_encoding(&r)?;
         let mut published = svc.published.clone();
         published.borrow_and_update();

@@ -28,6 +28,7 @@ pub mod auth;
 pub mod config;
 mod data_plane;
 pub mod error;
+mod liveness;
 pub mod plan;
 mod reduce;
 mod service;
@@ -63,13 +64,16 @@ pub async fn serve(
     let (pub_tx, pub_rx) = watch::channel(Arc::new(actor::Published::placeholder()));
     let (progress_tx, progress_rx) = watch::channel(actor::Progress::empty(0, 0));
     let actor_cfg = cfg.clone();
-    let actor =
-        tokio::task::spawn_blocking(move || actor::Actor::new(actor_cfg, pub_tx, progress_tx))
-            .await
-            .map_err(|source| CoordinatorError::Task {
-                what: "starting the round actor",
-                source,
-            })??;
+    let liveness = liveness::Liveness::default();
+    let actor_liveness = liveness.clone();
+    let actor = tokio::task::spawn_blocking(move || {
+        actor::Actor::new(actor_cfg, pub_tx, progress_tx, actor_liveness)
+    })
+    .await
+    .map_err(|source| CoordinatorError::Task {
+        what: "starting the round actor",
+        source,
+    })??;
     let model_layout = capsnet_core::ParamLayout::for_config(&cfg.train.model);
     let names = model_layout
         .specs()
@@ -90,6 +94,7 @@ pub async fn serve(
         layout_hash: capsnet_proto::layout_hash(&model_layout),
         names: Arc::new(names),
         grid,
+        liveness: liveness.clone(),
     };
     let (health, health_svc) = tonic_health::server::health_reporter();
     health
@@ -160,7 +165,11 @@ pub async fn serve(
             // TCP_NODELAY on every accepted socket (the builder's own setting only applies to
             // listeners it binds): a round's small messages (the end of an update, a pull
             // request) must not wait for Nagle and delayed ACKs.
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            // Each connection reports its close, so a worker whose process died is known at once.
+            tokio_stream::StreamExt::map(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                move |conn| conn.map(|s| liveness.watch(s)),
+            ),
             async {
                 let _ = stop_rx.await;
             },

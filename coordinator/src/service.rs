@@ -26,6 +26,8 @@ pub(crate) struct Service {
     pub names: Arc<Vec<(String, Range<usize>)>>,
     /// The run's chunk grid: update chunk `i` must cover exactly `grid[i]`.
     pub grid: Arc<Vec<Range<usize>>>,
+    /// Heartbeats are stamped here before they queue for the actor.
+    pub liveness: crate::liveness::Liveness,
 }
 
 /// Tells the actor to forget an update whose stream ended early or failed (also when the
@@ -202,6 +204,7 @@ impl pb::coordinator_server::Coordinator for Service {
         &self,
         req: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::JoinResponse>, Status> {
+        let peer = req.remote_addr();
         let r = req.into_inner();
         let out = self
             .ask(|reply| Msg::Join {
@@ -209,8 +212,11 @@ impl pb::coordinator_server::Coordinator for Service {
                 rank_hint: r.rank_hint,
                 reply,
             })
-            .await?;
-        Ok(Response::new(out?))
+            .await??;
+        // Watch the connection the worker joined on from the start (its first heartbeat may
+        // be a while away).
+        self.liveness.beat(&out.worker_id, peer);
+        Ok(Response::new(out))
     }
 
     type PullParamsStream = ChunkStream;
@@ -239,7 +245,9 @@ impl pb::coordinator_server::Coordinator for Service {
         &self,
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let peer = req.remote_addr();
         let id = req.into_inner().worker_id;
+        self.liveness.beat(&id, peer);
         let (round, state) = self
             .ask(|reply| Msg::Touch {
                 worker_id: id,
