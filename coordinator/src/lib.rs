@@ -2,9 +2,11 @@
 //!
 //! # Layout
 //! - [`config`]: [`CoordinatorConfig`], the training flags plus sync mode, deadlines, security.
-//! - [`plan`]: which samples each member works on, per epoch and round (pure functions).
+//! - [`plan`]: which samples each member of a round works on: what is left of the epoch, lost
+//!   work redone first (pure data structures).
 //! - `actor`: the round state machine, on one thread: members and their states, updates,
 //!   averaging in member order, Adam, evaluation and checkpoints in the background.
+//! - `liveness`: heartbeat stamps and closed connections, recorded outside the actor.
 //! - `reduce`: one round's updates, averaged and stepped range by range while they stream in.
 //! - `service`: the tonic service; streams and checks chunks, hands each to the actor.
 //! - `data_plane`: serves the two bulk RPCs ahead of tonic's router, payloads framed by hand.

@@ -1,0 +1,156 @@
+//! Off the round thread: evaluation on a snapshot, checkpoints, metrics.jsonl.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use capsnet_core::checkpoint::{Checkpoint, Checkpointer};
+use capsnet_core::model::Workspace;
+use capsnet_core::run::eval_record;
+use capsnet_core::train::{self, EvalReport, MetricsLog};
+use capsnet_proto::SyncMode;
+
+use super::Actor;
+use crate::error::{CoordinatorError, Result};
+
+/// metrics.jsonl, shared with evaluation threads.
+pub(crate) struct Metrics(pub(super) MetricsLog);
+
+/// What the evaluation and checkpoint threads share with the round thread.
+pub(super) struct Background {
+    pub(super) metrics: Arc<Mutex<Metrics>>,
+    /// The newest evaluation and the round it was taken after.
+    pub(super) last_eval: Arc<Mutex<Option<(u64, EvalReport)>>>,
+    /// Evaluation and checkpoint threads not joined yet.
+    pub(super) jobs: Vec<JoinHandle<()>>,
+    pub(super) checkpointer: Arc<Mutex<Checkpointer>>,
+    pub(super) last_checkpoint: Arc<Mutex<Option<PathBuf>>>,
+}
+
+impl Metrics {
+    pub(super) fn write(&mut self, v: serde_json::Value) {
+        if let Err(e) = self.0.write(&v) {
+            tracing::warn!(error = %e, "cannot write metrics.jsonl");
+        }
+    }
+}
+
+impl Actor {
+    /// Writes a checkpoint of the state after the last closed round; in the background unless
+    /// `wait`.
+    pub(super) fn checkpoint_now(&mut self, wait: bool) -> Result<Option<PathBuf>> {
+        let ck = Checkpoint {
+            config: self.cfg.train.model.clone(),
+            params: self.params.clone(),
+            // Params mode steps no Adam here: its moments would mean nothing on resume.
+            adam: (self.cfg.sync_mode == SyncMode::Grad).then(|| self.adam.clone()),
+            ema: self.ema.clone(),
+            step: self.round,
+            position: self.position(),
+        };
+        let (ckpt, last) = (
+            self.bg.checkpointer.clone(),
+            self.bg.last_checkpoint.clone(),
+        );
+        let write = move || -> Result<Option<PathBuf>> {
+            let guard = ckpt
+                .lock()
+                .map_err(|_| CoordinatorError::Panicked("an earlier checkpoint write"))?;
+            let path = guard.save(&ck)?;
+            tracing::info!(path = %path.display(), "checkpoint written");
+            if let Ok(mut l) = last.lock() {
+                *l = Some(path.clone());
+            }
+            Ok(Some(path))
+        };
+        if wait {
+            write()
+        } else {
+            self.bg.jobs.push(std::thread::spawn(move || {
+                if let Err(e) = write() {
+                    tracing::error!(error = %e, "checkpoint failed");
+                }
+            }));
+            Ok(None)
+        }
+    }
+
+    pub(super) fn eval_job(&self) -> impl FnOnce() + Send + 'static {
+        let (model, mut params, test) =
+            (self.model.clone(), self.params.clone(), self.test.clone());
+        let mut ema = self.ema.clone();
+        let (metrics, last) = (self.bg.metrics.clone(), self.bg.last_eval.clone());
+        let (round, epoch, bs, threads) = (
+            self.round,
+            self.cursor.epoch,
+            self.cfg.train.eval_batch_size,
+            self.cfg.train.threads,
+        );
+        move || {
+            let t = Instant::now();
+            let pool = match rayon::ThreadPoolBuilder::new().num_threads(threads).build() {
+                Ok(p) => p,
+                Err(e) => return tracing::error!(error = %e, "evaluation pool"),
+            };
+            let mut ws = Workspace::new();
+            let both = pool.install(|| {
+                let avg = ema.as_mut();
+                train::evaluate_with_average(&model, &mut params, avg, &test, bs, &mut ws)
+            });
+            match both {
+                Ok((e, avg)) => {
+                    tracing::info!(
+                        round,
+                        accuracy = e.accuracy,
+                        margin = e.margin_loss,
+                        "evaluated"
+                    );
+                    let eval_s = Some(t.elapsed().as_secs_f64());
+                    let mut line = eval_record(round, epoch, &e, avg.as_ref(), eval_s);
+                    // The coordinator's other lines count rounds: name it so here too.
+                    line["round"] = round.into();
+                    if let Some(a) = &avg {
+                        tracing::info!(
+                            round,
+                            accuracy = a.accuracy,
+                            "evaluated the weight average"
+                        );
+                    }
+                    if let Ok(mut m) = metrics.lock() {
+                        m.write(line);
+                    }
+                    if let Ok(mut l) = last.lock() {
+                        if l.as_ref().is_none_or(|(r, _)| *r <= round) {
+                            *l = Some((round, e));
+                        }
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "evaluation failed"),
+            }
+        }
+    }
+
+    /// Evaluates on a snapshot in a background thread: rounds go on meanwhile.
+    pub(super) fn spawn_eval(&mut self) {
+        let job = self.eval_job();
+        self.bg.jobs.push(std::thread::spawn(job));
+    }
+
+    pub(super) fn finish(&mut self) {
+        for h in self.bg.jobs.drain(..) {
+            let _ = h.join();
+        }
+        tracing::info!(
+            round = self.round,
+            epoch = self.cursor.epoch,
+            "training finished: final evaluation"
+        );
+        (self.eval_job())();
+        if let Err(e) = self.checkpoint_now(true) {
+            tracing::error!(error = %e, "final checkpoint failed");
+        }
+        self.finished = true;
+        self.publish();
+    }
+}

@@ -1,0 +1,191 @@
+//! Membership: workers join, leave, die (a closed connection, silent heartbeats, a missed
+//! deadline) and come back; the table of states is in the parent module's doc.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use capsnet_proto::{WorkerState, pb};
+
+use super::Actor;
+use crate::error::{CoordinatorError, Result};
+use crate::liveness::Liveness;
+
+/// The registry of workers: by name (a restarted process rejoins under its name), and session
+/// id to name (every RPC after the join names its session).
+pub(super) struct Members {
+    pub(super) workers: BTreeMap<String, Worker>,
+    pub(super) names: HashMap<String, String>,
+    /// Session ids are `<prefix>-<n>`: the prefix changes with every coordinator process, so a
+    /// session of an earlier process is never taken for one of this.
+    pub(super) id_prefix: String,
+    pub(super) next_id: u64,
+    /// When the first worker joined (for --start-timeout).
+    pub(super) first_join: Option<Instant>,
+    /// Heartbeat stamps and closed connections, recorded outside the actor's queue.
+    pub(super) liveness: Liveness,
+}
+
+pub(super) struct Worker {
+    pub(super) id: String,
+    pub(super) rank: u32,
+    pub(super) state: WorkerState,
+    /// The last time it was heard from (a heartbeat, a join, a pull or an update).
+    pub(super) last_seen: Instant,
+    pub(super) last_round: u64,
+    /// When it was last marked unhealthy: only a sign of life received after that brings it
+    /// back (a request it sent before it died may still be in the queue).
+    pub(super) unhealthy_since: Option<Instant>,
+}
+
+impl Worker {
+    pub(super) fn mark_unhealthy(&mut self, now: Instant) {
+        self.state = WorkerState::Unhealthy;
+        self.unhealthy_since = Some(now);
+    }
+}
+
+/// How often "waiting for workers" is logged while a run cannot go on.
+pub(super) const WAITING_LOG_EVERY: Duration = Duration::from_secs(5);
+
+impl Actor {
+    pub(super) fn worker_mut(&mut self, id: &str) -> Result<&mut Worker> {
+        let name = self
+            .members
+            .names
+            .get(id)
+            .ok_or_else(|| CoordinatorError::UnknownWorker(id.into()))?;
+        match self.members.workers.get_mut(name) {
+            Some(w) if w.id == id => Ok(w),
+            // The name rejoined under a new id: this one is gone.
+            _ => Err(CoordinatorError::UnknownWorker(id.into())),
+        }
+    }
+
+    pub(super) fn join(
+        &mut self,
+        name: String,
+        rank_hint: Option<u32>,
+    ) -> Result<pb::JoinResponse> {
+        if name.is_empty() || name.len() > 253 {
+            // Echo at most the start of a long name into the status and the log.
+            let shown: String = name.chars().take(64).collect();
+            return Err(CoordinatorError::InvalidName {
+                name: shown,
+                reason: "a worker name has 1 to 253 characters",
+            });
+        }
+        self.members.next_id += 1;
+        let id = format!("{}-{}", self.members.id_prefix, self.members.next_id);
+        let in_plan = self
+            .plan
+            .as_ref()
+            .is_some_and(|p| p.member_index(&name).is_some());
+        let state = if in_plan && !self.finished {
+            WorkerState::Healthy
+        } else {
+            WorkerState::Joining
+        };
+        let rank = match self.members.workers.get(&name) {
+            Some(w) => {
+                self.members.names.remove(&w.id);
+                self.members.liveness.forget(&w.id);
+                w.rank
+            }
+            None => {
+                let taken: Vec<u32> = self.members.workers.values().map(|w| w.rank).collect();
+                match rank_hint {
+                    Some(r) if !taken.contains(&r) => r,
+                    _ => (0..).find(|r| !taken.contains(r)).unwrap_or(0),
+                }
+            }
+        };
+        tracing::info!(worker = %id, %name, rank, state = ?state, "worker joined");
+        self.members.names.insert(id.clone(), name.clone());
+        self.members.liveness.track(&id);
+        self.members.workers.insert(
+            name,
+            Worker {
+                id: id.clone(),
+                rank,
+                state,
+                last_seen: Instant::now(),
+                unhealthy_since: None,
+                last_round: self.round,
+            },
+        );
+        self.members.first_join.get_or_insert_with(Instant::now);
+        Ok(pb::JoinResponse {
+            worker_id: id,
+            rank,
+            config: Some(self.run_msg.clone()),
+            round: self.round,
+        })
+    }
+
+    /// Live workers (joining or healthy) in rank order.
+    pub(super) fn live(&self) -> Vec<String> {
+        let mut live: Vec<(u32, &String)> = self
+            .members
+            .workers
+            .iter()
+            .filter(|(_, w)| matches!(w.state, WorkerState::Joining | WorkerState::Healthy))
+            .map(|(n, w)| (w.rank, n))
+            .collect();
+        live.sort();
+        live.into_iter().map(|(_, n)| n.clone()).collect()
+    }
+
+    /// Opens the first round once --expect-workers joined, or after --start-timeout with at
+    /// least --min-workers.
+    pub(super) fn maybe_start(&mut self, now: Instant) {
+        let ready = self.live().len();
+        let waited = self
+            .members
+            .first_join
+            .is_some_and(|t| now - t >= self.cfg.start_timeout);
+        if ready >= self.cfg.expect_workers || (waited && ready >= self.cfg.min_workers) {
+            self.started = true;
+            self.open_round();
+        }
+    }
+
+    /// True while the run has started but no worker is live to take the open round's work.
+    pub(super) fn waiting_for_workers(&self) -> bool {
+        self.started && self.plan.is_none() && !self.finished
+    }
+
+    /// Marks unhealthy the workers whose heartbeat connection closed or whose heartbeats
+    /// stopped, and brings back those heard from since they were marked.
+    pub(super) fn check_liveness(&mut self, now: Instant) {
+        // Workers whose process died (their heartbeat connection closed), then those whose
+        // heartbeats stopped.
+        let (stamps, lost) = self.members.liveness.take();
+        for (name, w) in self.members.workers.iter_mut() {
+            if let Some(&t) = stamps.get(&w.id) {
+                w.last_seen = w.last_seen.max(t);
+            }
+            // Heard from since it was marked unhealthy: back, with work from the next round.
+            if w.state == WorkerState::Unhealthy
+                && w.unhealthy_since.is_some_and(|u| w.last_seen > u)
+            {
+                tracing::info!(worker = %w.id, %name, "worker is back");
+                w.state = WorkerState::Joining;
+            }
+            if lost.contains(&w.id)
+                && matches!(w.state, WorkerState::Healthy | WorkerState::Joining)
+            {
+                tracing::warn!(worker = %w.id, %name, "connection closed: unhealthy");
+                w.mark_unhealthy(now);
+            }
+        }
+        let limit = 3 * self.cfg.heartbeat;
+        for (name, w) in self.members.workers.iter_mut() {
+            if matches!(w.state, WorkerState::Healthy | WorkerState::Joining)
+                && now - w.last_seen > limit
+            {
+                tracing::warn!(worker = %w.id, %name, "no heartbeat for {:?}: unhealthy", now - w.last_seen);
+                w.mark_unhealthy(now);
+            }
+        }
+    }
+}

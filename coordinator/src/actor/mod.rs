@@ -1,0 +1,386 @@
+//! The round state machine. One thread owns all mutable state (members, the round, the
+//! updates, parameters and optimizer) and handles one message at a time, so no lock is ever
+//! held across an `.await` and the order of events is the order of messages. gRPC handlers
+//! stream and check chunks themselves and send the actor each checked chunk, which the
+//! [`Reducer`] averages and steps range by range as soon as every expected worker sent it.
+//!
+//! # Layout
+//! - [`msg`]: the actor's API: the messages it handles and what it publishes.
+//! - [`membership`]: workers joining, leaving, dying and coming back.
+//! - [`round`]: planning a round, taking updates, closing it, publishing the parameters.
+//! - [`background`]: evaluation, checkpoints and metrics, off the round thread.
+//!
+//! # A worker's states
+//!
+//! | from | event | to |
+//! |---|---|---|
+//! | (none) | `Join` under a new name | Joining |
+//! | any | `Join` under a known name (a restarted process) | Healthy if the name is a member of the open round (it gets the round's work again), else Joining |
+//! | Joining | a round opens (it is live) | Healthy: a member of the round, with work |
+//! | Healthy | a round opens | Healthy (a member again) |
+//! | Joining, Healthy | its heartbeat connection closes | Unhealthy |
+//! | Joining, Healthy | no heartbeat for 3 x `--heartbeat` | Unhealthy |
+//! | Healthy | misses the round deadline when the round closes without it | Unhealthy |
+//! | Unhealthy | heard from (heartbeat, pull) after it was marked | Joining |
+//! | any | `Leave` | Left |
+//!
+//! A round's members are the workers that were Joining or Healthy when it opened. The round
+//! waits for the members that are still Healthy; the work of a member that is not in the round
+//! when it closes goes back to be redone ([`crate::plan`]). A round opens right after the last
+//! one closes, or (when no worker was live) as soon as one is.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use capsnet_core::CapsNet;
+use capsnet_core::Params;
+use capsnet_core::data::Dataset;
+use capsnet_core::optim::Adam;
+use capsnet_core::run::{Resume, Run, RunState};
+use capsnet_core::train;
+use capsnet_proto::wire::chunk_ranges;
+use capsnet_proto::{RunSettings, SyncMode, WorkerState, pb};
+use tokio::sync::watch;
+
+use crate::config::CoordinatorConfig;
+use crate::error::{CoordinatorError, Result};
+use crate::liveness::Liveness;
+use crate::plan::{EpochCursor, RoundPlan};
+use crate::reduce::{Reducer, Source};
+
+mod background;
+mod membership;
+mod msg;
+mod round;
+
+use background::{Background, Metrics};
+use membership::Members;
+pub use msg::Outcome;
+pub(crate) use msg::{Msg, Progress, Published, PullReply};
+
+pub(crate) struct Actor {
+    cfg: CoordinatorConfig,
+    run_msg: pb::RunConfig,
+    model: CapsNet,
+    test: Arc<Dataset>,
+    n_train: usize,
+    params: Params,
+    adam: Adam,
+    /// The moving average of the weights (`--ema-decay`), updated as each round commits.
+    ema: Option<Vec<f32>>,
+    round: u64,
+    /// What of the current epoch is left to hand out.
+    cursor: EpochCursor,
+    /// The open round's members and their work; None before the first round and while no
+    /// worker is live.
+    plan: Option<RoundPlan>,
+    /// A round was opened: the start conditions (--expect-workers) were met once.
+    started: bool,
+    /// When the last "waiting for workers" line was logged.
+    waiting_since_log: Option<Instant>,
+    /// Who the workers are and whether they are alive.
+    members: Members,
+    reducer: Reducer,
+    round_started: Instant,
+    first_update: Option<Instant>,
+    samples_seen: u64,
+    finished: bool,
+    published: watch::Sender<Arc<Published>>,
+    progress: watch::Sender<Progress>,
+    /// Evaluation and checkpoint threads and what they share with the round thread.
+    bg: Background,
+    stop: bool,
+}
+
+impl Actor {
+    /// Loads the data, the model and (with `resume`) the newest checkpoint.
+    pub(crate) fn new(
+        cfg: CoordinatorConfig,
+        published: watch::Sender<Arc<Published>>,
+        progress: watch::Sender<Progress>,
+        liveness: Liveness,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let t = &cfg.train;
+        let (train_ds, test_ds) = train::load_data(t)?;
+        let model = CapsNet::new(t.model.clone())?;
+        let policy = if cfg.resume {
+            Resume::IfAny
+        } else {
+            Resume::No {
+                how: "--resume".into(),
+            }
+        };
+        let Run {
+            state,
+            metrics,
+            checkpointer,
+            ..
+        } = Run::open(t, &model, policy)?;
+        let RunState {
+            params,
+            adam,
+            ema,
+            step: round,
+            position: pos,
+        } = state;
+        let settings = RunSettings {
+            model: t.model.clone(),
+            adam: t.adam.clone(),
+            batch_size: t.batch_size,
+            seed: t.seed,
+            sync_mode: cfg.sync_mode,
+            sync_every: cfg.sync_every,
+            max_shift: t.max_shift,
+            layout_hash: capsnet_proto::layout_hash(model.layout()),
+            wire: cfg.wire,
+            chunk_bytes: cfg.chunk_bytes,
+            // Checked against u32 by validate().
+            heartbeat_ms: u64::try_from(cfg.heartbeat.as_millis()).unwrap_or(u64::MAX),
+            train_len: train_ds.len() as u64,
+            train_limit: t.train_limit.map(|n| n as u64),
+        };
+        let run_msg = settings.to_message()?;
+        let nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let n_floats = params.data.len();
+        let actor = Actor {
+            cfg: cfg.clone(),
+            run_msg,
+            model,
+            test: Arc::new(test_ds),
+            n_train: train_ds.len(),
+            params,
+            adam,
+            ema,
+            round,
+            cursor: EpochCursor::from_position(&pos, train_ds.len()),
+            plan: None,
+            started: false,
+            waiting_since_log: None,
+            members: Members {
+                workers: BTreeMap::new(),
+                names: HashMap::new(),
+                id_prefix: format!("{:x}", (nonce as u64) & 0xffff_ffff),
+                next_id: 0,
+                first_join: None,
+                liveness,
+            },
+            reducer: Reducer::new(
+                Arc::new(chunk_ranges(n_floats, cfg.wire, cfg.chunk_bytes).collect()),
+                cfg.wire,
+                n_floats,
+                cfg.sync_mode == SyncMode::Grad,
+                cfg.train.threads,
+            )?,
+            round_started: Instant::now(),
+            first_update: None,
+            samples_seen: 0,
+            finished: false,
+            published,
+            progress,
+            bg: Background {
+                metrics: Arc::new(Mutex::new(Metrics(metrics))),
+                last_eval: Arc::new(Mutex::new(None)),
+                jobs: vec![],
+                checkpointer: Arc::new(Mutex::new(checkpointer)),
+                last_checkpoint: Arc::new(Mutex::new(None)),
+            },
+            stop: false,
+        };
+        actor.publish();
+        Ok(actor)
+    }
+
+    /// The run's chunk grid, which the service checks update chunks against.
+    pub(crate) fn grid(&self) -> Arc<Vec<std::ops::Range<usize>>> {
+        self.reducer.grid()
+    }
+
+    fn plan_done(&self) -> bool {
+        self.cursor.epoch >= self.cfg.train.epochs
+            || self.cfg.train.max_steps.is_some_and(|m| self.round >= m)
+    }
+
+    /// Runs until every sender is gone or a shutdown was handled.
+    pub(crate) fn run(mut self, rx: mpsc::Receiver<Msg>) -> Outcome {
+        if self.plan_done() {
+            if self.round > 0 && self.cfg.resume {
+                // Resumed a run that had already finished: its final evaluation and checkpoint
+                // exist; tell workers it is over and do not redo them.
+                tracing::info!(round = self.round, "this run is already finished");
+                self.finished = true;
+                self.publish();
+            } else {
+                self.finish();
+            }
+        }
+        loop {
+            match rx.recv_timeout(Duration::from_millis(20)) {
+                Ok(msg) => self.handle(msg),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+            self.tick();
+            if self.stop {
+                break;
+            }
+        }
+        for h in self.bg.jobs.drain(..) {
+            let _ = h.join();
+        }
+        Outcome {
+            rounds: self.round,
+            finished: self.finished,
+            last_eval: self
+                .bg
+                .last_eval
+                .lock()
+                .ok()
+                .and_then(|e| e.as_ref().map(|(_, r)| r.clone())),
+            checkpoint: self.bg.last_checkpoint.lock().ok().and_then(|c| c.clone()),
+        }
+    }
+
+    fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Join {
+                name,
+                rank_hint,
+                reply,
+            } => {
+                let _ = reply.send(self.join(name, rank_hint));
+            }
+            Msg::Pull {
+                worker_id,
+                after_round,
+                reply,
+            } => {
+                let _ = reply.send(self.pull(&worker_id, after_round));
+            }
+            Msg::Begin {
+                worker_id,
+                round,
+                samples,
+                loss,
+                encoding,
+                reply,
+            } => {
+                let _ = reply.send(self.begin(&worker_id, round, samples, loss, encoding));
+            }
+            Msg::Chunk {
+                member,
+                round,
+                index,
+                payload,
+            } => {
+                if round == self.round && !self.finished {
+                    let expected = self.expected();
+                    let src = Source {
+                        params: &self.params.data,
+                        m: &self.adam.m,
+                        v: &self.adam.v,
+                        step: self.step(),
+                    };
+                    if self.reducer.chunk(member, index, payload, &expected, &src) {
+                        self.show_progress(index);
+                    }
+                }
+            }
+            Msg::End {
+                member,
+                round,
+                reply,
+            } => {
+                let r = if round != self.round || self.finished {
+                    Err(CoordinatorError::StaleRound {
+                        got: round,
+                        current: self.round,
+                    })
+                } else {
+                    self.reducer.end(member).map(|()| round)
+                };
+                let _ = reply.send(r);
+            }
+            Msg::Abort { member, round } => {
+                if round == self.round && !self.reducer.complete(member) {
+                    for i in self.reducer.abort(member) {
+                        self.show_progress(i);
+                    }
+                }
+            }
+            Msg::Touch { worker_id, reply } => {
+                let r = self.worker_mut(&worker_id).map(|w| w.state);
+                let _ = reply.send(r.map(|s| (self.round, s)));
+            }
+            Msg::Leave { worker_id, reply } => {
+                let r = self.worker_mut(&worker_id).map(|w| {
+                    w.state = WorkerState::Left;
+                });
+                self.members.liveness.forget(&worker_id);
+                if r.is_ok() {
+                    tracing::info!(worker = %worker_id, "worker left");
+                }
+                let _ = reply.send(r);
+            }
+            Msg::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+            Msg::Shutdown { reply } => {
+                tracing::info!(round = self.round, "shutting down: writing a checkpoint");
+                let r = self.checkpoint_now(true);
+                for h in self.bg.jobs.drain(..) {
+                    let _ = h.join();
+                }
+                self.stop = true;
+                let _ = reply.send(r);
+            }
+        }
+    }
+
+    fn status(&self) -> pb::StatusResponse {
+        pb::StatusResponse {
+            round: self.round,
+            epoch: self.cursor.epoch,
+            waiting_for_workers: self.waiting_for_workers(),
+            workers: self
+                .members
+                .workers
+                .iter()
+                .map(|(name, w)| pb::WorkerStatus {
+                    worker_id: w.id.clone(),
+                    name: name.clone(),
+                    rank: w.rank,
+                    state: w.state as i32,
+                    last_round: w.last_round,
+                })
+                .collect(),
+            finished: self.finished,
+            last_eval: self.bg.last_eval.lock().ok().and_then(|e| {
+                e.as_ref().map(|(round, r)| pb::EvalResult {
+                    round: *round,
+                    accuracy: r.accuracy,
+                    margin_loss: r.margin_loss,
+                    reconstruction_loss: r.reconstruction_loss,
+                    samples: r.samples as u64,
+                })
+            }),
+        }
+    }
+
+    fn tick(&mut self) {
+        if self.finished || self.stop {
+            return;
+        }
+        let now = Instant::now();
+        self.check_liveness(now);
+        if !self.started {
+            self.maybe_start(now);
+            return;
+        }
+        self.advance(now);
+    }
+}

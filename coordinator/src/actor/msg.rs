@@ -1,0 +1,124 @@
+//! The actor's API: the messages the gRPC handlers send it, and what it publishes to them.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use capsnet_core::train::EvalReport;
+use capsnet_proto::wire::EncodedChunk;
+use capsnet_proto::{Encoding, WorkerState, pb};
+use tokio::sync::oneshot;
+
+use crate::error::Result;
+
+/// The parameters of a round as served to workers: encoded once, in the run's wire encoding,
+/// on the run's chunk grid.
+pub(crate) struct Published {
+    pub round: u64,
+    pub finished: bool,
+    pub total_len: u64,
+    pub encoding: Encoding,
+    pub chunks: Arc<Vec<EncodedChunk>>,
+    /// The reduction that produced each chunk (0: encoded from the state, not reduced).
+    pub generations: Arc<Vec<u64>>,
+}
+
+impl Published {
+    /// Before the actor has loaded anything.
+    pub fn placeholder() -> Self {
+        Published {
+            round: 0,
+            finished: false,
+            total_len: 0,
+            encoding: Encoding::F32,
+            chunks: Arc::new(vec![]),
+            generations: Arc::new(vec![]),
+        }
+    }
+}
+
+/// The next round's parameters as far as the open round has reduced them, for pulls that
+/// stream them early (full duplex). Provisional: a range is final only once the round closes
+/// with the same generation.
+#[derive(Clone, Debug)]
+pub(crate) struct Progress {
+    /// The open round: these are the parameters of `round + 1`.
+    pub round: u64,
+    pub chunks: Vec<Option<(u64, EncodedChunk)>>,
+}
+
+impl Progress {
+    pub fn empty(round: u64, n: usize) -> Self {
+        Progress {
+            round,
+            chunks: vec![None; n],
+        }
+    }
+}
+
+pub(crate) enum PullReply {
+    Ready(pb::WorkOrder, Arc<Published>),
+    Wait,
+}
+
+pub(crate) enum Msg {
+    Join {
+        name: String,
+        rank_hint: Option<u32>,
+        reply: oneshot::Sender<Result<pb::JoinResponse>>,
+    },
+    Pull {
+        worker_id: String,
+        after_round: Option<u64>,
+        reply: oneshot::Sender<Result<PullReply>>,
+    },
+    /// The first chunk of an update arrived: checks the round, membership and sample count
+    /// before the rest is read; replies with the member index the chunks go to.
+    Begin {
+        worker_id: String,
+        round: u64,
+        samples: u64,
+        loss: f64,
+        encoding: Encoding,
+        reply: oneshot::Sender<Result<usize>>,
+    },
+    /// A checked chunk `index` of the run's grid.
+    Chunk {
+        member: usize,
+        round: u64,
+        index: usize,
+        payload: Bytes,
+    },
+    /// Every chunk arrived and the whole checked out.
+    End {
+        member: usize,
+        round: u64,
+        reply: oneshot::Sender<Result<u64>>,
+    },
+    /// The update failed or its stream was dropped: forget it.
+    Abort { member: usize, round: u64 },
+    Touch {
+        worker_id: String,
+        reply: oneshot::Sender<Result<(u64, WorkerState)>>,
+    },
+    Leave {
+        worker_id: String,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    Status {
+        reply: oneshot::Sender<pb::StatusResponse>,
+    },
+    /// Checkpoint now and stop (SIGTERM).
+    Shutdown {
+        reply: oneshot::Sender<Result<Option<PathBuf>>>,
+    },
+}
+
+/// What the run ended with.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub rounds: u64,
+    pub finished: bool,
+    pub last_eval: Option<EvalReport>,
+    pub checkpoint: Option<PathBuf>,
+}

@@ -1,0 +1,372 @@
+//! A round: planned from the live workers, fed by their updates, closed over the complete
+//! ones (whatever their arrival order), committed and published.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use capsnet_core::checkpoint::DataPosition;
+use capsnet_core::optim::AdamStep;
+use capsnet_proto::wire::{EncodedChunk, encode_chunks};
+use capsnet_proto::{Encoding, SyncMode, WorkerState, pb};
+
+use super::membership::WAITING_LOG_EVERY;
+use super::{Actor, Progress, Published, PullReply};
+use crate::error::{CoordinatorError, Result};
+use crate::plan::{EpochCursor, RoundPlan};
+use crate::reduce::Source;
+
+impl Actor {
+    /// Serves the current parameters (encoded here: at start, on resume and at the end).
+    pub(super) fn publish(&self) {
+        let chunks = encode_chunks(&self.params.data, self.cfg.wire, self.cfg.chunk_bytes);
+        let generations = vec![0; chunks.len()];
+        self.publish_chunks(chunks, generations);
+    }
+
+    /// Publishes the parameters of the current round, and opens its progress.
+    pub(super) fn publish_chunks(&self, chunks: Vec<EncodedChunk>, generations: Vec<u64>) {
+        let n = chunks.len();
+        self.published.send_replace(Arc::new(Published {
+            round: self.round,
+            finished: self.finished,
+            total_len: self.params.data.len() as u64,
+            encoding: self.cfg.wire,
+            chunks: Arc::new(chunks),
+            generations: Arc::new(generations),
+        }));
+        self.progress.send_replace(Progress::empty(self.round, n));
+    }
+
+    /// Shows pulls what range `index` of the open round is now (None: forgotten).
+    pub(super) fn show_progress(&self, index: usize) {
+        let now = self.reducer.reduced(index).map(|(g, c)| (g, c.clone()));
+        let round = self.round;
+        self.progress.send_if_modified(|p| {
+            if p.round != round || index >= p.chunks.len() {
+                return false;
+            }
+            p.chunks[index] = now;
+            true
+        });
+    }
+
+    pub(super) fn published_now(&self) -> Arc<Published> {
+        self.published.borrow().clone()
+    }
+
+    pub(super) fn pull(&mut self, id: &str, after_round: Option<u64>) -> Result<PullReply> {
+        let (round, finished) = (self.round, self.finished);
+        self.worker_mut(id)?;
+        let name = self.members.names.get(id).cloned().unwrap_or_default();
+        if finished {
+            let order = pb::WorkOrder {
+                round,
+                finished: true,
+                ..Default::default()
+            };
+            return Ok(PullReply::Ready(order, self.published_now()));
+        }
+        let Some(plan) = &self.plan else {
+            return Ok(PullReply::Wait);
+        };
+        if after_round.is_some_and(|a| a >= round) {
+            return Ok(PullReply::Wait);
+        }
+        // A worker that is not a member of this round gets work from the next one.
+        let member = plan.member_index(&name);
+        let range = member.map(|k| plan.work(k)).unwrap_or(0..0);
+        let done = member.is_some_and(|k| self.reducer.complete(k));
+        let order = pb::WorkOrder {
+            round,
+            epoch: plan.epoch,
+            start: range.start as u64,
+            end: range.end as u64,
+            participate: !range.is_empty() && !done,
+            finished: false,
+        };
+        Ok(PullReply::Ready(order, self.published_now()))
+    }
+
+    /// This round's Adam step (none in params mode).
+    pub(super) fn step(&self) -> Option<AdamStep> {
+        (self.cfg.sync_mode == SyncMode::Grad).then(|| self.adam.next_step())
+    }
+
+    pub(super) fn begin(
+        &mut self,
+        id: &str,
+        round: u64,
+        samples: u64,
+        loss: f64,
+        encoding: Encoding,
+    ) -> Result<usize> {
+        let current = self.round;
+        self.worker_mut(id)?;
+        if self.finished {
+            return Err(CoordinatorError::Finished);
+        }
+        if round != current {
+            return Err(CoordinatorError::StaleRound {
+                got: round,
+                current,
+            });
+        }
+        let name = self.members.names.get(id).cloned().unwrap_or_default();
+        let plan = self
+            .plan
+            .as_ref()
+            .ok_or_else(|| CoordinatorError::NotMember { name: name.clone() })?;
+        let k = plan
+            .member_index(&name)
+            .ok_or_else(|| CoordinatorError::NotMember { name: name.clone() })?;
+        if self.reducer.has(k) {
+            return Err(CoordinatorError::Duplicate { name, round });
+        }
+        let want = plan.work(k).len() as u64;
+        if samples != want || samples == 0 {
+            return Err(CoordinatorError::BadUpdate(format!(
+                "update covers {samples} samples, this round's work order has {want}"
+            )));
+        }
+        // Its state stays: an update from a worker marked unhealthy is still good work, but
+        // only signs of life received after the marking bring the worker back (see tick).
+        if let Some(w) = self.members.workers.get_mut(&name) {
+            w.last_round = round;
+        }
+        self.first_update.get_or_insert_with(Instant::now);
+        self.reducer.begin(k, samples, loss, encoding);
+        Ok(k)
+    }
+
+    /// Plan members this round waits for: healthy, with work this round.
+    pub(super) fn expected(&self) -> Vec<usize> {
+        let Some(plan) = &self.plan else {
+            return vec![];
+        };
+        plan.members
+            .iter()
+            .enumerate()
+            .filter(|(k, name)| {
+                self.members
+                    .workers
+                    .get(*name)
+                    .is_some_and(|w| w.state == WorkerState::Healthy)
+                    && !plan.work(*k).is_empty()
+            })
+            .map(|(k, _)| k)
+            .collect()
+    }
+
+    /// Opens, plans again or closes the round as members arrive, die or miss the deadline.
+    pub(super) fn advance(&mut self, now: Instant) {
+        let Some(plan) = &self.plan else {
+            self.open_round();
+            if self.plan.is_none()
+                && self
+                    .waiting_since_log
+                    .is_none_or(|t| now - t >= WAITING_LOG_EVERY)
+            {
+                tracing::warn!(
+                    round = self.round,
+                    epoch = self.cursor.epoch,
+                    "no live worker: waiting for one to join or come back"
+                );
+                self.waiting_since_log = Some(now);
+            }
+            return;
+        };
+        let expected = self.expected();
+        let done = self.reducer.completed();
+        let any_update = (0..plan.members.len()).any(|k| self.reducer.has(k));
+        if expected.is_empty() && !any_update {
+            // Every member of the round was lost before sending anything: hand its work to
+            // whoever is live now (or wait for someone to be).
+            tracing::warn!(round = self.round, members = ?plan.members, "every member of the round was lost: planning it again");
+            self.replan();
+            return;
+        }
+        let all_in = !done.is_empty() && expected.iter().all(|k| done.contains(k));
+        let deadline = now - self.round_started >= self.cfg.round_timeout;
+        if all_in && done.len() >= self.cfg.min_workers.min(expected.len().max(1)) {
+            self.close_round();
+        } else if deadline && done.len() >= self.cfg.min_workers {
+            let missing: Vec<String> = expected
+                .iter()
+                .filter(|k| !done.contains(k))
+                .map(|&k| plan.members[k].clone())
+                .collect();
+            for name in &missing {
+                if let Some(w) = self.members.workers.get_mut(name) {
+                    tracing::warn!(worker = %w.id, %name, round = self.round, "missed the round deadline: unhealthy");
+                    w.mark_unhealthy(now);
+                }
+            }
+            self.close_round();
+        } else if deadline
+            && self
+                .waiting_since_log
+                .is_none_or(|t| now - t >= WAITING_LOG_EVERY)
+        {
+            tracing::warn!(
+                round = self.round,
+                updates = done.len(),
+                min_workers = self.cfg.min_workers,
+                "round deadline passed with too few updates; waiting for workers"
+            );
+            self.waiting_since_log = Some(now);
+        }
+    }
+
+    /// Plans the current round with every live worker, in rank order: each gets its share of
+    /// what is left of the epoch. No plan while no worker is live.
+    pub(super) fn open_round(&mut self) {
+        let members = self.live();
+        if members.is_empty() {
+            self.plan = None;
+            return;
+        }
+        let per_round = self.cfg.train.batch_size * self.cfg.sync_every;
+        let work = self.cursor.hand_out(members.len(), per_round);
+        for n in &members {
+            if let Some(w) = self.members.workers.get_mut(n) {
+                w.state = WorkerState::Healthy;
+            }
+        }
+        tracing::debug!(
+            round = self.round,
+            epoch = self.cursor.epoch,
+            ?members,
+            "round planned"
+        );
+        self.plan = Some(RoundPlan {
+            round: self.round,
+            epoch: self.cursor.epoch,
+            members,
+            work,
+        });
+        // Pulls that arrived before there was a plan wait on the published round: wake them.
+        self.published.send_modify(|_| {});
+        self.round_started = Instant::now();
+        self.waiting_since_log = None;
+    }
+
+    /// Gives the open round's work back and plans the round again with who is live now.
+    pub(super) fn replan(&mut self) {
+        if let Some(plan) = self.plan.take() {
+            for w in plan.work {
+                self.cursor.give_back(w);
+            }
+        }
+        self.reducer.clear();
+        let n = self.reducer.grid().len();
+        self.progress.send_replace(Progress::empty(self.round, n));
+        self.open_round();
+    }
+
+    /// Finishes the reduction over the complete updates (weighted by samples, in member order,
+    /// so the result does not depend on arrival order), commits it and opens the next round.
+    pub(super) fn close_round(&mut self) {
+        let t0 = Instant::now();
+        let src = Source {
+            params: &self.params.data,
+            m: &self.adam.m,
+            v: &self.adam.v,
+            step: self.step(),
+        };
+        let Some(plan) = self.plan.take() else {
+            return;
+        };
+        let Some(closed) = self.reducer.close(&src) else {
+            self.plan = Some(plan);
+            // Nothing completed: the round stays open, with nothing reduced.
+            let n = self.reducer.grid().len();
+            self.progress.send_replace(Progress::empty(self.round, n));
+            return;
+        };
+        // Commit: the stepped buffers become the state; the old ones are next round's buffers.
+        std::mem::swap(&mut self.params.data, &mut self.reducer.next_params);
+        if self.cfg.sync_mode == SyncMode::Grad {
+            std::mem::swap(&mut self.adam.m, &mut self.reducer.next_m);
+            std::mem::swap(&mut self.adam.v, &mut self.reducer.next_v);
+            self.adam.step += 1;
+        }
+        if let (Some(e), Some(d)) = (&mut self.ema, self.cfg.train.ema_decay) {
+            capsnet_core::optim::ema_update(e, &self.params.data, d, self.round + 1);
+        }
+        let (total, loss, chunks, generations) = (
+            closed.samples,
+            closed.loss,
+            closed.chunks,
+            closed.generations,
+        );
+        let reduce_s = t0.elapsed().as_secs_f64();
+        let round_s = (t0 - self.round_started).as_secs_f64();
+        let sync_s = self.first_update.map_or(0.0, |f| (t0 - f).as_secs_f64()) + reduce_s;
+        self.samples_seen += total;
+        let workers = closed.members.len();
+        // The work of members whose update is not in the round goes back to be redone.
+        let mut trained = vec![];
+        for (k, w) in plan.work.into_iter().enumerate() {
+            if closed.members.contains(&k) {
+                trained.push([w.start, w.end]);
+            } else {
+                self.cursor.give_back(w);
+            }
+        }
+        let closed = self.round;
+        self.round += 1;
+        let lr = self.adam.config.lr_at(self.adam.step.saturating_sub(1));
+        if let Ok(mut m) = self.bg.metrics.lock() {
+            m.write(serde_json::json!({
+                "kind": "round", "round": closed, "epoch": plan.epoch, "samples_seen": self.samples_seen,
+                "train_loss": loss, "workers": workers, "images_per_s": total as f64 / round_s.max(1e-9),
+                "round_s": round_s, "sync_s": sync_s, "lr": lr, "positions": trained,
+            }));
+        }
+        // Every round is in metrics.jsonl; the log gets one line per --log-every rounds.
+        if (closed + 1) % self.cfg.train.log_every == 0 {
+            tracing::info!(
+                round = closed,
+                epoch = plan.epoch,
+                loss,
+                workers,
+                round_s,
+                sync_s,
+                "round closed"
+            );
+        }
+        let epoch_end = self.cursor.exhausted();
+        if epoch_end {
+            self.cursor = EpochCursor::new(self.cursor.epoch + 1, self.n_train);
+        }
+        if self.plan_done() {
+            self.finish();
+            return;
+        }
+        self.first_update = None;
+        self.open_round();
+        // Workers get the new parameters before any snapshot is taken for evaluation.
+        self.publish_chunks(chunks, generations);
+        let every = self.cfg.eval_every;
+        if epoch_end || (every > 0 && self.round % every == 0) {
+            self.spawn_eval();
+            let _ = self.checkpoint_now(false);
+        } else if self.cfg.train.checkpoint_every > 0
+            && self.round % self.cfg.train.checkpoint_every == 0
+        {
+            let _ = self.checkpoint_now(false);
+        }
+    }
+
+    /// Where the run is in the data after the last closed round: the open round's work counts
+    /// as not handed out, so a resume redoes it.
+    pub(super) fn position(&self) -> DataPosition {
+        let mut c = self.cursor.clone();
+        if let Some(plan) = &self.plan {
+            for w in &plan.work {
+                c.give_back(w.clone());
+            }
+        }
+        c.position()
+    }
+}
