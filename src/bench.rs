@@ -17,6 +17,9 @@ pub enum BenchCmd {
     Train(BenchTrainArgs),
     /// Gradient-sync rounds through a coordinator with synthetic workers (no model compute).
     Sync(crate::bench_sync::BenchSyncArgs),
+    /// Real coordinator and worker processes trained under injected faults (kills, stops,
+    /// leaves, joins, a coordinator restart) beside a fault-free run.
+    Chaos(crate::bench_chaos::BenchChaosArgs),
 }
 
 #[derive(Args)]
@@ -76,6 +79,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Train(a) => train(a),
         BenchCmd::Sync(a) => crate::bench_sync::run(a),
+        BenchCmd::Chaos(a) => crate::bench_chaos::run(a),
     }
 }
 

@@ -6,11 +6,12 @@
 //! - [`train`]: `train`, `eval`, `grad` (one machine).
 //! - [`distributed`]: `coordinator`, `worker`, the async runtime and the stop signal.
 //! - [`launch`]: `launch`, a coordinator and N worker processes on this machine.
-//! - [`bench`], [`bench_sync`]: `bench train` and `bench sync`.
+//! - [`bench`], [`bench_sync`], [`bench_chaos`]: `bench train`, `bench sync`, `bench chaos`.
 //! - [`logging`]: the tracing subscriber; [`exit`]: error line and exit status.
 
 mod args;
 mod bench;
+mod bench_chaos;
 mod bench_sync;
 mod distributed;
 mod exit;

@@ -201,3 +201,58 @@ fn a_killed_worker_is_noticed_by_its_closed_connection() {
     assert!(!log.contains("no heartbeat"), "{log}");
     assert_every_sample_once(&run, n, 1);
 }
+
+/// `capsnet bench chaos` run small: a fault-free run, then the same under a worker kill with a
+/// restart, a stopped worker, a joining worker and a coordinator kill with --resume. Both
+/// finish, and the faulty one trains every sample of each epoch exactly once.
+#[test]
+fn bench_chaos_runs_small_and_loses_no_sample() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("chaos.json");
+    let out = capsnet()
+        .args(["bench", "chaos", "--workers", "2", "--synthetic", "600"])
+        .args(["--epochs", "2", "--batch-size", "4", "--test-limit", "32"])
+        .args(["--kills", "1", "--restart-after", "1s", "--stragglers", "1"])
+        .args([
+            "--stop-for",
+            "2s",
+            "--joins",
+            "1",
+            "--coordinator-kills",
+            "1",
+        ])
+        .args(["--heartbeat", "300ms", "--checkpoint-every", "10"])
+        .arg("--keep")
+        .arg(tmp.path().join("runs"))
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for run in ["baseline", "chaos"] {
+        let r = &v[run];
+        assert_eq!(r["finished"], true, "{run}: {text}");
+        assert_eq!(r["samples_twice"], 0, "{run}: {text}");
+        assert_eq!(r["samples_skipped"], 0, "{run}: {text}");
+        assert!(r["rounds"].as_u64().unwrap() > 0, "{run}: {text}");
+    }
+    let kinds: Vec<&str> = v["chaos"]["faults"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["kind"].as_str().unwrap())
+        .collect();
+    for k in [
+        "kill_worker",
+        "stop_worker",
+        "worker_joins",
+        "kill_coordinator",
+    ] {
+        assert!(kinds.contains(&k), "{k} not injected: {kinds:?}\n{text}");
+    }
+    assert!(v["baseline"]["faults"].as_array().unwrap().is_empty());
+    assert!(text.contains("throughput kept"), "{text}");
+}

@@ -2,12 +2,15 @@
 //! crate depends on the other and the binary only prints tables.
 //!
 //! # Layout
+//! - [`chaos`]: real coordinator and worker processes trained under injected faults
+//!   (`capsnet bench chaos`).
 //! - [`sync`]: gradient-sync rounds through a real coordinator on loopback with synthetic
 //!   workers (`capsnet bench sync`).
 //!
 //! The model's own throughput benchmark (`capsnet bench train`) is `capsnet_core::bench`.
 #![forbid(unsafe_code)]
 
+pub mod chaos;
 pub mod sync;
 
 /// What can stop a benchmark.
