@@ -67,6 +67,10 @@ pub struct CoordinatorArgs {
     /// health) until SIGTERM, as a Kubernetes Deployment expects.
     #[arg(long, env = "CAPSNET_EXIT_WHEN_DONE", default_value_t = true, action = clap::ArgAction::Set)]
     pub exit_when_done: bool,
+    /// Give stragglers (updates over twice the round's median on average, or three rounds
+    /// missed in a row) no work, but every 10th round, where they are measured again.
+    #[arg(long, env = "CAPSNET_DROP_STRAGGLERS")]
+    pub drop_stragglers: bool,
     /// Write the bound address to this file once listening (for tests and scripts that listen
     /// on port 0).
     #[arg(long, hide = true)]
@@ -145,6 +149,7 @@ impl CoordinatorArgs {
         c.chunk_bytes = self.chunk_bytes;
         c.resume = self.resume;
         c.exit_when_done = self.exit_when_done;
+        c.drop_stragglers = self.drop_stragglers;
         c.tls = match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => Some(capsnet_coordinator::TlsFiles {
                 cert: cert.clone(),

@@ -256,3 +256,77 @@ fn bench_chaos_runs_small_and_loses_no_sample() {
     assert!(v["baseline"]["faults"].as_array().unwrap().is_empty());
     assert!(text.contains("throughput kept"), "{text}");
 }
+
+/// A worker much slower than the other (stopped and continued in a loop: running a tenth of the
+/// time) is
+/// marked a straggler in Status and the round lines; with --drop-stragglers the rounds go on
+/// without it, but for the probation rounds that measure it again.
+#[test]
+fn a_slow_worker_is_marked_a_straggler_and_dropped() {
+    let mut s = Setup::start(
+        4096,
+        &[
+            "--batch-size",
+            "64",
+            "--epochs",
+            "1000",
+            "--expect-workers",
+            "2",
+            "--heartbeat",
+            "2s",
+            "--drop-stragglers",
+            "--log-every",
+            "100000",
+        ],
+    );
+    let run = s.run.clone();
+    let _fast = named_worker(&s, "fast");
+    let mut slow = named_worker(&s, "slow");
+    wait_for("rounds with both", Duration::from_secs(60), || {
+        (rounds_with(&run, 0, 2) >= 3).then_some(())
+    });
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut client = rt
+        .block_on(capsnet_worker::Client::connect(&s.url, TOKEN, None))
+        .unwrap();
+    let start = std::time::Instant::now();
+    let marked = loop {
+        slow.signal(libc::SIGSTOP);
+        std::thread::sleep(Duration::from_millis(90));
+        slow.signal(libc::SIGCONT);
+        std::thread::sleep(Duration::from_millis(10));
+        let st = rt.block_on(coordinator_status(&mut client));
+        let w = st.workers.iter().find(|w| w.name == "slow").unwrap();
+        if w.straggler {
+            assert!(w.pace > 2.0, "{w:?}");
+            break rounds(&run).len();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "never marked: {st:?}"
+        );
+    };
+    // Dropped: the rounds go on with the fast worker alone but for probation rounds.
+    wait_for_or_log(
+        "rounds without the straggler",
+        Duration::from_secs(30),
+        &[&s.coord],
+        || (rounds_with(&run, marked, 1) >= 20).then_some(()),
+    );
+    let later = rounds(&run);
+    assert!(
+        later[marked..].iter().any(|r| r["stragglers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n == "slow")),
+        "the round lines name the straggler"
+    );
+    assert!(
+        s.coord.log_text().contains("straggler"),
+        "{}",
+        s.coord.log_text()
+    );
+    s.coord.signal(libc::SIGTERM);
+    s.coord.expect_success(Duration::from_secs(30));
+}

@@ -41,6 +41,8 @@ pub struct CoordinatorConfig {
     /// Stop serving once training is finished (and workers had time to hear it); otherwise
     /// serve until the shutdown future resolves.
     pub exit_when_done: bool,
+    /// Give stragglers no work (but every 10th round, to measure them again).
+    pub drop_stragglers: bool,
 }
 
 impl CoordinatorConfig {
@@ -61,6 +63,7 @@ impl CoordinatorConfig {
             tls: None,
             resume: false,
             exit_when_done: true,
+            drop_stragglers: false,
         }
     }
 

@@ -9,6 +9,7 @@ use capsnet_proto::{WorkerState, pb};
 use super::Actor;
 use crate::error::{CoordinatorError, Result};
 use crate::liveness::Liveness;
+use crate::plan::RoundPlan;
 
 /// The registry of workers: by name (a restarted process rejoins under its name), and session
 /// id to name (every RPC after the join names its session).
@@ -32,6 +33,12 @@ pub(super) struct Worker {
     /// The last time it was heard from (a heartbeat, a join, a pull or an update).
     pub(super) last_seen: Instant,
     pub(super) last_round: u64,
+    /// Its update time over the median of the round's, a moving average; rounds it counts.
+    pub(super) pace: f64,
+    pub(super) paced: u32,
+    /// Rounds in a row it had work in and did not deliver.
+    pub(super) missed: u32,
+    pub(super) straggler: bool,
     /// When it was last marked unhealthy: only a sign of life received after that brings it
     /// back (a request it sent before it died may still be in the queue).
     pub(super) unhealthy_since: Option<Instant>,
@@ -45,6 +52,16 @@ impl Worker {
 }
 
 /// How often "waiting for workers" is logged while a run cannot go on.
+/// A worker whose updates take this many times the round's median, on average, is a
+/// straggler; so is one that missed this many rounds in a row.
+const STRAGGLER_PACE: f64 = 2.0;
+const STRAGGLER_MISSES: u32 = 3;
+/// Rounds a worker's pace is measured over before it can count as a straggler (its first
+/// round after a join includes loading the data).
+const PACE_WARMUP: u32 = 3;
+/// With --drop-stragglers, every this many rounds stragglers get work again, to be measured.
+pub(super) const PROBATION_EVERY: u64 = 10;
+
 pub(super) const WAITING_LOG_EVERY: Duration = Duration::from_secs(5);
 
 impl Actor {
@@ -110,6 +127,10 @@ impl Actor {
                 state,
                 last_seen: Instant::now(),
                 unhealthy_since: None,
+                pace: 1.0,
+                paced: 0,
+                missed: 0,
+                straggler: false,
                 last_round: self.round,
             },
         );
@@ -152,6 +173,59 @@ impl Actor {
     /// True while the run has started but no worker is live to take the open round's work.
     pub(super) fn waiting_for_workers(&self) -> bool {
         self.started && self.plan.is_none() && !self.finished
+    }
+
+    /// After round `plan` closed (`done[k]`: when member k completed its update): each
+    /// member's time to its update against the round's median, as a moving average, and the
+    /// rounds it missed in a row; marks and clears stragglers. Returns the stragglers' names.
+    pub(super) fn note_paces(&mut self, plan: &RoundPlan, done: &[Option<Instant>]) -> Vec<String> {
+        let started = self.round_started;
+        let mut times: Vec<f64> = done
+            .iter()
+            .flatten()
+            .map(|t| (*t - started).as_secs_f64())
+            .collect();
+        times.sort_by(f64::total_cmp);
+        // The lower median: with two members, the faster one is the measure of the other.
+        let median = times
+            .get(times.len().saturating_sub(1) / 2)
+            .copied()
+            .unwrap_or(0.0);
+        for (k, name) in plan.members.iter().enumerate() {
+            let Some(w) = self.members.workers.get_mut(name) else {
+                continue;
+            };
+            match done.get(k).copied().flatten() {
+                // A pace needs others to compare with.
+                Some(t) if times.len() >= 2 && median > 0.0 => {
+                    let ratio = (t - started).as_secs_f64() / median;
+                    w.pace = if w.paced == 0 {
+                        ratio
+                    } else {
+                        0.7 * w.pace + 0.3 * ratio
+                    };
+                    w.paced += 1;
+                    w.missed = 0;
+                }
+                Some(_) => w.missed = 0,
+                None if !plan.work(k).is_empty() => w.missed += 1,
+                None => {}
+            }
+            let straggler =
+                w.missed >= STRAGGLER_MISSES || (w.paced >= PACE_WARMUP && w.pace > STRAGGLER_PACE);
+            if straggler != w.straggler {
+                if straggler {
+                    tracing::warn!(worker = %w.id, %name, pace = w.pace, missed = w.missed, "straggler");
+                } else {
+                    tracing::info!(worker = %w.id, %name, pace = w.pace, "no longer a straggler");
+                }
+                w.straggler = straggler;
+            }
+        }
+        (self.members.workers.iter())
+            .filter(|(_, w)| w.straggler)
+            .map(|(n, _)| n.clone())
+            .collect()
     }
 
     /// Marks unhealthy the workers whose heartbeat connection closed or whose heartbeats

@@ -75,6 +75,8 @@ pub(crate) struct Actor {
     /// The open round's members and their work; None before the first round and while no
     /// worker is live.
     plan: Option<RoundPlan>,
+    /// When each member of the open round completed its update (for its pace).
+    update_done: Vec<Option<Instant>>,
     /// A round was opened: the start conditions (--expect-workers) were met once.
     started: bool,
     /// When the last "waiting for workers" line was logged.
@@ -159,6 +161,7 @@ impl Actor {
             round,
             cursor: EpochCursor::from_position(&pos, train_ds.len()),
             plan: None,
+            update_done: vec![],
             started: false,
             waiting_since_log: None,
             members: Members {
@@ -303,6 +306,11 @@ impl Actor {
                 } else {
                     self.reducer.end(member).map(|()| round)
                 };
+                if r.is_ok()
+                    && let Some(t) = self.update_done.get_mut(member)
+                {
+                    *t = Some(Instant::now());
+                }
                 let _ = reply.send(r);
             }
             Msg::Abort { member, round } => {
@@ -356,6 +364,8 @@ impl Actor {
                     rank: w.rank,
                     state: w.state as i32,
                     last_round: w.last_round,
+                    straggler: w.straggler,
+                    pace: w.pace,
                 })
                 .collect(),
             finished: self.finished,

@@ -9,7 +9,7 @@ use capsnet_core::optim::AdamStep;
 use capsnet_proto::wire::{EncodedChunk, encode_chunks};
 use capsnet_proto::{Encoding, SyncMode, WorkerState, pb};
 
-use super::membership::WAITING_LOG_EVERY;
+use super::membership::{PROBATION_EVERY, WAITING_LOG_EVERY};
 use super::{Actor, Progress, Published, PullReply};
 use crate::error::{CoordinatorError, Result};
 use crate::plan::{EpochCursor, RoundPlan};
@@ -220,10 +220,17 @@ impl Actor {
     /// Plans the current round with every live worker, in rank order: each gets its share of
     /// what is left of the epoch. No plan while no worker is live.
     pub(super) fn open_round(&mut self) {
-        let members = self.live();
+        let mut members = self.live();
         if members.is_empty() {
             self.plan = None;
             return;
+        }
+        if self.cfg.drop_stragglers && self.round % PROBATION_EVERY != 0 {
+            let is_straggler =
+                |n: &String| self.members.workers.get(n).is_some_and(|w| w.straggler);
+            if members.iter().any(|n| !is_straggler(n)) {
+                members.retain(|n| !is_straggler(n));
+            }
         }
         let per_round = self.cfg.train.batch_size * self.cfg.sync_every;
         let work = self.cursor.hand_out(members.len(), per_round);
@@ -238,6 +245,7 @@ impl Actor {
             ?members,
             "round planned"
         );
+        self.update_done = vec![None; members.len()];
         self.plan = Some(RoundPlan {
             round: self.round,
             epoch: self.cursor.epoch,
@@ -304,6 +312,8 @@ impl Actor {
         let sync_s = self.first_update.map_or(0.0, |f| (t0 - f).as_secs_f64()) + reduce_s;
         self.samples_seen += total;
         let workers = closed.members.len();
+        let done = std::mem::take(&mut self.update_done);
+        let stragglers = self.note_paces(&plan, &done);
         // The work of members whose update is not in the round goes back to be redone.
         let mut trained = vec![];
         for (k, w) in plan.work.into_iter().enumerate() {
@@ -321,6 +331,7 @@ impl Actor {
                 "kind": "round", "round": closed, "epoch": plan.epoch, "samples_seen": self.samples_seen,
                 "train_loss": loss, "workers": workers, "images_per_s": total as f64 / round_s.max(1e-9),
                 "round_s": round_s, "sync_s": sync_s, "lr": lr, "positions": trained,
+                "stragglers": stragglers,
             }));
         }
         // Every round is in metrics.jsonl; the log gets one line per --log-every rounds.
