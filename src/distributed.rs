@@ -71,6 +71,11 @@ pub struct CoordinatorArgs {
     /// missed in a row) no work, but every 10th round, where they are measured again.
     #[arg(long, env = "CAPSNET_DROP_STRAGGLERS")]
     pub drop_stragglers: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (rounds, round and sync times, members
+    /// by state, heartbeat ages, stragglers, bytes by wire encoding, evaluation, timestamps of
+    /// the last round and checkpoint).
+    #[arg(long, env = "CAPSNET_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Write the bound address to this file once listening (for tests and scripts that listen
     /// on port 0).
     #[arg(long, hide = true)]
@@ -150,6 +155,7 @@ impl CoordinatorArgs {
         c.resume = self.resume;
         c.exit_when_done = self.exit_when_done;
         c.drop_stragglers = self.drop_stragglers;
+        c.metrics_listen = self.metrics_listen;
         c.tls = match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => Some(capsnet_coordinator::TlsFiles {
                 cert: cert.clone(),

@@ -330,3 +330,97 @@ fn a_slow_worker_is_marked_a_straggler_and_dropped() {
     s.coord.signal(libc::SIGTERM);
     s.coord.expect_success(Duration::from_secs(30));
 }
+
+/// `GET /metrics` on `addr`; the response's status line and body.
+fn scrape(addr: &str, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(c, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    let mut text = String::new();
+    c.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+/// The value of the sample `name` (with its labels, as printed) in an OpenMetrics body.
+fn sample(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// --metrics-listen serves Prometheus metrics during a run, and they move: rounds, members
+/// by state, heartbeat ages, bytes by direction. Other paths get 404, and an endless request
+/// is cut off without an answer.
+#[test]
+fn metrics_are_served_and_move_during_a_run() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut s = Setup::start(
+        4096,
+        &[
+            "--batch-size",
+            "2",
+            "--epochs",
+            "1000",
+            "--expect-workers",
+            "2",
+            "--metrics-listen",
+            &addr,
+            "--log-every",
+            "100000",
+        ],
+    );
+    let run = s.run.clone();
+    let _a = named_worker(&s, "a");
+    let _b = named_worker(&s, "b");
+    wait_for("rounds", Duration::from_secs(60), || {
+        (rounds(&run).len() >= 5).then_some(())
+    });
+    let (status, first) = scrape(&addr, "/metrics");
+    assert!(status.contains("200"), "{status}");
+    let rounds_then = sample(&first, "capsnet_rounds_total").unwrap();
+    wait_for("more rounds", Duration::from_secs(30), || {
+        (rounds(&run).len() as f64 >= rounds_then + 5.0).then_some(())
+    });
+    let (_, body) = scrape(&addr, "/metrics");
+    assert!(
+        sample(&body, "capsnet_rounds_total").unwrap() > rounds_then,
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, r#"capsnet_members{state="healthy"}"#),
+        Some(2.0),
+        "{body}"
+    );
+    for dir in ["in", "out"] {
+        let name = format!(r#"capsnet_wire_bytes_total{{encoding="f32",direction="{dir}"}}"#);
+        assert!(
+            sample(&body, &name).is_some_and(|b| b > 0.0),
+            "{name}: {body}"
+        );
+    }
+    let age = sample(&body, r#"capsnet_worker_heartbeat_age_seconds{worker="a"}"#).unwrap();
+    assert!((0.0..10.0).contains(&age), "{body}");
+    assert!(sample(&body, "capsnet_last_round_timestamp_seconds").unwrap() > 1.7e9);
+    assert_eq!(sample(&body, "capsnet_waiting_for_workers"), Some(0.0));
+    assert!(body.contains("capsnet_round_seconds_bucket"), "{body}");
+    assert!(scrape(&addr, "/other").0.contains("404"));
+    // A request that never ends is cut off at its size limit, unanswered.
+    {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(&addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let junk = vec![b'x'; 64 << 10];
+        let _ = c.write_all(&junk);
+        let mut out = vec![];
+        let _ = c.read_to_end(&mut out);
+        assert!(out.is_empty(), "answered a 64 KiB request line");
+    }
+    s.coord.signal(libc::SIGTERM);
+    s.coord.expect_success(Duration::from_secs(30));
+}

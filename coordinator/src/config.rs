@@ -43,6 +43,8 @@ pub struct CoordinatorConfig {
     pub exit_when_done: bool,
     /// Give stragglers no work (but every 10th round, to measure them again).
     pub drop_stragglers: bool,
+    /// Where to serve Prometheus metrics (`/metrics`), if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl CoordinatorConfig {
@@ -64,6 +66,7 @@ impl CoordinatorConfig {
             resume: false,
             exit_when_done: true,
             drop_stragglers: false,
+            metrics_listen: None,
         }
     }
 

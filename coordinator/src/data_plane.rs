@@ -119,6 +119,13 @@ fn chunk_frames(
     frame::frame_with_payload(&fields, frame::PARAM_PAYLOAD_TAG, c.payload.clone())
 }
 
+/// Payload bytes of a published round's chunks from `from` on.
+fn payload_bytes(snapshot: &Published, from: usize) -> u64 {
+    (snapshot.chunks.iter().skip(from))
+        .map(|c| c.payload.len() as u64)
+        .sum()
+}
+
 /// The frames of a published round's chunks from `from` on; the last carries the work order
 /// (and, as every last chunk, the checksum of the whole).
 fn round_frames(snapshot: &Published, from: usize, order: pb::WorkOrder) -> Vec<Bytes> {
@@ -177,6 +184,7 @@ async fn speculate(
             }
         };
         for (g, c) in early {
+            svc.metrics.wire(wire, "out", c.payload.len() as u64);
             for b in chunk_frames(round, svc.num_floats, wire, &c, None) {
                 tx.send(Ok(Frame::data(b))).await.map_err(|_| gone())?;
             }
@@ -191,6 +199,8 @@ async fn speculate(
                          taking part); pull again",
                     ));
                 }
+                svc.metrics
+                    .wire(wire, "out", payload_bytes(&snapshot, sent.len()));
                 for b in round_frames(&snapshot, sent.len(), order) {
                     tx.send(Ok(Frame::data(b))).await.map_err(|_| gone())?;
                 }
@@ -230,6 +240,8 @@ async fn serve(
         let mut published = svc.published.clone();
         published.borrow_and_update();
         if let PullReply::Ready(order, snapshot) = svc.ask_pull(&r).await? {
+            svc.metrics
+                .wire(snapshot.encoding, "out", payload_bytes(&snapshot, 0));
             return Ok(respond(round_frames(&snapshot, 0, order)));
         }
         // Not published yet: stream the ranges as the open round reduces them (full duplex).

@@ -7,6 +7,7 @@
 //! - `actor`: the round state machine, on one thread: members and their states, updates,
 //!   averaging in member order, Adam, evaluation and checkpoints in the background.
 //! - `liveness`: heartbeat stamps and closed connections, recorded outside the actor.
+//! - `metrics`: Prometheus metrics and the `/metrics` endpoint of `--metrics-listen`.
 //! - `reduce`: one round's updates, averaged and stepped range by range while they stream in.
 //! - `service`: the tonic service; streams and checks chunks, hands each to the actor.
 //! - `data_plane`: serves the two bulk RPCs ahead of tonic's router, payloads framed by hand.
@@ -31,6 +32,7 @@ pub mod config;
 mod data_plane;
 pub mod error;
 mod liveness;
+mod metrics;
 pub mod plan;
 mod reduce;
 mod service;
@@ -68,8 +70,25 @@ pub async fn serve(
     let actor_cfg = cfg.clone();
     let liveness = liveness::Liveness::default();
     let actor_liveness = liveness.clone();
+    let metrics = metrics::Metrics::new();
+    let actor_metrics = metrics.clone();
+    // Bound before the (possibly long) start, so that a bad address fails at once.
+    let metrics_listener = match cfg.metrics_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| CoordinatorError::io(format!("--metrics-listen {addr}"), e))?,
+        ),
+        None => None,
+    };
     let actor = tokio::task::spawn_blocking(move || {
-        actor::Actor::new(actor_cfg, pub_tx, progress_tx, actor_liveness)
+        actor::Actor::new(
+            actor_cfg,
+            pub_tx,
+            progress_tx,
+            actor_liveness,
+            actor_metrics,
+        )
     })
     .await
     .map_err(|source| CoordinatorError::Task {
@@ -97,7 +116,14 @@ pub async fn serve(
         names: Arc::new(names),
         grid,
         liveness: liveness.clone(),
+        metrics: metrics.clone(),
     };
+    let metrics_server = metrics_listener.map(|l| {
+        if let Ok(a) = l.local_addr() {
+            tracing::info!(address = %a, "metrics at http://{a}/metrics");
+        }
+        tokio::spawn(metrics::serve(l, metrics.clone(), std::future::pending()))
+    });
     let (health, health_svc) = tonic_health::server::health_reporter();
     health
         .set_serving::<pb::coordinator_server::CoordinatorServer<service::Service>>()
@@ -178,6 +204,9 @@ pub async fn serve(
         )
         .await;
     stopper.abort();
+    if let Some(m) = metrics_server {
+        m.abort();
+    }
     served.map_err(CoordinatorError::Serve)?;
     let outcome = tokio::task::spawn_blocking(move || actor_thread.join())
         .await

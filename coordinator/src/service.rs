@@ -28,6 +28,7 @@ pub(crate) struct Service {
     pub grid: Arc<Vec<Range<usize>>>,
     /// Heartbeats are stamped here before they queue for the actor.
     pub liveness: crate::liveness::Liveness,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Tells the actor to forget an update whose stream ended early or failed (also when the
@@ -164,6 +165,7 @@ impl Service {
                 ))
                 .into());
             }
+            self.metrics.wire(enc, "in", c.payload.len() as u64);
             self.tx
                 .send(Msg::Chunk {
                     member,

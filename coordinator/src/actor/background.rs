@@ -49,9 +49,10 @@ impl Actor {
             step: self.round,
             position: self.position(),
         };
-        let (ckpt, last) = (
+        let (ckpt, last, metrics) = (
             self.bg.checkpointer.clone(),
             self.bg.last_checkpoint.clone(),
+            self.metrics.clone(),
         );
         let write = move || -> Result<Option<PathBuf>> {
             let guard = ckpt
@@ -59,6 +60,9 @@ impl Actor {
                 .map_err(|_| CoordinatorError::Panicked("an earlier checkpoint write"))?;
             let path = guard.save(&ck)?;
             tracing::info!(path = %path.display(), "checkpoint written");
+            metrics
+                .last_checkpoint_timestamp
+                .set(crate::metrics::unix_now());
             if let Ok(mut l) = last.lock() {
                 *l = Some(path.clone());
             }
@@ -81,6 +85,7 @@ impl Actor {
             (self.model.clone(), self.params.clone(), self.test.clone());
         let mut ema = self.ema.clone();
         let (metrics, last) = (self.bg.metrics.clone(), self.bg.last_eval.clone());
+        let prometheus = self.metrics.clone();
         let (round, epoch, bs, threads) = (
             self.round,
             self.cursor.epoch,
@@ -122,6 +127,11 @@ impl Actor {
                     }
                     if let Ok(mut l) = last.lock() {
                         if l.as_ref().is_none_or(|(r, _)| *r <= round) {
+                            prometheus.test_accuracy.set(e.accuracy);
+                            prometheus.test_margin_loss.set(e.margin_loss);
+                            prometheus
+                                .test_reconstruction_loss
+                                .set(e.reconstruction_loss);
                             *l = Some((round, e));
                         }
                     }

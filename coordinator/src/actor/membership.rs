@@ -228,6 +228,40 @@ impl Actor {
             .collect()
     }
 
+    /// The members by state, each worker's heartbeat age, pace and straggler mark, and
+    /// whether the run waits for workers, as metrics.
+    pub(super) fn show_members(&self, now: Instant) {
+        use crate::metrics::{StateLabel, WorkerLabel};
+        let m = &self.metrics;
+        for (state, name) in [
+            (WorkerState::Joining, "joining"),
+            (WorkerState::Healthy, "healthy"),
+            (WorkerState::Unhealthy, "unhealthy"),
+            (WorkerState::Left, "left"),
+        ] {
+            let n = (self.members.workers.values())
+                .filter(|w| w.state == state)
+                .count();
+            m.members
+                .get_or_create(&StateLabel { state: name.into() })
+                .set(n as i64);
+        }
+        for (name, w) in &self.members.workers {
+            let label = WorkerLabel {
+                worker: name.clone(),
+            };
+            m.heartbeat_age_seconds
+                .get_or_create(&label)
+                .set((now - w.last_seen).as_secs_f64());
+            m.pace.get_or_create(&label).set(w.pace);
+            m.straggler
+                .get_or_create(&label)
+                .set(i64::from(w.straggler));
+        }
+        m.waiting_for_workers
+            .set(i64::from(self.waiting_for_workers()));
+    }
+
     /// Marks unhealthy the workers whose heartbeat connection closed or whose heartbeats
     /// stopped, and brings back those heard from since they were marked.
     pub(super) fn check_liveness(&mut self, now: Instant) {

@@ -93,6 +93,8 @@ pub(crate) struct Actor {
     /// Evaluation and checkpoint threads and what they share with the round thread.
     bg: Background,
     stop: bool,
+    /// What Prometheus scrapes (`--metrics-listen`).
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Actor {
@@ -102,6 +104,7 @@ impl Actor {
         published: watch::Sender<Arc<Published>>,
         progress: watch::Sender<Progress>,
         liveness: Liveness,
+        prometheus: Arc<crate::metrics::Metrics>,
     ) -> Result<Self> {
         cfg.validate()?;
         let t = &cfg.train;
@@ -193,6 +196,7 @@ impl Actor {
                 last_checkpoint: Arc::new(Mutex::new(None)),
             },
             stop: false,
+            metrics: prometheus,
         };
         actor.publish();
         Ok(actor)
@@ -387,6 +391,7 @@ impl Actor {
         }
         let now = Instant::now();
         self.check_liveness(now);
+        self.show_members(now);
         if !self.started {
             self.maybe_start(now);
             return;

@@ -312,6 +312,12 @@ impl Actor {
         let sync_s = self.first_update.map_or(0.0, |f| (t0 - f).as_secs_f64()) + reduce_s;
         self.samples_seen += total;
         let workers = closed.members.len();
+        let m = &self.metrics;
+        m.rounds.inc();
+        m.round_seconds.observe(round_s);
+        m.sync_seconds.observe(sync_s);
+        m.images_per_second.set(total as f64 / round_s.max(1e-9));
+        m.last_round_timestamp.set(crate::metrics::unix_now());
         let done = std::mem::take(&mut self.update_done);
         let stragglers = self.note_paces(&plan, &done);
         // The work of members whose update is not in the round goes back to be redone.
