@@ -20,15 +20,6 @@ fn named_worker(s: &Setup, name: &str) -> Proc {
     Proc::spawn(name, cmd, s.tmp.path())
 }
 
-/// Rounds closed so far with `workers` updates, from round `from` on.
-fn rounds_with(run: &Path, from: usize, workers: u64) -> usize {
-    rounds(run)
-        .iter()
-        .skip(from)
-        .filter(|r| r["workers"] == workers)
-        .count()
-}
-
 /// Fails unless, in every epoch, the positions the rounds trained tile `0..n` exactly once.
 fn assert_every_sample_once(run: &Path, n: usize, epochs: u64) {
     let all = rounds(run);
@@ -285,16 +276,27 @@ fn a_slow_worker_is_marked_a_straggler_and_dropped() {
     wait_for("rounds with both", Duration::from_secs(60), || {
         (rounds_with(&run, 0, 2) >= 3).then_some(())
     });
+    // Slow it down for the rest of the test: stopped 90 ms of every 100.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let slowing = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                slow.signal(libc::SIGSTOP);
+                std::thread::sleep(Duration::from_millis(90));
+                slow.signal(libc::SIGCONT);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            slow
+        })
+    };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut client = rt
         .block_on(capsnet_worker::Client::connect(&s.url, TOKEN, None))
         .unwrap();
     let start = std::time::Instant::now();
     let marked = loop {
-        slow.signal(libc::SIGSTOP);
-        std::thread::sleep(Duration::from_millis(90));
-        slow.signal(libc::SIGCONT);
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(100));
         let st = rt.block_on(coordinator_status(&mut client));
         let w = st.workers.iter().find(|w| w.name == "slow").unwrap();
         if w.straggler {
@@ -327,6 +329,8 @@ fn a_slow_worker_is_marked_a_straggler_and_dropped() {
         "{}",
         s.coord.log_text()
     );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _slow = slowing.join().unwrap();
     s.coord.signal(libc::SIGTERM);
     s.coord.expect_success(Duration::from_secs(30));
 }

@@ -176,22 +176,14 @@ fn a_killed_worker_is_dropped_and_rejoins() {
     let _w0 = s.worker(0, &[]);
     let mut w1 = s.worker(1, &[]);
     wait_for("rounds with both workers", Duration::from_secs(60), || {
-        (rounds(&run).iter().filter(|r| r["workers"] == 2).count() >= 5).then_some(())
+        (rounds_with(&run, 0, 2) >= 5).then_some(())
     });
     w1.signal(libc::SIGKILL);
     let killed_at = rounds(&run).len();
     wait_for(
         "rounds without the killed worker",
         Duration::from_secs(30),
-        || {
-            (rounds(&run)
-                .iter()
-                .skip(killed_at)
-                .filter(|r| r["workers"] == 1)
-                .count()
-                >= 5)
-                .then_some(())
-        },
+        || (rounds_with(&run, killed_at, 1) >= 5).then_some(()),
     );
     drop(w1);
     let _w1 = s.worker(1, &[]);
@@ -199,15 +191,7 @@ fn a_killed_worker_is_dropped_and_rejoins() {
     wait_for(
         "rounds with the restarted worker",
         Duration::from_secs(60),
-        || {
-            (rounds(&run)
-                .iter()
-                .skip(restarted_at)
-                .filter(|r| r["workers"] == 2)
-                .count()
-                >= 5)
-                .then_some(())
-        },
+        || (rounds_with(&run, restarted_at, 2) >= 5).then_some(()),
     );
     s.coord.signal(libc::SIGTERM);
     s.coord.expect_success(Duration::from_secs(30));

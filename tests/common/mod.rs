@@ -87,3 +87,12 @@ pub fn rounds(run: &Path) -> Vec<serde_json::Value> {
         .filter(|v| v["kind"] == "round")
         .collect()
 }
+
+/// Rounds of a run's metrics with `workers` updates, from the `from`-th round line on.
+pub fn rounds_with(run: &Path, from: usize, workers: u64) -> usize {
+    rounds(run)
+        .iter()
+        .skip(from)
+        .filter(|r| r["workers"] == workers)
+        .count()
+}
