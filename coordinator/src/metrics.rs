@@ -199,7 +199,11 @@ pub(crate) async fn serve(
             _ = &mut shutdown => return,
             r = listener.accept() => match r {
                 Ok(c) => c,
-                Err(_) => continue,
+                // Out of file descriptors, say: wait rather than spin.
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
             },
         };
         let Ok(permit) = slots.clone().acquire_owned().await else {
