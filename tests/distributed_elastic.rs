@@ -413,6 +413,8 @@ fn metrics_are_served_and_move_during_a_run() {
     assert!(sample(&body, "capsnet_last_round_timestamp_seconds").unwrap() > 1.7e9);
     assert_eq!(sample(&body, "capsnet_waiting_for_workers"), Some(0.0));
     assert!(body.contains("capsnet_round_seconds_bucket"), "{body}");
+    let updates = sample(&body, r#"capsnet_worker_update_seconds_count{worker="b"}"#);
+    assert!(updates.is_some_and(|n| n >= 5.0), "{body}");
     assert!(scrape(&addr, "/other").0.contains("404"));
     // A request that never ends is cut off at its size limit, unanswered.
     {

@@ -1,6 +1,6 @@
 //! Metrics for operators, in the Prometheus/OpenMetrics text format at `/metrics` on
 //! `--metrics-listen`: rounds and their times, throughput, members by state, each worker's
-//! heartbeat age, pace and straggler mark, bytes moved by wire encoding, the last evaluation,
+//! heartbeat age, update latency, pace and straggler mark, bytes moved by wire encoding, the last evaluation,
 //! and timestamps of the last round and checkpoint (for "training is stuck" alerts).
 
 use std::net::SocketAddr;
@@ -47,6 +47,7 @@ pub(crate) struct Metrics {
     pub members: Family<StateLabel, Gauge>,
     pub heartbeat_age_seconds: Family<WorkerLabel, FloatGauge>,
     pub pace: Family<WorkerLabel, FloatGauge>,
+    pub update_seconds: Family<WorkerLabel, Histogram>,
     pub straggler: Family<WorkerLabel, Gauge>,
     pub wire_bytes: Family<WireLabel, Counter>,
     pub test_accuracy: FloatGauge,
@@ -75,6 +76,9 @@ impl Metrics {
             members: Family::default(),
             heartbeat_age_seconds: Family::default(),
             pace: Family::default(),
+            update_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.001, 2.0, 18))
+            }),
             straggler: Family::default(),
             wire_bytes: Family::default(),
             test_accuracy: FloatGauge::default(),
@@ -112,6 +116,11 @@ impl Metrics {
             "worker_pace",
             "Each worker's update time over its rounds' median, averaged (1: typical)",
             m.pace.clone(),
+        );
+        r.register(
+            "worker_update_seconds",
+            "Time from a round's opening to each worker's complete update",
+            m.update_seconds.clone(),
         );
         r.register(
             "worker_straggler",

@@ -195,6 +195,14 @@ impl Actor {
             let Some(w) = self.members.workers.get_mut(name) else {
                 continue;
             };
+            if let Some(t) = done.get(k).copied().flatten() {
+                self.metrics
+                    .update_seconds
+                    .get_or_create(&crate::metrics::WorkerLabel {
+                        worker: name.clone(),
+                    })
+                    .observe((t - started).as_secs_f64());
+            }
             match done.get(k).copied().flatten() {
                 // A pace needs others to compare with.
                 Some(t) if times.len() >= 2 && median > 0.0 => {
