@@ -124,6 +124,10 @@ pub struct WorkerArgs {
     /// Server name to verify in the coordinator's certificate [default: the URL's host].
     #[arg(long, env = "CAPSNET_TLS_DOMAIN", requires = "tls_ca")]
     tls_domain: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (updates sent and used, compute and
+    /// sync time per round, images/s, bytes by wire encoding, joins, the last loss).
+    #[arg(long, env = "CAPSNET_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl CoordinatorArgs {
@@ -233,6 +237,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
         threads,
         give_up_after: a.give_up_after,
         tls,
+        metrics_listen: a.metrics_listen,
     };
     let out = runtime()?.block_on(async { capsnet_worker::run(cfg, shutdown_signal()).await })?;
     if !out.finished {

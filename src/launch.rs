@@ -130,6 +130,13 @@ pub fn run(a: LaunchArgs) -> Result<()> {
                 .env_remove("CAPSNET_WORKER_NAME")
                 .env_remove("CAPSNET_RANK")
                 .env_remove("CAPSNET_COORDINATOR")
+                // The coordinator's settings are not the workers': one metrics port each would
+                // collide, and TLS files would not fit a plaintext loopback address.
+                .env_remove("CAPSNET_METRICS_LISTEN")
+                .env_remove("CAPSNET_TLS_CA")
+                .env_remove("CAPSNET_TLS_CERT")
+                .env_remove("CAPSNET_TLS_KEY")
+                .env_remove("CAPSNET_TLS_DOMAIN")
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .kill_on_drop(true)

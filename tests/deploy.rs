@@ -419,6 +419,8 @@ fn rehearsal_with_the_configmap_environment_on_loopback() {
             ("CAPSNET_DATA_DIR", path(&data)),
             ("CAPSNET_TOKEN_FILE", path(&token)),
             ("CAPSNET_THREADS", "1".into()),
+            // One port per pod in the cluster; here the workers share loopback.
+            ("CAPSNET_METRICS_LISTEN", "127.0.0.1:0".into()),
         ],
         &["CAPSNET_THREADS"],
     );

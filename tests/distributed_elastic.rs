@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::*;
+use tonic_health::ServingStatus;
 
 /// `capsnet worker` named `name`, with no rank (the coordinator picks one).
 fn named_worker(s: &Setup, name: &str) -> Proc {
@@ -101,7 +102,11 @@ fn late_dead_and_renamed_workers_change_the_next_round_and_lose_no_sample() {
     assert_every_sample_once(&run, n, 2);
 }
 
-/// Every worker dies: the run waits, says so in Status, and goes on when a new worker joins.
+/// The health service's readiness answer: `capsnet.v1.Coordinator`.
+const READY: &str = "capsnet.v1.Coordinator";
+
+/// Every worker dies: the run waits, says so in Status and in its readiness (live, not ready,
+/// as before any worker joined), and goes on when a new worker joins.
 #[test]
 fn a_run_without_live_workers_waits_and_goes_on_when_one_joins() {
     let n = 128;
@@ -119,13 +124,24 @@ fn a_run_without_live_workers_waits_and_goes_on_when_one_joins() {
         ],
     );
     let run = s.run.clone();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let url = s.url.clone();
+    // Before any worker: the process is live, the run not ready (it cannot make progress).
+    rt.block_on(async {
+        assert_eq!(health(&url, "").await, ServingStatus::Serving);
+        wait_health(
+            &url,
+            READY,
+            ServingStatus::NotServing,
+            Duration::from_secs(10),
+        )
+        .await;
+    });
     let mut only = named_worker(&s, "only");
     wait_for("a few rounds", Duration::from_secs(60), || {
         (rounds(&run).len() >= 3).then_some(())
     });
     only.signal(libc::SIGKILL);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let url = s.url.clone();
     rt.block_on(async {
         let mut client = capsnet_worker::Client::connect(&url, TOKEN, None)
             .await
@@ -143,6 +159,15 @@ fn a_run_without_live_workers_waits_and_goes_on_when_one_joins() {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        // Waiting for workers: not ready, still live.
+        wait_health(
+            &url,
+            READY,
+            ServingStatus::NotServing,
+            Duration::from_secs(10),
+        )
+        .await;
+        assert_eq!(health(&url, "").await, ServingStatus::Serving);
     });
     drop(only);
     let _next = named_worker(&s, "next");
@@ -353,17 +378,19 @@ fn sample(body: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
-/// --metrics-listen serves Prometheus metrics during a run, and they move: rounds, members
-/// by state, heartbeat ages, bytes by direction. Other paths get 404, and an endless request
-/// is cut off without an answer.
+/// A loopback address with a port that was free a moment ago.
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// --metrics-listen serves Prometheus metrics during a run, on the coordinator and on a
+/// worker, and they move: rounds, members by state, heartbeat ages, bytes by direction; the
+/// worker's updates, step times and bytes. Other paths get 404, and an endless request is cut
+/// off without an answer.
 #[test]
 fn metrics_are_served_and_move_during_a_run() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = free_addr();
     let mut s = Setup::start(
         4096,
         &[
@@ -381,9 +408,23 @@ fn metrics_are_served_and_move_during_a_run() {
     );
     let run = s.run.clone();
     let _a = named_worker(&s, "a");
-    let _b = named_worker(&s, "b");
+    let worker_addr = free_addr();
+    let _b = {
+        let mut cmd = capsnet();
+        cmd.args(["worker", "--coordinator", &s.url, "--name", "b"])
+            .args(["--threads", "1", "--metrics-listen", &worker_addr])
+            .arg("--data-dir")
+            .arg(&s.data);
+        Proc::spawn("b", cmd, s.tmp.path())
+    };
     wait_for("rounds", Duration::from_secs(60), || {
         (rounds(&run).len() >= 5).then_some(())
+    });
+    // Rounds are closing: ready.
+    let url = s.url.clone();
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        wait_health(&url, READY, ServingStatus::Serving, Duration::from_secs(10)).await;
+        assert_eq!(health(&url, "").await, ServingStatus::Serving);
     });
     let (status, first) = scrape(&addr, "/metrics");
     assert!(status.contains("200"), "{status}");
@@ -415,6 +456,32 @@ fn metrics_are_served_and_move_during_a_run() {
     assert!(body.contains("capsnet_round_seconds_bucket"), "{body}");
     let updates = sample(&body, r#"capsnet_worker_update_seconds_count{worker="b"}"#);
     assert!(updates.is_some_and(|n| n >= 5.0), "{body}");
+    // The worker's own view: updates used, step and sync times, bytes both ways, a member.
+    let (status, w) = scrape(&worker_addr, "/metrics");
+    assert!(status.contains("200"), "{status}");
+    let used = sample(&w, "capsnet_worker_updates_total").unwrap();
+    assert!(used >= 1.0, "{w}");
+    assert_eq!(sample(&w, "capsnet_worker_joined"), Some(1.0), "{w}");
+    assert_eq!(sample(&w, "capsnet_worker_joins_total"), Some(1.0), "{w}");
+    assert!(
+        sample(&w, "capsnet_worker_compute_seconds_count").is_some_and(|n| n >= used),
+        "{w}"
+    );
+    for dir in ["in", "out"] {
+        let name =
+            format!(r#"capsnet_worker_wire_bytes_total{{encoding="f32",direction="{dir}"}}"#);
+        assert!(sample(&w, &name).is_some_and(|b| b > 0.0), "{name}: {w}");
+    }
+    assert!(
+        sample(&w, "capsnet_worker_loss").is_some_and(f64::is_finite),
+        "{w}"
+    );
+    assert!(sample(&w, "capsnet_worker_last_update_timestamp_seconds").unwrap() > 1.7e9);
+    wait_for("more worker updates", Duration::from_secs(30), || {
+        let (_, w) = scrape(&worker_addr, "/metrics");
+        (sample(&w, "capsnet_worker_updates_total").unwrap() > used).then_some(())
+    });
+    assert!(scrape(&worker_addr, "/other").0.contains("404"));
     assert!(scrape(&addr, "/other").0.contains("404"));
     // A request that never ends is cut off at its size limit, unanswered.
     {

@@ -7,7 +7,8 @@
 //! - `actor`: the round state machine, on one thread: members and their states, updates,
 //!   averaging in member order, Adam, evaluation and checkpoints in the background.
 //! - `liveness`: heartbeat stamps and closed connections, recorded outside the actor.
-//! - `metrics`: Prometheus metrics and the `/metrics` endpoint of `--metrics-listen`.
+//! - `metrics`: Prometheus metrics for `--metrics-listen`.
+//! - `health`: the health service's liveness and readiness answers.
 //! - `reduce`: one round's updates, averaged and stepped range by range while they stream in.
 //! - `service`: the tonic service; streams and checks chunks, hands each to the actor.
 //! - `data_plane`: serves the two bulk RPCs ahead of tonic's router, payloads framed by hand.
@@ -31,6 +32,7 @@ pub mod auth;
 pub mod config;
 mod data_plane;
 pub mod error;
+mod health;
 mod liveness;
 mod metrics;
 pub mod plan;
@@ -122,12 +124,18 @@ pub async fn serve(
         if let Ok(a) = l.local_addr() {
             tracing::info!(address = %a, "metrics at http://{a}/metrics");
         }
-        tokio::spawn(metrics::serve(l, metrics.clone(), std::future::pending()))
+        let m = metrics.clone();
+        tokio::spawn(capsnet_proto::metrics_http::serve(
+            l,
+            Arc::new(move || m.encode()),
+            std::future::pending(),
+        ))
     });
     let (health, health_svc) = tonic_health::server::health_reporter();
     health
-        .set_serving::<pb::coordinator_server::CoordinatorServer<service::Service>>()
+        .set_service_status(health::READY, tonic_health::ServingStatus::NotServing)
         .await;
+    let health_watch = tokio::spawn(health::watch(health, tx.clone()));
     let check = auth::TokenCheck::new(&cfg.token);
     let interceptor = check.clone();
     let grpc = data_plane::DataPlane {
@@ -204,6 +212,7 @@ pub async fn serve(
         )
         .await;
     stopper.abort();
+    health_watch.abort();
     if let Some(m) = metrics_server {
         m.abort();
     }

@@ -3,10 +3,9 @@
 //! heartbeat age, update latency, pace and straggler mark, bytes moved by wire encoding, the last evaluation,
 //! and timestamps of the last round and checkpoint (for "training is stuck" alerts).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -14,8 +13,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 type FloatGauge = Gauge<f64, AtomicU64>;
 
@@ -186,74 +183,4 @@ impl Metrics {
             })
             .inc_by(bytes);
     }
-}
-
-/// The longest request line and headers a scrape may send, and how long it may take.
-const MAX_REQUEST: usize = 8 << 10;
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Scrapes served at once; more wait in the kernel's accept queue.
-const MAX_SCRAPES: usize = 8;
-
-/// Serves `GET /metrics` (HTTP/1.x, one request per connection) until `shutdown` resolves.
-/// Each request is bounded in size and time, and at most a few are served at once.
-pub(crate) async fn serve(
-    listener: TcpListener,
-    metrics: Arc<Metrics>,
-    shutdown: impl std::future::Future<Output = ()>,
-) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES));
-    tokio::pin!(shutdown);
-    loop {
-        let (mut conn, _peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
-            _ = &mut shutdown => return,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                // Out of file descriptors, say: wait rather than spin.
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(&mut conn, &metrics)).await;
-        });
-    }
-}
-
-async fn answer(conn: &mut tokio::net::TcpStream, metrics: &Metrics) -> std::io::Result<()> {
-    let mut req = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = conn.read(&mut buf).await?;
-        if n == 0 || req.len() + n > MAX_REQUEST {
-            return Ok(());
-        }
-        req.extend_from_slice(&buf[..n]);
-    }
-    let (status, kind, body) = if req.starts_with(b"GET /metrics ") {
-        (
-            "200 OK",
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            metrics.encode(),
-        )
-    } else {
-        (
-            "404 Not Found",
-            "text/plain",
-            "only GET /metrics\n".to_string(),
-        )
-    };
-    let head = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: {kind}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
-    );
-    conn.write_all(head.as_bytes()).await?;
-    conn.write_all(body.as_bytes()).await?;
-    conn.shutdown().await
 }

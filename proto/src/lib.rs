@@ -4,6 +4,7 @@
 //! - [`pb`]: code generated from `proto/capsnet/v1/capsnet.proto` by `build.rs` (never edited).
 //! - [`wire`]: tensors as streams of chunks: f32/bf16 encoding, CRC-32 checksums, and an
 //!   [`wire::Assembler`] that checks and decodes a stream as it arrives.
+//! - [`metrics_http`]: the `/metrics` responder of `--metrics-listen`.
 //! - [`RunSettings`]: the run configuration a worker receives, converted from its message with
 //!   `TryFrom` (conversions live here, at the edge). The config types come from
 //!   `capsnet-config`, so speaking the protocol needs no BLAS.
@@ -12,6 +13,7 @@
 use capsnet_config::{AdamConfig, CapsNetConfig, LrSchedule, ParamLayout};
 
 pub mod frame;
+pub mod metrics_http;
 pub mod wire;
 
 /// Generated protocol code.

@@ -148,3 +148,48 @@ pub async fn coordinator_status(client: &mut Client) -> pb::StatusResponse {
         .unwrap()
         .into_inner()
 }
+
+/// The health service's answer for `service` (`""`: the process; `capsnet.v1.Coordinator`:
+/// readiness) at `url`, with no token.
+pub async fn health(url: &str, service: &str) -> tonic_health::ServingStatus {
+    use tonic_health::pb::health_check_response::ServingStatus as S;
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut c = tonic_health::pb::health_client::HealthClient::new(channel);
+    let r = c
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    match S::try_from(r.status).unwrap() {
+        S::Serving => tonic_health::ServingStatus::Serving,
+        S::NotServing => tonic_health::ServingStatus::NotServing,
+        _ => tonic_health::ServingStatus::Unknown,
+    }
+}
+
+/// Waits (up to `within`) until [`health`] of `service` answers `want`.
+pub async fn wait_health(
+    url: &str,
+    service: &str,
+    want: tonic_health::ServingStatus,
+    within: Duration,
+) {
+    let start = std::time::Instant::now();
+    loop {
+        let got = health(url, service).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            start.elapsed() < within,
+            "health of {service:?} is {got:?}, not {want:?}, after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

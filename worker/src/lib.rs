@@ -8,6 +8,7 @@
 //!   where it is in that loop for the logs; the loop itself is not yet a state machine.
 //! - [`client`]: a connected, authenticated gRPC client.
 //! - [`identity`]: the worker's name and preferred rank when the operator gives none.
+//! - [`metrics`]: what `--metrics-listen` serves.
 #![forbid(unsafe_code)]
 
 use std::future::Future;
@@ -32,9 +33,11 @@ use tonic::body::Body;
 
 pub mod client;
 mod identity;
+pub mod metrics;
 
 pub use client::{Client, ClientTls};
 pub use identity::identity;
+pub use metrics::WorkerMetrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -56,6 +59,12 @@ pub enum WorkerError {
     },
     #[error("TLS: {0}")]
     Tls(#[source] tonic::transport::Error),
+    #[error("--metrics-listen {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the token must be printable ASCII")]
     TokenNotAscii,
     /// This machine's training set differs from the coordinator's.
@@ -101,6 +110,7 @@ impl WorkerError {
             | WorkerError::Address { .. }
             | WorkerError::ReadFile { .. }
             | WorkerError::Tls(_)
+            | WorkerError::Listen { .. }
             | WorkerError::TokenNotAscii
             | WorkerError::DataMismatch { .. } => true,
             WorkerError::Core(e) => e.is_config(),
@@ -128,6 +138,8 @@ pub struct WorkerConfig {
     /// Give up when the coordinator cannot be reached for this long.
     pub give_up_after: Duration,
     pub tls: Option<ClientTls>,
+    /// Serve Prometheus metrics at `http://ADDR/metrics`.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// The worker's side of its life.
@@ -479,18 +491,58 @@ async fn join(cfg: &WorkerConfig) -> Result<(Client, pb::JoinResponse)> {
 /// Runs the worker until training is finished (`Ok(finished = true)`) or `shutdown` resolves
 /// (it leaves first).
 pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<WorkerOutcome> {
+    let metrics = WorkerMetrics::new();
+    let server = match cfg.metrics_listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| WorkerError::Listen { addr, source })?;
+            if let Ok(a) = l.local_addr() {
+                tracing::info!(address = %a, "metrics at http://{a}/metrics");
+            }
+            let m = metrics.clone();
+            Some(AbortOnDrop(tokio::spawn(
+                capsnet_proto::metrics_http::serve(
+                    l,
+                    Arc::new(move || m.encode()),
+                    std::future::pending(),
+                ),
+            )))
+        }
+        None => None,
+    };
+    let out = train(&cfg, &metrics, shutdown).await;
+    drop(server);
+    out
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn train(
+    cfg: &WorkerConfig,
+    metrics: &WorkerMetrics,
+    shutdown: impl Future<Output = ()>,
+) -> Result<WorkerOutcome> {
     tokio::pin!(shutdown);
     let mut replica: Option<Replica> = None;
     let mut rounds = 0u64;
     loop {
         tracing::info!(phase = ?Phase::Joining, coordinator = %cfg.coordinator, "joining");
         let (mut client, joined) = tokio::select! {
-            r = join(&cfg) => r?,
+            r = join(cfg) => r?,
             _ = &mut shutdown => return Ok(WorkerOutcome { rounds, finished: false }),
         };
         let settings = RunSettings::try_from(joined.config.unwrap_or_default())?;
         let id = joined.worker_id.clone();
         tracing::info!(worker = %id, rank = joined.rank, round = joined.round, "joined");
+        metrics.joined(true);
         // Heartbeats in the background from the moment we joined (loading the data can take
         // longer than the coordinator waits for a heartbeat); a NotFound means it forgot us.
         let (lost_tx, mut lost) = tokio::sync::watch::channel(false);
@@ -560,7 +612,10 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                         if pulled.len() != total as usize {
                             pulled = vec![0.0; total as usize];
                         }
-                        pull_into(&mut client, &id, after, settings.wire, &mut pulled).await?
+                        let o =
+                            pull_into(&mut client, &id, after, settings.wire, &mut pulled).await?;
+                        metrics.wire(settings.wire, "in", total);
+                        o
                     }
                 };
                 if order.finished {
@@ -577,6 +632,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                 };
                 let o = order;
                 let mut params = std::mem::take(&mut pulled);
+                let started = Instant::now();
                 let (r, params, out) = tokio::task::spawn_blocking(move || {
                     let out = r.compute(&o, &mut params);
                     (r, params, out)
@@ -589,6 +645,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                 pulled = params;
                 let r = replica.insert(r);
                 let (update, samples, loss) = out?;
+                let computed = Instant::now();
                 let data = SharedFloats(Arc::new(update));
                 let update = Update {
                     round: order.round,
@@ -616,6 +673,9 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                 };
                 let pulling = pull_into(&mut puller, &id, after, settings.wire, &mut pulled);
                 let (used, next) = tokio::try_join!(pushing, pulling)?;
+                metrics.wire(settings.wire, "out", total);
+                metrics.wire(settings.wire, "in", total);
+                metrics.round(samples, loss, computed - started, computed.elapsed(), used);
                 // The stream that sent the update is done with it by now (or else it is left
                 // to be freed, and the next update gets a fresh buffer).
                 if let Ok(v) = Arc::try_unwrap(data.0) {
@@ -644,6 +704,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
             }
         };
         hb.abort();
+        metrics.joined(false);
         match result {
             Ok(Some(finished)) => {
                 let _ = client

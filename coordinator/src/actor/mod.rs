@@ -57,7 +57,7 @@ mod round;
 use background::{Background, Metrics};
 use membership::Members;
 pub use msg::Outcome;
-pub(crate) use msg::{Msg, Progress, Published, PullReply};
+pub(crate) use msg::{Msg, Progress, Published, PullReply, Readiness};
 
 pub(crate) struct Actor {
     cfg: CoordinatorConfig,
@@ -340,6 +340,17 @@ impl Actor {
             }
             Msg::Status { reply } => {
                 let _ = reply.send(self.status());
+            }
+            Msg::Probe { reply } => {
+                let _ = reply.send(if self.finished {
+                    Readiness::Finished
+                } else if self.waiting_for_workers() {
+                    Readiness::WaitingForWorkers
+                } else if !self.started {
+                    Readiness::Starting
+                } else {
+                    Readiness::Training
+                });
             }
             Msg::Shutdown { reply } => {
                 tracing::info!(round = self.round, "shutting down: writing a checkpoint");

@@ -108,10 +108,24 @@ pub(crate) enum Msg {
     Status {
         reply: oneshot::Sender<pb::StatusResponse>,
     },
+    /// Whether the run can make progress, for the readiness check.
+    Probe { reply: oneshot::Sender<Readiness> },
     /// Checkpoint now and stop (SIGTERM).
     Shutdown {
         reply: oneshot::Sender<Result<Option<PathBuf>>>,
     },
+}
+
+/// What the readiness check needs of the actor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Readiness {
+    /// Waiting for `--expect-workers` (or `--start-timeout`) before the first round.
+    Starting,
+    /// A round is open with live members.
+    Training,
+    /// The run started, but no worker is live.
+    WaitingForWorkers,
+    Finished,
 }
 
 /// What the run ended with.
