@@ -71,6 +71,22 @@ pub struct CoordinatorArgs {
     /// missed in a row) no work, but every 10th round, where they are measured again.
     #[arg(long, env = "CAPSNET_DROP_STRAGGLERS")]
     pub drop_stragglers: bool,
+    /// Scale an update whose norm (--sync params: distance from the round's parameters) is
+    /// over 100x the median of the recent accepted ones down to that limit, instead of
+    /// rejecting it.
+    #[arg(long, env = "CAPSNET_CLIP_UPDATES")]
+    pub clip_updates: bool,
+    /// A pull the worker does not read, or a push whose next chunk does not come, for this
+    /// long is dropped (its buffers and its slot in the round are freed).
+    #[arg(long, env = "CAPSNET_STALL_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub stall_timeout: Duration,
+    /// Connections open at once; more are closed as soon as they are accepted.
+    #[arg(long, env = "CAPSNET_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Connections open at once from one IP address (a kubelet, a worker and a metrics
+    /// scraper use a few each).
+    #[arg(long, env = "CAPSNET_MAX_CONNECTIONS_PER_IP", default_value_t = 64)]
+    pub max_connections_per_ip: usize,
     /// Serve Prometheus metrics at http://ADDR/metrics (rounds, round and sync times, members
     /// by state, heartbeat ages, stragglers, bytes by wire encoding, evaluation, timestamps of
     /// the last round and checkpoint).
@@ -160,6 +176,10 @@ impl CoordinatorArgs {
         c.exit_when_done = self.exit_when_done;
         c.drop_stragglers = self.drop_stragglers;
         c.metrics_listen = self.metrics_listen;
+        c.clip_updates = self.clip_updates;
+        c.max_connections = self.max_connections;
+        c.max_connections_per_ip = self.max_connections_per_ip;
+        c.stall_timeout = self.stall_timeout;
         c.tls = match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => Some(capsnet_coordinator::TlsFiles {
                 cert: cert.clone(),
@@ -197,6 +217,12 @@ pub async fn serve_coordinator(
     if let Some(p) = &outcome.checkpoint {
         println!("{prefix}checkpoint: {}", p.display());
     }
+    if let Some(e) = &outcome.checkpoint_failed {
+        anyhow::bail!(
+            "the last checkpoint could not be written ({e}); the run's newest state is lost \
+             back to the previous checkpoint"
+        );
+    }
     Ok(outcome)
 }
 
@@ -230,7 +256,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
     }
     let cfg = capsnet_worker::WorkerConfig {
         coordinator: a.coordinator.clone(),
-        token: a.token.token()?,
+        token: a.token.token()?.into(),
         data_dir: a.data.resolve()?,
         name,
         rank_hint: rank,

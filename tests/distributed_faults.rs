@@ -282,3 +282,22 @@ fn a_restarted_coordinator_resumes_and_workers_reconnect() {
         coord.log_text()
     );
 }
+
+/// The final checkpoint cannot be written (its path is taken by a folder): the coordinator
+/// tries three times, says why, and exits non-zero instead of 0, so that a supervisor (or a
+/// Kubernetes Job) sees the lost state.
+#[test]
+fn a_final_checkpoint_that_cannot_be_written_fails_the_run() {
+    let mut s = Setup::start(64, &["--batch-size", "4", "--max-steps", "3"]);
+    std::fs::create_dir_all(s.run.join("checkpoint-3.safetensors")).unwrap();
+    let mut w = s.worker(0, &[]);
+    let status = s.coord.wait(Duration::from_secs(60));
+    let log = s.coord.log_text();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("checkpoint failed 3 times"), "{log}");
+    assert!(
+        log.contains("the last checkpoint could not be written"),
+        "{log}"
+    );
+    w.wait(Duration::from_secs(30));
+}

@@ -271,6 +271,39 @@ fn bad_updates_are_rejected_and_change_nothing() {
                 message: "non-finite value (NaN) at digit.weight[5]".into(),
             },
             Case {
+                // Finite, but its square overflows Adam's f32 second moment to infinity,
+                // which would freeze that parameter for good.
+                name: "a gradient of 1e30",
+                update: |v| {
+                    let mut big = v.values.to_vec();
+                    let at = v.j.settings.layout().get("digit.weight").unwrap().offset + 5;
+                    big[at] = 1e30;
+                    v.chunks(0, &big)
+                },
+                code: Code::InvalidArgument,
+                message: "a value beyond ±1e15 (1e30) at digit.weight[5]".into(),
+            },
+            Case {
+                name: "a NaN loss",
+                update: |v| {
+                    let mut msgs = v.chunks(0, v.values);
+                    msgs.iter_mut().for_each(|m| m.loss = f64::NAN);
+                    msgs
+                },
+                code: Code::InvalidArgument,
+                message: "loss NaN is not a finite non-negative number".into(),
+            },
+            Case {
+                name: "a negative loss",
+                update: |v| {
+                    let mut msgs = v.chunks(0, v.values);
+                    msgs.iter_mut().for_each(|m| m.loss = -3.0);
+                    msgs
+                },
+                code: Code::InvalidArgument,
+                message: "loss -3 is not a finite non-negative number".into(),
+            },
+            Case {
                 name: "chunks off the run's grid (half its chunk size)",
                 update: |v| {
                     let s = &v.j.settings;
@@ -533,6 +566,243 @@ fn a_pull_before_the_epoch_is_planned_is_answered_when_it_starts() {
             .expect("the early pull was never answered")
             .expect("no work order");
         assert!(order.participate && order.round == 0, "{order:?}");
+    });
+    coord.signal(libc::SIGTERM);
+    coord.expect_success(Duration::from_secs(30));
+}
+
+/// Rounds of one worker that pushes `values(round)` as its update, with the check that the
+/// coordinator answers as `expect(round, result)` says; `None` from `values` stops.
+async fn drive(
+    j: &mut Joined,
+    rounds: u64,
+    mut update: impl FnMut(u64, &Pulled) -> Vec<f32>,
+    mut expect: impl FnMut(u64, Result<(), tonic::Status>) -> bool,
+) {
+    let mut after = None;
+    let mut round = 0;
+    while round < rounds {
+        let p = pull(j, after).await;
+        let o = p.order;
+        let msgs = chunks_msg(
+            &j.id,
+            o.round,
+            &j.settings,
+            o.end - o.start,
+            &update(round, &p),
+        );
+        if expect(round, push(&mut j.client, msgs).await) {
+            after = Some(o.round);
+        }
+        round += 1;
+    }
+}
+
+/// An update whose norm is far beyond the recent ones (1000x the 9 accepted before it) is
+/// rejected with a message that says so, and the round goes on with a normal update; with
+/// --clip-updates it is accepted, scaled down. Both are counted in the metrics.
+#[test]
+fn updates_far_beyond_the_recent_norms_are_rejected_or_clipped() {
+    for clip in [false, true] {
+        let mut args = vec![
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "100",
+            "--heartbeat",
+            "5s",
+            "--chunk-bytes",
+            "4096",
+        ];
+        if clip {
+            args.push("--clip-updates");
+        }
+        let Setup {
+            tmp: _tmp,
+            mut coord,
+            url,
+            ..
+        } = Setup::start(64, &args);
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let mut j = join(&url, "probe", Some(0)).await;
+            let n = j.total as usize;
+            // Rounds 0-8 normal; round 9 a thousand times larger (then normal again, once it
+            // was refused); round 10 normal.
+            let mut refused = false;
+            drive(
+                &mut j,
+                12,
+                |round, _| vec![if round == 9 { 1.0 } else { 1e-3 }; n],
+                |round, r| match (round, clip, r) {
+                    (9, false, Err(e)) => {
+                        assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+                        assert!(
+                            e.message()
+                                .contains("over 100 x the median of the last 9 accepted"),
+                            "{e}"
+                        );
+                        refused = true;
+                        false
+                    }
+                    (_, _, r) => {
+                        r.unwrap();
+                        true
+                    }
+                },
+            )
+            .await;
+            assert_eq!(refused, !clip);
+            let st = coordinator_status(&mut j.client).await;
+            // Every push but the refused one closed a round.
+            assert_eq!(st.round, if clip { 12 } else { 11 }, "{st:?}");
+        });
+        coord.signal(libc::SIGTERM);
+        coord.expect_success(Duration::from_secs(30));
+        let log = coord.log_text();
+        let want = if clip {
+            "update clipped"
+        } else {
+            "update rejected"
+        };
+        assert!(log.contains(want), "{want}:\n{log}");
+    }
+}
+
+/// In --sync params an update is parameters: one that moved a parameter further than the
+/// round's local Adam steps can (here by 1.0, with lr 1e-3) is rejected, while the model's own
+/// parameters plus a small step are accepted. (Any finite parameters used to be accepted, and
+/// a model of huge values turns NaN at the next step.)
+#[test]
+fn params_too_far_from_the_rounds_are_rejected() {
+    let Setup {
+        tmp: _tmp,
+        mut coord,
+        url,
+        ..
+    } = Setup::start(
+        64,
+        &[
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "100",
+            "--sync",
+            "params",
+            "--heartbeat",
+            "5s",
+            "--chunk-bytes",
+            "4096",
+        ],
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut j = join(&url, "probe", Some(0)).await;
+        let p = pull(&mut j, None).await;
+        let o = p.order;
+        let samples = o.end - o.start;
+        let mut far = p.params.clone();
+        let at = j.settings.layout().get("digit.weight").unwrap().offset + 2;
+        far[at] += 1.0;
+        let e = push(
+            &mut j.client,
+            chunks_msg(&j.id, 0, &j.settings, samples, &far),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+        assert!(
+            e.message()
+                .contains("moved further than local Adam steps can")
+                && e.message().contains("digit.weight[2]"),
+            "{e}"
+        );
+        let near: Vec<f32> = p.params.iter().map(|x| x + 1e-4).collect();
+        push(
+            &mut j.client,
+            chunks_msg(&j.id, 0, &j.settings, samples, &near),
+        )
+        .await
+        .unwrap();
+        let next = pull(&mut j, Some(0)).await;
+        assert_eq!(next.order.round, 1);
+        assert!(next.params.iter().zip(&near).all(|(a, b)| a == b));
+    });
+    coord.signal(libc::SIGTERM);
+    coord.expect_success(Duration::from_secs(30));
+}
+
+/// `after_round` is the client's word: one past the open round (u64::MAX, where `+ 1` would
+/// overflow) is refused with INVALID_ARGUMENT, and the coordinator goes on serving.
+#[test]
+fn an_after_round_past_the_open_round_is_refused() {
+    let Setup {
+        tmp: _tmp,
+        mut coord,
+        url,
+        ..
+    } = Setup::start(64, &PROBE);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut j = join(&url, "probe", Some(0)).await;
+        for after in [u64::MAX, 5] {
+            let e = capsnet_worker::pull(&mut j.client, &j.id, Some(after), Encoding::F32, j.total)
+                .await
+                .err()
+                .expect("a pull after a round that does not exist was answered");
+            let WorkerError::Rpc(s) = e else {
+                panic!("{e}")
+            };
+            assert_eq!(s.code(), Code::InvalidArgument, "{s}");
+            assert!(s.message().contains("past the open round 0"), "{s}");
+        }
+        let p = pull(&mut j, None).await;
+        assert!(p.order.participate);
+    });
+    coord.signal(libc::SIGTERM);
+    coord.expect_success(Duration::from_secs(30));
+}
+
+/// A push that stops after its first chunk is dropped after --stall-timeout with
+/// DEADLINE_EXCEEDED, and its slot in the round is free again: the worker's whole update is
+/// then accepted. (Without the timeout the stalled push held the slot for good.)
+#[test]
+fn a_stalled_push_is_dropped_and_frees_its_slot() {
+    let mut args = PROBE.to_vec();
+    args.extend(["--stall-timeout", "1s"]);
+    let Setup {
+        tmp: _tmp,
+        mut coord,
+        url,
+        ..
+    } = Setup::start(64, &args);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut j = join(&url, "probe", Some(0)).await;
+        let p = pull(&mut j, None).await;
+        let samples = p.order.end - p.order.start;
+        let good = vec![1e-3f32; j.total as usize];
+        let msgs = chunks_msg(&j.id, 0, &j.settings, samples, &good);
+        assert!(msgs.len() > 2);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(msgs[0].clone()).await.unwrap();
+        let mut c = j.client.clone();
+        let stalled = tokio::spawn(async move {
+            c.rpc()
+                .push_update(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        });
+        let e = tokio::time::timeout(Duration::from_secs(15), stalled)
+            .await
+            .expect("the stalled push was never dropped")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(e.code(), Code::DeadlineExceeded, "{e}");
+        assert!(e.message().contains("no chunk for 1s after chunk 1"), "{e}");
+        drop(tx);
+        push(&mut j.client, msgs).await.unwrap();
+        let next = pull(&mut j, Some(0)).await;
+        assert_eq!(next.order.round, 1);
     });
     coord.signal(libc::SIGTERM);
     coord.expect_success(Duration::from_secs(30));

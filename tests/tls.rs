@@ -147,10 +147,13 @@ fn mutual_tls_trains_and_refuses_clients_without_a_certificate() {
         log.contains("cannot reach the coordinator at https://") && log.contains("hyper::Error("),
         "{log}"
     );
+    // Plaintext to a TLS coordinator: found out before the token is sent, and a
+    // configuration error (exit 2) that says what to do.
     let mut plain = worker(t, &url, 6, &d, &["--give-up-after", "2s"]);
-    plain.expect_failure(Duration::from_secs(30));
+    let status = plain.wait(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(2), "{}", plain.log_text());
     assert!(
-        plain.log_text().contains("cannot reach the coordinator"),
+        plain.log_text().contains("answered with TLS") && plain.log_text().contains("use https://"),
         "{}",
         plain.log_text()
     );
@@ -174,4 +177,89 @@ fn mutual_tls_trains_and_refuses_clients_without_a_certificate() {
     coord.expect_success(Duration::from_secs(60));
     w.expect_success(Duration::from_secs(30));
     assert!(run.join("checkpoint-3.safetensors").exists());
+}
+
+/// A server on loopback that answers whatever comes with a TLS alert, as a coordinator serving
+/// TLS does to plaintext, and records every byte it was sent until `stop` is set (or 20 s).
+fn fake_tls_server() -> (
+    String,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<Vec<u8>>,
+) {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    l.set_nonblocking(true).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
+    let recorder = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut seen = vec![];
+        while !stopped.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
+            let Ok((mut c, _)) = l.accept() else {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            };
+            c.set_nonblocking(false).unwrap();
+            c.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = c.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                seen.extend_from_slice(&buf[..n]);
+                // A TLS 1.2 record: fatal alert, protocol_version.
+                let _ = c.write_all(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x46]);
+            }
+        }
+        seen
+    });
+    (format!("http://{addr}"), stop, recorder)
+}
+
+/// An http:// worker pointed at a server that answers with TLS stops with exit 2 and a message
+/// that says to use https://, and the token never leaves it: the server saw the HTTP/2 preface
+/// and nothing else. And http:// together with --tls-ca is refused before any connection.
+#[test]
+fn the_token_never_travels_in_clear_to_a_tls_server() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let d = t.join("data");
+    write_synthetic(&d, 16, 8, 28, 10, 1).unwrap();
+    let (url, stop, recorder) = fake_tls_server();
+    let mut w = worker(t, &url, 0, &d, &["--give-up-after", "5s"]);
+    let status = w.wait(Duration::from_secs(30));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = recorder.join().unwrap();
+    assert_eq!(status.code(), Some(2), "{}", w.log_text());
+    assert!(
+        w.log_text().contains("answered with TLS") && w.log_text().contains("use https://"),
+        "{}",
+        w.log_text()
+    );
+    assert!(!seen.is_empty(), "the worker sent nothing at all");
+    let text = String::from_utf8_lossy(&seen);
+    assert!(
+        !text.contains(TOKEN),
+        "the token went out in clear: {text:?}"
+    );
+    assert!(
+        seen.starts_with(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
+        "{text:?}"
+    );
+
+    // --tls-ca with an http:// URL: a configuration error, before connecting anywhere.
+    std::fs::write(t.join("ca.pem"), "not used").unwrap();
+    let ca = t.join("ca.pem").display().to_string();
+    let mut w = worker(t, "http://127.0.0.1:9", 1, &d, &["--tls-ca", &ca]);
+    let status = w.wait(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(2), "{}", w.log_text());
+    assert!(
+        w.log_text()
+            .contains("is http://, which would not encrypt anything"),
+        "{}",
+        w.log_text()
+    );
 }

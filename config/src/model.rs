@@ -4,6 +4,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::{ConfigError, Result};
 
+/// The largest size of any one dimension of a model config.
+pub const MAX_DIM: usize = 4096;
+pub const MAX_ROUTING_ITERS: usize = 100;
+pub const MAX_DECODER_LAYERS: usize = 16;
+/// The most parameters a model may have: 1 GiB of f32 (the paper's model has 8.2 million).
+pub const MAX_PARAMS: usize = 1 << 28;
+/// The most prediction-vector floats per image (the paper's model: 184,320).
+pub const MAX_VOTES: usize = 1 << 26;
+
 /// The sizes and constants of a CapsNet. `Default` is the paper's MNIST network
 /// (8,215,568 parameters).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -157,9 +166,54 @@ impl CapsNetConfig {
                 self.conv1_out()
             )));
         }
+        // Upper bounds, before any size is multiplied: a config read from a file or received
+        // from the network can neither overflow the size arithmetic nor ask for more memory
+        // than a machine has.
+        let bounded = [
+            ("image_size", self.image_size, MAX_DIM),
+            ("in_channels", self.in_channels, MAX_DIM),
+            ("conv1_channels", self.conv1_channels, MAX_DIM),
+            ("conv1_kernel", self.conv1_kernel, MAX_DIM),
+            ("primary_types", self.primary_types, MAX_DIM),
+            ("primary_dim", self.primary_dim, MAX_DIM),
+            ("primary_kernel", self.primary_kernel, MAX_DIM),
+            ("primary_stride", self.primary_stride, MAX_DIM),
+            ("digit_dim", self.digit_dim, MAX_DIM),
+            ("routing_iters", self.routing_iters, MAX_ROUTING_ITERS),
+            (
+                "decoder layers",
+                self.decoder_hidden.len(),
+                MAX_DECODER_LAYERS,
+            ),
+        ];
+        let hidden = self
+            .decoder_hidden
+            .iter()
+            .map(|&h| ("decoder_hidden", h, MAX_DIM * 16));
+        for (name, v, max) in bounded.into_iter().chain(hidden) {
+            if v > max {
+                return Err(ConfigError(format!(
+                    "{name} must be at most {max}, got {v}"
+                )));
+            }
+        }
         if let Some(i) = self.decoder_hidden.iter().position(|&h| h == 0) {
             return Err(ConfigError(format!(
                 "decoder_hidden[{i}] must be at least 1"
+            )));
+        }
+        // With every size bounded above, these products fit in 64 bits.
+        let params = crate::ParamLayout::for_config(self).total();
+        if params > MAX_PARAMS {
+            return Err(ConfigError(format!(
+                "the model has {params} parameters, more than the {MAX_PARAMS} allowed"
+            )));
+        }
+        let votes = self.num_primary() * self.classes * self.digit_dim;
+        if votes > MAX_VOTES {
+            return Err(ConfigError(format!(
+                "the model has {votes} prediction vectors' floats per image (primary capsules x \
+                 classes x digit_dim), more than the {MAX_VOTES} allowed"
             )));
         }
         for (name, v) in [

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use capsnet_core::train::TrainConfig;
-use capsnet_proto::{Encoding, SyncMode};
+use capsnet_proto::{Encoding, SyncMode, Token};
 
 use crate::error::{CoordinatorError, Result};
 
@@ -35,7 +35,8 @@ pub struct CoordinatorConfig {
     pub heartbeat: Duration,
     pub wire: Encoding,
     pub chunk_bytes: usize,
-    pub token: String,
+    /// Redacted in `Debug`.
+    pub token: Token,
     pub tls: Option<TlsFiles>,
     pub resume: bool,
     /// Stop serving once training is finished (and workers had time to hear it); otherwise
@@ -45,10 +46,18 @@ pub struct CoordinatorConfig {
     pub drop_stragglers: bool,
     /// Where to serve Prometheus metrics (`/metrics`), if anywhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Scale an update whose norm is far beyond the recent ones down to the limit, instead of
+    /// rejecting it.
+    pub clip_updates: bool,
+    /// Open connections at once, and from one IP address; more are closed when accepted.
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    /// A pull not read, or a push without its next chunk, for this long is dropped.
+    pub stall_timeout: Duration,
 }
 
 impl CoordinatorConfig {
-    pub fn new(train: TrainConfig, token: String) -> Self {
+    pub fn new(train: TrainConfig, token: impl Into<Token>) -> Self {
         CoordinatorConfig {
             train,
             sync_mode: SyncMode::Grad,
@@ -61,12 +70,16 @@ impl CoordinatorConfig {
             heartbeat: Duration::from_millis(1000),
             wire: Encoding::F32,
             chunk_bytes: capsnet_proto::wire::DEFAULT_CHUNK_BYTES,
-            token,
+            token: token.into(),
             tls: None,
             resume: false,
             exit_when_done: true,
             drop_stragglers: false,
             metrics_listen: None,
+            clip_updates: false,
+            max_connections: 1024,
+            max_connections_per_ip: 64,
+            stall_timeout: Duration::from_secs(30),
         }
     }
 
@@ -107,6 +120,12 @@ impl CoordinatorConfig {
                 u32::MAX
             )));
         }
+        if self.stall_timeout < Duration::from_millis(100) {
+            return bad("--stall-timeout must be at least 100ms");
+        }
+        if self.max_connections == 0 || self.max_connections_per_ip == 0 {
+            return bad("--max-connections and --max-connections-per-ip must be at least 1");
+        }
         if self.token.len() < 16 {
             return bad("the token must be at least 16 characters");
         }
@@ -119,7 +138,15 @@ mod tests {
     use super::*;
 
     fn cfg() -> CoordinatorConfig {
-        CoordinatorConfig::new(TrainConfig::default(), "0123456789abcdef".into())
+        CoordinatorConfig::new(TrainConfig::default(), "0123456789abcdef")
+    }
+
+    #[test]
+    fn the_token_is_not_in_the_debug_output() {
+        let text = format!("{:?}", cfg());
+        assert!(!text.contains("0123456789abcdef"), "{text}");
+        assert!(text.contains("token: Token(<redacted>)"), "{text}");
+        assert_eq!(cfg().token.expose(), "0123456789abcdef");
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use capsnet_proto::frame::{self, Messages, PULL_PATH, PUSH_PATH};
@@ -75,6 +76,24 @@ where
             Box::pin(async move { Ok(routed.await?.map(Body::new)) })
         }
     }
+}
+
+/// A gRPC response whose body is `frames` followed by an OK status, fed by a task that gives
+/// up (and lets go of the frames) when the peer does not read one for `stall`
+/// (`--stall-timeout`).
+fn stream_frames(frames: Vec<Bytes>, stall: Duration) -> http::Response<Body> {
+    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Status>>(4);
+    tokio::spawn(async move {
+        for b in frames {
+            if tx.send_timeout(Ok(Frame::data(b)), stall).await.is_err() {
+                return;
+            }
+        }
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert(Status::GRPC_STATUS, http::HeaderValue::from_static("0"));
+        let _ = tx.send_timeout(Ok(Frame::trailers(trailers)), stall).await;
+    });
+    grpc_response(Body::new(StreamBody::new(ReceiverStream::new(rx))))
 }
 
 /// A gRPC response whose body is `frames` followed by an OK status.
@@ -164,9 +183,20 @@ async fn speculate(
     tx: &mpsc::Sender<Result<Frame<Bytes>, Status>>,
 ) -> Result<(), Status> {
     let gone = || Status::cancelled("the worker stopped reading");
+    let stall = svc.stall;
+    let send = |b: Bytes| async move {
+        tx.send_timeout(Ok(Frame::data(b)), stall)
+            .await
+            .map_err(|_| gone())
+    };
     let mut progress = svc.progress.clone();
     let n = svc.grid.len();
-    let round = r.after_round.map_or(0, |a| a + 1);
+    let round = match r.after_round {
+        None => 0,
+        Some(a) => a
+            .checked_add(1)
+            .ok_or_else(|| Status::invalid_argument("after_round is the last round there is"))?,
+    };
     let wire = svc.wire();
     let mut sent: Vec<u64> = vec![];
     // The actor said "not yet" just before: ask again only once something was published.
@@ -186,7 +216,7 @@ async fn speculate(
         for (g, c) in early {
             svc.metrics.wire(wire, "out", c.payload.len() as u64);
             for b in chunk_frames(round, svc.num_floats, wire, &c, None) {
-                tx.send(Ok(Frame::data(b))).await.map_err(|_| gone())?;
+                send(b).await?;
             }
             sent.push(g);
         }
@@ -202,7 +232,7 @@ async fn speculate(
                 svc.metrics
                     .wire(wire, "out", payload_bytes(&snapshot, sent.len()));
                 for b in round_frames(&snapshot, sent.len(), order) {
-                    tx.send(Ok(Frame::data(b))).await.map_err(|_| gone())?;
+                    send(b).await?;
                 }
                 return Ok(());
             }
@@ -242,18 +272,19 @@ async fn serve(
         if let PullReply::Ready(order, snapshot) = svc.ask_pull(&r).await? {
             svc.metrics
                 .wire(snapshot.encoding, "out", payload_bytes(&snapshot, 0));
-            return Ok(respond(round_frames(&snapshot, 0, order)));
+            return Ok(stream_frames(round_frames(&snapshot, 0, order), svc.stall));
         }
         // Not published yet: stream the ranges as the open round reduces them (full duplex).
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
+            let stall = svc.stall;
             let status = match speculate(&svc, &r, published, &tx).await {
                 Ok(()) => Status::ok(""),
                 Err(s) => s,
             };
             let mut trailers = http::HeaderMap::new();
             if status.add_header(&mut trailers).is_ok() {
-                let _ = tx.send(Ok(Frame::trailers(trailers))).await;
+                let _ = tx.send_timeout(Ok(Frame::trailers(trailers)), stall).await;
             }
         });
         Ok(grpc_response(Body::new(StreamBody::new(

@@ -18,6 +18,12 @@ pub enum CoordinatorError {
     /// An update whose content does not fit the round (sample count, names, sizes).
     #[error("{0}")]
     BadUpdate(String),
+    /// A request field out of range (a round past the open one, say).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// Too many requests or peers at once: shed, the client retries later.
+    #[error("{0}")]
+    Overloaded(String),
     #[error("invalid worker name {name:?}: {reason}")]
     InvalidName { name: String, reason: &'static str },
     /// A message or tensor stream that breaks the protocol (a checksum mismatch included).
@@ -93,7 +99,9 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::Proto(ProtoError::Checksum { .. }) => Code::DataLoss,
             CoordinatorError::BadUpdate(_)
             | CoordinatorError::InvalidName { .. }
+            | CoordinatorError::InvalidArgument(_)
             | CoordinatorError::Proto(_) => Code::InvalidArgument,
+            CoordinatorError::Overloaded(_) => Code::ResourceExhausted,
             CoordinatorError::Finished | CoordinatorError::ShuttingDown => Code::Unavailable,
             CoordinatorError::Core(_)
             | CoordinatorError::Config(_)

@@ -7,6 +7,7 @@
 //! - `actor`: the round state machine, on one thread: members and their states, updates,
 //!   averaging in member order, Adam, evaluation and checkpoints in the background.
 //! - `liveness`: heartbeat stamps and closed connections, recorded outside the actor.
+//! - `conn`: accepted connections: limits, the first-request deadline, close reports.
 //! - `metrics`: Prometheus metrics for `--metrics-listen`.
 //! - `health`: the health service's liveness and readiness answers.
 //! - `reduce`: one round's updates, averaged and stepped range by range while they stream in.
@@ -30,6 +31,7 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 mod actor;
 pub mod auth;
 pub mod config;
+mod conn;
 mod data_plane;
 pub mod error;
 mod health;
@@ -55,7 +57,24 @@ fn tls_config(files: &TlsFiles) -> Result<ServerTlsConfig> {
     if let Some(ca) = &files.client_ca {
         tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
     }
-    Ok(tls)
+    // A peer that opens a connection and never finishes its handshake is dropped.
+    Ok(tls.timeout(conn::FIRST_REQUEST_WITHIN))
+}
+
+/// Concurrent HTTP/2 streams per connection.
+const MAX_STREAMS: u32 = 32;
+/// Streams a peer may have reset (or that failed) before the connection is closed.
+const MAX_RESETS: usize = 32;
+/// The largest request of the small RPCs (join, heartbeat, leave, status) and of the health
+/// service, and the largest Status answer (a few hundred bytes per worker).
+const SMALL_MESSAGE: usize = 16 << 10;
+const HEALTH_MESSAGE: usize = 1 << 10;
+const STATUS_MESSAGE: usize = 16 << 20;
+
+/// How long a request may take to be answered (a whole push included): twice the round
+/// deadline, and at least two minutes.
+fn request_timeout(cfg: &CoordinatorConfig) -> Duration {
+    (2 * cfg.round_timeout).max(Duration::from_secs(120))
 }
 
 /// Serves until training is finished (then exits after workers had time to hear it) or until
@@ -109,7 +128,12 @@ pub async fn serve(
         .name("capsnet-rounds".into())
         .spawn(move || actor.run(rx))
         .map_err(|e| CoordinatorError::io("starting the round thread", e))?;
+    let params_mode = cfg.sync_mode == capsnet_proto::SyncMode::Params;
     let svc = service::Service {
+        lanes: Arc::default(),
+        stall: cfg.stall_timeout,
+        params_mode,
+        params_delta: params_mode.then(|| service::params_delta(&cfg)),
         tx: tx.clone(),
         published: pub_rx.clone(),
         progress: progress_rx,
@@ -136,14 +160,31 @@ pub async fn serve(
         .set_service_status(health::READY, tonic_health::ServingStatus::NotServing)
         .await;
     let health_watch = tokio::spawn(health::watch(health, tx.clone()));
-    let check = auth::TokenCheck::new(&cfg.token);
+    let check = auth::TokenCheck::new(cfg.token.expose());
     let interceptor = check.clone();
-    let grpc = data_plane::DataPlane {
-        inner: pb::coordinator_server::CoordinatorServer::with_interceptor(svc.clone(), move |r| {
-            interceptor.check(r)
-        }),
-        svc,
-        auth: check,
+    let conns = conn::Conns::new(
+        cfg.max_connections,
+        cfg.max_connections_per_ip,
+        liveness.clone(),
+        metrics.clone(),
+    );
+    // The RPCs tonic decodes carry no tensors (those go through the data plane): tiny limits.
+    let small = pb::coordinator_server::CoordinatorServer::new(svc.clone())
+        .max_decoding_message_size(SMALL_MESSAGE)
+        .max_encoding_message_size(STATUS_MESSAGE);
+    let grpc = conn::Marked {
+        inner: data_plane::DataPlane {
+            inner: tonic::service::interceptor::InterceptedService::new(small, move |r| {
+                interceptor.check(r)
+            }),
+            svc,
+            auth: check,
+        },
+        conns: conns.clone(),
+    };
+    let health_svc = conn::Marked {
+        inner: health_svc.max_decoding_message_size(HEALTH_MESSAGE),
+        conns: conns.clone(),
     };
 
     // Stop on the external signal (after a checkpoint), or once training finished and the
@@ -190,7 +231,18 @@ pub async fn serve(
         .initial_connection_window_size(Some(32 << 20))
         // A 1 MiB chunk in one or two HTTP/2 frames instead of 64 of the default 16 KiB.
         .max_frame_size(Some(2 << 20))
-        .http2_keepalive_interval(Some(Duration::from_secs(10)));
+        // A peer that stops answering pings is dropped within 30 s.
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        // Bounds per connection (tonic's default passes "no limit" down to hyper): streams at
+        // once (a worker uses four: heartbeat, pull, push, status), streams the peer reset or
+        // that failed before they were accepted, header bytes.
+        .max_concurrent_streams(Some(MAX_STREAMS))
+        .http2_max_pending_accept_reset_streams(Some(MAX_RESETS))
+        .http2_max_local_error_reset_streams(Some(MAX_RESETS))
+        .http2_max_header_list_size(Some(16 << 10))
+        // Every request, a whole push included, is answered within this or fails.
+        .timeout(request_timeout(&cfg));
     if let Some(tls) = tls {
         builder = builder.tls_config(tls).map_err(CoordinatorError::Tls)?;
     }
@@ -202,9 +254,14 @@ pub async fn serve(
             // listeners it binds): a round's small messages (the end of an update, a pull
             // request) must not wait for Nagle and delayed ACKs.
             // Each connection reports its close, so a worker whose process died is known at once.
-            tokio_stream::StreamExt::map(
+            // Each connection takes a slot or is closed at once, must send a request within
+            // 10 s, and reports its close (see conn).
+            tokio_stream::StreamExt::filter_map(
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                move |conn| conn.map(|s| liveness.watch(s)),
+                move |c| match c {
+                    Ok(s) => conns.admit(s).map(Ok),
+                    Err(e) => Some(Err(e)),
+                },
             ),
             async {
                 let _ = stop_rx.await;

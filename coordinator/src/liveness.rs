@@ -6,14 +6,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Instant;
-
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
-use tonic::transport::server::{Connected, TcpConnectInfo};
 
 #[derive(Default)]
 struct Sessions {
@@ -86,20 +80,18 @@ impl Liveness {
         (stamps, lost)
     }
 
-    /// Wraps an accepted connection so that its close is reported here.
-    pub fn watch(&self, stream: TcpStream) -> Watched {
-        let peer = stream.peer_addr().ok();
-        Watched {
-            stream,
-            _on_close: OnClose {
-                peer,
-                liveness: self.clone(),
-            },
+    /// A guard that reports the close of the connection from `peer` when dropped.
+    pub fn on_close(&self, peer: SocketAddr) -> OnClose {
+        OnClose {
+            peer: Some(peer),
+            liveness: self.clone(),
         }
     }
 }
 
-struct OnClose {
+/// Reports a connection's close when dropped (the server drops a connection when the peer
+/// closed it, it failed, or the server shut down).
+pub(crate) struct OnClose {
     peer: Option<SocketAddr>,
     liveness: Liveness,
 }
@@ -109,62 +101,6 @@ impl Drop for OnClose {
         if let Some(p) = self.peer {
             self.liveness.closed(p);
         }
-    }
-}
-
-/// An accepted TCP connection that reports its close (when the server drops it: the peer
-/// closed it, it failed, or the server shut down).
-pub(crate) struct Watched {
-    stream: TcpStream,
-    /// Held for its `Drop`, which reports the close.
-    _on_close: OnClose,
-}
-
-impl Connected for Watched {
-    type ConnectInfo = TcpConnectInfo;
-
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.stream.connect_info()
-    }
-}
-
-impl AsyncRead for Watched {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Watched {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
     }
 }
 

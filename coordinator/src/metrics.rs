@@ -53,6 +53,12 @@ pub(crate) struct Metrics {
     pub last_round_timestamp: FloatGauge,
     pub last_checkpoint_timestamp: FloatGauge,
     pub waiting_for_workers: Gauge,
+    pub updates_rejected: Counter,
+    pub updates_clipped: Counter,
+    pub rounds_discarded: Counter,
+    pub checkpoint_failures: Counter,
+    pub connections: Gauge,
+    pub connections_refused: Counter,
 }
 
 /// Seconds since the Unix epoch, for the timestamp gauges.
@@ -84,6 +90,12 @@ impl Metrics {
             last_round_timestamp: FloatGauge::default(),
             last_checkpoint_timestamp: FloatGauge::default(),
             waiting_for_workers: Gauge::default(),
+            updates_rejected: Counter::default(),
+            updates_clipped: Counter::default(),
+            rounds_discarded: Counter::default(),
+            checkpoint_failures: Counter::default(),
+            connections: Gauge::default(),
+            connections_refused: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -158,6 +170,36 @@ impl Metrics {
             "waiting_for_workers",
             "1 while the run has started but no worker is live",
             m.waiting_for_workers.clone(),
+        );
+        r.register(
+            "updates_rejected",
+            "Updates rejected because their norm was far beyond the recent ones",
+            m.updates_rejected.clone(),
+        );
+        r.register(
+            "updates_clipped",
+            "Updates scaled down to the norm limit (--clip-updates)",
+            m.updates_clipped.clone(),
+        );
+        r.register(
+            "rounds_discarded",
+            "Rounds whose new parameters were not all finite, discarded and redone",
+            m.rounds_discarded.clone(),
+        );
+        r.register(
+            "checkpoint_failures",
+            "Checkpoints that could not be written after their retries",
+            m.checkpoint_failures.clone(),
+        );
+        r.register(
+            "connections",
+            "Connections open to the gRPC port",
+            m.connections.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Connections closed when accepted: --max-connections or --max-connections-per-ip reached",
+            m.connections_refused.clone(),
         );
         Arc::new(Metrics { registry, ..m })
     }

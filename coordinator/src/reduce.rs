@@ -29,6 +29,8 @@ const BLOCK: usize = 2048;
 /// An update being received (or complete) from one plan member.
 struct Slot {
     samples: u64,
+    /// Its weight's factor: 1, or less for an update clipped to the norm limit.
+    scale: f32,
     loss: f64,
     encoding: Encoding,
     chunks: Vec<Option<Bytes>>,
@@ -43,6 +45,8 @@ struct Reduced {
     /// Which reduction produced it: a range reduced again gets a new generation, so a copy sent
     /// early can be told from the final one.
     generation: u64,
+    /// Every new parameter (and moment) of the range is finite.
+    finite: bool,
 }
 
 /// The state a range is reduced from: the committed parameters and moments, and the Adam step
@@ -62,6 +66,8 @@ pub(crate) struct Closed {
     pub chunks: Vec<EncodedChunk>,
     /// The generation of each chunk.
     pub generations: Vec<u64>,
+    /// Every new parameter and moment is finite: false means the round must not be committed.
+    pub finite: bool,
 }
 
 pub(crate) struct Reducer {
@@ -140,6 +146,7 @@ impl Reducer {
             k,
             Slot {
                 samples,
+                scale: 1.0,
                 loss,
                 encoding,
                 chunks: vec![None; self.grid.len()],
@@ -201,6 +208,23 @@ impl Reducer {
         Ok(())
     }
 
+    /// Scales member `k`'s update by `factor` (clipping it) and forgets every range already
+    /// reduced with it, to be reduced again; returns those ranges.
+    pub fn rescale(&mut self, k: usize, factor: f32) -> Vec<usize> {
+        let Some(slot) = self.slots.get_mut(&k) else {
+            return vec![];
+        };
+        slot.scale = factor;
+        let mut forgotten = vec![];
+        for (i, r) in self.reduced.iter_mut().enumerate() {
+            if r.as_ref().is_some_and(|r| r.members.contains(&k)) {
+                *r = None;
+                forgotten.push(i);
+            }
+        }
+        forgotten
+    }
+
     /// Drops member `k`'s update and forgets every range it took part in; returns those ranges.
     pub fn abort(&mut self, k: usize) -> Vec<usize> {
         let mut forgotten = vec![];
@@ -227,7 +251,7 @@ impl Reducer {
             .iter()
             .filter_map(|m| {
                 let s = &self.slots[m];
-                let w = (s.samples as f64 / total as f64) as f32;
+                let w = (s.samples as f64 / total as f64) as f32 * s.scale;
                 s.chunks[index].as_deref().map(|p| (w, p, s.encoding))
             })
             .collect();
@@ -244,7 +268,7 @@ impl Reducer {
             None => (0..r.len().div_ceil(BLOCK)).map(|_| None).collect(),
         };
         let out = &mut self.next_params[r.clone()];
-        let crcs: Vec<crc32fast::Hasher> = self.threads.install(|| {
+        let crcs: Vec<(crc32fast::Hasher, bool)> = self.threads.install(|| {
             out.par_chunks_mut(BLOCK)
                 .zip(payload.as_mut().par_chunks_mut(BLOCK * out_bpf))
                 .zip(moments.par_iter_mut())
@@ -259,25 +283,32 @@ impl Reducer {
                         let bpf = wire::bytes_per_float(enc);
                         wire::add_scaled(g, w, &p[b * bpf..e * bpf], enc);
                     }
-                    match (step, mv) {
-                        (Some(step), Some((m, v))) => step.apply_into(
-                            (&src.params[lo..hi], &src.m[lo..hi], &src.v[lo..hi]),
-                            g,
-                            (out, m, v),
-                        ),
-                        _ => out.copy_from_slice(g),
-                    }
+                    let finite = match (step, mv) {
+                        (Some(step), Some((m, v))) => {
+                            step.apply_into(
+                                (&src.params[lo..hi], &src.m[lo..hi], &src.v[lo..hi]),
+                                g,
+                                (&mut *out, &mut **m, &mut **v),
+                            );
+                            all_finite(m) && all_finite(v)
+                        }
+                        _ => {
+                            out.copy_from_slice(g);
+                            true
+                        }
+                    } && all_finite(out);
                     wire::encode_into(out, wire, bytes);
                     let mut h = crc32fast::Hasher::new();
                     h.update(bytes);
-                    h
+                    (h, finite)
                 })
                 .collect()
         });
         let mut crc = crc32fast::Hasher::new();
-        for h in &crcs {
+        for (h, _) in &crcs {
             crc.combine(h);
         }
+        let finite = crcs.iter().all(|(_, f)| *f);
         self.generation += 1;
         self.reduced[index] = Some(Reduced {
             generation: self.generation,
@@ -289,6 +320,7 @@ impl Reducer {
                 total_crc32: None,
             },
             crc,
+            finite,
         });
     }
 
@@ -315,6 +347,7 @@ impl Reducer {
             .map(|m| self.slots[m].loss * self.slots[m].samples as f64)
             .sum::<f64>()
             / samples as f64;
+        let finite = self.reduced.iter().flatten().all(|r| r.finite);
         let mut total = crc32fast::Hasher::new();
         let n = self.reduced.len();
         let (chunks, generations) = self
@@ -336,6 +369,7 @@ impl Reducer {
             loss,
             chunks,
             generations,
+            finite,
         })
     }
 
@@ -344,6 +378,11 @@ impl Reducer {
         self.slots.clear();
         self.reduced.iter_mut().for_each(|r| *r = None);
     }
+}
+
+/// Every value is finite (no early exit: the block is in L1 and the loop vectorizes).
+fn all_finite(x: &[f32]) -> bool {
+    x.iter().fold(true, |a, v| a & v.is_finite())
 }
 
 #[cfg(test)]
@@ -457,6 +496,38 @@ mod tests {
         // A closed round leaves nothing behind.
         assert!(!red.has(0) && !red.has(2) && red.completed().is_empty());
         assert!(red.close(&src).is_none());
+    }
+
+    /// A reduction whose result is not finite (here from a damaged moment) says so, so that
+    /// the round is not committed.
+    #[test]
+    fn a_non_finite_result_is_flagged() {
+        let n = 3000;
+        let grid = Arc::new(wire::chunk_ranges(n, Encoding::F32, 4 * 1000).collect::<Vec<_>>());
+        let p = vec![0.5f32; n];
+        let adam = Adam::new(AdamConfig::default(), n);
+        let m = adam.m.clone();
+        let mut v = adam.v.clone();
+        let step = Some(adam.next_step());
+        let mut red = Reducer::new(grid.clone(), Encoding::F32, n, true, 2).unwrap();
+        let mut finite = |v: &[f32]| {
+            let src = Source {
+                params: &p,
+                m: &m,
+                v,
+                step,
+            };
+            red.begin(0, 1, 0.1, Encoding::F32);
+            for (i, r) in grid.iter().enumerate() {
+                let payload = wire::encode(&grad(0, n)[r.clone()], Encoding::F32);
+                red.chunk(0, i, payload, &[0], &src);
+            }
+            red.end(0).unwrap();
+            red.close(&src).unwrap().finite
+        };
+        assert!(finite(&v));
+        v[2500] = f32::NAN;
+        assert!(!finite(&v));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::sync::{Arc, mpsc};
 
 use bytes::Bytes;
 use capsnet_proto::frame::Messages;
-use capsnet_proto::wire::{Assembler, ChunkIn, first_non_finite};
+use capsnet_proto::wire::{Assembler, Bounds, ChunkIn, Scan, scan};
 use capsnet_proto::{Encoding, pb};
 use futures_util::Stream;
 use tokio::sync::{oneshot, watch};
@@ -15,8 +15,49 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::actor::{Msg, Progress, Published, PullReply};
 use crate::error::CoordinatorError;
 
+/// No value of an update may be larger than this: a gradient (or a parameter) of 1e15 is
+/// already absurd, and squares of larger ones overflow Adam's f32 second moment to infinity,
+/// which freezes those parameters for good.
+pub(crate) const MAX_ABS: f32 = 1e15;
+
+/// How far a parameter can move in one round of params mode: Adam moves each by at most
+/// about lr x (1 - beta1) / sqrt(1 - beta2) per step (3.2 lr with the paper's betas), so
+/// `--sync-every` local steps stay within 10 x lr each; with bf16 on the wire both ends are
+/// rounded to 8 bits of mantissa, hence the relative part.
+pub(crate) fn params_delta(cfg: &crate::CoordinatorConfig) -> (f32, f32) {
+    let a = &cfg.train.adam;
+    let per_step = a.lr * ((1.0 - a.beta1) / (1.0 - a.beta2).sqrt()).max(1.0);
+    let rel = match cfg.wire {
+        Encoding::Bf16 => 1.0 / 64.0,
+        _ => 1e-6,
+    };
+    (3.0 * per_step * cfg.sync_every as f32, rel)
+}
+
+/// Requests that may wait for the actor at once, per lane.
+pub(crate) struct Lanes {
+    pub control: tokio::sync::Semaphore,
+    pub data: tokio::sync::Semaphore,
+}
+
+impl Default for Lanes {
+    fn default() -> Self {
+        Lanes {
+            control: tokio::sync::Semaphore::new(256),
+            data: tokio::sync::Semaphore::new(1024),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub(crate) struct Service {
+    pub lanes: Arc<Lanes>,
+    /// How long a pull may go unread, or a push without its next chunk (`--stall-timeout`).
+    pub stall: std::time::Duration,
+    /// Updates are parameters (params mode), measured by their distance from the round's.
+    pub params_mode: bool,
+    /// Params mode: how far (absolute, relative) a pushed parameter may be from the round's.
+    pub params_delta: Option<(f32, f32)>,
     pub tx: mpsc::Sender<Msg>,
     pub published: watch::Receiver<Arc<Published>>,
     /// The open round's reduced ranges, for pulls that stream them early.
@@ -52,7 +93,32 @@ impl Drop for AbortOnDrop {
 }
 
 impl Service {
+    /// Asks the actor on the data lane (pulls and updates of members).
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Msg) -> Result<T, Status> {
+        self.ask_in(&self.lanes.data, make).await
+    }
+
+    /// Asks the actor on the control lane (join, heartbeat, leave, status), which a flood
+    /// fills without holding up the data lane; heartbeats are stamped before they queue.
+    async fn ask_control<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Msg,
+    ) -> Result<T, Status> {
+        self.ask_in(&self.lanes.control, make).await
+    }
+
+    /// A full lane sheds the request (RESOURCE_EXHAUSTED: retry later) instead of queueing
+    /// it without bound.
+    async fn ask_in<T>(
+        &self,
+        lane: &tokio::sync::Semaphore,
+        make: impl FnOnce(oneshot::Sender<T>) -> Msg,
+    ) -> Result<T, Status> {
+        let _queued = lane.try_acquire().map_err(|_| {
+            Status::from(CoordinatorError::Overloaded(
+                "too many requests are waiting for the coordinator; retry later".into(),
+            ))
+        })?;
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(make(tx))
@@ -140,6 +206,7 @@ impl Service {
         };
         let mut next = Some(first);
         let mut index = 0;
+        let mut sum_sq = 0.0f64;
         while let Some(c) = next {
             if c.round != round || c.worker_id != worker_id {
                 return Err(CoordinatorError::BadUpdate(
@@ -158,12 +225,39 @@ impl Service {
                 ))
                 .into());
             }
-            if let Some((i, x)) = first_non_finite(&c.payload, enc) {
-                return Err(CoordinatorError::BadUpdate(format!(
-                    "update holds a non-finite value ({x}) at {}",
-                    self.locate(r.start + i)
-                ))
-                .into());
+            // In params mode the distance from the parameters the round started from.
+            let published = self.params_mode.then(|| self.published.borrow().clone());
+            let reference = published
+                .as_ref()
+                .filter(|p| p.round == round)
+                .and_then(|p| p.chunks.get(index).map(|c| (&c.payload[..], p.encoding)));
+            let bounds = Bounds {
+                max_abs: MAX_ABS,
+                max_delta: self.params_delta,
+            };
+            match scan(&c.payload, enc, reference, bounds) {
+                Scan::Ok { sum_sq: s } => sum_sq += s,
+                Scan::Bad {
+                    index: i,
+                    value,
+                    reference,
+                } => {
+                    let what = if !value.is_finite() {
+                        format!("a non-finite value ({value})")
+                    } else if value.abs() > MAX_ABS {
+                        format!("a value beyond ±{MAX_ABS:e} ({value:e})")
+                    } else {
+                        format!(
+                            "a parameter moved further than local Adam steps can ({} -> {value})",
+                            reference.unwrap_or(f32::NAN)
+                        )
+                    };
+                    return Err(CoordinatorError::BadUpdate(format!(
+                        "update holds {what} at {}",
+                        self.locate(r.start + i)
+                    ))
+                    .into());
+                }
             }
             self.metrics.wire(enc, "in", c.payload.len() as u64);
             self.tx
@@ -175,13 +269,21 @@ impl Service {
                 })
                 .map_err(|_| Status::from(CoordinatorError::ShuttingDown))?;
             index += 1;
-            next = stream.message().await?;
+            next = tokio::time::timeout(self.stall, stream.message())
+                .await
+                .map_err(|_| {
+                    Status::deadline_exceeded(format!(
+                        "no chunk for {:?} after chunk {index}: update dropped",
+                        self.stall
+                    ))
+                })??;
         }
         asm.finish().map_err(CoordinatorError::from)?;
         let out = self
             .ask(|reply| Msg::End {
                 member,
                 round,
+                norm: sum_sq.sqrt(),
                 reply,
             })
             .await?;
@@ -209,7 +311,7 @@ impl pb::coordinator_server::Coordinator for Service {
         let peer = req.remote_addr();
         let r = req.into_inner();
         let out = self
-            .ask(|reply| Msg::Join {
+            .ask_control(|reply| Msg::Join {
                 name: r.name,
                 rank_hint: r.rank_hint,
                 reply,
@@ -251,7 +353,7 @@ impl pb::coordinator_server::Coordinator for Service {
         let id = req.into_inner().worker_id;
         self.liveness.beat(&id, peer);
         let (round, state) = self
-            .ask(|reply| Msg::Touch {
+            .ask_control(|reply| Msg::Touch {
                 worker_id: id,
                 reply,
             })
@@ -267,7 +369,7 @@ impl pb::coordinator_server::Coordinator for Service {
         req: Request<pb::LeaveRequest>,
     ) -> Result<Response<pb::LeaveResponse>, Status> {
         let id = req.into_inner().worker_id;
-        self.ask(|reply| Msg::Leave {
+        self.ask_control(|reply| Msg::Leave {
             worker_id: id,
             reply,
         })
@@ -280,7 +382,7 @@ impl pb::coordinator_server::Coordinator for Service {
         _req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         Ok(Response::new(
-            self.ask(|reply| Msg::Status { reply }).await?,
+            self.ask_control(|reply| Msg::Status { reply }).await?,
         ))
     }
 }

@@ -15,6 +15,8 @@ use crate::optim::{Adam, AdamConfig};
 use crate::params::{ParamLayout, Params};
 
 const FORMAT: &str = "capsnet-checkpoint-v1";
+/// The metadata key of the CRC-32 of every tensor's bytes, in name order.
+const CHECKSUM_KEY: &str = "tensors_crc32";
 
 /// A tensor read from or written to a file.
 #[derive(Clone, Debug, PartialEq)]
@@ -32,13 +34,30 @@ impl Tensor {
             Tensor::F32 { shape, .. } | Tensor::I64 { shape, .. } => shape,
         }
     }
-    fn bytes(&self) -> Vec<u8> {
+    /// The tensor's little-endian bytes, without a copy.
+    #[cfg(target_endian = "little")]
+    fn bytes(&self) -> std::borrow::Cow<'_, [u8]> {
         match self {
-            Tensor::F32 { data, .. } => data.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            Tensor::I64 { data, .. } => data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Tensor::F32 { data, .. } => {
+                std::borrow::Cow::Borrowed(bytemuck::cast_slice::<f32, u8>(data))
+            }
+            Tensor::I64 { data, .. } => {
+                std::borrow::Cow::Borrowed(bytemuck::cast_slice::<i64, u8>(data))
+            }
         }
     }
+
+    #[cfg(not(target_endian = "little"))]
+    fn bytes(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Owned(match self {
+            Tensor::F32 { data, .. } => data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Tensor::I64 { data, .. } => data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        })
+    }
 }
+
+/// A tensor's name, bytes, dtype and shape, as serialized.
+type Raw<'a> = (String, std::borrow::Cow<'a, [u8]>, Dtype, Vec<usize>);
 
 /// Named tensors plus string metadata, as in a safetensors file.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -51,7 +70,7 @@ impl TensorFile {
     /// Writes atomically: a temp file in the same folder, fsync, rename, fsync of the folder,
     /// so a crash leaves either the old file or the new one, never half of one.
     pub fn write(&self, path: &Path) -> Result<()> {
-        let bytes: Vec<(String, Vec<u8>, Dtype, Vec<usize>)> = self
+        let bytes: Vec<Raw<'_>> = self
             .tensors
             .iter()
             .map(|(n, t)| {
@@ -71,11 +90,15 @@ impl TensorFile {
                 path: path.into(),
                 source,
             })?;
-        let meta = if self.metadata.is_empty() {
-            None
-        } else {
-            Some(self.metadata.clone())
-        };
+        // A checksum of every tensor's bytes, in name order: a file damaged after it was
+        // written (a bad disk, a truncated copy) is told from a good one on reading.
+        let mut crc = crc32fast::Hasher::new();
+        for (_, b, _, _) in &bytes {
+            crc.update(b);
+        }
+        let mut meta = self.metadata.clone();
+        meta.insert(CHECKSUM_KEY.into(), format!("{:08x}", crc.finalize()));
+        let meta = Some(meta);
         let buf = safetensors::serialize(views, meta).map_err(|source| CoreError::SafeTensors {
             path: path.into(),
             source,
@@ -95,6 +118,27 @@ impl TensorFile {
                 path: path.into(),
                 source,
             })?;
+        if let Some(want) = meta.metadata().as_ref().and_then(|m| m.get(CHECKSUM_KEY)) {
+            let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+            names.sort();
+            let mut crc = crc32fast::Hasher::new();
+            for n in &names {
+                let view = st.tensor(n).map_err(|source| CoreError::SafeTensors {
+                    path: path.into(),
+                    source,
+                })?;
+                crc.update(view.data());
+            }
+            let got = format!("{:08x}", crc.finalize());
+            if &got != want {
+                return Err(CoreError::checkpoint(
+                    path,
+                    format!(
+                        "its tensors do not match their checksum ({got}, written {want}): the file is damaged"
+                    ),
+                ));
+            }
+        }
         let mut tensors = BTreeMap::new();
         for (name, view) in st.iter() {
             let shape = view.shape().to_vec();
@@ -127,10 +171,9 @@ impl TensorFile {
             };
             tensors.insert(name.to_string(), t);
         }
-        Ok(TensorFile {
-            tensors,
-            metadata: meta.metadata().clone().unwrap_or_default(),
-        })
+        let mut metadata = meta.metadata().clone().unwrap_or_default();
+        metadata.remove(CHECKSUM_KEY);
+        Ok(TensorFile { tensors, metadata })
     }
 }
 
@@ -263,6 +306,16 @@ impl Checkpoint {
                             format!(
                                 "tensor {name} has shape {shape:?}, the model needs {:?}",
                                 want.cloned().unwrap_or_default()
+                            ),
+                        ));
+                    }
+                    // A state that is not finite cannot be trained from.
+                    if let Some(i) = data.iter().position(|x| !x.is_finite()) {
+                        return Err(CoreError::checkpoint(
+                            path,
+                            format!(
+                                "tensor {name} holds a non-finite value ({}) at {i}",
+                                data[i]
                             ),
                         ));
                     }

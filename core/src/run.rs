@@ -17,7 +17,9 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::checkpoint::{Checkpoint, Checkpointer, DataPosition, latest_checkpoint};
+use crate::checkpoint::{
+    Checkpoint, Checkpointer, DataPosition, latest_checkpoint, list_checkpoints,
+};
 use crate::error::{CoreError, Result};
 use crate::model::CapsNet;
 use crate::optim::Adam;
@@ -120,6 +122,55 @@ impl RunState {
     }
 }
 
+/// Resumes from the newest checkpoint of `dir` that loads and verifies (checksum, finite
+/// values, the run's network); a damaged newer one is skipped with a warning that names it.
+/// When none loads, the newest one's error is returned.
+fn resume_newest_good(
+    dir: &Path,
+    cfg: &TrainConfig,
+    require_adam: bool,
+) -> Result<(RunState, PathBuf)> {
+    let mut first_error = None;
+    for (_, path) in list_checkpoints(dir)?.into_iter().rev() {
+        match RunState::resumed(&path, cfg, require_adam) {
+            Ok(state) => {
+                if let Some(e) = &first_error {
+                    tracing::warn!(checkpoint = %path.display(), newest_error = %e, "the newest checkpoint is unusable: resuming from an older one");
+                }
+                return Ok((state, path));
+            }
+            // Another network config is the operator's mistake, not damage: say so at once.
+            Err(e @ CoreError::Config(_)) => return Err(e),
+            Err(e) => {
+                tracing::warn!(checkpoint = %path.display(), error = %e, "skipping an unusable checkpoint");
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    Err(first_error.unwrap_or_else(|| {
+        CoreError::Config(format!("--resume: no checkpoint in {}", dir.display()))
+    }))
+}
+
+/// Removes the temporary files of writes a crash interrupted (`.<name>.tmp-<pid>`, see
+/// [`crate::checkpoint::write_atomic`]).
+fn remove_leftover_temp_files(dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(dir).map_err(|e| CoreError::io(dir, e))? {
+        let entry = entry.map_err(|e| CoreError::io(dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let leftover = name.starts_with('.')
+            && name
+                .rsplit_once(".tmp-")
+                .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()));
+        if leftover {
+            let path = entry.path();
+            std::fs::remove_file(&path).map_err(|e| CoreError::io(&path, e))?;
+            tracing::info!(file = %path.display(), "removed a temporary file an interrupted write left");
+        }
+    }
+    Ok(())
+}
+
 /// An open run directory: its state, metrics log and checkpointer.
 pub struct Run {
     pub state: RunState,
@@ -135,6 +186,7 @@ impl Run {
     pub fn open(cfg: &TrainConfig, model: &CapsNet, resume: Resume) -> Result<Run> {
         let dir = &cfg.run_dir;
         std::fs::create_dir_all(dir).map_err(|e| CoreError::io(dir, e))?;
+        remove_leftover_temp_files(dir)?;
         let newest = latest_checkpoint(dir)?;
         let (state, resumed_from) = match (resume, newest) {
             (Resume::No { how }, Some(_)) => {
@@ -154,8 +206,8 @@ impl Run {
                 tracing::info!(run_dir = %dir.display(), "--resume: no checkpoint yet, starting fresh");
                 (RunState::fresh(model, cfg), None)
             }
-            (r @ (Resume::Required | Resume::IfAny), Some(path)) => {
-                let state = RunState::resumed(&path, cfg, r == Resume::Required)?;
+            (r @ (Resume::Required | Resume::IfAny), Some(_)) => {
+                let (state, path) = resume_newest_good(dir, cfg, r == Resume::Required)?;
                 tracing::info!(checkpoint = %path.display(), step = state.step, "resuming");
                 (state, Some(path))
             }

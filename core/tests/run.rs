@@ -127,3 +127,89 @@ fn a_checkpoint_of_another_network_is_a_configuration_error_for_both() {
         assert!(e.to_string().contains("different network config"), "{e}");
     }
 }
+
+/// `write_checkpoint`'s state at step `step`, saved with the run's checkpointer.
+fn save_at(cfg: &TrainConfig, step: u64) -> RunState {
+    let model = CapsNet::new(cfg.model.clone()).unwrap();
+    let mut state = RunState::fresh(&model, cfg);
+    state.params.data.iter_mut().for_each(|p| *p += step as f32);
+    state.step = step;
+    Checkpointer::new(&cfg.run_dir, 5)
+        .save(&state.checkpoint(cfg, true))
+        .unwrap();
+    state
+}
+
+/// A newest checkpoint that was damaged after it was written (a flipped byte in its tensors,
+/// caught by the checksum in its metadata) or holds a non-finite value is skipped: the run
+/// resumes from the newest one that verifies. When none does, the error names the damage.
+#[test]
+fn a_damaged_newest_checkpoint_falls_back_to_an_older_good_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path());
+    let good = save_at(&cfg, 3);
+    save_at(&cfg, 5);
+    let newest = cfg.run_dir.join("checkpoint-5.safetensors");
+    let mut bytes = std::fs::read(&newest).unwrap();
+    let last = bytes.len() - 3;
+    bytes[last] ^= 0x40;
+    std::fs::write(&newest, &bytes).unwrap();
+    let e = capsnet_core::checkpoint::Checkpoint::load(&newest, None)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("do not match their checksum"), "{e}");
+
+    for policy in [Resume::Required, Resume::IfAny] {
+        let run = open(&cfg, policy).unwrap();
+        assert_eq!(run.state.step, 3);
+        assert_eq!(run.state.params.data, good.params.data);
+        assert!(
+            run.resumed_from
+                .unwrap()
+                .ends_with("checkpoint-3.safetensors")
+        );
+    }
+
+    // A state written with a NaN in it (checksummed as it was) is not resumed either.
+    let model = CapsNet::new(cfg.model.clone()).unwrap();
+    let mut nan = RunState::fresh(&model, &cfg);
+    nan.step = 9;
+    nan.adam.v[4] = f32::NAN;
+    Checkpointer::new(&cfg.run_dir, 5)
+        .save(&nan.checkpoint(&cfg, true))
+        .unwrap();
+    let run = open(&cfg, Resume::IfAny).unwrap();
+    assert_eq!(run.state.step, 3);
+
+    // Nothing good left: the newest one's error.
+    for step in [3, 9] {
+        std::fs::write(
+            cfg.run_dir.join(format!("checkpoint-{step}.safetensors")),
+            b"junk",
+        )
+        .unwrap();
+    }
+    let e = open(&cfg, Resume::IfAny).err().unwrap();
+    assert!(e.to_string().contains("checkpoint-9"), "{e}");
+}
+
+/// Temporary files that a crash left in the run directory are removed when the run opens;
+/// other files stay.
+#[test]
+fn leftover_temporary_files_are_removed_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path());
+    std::fs::create_dir_all(&cfg.run_dir).unwrap();
+    let leftovers = [".checkpoint-40.safetensors.tmp-4242", ".config.json.tmp-17"];
+    let kept = ["notes.txt", ".hidden", "a.tmp-x"];
+    for f in leftovers.iter().chain(&kept) {
+        std::fs::write(cfg.run_dir.join(f), b"x").unwrap();
+    }
+    open(&cfg, Resume::IfAny).unwrap();
+    for f in leftovers {
+        assert!(!cfg.run_dir.join(f).exists(), "{f} is still there");
+    }
+    for f in kept {
+        assert!(cfg.run_dir.join(f).exists(), "{f} was removed");
+    }
+}

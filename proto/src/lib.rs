@@ -24,6 +24,58 @@ pub mod pb {
 
 pub use pb::{Encoding, SyncMode, WorkerState};
 
+/// Limits a worker puts on the run config a coordinator sends, so that a broken or hostile
+/// coordinator cannot make it allocate without bound (the model's own sizes are bounded by
+/// [`CapsNetConfig::validate`]).
+pub const MAX_BATCH: u64 = 1 << 16;
+pub const MAX_SYNC_EVERY: u64 = 1 << 20;
+pub const MAX_CHUNK_BYTES: u64 = 64 << 20;
+pub const MAX_TRAIN_LEN: u64 = 1 << 32;
+/// 4 GiB of f32 for the prediction vectors of one batch.
+pub const MAX_BATCH_VOTES: u64 = 1 << 30;
+
+/// A bearer token. Its `Debug` shows no secret, so the configs that hold one can be printed
+/// and logged whole.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Token(String);
+
+impl Token {
+    pub fn new(token: impl Into<String>) -> Self {
+        Token(token.into())
+    }
+
+    /// The secret itself, for the one place that sends or compares it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Token(<redacted>)")
+    }
+}
+
+impl From<String> for Token {
+    fn from(s: String) -> Self {
+        Token(s)
+    }
+}
+
+impl From<&str> for Token {
+    fn from(s: &str) -> Self {
+        Token(s.to_string())
+    }
+}
+
 /// What can be wrong with a message or a tensor stream.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ProtoError {
@@ -286,6 +338,32 @@ impl TryFrom<pb::RunConfig> for RunSettings {
                 "run config: batch size, sync_every and chunk size must be positive".into(),
             ));
         }
+        // Upper bounds on what a worker allocates or waits for on the coordinator's word.
+        let votes = model.num_primary() * model.classes * model.digit_dim;
+        for (name, v, max) in [
+            ("batch size", u64::from(m.batch_size), MAX_BATCH),
+            ("sync_every", u64::from(m.sync_every), MAX_SYNC_EVERY),
+            ("chunk size", u64::from(m.chunk_bytes), MAX_CHUNK_BYTES),
+            ("max shift", u64::from(m.max_shift), model.image_size as u64),
+            ("training images", m.train_len, MAX_TRAIN_LEN),
+            (
+                "floats of a batch's prediction vectors",
+                u64::from(m.batch_size) * votes as u64,
+                MAX_BATCH_VOTES,
+            ),
+        ] {
+            if v > max {
+                return Err(bad(format!(
+                    "run config: {name} {v} is over the limit of {max}"
+                )));
+            }
+        }
+        if m.heartbeat_ms < 10 {
+            return Err(bad(format!(
+                "run config: a heartbeat every {} ms is too often",
+                m.heartbeat_ms
+            )));
+        }
         Ok(RunSettings {
             model,
             adam,
@@ -363,6 +441,46 @@ mod tests {
         bad.model = None;
         let e = RunSettings::try_from(bad).unwrap_err().to_string();
         assert!(e.contains("no model config"), "{e}");
+    }
+
+    /// A coordinator that asks for absurd sizes gets a clear refusal, not an allocation that
+    /// kills the worker (or arithmetic that overflows).
+    #[test]
+    fn absurd_sizes_from_the_coordinator_are_refused() {
+        let m = settings().to_message().unwrap();
+        let refuse = |f: &dyn Fn(&mut pb::RunConfig), want: &str| {
+            let mut bad = m.clone();
+            f(&mut bad);
+            let e = RunSettings::try_from(bad).unwrap_err().to_string();
+            assert!(e.contains(want), "{want}: {e}");
+        };
+        refuse(&|b| b.batch_size = u32::MAX, "batch size 4294967295");
+        refuse(&|b| b.sync_every = u32::MAX, "sync_every");
+        refuse(&|b| b.chunk_bytes = u32::MAX, "chunk size");
+        refuse(&|b| b.max_shift = 1000, "max shift");
+        refuse(&|b| b.train_len = u64::MAX, "training images");
+        refuse(&|b| b.heartbeat_ms = 0, "heartbeat");
+        // Model sizes that would overflow the layout arithmetic or ask for terabytes.
+        refuse(
+            &|b| b.model.as_mut().unwrap().image_size = u32::MAX,
+            "image_size",
+        );
+        refuse(
+            &|b| b.model.as_mut().unwrap().decoder_hidden = vec![65537; 3],
+            "decoder_hidden",
+        );
+        refuse(
+            &|b| {
+                let md = b.model.as_mut().unwrap();
+                md.conv1_channels = 4096;
+                md.primary_types = 4096;
+            },
+            "parameters",
+        );
+        refuse(
+            &|b| b.model.as_mut().unwrap().routing_iters = 1 << 20,
+            "routing_iters",
+        );
     }
 
     #[test]

@@ -187,23 +187,89 @@ pub fn decode_into(payload: &[u8], enc: Encoding, out: &mut [f32]) -> Result<()>
     Ok(())
 }
 
-/// The first non-finite value of a payload, as (index, value); one pass that vectorises, and
-/// a second only when something is found.
-pub fn first_non_finite(payload: &[u8], enc: Encoding) -> Option<(usize, f32)> {
-    let bad = match enc {
-        Encoding::Bf16 => payload.chunks_exact(2).fold(false, |a, c| {
-            a | (u16::from_le_bytes([c[0], c[1]]) & 0x7F80 == 0x7F80)
-        }),
-        _ => payload.chunks_exact(4).fold(false, |a, c| {
-            a | (u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7F80_0000 == 0x7F80_0000)
-        }),
+/// What [`scan`] found in a payload.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Scan {
+    /// Every value within bounds; the sum of squares of the values (or of their differences
+    /// from the reference).
+    Ok { sum_sq: f64 },
+    /// The first value out of bounds (not finite, too large, or too far from its reference),
+    /// and where.
+    Bad {
+        index: usize,
+        value: f32,
+        /// Its reference value, when one was given.
+        reference: Option<f32>,
+    },
+}
+
+/// The bounds [`scan`] checks every value against.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Bounds {
+    /// `|x| <= max_abs` (which also fails NaN and infinities).
+    pub max_abs: f32,
+    /// With a reference: `|x - r| <= abs + rel * |r|`.
+    pub max_delta: Option<(f32, f32)>,
+}
+
+/// Checks every value of `payload` (in `enc`) against `bounds` and sums the squares of
+/// `x - reference` (the reference decoded from its own encoding; zero without one): an
+/// update's squared norm, or in params mode its squared distance from the parameters it
+/// started from. One pass, in blocks summed in f32 and added up in f64.
+pub fn scan(
+    payload: &[u8],
+    enc: Encoding,
+    reference: Option<(&[u8], Encoding)>,
+    bounds: Bounds,
+) -> Scan {
+    const B: usize = 1024;
+    let bpf = bytes_per_float(enc);
+    let n = payload.len() / bpf;
+    let (mut x, mut r) = ([0.0f32; B], [0.0f32; B]);
+    let (delta_abs, delta_rel) = match (reference, bounds.max_delta) {
+        (Some(_), Some(d)) => d,
+        _ => (f32::INFINITY, 0.0),
     };
-    if !bad {
-        return None;
+    let ok = |a: f32, b: f32| {
+        a.abs() <= bounds.max_abs && (a - b).abs() <= delta_abs + delta_rel * b.abs()
+    };
+    let mut sum_sq = 0.0f64;
+    let mut start = 0;
+    while start < n {
+        let len = B.min(n - start);
+        let xs = &mut x[..len];
+        let _ = decode_into(&payload[start * bpf..(start + len) * bpf], enc, xs);
+        let rs = &mut r[..len];
+        rs.fill(0.0);
+        if let Some((p, e)) = reference {
+            let rb = bytes_per_float(e);
+            if let Some(p) = p.get(start * rb..(start + len) * rb) {
+                let _ = decode_into(p, e, rs);
+            }
+        }
+        let mut bad = false;
+        let mut block = 0.0f32;
+        for (&a, &b) in xs.iter().zip(rs.iter()) {
+            bad |= !ok(a, b);
+            let d = a - b;
+            block += d * d;
+        }
+        if bad {
+            let i = xs
+                .iter()
+                .zip(rs.iter())
+                .position(|(&a, &b)| !ok(a, b))
+                .unwrap_or(0);
+            return Scan::Bad {
+                index: start + i,
+                value: xs[i],
+                reference: reference.map(|_| rs[i]),
+            };
+        }
+        sum_sq += f64::from(block);
+        start += len;
     }
-    let mut out = vec![0.0f32; payload.len() / bytes_per_float(enc)];
-    decode_into(payload, enc, &mut out).ok()?;
-    out.iter().position(|x| !x.is_finite()).map(|i| (i, out[i]))
+    Scan::Ok { sum_sq }
 }
 
 /// `out += w * payload` element by element (the payload decoded from `enc`; lengths must

@@ -32,6 +32,11 @@ impl Proc {
         }
     }
 
+    /// The process id (for /proc; never to signal: see [`Proc::signal`]).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The exit status, reaping the child if it has exited; None while it runs.
     pub fn exited(&mut self) -> Option<ExitStatus> {
         if self.status.is_none() {

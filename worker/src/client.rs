@@ -58,6 +58,24 @@ impl Client {
             .max_frame_size(Some(2 << 20))
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(20));
+        let uri = ep.uri().clone();
+        match (uri.scheme_str(), tls) {
+            (Some("http"), Some(_)) => {
+                return Err(WorkerError::Config(format!(
+                    "--tls-ca is set, but the coordinator URL {url} is http://, which would not \
+                     encrypt anything: use https://{}",
+                    uri.authority().map_or("", |a| a.as_str())
+                )));
+            }
+            (Some("https"), None) => {
+                return Err(WorkerError::Config(format!(
+                    "the coordinator URL {url} is https://: give the CA of its certificate with \
+                     --tls-ca"
+                )));
+            }
+            (Some("http"), None) => check_plaintext(url, &uri).await?,
+            _ => {}
+        }
         if let Some(t) = tls {
             let read = |p: &PathBuf| {
                 std::fs::read(p).map_err(|source| WorkerError::ReadFile {
@@ -81,7 +99,6 @@ impl Client {
         let value: MetadataValue<_> = format!("Bearer {token}")
             .parse()
             .map_err(|_| WorkerError::TokenNotAscii)?;
-        let uri = ep.uri();
         let origin = format!(
             "{}://{}",
             uri.scheme_str().unwrap_or("http"),
@@ -142,4 +159,62 @@ impl Client {
         }
         Ok(Messages::new(resp.into_body()))
     }
+}
+
+/// How long the plaintext check waits to connect and for the first answer.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Before a token goes out in clear: the server at `uri` must answer the HTTP/2 preface (sent
+/// alone, without any request or token) with an HTTP/2 frame. A coordinator that serves TLS
+/// answers with a TLS alert or closes the connection; sending it requests would put the token
+/// on the wire unencrypted, to a server that cannot even read them.
+async fn check_plaintext(url: &str, uri: &http::Uri) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let unavailable = |why: String| WorkerError::Rpc(Status::unavailable(format!("{url}: {why}")));
+    let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
+    let port = uri.port_u16().unwrap_or(80);
+    let mut conn =
+        tokio::time::timeout(CHECK_TIMEOUT, tokio::net::TcpStream::connect((host, port)))
+            .await
+            .map_err(|_| unavailable("connecting timed out".into()))?
+            .map_err(|e| unavailable(e.to_string()))?;
+    // The client preface and an empty SETTINGS frame (RFC 9113, 3.4).
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+    conn.write_all(PREFACE)
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
+    let mut head = [0u8; 9];
+    let mut got = 0;
+    let read = async {
+        while got < head.len() {
+            match conn.read(&mut head[got..]).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(CHECK_TIMEOUT, read).await;
+    // A TLS record: alert (21) or handshake (22), version 3.x.
+    let tls = got >= 2 && matches!(head[0], 21 | 22) && head[1] == 3;
+    if tls {
+        return Err(WorkerError::Config(format!(
+            "the coordinator at {url} answered with TLS: it serves TLS (--tls-cert), so use \
+             https:// with --tls-ca. The token was not sent."
+        )));
+    }
+    if got == 0 {
+        return Err(unavailable(
+            "closed the connection or stayed silent instead of answering HTTP/2 (if it serves \
+             TLS, use https:// with --tls-ca); the token was not sent"
+                .into(),
+        ));
+    }
+    // An HTTP/2 server sends SETTINGS (type 4) first.
+    if got < head.len() || head[3] != 4 {
+        return Err(unavailable(format!(
+            "the first {got} bytes of the answer are not an HTTP/2 SETTINGS frame: {:02x?}",
+            &head[..got]
+        )));
+    }
+    Ok(())
 }

@@ -129,7 +129,8 @@ pub type Result<T, E = WorkerError> = std::result::Result<T, E>;
 pub struct WorkerConfig {
     /// `http://host:port` or `https://host:port`.
     pub coordinator: String,
-    pub token: String,
+    /// Redacted in `Debug`.
+    pub token: capsnet_proto::Token,
     pub data_dir: PathBuf,
     /// Stable name; a worker restarted under the same name gets its rank and shard back.
     pub name: String,
@@ -448,6 +449,7 @@ fn retryable(code: Code) -> bool {
             | Code::DeadlineExceeded
             | Code::Aborted
             | Code::Internal
+            | Code::ResourceExhausted
     )
 }
 
@@ -459,7 +461,7 @@ async fn join(cfg: &WorkerConfig) -> Result<(Client, pb::JoinResponse)> {
     loop {
         let attempt = async {
             let mut client =
-                Client::connect(&cfg.coordinator, &cfg.token, cfg.tls.as_ref()).await?;
+                Client::connect(&cfg.coordinator, cfg.token.expose(), cfg.tls.as_ref()).await?;
             let req = pb::JoinRequest {
                 name: cfg.name.clone(),
                 rank_hint: cfg.rank_hint,
@@ -719,5 +721,28 @@ async fn train(
             Ok(None) => {}
             Err(e) => return Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_is_not_in_the_debug_output() {
+        let cfg = WorkerConfig {
+            coordinator: "http://127.0.0.1:1".into(),
+            token: "secret-token-0123456789".into(),
+            data_dir: "data".into(),
+            name: "w".into(),
+            rank_hint: None,
+            threads: 1,
+            give_up_after: Duration::from_secs(1),
+            tls: None,
+            metrics_listen: None,
+        };
+        let text = format!("{cfg:?}");
+        assert!(!text.contains("secret-token"), "{text}");
+        assert!(text.contains("<redacted>"), "{text}");
     }
 }

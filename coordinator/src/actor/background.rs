@@ -1,9 +1,10 @@
 //! Off the round thread: evaluation on a snapshot, checkpoints, metrics.jsonl.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use capsnet_core::checkpoint::{Checkpoint, Checkpointer};
 use capsnet_core::model::Workspace;
@@ -26,7 +27,15 @@ pub(super) struct Background {
     pub(super) jobs: Vec<JoinHandle<()>>,
     pub(super) checkpointer: Arc<Mutex<Checkpointer>>,
     pub(super) last_checkpoint: Arc<Mutex<Option<PathBuf>>>,
+    /// A background checkpoint write, or evaluation, is running.
+    pub(super) writing: Arc<AtomicBool>,
+    pub(super) evaluating: Arc<AtomicBool>,
+    /// The error of a final or shutdown checkpoint that could not be written.
+    pub(super) failed: Option<String>,
 }
+
+/// Tries of a checkpoint write before it counts as failed (1 s, then 2 s apart).
+const CHECKPOINT_TRIES: u64 = 3;
 
 impl Metrics {
     pub(super) fn write(&mut self, v: serde_json::Value) {
@@ -38,8 +47,20 @@ impl Metrics {
 
 impl Actor {
     /// Writes a checkpoint of the state after the last closed round; in the background unless
-    /// `wait`.
+    /// `wait`. One background write at a time: while one is still running, a periodic
+    /// checkpoint is skipped (before any copy of the state is made). Each write is tried
+    /// [`CHECKPOINT_TRIES`] times; a write that still fails is logged and counted
+    /// (`capsnet_checkpoint_failures_total`), and returned when waited for.
     pub(super) fn checkpoint_now(&mut self, wait: bool) -> Result<Option<PathBuf>> {
+        self.bg.jobs.retain(|h| !h.is_finished());
+        if !wait && self.bg.writing.swap(true, Ordering::AcqRel) {
+            tracing::warn!(
+                round = self.round,
+                "the last checkpoint is still being written: skipping this one"
+            );
+            return Ok(None);
+        }
+        // The one copy of the state a checkpoint makes (training goes on meanwhile).
         let ck = Checkpoint {
             config: self.cfg.train.model.clone(),
             params: self.params.clone(),
@@ -58,7 +79,22 @@ impl Actor {
             let guard = ckpt
                 .lock()
                 .map_err(|_| CoordinatorError::Panicked("an earlier checkpoint write"))?;
-            let path = guard.save(&ck)?;
+            let mut tries = 0;
+            let path = loop {
+                tries += 1;
+                match guard.save(&ck) {
+                    Ok(p) => break p,
+                    Err(e) if tries < CHECKPOINT_TRIES => {
+                        tracing::warn!(error = %e, tries, "checkpoint write failed: trying again");
+                        std::thread::sleep(Duration::from_secs(tries));
+                    }
+                    Err(e) => {
+                        metrics.checkpoint_failures.inc();
+                        tracing::error!(error = %e, step = ck.step, "checkpoint failed {tries} times");
+                        return Err(e.into());
+                    }
+                }
+            };
             tracing::info!(path = %path.display(), "checkpoint written");
             metrics
                 .last_checkpoint_timestamp
@@ -71,10 +107,10 @@ impl Actor {
         if wait {
             write()
         } else {
+            let writing = self.bg.writing.clone();
             self.bg.jobs.push(std::thread::spawn(move || {
-                if let Err(e) = write() {
-                    tracing::error!(error = %e, "checkpoint failed");
-                }
+                let _ = write();
+                writing.store(false, Ordering::Release);
             }));
             Ok(None)
         }
@@ -141,10 +177,23 @@ impl Actor {
         }
     }
 
-    /// Evaluates on a snapshot in a background thread: rounds go on meanwhile.
+    /// Evaluates on a snapshot in a background thread: rounds go on meanwhile. One at a
+    /// time: while one runs, the next is skipped (before its snapshot is taken).
     pub(super) fn spawn_eval(&mut self) {
+        self.bg.jobs.retain(|h| !h.is_finished());
+        if self.bg.evaluating.swap(true, Ordering::AcqRel) {
+            tracing::warn!(
+                round = self.round,
+                "the last evaluation is still running: skipping this one"
+            );
+            return;
+        }
         let job = self.eval_job();
-        self.bg.jobs.push(std::thread::spawn(job));
+        let evaluating = self.bg.evaluating.clone();
+        self.bg.jobs.push(std::thread::spawn(move || {
+            job();
+            evaluating.store(false, Ordering::Release);
+        }));
     }
 
     pub(super) fn finish(&mut self) {
@@ -159,6 +208,7 @@ impl Actor {
         (self.eval_job())();
         if let Err(e) = self.checkpoint_now(true) {
             tracing::error!(error = %e, "final checkpoint failed");
+            self.bg.failed = Some(e.to_string());
         }
         self.finished = true;
         self.publish();

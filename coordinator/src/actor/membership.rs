@@ -1,7 +1,7 @@
 //! Membership: workers join, leave, die (a closed connection, silent heartbeats, a missed
 //! deadline) and come back; the table of states is in the parent module's doc.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use capsnet_proto::{WorkerState, pb};
@@ -24,6 +24,48 @@ pub(super) struct Members {
     pub(super) first_join: Option<Instant>,
     /// Heartbeat stamps and closed connections, recorded outside the actor's queue.
     pub(super) liveness: Liveness,
+    pub(super) ranks: Ranks,
+}
+
+/// The registry holds at most this many workers; a join beyond it takes the place of the
+/// longest-gone unhealthy or departed worker, or is refused when every one is live.
+pub(super) const MAX_WORKERS: usize = 4096;
+/// Unhealthy or departed workers are forgotten this long after they went.
+pub(super) const FORGET_AFTER: Duration = Duration::from_secs(600);
+
+/// Ranks in use, and the free ones below the highest ever given: a join takes its hint or the
+/// smallest free rank in O(log n).
+#[derive(Default)]
+pub(super) struct Ranks {
+    taken: BTreeSet<u32>,
+    free: BTreeSet<u32>,
+    next: u32,
+}
+
+impl Ranks {
+    /// Takes `hint` when it is free (and below [`MAX_WORKERS`]), else the smallest free rank.
+    pub(super) fn take(&mut self, hint: Option<u32>) -> u32 {
+        let r = match hint {
+            Some(h) if (h as usize) < MAX_WORKERS && !self.taken.contains(&h) => h,
+            _ => match self.free.pop_first() {
+                Some(r) => r,
+                None => self.next,
+            },
+        };
+        self.free.remove(&r);
+        if r >= self.next {
+            self.free.extend(self.next..r);
+            self.next = r + 1;
+        }
+        self.taken.insert(r);
+        r
+    }
+
+    pub(super) fn release(&mut self, r: u32) {
+        if self.taken.remove(&r) {
+            self.free.insert(r);
+        }
+    }
 }
 
 pub(super) struct Worker {
@@ -39,8 +81,8 @@ pub(super) struct Worker {
     /// Rounds in a row it had work in and did not deliver.
     pub(super) missed: u32,
     pub(super) straggler: bool,
-    /// When it was last marked unhealthy: only a sign of life received after that brings it
-    /// back (a request it sent before it died may still be in the queue).
+    /// When it was last marked unhealthy (or left): only a sign of life received after that
+    /// brings it back (a request it sent before it died may still be in the queue).
     pub(super) unhealthy_since: Option<Instant>,
 }
 
@@ -91,6 +133,9 @@ impl Actor {
                 reason: "a worker name has 1 to 253 characters",
             });
         }
+        if !self.members.workers.contains_key(&name) && self.members.workers.len() >= MAX_WORKERS {
+            self.evict_one()?;
+        }
         self.members.next_id += 1;
         let id = format!("{}-{}", self.members.id_prefix, self.members.next_id);
         let in_plan = self
@@ -108,13 +153,7 @@ impl Actor {
                 self.members.liveness.forget(&w.id);
                 w.rank
             }
-            None => {
-                let taken: Vec<u32> = self.members.workers.values().map(|w| w.rank).collect();
-                match rank_hint {
-                    Some(r) if !taken.contains(&r) => r,
-                    _ => (0..).find(|r| !taken.contains(r)).unwrap_or(0),
-                }
-            }
+            None => self.members.ranks.take(rank_hint),
         };
         tracing::info!(worker = %id, %name, rank, state = ?state, "worker joined");
         self.members.names.insert(id.clone(), name.clone());
@@ -141,6 +180,66 @@ impl Actor {
             config: Some(self.run_msg.clone()),
             round: self.round,
         })
+    }
+
+    /// Forgets `name`: its session, rank and metric labels.
+    fn forget(&mut self, name: &str) {
+        let Some(w) = self.members.workers.remove(name) else {
+            return;
+        };
+        self.members.names.remove(&w.id);
+        self.members.liveness.forget(&w.id);
+        self.members.ranks.release(w.rank);
+        let label = crate::metrics::WorkerLabel {
+            worker: name.to_string(),
+        };
+        let m = &self.metrics;
+        m.heartbeat_age_seconds.remove(&label);
+        m.pace.remove(&label);
+        m.straggler.remove(&label);
+        m.update_seconds.remove(&label);
+    }
+
+    /// Names of workers that are gone (unhealthy or left) and not in the open round, the
+    /// longest gone first.
+    fn gone(&self) -> Vec<(Instant, String)> {
+        let mut gone: Vec<(Instant, String)> = (self.members.workers.iter())
+            .filter(|(n, w)| {
+                matches!(w.state, WorkerState::Unhealthy | WorkerState::Left)
+                    && self
+                        .plan
+                        .as_ref()
+                        .is_none_or(|p| p.member_index(n).is_none())
+            })
+            .map(|(n, w)| (w.unhealthy_since.unwrap_or(w.last_seen), n.clone()))
+            .collect();
+        gone.sort();
+        gone
+    }
+
+    /// Makes room in a full registry for a new name, or refuses the join.
+    fn evict_one(&mut self) -> Result<()> {
+        match self.gone().into_iter().next() {
+            Some((_, name)) => {
+                tracing::info!(%name, "registry full: forgetting the longest-gone worker");
+                self.forget(&name);
+                Ok(())
+            }
+            None => Err(CoordinatorError::Overloaded(format!(
+                "{MAX_WORKERS} workers are live; no room for another"
+            ))),
+        }
+    }
+
+    /// Forgets the workers gone for longer than [`FORGET_AFTER`].
+    pub(super) fn prune(&mut self, now: Instant) {
+        for (since, name) in self.gone() {
+            if now - since < FORGET_AFTER {
+                break;
+            }
+            tracing::debug!(%name, "forgetting a worker gone for {:?}", now - since);
+            self.forget(&name);
+        }
     }
 
     /// Live workers (joining or healthy) in rank order.
@@ -303,5 +402,42 @@ impl Actor {
                 w.mark_unhealthy(now);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Hints are honoured when free and below the registry's bound; otherwise the smallest free
+    /// rank is given, released ranks are reused first.
+    #[test]
+    fn ranks_take_hints_or_the_smallest_free_one() {
+        let mut r = Ranks::default();
+        assert_eq!(r.take(None), 0);
+        assert_eq!(r.take(Some(3)), 3);
+        assert_eq!(
+            r.take(Some(3)),
+            1,
+            "a taken hint gets the smallest free rank"
+        );
+        assert_eq!(r.take(None), 2);
+        assert_eq!(r.take(None), 4);
+        assert_eq!(
+            r.take(Some(u32::MAX)),
+            5,
+            "hints past the bound are ignored"
+        );
+        r.release(1);
+        r.release(4);
+        assert_eq!(r.take(None), 1);
+        assert_eq!(r.take(Some(4)), 4);
+        assert_eq!(r.take(None), 6);
+        // Many joins and leaves stay within the ranks in use.
+        for _ in 0..10_000 {
+            let k = r.take(None);
+            r.release(k);
+        }
+        assert_eq!(r.take(None), 7);
     }
 }

@@ -95,6 +95,10 @@ pub(crate) struct Actor {
     stop: bool,
     /// What Prometheus scrapes (`--metrics-listen`).
     metrics: Arc<crate::metrics::Metrics>,
+    /// Norms of the last accepted updates (params mode: distances), newest last.
+    norms: std::collections::VecDeque<f64>,
+    /// When gone workers were last pruned from the registry.
+    last_prune: Option<Instant>,
 }
 
 impl Actor {
@@ -174,6 +178,7 @@ impl Actor {
                 next_id: 0,
                 first_join: None,
                 liveness,
+                ranks: membership::Ranks::default(),
             },
             reducer: Reducer::new(
                 Arc::new(chunk_ranges(n_floats, cfg.wire, cfg.chunk_bytes).collect()),
@@ -194,9 +199,14 @@ impl Actor {
                 jobs: vec![],
                 checkpointer: Arc::new(Mutex::new(checkpointer)),
                 last_checkpoint: Arc::new(Mutex::new(None)),
+                writing: Arc::default(),
+                evaluating: Arc::default(),
+                failed: None,
             },
             stop: false,
             metrics: prometheus,
+            norms: std::collections::VecDeque::new(),
+            last_prune: None,
         };
         actor.publish();
         Ok(actor)
@@ -249,6 +259,7 @@ impl Actor {
                 .ok()
                 .and_then(|e| e.as_ref().map(|(_, r)| r.clone())),
             checkpoint: self.bg.last_checkpoint.lock().ok().and_then(|c| c.clone()),
+            checkpoint_failed: self.bg.failed.take(),
         }
     }
 
@@ -300,6 +311,7 @@ impl Actor {
             Msg::End {
                 member,
                 round,
+                norm,
                 reply,
             } => {
                 let r = if round != self.round || self.finished {
@@ -308,7 +320,11 @@ impl Actor {
                         current: self.round,
                     })
                 } else {
-                    self.reducer.end(member).map(|()| round)
+                    // Judged before it completes: a rejected update is aborted (by the
+                    // stream's guard) like any failed one, and its ranges are redone.
+                    self.judge_norm(member, norm)
+                        .and_then(|()| self.reducer.end(member))
+                        .map(|()| round)
                 };
                 if r.is_ok()
                     && let Some(t) = self.update_done.get_mut(member)
@@ -331,6 +347,7 @@ impl Actor {
             Msg::Leave { worker_id, reply } => {
                 let r = self.worker_mut(&worker_id).map(|w| {
                     w.state = WorkerState::Left;
+                    w.unhealthy_since = Some(Instant::now());
                 });
                 self.members.liveness.forget(&worker_id);
                 if r.is_ok() {
@@ -355,6 +372,9 @@ impl Actor {
             Msg::Shutdown { reply } => {
                 tracing::info!(round = self.round, "shutting down: writing a checkpoint");
                 let r = self.checkpoint_now(true);
+                if let Err(e) = &r {
+                    self.bg.failed = Some(e.to_string());
+                }
                 for h in self.bg.jobs.drain(..) {
                     let _ = h.join();
                 }
@@ -402,6 +422,13 @@ impl Actor {
         }
         let now = Instant::now();
         self.check_liveness(now);
+        if self
+            .last_prune
+            .is_none_or(|t| now - t >= Duration::from_secs(1))
+        {
+            self.prune(now);
+            self.last_prune = Some(now);
+        }
         self.show_members(now);
         if !self.started {
             self.maybe_start(now);

@@ -89,10 +89,12 @@ pub(crate) enum Msg {
         index: usize,
         payload: Bytes,
     },
-    /// Every chunk arrived and the whole checked out.
+    /// Every chunk arrived and the whole checked out. `norm`: the update's L2 norm (params
+    /// mode: its distance from the round's parameters).
     End {
         member: usize,
         round: u64,
+        norm: f64,
         reply: oneshot::Sender<Result<u64>>,
     },
     /// The update failed or its stream was dropped: forget it.
@@ -135,4 +137,7 @@ pub struct Outcome {
     pub finished: bool,
     pub last_eval: Option<EvalReport>,
     pub checkpoint: Option<PathBuf>,
+    /// Why the final (or shutdown) checkpoint could not be written, when it could not: the
+    /// process must not exit 0 then.
+    pub checkpoint_failed: Option<String>,
 }

@@ -10,6 +10,13 @@ use capsnet_proto::wire::{EncodedChunk, encode_chunks};
 use capsnet_proto::{Encoding, SyncMode, WorkerState, pb};
 
 use super::membership::{PROBATION_EVERY, WAITING_LOG_EVERY};
+
+/// An update whose norm is over this many times the median of the recent accepted ones is
+/// rejected (or clipped).
+pub(super) const NORM_FACTOR: f64 = 100.0;
+/// Accepted norms kept, and how many make a history to judge by.
+pub(super) const NORM_HISTORY: usize = 32;
+pub(super) const NORM_MIN_HISTORY: usize = 8;
 use super::{Actor, Progress, Published, PullReply};
 use crate::error::{CoordinatorError, Result};
 use crate::plan::{EpochCursor, RoundPlan};
@@ -57,6 +64,13 @@ impl Actor {
     pub(super) fn pull(&mut self, id: &str, after_round: Option<u64>) -> Result<PullReply> {
         let (round, finished) = (self.round, self.finished);
         self.worker_mut(id)?;
+        // The round a client last saw is never past the open one (and `after + 1` must not
+        // overflow anywhere).
+        if let Some(a) = after_round.filter(|&a| a > round) {
+            return Err(CoordinatorError::InvalidArgument(format!(
+                "after_round {a} is past the open round {round}"
+            )));
+        }
         let name = self.members.names.get(id).cloned().unwrap_or_default();
         if finished {
             let order = pb::WorkOrder {
@@ -122,6 +136,11 @@ impl Actor {
         if self.reducer.has(k) {
             return Err(CoordinatorError::Duplicate { name, round });
         }
+        if !loss.is_finite() || loss < 0.0 {
+            return Err(CoordinatorError::BadUpdate(format!(
+                "update's loss {loss} is not a finite non-negative number"
+            )));
+        }
         let want = plan.work(k).len() as u64;
         if samples != want || samples == 0 {
             return Err(CoordinatorError::BadUpdate(format!(
@@ -136,6 +155,57 @@ impl Actor {
         self.first_update.get_or_insert_with(Instant::now);
         self.reducer.begin(k, samples, loss, encoding);
         Ok(k)
+    }
+
+    /// Accepts member `k`'s update norm (params mode: distance from the round's parameters),
+    /// or rejects it, or with `--clip-updates` scales the update down to the limit: NORM_FACTOR
+    /// times the median of the last accepted norms (once there are NORM_MIN_HISTORY of them).
+    pub(super) fn judge_norm(&mut self, k: usize, norm: f64) -> Result<()> {
+        let mut recent: Vec<f64> = self.norms.iter().copied().collect();
+        recent.sort_by(f64::total_cmp);
+        let median = recent.get(recent.len() / 2).copied().unwrap_or(0.0);
+        let limit =
+            (recent.len() >= NORM_MIN_HISTORY && median > 0.0).then_some(NORM_FACTOR * median);
+        let mut kept = norm;
+        if let Some(limit) = limit.filter(|&l| norm > l) {
+            let what = if self.cfg.sync_mode == SyncMode::Params {
+                "distance from the round's parameters"
+            } else {
+                "norm"
+            };
+            if !self.cfg.clip_updates {
+                self.metrics.updates_rejected.inc();
+                tracing::warn!(
+                    round = self.round,
+                    member = k,
+                    norm,
+                    limit,
+                    "update rejected: {what} too large"
+                );
+                return Err(CoordinatorError::BadUpdate(format!(
+                    "update's {what} {norm:.3e} is over {NORM_FACTOR} x the median of the last \
+                     {} accepted ({median:.3e}); rejected (--clip-updates would scale it down)",
+                    recent.len()
+                )));
+            }
+            self.metrics.updates_clipped.inc();
+            tracing::warn!(
+                round = self.round,
+                member = k,
+                norm,
+                limit,
+                "update clipped: {what} too large"
+            );
+            for i in self.reducer.rescale(k, (limit / norm) as f32) {
+                self.show_progress(i);
+            }
+            kept = limit;
+        }
+        self.norms.push_back(kept);
+        if self.norms.len() > NORM_HISTORY {
+            self.norms.pop_front();
+        }
+        Ok(())
     }
 
     /// Plan members this round waits for: healthy, with work this round.
@@ -291,6 +361,24 @@ impl Actor {
             self.progress.send_replace(Progress::empty(self.round, n));
             return;
         };
+        if !closed.finite {
+            // Never commit (nor serve) a non-finite state: the round's work is redone.
+            self.metrics.rounds_discarded.inc();
+            tracing::error!(
+                round = self.round,
+                members = ?closed.members,
+                "the round's new parameters are not all finite: discarded, the round is redone"
+            );
+            for w in plan.work {
+                self.cursor.give_back(w);
+            }
+            self.update_done = vec![];
+            self.first_update = None;
+            let n = self.reducer.grid().len();
+            self.progress.send_replace(Progress::empty(self.round, n));
+            self.open_round();
+            return;
+        }
         // Commit: the stepped buffers become the state; the old ones are next round's buffers.
         std::mem::swap(&mut self.params.data, &mut self.reducer.next_params);
         if self.cfg.sync_mode == SyncMode::Grad {

@@ -1,0 +1,245 @@
+//! Accepted connections, bounded before a byte of them is read (anyone who can reach the port
+//! gets this far, token or not):
+//!
+//! - at most `--max-connections` at once, and `--max-connections-per-ip` from one address;
+//!   more are closed as soon as they are accepted (the peer sees a reset and retries);
+//! - each must send its first request within [`FIRST_REQUEST_WITHIN`] of being accepted (its
+//!   TLS handshake, HTTP/2 preface and request headers included), or it is closed; after that,
+//!   HTTP/2 keepalive pings close a peer that stops answering;
+//! - its close is reported to [`Liveness`] (a worker whose process died is noticed at once).
+//!
+//! Requests mark their connection as having spoken through [`Marked`], which wraps every
+//! service the server routes to.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tonic::server::NamedService;
+use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
+
+use crate::liveness::{Liveness, OnClose};
+
+/// A new connection must have sent a whole request by then.
+pub(crate) const FIRST_REQUEST_WITHIN: Duration = Duration::from_secs(10);
+/// Refused connections are logged at most this often.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+#[derive(Default)]
+struct Table {
+    total: usize,
+    per_ip: HashMap<IpAddr, usize>,
+    /// Whether each open connection has sent a request.
+    spoke: HashMap<SocketAddr, Arc<AtomicBool>>,
+    refused: u64,
+    logged: Option<Instant>,
+}
+
+/// The open connections and their limits.
+#[derive(Clone)]
+pub(crate) struct Conns {
+    table: Arc<Mutex<Table>>,
+    max_total: usize,
+    max_per_ip: usize,
+    liveness: Liveness,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl Conns {
+    pub fn new(
+        max_total: usize,
+        max_per_ip: usize,
+        liveness: Liveness,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Self {
+        Conns {
+            table: Arc::default(),
+            max_total,
+            max_per_ip,
+            liveness,
+            metrics,
+        }
+    }
+
+    /// Takes an accepted connection in, or closes it (None) when a limit is reached.
+    pub fn admit(&self, stream: TcpStream) -> Option<Conn> {
+        let peer = stream.peer_addr().ok()?;
+        let spoke = Arc::new(AtomicBool::new(false));
+        {
+            let mut t = self.table.lock().ok()?;
+            let from_ip = t.per_ip.get(&peer.ip()).copied().unwrap_or(0);
+            if t.total >= self.max_total || from_ip >= self.max_per_ip {
+                t.refused += 1;
+                self.metrics.connections_refused.inc();
+                if t.logged.is_none_or(|l| l.elapsed() >= REFUSAL_LOG_EVERY) {
+                    tracing::warn!(
+                        %peer,
+                        open = t.total,
+                        from_this_address = from_ip,
+                        refused_so_far = t.refused,
+                        "connection refused: --max-connections or --max-connections-per-ip reached"
+                    );
+                    t.logged = Some(Instant::now());
+                }
+                return None;
+            }
+            t.total += 1;
+            *t.per_ip.entry(peer.ip()).or_default() += 1;
+            t.spoke.insert(peer, spoke.clone());
+            self.metrics.connections.set(t.total as i64);
+        }
+        Some(Conn {
+            stream,
+            spoke,
+            deadline: Box::pin(tokio::time::sleep(FIRST_REQUEST_WITHIN)),
+            _slot: Slot {
+                conns: self.clone(),
+                peer,
+            },
+            _on_close: self.liveness.on_close(peer),
+        })
+    }
+
+    /// A request arrived on the connection from `peer`.
+    fn spoke(&self, peer: SocketAddr) {
+        if let Ok(t) = self.table.lock()
+            && let Some(f) = t.spoke.get(&peer)
+        {
+            f.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A connection's place in the table, given back when the connection is dropped.
+struct Slot {
+    conns: Conns,
+    peer: SocketAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Ok(mut t) = self.conns.table.lock() {
+            t.total = t.total.saturating_sub(1);
+            let ip = self.peer.ip();
+            if let Some(n) = t.per_ip.get_mut(&ip) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    t.per_ip.remove(&ip);
+                }
+            }
+            t.spoke.remove(&self.peer);
+            self.conns.metrics.connections.set(t.total as i64);
+        }
+    }
+}
+
+/// An accepted TCP connection that holds its slot, must speak in time, and reports its close.
+pub(crate) struct Conn {
+    stream: TcpStream,
+    spoke: Arc<AtomicBool>,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    _slot: Slot,
+    _on_close: OnClose,
+}
+
+impl Connected for Conn {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        // Until its first request, the deadline wakes the reader; once passed, reading fails
+        // and the server closes the connection.
+        if !self.spoke.load(Ordering::Relaxed) && self.deadline.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no request within the first 10 s",
+            )));
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// A service that marks the connection of each request it sees as having spoken.
+#[derive(Clone)]
+pub(crate) struct Marked<S> {
+    pub inner: S,
+    pub conns: Conns,
+}
+
+impl<S: NamedService> NamedService for Marked<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> tower_service::Service<http::Request<B>> for Marked<S>
+where
+    S: tower_service::Service<http::Request<B>, Error = Infallible>,
+{
+    type Response = S::Response;
+    type Error = Infallible;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let ext = req.extensions();
+        let peer = ext
+            .get::<TcpConnectInfo>()
+            .and_then(|i| i.remote_addr())
+            .or_else(|| {
+                ext.get::<TlsConnectInfo<TcpConnectInfo>>()
+                    .and_then(|i| i.get_ref().remote_addr())
+            });
+        if let Some(p) = peer {
+            self.conns.spoke(p);
+        }
+        self.inner.call(req)
+    }
+}

@@ -1,0 +1,192 @@
+//! What anyone who can reach the coordinator's port can do without the token, bounded: many
+//! connections, connections that never speak, and many half-sent requests to the health
+//! service (which needs no token). Memory stays bounded and a real worker still joins and
+//! trains. Loopback only; the flood comes from 127.0.0.2, the worker from 127.0.0.1.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails on its first panic
+
+mod common;
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+
+/// The coordinator's resident memory, from /proc.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb << 10
+}
+
+/// A TCP connection to `addr` from 127.0.0.2 (another loopback address than the worker's).
+async fn connect_from_elsewhere(addr: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    let s = tokio::net::TcpSocket::new_v4()?;
+    s.bind("127.0.0.2:0".parse().unwrap())?;
+    s.connect(addr).await
+}
+
+/// Opens `streams` health-check requests on one HTTP/2 connection, each announcing a 4 MiB
+/// message and sending only `sent` bytes of it, and keeps them open. Returns what must stay
+/// alive for the streams to stay open.
+async fn half_sent_requests(
+    addr: SocketAddr,
+    streams: usize,
+    sent: usize,
+) -> Option<(h2::client::SendRequest<Bytes>, Vec<h2::SendStream<Bytes>>)> {
+    let tcp = connect_from_elsewhere(addr).await.ok()?;
+    let (client, conn) = h2::client::handshake(tcp).await.ok()?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut held = vec![];
+    let mut client = client;
+    for _ in 0..streams {
+        let Ok(ready) =
+            tokio::time::timeout(Duration::from_millis(500), client.clone().ready()).await
+        else {
+            break; // the server's stream limit: no more at once
+        };
+        let Ok(mut c) = ready else { break };
+        let req = http::Request::post(format!("http://{addr}/grpc.health.v1.Health/Check"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let Ok((_resp, mut body)) = c.send_request(req, false) else {
+            break;
+        };
+        // The gRPC message prefix: uncompressed, 4 MiB long; then part of it.
+        let mut data = vec![0u8, 0, 0x40, 0, 0];
+        data.resize(5 + sent, 7);
+        body.reserve_capacity(data.len());
+        let _ = body.send_data(Bytes::from(data), false);
+        held.push(body);
+        client = c;
+    }
+    Some((client, held))
+}
+
+/// A flood without the token: 8 connections of half-sent health requests (each announcing a
+/// 4 MiB message and sending 3 MiB of it, 64 per connection, at most 32 at once), then 100
+/// silent connections (the server keeps 32 from one address in all, and drops each that says
+/// nothing for 10 s). The coordinator's memory grows by less than 96 MiB: each request is
+/// refused at its length prefix (1 KiB limit), so only what is in flight counts (with the
+/// 4 MiB limit of before, the same flood grew it by 1.1 GiB). A worker that comes meanwhile
+/// joins and trains the run to its end.
+#[test]
+fn a_flood_without_the_token_costs_bounded_memory_and_a_worker_still_trains() {
+    let mut s = Setup::start(
+        64,
+        &[
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "20",
+            "--max-connections-per-ip",
+            "32",
+        ],
+    );
+    let addr: SocketAddr = s.url.trim_start_matches("http://").parse().unwrap();
+    let pid = s.coord.pid();
+    let before = rss_bytes(pid);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (silent, half_sent, peak) = rt.block_on(async {
+        let mut half_sent = vec![];
+        for _ in 0..8 {
+            if let Some(h) = half_sent_requests(addr, 64, 3 << 20).await {
+                half_sent.push(h);
+            }
+        }
+        // Silent connections: up to the per-address limit of 32 (the 8 above count) are kept
+        // until 10 s pass; the rest are closed at once.
+        let mut silent = vec![];
+        for _ in 0..100 {
+            if let Ok(c) = connect_from_elsewhere(addr).await {
+                silent.push(c);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        (silent, half_sent, rss_bytes(pid))
+    });
+    let streams: usize = half_sent.iter().map(|(_, h)| h.len()).sum();
+    eprintln!(
+        "silent connections {}, half-sent streams {streams}, memory {} -> {} MiB",
+        silent.len(),
+        before >> 20,
+        peak >> 20
+    );
+    assert!(streams >= 8 * 32, "the flood opened only {streams} streams");
+    assert!(
+        peak < before + (96 << 20),
+        "memory grew from {} MiB to {} MiB under the flood",
+        before >> 20,
+        peak >> 20
+    );
+    // The worker comes from another address than the flood, joins and trains to the end.
+    let mut w = s.worker(0, &[]);
+    w.expect_success(Duration::from_secs(60));
+    s.coord.expect_success(Duration::from_secs(30));
+    let log = s.coord.log_text();
+    assert!(log.contains("connection refused"), "{log}");
+    drop((silent, half_sent));
+}
+
+/// A connection that never sends a request is closed after 10 s; one that does is not.
+#[test]
+fn a_connection_that_never_speaks_is_closed() {
+    let mut s = Setup::start(64, &["--batch-size", "4", "--max-steps", "1000"]);
+    let addr: SocketAddr = s.url.trim_start_matches("http://").parse().unwrap();
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let start = Instant::now();
+    let mut buf = [0u8; 64];
+    // The server's SETTINGS may come first; then the close.
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        assert!(start.elapsed() < Duration::from_secs(25), "never closed");
+    }
+    let took = start.elapsed();
+    assert!(
+        (Duration::from_secs(9)..Duration::from_secs(25)).contains(&took),
+        "closed after {took:?}"
+    );
+    // A client that speaks keeps its connection past that: two health checks 12 s apart on
+    // one HTTP/2 connection (no reconnecting in between).
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let check = |client: h2::client::SendRequest<Bytes>| async move {
+            let mut c = client.ready().await.unwrap();
+            let req = http::Request::post(format!("http://{addr}/grpc.health.v1.Health/Check"))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(())
+                .unwrap();
+            let (resp, mut body) = c.send_request(req, false).unwrap();
+            body.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+                .unwrap();
+            let resp = resp.await.unwrap();
+            assert_eq!(resp.status(), 200);
+            c
+        };
+        let client = check(client).await;
+        tokio::time::sleep(Duration::from_secs(12)).await;
+        check(client).await;
+    });
+    s.coord.signal(libc::SIGTERM);
+    s.coord.expect_success(Duration::from_secs(30));
+}
