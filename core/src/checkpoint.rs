@@ -56,6 +56,20 @@ impl Tensor {
     }
 }
 
+/// The little-endian bytes of f32s, without a copy where the machine is little-endian.
+fn f32_bytes(data: &[f32]) -> std::borrow::Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        std::borrow::Cow::Borrowed(bytemuck::cast_slice::<f32, u8>(data))
+    } else {
+        std::borrow::Cow::Owned(data.iter().flat_map(|x| x.to_le_bytes()).collect())
+    }
+}
+
+/// An f32 tensor to serialize, its data borrowed.
+fn f32_raw<'a>(name: String, shape: &[usize], data: &'a [f32]) -> Raw<'a> {
+    (name, f32_bytes(data), Dtype::F32, shape.to_vec())
+}
+
 /// A tensor's name, bytes, dtype and shape, as serialized.
 type Raw<'a> = (String, std::borrow::Cow<'a, [u8]>, Dtype, Vec<usize>);
 
@@ -70,7 +84,7 @@ impl TensorFile {
     /// Writes atomically: a temp file in the same folder, fsync, rename, fsync of the folder,
     /// so a crash leaves either the old file or the new one, never half of one.
     pub fn write(&self, path: &Path) -> Result<()> {
-        let bytes: Vec<Raw<'_>> = self
+        let raws: Vec<Raw<'_>> = self
             .tensors
             .iter()
             .map(|(n, t)| {
@@ -82,28 +96,7 @@ impl TensorFile {
                 (n.clone(), t.bytes(), dt, t.shape().to_vec())
             })
             .collect();
-        let views = bytes
-            .iter()
-            .map(|(n, b, dt, shape)| Ok((n.as_str(), TensorView::new(*dt, shape.clone(), b)?)))
-            .collect::<std::result::Result<Vec<_>, safetensors::SafeTensorError>>()
-            .map_err(|source| CoreError::SafeTensors {
-                path: path.into(),
-                source,
-            })?;
-        // A checksum of every tensor's bytes, in name order: a file damaged after it was
-        // written (a bad disk, a truncated copy) is told from a good one on reading.
-        let mut crc = crc32fast::Hasher::new();
-        for (_, b, _, _) in &bytes {
-            crc.update(b);
-        }
-        let mut meta = self.metadata.clone();
-        meta.insert(CHECKSUM_KEY.into(), format!("{:08x}", crc.finalize()));
-        let meta = Some(meta);
-        let buf = safetensors::serialize(views, meta).map_err(|source| CoreError::SafeTensors {
-            path: path.into(),
-            source,
-        })?;
-        write_atomic(path, &buf)
+        write_raw(path, raws, self.metadata.clone())
     }
 
     /// Reads every tensor (f32 and i64; other dtypes are an error naming the tensor).
@@ -177,8 +170,43 @@ impl TensorFile {
     }
 }
 
-/// Writes `bytes` to `path` atomically.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Writes named tensors (their bytes borrowed, not copied) and `metadata` as a safetensors
+/// file at `path`, atomically (see [`write_atomic`]), streamed to the file without building
+/// it in memory. The metadata gets a CRC-32 of every tensor's bytes, in name order: a file
+/// damaged after it was written (a bad disk, a truncated copy) is told from a good one on
+/// reading.
+fn write_raw(
+    path: &Path,
+    mut raws: Vec<Raw<'_>>,
+    mut metadata: HashMap<String, String>,
+) -> Result<()> {
+    raws.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut crc = crc32fast::Hasher::new();
+    for (_, b, _, _) in &raws {
+        crc.update(b);
+    }
+    metadata.insert(CHECKSUM_KEY.into(), format!("{:08x}", crc.finalize()));
+    let st_err = |source| CoreError::SafeTensors {
+        path: path.into(),
+        source,
+    };
+    let views = raws
+        .iter()
+        .map(|(n, b, dt, shape)| Ok((n.as_str(), TensorView::new(*dt, shape.clone(), b)?)))
+        .collect::<std::result::Result<Vec<_>, safetensors::SafeTensorError>>()
+        .map_err(st_err)?;
+    let (dir, tmp) = temp_path(path);
+    let written = safetensors::serialize_to_file(views, Some(metadata), &tmp)
+        .map_err(st_err)
+        .and_then(|()| commit(&tmp, path, dir).map_err(|e| CoreError::io(path, e)));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+/// The folder of `path` and the temporary file a write of `path` goes through first.
+fn temp_path(path: &Path) -> (&Path, PathBuf) {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -187,14 +215,23 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    (dir, dir.join(format!(".{name}.tmp-{}", std::process::id())))
+}
+
+/// Makes a written temporary file durable and puts it in place: fsync, rename, fsync of the
+/// folder (so the rename itself survives a crash).
+fn commit(tmp: &Path, path: &Path, dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(tmp)?.sync_all()?;
+    std::fs::rename(tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Writes `bytes` to `path` atomically.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let (dir, tmp) = temp_path(path);
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        // Make the rename itself durable.
-        std::fs::File::open(dir)?.sync_all()
+        std::fs::File::create(&tmp)?.write_all(bytes)?;
+        commit(&tmp, path, dir)
     })();
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
@@ -253,8 +290,15 @@ impl Checkpoint {
                 );
             }
         }
+        f.metadata = self.metadata()?;
+        Ok(f)
+    }
+
+    /// The checkpoint's metadata: format, network config, step, data position, Adam settings.
+    fn metadata(&self) -> Result<HashMap<String, String>> {
         let json = |v: &dyn erased::Json| v.to_json();
-        let m = &mut f.metadata;
+        let mut meta = HashMap::new();
+        let m = &mut meta;
         m.insert("format".into(), FORMAT.into());
         m.insert("config".into(), json(&self.config)?);
         m.insert("step".into(), self.step.to_string());
@@ -270,11 +314,33 @@ impl Checkpoint {
             m.insert("adam.config".into(), json(&adam.config)?);
             m.insert("adam.step".into(), adam.step.to_string());
         }
-        Ok(f)
+        Ok(meta)
     }
 
+    /// Writes the checkpoint atomically, straight from its state: no copy of the tensors is
+    /// made on the way to the file.
     pub fn save(&self, path: &Path) -> Result<()> {
-        self.to_file()?.write(path)
+        let mut raws = vec![];
+        for (spec, data) in self.params.iter() {
+            let r = spec.range();
+            raws.push(f32_raw(spec.name.clone(), &spec.shape, data));
+            if let Some(adam) = &self.adam {
+                raws.push(f32_raw(
+                    format!("adam.m.{}", spec.name),
+                    &spec.shape,
+                    &adam.m[r.clone()],
+                ));
+                raws.push(f32_raw(
+                    format!("adam.v.{}", spec.name),
+                    &spec.shape,
+                    &adam.v[r.clone()],
+                ));
+            }
+            if let Some(ema) = &self.ema {
+                raws.push(f32_raw(format!("ema.{}", spec.name), &spec.shape, &ema[r]));
+            }
+        }
+        write_raw(path, raws, self.metadata()?)
     }
 
     /// Loads a checkpoint. The network config comes from the file's metadata, or `fallback`
