@@ -9,6 +9,7 @@
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -78,22 +79,103 @@ where
     }
 }
 
-/// A gRPC response whose body is `frames` followed by an OK status, fed by a task that gives
-/// up (and lets go of the frames) when the peer does not read one for `stall`
-/// (`--stall-timeout`).
-fn stream_frames(frames: Vec<Bytes>, stall: Duration) -> http::Response<Body> {
-    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Status>>(4);
-    tokio::spawn(async move {
-        for b in frames {
-            if tx.send_timeout(Ok(Frame::data(b)), stall).await.is_err() {
-                return;
+/// The frames of a pull's answer, shared between its body (which hyper polls as the peer's
+/// flow control allows) and a watchdog that lets go of them when the peer stops reading.
+struct Pending {
+    frames: std::collections::VecDeque<Bytes>,
+    /// Frames handed to hyper so far.
+    taken: u64,
+    stalled: bool,
+}
+
+/// A pull's response body: the frames, then an OK status. Yields without any task switch or
+/// timer per frame; see [`watch_stall`].
+struct PullBody {
+    pending: Arc<std::sync::Mutex<Pending>>,
+    trailers: Option<http::HeaderMap>,
+}
+
+impl http_body::Body for PullBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let next = match self.pending.lock() {
+            Ok(p) if p.stalled => {
+                return Poll::Ready(Some(Err(Status::deadline_exceeded(
+                    "the worker stopped reading its parameters",
+                ))));
             }
+            Ok(mut p) => {
+                let f = p.frames.pop_front();
+                p.taken += u64::from(f.is_some());
+                f
+            }
+            Err(_) => return Poll::Ready(Some(Err(Status::internal("pull state poisoned")))),
+        };
+        Poll::Ready(match next {
+            Some(b) => Some(Ok(Frame::data(b))),
+            None => self.trailers.take().map(|t| Ok(Frame::trailers(t))),
+        })
+    }
+}
+
+/// Drops the frames of a pull whose peer took none of them for a whole `stall` period (the
+/// round's buffers it holds are freed), and ends when the body is gone.
+async fn watch_stall(pending: std::sync::Weak<std::sync::Mutex<Pending>>, stall: Duration) {
+    let mut last = u64::MAX;
+    loop {
+        tokio::time::sleep(stall).await;
+        let Some(p) = pending.upgrade() else { return };
+        let Ok(mut p) = p.lock() else { return };
+        if p.frames.is_empty() {
+            return;
         }
-        let mut trailers = http::HeaderMap::new();
-        trailers.insert(Status::GRPC_STATUS, http::HeaderValue::from_static("0"));
-        let _ = tx.send_timeout(Ok(Frame::trailers(trailers)), stall).await;
-    });
-    grpc_response(Body::new(StreamBody::new(ReceiverStream::new(rx))))
+        if p.taken == last {
+            p.frames.clear();
+            p.stalled = true;
+            return;
+        }
+        last = p.taken;
+    }
+}
+
+/// A gRPC response whose body is `frames` followed by an OK status, let go of when the peer
+/// does not read for `stall` (`--stall-timeout`).
+fn stream_frames(frames: Vec<Bytes>, stall: Duration) -> http::Response<Body> {
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert(Status::GRPC_STATUS, http::HeaderValue::from_static("0"));
+    let pending = Arc::new(std::sync::Mutex::new(Pending {
+        frames: frames.into(),
+        taken: 0,
+        stalled: false,
+    }));
+    tokio::spawn(watch_stall(Arc::downgrade(&pending), stall));
+    grpc_response(Body::new(PullBody {
+        pending,
+        trailers: Some(trailers),
+    }))
+}
+
+/// Resolves once the channel of an early pull stayed full, with no frame accepted, for a
+/// whole `stall` period: the peer stopped reading.
+async fn stalled(
+    tx: &mpsc::Sender<Result<Frame<Bytes>, Status>>,
+    sent: &AtomicU64,
+    stall: Duration,
+) {
+    let mut last = u64::MAX;
+    loop {
+        tokio::time::sleep(stall).await;
+        let now = sent.load(Ordering::Relaxed);
+        if now == last && tx.capacity() == 0 {
+            return;
+        }
+        last = now;
+    }
 }
 
 /// A gRPC response whose body is `frames` followed by an OK status.
@@ -181,13 +263,13 @@ async fn speculate(
     r: &pb::PullRequest,
     mut published: watch::Receiver<Arc<Published>>,
     tx: &mpsc::Sender<Result<Frame<Bytes>, Status>>,
+    sent: &AtomicU64,
 ) -> Result<(), Status> {
     let gone = || Status::cancelled("the worker stopped reading");
-    let stall = svc.stall;
     let send = |b: Bytes| async move {
-        tx.send_timeout(Ok(Frame::data(b)), stall)
-            .await
-            .map_err(|_| gone())
+        tx.send(Ok(Frame::data(b))).await.map_err(|_| gone())?;
+        sent.fetch_add(1, Ordering::Relaxed);
+        Ok::<(), Status>(())
     };
     let mut progress = svc.progress.clone();
     let n = svc.grid.len();
@@ -277,14 +359,21 @@ async fn serve(
         // Not published yet: stream the ranges as the open round reduces them (full duplex).
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
-            let stall = svc.stall;
-            let status = match speculate(&svc, &r, published, &tx).await {
-                Ok(()) => Status::ok(""),
-                Err(s) => s,
+            let sent = AtomicU64::new(0);
+            let status = tokio::select! {
+                r = speculate(&svc, &r, published, &tx, &sent) => match r {
+                    Ok(()) => Status::ok(""),
+                    Err(s) => s,
+                },
+                // The peer stopped reading: let go of what it was sent (the channel's frames
+                // go with the stream when it is dropped).
+                () = stalled(&tx, &sent, svc.stall) => return,
             };
             let mut trailers = http::HeaderMap::new();
             if status.add_header(&mut trailers).is_ok() {
-                let _ = tx.send_timeout(Ok(Frame::trailers(trailers)), stall).await;
+                let _ = tx
+                    .send_timeout(Ok(Frame::trailers(trailers)), svc.stall)
+                    .await;
             }
         });
         Ok(grpc_response(Body::new(StreamBody::new(

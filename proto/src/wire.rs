@@ -240,19 +240,16 @@ pub fn scan(
         let xs = &mut x[..len];
         let _ = decode_into(&payload[start * bpf..(start + len) * bpf], enc, xs);
         let rs = &mut r[..len];
-        rs.fill(0.0);
         if let Some((p, e)) = reference {
+            rs.fill(0.0);
             let rb = bytes_per_float(e);
             if let Some(p) = p.get(start * rb..(start + len) * rb) {
                 let _ = decode_into(p, e, rs);
             }
         }
-        let mut bad = false;
-        let mut block = 0.0f32;
-        for (&a, &b) in xs.iter().zip(rs.iter()) {
-            bad |= !ok(a, b);
-            let d = a - b;
-            block += d * d;
+        let (block, mut bad) = squares_within(xs, reference.map(|_| &rs[..]), bounds.max_abs);
+        if reference.is_some() && bounds.max_delta.is_some() {
+            bad |= xs.iter().zip(rs.iter()).any(|(&a, &b)| !ok(a, b));
         }
         if bad {
             let i = xs
@@ -270,6 +267,38 @@ pub fn scan(
         start += len;
     }
     Scan::Ok { sum_sq }
+}
+
+/// The sum of squares of `x - r` (of `x` without `r`), and whether some `|x| > max_abs`
+/// (NaN and infinities included, compared on the bits): eight lanes, so the loop vectorizes.
+fn squares_within(x: &[f32], r: Option<&[f32]>, max_abs: f32) -> (f32, bool) {
+    let max_bits = max_abs.to_bits();
+    let mut lanes = [0.0f32; 8];
+    let mut over = 0u32;
+    let mut step = |a: &[f32], b: Option<&[f32]>| {
+        for k in 0..a.len() {
+            let d = a[k] - b.map_or(0.0, |b| b[k]);
+            lanes[k] += d * d;
+            over |= u32::from((a[k].to_bits() & 0x7FFF_FFFF) > max_bits);
+        }
+    };
+    let xe = x.chunks_exact(8);
+    let tail = xe.remainder();
+    match r {
+        Some(r) => {
+            for (a, b) in xe.zip(r.chunks_exact(8)) {
+                step(a, Some(b));
+            }
+            step(tail, Some(&r[x.len() - tail.len()..]));
+        }
+        None => {
+            for a in xe {
+                step(a, None);
+            }
+            step(tail, None);
+        }
+    }
+    (lanes.iter().sum(), over != 0)
 }
 
 /// `out += w * payload` element by element (the payload decoded from `enc`; lengths must
@@ -494,6 +523,63 @@ impl Assembler {
 
 #[cfg(test)]
 mod tests {
+    /// The norm (and distance) are exact sums of squares; values out of bounds are found
+    /// where they are, in both encodings.
+    #[test]
+    fn scan_sums_squares_and_finds_values_out_of_bounds() {
+        let bounds = Bounds {
+            max_abs: 1e15,
+            max_delta: Some((0.5, 0.0)),
+        };
+        let x: Vec<f32> = (0..3001).map(|i| (i % 7) as f32 - 3.0).collect();
+        let want: f64 = x.iter().map(|&v| f64::from(v * v)).sum();
+        for enc in [Encoding::F32, Encoding::Bf16] {
+            let p = encode(&x, enc);
+            let Scan::Ok { sum_sq } = scan(&p, enc, None, bounds) else {
+                panic!("{enc:?}")
+            };
+            assert!(
+                (sum_sq - want).abs() < 1e-6 * want,
+                "{enc:?}: {sum_sq} vs {want}"
+            );
+            for (at, bad) in [(5, f32::NAN), (2999, f32::INFINITY), (1024, 1e30)] {
+                let mut y = x.clone();
+                y[at] = bad;
+                match scan(&encode(&y, enc), enc, None, bounds) {
+                    Scan::Bad { index, .. } => assert_eq!(index, at, "{enc:?} {bad}"),
+                    s => panic!("{enc:?} {bad}: {s:?}"),
+                }
+            }
+        }
+        // Against a reference: the distance, and a value moved too far.
+        let r = encode(&x, Encoding::F32);
+        let mut y = x.clone();
+        y[10] += 0.25;
+        let Scan::Ok { sum_sq } = scan(
+            &encode(&y, Encoding::F32),
+            Encoding::F32,
+            Some((&r, Encoding::F32)),
+            bounds,
+        ) else {
+            panic!()
+        };
+        assert!((sum_sq - 0.0625).abs() < 1e-9, "{sum_sq}");
+        y[2000] += 1.0;
+        match scan(
+            &encode(&y, Encoding::F32),
+            Encoding::F32,
+            Some((&r, Encoding::F32)),
+            bounds,
+        ) {
+            Scan::Bad {
+                index, reference, ..
+            } => {
+                assert_eq!((index, reference), (2000, Some(x[2000])));
+            }
+            s => panic!("{s:?}"),
+        }
+    }
+
     use super::*;
 
     fn values(n: usize) -> Vec<f32> {
