@@ -190,3 +190,102 @@ fn a_connection_that_never_speaks_is_closed() {
     s.coord.signal(libc::SIGTERM);
     s.coord.expect_success(Duration::from_secs(30));
 }
+
+/// A worker that asks for the parameters and then reads nothing (its HTTP/2 window stays
+/// full) does not hold them: after --stall-timeout the coordinator lets go of the stream's
+/// frames, and what the worker reads later ends with an error, not with the parameters.
+#[test]
+fn a_pull_that_is_never_read_is_let_go() {
+    let mut s = Setup::start(
+        64,
+        &[
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "100",
+            "--heartbeat",
+            "5s",
+            "--chunk-bytes",
+            "4096",
+            "--stall-timeout",
+            "1s",
+        ],
+    );
+    let addr: SocketAddr = s.url.trim_start_matches("http://").parse().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let j = join(&s.url, "reader", Some(0)).await;
+        let total_bytes = 4 * j.total as usize;
+        // A client whose stream window holds 8 KiB: the server can send that much ahead.
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (client, conn) = h2::client::Builder::new()
+            .initial_window_size(8 << 10)
+            .handshake::<_, Bytes>(tcp)
+            .await
+            .unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut c = client.ready().await.unwrap();
+        let req = http::Request::post(format!("http://{addr}{}", capsnet_proto::frame::PULL_PATH))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .body(())
+            .unwrap();
+        let (resp, mut body) = c.send_request(req, false).unwrap();
+        let pull = capsnet_proto::pb::PullRequest {
+            worker_id: j.id.clone(),
+            after_round: None,
+            encoding: capsnet_proto::Encoding::F32 as i32,
+        };
+        body.send_data(capsnet_proto::frame::frame(&pull), true)
+            .unwrap();
+        let resp = resp.await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut data = resp.into_body();
+        // Read nothing for three stall periods, then everything there is.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let mut got = 0usize;
+        let mut failed = false;
+        while let Some(d) = data.data().await {
+            match d {
+                Ok(b) => {
+                    got += b.len();
+                    let _ = data.flow_control().release_capacity(b.len());
+                }
+                Err(_) => {
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        let status = if failed {
+            None
+        } else {
+            data.trailers().await.ok().flatten()
+        };
+        let ok = status
+            .as_ref()
+            .and_then(|t| t.get("grpc-status"))
+            .is_some_and(|v| v == "0");
+        assert!(
+            !ok && got < total_bytes,
+            "the stalled pull was served whole ({got} of {total_bytes} bytes, trailers {status:?})"
+        );
+        // The coordinator goes on: the same worker pulls normally.
+        let mut j = j;
+        let p = capsnet_worker::pull(
+            &mut j.client,
+            &j.id,
+            None,
+            capsnet_proto::Encoding::F32,
+            j.total,
+        )
+        .await
+        .unwrap();
+        assert!(p.order.participate);
+    });
+    s.coord.signal(libc::SIGTERM);
+    s.coord.expect_success(Duration::from_secs(30));
+}
