@@ -206,11 +206,7 @@ impl Metrics {
 
     /// The OpenMetrics text of every metric.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
-            out.clear();
-        }
-        out
+        capsnet_proto::metrics_http::encode(&self.registry)
     }
 
     pub fn wire(&self, encoding: capsnet_proto::Encoding, direction: &str, bytes: u64) {

@@ -12,6 +12,15 @@ use tokio::net::TcpListener;
 /// Encodes the current metrics (called on each scrape).
 pub type Exposition = Arc<dyn Fn() -> String + Send + Sync>;
 
+/// The OpenMetrics text of every metric in `registry` (empty if one cannot be encoded).
+pub fn encode(registry: &prometheus_client::registry::Registry) -> String {
+    let mut out = String::new();
+    if prometheus_client::encoding::text::encode(&mut out, registry).is_err() {
+        out.clear();
+    }
+    out
+}
+
 /// The longest request line and headers a scrape may send, and how long it may take.
 const MAX_REQUEST: usize = 8 << 10;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);

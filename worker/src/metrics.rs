@@ -109,11 +109,7 @@ impl WorkerMetrics {
 
     /// The OpenMetrics text of every metric.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
-            out.clear();
-        }
-        out
+        capsnet_proto::metrics_http::encode(&self.registry)
     }
 
     pub(crate) fn joined(&self, yes: bool) {
