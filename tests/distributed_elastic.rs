@@ -105,6 +105,18 @@ fn late_dead_and_renamed_workers_change_the_next_round_and_lose_no_sample() {
 /// The health service's readiness answer: `capsnet.v1.Coordinator`.
 const READY: &str = "capsnet.v1.Coordinator";
 
+/// The coordinator at `url` is live and (within 10 s) not ready.
+async fn live_not_ready(url: &str) {
+    wait_health(
+        url,
+        READY,
+        ServingStatus::NotServing,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(health(url, "").await, ServingStatus::Serving);
+}
+
 /// Every worker dies: the run waits, says so in Status and in its readiness (live, not ready,
 /// as before any worker joined), and goes on when a new worker joins.
 #[test]
@@ -128,14 +140,7 @@ fn a_run_without_live_workers_waits_and_goes_on_when_one_joins() {
     let url = s.url.clone();
     // Before any worker: the process is live, the run not ready (it cannot make progress).
     rt.block_on(async {
-        assert_eq!(health(&url, "").await, ServingStatus::Serving);
-        wait_health(
-            &url,
-            READY,
-            ServingStatus::NotServing,
-            Duration::from_secs(10),
-        )
-        .await;
+        live_not_ready(&url).await;
     });
     let mut only = named_worker(&s, "only");
     wait_for("a few rounds", Duration::from_secs(60), || {
@@ -160,14 +165,7 @@ fn a_run_without_live_workers_waits_and_goes_on_when_one_joins() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         // Waiting for workers: not ready, still live.
-        wait_health(
-            &url,
-            READY,
-            ServingStatus::NotServing,
-            Duration::from_secs(10),
-        )
-        .await;
-        assert_eq!(health(&url, "").await, ServingStatus::Serving);
+        live_not_ready(&url).await;
     });
     drop(only);
     let _next = named_worker(&s, "next");

@@ -32,6 +32,19 @@ async fn connect_from_elsewhere(addr: SocketAddr) -> std::io::Result<tokio::net:
     s.connect(addr).await
 }
 
+/// The head of a gRPC request to `path` at `addr`, with the test token when `token`.
+fn grpc_request(addr: SocketAddr, path: &str, token: bool) -> http::Request<()> {
+    let mut req = http::Request::post(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    if token {
+        req = req.header("authorization", format!("Bearer {TOKEN}"));
+    }
+    req.body(()).unwrap()
+}
+
+const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
+
 /// Opens `streams` health-check requests on one HTTP/2 connection, each announcing a 4 MiB
 /// message and sending only `sent` bytes of it, and keeps them open. Returns what must stay
 /// alive for the streams to stay open.
@@ -54,11 +67,7 @@ async fn half_sent_requests(
             break; // the server's stream limit: no more at once
         };
         let Ok(mut c) = ready else { break };
-        let req = http::Request::post(format!("http://{addr}/grpc.health.v1.Health/Check"))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())
-            .unwrap();
+        let req = grpc_request(addr, HEALTH_CHECK, false);
         let Ok((_resp, mut body)) = c.send_request(req, false) else {
             break;
         };
@@ -171,11 +180,7 @@ fn a_connection_that_never_speaks_is_closed() {
         });
         let check = |client: h2::client::SendRequest<Bytes>| async move {
             let mut c = client.ready().await.unwrap();
-            let req = http::Request::post(format!("http://{addr}/grpc.health.v1.Health/Check"))
-                .header("content-type", "application/grpc")
-                .header("te", "trailers")
-                .body(())
-                .unwrap();
+            let req = grpc_request(addr, HEALTH_CHECK, false);
             let (resp, mut body) = c.send_request(req, false).unwrap();
             body.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true)
                 .unwrap();
@@ -196,25 +201,11 @@ fn a_connection_that_never_speaks_is_closed() {
 /// frames, and what the worker reads later ends with an error, not with the parameters.
 #[test]
 fn a_pull_that_is_never_read_is_let_go() {
-    let mut s = Setup::start(
-        64,
-        &[
-            "--batch-size",
-            "4",
-            "--max-steps",
-            "100",
-            "--heartbeat",
-            "5s",
-            "--chunk-bytes",
-            "4096",
-            "--stall-timeout",
-            "1s",
-        ],
-    );
-    let addr: SocketAddr = s.url.trim_start_matches("http://").parse().unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let j = join(&s.url, "reader", Some(0)).await;
+    let mut args = STEADY.to_vec();
+    args.extend(["--stall-timeout", "1s"]);
+    with_coordinator(&args, |url| async move {
+        let addr: SocketAddr = url.trim_start_matches("http://").parse().unwrap();
+        let j = join(&url, "reader", Some(0)).await;
         let total_bytes = 4 * j.total as usize;
         // A client whose stream window holds 8 KiB: the server can send that much ahead.
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -227,12 +218,7 @@ fn a_pull_that_is_never_read_is_let_go() {
             let _ = conn.await;
         });
         let mut c = client.ready().await.unwrap();
-        let req = http::Request::post(format!("http://{addr}{}", capsnet_proto::frame::PULL_PATH))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .header("authorization", format!("Bearer {TOKEN}"))
-            .body(())
-            .unwrap();
+        let req = grpc_request(addr, capsnet_proto::frame::PULL_PATH, true);
         let (resp, mut body) = c.send_request(req, false).unwrap();
         let pull = capsnet_proto::pb::PullRequest {
             worker_id: j.id.clone(),
@@ -286,6 +272,4 @@ fn a_pull_that_is_never_read_is_let_go() {
         .unwrap();
         assert!(p.order.participate);
     });
-    s.coord.signal(libc::SIGTERM);
-    s.coord.expect_success(Duration::from_secs(30));
 }

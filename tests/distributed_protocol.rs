@@ -604,27 +604,11 @@ async fn drive(
 #[test]
 fn updates_far_beyond_the_recent_norms_are_rejected_or_clipped() {
     for clip in [false, true] {
-        let mut args = vec![
-            "--batch-size",
-            "4",
-            "--max-steps",
-            "100",
-            "--heartbeat",
-            "5s",
-            "--chunk-bytes",
-            "4096",
-        ];
+        let mut args = STEADY.to_vec();
         if clip {
             args.push("--clip-updates");
         }
-        let Setup {
-            tmp: _tmp,
-            mut coord,
-            url,
-            ..
-        } = Setup::start(64, &args);
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(async {
+        let log = with_coordinator(&args, |url| async move {
             let mut j = join(&url, "probe", Some(0)).await;
             let n = j.total as usize;
             // Rounds 0-8 normal; round 9 a thousand times larger (then normal again, once it
@@ -657,9 +641,6 @@ fn updates_far_beyond_the_recent_norms_are_rejected_or_clipped() {
             // Every push but the refused one closed a round.
             assert_eq!(st.round, if clip { 12 } else { 11 }, "{st:?}");
         });
-        coord.signal(libc::SIGTERM);
-        coord.expect_success(Duration::from_secs(30));
-        let log = coord.log_text();
         let want = if clip {
             "update clipped"
         } else {
@@ -675,28 +656,9 @@ fn updates_far_beyond_the_recent_norms_are_rejected_or_clipped() {
 /// a model of huge values turns NaN at the next step.)
 #[test]
 fn params_too_far_from_the_rounds_are_rejected() {
-    let Setup {
-        tmp: _tmp,
-        mut coord,
-        url,
-        ..
-    } = Setup::start(
-        64,
-        &[
-            "--batch-size",
-            "4",
-            "--max-steps",
-            "100",
-            "--sync",
-            "params",
-            "--heartbeat",
-            "5s",
-            "--chunk-bytes",
-            "4096",
-        ],
-    );
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
+    let mut args = STEADY.to_vec();
+    args.extend(["--sync", "params"]);
+    with_coordinator(&args, |url| async move {
         let mut j = join(&url, "probe", Some(0)).await;
         let p = pull(&mut j, None).await;
         let o = p.order;
@@ -728,22 +690,13 @@ fn params_too_far_from_the_rounds_are_rejected() {
         assert_eq!(next.order.round, 1);
         assert!(next.params.iter().zip(&near).all(|(a, b)| a == b));
     });
-    coord.signal(libc::SIGTERM);
-    coord.expect_success(Duration::from_secs(30));
 }
 
 /// `after_round` is the client's word: one past the open round (u64::MAX, where `+ 1` would
 /// overflow) is refused with INVALID_ARGUMENT, and the coordinator goes on serving.
 #[test]
 fn an_after_round_past_the_open_round_is_refused() {
-    let Setup {
-        tmp: _tmp,
-        mut coord,
-        url,
-        ..
-    } = Setup::start(64, &PROBE);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
+    with_coordinator(&PROBE, |url| async move {
         let mut j = join(&url, "probe", Some(0)).await;
         for after in [u64::MAX, 5] {
             let e = capsnet_worker::pull(&mut j.client, &j.id, Some(after), Encoding::F32, j.total)
@@ -759,8 +712,6 @@ fn an_after_round_past_the_open_round_is_refused() {
         let p = pull(&mut j, None).await;
         assert!(p.order.participate);
     });
-    coord.signal(libc::SIGTERM);
-    coord.expect_success(Duration::from_secs(30));
 }
 
 /// A push that stops after its first chunk is dropped after --stall-timeout with
@@ -770,14 +721,7 @@ fn an_after_round_past_the_open_round_is_refused() {
 fn a_stalled_push_is_dropped_and_frees_its_slot() {
     let mut args = PROBE.to_vec();
     args.extend(["--stall-timeout", "1s"]);
-    let Setup {
-        tmp: _tmp,
-        mut coord,
-        url,
-        ..
-    } = Setup::start(64, &args);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
+    with_coordinator(&args, |url| async move {
         let mut j = join(&url, "probe", Some(0)).await;
         let p = pull(&mut j, None).await;
         let samples = p.order.end - p.order.start;
@@ -804,6 +748,4 @@ fn a_stalled_push_is_dropped_and_frees_its_slot() {
         let next = pull(&mut j, Some(0)).await;
         assert_eq!(next.order.round, 1);
     });
-    coord.signal(libc::SIGTERM);
-    coord.expect_success(Duration::from_secs(30));
 }

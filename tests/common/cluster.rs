@@ -108,6 +108,37 @@ impl Setup {
     }
 }
 
+/// Flags for a tiny run that outlasts any test that drives it by hand: 100 rounds of batch 4,
+/// heartbeats that do not expire while a test thinks, small chunks (1024 floats).
+pub const STEADY: [&str; 8] = [
+    "--batch-size",
+    "4",
+    "--max-steps",
+    "100",
+    "--heartbeat",
+    "5s",
+    "--chunk-bytes",
+    "4096",
+];
+
+/// Starts a tiny coordinator on 64 synthetic images with `args`, runs `body` with its URL on
+/// a runtime, then stops it with SIGTERM and checks that it exits 0. Returns its log.
+pub fn with_coordinator<F: std::future::Future<Output = ()>>(
+    args: &[&str],
+    body: impl FnOnce(String) -> F,
+) -> String {
+    let Setup {
+        tmp: _tmp,
+        mut coord,
+        url,
+        ..
+    } = Setup::start(64, args);
+    tokio::runtime::Runtime::new().unwrap().block_on(body(url));
+    coord.signal(libc::SIGTERM);
+    coord.expect_success(Duration::from_secs(30));
+    coord.log_text()
+}
+
 /// A client that joined by hand, with no worker process behind it.
 pub struct Joined {
     pub client: Client,
