@@ -87,6 +87,10 @@ pub struct CoordinatorArgs {
     /// scraper use a few each).
     #[arg(long, env = "CAPSNET_MAX_CONNECTIONS_PER_IP", default_value_t = 64)]
     pub max_connections_per_ip: usize,
+    /// Workers the coordinator keeps track of at once, live or gone (gone ones are forgotten
+    /// after 10 minutes, or sooner to make room); a join past it is refused while all are live.
+    #[arg(long, env = "CAPSNET_MAX_WORKERS", default_value_t = 4096)]
+    pub max_workers: usize,
     /// Serve Prometheus metrics at http://ADDR/metrics (rounds, round and sync times, members
     /// by state, heartbeat ages, stragglers, bytes by wire encoding, evaluation, timestamps of
     /// the last round and checkpoint).
@@ -179,6 +183,7 @@ impl CoordinatorArgs {
         c.clip_updates = self.clip_updates;
         c.max_connections = self.max_connections;
         c.max_connections_per_ip = self.max_connections_per_ip;
+        c.max_workers = self.max_workers;
         c.stall_timeout = self.stall_timeout;
         c.tls = match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => Some(capsnet_coordinator::TlsFiles {

@@ -95,7 +95,12 @@ pub fn run(a: LaunchArgs) -> Result<()> {
         generate_token()?
     };
     // Every flag is checked before anything starts.
-    let cfg = args.config(token.clone(), Some(a.workers))?;
+    let mut cfg = args.config(token.clone(), Some(a.workers))?;
+    // Every worker connects from 127.0.0.1 (a worker holds one connection, and briefly a second
+    // when it reconnects): the per-address limit must not cap the fleet.
+    let needed = a.workers.saturating_mul(4).saturating_add(16);
+    cfg.max_connections_per_ip = cfg.max_connections_per_ip.max(needed);
+    cfg.max_connections = cfg.max_connections.max(needed);
     let data_dir = cfg.train.data_dir.clone();
     let exe = std::env::current_exe().context("cannot find the capsnet executable")?;
     let cores = std::thread::available_parallelism()
@@ -126,6 +131,7 @@ pub fn run(a: LaunchArgs) -> Result<()> {
                 .arg("--data-dir")
                 .arg(&data_dir)
                 .env("CAPSNET_TOKEN", &token)
+                .env(crate::PARENT_PID_ENV, std::process::id().to_string())
                 .env_remove("CAPSNET_TOKEN_FILE")
                 .env_remove("CAPSNET_WORKER_NAME")
                 .env_remove("CAPSNET_RANK")

@@ -65,7 +65,34 @@ enum Cmd {
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Set by a process that starts `capsnet` children (`launch`, `bench chaos`) to its own pid: the
+/// child dies with it, even when it is killed with SIGKILL and cannot stop them itself.
+pub const PARENT_PID_ENV: &str = "CAPSNET_PARENT_PID";
+
+/// Asks the kernel for SIGKILL when the process named by [`PARENT_PID_ENV`] is gone (the
+/// signal, not SIGTERM: a child its parent had SIGSTOPped must go too), and exits at once if it
+/// is gone already.
+fn die_with_parent() {
+    let Some(parent) = std::env::var(PARENT_PID_ENV)
+        .ok()
+        .and_then(|v| v.parse::<libc::pid_t>().ok())
+    else {
+        return;
+    };
+    // SAFETY: PR_SET_PDEATHSIG with a signal number only sets this process's parent-death
+    // signal; getppid has no preconditions.
+    let gone = unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        libc::getppid() != parent
+    };
+    if gone {
+        eprintln!("error: the process that started this one ({parent}) is gone");
+        std::process::exit(1);
+    }
+}
+
 fn main() {
+    die_with_parent();
     let cli = Cli::parse();
     let prefix = matches!(cli.command, Cmd::Launch(_)).then_some(launch::COORDINATOR_PREFIX);
     logging::init(cli.log_format, prefix);

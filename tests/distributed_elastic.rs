@@ -495,3 +495,78 @@ fn metrics_are_served_and_move_during_a_run() {
     s.coord.signal(libc::SIGTERM);
     s.coord.expect_success(Duration::from_secs(30));
 }
+
+/// The processes whose parent is `pid`, from /proc.
+fn children_of(pid: u32) -> Vec<u32> {
+    let parent = pid.to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let child: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            // "pid (comm) state ppid ...": comm may hold spaces, so split after its ')'.
+            let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?;
+            (ppid == parent).then_some(child)
+        })
+        .collect()
+}
+
+/// Whether `pid` runs (exists and is not a zombie waiting to be reaped).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let state = s.rsplit_once(')')?.1.split_whitespace().next()?.to_string();
+            Some(state != "Z" && state != "X")
+        })
+        .unwrap_or(false)
+}
+
+/// `capsnet bench chaos` killed with SIGKILL mid-run (it can stop nothing itself): its
+/// coordinator and workers, which log to files and would otherwise run on, die with it.
+#[test]
+fn bench_chaos_killed_with_sigkill_leaves_no_process_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keep = tmp.path().join("runs");
+    let mut cmd = capsnet();
+    cmd.args(["bench", "chaos", "--workers", "2", "--synthetic", "256"])
+        .args([
+            "--epochs",
+            "1000",
+            "--batch-size",
+            "4",
+            "--test-limit",
+            "16",
+        ])
+        .args(["--kills", "0", "--stragglers", "0", "--joins", "0"])
+        .args(["--coordinator-kills", "0", "--no-baseline"])
+        .arg("--keep")
+        .arg(&keep);
+    let mut bench = Proc::spawn("bench", cmd, tmp.path());
+    let metrics = keep.join("chaos").join("run").join("metrics.jsonl");
+    wait_for_or_log("rounds", Duration::from_secs(60), &[&bench], || {
+        let n = std::fs::read_to_string(&metrics).ok()?.lines().count();
+        (n >= 3).then_some(())
+    });
+    let children = children_of(bench.pid());
+    assert_eq!(
+        children.len(),
+        3,
+        "a coordinator and two workers: {children:?}"
+    );
+    bench.signal(libc::SIGKILL);
+    bench.wait(Duration::from_secs(10));
+    let start = std::time::Instant::now();
+    loop {
+        let left: Vec<u32> = children.iter().copied().filter(|&p| running(p)).collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "still running 10 s after the bench was killed: {left:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -84,6 +84,24 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
 /// and launch exits non-zero saying where the checkpoint is.
 #[test]
 fn launch_stops_coordinator_and_workers_on_sigterm() {
+    let (tmp, mut launch) = launch_training();
+    let (d, run) = (tmp.path().join("data"), tmp.path().join("run"));
+    launch.signal(libc::SIGTERM);
+    let status = launch.wait(Duration::from_secs(60));
+    let log = launch.log_text();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("interrupted after") && log.contains("checkpoint"),
+        "{log}"
+    );
+    assert!(latest_checkpoint(&run).unwrap().is_some(), "{log}");
+    let left = processes_mentioning(&d.display().to_string());
+    assert!(left.is_empty(), "workers left running: {left:?}\n{log}");
+}
+
+/// `capsnet launch` of 2 workers on the tiny network for far longer than a test, once it has
+/// logged 3 rounds.
+fn launch_training() -> (tempfile::TempDir, Proc) {
     let tmp = tempfile::tempdir().unwrap();
     let d = synthetic(tmp.path(), 256);
     let run = tmp.path().join("run");
@@ -102,21 +120,11 @@ fn launch_stops_coordinator_and_workers_on_sigterm() {
         .arg(&d)
         .arg("--run-dir")
         .arg(&run);
-    let mut launch = Proc::spawn("launch", cmd, tmp.path());
+    let launch = Proc::spawn("launch", cmd, tmp.path());
     wait_for_or_log("rounds", Duration::from_secs(60), &[&launch], || {
         (rounds(&run).len() >= 3).then_some(())
     });
-    launch.signal(libc::SIGTERM);
-    let status = launch.wait(Duration::from_secs(60));
-    let log = launch.log_text();
-    assert_eq!(status.code(), Some(1), "{log}");
-    assert!(
-        log.contains("interrupted after") && log.contains("checkpoint"),
-        "{log}"
-    );
-    assert!(latest_checkpoint(&run).unwrap().is_some(), "{log}");
-    let left = processes_mentioning(&d.display().to_string());
-    assert!(left.is_empty(), "workers left running: {left:?}\n{log}");
+    (tmp, launch)
 }
 
 /// A worker stopped by SIGTERM before training is over leaves and exits 143, so that a
@@ -300,4 +308,72 @@ fn a_final_checkpoint_that_cannot_be_written_fails_the_run() {
         "{log}"
     );
     w.wait(Duration::from_secs(30));
+}
+
+/// One background checkpoint and one background evaluation at a time: with an evaluation
+/// after every round on 2,048 test images (much slower than a round) and every checkpoint
+/// after the first failing three times (their paths are taken by folders; the tries take 3 s),
+/// rounds go on meanwhile and the checkpoints and evaluations that would start while one runs
+/// are skipped, not queued. The final ones are written, and the run exits 0.
+#[test]
+fn a_checkpoint_or_evaluation_still_running_makes_the_next_one_skip() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    capsnet_core::data::write_synthetic(&data, 64, 2048, 28, 10, 3).unwrap();
+    let run = tmp.path().join("run");
+    let rounds = 40;
+    let (mut coord, url) = tiny_coordinator(
+        tmp.path(),
+        "coordinator",
+        &data,
+        &run,
+        &[
+            "--batch-size",
+            "4",
+            "--epochs",
+            "100",
+            "--max-steps",
+            &rounds.to_string(),
+            "--eval-every",
+            "1",
+        ],
+    );
+    // After the coordinator checked its run folder (it logs "listening" then), before any
+    // round.
+    wait_for("the coordinator to start", Duration::from_secs(60), || {
+        coord
+            .log_text()
+            .contains("coordinator listening")
+            .then_some(())
+    });
+    for r in 2..rounds {
+        std::fs::create_dir_all(run.join(format!("checkpoint-{r}.safetensors"))).unwrap();
+    }
+    let mut w = worker(tmp.path(), &url, 0, &data, &[]);
+    coord.expect_success(Duration::from_secs(120));
+    w.expect_success(Duration::from_secs(30));
+    let log = coord.log_text();
+    let count = |s: &str| log.lines().filter(|l| l.contains(s)).count();
+    let (written, failed) = (
+        count("checkpoint written"),
+        count("checkpoint failed 3 times"),
+    );
+    let evaluated = count(" evaluated ");
+    let (ck_skipped, eval_skipped) = (
+        count("the last checkpoint is still being written: skipping this one"),
+        count("the last evaluation is still running: skipping this one"),
+    );
+    eprintln!(
+        "{rounds} rounds: {written} checkpoints written, {failed} failed, {ck_skipped} skipped; \
+         {evaluated} evaluations, {eval_skipped} skipped"
+    );
+    assert!(failed >= 1 && ck_skipped >= 1 && eval_skipped >= 1, "{log}");
+    // Rounds 1 to 39 asked for both, each done (or failed) or skipped; round 40 has the final
+    // ones, always done.
+    assert_eq!(written + failed + ck_skipped, rounds, "{log}");
+    assert_eq!(evaluated + eval_skipped, rounds, "{log}");
+    assert!(
+        run.join(format!("checkpoint-{rounds}.safetensors"))
+            .is_file()
+    );
 }

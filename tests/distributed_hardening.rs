@@ -11,6 +11,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use capsnet_proto::pb;
 use common::*;
 
 /// The coordinator's resident memory, from /proc.
@@ -272,4 +273,189 @@ fn a_pull_that_is_never_read_is_let_go() {
         .unwrap();
         assert!(p.order.participate);
     });
+}
+
+/// A flood from a peer that has the token, while a real worker trains: 320 joins under new
+/// names (8 at a time) into a registry bounded to 256 (`--max-workers`), and status calls 512
+/// at a time for at least 3 s. Joins past the bound are refused with RESOURCE_EXHAUSTED while
+/// every name is live, the control lane sheds what it cannot queue, the real worker is never
+/// marked unhealthy, and once the flood's names stop heartbeating the run goes on and a new
+/// name takes the place of the longest-gone one.
+#[test]
+fn a_flood_of_joins_and_status_calls_is_shed_and_a_worker_keeps_training() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+    const BOUND: usize = 256;
+    const JOINERS: usize = 8;
+    const JOINS_EACH: usize = 40;
+    let bound = BOUND.to_string();
+    let args = [
+        "--batch-size",
+        "4",
+        "--epochs",
+        "10000",
+        "--max-steps",
+        "100000",
+        "--heartbeat",
+        "5s",
+        "--max-workers",
+        &bound,
+    ];
+    let mut s = Setup::start(64, &args);
+    let _w = s.worker(0, &[]);
+    let url = s.url.clone();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let real = rt.block_on(async move {
+        let mut c = capsnet_worker::Client::connect(&url, TOKEN, None)
+            .await
+            .unwrap();
+        let real = wait_status(&mut c, "training", |st| st.round >= 2)
+            .await
+            .workers
+            .iter()
+            .map(|w| w.name.clone())
+            .collect::<Vec<_>>();
+        let count = || Arc::new(AtomicUsize::new(0));
+        let (joined, refused, shed, answered) = (count(), count(), count(), count());
+        let mut joiners = vec![];
+        for t in 0..JOINERS {
+            let (url, joined, refused) = (url.clone(), joined.clone(), refused.clone());
+            joiners.push(tokio::spawn(async move {
+                let mut c = capsnet_worker::Client::connect(&url, TOKEN, None)
+                    .await
+                    .unwrap();
+                for i in 0..JOINS_EACH {
+                    let req = pb::JoinRequest {
+                        name: format!("flood-{t}-{i}"),
+                        rank_hint: None,
+                    };
+                    match c.rpc().join(req).await {
+                        Ok(_) => joined.fetch_add(1, Relaxed),
+                        Err(e) => {
+                            assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+                            refused.fetch_add(1, Relaxed)
+                        }
+                    };
+                }
+                // Its connection stays open until every joiner is done (a closed connection
+                // marks the names that joined over it unhealthy at once).
+                c
+            }));
+        }
+        let flood_start = Instant::now();
+        let mut askers = vec![];
+        for _ in 0..16 {
+            let (url, shed, answered) = (url.clone(), shed.clone(), answered.clone());
+            askers.push(tokio::spawn(async move {
+                let c = capsnet_worker::Client::connect(&url, TOKEN, None)
+                    .await
+                    .unwrap();
+                // Bursts of 32 calls for 3 s, at most 200 bursts.
+                for _ in 0..200 {
+                    if flood_start.elapsed() > Duration::from_secs(3) {
+                        break;
+                    }
+                    let calls = (0..32).map(|_| {
+                        let mut c = c.clone();
+                        async move { c.rpc().status(pb::StatusRequest {}).await }
+                    });
+                    for r in futures_util::future::join_all(calls).await {
+                        match r {
+                            Ok(_) => answered.fetch_add(1, Relaxed),
+                            Err(e) => {
+                                assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+                                shed.fetch_add(1, Relaxed)
+                            }
+                        };
+                    }
+                }
+            }));
+        }
+        let limit = Duration::from_secs(60);
+        let mut open = vec![];
+        for j in joiners {
+            open.push(
+                tokio::time::timeout(limit, j)
+                    .await
+                    .expect("over 60 s")
+                    .unwrap(),
+            );
+        }
+        for a in askers {
+            tokio::time::timeout(limit, a)
+                .await
+                .expect("over 60 s")
+                .unwrap();
+        }
+        let (joined, refused) = (joined.load(Relaxed), refused.load(Relaxed));
+        eprintln!(
+            "{:.1} s: joins {joined} taken, {refused} refused; status calls {} answered, {} shed",
+            flood_start.elapsed().as_secs_f64(),
+            answered.load(Relaxed),
+            shed.load(Relaxed)
+        );
+        assert_eq!(joined + refused, JOINERS * JOINS_EACH);
+        assert_eq!(
+            joined,
+            BOUND - real.len(),
+            "the registry took {joined} of the flood's names besides {real:?}"
+        );
+        assert!(answered.load(Relaxed) > 0);
+        drop(open);
+        // The flood's names miss their heartbeats (3 x 5 s) and are marked unhealthy; the
+        // real worker is not, and training goes on.
+        let st = wait_status(&mut c, "the flood's names to be unhealthy", |st| {
+            st.workers
+                .iter()
+                .filter(|w| w.name.starts_with("flood-"))
+                .all(|w| w.state == pb::WorkerState::Unhealthy as i32)
+        })
+        .await;
+        assert!(st.workers.len() <= BOUND, "{} workers", st.workers.len());
+        for w in st.workers.iter().filter(|w| real.contains(&w.name)) {
+            assert_eq!(w.state, pb::WorkerState::Healthy as i32, "{w:?}");
+        }
+        let round = st.round;
+        wait_status(&mut c, "training after the flood", |st| {
+            st.round >= round + 3
+        })
+        .await;
+        // A new name takes the place of the longest-gone one.
+        let late = join(&url, "late-comer", None).await;
+        let st = coordinator_status(&mut c).await;
+        assert_eq!(st.workers.len(), BOUND);
+        assert!(st.workers.iter().any(|w| w.worker_id == late.id));
+        real
+    });
+    s.coord.signal(libc::SIGTERM);
+    s.coord.expect_success(Duration::from_secs(30));
+    let log = s.coord.log_text();
+    for name in &real {
+        assert!(
+            !log.lines()
+                .any(|l| l.contains("unhealthy") && l.contains(&format!("name={name} "))),
+            "the real worker {name} was marked unhealthy under the flood:\n{log}"
+        );
+    }
+}
+
+/// Polls the coordinator's status until `done` holds (at most 60 s, else fails naming `what`).
+async fn wait_status(
+    c: &mut capsnet_worker::Client,
+    what: &str,
+    done: impl Fn(&pb::StatusResponse) -> bool,
+) -> pb::StatusResponse {
+    let start = Instant::now();
+    loop {
+        let st = coordinator_status(c).await;
+        if done(&st) {
+            return st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "waited 60 s for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -185,6 +185,8 @@ impl Fleet<'_> {
         let mut cmd = Command::new(&self.s.exe);
         cmd.args(args)
             .env("CAPSNET_TOKEN", TOKEN)
+            // The child gets SIGKILL when this process is gone, however it ended.
+            .env("CAPSNET_PARENT_PID", std::process::id().to_string())
             .env_remove("CAPSNET_TOKEN_FILE")
             .env("RUST_LOG", "info");
         cmd

@@ -52,6 +52,8 @@ pub struct CoordinatorConfig {
     /// Open connections at once, and from one IP address; more are closed when accepted.
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
+    /// Workers the registry holds (live, or gone and not yet forgotten).
+    pub max_workers: usize,
     /// A pull not read, or a push without its next chunk, for this long is dropped.
     pub stall_timeout: Duration,
 }
@@ -79,6 +81,7 @@ impl CoordinatorConfig {
             clip_updates: false,
             max_connections: 1024,
             max_connections_per_ip: 64,
+            max_workers: 4096,
             stall_timeout: Duration::from_secs(30),
         }
     }
@@ -125,6 +128,9 @@ impl CoordinatorConfig {
         }
         if self.max_connections == 0 || self.max_connections_per_ip == 0 {
             return bad("--max-connections and --max-connections-per-ip must be at least 1");
+        }
+        if !(1..=1 << 20).contains(&self.max_workers) {
+            return bad("--max-workers must be between 1 and 1048576");
         }
         if self.token.len() < 16 {
             return bad("the token must be at least 16 characters");

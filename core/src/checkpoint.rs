@@ -555,15 +555,24 @@ impl Checkpointer {
     pub fn save(&self, ckpt: &Checkpoint) -> Result<PathBuf> {
         let path = self.path_for(ckpt.step);
         ckpt.save(&path)?;
-        let all = list_checkpoints(&self.dir)?;
-        for (_, old) in all.iter().rev().skip(self.keep) {
-            std::fs::remove_file(old).map_err(|e| CoreError::io(old, e))?;
+        // The new checkpoint is written: an old one that cannot be removed costs disk space,
+        // not the save.
+        match list_checkpoints(&self.dir) {
+            Ok(all) => {
+                for (_, old) in all.iter().rev().skip(self.keep) {
+                    if let Err(e) = std::fs::remove_file(old) {
+                        tracing::warn!(path = %old.display(), error = %e, "cannot remove an old checkpoint");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot list old checkpoints to remove"),
         }
         Ok(path)
     }
 }
 
-/// `(step, path)` of every `checkpoint-<step>.safetensors` in `dir`, oldest first.
+/// `(step, path)` of every `checkpoint-<step>.safetensors` file in `dir`, oldest first
+/// (anything else of that name, such as a folder, is not a checkpoint).
 pub fn list_checkpoints(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     let mut out = vec![];
     for entry in std::fs::read_dir(dir).map_err(|e| CoreError::io(dir, e))? {
@@ -573,7 +582,9 @@ pub fn list_checkpoints(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
             .strip_prefix("checkpoint-")
             .and_then(|s| s.strip_suffix(".safetensors"))
         {
-            if let Ok(step) = step.parse::<u64>() {
+            if let Ok(step) = step.parse::<u64>()
+                && entry.path().is_file()
+            {
                 out.push((step, entry.path()));
             }
         }

@@ -2,7 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails on its first panic
 
 use capsnet_core::checkpoint::{
-    Checkpoint, Checkpointer, DataPosition, Tensor, TensorFile, latest_checkpoint,
+    Checkpoint, Checkpointer, DataPosition, Tensor, TensorFile, latest_checkpoint, list_checkpoints,
 };
 use capsnet_core::optim::{Adam, AdamConfig};
 use capsnet_core::{CapsNet, CapsNetConfig};
@@ -173,4 +173,23 @@ fn checkpointer_keeps_the_newest_n() {
         latest_checkpoint(tmp.path()).unwrap().unwrap(),
         tmp.path().join("checkpoint-20.safetensors")
     );
+}
+
+/// Something named like a checkpoint that is not a file (here a folder) is neither a checkpoint
+/// nor pruned, and does not make later saves fail.
+#[test]
+fn a_folder_named_like_a_checkpoint_is_not_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir(tmp.path().join("checkpoint-1.safetensors")).unwrap();
+    let ckpt = Checkpointer::new(tmp.path(), 1);
+    let mut ck = sample();
+    for step in [2, 3] {
+        ck.step = step;
+        ckpt.save(&ck).unwrap();
+    }
+    assert_eq!(
+        list_checkpoints(tmp.path()).unwrap(),
+        vec![(3, tmp.path().join("checkpoint-3.safetensors"))]
+    );
+    assert!(tmp.path().join("checkpoint-1.safetensors").is_dir());
 }

@@ -27,9 +27,6 @@ pub(super) struct Members {
     pub(super) ranks: Ranks,
 }
 
-/// The registry holds at most this many workers; a join beyond it takes the place of the
-/// longest-gone unhealthy or departed worker, or is refused when every one is live.
-pub(super) const MAX_WORKERS: usize = 4096;
 /// Unhealthy or departed workers are forgotten this long after they went.
 pub(super) const FORGET_AFTER: Duration = Duration::from_secs(600);
 
@@ -43,10 +40,11 @@ pub(super) struct Ranks {
 }
 
 impl Ranks {
-    /// Takes `hint` when it is free (and below [`MAX_WORKERS`]), else the smallest free rank.
-    pub(super) fn take(&mut self, hint: Option<u32>) -> u32 {
+    /// Takes `hint` when it is free (and below `limit`, the registry's bound), else the
+    /// smallest free rank.
+    pub(super) fn take(&mut self, hint: Option<u32>, limit: usize) -> u32 {
         let r = match hint {
-            Some(h) if (h as usize) < MAX_WORKERS && !self.taken.contains(&h) => h,
+            Some(h) if (h as usize) < limit && !self.taken.contains(&h) => h,
             _ => match self.free.pop_first() {
                 Some(r) => r,
                 None => self.next,
@@ -133,7 +131,11 @@ impl Actor {
                 reason: "a worker name has 1 to 253 characters",
             });
         }
-        if !self.members.workers.contains_key(&name) && self.members.workers.len() >= MAX_WORKERS {
+        // The registry holds at most --max-workers: a join beyond it takes the place of the
+        // longest-gone unhealthy or departed worker, or is refused when every one is live.
+        if !self.members.workers.contains_key(&name)
+            && self.members.workers.len() >= self.cfg.max_workers
+        {
             self.evict_one()?;
         }
         self.members.next_id += 1;
@@ -153,7 +155,7 @@ impl Actor {
                 self.members.liveness.forget(&w.id);
                 w.rank
             }
-            None => self.members.ranks.take(rank_hint),
+            None => self.members.ranks.take(rank_hint, self.cfg.max_workers),
         };
         tracing::info!(worker = %id, %name, rank, state = ?state, "worker joined");
         self.members.names.insert(id.clone(), name.clone());
@@ -226,7 +228,8 @@ impl Actor {
                 Ok(())
             }
             None => Err(CoordinatorError::Overloaded(format!(
-                "{MAX_WORKERS} workers are live; no room for another"
+                "{} workers are live (--max-workers); no room for another",
+                self.cfg.max_workers
             ))),
         }
     }
@@ -414,30 +417,30 @@ mod tests {
     #[test]
     fn ranks_take_hints_or_the_smallest_free_one() {
         let mut r = Ranks::default();
-        assert_eq!(r.take(None), 0);
-        assert_eq!(r.take(Some(3)), 3);
+        assert_eq!(r.take(None, 4096), 0);
+        assert_eq!(r.take(Some(3), 4096), 3);
         assert_eq!(
-            r.take(Some(3)),
+            r.take(Some(3), 4096),
             1,
             "a taken hint gets the smallest free rank"
         );
-        assert_eq!(r.take(None), 2);
-        assert_eq!(r.take(None), 4);
+        assert_eq!(r.take(None, 4096), 2);
+        assert_eq!(r.take(None, 4096), 4);
         assert_eq!(
-            r.take(Some(u32::MAX)),
+            r.take(Some(u32::MAX), 4096),
             5,
             "hints past the bound are ignored"
         );
         r.release(1);
         r.release(4);
-        assert_eq!(r.take(None), 1);
-        assert_eq!(r.take(Some(4)), 4);
-        assert_eq!(r.take(None), 6);
+        assert_eq!(r.take(None, 4096), 1);
+        assert_eq!(r.take(Some(4), 4096), 4);
+        assert_eq!(r.take(None, 4096), 6);
         // Many joins and leaves stay within the ranks in use.
         for _ in 0..10_000 {
-            let k = r.take(None);
+            let k = r.take(None, 4096);
             r.release(k);
         }
-        assert_eq!(r.take(None), 7);
+        assert_eq!(r.take(None, 4096), 7);
     }
 }

@@ -59,6 +59,10 @@ use membership::Members;
 pub use msg::Outcome;
 pub(crate) use msg::{Msg, Progress, Published, PullReply, Readiness};
 
+/// How often liveness is checked and the members are shown as metrics (both walk the whole
+/// registry, so not after every message).
+const SURVEY_EVERY: Duration = Duration::from_millis(20);
+
 pub(crate) struct Actor {
     cfg: CoordinatorConfig,
     run_msg: pb::RunConfig,
@@ -99,6 +103,8 @@ pub(crate) struct Actor {
     norms: std::collections::VecDeque<f64>,
     /// When gone workers were last pruned from the registry.
     last_prune: Option<Instant>,
+    /// When liveness was last checked and the members last shown as metrics.
+    last_survey: Option<Instant>,
 }
 
 impl Actor {
@@ -207,6 +213,7 @@ impl Actor {
             metrics: prometheus,
             norms: std::collections::VecDeque::new(),
             last_prune: None,
+            last_survey: None,
         };
         actor.publish();
         Ok(actor)
@@ -421,7 +428,13 @@ impl Actor {
             return;
         }
         let now = Instant::now();
-        self.check_liveness(now);
+        // What walks the whole registry runs at most every SURVEY_EVERY, not after each
+        // message: a flood of joins into a large registry must not make each one O(n).
+        if self.last_survey.is_none_or(|t| now - t >= SURVEY_EVERY) {
+            self.check_liveness(now);
+            self.show_members(now);
+            self.last_survey = Some(now);
+        }
         if self
             .last_prune
             .is_none_or(|t| now - t >= Duration::from_secs(1))
@@ -429,7 +442,6 @@ impl Actor {
             self.prune(now);
             self.last_prune = Some(now);
         }
-        self.show_members(now);
         if !self.started {
             self.maybe_start(now);
             return;
