@@ -40,6 +40,15 @@ pub enum SyncArg {
     Params,
 }
 
+/// What the coordinator does with each round's average in `--sync params`.
+#[derive(Clone, Copy, ValueEnum, PartialEq, Debug)]
+pub enum OuterArg {
+    /// The average is the new parameters.
+    None,
+    /// DiLoCo: the averaged change is a pseudo-gradient for Nesterov momentum.
+    Nesterov,
+}
+
 impl SyncArg {
     pub fn mode(self) -> capsnet_proto::SyncMode {
         match self {

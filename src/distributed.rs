@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use capsnet_core::train::{self, TrainConfig};
 use clap::Args;
 
-use crate::args::{DataArgs, SyncArg, TokenArgs, TrainFlags, WireArg, parse_duration};
+use crate::args::{DataArgs, OuterArg, SyncArg, TokenArgs, TrainFlags, WireArg, parse_duration};
 use crate::exit::ConfigError;
 
 #[derive(Args, Clone)]
@@ -30,6 +30,22 @@ pub struct CoordinatorArgs {
     /// Local steps per round with --sync params.
     #[arg(long, env = "CAPSNET_SYNC_EVERY", default_value_t = 1)]
     pub sync_every: usize,
+    /// With --sync params: `nesterov` treats each round's averaged change of the parameters as
+    /// a pseudo-gradient for Nesterov momentum (DiLoCo, Douillard et al. 2023), which keeps the
+    /// accuracy of synchronous training at much larger --sync-every.
+    #[arg(
+        long,
+        env = "CAPSNET_OUTER_OPTIMIZER",
+        value_enum,
+        default_value = "none"
+    )]
+    pub outer_optimizer: OuterArg,
+    /// The outer optimizer's learning rate (1 with momentum 0 is plain averaging).
+    #[arg(long, env = "CAPSNET_OUTER_LR", default_value_t = 0.7)]
+    pub outer_lr: f32,
+    /// The outer optimizer's momentum.
+    #[arg(long, env = "CAPSNET_OUTER_MOMENTUM", default_value_t = 0.9)]
+    pub outer_momentum: f32,
     /// A round closes at this deadline with --min-workers updates; the rest are marked unhealthy.
     #[arg(long, env = "CAPSNET_ROUND_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub round_timeout: Duration,
@@ -166,6 +182,12 @@ impl CoordinatorArgs {
         let mut c = capsnet_coordinator::CoordinatorConfig::new(train, token);
         c.sync_mode = self.sync.mode();
         c.sync_every = self.sync_every;
+        c.outer = (self.outer_optimizer == OuterArg::Nesterov).then_some(
+            capsnet_coordinator::OuterOptimizer {
+                lr: self.outer_lr,
+                momentum: self.outer_momentum,
+            },
+        );
         c.round_timeout = self.round_timeout;
         c.min_workers = self.min_workers;
         c.expect_workers = expect_workers

@@ -106,27 +106,53 @@ fn two_workers_equal_one_process_with_the_summed_batch() {
 /// sample-weighted average of the workers', over two rounds.
 #[test]
 fn params_mode_averages_local_steps() {
-    let mut s = Setup::start(
-        64,
-        &[
-            "--sync",
-            "params",
-            "--sync-every",
-            "2",
-            "--batch-size",
-            "4",
-            "--max-steps",
-            "2",
-            "--max-shift",
-            "0",
-            "--seed",
-            "5",
-            "--expect-workers",
-            "2",
-            "--min-workers",
-            "2",
-        ],
-    );
+    params_mode_equals_the_reference(None);
+}
+
+/// The same with `--outer-optimizer nesterov --outer-lr 0.7 --outer-momentum 0.9`: the
+/// coordinator's new parameters are its old ones minus 0.7 x (g + 0.9 m'), where g is the old
+/// parameters minus the workers' average and m' = 0.9 m + g, and its checkpoint holds m'.
+#[test]
+fn params_mode_with_the_outer_optimizer_follows_nesterov() {
+    params_mode_equals_the_reference(Some((0.7, 0.9)));
+}
+
+/// Two workers in params mode, two rounds of two local steps, against the single-process
+/// reference, with the outer optimizer's (lr, momentum) if given.
+fn params_mode_equals_the_reference(outer: Option<(f32, f32)>) {
+    let (lr, mu) = outer.unwrap_or((1.0, 0.0));
+    let (lr_s, mu_s) = (lr.to_string(), mu.to_string());
+    let mut extra = vec![];
+    if outer.is_some() {
+        extra = vec![
+            "--outer-optimizer",
+            "nesterov",
+            "--outer-lr",
+            &lr_s,
+            "--outer-momentum",
+            &mu_s,
+        ];
+    }
+    let mut args = vec![
+        "--sync",
+        "params",
+        "--sync-every",
+        "2",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "2",
+        "--max-shift",
+        "0",
+        "--seed",
+        "5",
+        "--expect-workers",
+        "2",
+        "--min-workers",
+        "2",
+    ];
+    args.extend(extra);
+    let mut s = Setup::start(64, &args);
     let mut w0 = s.worker(0, &[]);
     let mut w1 = s.worker(1, &[]);
     s.coord.expect_success(Duration::from_secs(120));
@@ -140,6 +166,7 @@ fn params_mode_averages_local_steps() {
         .map(|_| Adam::new(reference.cfg.adam.clone(), global.data.len()))
         .collect();
     let mut last_locals = vec![];
+    let mut momentum = vec![0.0f32; global.data.len()];
     for r in 0..2 {
         let mut locals = vec![];
         for (k, adam) in local_adam.iter_mut().enumerate() {
@@ -154,12 +181,18 @@ fn params_mode_averages_local_steps() {
         }
         // Equal samples: weight 1/2 each, summed from zero in rank order.
         let w = (8.0f64 / 16.0) as f32;
-        for (i, g) in global.data.iter_mut().enumerate() {
+        for (i, p) in global.data.iter_mut().enumerate() {
             let mut acc = 0.0f32;
             for l in &locals {
                 acc += w * l.data[i];
             }
-            *g = acc;
+            if outer.is_some() {
+                let g = *p - acc;
+                momentum[i] = mu * momentum[i] + g;
+                *p -= lr * (g + mu * momentum[i]);
+            } else {
+                *p = acc;
+            }
         }
         last_locals = locals;
     }
@@ -176,4 +209,12 @@ fn params_mode_averages_local_steps() {
     // And the check can tell: each worker's own parameters are far from the average.
     let apart = worst(&global.data, &last_locals[0].data);
     assert!(apart > 1e-4, "the workers barely differ ({apart})");
+    match outer {
+        Some(_) => {
+            let m = ck.outer.expect("the checkpoint holds the outer momentum");
+            let w = worst(&momentum, &m);
+            assert!(w < 1e-6, "outer momentum differs by {w}");
+        }
+        None => assert!(ck.outer.is_none()),
+    }
 }

@@ -54,8 +54,19 @@ pub struct CoordinatorConfig {
     pub max_connections_per_ip: usize,
     /// Workers the registry holds (live, or gone and not yet forgotten).
     pub max_workers: usize,
+    /// `--sync params` only: treat each round's averaged change as a pseudo-gradient for
+    /// Nesterov momentum (DiLoCo) instead of taking the average as the new parameters.
+    pub outer: Option<OuterOptimizer>,
     /// A pull not read, or a push without its next chunk, for this long is dropped.
     pub stall_timeout: Duration,
+}
+
+/// The outer optimizer of `--sync params` (DiLoCo, Douillard et al. 2023): Nesterov momentum
+/// on the pseudo-gradient `params - average`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct OuterOptimizer {
+    pub lr: f32,
+    pub momentum: f32,
 }
 
 impl CoordinatorConfig {
@@ -82,6 +93,7 @@ impl CoordinatorConfig {
             max_connections: 1024,
             max_connections_per_ip: 64,
             max_workers: 4096,
+            outer: None,
             stall_timeout: Duration::from_secs(30),
         }
     }
@@ -129,6 +141,17 @@ impl CoordinatorConfig {
         if self.max_connections == 0 || self.max_connections_per_ip == 0 {
             return bad("--max-connections and --max-connections-per-ip must be at least 1");
         }
+        if let Some(o) = self.outer {
+            if self.sync_mode != SyncMode::Params {
+                return bad("--outer-optimizer applies to --sync params only");
+            }
+            if !(o.lr.is_finite() && o.lr > 0.0 && o.lr <= 10.0) {
+                return bad("--outer-lr must be in (0, 10]");
+            }
+            if !(0.0..1.0).contains(&o.momentum) {
+                return bad("--outer-momentum must be in [0, 1)");
+            }
+        }
         if !(1..=1 << 20).contains(&self.max_workers) {
             return bad("--max-workers must be between 1 and 1048576");
         }
@@ -166,5 +189,27 @@ mod tests {
         c.heartbeat = Duration::from_secs(5_000_000);
         let e = c.validate().unwrap_err();
         assert!(e.to_string().contains("heartbeat"), "{e}");
+    }
+
+    /// The outer optimizer needs params mode and sane settings.
+    #[test]
+    fn the_outer_optimizer_is_checked() {
+        let nesterov = |lr, momentum| Some(OuterOptimizer { lr, momentum });
+        let mut c = cfg();
+        c.outer = nesterov(0.7, 0.9);
+        let e = c.validate().unwrap_err();
+        assert!(e.to_string().contains("--sync params only"), "{e}");
+        c.sync_mode = SyncMode::Params;
+        assert!(c.validate().is_ok());
+        for (lr, momentum, want) in [
+            (0.0, 0.9, "--outer-lr"),
+            (f32::NAN, 0.9, "--outer-lr"),
+            (0.7, 1.0, "--outer-momentum"),
+            (0.7, -0.1, "--outer-momentum"),
+        ] {
+            c.outer = nesterov(lr, momentum);
+            let e = c.validate().unwrap_err();
+            assert!(e.to_string().contains(want), "{lr} {momentum}: {e}");
+        }
     }
 }

@@ -42,7 +42,7 @@ mod reduce;
 mod service;
 
 pub use actor::Outcome;
-pub use config::{CoordinatorConfig, TlsFiles};
+pub use config::{CoordinatorConfig, OuterOptimizer, TlsFiles};
 pub use error::{CoordinatorError, Result};
 
 fn tls_config(files: &TlsFiles) -> Result<ServerTlsConfig> {

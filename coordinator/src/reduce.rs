@@ -49,13 +49,45 @@ struct Reduced {
     finite: bool,
 }
 
-/// The state a range is reduced from: the committed parameters and moments, and the Adam step
-/// of this round (none in params mode, where the average is the new parameters).
+/// The state a range is reduced from: the committed parameters and moments, and how the
+/// average of the updates becomes the new parameters.
 pub(crate) struct Source<'a> {
     pub params: &'a [f32],
+    /// Adam's moments (grad mode), or the outer optimizer's momentum in `m` (params mode).
     pub m: &'a [f32],
     pub v: &'a [f32],
-    pub step: Option<AdamStep>,
+    pub update: Update,
+}
+
+/// What a round does with the average of its updates.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Update {
+    /// Grad mode: an Adam step along the averaged gradient.
+    Adam(AdamStep),
+    /// Params mode: the average is the new parameters.
+    Average,
+    /// Params mode with an outer optimizer (DiLoCo): the change `params - average` is a
+    /// pseudo-gradient `g` for Nesterov momentum: `m = momentum x m + g`, then
+    /// `params -= lr x (g + momentum x m)` (PyTorch's SGD with `nesterov=True`). With `lr` 1
+    /// and `momentum` 0 it is [`Update::Average`].
+    Nesterov { lr: f32, momentum: f32 },
+}
+
+/// The optimizer state a reducer keeps new copies of, besides the parameters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Kept {
+    Nothing,
+    /// One vector: the outer optimizer's momentum.
+    Momentum,
+    /// Two: Adam's moments.
+    AdamMoments,
+}
+
+/// The new state of one block of a range: its moments, momentum, or nothing.
+enum BlockState<'b> {
+    Adam(&'b mut [f32], &'b mut [f32]),
+    Momentum(&'b mut [f32]),
+    Nothing,
 }
 
 /// What a closed round hands back: the new state lives in the reducer's `next_*` buffers.
@@ -91,10 +123,14 @@ impl Reducer {
         grid: Arc<Vec<Range<usize>>>,
         wire: Encoding,
         total: usize,
-        adam: bool,
+        kept: Kept,
         threads: usize,
     ) -> Result<Self> {
-        let moments = if adam { total } else { 0 };
+        let (m_len, v_len) = match kept {
+            Kept::Nothing => (0, 0),
+            Kept::Momentum => (total, 0),
+            Kept::AdamMoments => (total, total),
+        };
         let threads = rayon::ThreadPoolBuilder::new()
             .num_threads(threads.max(1))
             .thread_name(|i| format!("capsnet-reduce-{i}"))
@@ -111,8 +147,8 @@ impl Reducer {
             pool: BufPool::new(3 * grid.len()),
             grid,
             next_params: vec![0.0; total],
-            next_m: vec![0.0; moments],
-            next_v: vec![0.0; moments],
+            next_m: vec![0.0; m_len],
+            next_v: vec![0.0; v_len],
             threads,
             generation: 0,
         })
@@ -255,17 +291,23 @@ impl Reducer {
                 s.chunks[index].as_deref().map(|p| (w, p, s.encoding))
             })
             .collect();
-        let (wire, step) = (self.wire, src.step);
+        let (wire, update) = (self.wire, src.update);
         let out_bpf = wire::bytes_per_float(wire);
         let mut payload = self.pool.take(r.len() * out_bpf);
-        // The moments' blocks, in grad mode only (params mode keeps no moments).
-        let mut moments: Vec<Option<(&mut [f32], &mut [f32])>> = match step {
-            Some(_) => self.next_m[r.clone()]
+        // The new optimizer state's blocks: Adam's moments, the outer momentum, or none.
+        let mut moments: Vec<BlockState<'_>> = match update {
+            Update::Adam(_) => self.next_m[r.clone()]
                 .chunks_mut(BLOCK)
                 .zip(self.next_v[r.clone()].chunks_mut(BLOCK))
-                .map(Some)
+                .map(|(m, v)| BlockState::Adam(m, v))
                 .collect(),
-            None => (0..r.len().div_ceil(BLOCK)).map(|_| None).collect(),
+            Update::Nesterov { .. } => self.next_m[r.clone()]
+                .chunks_mut(BLOCK)
+                .map(BlockState::Momentum)
+                .collect(),
+            Update::Average => (0..r.len().div_ceil(BLOCK))
+                .map(|_| BlockState::Nothing)
+                .collect(),
         };
         let out = &mut self.next_params[r.clone()];
         let crcs: Vec<(crc32fast::Hasher, bool)> = self.threads.install(|| {
@@ -283,14 +325,24 @@ impl Reducer {
                         let bpf = wire::bytes_per_float(enc);
                         wire::add_scaled(g, w, &p[b * bpf..e * bpf], enc);
                     }
-                    let finite = match (step, mv) {
-                        (Some(step), Some((m, v))) => {
+                    let finite = match (update, mv) {
+                        (Update::Adam(step), BlockState::Adam(m, v)) => {
                             step.apply_into(
                                 (&src.params[lo..hi], &src.m[lo..hi], &src.v[lo..hi]),
                                 g,
                                 (&mut *out, &mut **m, &mut **v),
                             );
                             all_finite(m) && all_finite(v)
+                        }
+                        (Update::Nesterov { lr, momentum }, BlockState::Momentum(m)) => {
+                            let (p, m_old) = (&src.params[lo..hi], &src.m[lo..hi]);
+                            for i in 0..out.len() {
+                                let g = p[i] - g[i];
+                                let buf = momentum * m_old[i] + g;
+                                m[i] = buf;
+                                out[i] = p[i] - lr * (g + momentum * buf);
+                            }
+                            all_finite(m)
                         }
                         _ => {
                             out.copy_from_slice(g);
@@ -445,11 +497,11 @@ mod tests {
             params: &p,
             m: &adam.m,
             v: &adam.v,
-            step: Some(adam.next_step()),
+            update: Update::Adam(adam.next_step()),
         };
         let payload =
             |k: usize, i: usize| wire::encode(&grad(k, n)[grid[i].clone()], Encoding::F32);
-        let mut red = Reducer::new(grid.clone(), Encoding::F32, n, true, 3).unwrap();
+        let mut red = Reducer::new(grid.clone(), Encoding::F32, n, Kept::AdamMoments, 3).unwrap();
         let expected = [0, 1, 2];
         red.begin(2, 5, 0.5, Encoding::F32);
         red.begin(0, 3, 0.1, Encoding::F32);
@@ -508,14 +560,14 @@ mod tests {
         let adam = Adam::new(AdamConfig::default(), n);
         let m = adam.m.clone();
         let mut v = adam.v.clone();
-        let step = Some(adam.next_step());
-        let mut red = Reducer::new(grid.clone(), Encoding::F32, n, true, 2).unwrap();
+        let update = Update::Adam(adam.next_step());
+        let mut red = Reducer::new(grid.clone(), Encoding::F32, n, Kept::AdamMoments, 2).unwrap();
         let mut finite = |v: &[f32]| {
             let src = Source {
                 params: &p,
                 m: &m,
                 v,
-                step,
+                update,
             };
             red.begin(0, 1, 0.1, Encoding::F32);
             for (i, r) in grid.iter().enumerate() {
@@ -530,10 +582,81 @@ mod tests {
         assert!(!finite(&v));
     }
 
+    /// Params mode with the outer optimizer: two members' parameters, their sample-weighted
+    /// average `a`, then `g = p - a`, `m' = 0.9 m + g`, `p' = p - 0.7 (g + 0.9 m')`, bit for bit;
+    /// with lr 1 and momentum 0 it is the plain average.
+    #[test]
+    fn the_outer_nesterov_step_follows_the_formula() {
+        let n = 5000;
+        let grid = Arc::new(wire::chunk_ranges(n, Encoding::F32, 4 * 2000).collect::<Vec<_>>());
+        let p: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).cos()).collect();
+        let m: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).sin() * 0.1).collect();
+        let locals = [(3u64, grad(1, n)), (5u64, grad(2, n))];
+        let run = |update: Update| {
+            let mut red = Reducer::new(grid.clone(), Encoding::F32, n, Kept::Momentum, 2).unwrap();
+            let src = Source {
+                params: &p,
+                m: &m,
+                v: &[],
+                update,
+            };
+            for (k, (s, _)) in locals.iter().enumerate() {
+                red.begin(k, *s, 0.1, Encoding::F32);
+            }
+            for (i, r) in grid.iter().enumerate() {
+                for (k, (_, l)) in locals.iter().enumerate() {
+                    red.chunk(
+                        k,
+                        i,
+                        wire::encode(&l[r.clone()], Encoding::F32),
+                        &[0, 1],
+                        &src,
+                    );
+                }
+            }
+            for k in 0..2 {
+                red.end(k).unwrap();
+            }
+            let closed = red.close(&src).unwrap();
+            assert!(closed.finite);
+            (decode(&closed.chunks, n), red.next_m.clone())
+        };
+        let mut avg = vec![0.0f32; n];
+        for (s, l) in &locals {
+            let w = (*s as f64 / 8.0) as f32;
+            for (a, x) in avg.iter_mut().zip(l) {
+                *a += w * x;
+            }
+        }
+        let (got, got_m) = run(Update::Nesterov {
+            lr: 0.7,
+            momentum: 0.9,
+        });
+        for i in 0..n {
+            let g = p[i] - avg[i];
+            let buf = 0.9 * m[i] + g;
+            assert_eq!(got_m[i], buf, "momentum at {i}");
+            assert_eq!(got[i], p[i] - 0.7 * (g + 0.9 * buf), "parameter at {i}");
+        }
+        let (plain, _) = run(Update::Nesterov {
+            lr: 1.0,
+            momentum: 0.0,
+        });
+        let worst = plain
+            .iter()
+            .zip(&avg)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            worst < 1e-6,
+            "lr 1, momentum 0 is the average (off by {worst})"
+        );
+    }
+
     #[test]
     fn an_update_missing_a_chunk_cannot_complete() {
         let grid = Arc::new(wire::chunk_ranges(10, Encoding::F32, 16).collect::<Vec<_>>());
-        let mut red = Reducer::new(grid, Encoding::F32, 10, true, 1).unwrap();
+        let mut red = Reducer::new(grid, Encoding::F32, 10, Kept::AdamMoments, 1).unwrap();
         red.begin(0, 1, 0.0, Encoding::F32);
         let e = red.end(0).unwrap_err();
         assert!(e.to_string().contains("chunk 0"), "{e}");

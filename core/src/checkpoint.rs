@@ -1,6 +1,6 @@
 //! Checkpoints and tensor files in safetensors: parameters under their names in docs/design.md, Adam's
 //! moments as `adam.m.<name>` / `adam.v.<name>`, the weight average (if kept) as `ema.<name>`,
-//! and the config, step and data position in the metadata. Writes are atomic (temp file, fsync,
+//! the outer optimizer's momentum of `--sync params` (if kept) as `outer.m.<name>`, and the config, step and data position in the metadata. Writes are atomic (temp file, fsync,
 //! rename, fsync of the folder); a [`Checkpointer`] keeps the newest N.
 
 use std::collections::{BTreeMap, HashMap};
@@ -260,6 +260,8 @@ pub struct Checkpoint {
     pub adam: Option<Adam>,
     /// The moving average of the weights (`--ema-decay`), stored as `ema.<name>`.
     pub ema: Option<Vec<f32>>,
+    /// The outer optimizer's momentum (`--outer-optimizer nesterov`), stored as `outer.m.<name>`.
+    pub outer: Option<Vec<f32>>,
     /// Optimizer steps (rounds) taken.
     pub step: u64,
     pub position: DataPosition,
@@ -287,6 +289,12 @@ impl Checkpoint {
                 f.tensors.insert(
                     format!("ema.{}", spec.name),
                     Tensor::f32(spec.shape.clone(), ema[spec.range()].to_vec()),
+                );
+            }
+            if let Some(outer) = &self.outer {
+                f.tensors.insert(
+                    format!("outer.m.{}", spec.name),
+                    Tensor::f32(spec.shape.clone(), outer[spec.range()].to_vec()),
                 );
             }
         }
@@ -337,7 +345,18 @@ impl Checkpoint {
                 ));
             }
             if let Some(ema) = &self.ema {
-                raws.push(f32_raw(format!("ema.{}", spec.name), &spec.shape, &ema[r]));
+                raws.push(f32_raw(
+                    format!("ema.{}", spec.name),
+                    &spec.shape,
+                    &ema[r.clone()],
+                ));
+            }
+            if let Some(outer) = &self.outer {
+                raws.push(f32_raw(
+                    format!("outer.m.{}", spec.name),
+                    &spec.shape,
+                    &outer[r],
+                ));
             }
         }
         write_raw(path, raws, self.metadata()?)
@@ -458,24 +477,28 @@ impl Checkpoint {
         } else {
             None
         };
-        let ema = if file.tensors.keys().any(|n| n.starts_with("ema.")) {
-            let mut ema = vec![0.0; layout.total()];
-            for spec in layout.specs() {
-                let name = format!("ema.{}", spec.name);
-                let d = take(&name)?.ok_or_else(|| {
-                    CoreError::checkpoint(path, format!("missing weight average {name}"))
-                })?;
-                ema[spec.range()].copy_from_slice(d);
+        // A whole-vector state stored per parameter under `prefix`, if any of it is there.
+        let whole = |prefix: &str, what: &str| -> Result<Option<Vec<f32>>> {
+            if !file.tensors.keys().any(|n| n.starts_with(prefix)) {
+                return Ok(None);
             }
-            Some(ema)
-        } else {
-            None
+            let mut all = vec![0.0; layout.total()];
+            for spec in layout.specs() {
+                let name = format!("{prefix}{}", spec.name);
+                let d = take(&name)?
+                    .ok_or_else(|| CoreError::checkpoint(path, format!("missing {what} {name}")))?;
+                all[spec.range()].copy_from_slice(d);
+            }
+            Ok(Some(all))
         };
+        let ema = whole("ema.", "weight average")?;
+        let outer = whole("outer.m.", "outer momentum")?;
         Ok(Checkpoint {
             config,
             params,
             adam,
             ema,
+            outer,
             step: num("step")?,
             position: DataPosition {
                 epoch: num("epoch")?,
@@ -508,10 +531,10 @@ fn parse_redo(s: &str) -> Option<Vec<(u64, u64)>> {
     Some(out)
 }
 
-/// The parameter a stored tensor belongs to: `adam.m.<name>`, `adam.v.<name>` and
-/// `ema.<name>` all have the shape of `<name>`.
+/// The parameter a stored tensor belongs to: `adam.m.<name>`, `adam.v.<name>`, `ema.<name>`
+/// and `outer.m.<name>` all have the shape of `<name>`.
 fn base_name(n: &str) -> &str {
-    ["adam.m.", "adam.v.", "ema."]
+    ["adam.m.", "adam.v.", "ema.", "outer.m."]
         .iter()
         .find_map(|p| n.strip_prefix(p))
         .unwrap_or(n)

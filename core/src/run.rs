@@ -45,6 +45,8 @@ pub struct RunState {
     pub adam: Adam,
     /// The moving average of the weights (`--ema-decay`).
     pub ema: Option<Vec<f32>>,
+    /// The outer optimizer's momentum of `--sync params` (the coordinator's, if it keeps one).
+    pub outer: Option<Vec<f32>>,
     /// Optimizer steps (rounds, for the coordinator) taken so far.
     pub step: u64,
     pub position: DataPosition,
@@ -59,6 +61,7 @@ impl RunState {
             ema: cfg.ema_decay.map(|_| params.data.clone()),
             adam: Adam::new(cfg.adam.clone(), n),
             params,
+            outer: None,
             step: 0,
             position: DataPosition::default(),
         }
@@ -102,6 +105,7 @@ impl RunState {
             params: ck.params,
             adam,
             ema,
+            outer: ck.outer,
             step: ck.step,
             position: ck.position,
         })
@@ -116,6 +120,7 @@ impl RunState {
             params: self.params.clone(),
             adam: with_adam.then(|| self.adam.clone()),
             ema: self.ema.clone(),
+            outer: self.outer.clone(),
             step: self.step,
             position: self.position.clone(),
         }

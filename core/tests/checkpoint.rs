@@ -16,11 +16,13 @@ fn sample() -> Checkpoint {
     let g: Vec<f32> = (0..p.data.len()).map(|i| (i % 7) as f32 - 3.0).collect();
     adam.update(&mut p.data, &g).unwrap();
     let ema = p.data.iter().map(|x| 0.5 * x).collect();
+    let outer = p.data.iter().map(|x| 0.25 * x).collect();
     Checkpoint {
         config: cfg,
         params: p,
         adam: Some(adam),
         ema: Some(ema),
+        outer: Some(outer),
         step: 1,
         position: DataPosition {
             epoch: 2,
@@ -46,6 +48,7 @@ fn round_trip_keeps_everything_and_the_design_names() {
         "adam.m.digit.weight",
         "adam.v.conv1.bias",
         "ema.digit.weight",
+        "outer.m.decoder.0.weight",
     ] {
         assert!(f.tensors.contains_key(name), "{name} missing");
     }
@@ -65,8 +68,9 @@ fn a_parameters_only_file_loads_without_optimizer_state() {
     let path = tmp.path().join("p.safetensors");
     let ck = sample();
     let mut f = ck.to_file().unwrap();
-    f.tensors
-        .retain(|n, _| !n.starts_with("adam.") && !n.starts_with("ema."));
+    f.tensors.retain(|n, _| {
+        !n.starts_with("adam.") && !n.starts_with("ema.") && !n.starts_with("outer.")
+    });
     f.metadata.clear();
     f.write(&path).unwrap();
     // Without metadata the config must be supplied (the paper's by default).

@@ -67,6 +67,7 @@ impl Actor {
             // Params mode steps no Adam here: its moments would mean nothing on resume.
             adam: (self.cfg.sync_mode == SyncMode::Grad).then(|| self.adam.clone()),
             ema: self.ema.clone(),
+            outer: (!self.outer_m.is_empty()).then(|| self.outer_m.clone()),
             step: self.round,
             position: self.position(),
         };

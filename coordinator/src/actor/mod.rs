@@ -47,7 +47,7 @@ use crate::config::CoordinatorConfig;
 use crate::error::{CoordinatorError, Result};
 use crate::liveness::Liveness;
 use crate::plan::{EpochCursor, RoundPlan};
-use crate::reduce::{Reducer, Source};
+use crate::reduce::{Kept, Reducer};
 
 mod background;
 mod membership;
@@ -73,6 +73,8 @@ pub(crate) struct Actor {
     adam: Adam,
     /// The moving average of the weights (`--ema-decay`), updated as each round commits.
     ema: Option<Vec<f32>>,
+    /// The outer optimizer's momentum (`--outer-optimizer nesterov`; empty without).
+    outer_m: Vec<f32>,
     round: u64,
     /// What of the current epoch is left to hand out.
     cursor: EpochCursor,
@@ -137,9 +139,23 @@ impl Actor {
             params,
             adam,
             ema,
+            outer,
             step: round,
             position: pos,
         } = state;
+        let outer_m = match (cfg.outer, outer) {
+            (None, _) => vec![],
+            (Some(_), Some(m)) => m,
+            (Some(_), None) => {
+                if round > 0 {
+                    tracing::warn!(
+                        round,
+                        "the checkpoint holds no outer momentum: starting it from zero"
+                    );
+                }
+                vec![0.0; params.data.len()]
+            }
+        };
         let settings = RunSettings {
             model: t.model.clone(),
             adam: t.adam.clone(),
@@ -171,6 +187,7 @@ impl Actor {
             params,
             adam,
             ema,
+            outer_m,
             round,
             cursor: EpochCursor::from_position(&pos, train_ds.len()),
             plan: None,
@@ -190,7 +207,11 @@ impl Actor {
                 Arc::new(chunk_ranges(n_floats, cfg.wire, cfg.chunk_bytes).collect()),
                 cfg.wire,
                 n_floats,
-                cfg.sync_mode == SyncMode::Grad,
+                match (cfg.sync_mode, cfg.outer) {
+                    (SyncMode::Grad, _) => Kept::AdamMoments,
+                    (_, Some(_)) => Kept::Momentum,
+                    _ => Kept::Nothing,
+                },
                 cfg.train.threads,
             )?,
             round_started: Instant::now(),
@@ -304,12 +325,7 @@ impl Actor {
             } => {
                 if round == self.round && !self.finished {
                     let expected = self.expected();
-                    let src = Source {
-                        params: &self.params.data,
-                        m: &self.adam.m,
-                        v: &self.adam.v,
-                        step: self.step(),
-                    };
+                    let src = Self::source(&self.cfg, &self.params.data, &self.adam, &self.outer_m);
                     if self.reducer.chunk(member, index, payload, &expected, &src) {
                         self.show_progress(index);
                     }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use capsnet_core::checkpoint::DataPosition;
-use capsnet_core::optim::AdamStep;
+use capsnet_core::optim::Adam;
 use capsnet_proto::wire::{EncodedChunk, encode_chunks};
 use capsnet_proto::{Encoding, SyncMode, WorkerState, pb};
 
@@ -18,9 +18,10 @@ pub(super) const NORM_FACTOR: f64 = 100.0;
 pub(super) const NORM_HISTORY: usize = 32;
 pub(super) const NORM_MIN_HISTORY: usize = 8;
 use super::{Actor, Progress, Published, PullReply};
+use crate::config::CoordinatorConfig;
 use crate::error::{CoordinatorError, Result};
 use crate::plan::{EpochCursor, RoundPlan};
-use crate::reduce::Source;
+use crate::reduce::{Source, Update};
 
 impl Actor {
     /// Serves the current parameters (encoded here: at start, on resume and at the end).
@@ -101,9 +102,32 @@ impl Actor {
         Ok(PullReply::Ready(order, self.published_now()))
     }
 
-    /// This round's Adam step (none in params mode).
-    pub(super) fn step(&self) -> Option<AdamStep> {
-        (self.cfg.sync_mode == SyncMode::Grad).then(|| self.adam.next_step())
+    /// What this round's ranges are reduced from (a function of the fields, not of `self`, so
+    /// that the reducer can be borrowed beside it).
+    pub(super) fn source<'a>(
+        cfg: &CoordinatorConfig,
+        params: &'a [f32],
+        adam: &'a Adam,
+        outer_m: &'a [f32],
+    ) -> Source<'a> {
+        let (m, v, update): (&[f32], &[f32], Update) = match (cfg.sync_mode, cfg.outer) {
+            (SyncMode::Grad, _) => (&adam.m, &adam.v, Update::Adam(adam.next_step())),
+            (_, Some(o)) => (
+                outer_m,
+                &[],
+                Update::Nesterov {
+                    lr: o.lr,
+                    momentum: o.momentum,
+                },
+            ),
+            _ => (&[], &[], Update::Average),
+        };
+        Source {
+            params,
+            m,
+            v,
+            update,
+        }
     }
 
     pub(super) fn begin(
@@ -345,12 +369,7 @@ impl Actor {
     /// so the result does not depend on arrival order), commits it and opens the next round.
     pub(super) fn close_round(&mut self) {
         let t0 = Instant::now();
-        let src = Source {
-            params: &self.params.data,
-            m: &self.adam.m,
-            v: &self.adam.v,
-            step: self.step(),
-        };
+        let src = Self::source(&self.cfg, &self.params.data, &self.adam, &self.outer_m);
         let Some(plan) = self.plan.take() else {
             return;
         };
@@ -385,6 +404,8 @@ impl Actor {
             std::mem::swap(&mut self.adam.m, &mut self.reducer.next_m);
             std::mem::swap(&mut self.adam.v, &mut self.reducer.next_v);
             self.adam.step += 1;
+        } else if self.cfg.outer.is_some() {
+            std::mem::swap(&mut self.outer_m, &mut self.reducer.next_m);
         }
         if let (Some(e), Some(d)) = (&mut self.ema, self.cfg.train.ema_decay) {
             capsnet_core::optim::ema_update(e, &self.params.data, d, self.round + 1);
