@@ -20,6 +20,10 @@ pub enum BenchCmd {
     /// Real coordinator and worker processes trained under injected faults (kills, stops,
     /// leaves, joins, a coordinator restart) beside a fault-free run.
     Chaos(crate::bench_chaos::BenchChaosArgs),
+    /// How many machines to use: the round time and scaling efficiency projected for 1 to 64
+    /// workers from a step and the sync's per-float costs measured here, by sync layout and
+    /// link rate (a table and a PNG plot).
+    Scale(crate::bench_scale::BenchScaleArgs),
 }
 
 #[derive(Args)]
@@ -80,6 +84,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Train(a) => train(a),
         BenchCmd::Sync(a) => crate::bench_sync::run(a),
         BenchCmd::Chaos(a) => crate::bench_chaos::run(a),
+        BenchCmd::Scale(a) => crate::bench_scale::run(a),
     }
 }
 

@@ -12,6 +12,7 @@
 mod args;
 mod bench;
 mod bench_chaos;
+mod bench_scale;
 mod bench_sync;
 mod distributed;
 mod exit;

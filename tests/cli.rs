@@ -358,3 +358,81 @@ fn bench_sync_times_rounds_and_writes_json() {
         assert!(ms("peak_rss_mib") > 0.0, "{r}");
     }
 }
+
+/// `bench scale` on the tiny model: a row per layout and variant, a projection per worker
+/// count, a PNG of the expected size (one 560 x 460 panel per rate), and `--lan` prints a
+/// projection beside each measured lan-bench row (and skips Gloo's).
+#[test]
+fn bench_scale_projects_plots_and_checks_against_lan_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let png = tmp.path().join("scale.png");
+    let png_arg = png.display().to_string();
+    let json = tmp.path().join("scale.json");
+    let json_arg = json.display().to_string();
+    let o = capsnet(&[
+        "bench",
+        "scale",
+        "--model",
+        "tiny",
+        "--batch-size",
+        "2",
+        "--steps",
+        "1",
+        "--workers",
+        "1,4",
+        "--rates",
+        "1,10",
+        "--png",
+        &png_arg,
+        "--json",
+        &json_arg,
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(
+        t.contains("sharded, own machines") && t.contains("N=4"),
+        "{t}"
+    );
+    let rows = v["rows"].as_array().unwrap();
+    // 2 rates x 3 layouts x 5 variants x 2 worker counts.
+    assert_eq!(rows.len(), 60, "{t}");
+    for r in rows {
+        let e = r["projection"]["efficiency"].as_f64().unwrap();
+        assert!(e > 0.0 && e <= 1.0, "{r}");
+    }
+    assert!(v["costs"]["step_s"].as_f64().unwrap() > 0.0);
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    let width = u32::from_be_bytes(bytes[16..20].try_into().unwrap());
+    let height = u32::from_be_bytes(bytes[20..24].try_into().unwrap());
+    assert_eq!((width, height), (2 * 560, 460));
+
+    let lan = tmp.path().join("lan.jsonl");
+    std::fs::write(
+        &lan,
+        concat!(
+            r#"{"workers":2,"wire":"f32","layout":"gloo-ring","median_ms":10,"rate":"1gbit"}"#,
+            "\n",
+            r#"{"workers":2,"wire":"bf16","layout":"coordinator","median_ms":5,"rate":"1gbit"}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let lan_arg = lan.display().to_string();
+    let o = capsnet(&[
+        "bench", "scale", "--model", "tiny", "--steps", "1", "--lan", &lan_arg,
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = text(&o);
+    let row = out
+        .lines()
+        .find(|l| l.contains("one coordinator"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        row.contains("bf16") && row.contains("5.0") && row.contains('%'),
+        "{out}"
+    );
+    assert!(!out.contains("gloo"), "{out}");
+}

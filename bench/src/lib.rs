@@ -4,6 +4,8 @@
 //! # Layout
 //! - [`chaos`]: real coordinator and worker processes trained under injected faults
 //!   (`capsnet bench chaos`).
+//! - [`scale`]: the time of a round projected from measured costs, by layout, link rate and
+//!   worker count, as a table and a PNG plot (`capsnet bench scale`).
 //! - [`sync`]: gradient-sync rounds through a real coordinator on loopback with synthetic
 //!   workers (`capsnet bench sync`).
 //!
@@ -11,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod chaos;
+pub mod scale;
 pub mod sync;
 
 /// What can stop a benchmark.

@@ -1,0 +1,469 @@
+//! How many machines to use: the time of a training round projected from costs measured on this
+//! machine (`capsnet bench scale`).
+//!
+//! A round is a training step on every worker, then the sync of its update. The model of the
+//! sync, per layout, with `N` workers, `F` floats of `b` bytes on the wire (`B = F b`), a link
+//! of `rate` bits/s each way on every machine and `c` cores on each:
+//!
+//! | layout | bytes on the busiest link, each way | reduce work on the busiest machine |
+//! |---|---|---|
+//! | one coordinator | `N B` (every update in, every result out) | `N F` adds, `F` optimizer steps and encodes, over `c` cores |
+//! | sharded, a reducer in each worker machine | `2 (N-1)/N B` (its share of every push and pull, the rest stays local) | `F` adds, `F/N` steps and encodes |
+//! | sharded, one reducer machine per worker | `B` (each worker's push and pull) | as above |
+//!
+//! The sync takes the longest of: the link's bytes at its rate, the reduce work, the worker's
+//! own encode and decode of `F` floats; plus a pipeline fill of one chunk in and one out.
+//! With overlap, the push of the ranges whose gradients are final early (the decoder and digit
+//! capsules, `early_share` of the floats) runs during the rest of the backward pass
+//! (`overlap_window_s`), and that much of the sync is hidden. With `--sync params
+//! --sync-every K` a round is K local steps and one sync (no overlap: parameters are pushed
+//! after the last step). Scaling efficiency is the step time alone over the step time plus the
+//! sync's share: what N workers train per second over N times one worker without sync.
+
+use std::time::Instant;
+
+use capsnet_core::CapsNetConfig;
+use capsnet_core::bench::{BenchMode, BenchSettings, run_setting};
+use capsnet_core::optim::{Adam, AdamConfig};
+use capsnet_proto::Encoding;
+use capsnet_proto::wire;
+
+use crate::{BenchError, Result};
+
+/// What a round costs on this machine, measured.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Costs {
+    pub floats: usize,
+    pub batch: usize,
+    /// Cores of each machine (the compute threads of a worker, the threads of a reducer).
+    pub cores: usize,
+    /// Seconds of one training step at `batch` on `cores` threads.
+    pub step_s: f64,
+    /// Seconds of the backward pass left once the decoder's and digit capsules' gradients are
+    /// final (about 2/3 of the primary capsules' part and 1/2 of conv1's).
+    pub overlap_window_s: f64,
+    /// The share of the floats whose gradients are final that early.
+    pub early_share: f64,
+    /// Seconds per float on one core, by wire encoding (f32, bf16): encoding an update or a
+    /// result, decoding one, adding one into a sum.
+    pub encode_s: [f64; 2],
+    pub decode_s: [f64; 2],
+    pub add_s: [f64; 2],
+    /// Seconds per float of an Adam step on one core.
+    pub adam_s: f64,
+    pub chunk_bytes: usize,
+}
+
+/// Where the reduction runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum Layout {
+    Coordinator,
+    ShardedColocated,
+    ShardedSeparate,
+}
+
+impl Layout {
+    pub fn name(self) -> &'static str {
+        match self {
+            Layout::Coordinator => "one coordinator",
+            Layout::ShardedColocated => "sharded, in the workers",
+            Layout::ShardedSeparate => "sharded, own machines",
+        }
+    }
+}
+
+/// One projected setting.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct Scenario {
+    pub layout: Layout,
+    pub workers: usize,
+    /// Bits per second of every link, each way.
+    pub rate_bps: f64,
+    pub wire: WireKind,
+    pub overlap: bool,
+    /// Local steps per sync (`--sync params --sync-every K`; 1 is grad mode).
+    pub sync_every: usize,
+    /// All processes share one machine of this many cores (the LAN benchmark), instead of a
+    /// machine each.
+    pub shared_cores: Option<usize>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum WireKind {
+    F32,
+    Bf16,
+}
+
+impl WireKind {
+    fn index(self) -> usize {
+        match self {
+            WireKind::F32 => 0,
+            WireKind::Bf16 => 1,
+        }
+    }
+    pub fn bytes(self) -> usize {
+        match self {
+            WireKind::F32 => 4,
+            WireKind::Bf16 => 2,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            WireKind::F32 => "f32",
+            WireKind::Bf16 => "bf16",
+        }
+    }
+    fn encoding(self) -> Encoding {
+        match self {
+            WireKind::F32 => Encoding::F32,
+            WireKind::Bf16 => Encoding::Bf16,
+        }
+    }
+}
+
+/// A projected round.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct Projection {
+    /// Seconds of the sync that are not hidden, per sync.
+    pub sync_s: f64,
+    /// Of it, the link's part (the busiest link's bytes at its rate).
+    pub link_s: f64,
+    /// Seconds per round: `sync_every` steps and one sync.
+    pub round_s: f64,
+    /// Step time over the time per step including the sync's share.
+    pub efficiency: f64,
+    pub images_per_s: f64,
+}
+
+/// The projected round of `s` with the costs `c`.
+pub fn project(c: &Costs, s: &Scenario) -> Projection {
+    let n = s.workers.max(1) as f64;
+    let f = c.floats as f64;
+    let k = s.wire.index();
+    let bytes = f * s.wire.bytes() as f64;
+    let per_byte = 8.0 / s.rate_bps;
+    let link_s = match s.layout {
+        Layout::Coordinator => n * bytes * per_byte,
+        Layout::ShardedColocated => 2.0 * (n - 1.0) / n * bytes * per_byte,
+        Layout::ShardedSeparate => bytes * per_byte,
+    };
+    // Optimizer steps on the reducers: Adam in grad mode; the outer step is cheaper, count it
+    // as one.
+    let step_and_encode = c.adam_s + c.encode_s[k];
+    let reduce_work = match s.layout {
+        Layout::Coordinator => n * f * c.add_s[k] + f * step_and_encode,
+        Layout::ShardedColocated | Layout::ShardedSeparate => {
+            f * c.add_s[k] + f / n * step_and_encode
+        }
+    };
+    let worker_work = f * (c.encode_s[k] + c.decode_s[k]);
+    let cores = c.cores.max(1) as f64;
+    let (cpu_s, step_s) = match s.shared_cores {
+        // One machine for everything: every process's work on its cores, the workers' steps
+        // (each on one thread) taking turns on them.
+        Some(shared) => {
+            let shared = shared.max(1) as f64;
+            let reducers = match s.layout {
+                Layout::Coordinator => 1.0,
+                _ => n,
+            };
+            (
+                (reducers * reduce_work + n * worker_work) / shared,
+                c.step_s * (n / shared).max(1.0),
+            )
+        }
+        None => ((reduce_work / cores).max(worker_work), c.step_s),
+    };
+    let fill = if s.layout == Layout::ShardedColocated && s.workers <= 1 {
+        0.0
+    } else {
+        2.0 * c.chunk_bytes.min(c.floats * s.wire.bytes()) as f64 * per_byte
+    };
+    let mut sync_s = link_s.max(cpu_s) + fill;
+    if s.overlap && s.sync_every <= 1 {
+        sync_s -= c.overlap_window_s.min(c.early_share * sync_s);
+    }
+    let k_steps = s.sync_every.max(1) as f64;
+    let round_s = k_steps * step_s + sync_s;
+    let per_step = round_s / k_steps;
+    Projection {
+        sync_s,
+        link_s,
+        round_s,
+        efficiency: c.step_s / per_step,
+        images_per_s: n * c.batch as f64 / per_step,
+    }
+}
+
+/// The best of `reps` timings of `f`, in seconds.
+fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
+    (0..reps.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// Measures the costs of `model` at `batch` on `threads` threads: a few training steps, and the
+/// per-float costs of the sync path on one core.
+pub fn measure(model: &CapsNetConfig, batch: usize, threads: usize, steps: usize) -> Result<Costs> {
+    let row = run_setting(&BenchSettings {
+        mode: BenchMode::Train,
+        batch,
+        steps: steps.max(1),
+        warmup: 1,
+        threads: threads.max(1),
+        model: model.clone(),
+        primary_chunk: None,
+    })?;
+    let part = |name: &str| {
+        row.parts
+            .iter()
+            .find(|(k, _)| k == name)
+            .map_or(0.0, |(_, s)| *s)
+    };
+    let overlap_window_s = 2.0 / 3.0 * part("primary") + 0.5 * part("conv1");
+    let layout = capsnet_core::ParamLayout::for_config(model);
+    let floats = layout.total();
+    let early: usize = (layout.specs().iter())
+        .filter(|s| s.name.starts_with("digit") || s.name.starts_with("decoder"))
+        .map(|s| s.range().len())
+        .sum();
+    // The sync path's per-float work, on one core, over the whole vector.
+    let x: Vec<f32> = (0..floats).map(|i| (i as f32 * 1e-3).sin()).collect();
+    let mut out = vec![0.0f32; floats];
+    let reps = 3;
+    let mut costs = [[0.0; 2]; 3];
+    for kind in [WireKind::F32, WireKind::Bf16] {
+        let enc = kind.encoding();
+        let mut bytes = vec![0u8; floats * kind.bytes()];
+        let k = kind.index();
+        costs[0][k] = best_of(reps, || wire::encode_into(&x, enc, &mut bytes)) / floats as f64;
+        let mut err = None;
+        costs[1][k] = best_of(reps, || {
+            if let Err(e) = wire::decode_into(&bytes, enc, &mut out) {
+                err = Some(e);
+            }
+        }) / floats as f64;
+        if let Some(e) = err {
+            return Err(BenchError::Proto(e));
+        }
+        costs[2][k] =
+            best_of(reps, || wire::add_scaled(&mut out, 0.5, &bytes, enc)) / floats as f64;
+    }
+    let adam = Adam::new(AdamConfig::default(), floats);
+    let step = adam.next_step();
+    let (mut p2, mut m2, mut v2) = (vec![0.0; floats], vec![0.0; floats], vec![0.0; floats]);
+    let adam_s = best_of(reps, || {
+        step.apply_into((&x, &adam.m, &adam.v), &out, (&mut p2, &mut m2, &mut v2));
+    }) / floats as f64;
+    Ok(Costs {
+        floats,
+        batch,
+        cores: threads.max(1),
+        step_s: row.median_s,
+        overlap_window_s,
+        early_share: early as f64 / floats as f64,
+        encode_s: costs[0],
+        decode_s: costs[1],
+        add_s: costs[2],
+        adam_s,
+        chunk_bytes: capsnet_proto::wire::DEFAULT_CHUNK_BYTES,
+    })
+}
+
+/// Where Debian's fonts-dejavu-core puts the font the plots are labelled with.
+pub const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+/// One line of the plot: a label and (workers, efficiency) points, in one panel per rate.
+pub struct Line {
+    pub label: String,
+    pub rate_gbps: f64,
+    pub points: Vec<(usize, f64)>,
+}
+
+/// Draws scaling efficiency against workers, one panel per link rate, to a PNG at `path`.
+/// The text is drawn with the font at `font` (read once; a clear error when it is missing).
+pub fn plot_png(path: &std::path::Path, font: &std::path::Path, lines: &[Line]) -> Result<()> {
+    use plotters::prelude::*;
+    let plot_err = |e: String| BenchError::Settings(format!("plotting {}: {e}", path.display()));
+    let bytes = std::fs::read(font).map_err(|e| {
+        BenchError::Settings(format!(
+            "the plot's font {}: {e} (apt-get install fonts-dejavu-core)",
+            font.display()
+        ))
+    })?;
+    // plotters keeps registered fonts for the life of the process.
+    let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+    plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).map_err(|_| {
+        plot_err(format!(
+            "{} is not a font plotters can read",
+            font.display()
+        ))
+    })?;
+    let mut rates: Vec<f64> = lines.iter().map(|l| l.rate_gbps).collect();
+    rates.sort_by(f64::total_cmp);
+    rates.dedup();
+    let max_n = (lines.iter())
+        .flat_map(|l| l.points.iter().map(|p| p.0))
+        .max()
+        .unwrap_or(1)
+        .max(2);
+    let root = BitMapBackend::new(path, (560 * rates.len().max(1) as u32, 460)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| plot_err(e.to_string()))?;
+    let panels = root.split_evenly((1, rates.len().max(1)));
+    let palette = [
+        RGBColor(31, 119, 180),
+        RGBColor(255, 127, 14),
+        RGBColor(44, 160, 44),
+        RGBColor(214, 39, 40),
+        RGBColor(148, 103, 189),
+        RGBColor(140, 86, 75),
+        RGBColor(227, 119, 194),
+        RGBColor(127, 127, 127),
+    ];
+    for (panel, rate) in panels.iter().zip(&rates) {
+        let mut chart = ChartBuilder::on(panel)
+            .caption(format!("{rate} Gbit/s links"), ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(50)
+            // Workers on a log2 axis: x is log2(N), labelled N.
+            .build_cartesian_2d(0.0f64..(max_n as f64).log2(), 0.0f64..1.05)
+            .map_err(|e| plot_err(e.to_string()))?;
+        chart
+            .configure_mesh()
+            .x_desc("workers")
+            .y_desc("scaling efficiency")
+            .x_label_formatter(&|x| format!("{:.0}", x.exp2()))
+            .x_labels((max_n as f64).log2().ceil() as usize + 1)
+            .light_line_style(WHITE)
+            .label_style(("sans-serif", 13))
+            .draw()
+            .map_err(|e| plot_err(e.to_string()))?;
+        for (i, l) in lines.iter().filter(|l| l.rate_gbps == *rate).enumerate() {
+            let color = palette[i % palette.len()];
+            let pts: Vec<(f64, f64)> = (l.points.iter())
+                .map(|&(n, e)| ((n as f64).log2(), e))
+                .collect();
+            chart
+                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+                .map_err(|e| plot_err(e.to_string()))?
+                .label(l.label.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                });
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                .map_err(|e| plot_err(e.to_string()))?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerLeft)
+            .label_font(("sans-serif", 12))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| plot_err(e.to_string()))?;
+    }
+    root.present().map_err(|e| plot_err(e.to_string()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Costs with no CPU work and a fixed step: the sync is the link's bytes and the fill.
+    fn free_cpu(step_s: f64) -> Costs {
+        Costs {
+            floats: 1_000_000,
+            batch: 32,
+            cores: 2,
+            step_s,
+            overlap_window_s: 0.05,
+            early_share: 0.35,
+            encode_s: [0.0; 2],
+            decode_s: [0.0; 2],
+            add_s: [0.0; 2],
+            adam_s: 0.0,
+            chunk_bytes: 1 << 20,
+        }
+    }
+
+    fn scenario(layout: Layout, workers: usize) -> Scenario {
+        Scenario {
+            layout,
+            workers,
+            rate_bps: 1e9,
+            wire: WireKind::F32,
+            overlap: false,
+            sync_every: 1,
+            shared_cores: None,
+        }
+    }
+
+    #[test]
+    fn the_links_carry_what_each_layout_sends() {
+        let c = free_cpu(0.1);
+        let b = 4e6 * 8.0 / 1e9; // seconds of one update on a link
+        let fill = 2.0 * (1 << 20) as f64 * 8.0 / 1e9;
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+        let p = project(&c, &scenario(Layout::Coordinator, 4));
+        assert!(
+            close(p.link_s, 4.0 * b) && close(p.sync_s, 4.0 * b + fill),
+            "{p:?}"
+        );
+        let p = project(&c, &scenario(Layout::ShardedColocated, 4));
+        assert!(close(p.link_s, 1.5 * b), "{p:?}");
+        let p = project(&c, &scenario(Layout::ShardedSeparate, 4));
+        assert!(close(p.link_s, b), "{p:?}");
+        // One worker with its own reducer sends nothing.
+        let p = project(&c, &scenario(Layout::ShardedColocated, 1));
+        assert!(close(p.sync_s, 0.0) && close(p.efficiency, 1.0), "{p:?}");
+        // bf16 halves the bytes; K local steps divide the sync's share by K.
+        let mut s = scenario(Layout::Coordinator, 4);
+        s.wire = WireKind::Bf16;
+        assert!(close(project(&c, &s).link_s, 2.0 * b));
+        s.wire = WireKind::F32;
+        s.sync_every = 8;
+        let p = project(&c, &s);
+        assert!(close(p.round_s, 8.0 * 0.1 + 4.0 * b + fill), "{p:?}");
+    }
+
+    #[test]
+    fn efficiency_falls_with_workers_for_one_coordinator_and_not_for_sharding() {
+        let c = free_cpu(0.2);
+        let eff = |l, n| project(&c, &scenario(l, n)).efficiency;
+        assert!(eff(Layout::Coordinator, 16) < eff(Layout::Coordinator, 2));
+        assert!(eff(Layout::ShardedSeparate, 64) == eff(Layout::ShardedSeparate, 2));
+        assert!(eff(Layout::ShardedColocated, 64) > eff(Layout::Coordinator, 64));
+    }
+
+    #[test]
+    fn overlap_hides_at_most_the_window_and_the_early_share() {
+        let c = free_cpu(0.2);
+        let mut s = scenario(Layout::ShardedSeparate, 8);
+        let plain = project(&c, &s).sync_s;
+        s.overlap = true;
+        let hidden = plain - project(&c, &s).sync_s;
+        assert!(hidden > 0.0 && hidden <= 0.05 + 1e-12 && hidden <= 0.35 * plain + 1e-12);
+        // No overlap for parameters pushed after K local steps.
+        s.sync_every = 4;
+        let p = project(&c, &s);
+        assert!((p.round_s - (0.8 + plain)).abs() < 1e-12, "{p:?}");
+    }
+
+    #[test]
+    fn a_shared_machine_serialises_the_cpu_work_and_the_steps() {
+        let mut c = free_cpu(0.1);
+        c.add_s = [1e-9; 2];
+        let mut s = scenario(Layout::Coordinator, 4);
+        s.shared_cores = Some(2);
+        let p = project(&c, &s);
+        // Four single-thread steps on two cores take twice one step.
+        assert!((p.round_s - p.sync_s - 0.2).abs() < 1e-12, "{p:?}");
+    }
+}
