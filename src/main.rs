@@ -16,6 +16,7 @@ mod bench_scale;
 mod bench_sync;
 mod distributed;
 mod exit;
+mod health;
 mod launch;
 mod logging;
 mod train;
@@ -59,6 +60,8 @@ enum Cmd {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// Asks a coordinator's health service whether it is SERVING (exit 0) or not (exit 1).
+    Health(health::HealthArgs),
 }
 
 /// mimalloc keeps freed pages for reuse: the sync path moves 33 MB per message in 1 MiB chunks,
@@ -112,5 +115,6 @@ fn run(command: Cmd) -> anyhow::Result<()> {
         Cmd::Worker(a) => distributed::worker(a),
         Cmd::Launch(a) => launch::run(a),
         Cmd::Bench(b) => bench::run(b),
+        Cmd::Health(a) => health::run(a),
     }
 }

@@ -485,3 +485,34 @@ fn rehearsal_with_the_configmap_environment_on_loopback() {
         assert_eq!(got, Some(want), "{var} (config.json {pointer})");
     }
 }
+
+/// The image build's context (`.dockerignore`, an allowlist) holds every workspace member, the
+/// root package's sources and the lock file: `cargo build --locked` in deploy/Dockerfile fails
+/// on a workspace member it cannot find.
+#[test]
+fn the_image_build_context_holds_the_whole_workspace() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let ignore = std::fs::read_to_string(root.join(".dockerignore")).unwrap();
+    let allowed: BTreeSet<&str> = ignore
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix('!'))
+        .map(|l| l.trim_end_matches('/'))
+        .collect();
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let members_line = manifest
+        .lines()
+        .find(|l| l.starts_with("members"))
+        .expect("a members list in Cargo.toml");
+    let members: Vec<&str> = members_line.split('"').skip(1).step_by(2).collect();
+    assert!(members.len() >= 6, "{members_line}");
+    for need in members
+        .iter()
+        .copied()
+        .chain(["src", "Cargo.toml", "Cargo.lock"])
+    {
+        assert!(
+            allowed.contains(need),
+            ".dockerignore leaves {need} out of the image's build context: {allowed:?}"
+        );
+    }
+}

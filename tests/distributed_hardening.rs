@@ -459,3 +459,38 @@ async fn wait_status(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// `capsnet health`, the probe for command-based checks: exit 0 and SERVING for the live
+/// process, exit 1 and NOT_SERVING for readiness while no worker has joined, exit 1 naming the
+/// address when nothing listens there.
+#[test]
+fn capsnet_health_exits_by_the_answer() {
+    with_coordinator(&STEADY, |url| async move {
+        let addr = url.trim_start_matches("http://").to_string();
+        let health = |extra: &[&str]| {
+            let mut c = capsnet();
+            c.args(["health", "--address", &addr]).args(extra);
+            c.output().unwrap()
+        };
+        let o = health(&[]);
+        assert!(o.status.success(), "{}", output_text(&o));
+        assert!(output_text(&o).contains("SERVING"), "{}", output_text(&o));
+        let o = health(&["--service", "capsnet.v1.Coordinator"]);
+        assert_eq!(o.status.code(), Some(1), "{}", output_text(&o));
+        assert!(
+            output_text(&o).contains("NOT_SERVING"),
+            "{}",
+            output_text(&o)
+        );
+        let o = capsnet()
+            .args(["health", "--address", "127.0.0.1:1", "--timeout", "1s"])
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1), "{}", output_text(&o));
+        assert!(
+            output_text(&o).contains("127.0.0.1:1"),
+            "{}",
+            output_text(&o)
+        );
+    });
+}
