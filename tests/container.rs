@@ -4,7 +4,9 @@
 //! read-only root file system, the token from a mounted file, data read-only, runs on a
 //! volume). A worker container killed mid-run and started again rejoins; the health service
 //! answers SERVING inside the coordinator's container; SIGTERM to the coordinator's container
-//! writes a checkpoint into the volume and exits 0. Then `podman kube play` runs the
+//! writes a checkpoint into the volume and exits 0; a new coordinator container at the same
+//! address resumes from it and trains to the end, and the workers, which reconnect by
+//! themselves, exit 0. Then `podman kube play` runs the
 //! coordinator's Deployment, Service, ConfigMap and volume claim as kustomize renders them for
 //! the local overlay: the coordinator comes up with the environment the cluster would give it,
 //! and its probes answer. Everything the test made is removed, also when it fails. Needs root, podman, runc and debootstrap (CI has them; elsewhere the test is
@@ -115,7 +117,7 @@ fn logs(name: &str) -> String {
 }
 
 #[test]
-fn the_image_runs_a_fleet_that_survives_a_worker_kill_and_stops_cleanly() {
+fn the_image_runs_a_fleet_through_a_worker_kill_and_a_coordinator_restart_to_the_end() {
     if !can_run() {
         return;
     }
@@ -167,53 +169,62 @@ fn the_image_runs_a_fleet_that_survives_a_worker_kill_and_stops_cleanly() {
         secret.display().to_string(),
         runs.display().to_string(),
     );
-    podman_ok(&["network", "create", &made.network]);
+    // A subnet of the test's, so that the coordinator keeps its address when it is replaced.
+    let subnet = format!("10.233.{}", id % 250);
+    podman_ok(&[
+        "network",
+        "create",
+        "--subnet",
+        &format!("{subnet}.0/24"),
+        &made.network,
+    ]);
+    let ip = format!("{subnet}.10");
 
     let coord = format!("capsnet-coordinator-{id}");
-    made.containers.push(coord.clone());
-    let mut args = run_args(&made, &coord, &data_s, &secret_s);
-    args.extend(
-        [
-            "-v",
-            &format!("{runs_s}:/runs"),
-            &tag,
-            "coordinator",
-            "--listen",
-            "0.0.0.0:50051",
-            "--data-dir",
-            "/data",
-            "--run-dir",
-            "/runs/run",
-            "--model",
-            "tiny",
-            "--threads",
-            "1",
-            "--batch-size",
-            "4",
-            "--epochs",
-            "1000",
-            "--expect-workers",
-            "2",
-            "--heartbeat",
-            "500ms",
-            "--checkpoint-every",
-            "20",
-            "--log-every",
-            "1000",
-        ]
-        .map(String::from),
-    );
-    podman_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    let ip = podman_ok(&[
-        "inspect",
-        "--format",
-        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
-        &coord,
-    ]);
-    let url = format!("http://{ip}:50051");
     let workers: Vec<String> = (0..2).map(|i| format!("capsnet-worker-{i}-{id}")).collect();
+    made.containers.push(coord.clone());
+    made.containers.extend(workers.iter().cloned());
+    let start_coordinator = |extra: &[&str]| {
+        let mut args = run_args(&made, &coord, &data_s, &secret_s);
+        args.extend(
+            [
+                "--ip",
+                &ip,
+                "-v",
+                &format!("{runs_s}:/runs"),
+                &tag,
+                "coordinator",
+                "--listen",
+                "0.0.0.0:50051",
+                "--data-dir",
+                "/data",
+                "--run-dir",
+                "/runs/run",
+                "--model",
+                "tiny",
+                "--threads",
+                "1",
+                "--batch-size",
+                "4",
+                "--epochs",
+                "1000",
+                "--expect-workers",
+                "2",
+                "--heartbeat",
+                "500ms",
+                "--checkpoint-every",
+                "20",
+                "--log-every",
+                "1000",
+            ]
+            .map(String::from),
+        );
+        args.extend(extra.iter().map(|s| s.to_string()));
+        podman_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    };
+    start_coordinator(&[]);
+    let url = format!("http://{ip}:50051");
     for (i, w) in workers.iter().enumerate() {
-        made.containers.push(w.clone());
         let mut args = run_args(&made, w, &data_s, &secret_s);
         args.extend(
             [
@@ -283,17 +294,31 @@ fn the_image_runs_a_fleet_that_survives_a_worker_kill_and_stops_cleanly() {
     podman_ok(&["kill", "-s", "TERM", &coord]);
     let code = podman_ok(&["wait", &coord]);
     assert_eq!(code, "0", "{}", logs(&coord));
-    let ck = capsnet_core::checkpoint::latest_checkpoint(&run).unwrap();
-    assert!(
-        ck.is_some(),
-        "no checkpoint in the volume\n{}",
-        logs(&coord)
-    );
     assert!(
         logs(&coord).contains("stopped by signal"),
         "{}",
         logs(&coord)
     );
+    let ck = capsnet_core::checkpoint::latest_checkpoint(&run).unwrap();
+    let ck = ck.unwrap_or_else(|| panic!("no checkpoint in the volume\n{}", logs(&coord)));
+    let step = capsnet_core::checkpoint::Checkpoint::load(&ck, None)
+        .unwrap()
+        .step;
+
+    // A new coordinator container at the same address resumes from it and trains to the end;
+    // the workers reconnect by themselves and exit 0 once training is over.
+    podman_ok(&["rm", &coord]);
+    let last = (step + 10).to_string();
+    start_coordinator(&["--resume", "--max-steps", &last]);
+    let code = podman_ok(&["wait", &coord]);
+    assert_eq!(code, "0", "{}", logs(&coord));
+    assert!(logs(&coord).contains("finished"), "{}", logs(&coord));
+    for w in &workers {
+        let code = podman_ok(&["wait", w]);
+        assert_eq!(code, "0", "{w}: {}", logs(w));
+    }
+    let last_round = rounds_in(&run).last().map(|r| r["round"].as_u64().unwrap());
+    assert_eq!(last_round, Some(step + 9), "{}", logs(&coord));
 
     kube_play(&tag, tmp.path());
 }
