@@ -19,6 +19,7 @@ mod exit;
 mod health;
 mod launch;
 mod logging;
+mod plot;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -60,6 +61,8 @@ enum Cmd {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// Training loss, test accuracy and images/s of runs against step and wall time (PNG, SVG).
+    Plot(plot::PlotArgs),
     /// Asks a coordinator's health service whether it is SERVING (exit 0) or not (exit 1).
     Health(health::HealthArgs),
 }
@@ -116,5 +119,6 @@ fn run(command: Cmd) -> anyhow::Result<()> {
         Cmd::Launch(a) => launch::run(a),
         Cmd::Bench(b) => bench::run(b),
         Cmd::Health(a) => health::run(a),
+        Cmd::Plot(a) => plot::run(a),
     }
 }

@@ -436,3 +436,75 @@ fn bench_scale_projects_plots_and_checks_against_lan_rows() {
     );
     assert!(!out.contains("gloo"), "{out}");
 }
+
+/// `capsnet plot` of a real single-process run (its lines carry `unix_s`) and a distributed
+/// run's lines: a PNG of 2 x 3 panels of 640 x 400, the same as SVG; a folder without
+/// metrics.jsonl and a wrong number of --labels are configuration errors.
+#[test]
+fn plot_draws_runs_as_png_and_svg() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = data(&tmp.path().join("data"));
+    let single = tmp.path().join("single");
+    let single_s = single.display().to_string();
+    let mut args = vec![
+        "train",
+        "--data-dir",
+        &d,
+        "--max-steps",
+        "6",
+        "--log-every",
+        "1",
+        "--run-dir",
+        &single_s,
+    ];
+    args.extend_from_slice(TINY);
+    let o = capsnet(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    let lines = std::fs::read_to_string(single.join("metrics.jsonl")).unwrap();
+    for l in lines.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert!(v["unix_s"].as_f64().unwrap() > 1.7e9, "{l}");
+    }
+    // A distributed run's lines, written as the coordinator writes them (without unix_s, as
+    // before it had one: the wall time is then the sum of the rounds' times).
+    let dist = tmp.path().join("dist");
+    std::fs::create_dir_all(&dist).unwrap();
+    let mut text_lines = String::new();
+    for r in 0..20 {
+        text_lines += &format!(
+            "{{\"kind\":\"round\",\"round\":{r},\"train_loss\":{},\"images_per_s\":{},\"round_s\":0.5}}\n",
+            1.0 / (r as f64 + 1.0),
+            100 + r
+        );
+    }
+    text_lines += "{\"kind\":\"eval\",\"round\":20,\"step\":20,\"test_accuracy\":0.5}\n";
+    std::fs::write(dist.join("metrics.jsonl"), text_lines).unwrap();
+
+    let dist_s = dist.display().to_string();
+    let png = tmp.path().join("curves.png");
+    let png_s = png.display().to_string();
+    let o = capsnet(&[
+        "plot", &single_s, &dist_s, "--out", &png_s, "--labels", "one,two",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    let width = u32::from_be_bytes(bytes[16..20].try_into().unwrap());
+    let height = u32::from_be_bytes(bytes[20..24].try_into().unwrap());
+    assert_eq!((width, height), (2 * 640, 3 * 400));
+    let svg = tmp.path().join("curves.svg");
+    let svg_s = svg.display().to_string();
+    let o = capsnet(&["plot", &single_s, &dist_s, "--out", &svg_s]);
+    assert!(o.status.success(), "{}", text(&o));
+    let s = std::fs::read_to_string(&svg).unwrap();
+    assert!(s.contains("<svg") && s.contains("test accuracy") && s.contains("dist"));
+
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let o = capsnet(&["plot", &empty.display().to_string(), "--out", &png_s]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("metrics.jsonl"), "{}", text(&o));
+    let o = capsnet(&["plot", &single_s, "--labels", "a,b", "--out", &png_s]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("--labels"), "{}", text(&o));
+}

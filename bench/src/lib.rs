@@ -4,6 +4,7 @@
 //! # Layout
 //! - [`chaos`]: real coordinator and worker processes trained under injected faults
 //!   (`capsnet bench chaos`).
+//! - [`plots`]: line plots in panels, PNG or SVG (`capsnet bench scale`, `capsnet plot`).
 //! - [`scale`]: the time of a round projected from measured costs, by layout, link rate and
 //!   worker count, as a table and a PNG plot (`capsnet bench scale`).
 //! - [`sync`]: gradient-sync rounds through a real coordinator on loopback with synthetic
@@ -13,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod chaos;
+pub mod plots;
 pub mod scale;
 pub mod sync;
 

@@ -274,8 +274,7 @@ pub fn measure(model: &CapsNetConfig, batch: usize, threads: usize, steps: usize
     })
 }
 
-/// Where Debian's fonts-dejavu-core puts the font the plots are labelled with.
-pub const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+pub use crate::plots::FONT;
 
 /// One line of the plot: a label and (workers, efficiency) points, in one panel per rate.
 pub struct Line {
@@ -284,92 +283,33 @@ pub struct Line {
     pub points: Vec<(usize, f64)>,
 }
 
-/// Draws scaling efficiency against workers, one panel per link rate, to a PNG at `path`.
-/// The text is drawn with the font at `font` (read once; a clear error when it is missing).
+/// Draws scaling efficiency against workers, one 560 x 460 panel per link rate, to `path` (PNG,
+/// or SVG by the extension), the text in the font at `font`.
 pub fn plot_png(path: &std::path::Path, font: &std::path::Path, lines: &[Line]) -> Result<()> {
-    use plotters::prelude::*;
-    let plot_err = |e: String| BenchError::Settings(format!("plotting {}: {e}", path.display()));
-    let bytes = std::fs::read(font).map_err(|e| {
-        BenchError::Settings(format!(
-            "the plot's font {}: {e} (apt-get install fonts-dejavu-core)",
-            font.display()
-        ))
-    })?;
-    // plotters keeps registered fonts for the life of the process.
-    let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-    plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).map_err(|_| {
-        plot_err(format!(
-            "{} is not a font plotters can read",
-            font.display()
-        ))
-    })?;
+    use crate::plots::{Panel, Series, XAxis};
     let mut rates: Vec<f64> = lines.iter().map(|l| l.rate_gbps).collect();
     rates.sort_by(f64::total_cmp);
     rates.dedup();
-    let max_n = (lines.iter())
-        .flat_map(|l| l.points.iter().map(|p| p.0))
-        .max()
-        .unwrap_or(1)
-        .max(2);
-    let root = BitMapBackend::new(path, (560 * rates.len().max(1) as u32, 460)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| plot_err(e.to_string()))?;
-    let panels = root.split_evenly((1, rates.len().max(1)));
-    let palette = [
-        RGBColor(31, 119, 180),
-        RGBColor(255, 127, 14),
-        RGBColor(44, 160, 44),
-        RGBColor(214, 39, 40),
-        RGBColor(148, 103, 189),
-        RGBColor(140, 86, 75),
-        RGBColor(227, 119, 194),
-        RGBColor(127, 127, 127),
-    ];
-    for (panel, rate) in panels.iter().zip(&rates) {
-        let mut chart = ChartBuilder::on(panel)
-            .caption(format!("{rate} Gbit/s links"), ("sans-serif", 20))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(50)
-            // Workers on a log2 axis: x is log2(N), labelled N.
-            .build_cartesian_2d(0.0f64..(max_n as f64).log2(), 0.0f64..1.05)
-            .map_err(|e| plot_err(e.to_string()))?;
-        chart
-            .configure_mesh()
-            .x_desc("workers")
-            .y_desc("scaling efficiency")
-            .x_label_formatter(&|x| format!("{:.0}", x.exp2()))
-            .x_labels((max_n as f64).log2().ceil() as usize + 1)
-            .light_line_style(WHITE)
-            .label_style(("sans-serif", 13))
-            .draw()
-            .map_err(|e| plot_err(e.to_string()))?;
-        for (i, l) in lines.iter().filter(|l| l.rate_gbps == *rate).enumerate() {
-            let color = palette[i % palette.len()];
-            let pts: Vec<(f64, f64)> = (l.points.iter())
-                .map(|&(n, e)| ((n as f64).log2(), e))
-                .collect();
-            chart
-                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
-                .map_err(|e| plot_err(e.to_string()))?
-                .label(l.label.clone())
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
-                });
-            chart
-                .draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))
-                .map_err(|e| plot_err(e.to_string()))?;
-        }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerLeft)
-            .label_font(("sans-serif", 12))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| plot_err(e.to_string()))?;
-    }
-    root.present().map_err(|e| plot_err(e.to_string()))?;
-    Ok(())
+    let panels: Vec<Panel> = rates
+        .iter()
+        .map(|rate| Panel {
+            title: format!("{rate} Gbit/s links"),
+            x_desc: "workers".into(),
+            y_desc: "scaling efficiency".into(),
+            x_axis: XAxis::Log2,
+            y_range: Some((0.0, 1.05)),
+            legend_upper_right: false,
+            series: (lines.iter().filter(|l| l.rate_gbps == *rate))
+                .map(|l| Series {
+                    label: l.label.clone(),
+                    points: (l.points.iter())
+                        .map(|&(n, e)| ((n as f64).log2(), e))
+                        .collect(),
+                })
+                .collect(),
+        })
+        .collect();
+    crate::plots::draw(path, font, &panels, panels.len(), (560, 460))
 }
 
 #[cfg(test)]

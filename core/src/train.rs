@@ -384,7 +384,18 @@ impl MetricsLog {
         Ok(MetricsLog { file, path })
     }
 
+    /// Appends `v` as a line; an object gets `unix_s`, the Unix time it was written (seconds,
+    /// to the millisecond), unless it has one: what `capsnet plot` puts runs on wall time with.
     pub fn write(&mut self, v: &serde_json::Value) -> Result<()> {
+        let mut v = v.clone();
+        if let Some(o) = v.as_object_mut()
+            && !o.contains_key("unix_s")
+        {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| (d.as_millis() as f64) / 1e3);
+            o.insert("unix_s".into(), now.into());
+        }
         let line = format!("{v}\n");
         self.file
             .write_all(line.as_bytes())
