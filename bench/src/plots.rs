@@ -154,8 +154,10 @@ fn draw_on<DB: DrawingBackend>(
         mesh.draw().map_err(|x| e(&x))?;
         for (i, s) in panel.series.iter().enumerate() {
             let color = PALETTE[i % PALETTE.len()];
+            // Thick lines through steep segments draw spikes in the bitmap backend (their joins
+            // are mitred): lines are one pixel wide, sparse series get markers.
             chart
-                .draw_series(LineSeries::new(s.points.clone(), color.stroke_width(2)))
+                .draw_series(LineSeries::new(s.points.clone(), color.stroke_width(1)))
                 .map_err(|x| e(&x))?
                 .label(s.label.clone())
                 .legend(move |(x, y)| {
