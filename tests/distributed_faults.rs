@@ -66,20 +66,6 @@ fn launch_runs_a_fleet_to_the_end() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("batch size"));
 }
 
-/// Processes whose command line mentions `needle` (a test's own temporary path).
-fn processes_mentioning(needle: &str) -> Vec<String> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| {
-            let e = e.ok()?;
-            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            cmd.contains(needle)
-                .then(|| format!("{}: {cmd}", e.file_name().to_string_lossy()))
-        })
-        .collect()
-}
-
 /// SIGTERM to `capsnet launch` mid-run: the coordinator checkpoints, every worker is stopped,
 /// and launch exits non-zero saying where the checkpoint is.
 #[test]

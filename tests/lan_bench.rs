@@ -50,18 +50,6 @@ fn lan_bench(args: &[&str]) -> Command {
     c
 }
 
-/// The processes whose command line has `needle`.
-fn processes_with(needle: &str) -> Vec<String> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| {
-            let cmd = std::fs::read(e.ok()?.path().join("cmdline")).ok()?;
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            cmd.contains(needle).then_some(cmd)
-        })
-        .collect()
-}
-
 /// One test, as the runs must not overlap (each compares the namespaces before and after):
 /// - two workers, f32 and bf16: a row each with round times, in the table and the JSON;
 /// - a run that fails (a binary that exits at once) exits non-zero;
@@ -118,7 +106,7 @@ fn lan_bench_runs_small_and_cleans_up_after_success_failure_and_interrupt() {
     let mut p = Proc::spawn("lan-bench", cmd, tmp.path());
     let needle = "--coordinator http://10.77.0.1:";
     let start = Instant::now();
-    while processes_with(needle).len() < 2 {
+    while processes_mentioning(needle).len() < 2 {
         assert!(
             start.elapsed() < Duration::from_secs(60),
             "{}",
@@ -130,6 +118,6 @@ fn lan_bench_runs_small_and_cleans_up_after_success_failure_and_interrupt() {
     let status = p.wait(Duration::from_secs(30));
     assert_eq!(status.code(), Some(143), "{}", p.log_text());
     assert_eq!(namespaces(), before, "{}", p.log_text());
-    let left = processes_with(needle);
+    let left = processes_mentioning(needle);
     assert!(left.is_empty(), "left running: {left:?}");
 }

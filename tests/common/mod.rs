@@ -96,3 +96,18 @@ pub fn rounds_with(run: &Path, from: usize, workers: u64) -> usize {
         .filter(|r| r["workers"] == workers)
         .count()
 }
+
+/// Processes whose command line mentions `needle` (a test's own temporary path or address), as
+/// "pid: command line".
+pub fn processes_mentioning(needle: &str) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            cmd.contains(needle)
+                .then(|| format!("{}: {cmd}", e.file_name().to_string_lossy()))
+        })
+        .collect()
+}
