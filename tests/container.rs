@@ -265,17 +265,30 @@ fn the_image_runs_a_fleet_through_a_worker_kill_and_a_coordinator_restart_to_the
         r.iter().filter(|l| l["workers"] == 2).count() >= 5
     });
 
-    // Readiness inside the coordinator's container, with the binary the image holds.
-    let o = podman(&[
-        "exec",
-        &coord,
-        "capsnet",
-        "health",
-        "--service",
-        "capsnet.v1.Coordinator",
-    ]);
-    assert!(o.status.success(), "{}", output_text(&o));
-    assert!(output_text(&o).contains("SERVING"), "{}", output_text(&o));
+    // Readiness inside the coordinator's container, with the binary the image holds. The
+    // coordinator updates it once a second, so it may take that long to follow the rounds (the
+    // kubelet's probe retries too).
+    let start = Instant::now();
+    loop {
+        let o = podman(&[
+            "exec",
+            &coord,
+            "capsnet",
+            "health",
+            "--service",
+            "capsnet.v1.Coordinator",
+        ]);
+        if o.status.success() {
+            assert!(output_text(&o).contains("SERVING"), "{}", output_text(&o));
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "not ready 10 s into training: {}",
+            output_text(&o)
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
 
     // A worker container killed outright, then started again: it rejoins.
     podman_ok(&["kill", "-s", "KILL", &workers[1]]);
