@@ -435,6 +435,22 @@ fn bench_scale_projects_plots_and_checks_against_lan_rows() {
         "{out}"
     );
     assert!(!out.contains("gloo"), "{out}");
+
+    // Bad flags: a configuration error that names them, before anything is measured.
+    for bad in [["--workers", "0"], ["--rates", "0"], ["--sync-every", "0"]] {
+        let mut args = vec!["bench", "scale", "--model", "tiny"];
+        args.extend(bad);
+        let o = capsnet(&args);
+        assert_eq!(o.status.code(), Some(2), "{bad:?}: {}", text(&o));
+        assert!(text(&o).contains(bad[0]), "{bad:?}: {}", text(&o));
+    }
+    // A lan file that is not JSON lines names itself.
+    std::fs::write(&lan, "not json\n").unwrap();
+    let o = capsnet(&[
+        "bench", "scale", "--model", "tiny", "--steps", "1", "--lan", &lan_arg,
+    ]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("lan.jsonl"), "{}", text(&o));
 }
 
 /// `capsnet plot` of a real single-process run (its lines carry `unix_s`) and a distributed

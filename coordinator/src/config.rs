@@ -212,4 +212,16 @@ mod tests {
             assert!(e.to_string().contains(want), "{lr} {momentum}: {e}");
         }
     }
+
+    #[test]
+    fn the_registry_bound_is_checked() {
+        for (n, ok) in [(0, false), (1, true), (4096, true), ((1 << 20) + 1, false)] {
+            let mut c = cfg();
+            c.max_workers = n;
+            match c.validate() {
+                Ok(()) => assert!(ok, "{n} was accepted"),
+                Err(e) => assert!(!ok && e.to_string().contains("--max-workers"), "{n}: {e}"),
+            }
+        }
+    }
 }
