@@ -220,6 +220,11 @@ pub struct TrainFlags {
     /// Network size: the paper's, or a tiny one for smoke tests [default: paper].
     #[arg(long, env = "CAPSNET_MODEL", value_enum)]
     pub model: Option<ModelSize>,
+    /// Place each training image at a random position on a black canvas of N x N pixels (the
+    /// paper's 40x40 translated MNIST, section 5.2) in place of the shift augmentation; the
+    /// network takes N x N inputs and is evaluated on the translated test set [default: off].
+    #[arg(long, env = "CAPSNET_CANVAS", value_name = "N")]
+    pub canvas: Option<usize>,
 }
 
 impl TrainFlags {
@@ -251,6 +256,7 @@ impl TrainFlags {
             ema_decay: self.ema_decay,
             train_limit: self.train_limit,
             test_limit: self.test_limit,
+            canvas: self.canvas,
         })
     }
 }

@@ -9,6 +9,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::args::{DataArgs, TrainFlags};
+use crate::exit::ConfigError;
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -43,6 +44,18 @@ pub struct EvalArgs {
     /// `--ema-decay`) instead of the weights.
     #[arg(long)]
     ema: bool,
+    /// Also evaluate on the affine test set (section 5.2 of the paper): each test image under a
+    /// seeded random rotation (up to 20 degrees), shear (up to 0.2), scale (0.8-1.2 per axis)
+    /// and translation inside the model's input canvas.
+    #[arg(long)]
+    affine: bool,
+    /// Seed of the affine test set, and of the translated test set when the images are smaller
+    /// than the model's input.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Evaluate on the first N test images only.
+    #[arg(long, value_name = "N")]
+    test_limit: Option<usize>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -113,16 +126,40 @@ fn default_run_dir() -> PathBuf {
 pub fn eval(a: EvalArgs) -> Result<()> {
     let dir = a.data.resolve()?;
     let threads = a.threads.unwrap_or_else(train::default_threads);
-    let e = train::evaluate_checkpoint(&a.checkpoint, &dir, a.batch_size, threads, a.ema)?;
+    if a.test_limit == Some(0) {
+        return Err(ConfigError("--test-limit must be at least 1".into()).into());
+    }
+    let sets = train::EvalSets {
+        affine: a.affine.then_some(a.seed),
+        placement_seed: a.seed,
+        limit: a.test_limit,
+    };
+    let e = train::evaluate_checkpoint(&a.checkpoint, &dir, a.batch_size, threads, a.ema, sets)?;
     if a.json {
         println!("{}", serde_json::to_string(&e)?);
     } else {
         let what = if a.ema { " (weight average)" } else { "" };
+        let side = e.image_size;
+        let set = if e.test_set == "translated" {
+            format!(
+                " of the translated test set ({side}x{side}, seed {})",
+                a.seed
+            )
+        } else {
+            String::new()
+        };
         println!(
-            "{}{what}: {e} on {} images",
+            "{}{what}: {} on {} images{set}",
             a.checkpoint.display(),
-            e.samples
+            e.test,
+            e.test.samples
         );
+        if let Some(af) = &e.affine {
+            println!(
+                "affine test set ({side}x{side}, seed {}): {af} on {} images",
+                a.seed, af.samples
+            );
+        }
     }
     Ok(())
 }

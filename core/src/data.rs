@@ -127,7 +127,32 @@ pub fn split_paths(dir: &Path, split: Split) -> Result<(PathBuf, PathBuf)> {
 /// label `< classes`.
 pub fn load_split(dir: &Path, split: Split, classes: usize, image_size: usize) -> Result<Dataset> {
     let (images, labels) = split_paths(dir, split)?;
-    load_idx_pair(&images, &labels, classes, image_size)
+    load_idx_pair(&images, &labels, classes, ImageSize::Exactly(image_size))
+}
+
+/// Loads a split for a model whose input is `image_size` and, with `canvas`, a split of images
+/// that fit on that canvas (any size up to it).
+pub fn load_split_for(
+    dir: &Path,
+    split: Split,
+    classes: usize,
+    image_size: usize,
+    canvas: Option<usize>,
+) -> Result<Dataset> {
+    let size = match canvas {
+        Some(c) => ImageSize::AtMost(c),
+        None => ImageSize::Exactly(image_size),
+    };
+    let (images, labels) = split_paths(dir, split)?;
+    load_idx_pair(&images, &labels, classes, size)
+}
+
+/// The image sizes a load accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageSize {
+    Exactly(usize),
+    /// Any size up to this on both sides (images for a canvas).
+    AtMost(usize),
 }
 
 /// Reads a whole file, gunzipping it when it starts with the gzip magic.
@@ -234,17 +259,26 @@ fn check_body(path: &Path, body: usize, n: usize, per_item: usize, what: &str) -
 }
 
 /// Reads an IDX u8 images file; returns (pixels, n, rows, cols).
-fn read_images(path: &Path, image_size: usize) -> Result<(Vec<u8>, usize, usize, usize)> {
+fn read_images(path: &Path, size: ImageSize) -> Result<(Vec<u8>, usize, usize, usize)> {
     let mut bytes = read_maybe_gz(path)?;
     check_header(path, &bytes, IMAGES_MAGIC, IMAGES_HEADER)?;
     let n = be_u32(&bytes, 4) as usize;
     let rows = be_u32(&bytes, 8) as usize;
     let cols = be_u32(&bytes, 12) as usize;
-    if rows != image_size || cols != image_size {
-        return Err(CoreError::data(
-            path,
-            format!("wrong image size: expected {image_size}x{image_size}, found {rows}x{cols}"),
-        ));
+    match size {
+        ImageSize::Exactly(s) if rows != s || cols != s => {
+            return Err(CoreError::data(
+                path,
+                format!("wrong image size: expected {s}x{s}, found {rows}x{cols}"),
+            ));
+        }
+        ImageSize::AtMost(c) if rows > c || cols > c || rows == 0 || cols == 0 => {
+            return Err(CoreError::data(
+                path,
+                format!("images of {rows}x{cols} do not fit on the {c}x{c} canvas"),
+            ));
+        }
+        _ => {}
     }
     check_body(path, bytes.len() - IMAGES_HEADER, n, rows * cols, "images")?;
     // Drop the header in place: one memmove of the pixels, no second 47 MB allocation.
@@ -269,9 +303,9 @@ pub fn load_idx_pair(
     images: &Path,
     labels: &Path,
     classes: usize,
-    image_size: usize,
+    size: ImageSize,
 ) -> Result<Dataset> {
-    let (pixels, n, rows, cols) = read_images(images, image_size)?;
+    let (pixels, n, rows, cols) = read_images(images, size)?;
     let label_bytes = read_labels(labels)?;
     if label_bytes.len() != n {
         return Err(CoreError::data(

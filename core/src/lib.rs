@@ -20,6 +20,7 @@
 
 pub mod bench;
 pub mod blas;
+pub mod canvas;
 pub mod caps;
 pub mod checkpoint;
 pub mod config;

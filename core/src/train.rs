@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use crate::canvas;
 use crate::checkpoint::{Checkpoint, DataPosition, Tensor, TensorFile};
 use crate::config::CapsNetConfig;
 use crate::data::{self, Dataset, Split};
@@ -46,6 +47,11 @@ pub struct TrainConfig {
     /// `ExponentialMovingAverage`); evaluations then also report the averaged weights.
     #[serde(default)]
     pub ema_decay: Option<f32>,
+    /// Train on images placed at random on a black canvas of this side (the paper's 40x40
+    /// expanded MNIST, section 5.2), in place of the shift augmentation; the model's input is
+    /// the canvas, and evaluation uses the translated test set ([`crate::canvas::translated`]).
+    #[serde(default)]
+    pub canvas: Option<usize>,
 }
 
 impl Default for TrainConfig {
@@ -68,6 +74,7 @@ impl Default for TrainConfig {
             test_limit: None,
             eval_batch_size: 128,
             ema_decay: None,
+            canvas: None,
         }
     }
 }
@@ -98,6 +105,9 @@ pub struct TrainOverrides {
     pub ema_decay: Option<f32>,
     pub train_limit: Option<usize>,
     pub test_limit: Option<usize>,
+    /// `--canvas N`: also makes N the model's input size and, unless `max_shift` is given,
+    /// turns the shift augmentation off.
+    pub canvas: Option<usize>,
 }
 
 impl TrainOverrides {
@@ -135,6 +145,13 @@ impl TrainOverrides {
         set(&mut cfg.checkpoint_every, &self.checkpoint_every);
         set(&mut cfg.keep_checkpoints, &self.keep_checkpoints);
         set(&mut cfg.max_shift, &self.max_shift);
+        if let Some(c) = self.canvas {
+            cfg.canvas = Some(c);
+            cfg.model.image_size = c;
+            if self.max_shift.is_none() {
+                cfg.max_shift = 0;
+            }
+        }
         set_some(&mut cfg.ema_decay, &self.ema_decay);
         set_some(&mut cfg.train_limit, &self.train_limit);
         set_some(&mut cfg.test_limit, &self.test_limit);
@@ -181,6 +198,21 @@ impl TrainConfig {
                 "max shift {} is too large for {}-pixel images",
                 self.max_shift, self.model.image_size
             ));
+        }
+        if let Some(c) = self.canvas {
+            if c != self.model.image_size {
+                return bad(format!(
+                    "the canvas ({c}x{c}) must be the model's input size ({})",
+                    self.model.image_size
+                ));
+            }
+            if self.max_shift != 0 {
+                return bad(format!(
+                    "--canvas places images at random in place of the shift augmentation; \
+                     drop --max-shift {} (or give --max-shift 0)",
+                    self.max_shift
+                ));
+            }
         }
         if let Some(d) = self.ema_decay
             && !(d > 0.0 && d < 1.0)
@@ -273,26 +305,45 @@ fn build_pool(threads: usize) -> Result<rayon::ThreadPool> {
 }
 
 /// Loads both splits of a data folder for a model config, honouring the limits.
+/// With a canvas, the training images stay as they are (each batch places them at random) and
+/// the test images are the translated test set of [`canvas::TEST_PLACEMENT_SEED`].
 pub fn load_data(cfg: &TrainConfig) -> Result<(Dataset, Dataset)> {
-    let mut train = data::load_split(
-        &cfg.data_dir,
-        Split::Train,
-        cfg.model.classes,
-        cfg.model.image_size,
-    )?;
-    let mut test = data::load_split(
-        &cfg.data_dir,
-        Split::Test,
-        cfg.model.classes,
-        cfg.model.image_size,
-    )?;
+    let load = |split| {
+        data::load_split_for(
+            &cfg.data_dir,
+            split,
+            cfg.model.classes,
+            cfg.model.image_size,
+            cfg.canvas,
+        )
+    };
+    let mut train = load(Split::Train)?;
+    let mut test = load(Split::Test)?;
     if let Some(n) = cfg.train_limit {
         train.truncate(n);
     }
     if let Some(n) = cfg.test_limit {
         test.truncate(n);
     }
+    if let Some(c) = cfg.canvas {
+        test = canvas::translated(&test, c, canvas::TEST_PLACEMENT_SEED)?;
+    }
     Ok((train, test))
+}
+
+/// A training batch: on the canvas at random positions with `canvas`, else shifted at random
+/// by up to `max_shift` pixels (or as they are when it is 0). All randomness comes from `rng`.
+pub fn training_batch(
+    ds: &Dataset,
+    indices: &[usize],
+    rng: &mut Rng,
+    max_shift: usize,
+    canvas: Option<usize>,
+) -> data::Batch {
+    match canvas {
+        Some(c) => canvas::make_canvas_batch(ds, indices, rng, c),
+        None => data::make_batch(ds, indices, (max_shift > 0).then_some((rng, max_shift))),
+    }
 }
 
 /// Test accuracy and losses over a whole data set (the decoder sees the predicted class).
@@ -519,8 +570,7 @@ impl Trainer<'_> {
         let state = &mut self.run.state;
         // Augmentation randomness is keyed by the step, so a resumed run draws the same.
         let mut rng = Rng::derive(cfg.seed, "augment", state.adam.step);
-        let shift = (cfg.max_shift > 0).then_some((&mut rng, cfg.max_shift));
-        let batch = data::make_batch(&self.train, indices, shift);
+        let batch = training_batch(&self.train, indices, &mut rng, cfg.max_shift, cfg.canvas);
         let opts = PassOptions {
             mask: Mask::Label,
             input_grad: false,
@@ -623,15 +673,43 @@ impl Trainer<'_> {
     }
 }
 
+/// What `capsnet eval` measures beyond the plain test split.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EvalSets {
+    /// Also the affine test set of this seed (section 5.2).
+    pub affine: Option<u64>,
+    /// The seed of the translated test set, for a model whose input is larger than the images.
+    pub placement_seed: u64,
+    /// Only the first N test images.
+    pub limit: Option<usize>,
+}
+
+/// A checkpoint's evaluation by `capsnet eval`.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct CheckpointEval {
+    /// On the test split as it is, or (`translated`) placed on the model's input canvas.
+    #[serde(flatten)]
+    pub test: EvalReport,
+    /// `"as is"`, or `"translated"` when the images were smaller than the model's input.
+    pub test_set: &'static str,
+    /// The side of the model's input.
+    pub image_size: usize,
+    /// On the affine test set, when asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub affine: Option<EvalReport>,
+}
+
 /// `capsnet eval`: a checkpoint's accuracy and losses on a data folder's test split, through its
-/// weights or (`ema`) their moving average.
+/// weights or (`ema`) their moving average. Images smaller than the model's input are evaluated
+/// as the translated test set (placed on the canvas); `sets.affine` adds the affine test set.
 pub fn evaluate_checkpoint(
     checkpoint: &Path,
     data_dir: &Path,
     batch_size: usize,
     threads: usize,
     ema: bool,
-) -> Result<EvalReport> {
+    sets: EvalSets,
+) -> Result<CheckpointEval> {
     let mut ck = Checkpoint::load(checkpoint, None)?;
     if ema {
         let avg = ck.ema.take().ok_or_else(|| {
@@ -643,15 +721,36 @@ pub fn evaluate_checkpoint(
         ck.params.data = avg;
     }
     let model = CapsNet::new(ck.config.clone())?;
-    let test = data::load_split(
-        data_dir,
-        Split::Test,
-        ck.config.classes,
-        ck.config.image_size,
-    )?;
+    let side = ck.config.image_size;
+    let mut test =
+        data::load_split_for(data_dir, Split::Test, ck.config.classes, side, Some(side))?;
+    if let Some(n) = sets.limit {
+        test.truncate(n);
+    }
+    let raw = test.rows == side && test.cols == side;
     let pool = build_pool(threads)?;
     let mut ws = Workspace::new();
-    pool.install(|| evaluate(&model, &ck.params, &test, batch_size, &mut ws))
+    let eval = |ds: &Dataset, ws: &mut Workspace| {
+        pool.install(|| evaluate(&model, &ck.params, ds, batch_size, ws))
+    };
+    let plain = if raw {
+        eval(&test, &mut ws)?
+    } else {
+        eval(
+            &canvas::translated(&test, side, sets.placement_seed)?,
+            &mut ws,
+        )?
+    };
+    let affine = match sets.affine {
+        Some(seed) => Some(eval(&canvas::affine(&test, side, seed)?, &mut ws)?),
+        None => None,
+    };
+    Ok(CheckpointEval {
+        test: plain,
+        test_set: if raw { "as is" } else { "translated" },
+        image_size: side,
+        affine,
+    })
 }
 
 /// `capsnet grad`: one forward and backward pass of a checkpoint on a batch file (`images` f32

@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use capsnet_core::data::{
-    self, Dataset, FASHION_MNIST_DIR, Split, epoch_permutation, load_idx_pair, load_split,
-    make_batch, resolve_data_dir, resolve_data_dir_in, split_paths, write_idx_images,
+    self, Dataset, FASHION_MNIST_DIR, ImageSize, Split, epoch_permutation, load_idx_pair,
+    load_split, make_batch, resolve_data_dir, resolve_data_dir_in, split_paths, write_idx_images,
     write_idx_labels, write_synthetic,
 };
 use capsnet_core::error::CoreError;
@@ -52,7 +52,7 @@ fn round_trip_raw_and_gz() {
         let raw = std::fs::read(&ip).unwrap();
         // Gzip is written exactly when the name says so (and read by magic, not by name).
         assert_eq!(raw.starts_with(&[0x1f, 0x8b]), ext == ".gz");
-        let ds = load_idx_pair(&ip, &lp, 3, 4).unwrap();
+        let ds = load_idx_pair(&ip, &lp, 3, ImageSize::Exactly(4)).unwrap();
         assert_eq!((ds.len(), ds.rows, ds.cols, ds.classes), (3, 4, 4, 3));
         assert_eq!(ds.images, images);
         assert_eq!(ds.labels, labels);
@@ -68,7 +68,7 @@ fn gzip_is_detected_by_magic_not_extension() {
     let lp = tmp.path().join("plain-name-labels");
     std::fs::rename(gz_images, &ip).unwrap();
     std::fs::rename(gz_labels, &lp).unwrap();
-    let ds = load_idx_pair(&ip, &lp, 3, 4).unwrap();
+    let ds = load_idx_pair(&ip, &lp, 3, ImageSize::Exactly(4)).unwrap();
     assert_eq!(ds.images, sample().0);
 }
 
@@ -76,7 +76,7 @@ fn gzip_is_detected_by_magic_not_extension() {
 fn truncate_keeps_first_n_and_tolerates_large_n() {
     let tmp = tempfile::tempdir().unwrap();
     let (ip, lp) = write_pair(tmp.path(), "");
-    let mut ds: Dataset = load_idx_pair(&ip, &lp, 3, 4).unwrap();
+    let mut ds: Dataset = load_idx_pair(&ip, &lp, 3, ImageSize::Exactly(4)).unwrap();
     ds.truncate(10);
     assert_eq!(ds.len(), 3);
     ds.truncate(2);
@@ -92,7 +92,7 @@ fn missing_file_is_io_error_naming_the_path() {
     let tmp = tempfile::tempdir().unwrap();
     let (_, lp) = write_pair(tmp.path(), "");
     let missing = tmp.path().join("no-such-images");
-    let err = load_idx_pair(&missing, &lp, 3, 4).unwrap_err();
+    let err = load_idx_pair(&missing, &lp, 3, ImageSize::Exactly(4)).unwrap_err();
     assert!(matches!(err, CoreError::Io { .. }), "{err:?}");
     assert_err_mentions(err, &missing, &[]);
 }
@@ -106,7 +106,7 @@ fn bad_magic_says_found_and_expected() {
     bytes[2] = 0x0d; // 0x00000d03: not an IDX u8 file
     bytes.extend_from_slice(&[0; 48]);
     std::fs::write(&ip, bytes).unwrap();
-    let err = load_idx_pair(&ip, &lp, 3, 4).unwrap_err();
+    let err = load_idx_pair(&ip, &lp, 3, ImageSize::Exactly(4)).unwrap_err();
     assert!(matches!(err, CoreError::Data { .. }), "{err:?}");
     assert_err_mentions(err, &ip, &["bad magic", "0x00000d03", "0x00000803"]);
 }
@@ -115,7 +115,7 @@ fn bad_magic_says_found_and_expected() {
 fn swapped_files_get_a_hint() {
     let tmp = tempfile::tempdir().unwrap();
     let (ip, lp) = write_pair(tmp.path(), ".gz");
-    let err = load_idx_pair(&lp, &ip, 3, 4).unwrap_err();
+    let err = load_idx_pair(&lp, &ip, 3, ImageSize::Exactly(4)).unwrap_err();
     assert_err_mentions(err, &lp, &["0x00000801", "0x00000803", "swapped"]);
 }
 
@@ -127,7 +127,7 @@ fn truncated_images_say_expected_and_actual_bytes() {
     let mut bytes = raw_images_header(3, 4, 4);
     bytes.extend_from_slice(&[0; 40]); // 48 expected
     std::fs::write(&ip, bytes).unwrap();
-    let err = load_idx_pair(&ip, &lp, 3, 4).unwrap_err();
+    let err = load_idx_pair(&ip, &lp, 3, ImageSize::Exactly(4)).unwrap_err();
     assert_err_mentions(err, &ip, &["truncated", "48 bytes", "only 40 bytes"]);
 }
 
@@ -138,7 +138,7 @@ fn truncated_header_and_labels_are_reported() {
     let short = tmp.path().join("short-header");
     std::fs::write(&short, &raw_images_header(3, 4, 4)[..10]).unwrap();
     let (_, lp) = write_pair(tmp.path(), "");
-    let err = load_idx_pair(&short, &lp, 3, 4).unwrap_err();
+    let err = load_idx_pair(&short, &lp, 3, ImageSize::Exactly(4)).unwrap_err();
     assert_err_mentions(err, &short, &["truncated", "16 bytes", "has 10"]);
 
     let labels = tmp.path().join("short-labels");
@@ -148,7 +148,7 @@ fn truncated_header_and_labels_are_reported() {
         .collect();
     bytes.push(0);
     std::fs::write(&labels, bytes).unwrap();
-    let err = load_idx_pair(&ip, &labels, 3, 4).unwrap_err();
+    let err = load_idx_pair(&ip, &labels, 3, ImageSize::Exactly(4)).unwrap_err();
     assert_err_mentions(
         err,
         &labels,
@@ -162,7 +162,7 @@ fn count_mismatch_names_both_files_and_counts() {
     let (ip, _) = write_pair(tmp.path(), "");
     let lp = tmp.path().join("two-labels");
     write_idx_labels(&lp, &[0, 1]).unwrap();
-    let err = load_idx_pair(&ip, &lp, 3, 4).unwrap_err();
+    let err = load_idx_pair(&ip, &lp, 3, ImageSize::Exactly(4)).unwrap_err();
     assert_err_mentions(
         err,
         &ip,
@@ -176,7 +176,7 @@ fn label_out_of_range_names_index_value_and_classes() {
     let (ip, _) = write_pair(tmp.path(), "");
     let lp = tmp.path().join("bad-labels");
     write_idx_labels(&lp, &[0, 1, 7]).unwrap();
-    let err = load_idx_pair(&ip, &lp, 3, 4).unwrap_err();
+    let err = load_idx_pair(&ip, &lp, 3, ImageSize::Exactly(4)).unwrap_err();
     assert_err_mentions(
         err,
         &lp,
@@ -188,7 +188,7 @@ fn label_out_of_range_names_index_value_and_classes() {
 fn wrong_image_size_says_expected_and_found() {
     let tmp = tempfile::tempdir().unwrap();
     let (ip, lp) = write_pair(tmp.path(), "");
-    let err = load_idx_pair(&ip, &lp, 3, 28).unwrap_err();
+    let err = load_idx_pair(&ip, &lp, 3, ImageSize::Exactly(28)).unwrap_err();
     assert_err_mentions(err, &ip, &["image size", "expected 28x28", "found 4x4"]);
 }
 
@@ -205,14 +205,14 @@ fn corrupt_gzip_is_reported() {
     bytes.truncate(len - 4);
     let bad = tmp.path().join("corrupt-images.gz");
     std::fs::write(&bad, bytes).unwrap();
-    let err = load_idx_pair(&bad, &lp, 3, 4).unwrap_err();
+    let err = load_idx_pair(&bad, &lp, 3, ImageSize::Exactly(4)).unwrap_err();
     assert!(matches!(err, CoreError::Data { .. }), "{err:?}");
     assert_err_mentions(err, &bad, &["gzip"]);
 
     // A stream cut short is caught too.
     let cut = tmp.path().join("cut-images.gz");
     std::fs::write(&cut, &std::fs::read(&ip).unwrap()[..20]).unwrap();
-    let err = load_idx_pair(&cut, &lp, 3, 4).unwrap_err();
+    let err = load_idx_pair(&cut, &lp, 3, ImageSize::Exactly(4)).unwrap_err();
     assert_err_mentions(err, &cut, &["gzip"]);
 }
 

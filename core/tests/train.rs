@@ -139,8 +139,10 @@ fn the_weight_average_follows_every_step_and_survives_resume() {
     );
     // `capsnet eval --ema` scores the average; the file's weights are scored without it.
     let ck_path = out.checkpoint.unwrap();
-    let avg = train::evaluate_checkpoint(&ck_path, tmp.path(), 16, 2, true).unwrap();
-    assert_eq!(avg, ema_eval);
+    let avg =
+        train::evaluate_checkpoint(&ck_path, tmp.path(), 16, 2, true, Default::default()).unwrap();
+    assert_eq!(avg.test, ema_eval);
+    assert_eq!((avg.test_set, avg.affine), ("as is", None));
 
     // Stopped after 2 steps and resumed to 5: the same average, bit for bit.
     let mut first = straight.clone();
@@ -157,9 +159,16 @@ fn the_weight_average_follows_every_step_and_survives_resume() {
     plain.max_steps = Some(1);
     let p = train::train(&plain, false, &mut Silent).unwrap();
     assert!(p.last_ema_eval.is_none());
-    let e = train::evaluate_checkpoint(p.checkpoint.as_ref().unwrap(), tmp.path(), 16, 2, true)
-        .unwrap_err()
-        .to_string();
+    let e = train::evaluate_checkpoint(
+        p.checkpoint.as_ref().unwrap(),
+        tmp.path(),
+        16,
+        2,
+        true,
+        Default::default(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(
         e.contains("no weight average") && e.contains("--ema-decay"),
         "{e}"
@@ -319,4 +328,69 @@ fn a_torn_metrics_line_does_not_swallow_the_next_one() {
         .collect();
     assert_eq!(parsed.len(), 2, "{text}");
     assert_eq!(parsed[1]["step"], 2);
+}
+
+/// `--canvas`: the model takes the canvas, training places images at random on it, evaluation
+/// during training is the translated test set of seed 0 (the one `capsnet eval` scores by
+/// default), and `--affine` adds the affine set.
+#[test]
+fn training_on_a_canvas_evaluates_on_the_translated_set() {
+    let tmp = tempfile::tempdir().unwrap();
+    synthetic(tmp.path());
+    let mut cfg = config(tmp.path(), &tmp.path().join("canvas"));
+    train::TrainOverrides {
+        canvas: Some(16),
+        ..Default::default()
+    }
+    .apply(&mut cfg);
+    assert_eq!((cfg.model.image_size, cfg.max_shift), (16, 0));
+    cfg.epochs = 1;
+    let out = train::train(&cfg, false, &mut Silent).unwrap();
+    let ck_path = out.checkpoint.unwrap();
+    let ck = Checkpoint::load(&ck_path, None).unwrap();
+    assert_eq!(ck.config.image_size, 16);
+    let sets = train::EvalSets {
+        affine: Some(4),
+        ..Default::default()
+    };
+    let e = train::evaluate_checkpoint(&ck_path, tmp.path(), 16, 2, false, sets).unwrap();
+    assert_eq!(
+        (e.test_set, e.image_size, e.test.samples),
+        ("translated", 16, 24)
+    );
+    assert_eq!(e.test, out.last_eval.unwrap());
+    let affine = e.affine.unwrap();
+    assert_eq!(affine.samples, 24);
+    assert_ne!(affine, e.test);
+    // Another placement seed is another translated set.
+    let other = train::EvalSets {
+        placement_seed: 9,
+        limit: Some(10),
+        ..Default::default()
+    };
+    let o = train::evaluate_checkpoint(&ck_path, tmp.path(), 16, 2, false, other).unwrap();
+    assert_eq!((o.test.samples, o.affine), (10, None));
+
+    // What is refused, and how it is named.
+    let mut shifted = cfg.clone();
+    shifted.max_shift = 1;
+    let err = shifted.validate().unwrap_err().to_string();
+    assert!(err.contains("--max-shift 1"), "{err}");
+    let mut mismatch = cfg.clone();
+    mismatch.model.image_size = 20;
+    let err = mismatch.validate().unwrap_err().to_string();
+    assert!(err.contains("16x16") && err.contains("(20)"), "{err}");
+    let mut small = config(tmp.path(), &tmp.path().join("small"));
+    train::TrainOverrides {
+        canvas: Some(11),
+        ..Default::default()
+    }
+    .apply(&mut small);
+    let err = train::train(&small, false, &mut Silent)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("12x12 do not fit on the 11x11 canvas"),
+        "{err}"
+    );
 }

@@ -143,6 +143,8 @@ pub struct RunSettings {
     pub train_len: u64,
     /// The run uses only the first N training images.
     pub train_limit: Option<u64>,
+    /// Training images go at random places on a canvas of this side (`--canvas`).
+    pub canvas: Option<usize>,
 }
 
 impl RunSettings {
@@ -176,6 +178,7 @@ impl RunSettings {
             heartbeat_ms: narrow("heartbeat (ms)", self.heartbeat_ms)?,
             train_len: self.train_len,
             train_limit: self.train_limit,
+            canvas: self.canvas.map(|c| narrow("canvas", c)).transpose()?,
         })
     }
 }
@@ -358,6 +361,14 @@ impl TryFrom<pb::RunConfig> for RunSettings {
                 )));
             }
         }
+        if let Some(c) = m.canvas
+            && c as usize != model.image_size
+        {
+            return Err(bad(format!(
+                "run config: a {c}x{c} canvas for a model of {}x{} inputs",
+                model.image_size, model.image_size
+            )));
+        }
         if m.heartbeat_ms < 10 {
             return Err(bad(format!(
                 "run config: a heartbeat every {} ms is too often",
@@ -378,6 +389,7 @@ impl TryFrom<pb::RunConfig> for RunSettings {
             heartbeat_ms: u64::from(m.heartbeat_ms),
             train_len: m.train_len,
             train_limit: m.train_limit,
+            canvas: m.canvas.map(|c| c as usize),
         })
     }
 }
@@ -402,6 +414,7 @@ mod tests {
             heartbeat_ms: 500,
             train_len: 100,
             train_limit: Some(100),
+            canvas: Some(12),
         }
     }
 
@@ -458,6 +471,7 @@ mod tests {
         refuse(&|b| b.sync_every = u32::MAX, "sync_every");
         refuse(&|b| b.chunk_bytes = u32::MAX, "chunk size");
         refuse(&|b| b.max_shift = 1000, "max shift");
+        refuse(&|b| b.canvas = Some(1000), "canvas");
         refuse(&|b| b.train_len = u64::MAX, "training images");
         refuse(&|b| b.heartbeat_ms = 0, "heartbeat");
         // Model sizes that would overflow the layout arithmetic or ask for terabytes.

@@ -21,6 +21,7 @@ use capsnet_core::data::{self, Dataset, Split};
 use capsnet_core::model::{Mask, PassOptions, Workspace};
 use capsnet_core::optim::Adam;
 use capsnet_core::rng::Rng;
+use capsnet_core::train::training_batch;
 use capsnet_core::{CapsNet, Params};
 use capsnet_proto::frame;
 use capsnet_proto::wire::{Assembler, BufPool, ChunkIn, chunk_encoder};
@@ -328,11 +329,12 @@ struct Replica {
 impl Replica {
     fn new(settings: RunSettings, cfg: &WorkerConfig) -> Result<Self> {
         let model = CapsNet::new(settings.model.clone())?;
-        let mut train = data::load_split(
+        let mut train = data::load_split_for(
             &cfg.data_dir,
             Split::Train,
             settings.model.classes,
             settings.model.image_size,
+            settings.canvas,
         )?;
         if let Some(n) = settings.train_limit {
             train.truncate(n as usize);
@@ -409,8 +411,7 @@ impl Replica {
                 let mut loss = 0.0;
                 let mut steps = 0;
                 for batch_idx in indices.chunks(s.batch_size) {
-                    let shift = (s.max_shift > 0).then_some((&mut rng, s.max_shift));
-                    let batch = data::make_batch(train, batch_idx, shift);
+                    let batch = training_batch(train, batch_idx, &mut rng, s.max_shift, s.canvas);
                     let st = pool.install(|| {
                         model.forward_backward(&p, &batch.images, &batch.labels, opts, grads, ws)
                     })?;
@@ -422,8 +423,7 @@ impl Replica {
                 Ok((p.data, indices.len() as u64, loss / steps.max(1) as f64))
             }
             _ => {
-                let shift = (s.max_shift > 0).then_some((&mut rng, s.max_shift));
-                let batch = data::make_batch(train, indices, shift);
+                let batch = training_batch(train, indices, &mut rng, s.max_shift, s.canvas);
                 let st = pool.install(|| {
                     model.forward_backward(&p, &batch.images, &batch.labels, opts, grads, ws)
                 })?;

@@ -171,6 +171,7 @@ impl Actor {
             heartbeat_ms: u64::try_from(cfg.heartbeat.as_millis()).unwrap_or(u64::MAX),
             train_len: train_ds.len() as u64,
             train_limit: t.train_limit.map(|n| n as u64),
+            canvas: t.canvas,
         };
         let run_msg = settings.to_message()?;
         let nonce = std::time::SystemTime::now()
