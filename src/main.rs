@@ -16,6 +16,7 @@ mod bench_scale;
 mod bench_sync;
 mod distributed;
 mod exit;
+mod figures;
 mod health;
 mod launch;
 mod logging;
@@ -63,6 +64,9 @@ enum Cmd {
     Bench(bench::BenchCmd),
     /// Training loss, test accuracy and images/s of runs against step and wall time (PNG, SVG).
     Plot(plot::PlotArgs),
+    /// The paper's figures for a checkpoint: reconstructions, what each capsule dimension
+    /// encodes, the confusion matrix (PNG).
+    Figures(figures::FiguresArgs),
     /// Asks a coordinator's health service whether it is SERVING (exit 0) or not (exit 1).
     Health(health::HealthArgs),
 }
@@ -120,5 +124,6 @@ fn run(command: Cmd) -> anyhow::Result<()> {
         Cmd::Bench(b) => bench::run(b),
         Cmd::Health(a) => health::run(a),
         Cmd::Plot(a) => plot::run(a),
+        Cmd::Figures(a) => figures::run(a),
     }
 }

@@ -116,3 +116,119 @@ fn canvas_flags_that_cannot_work_are_refused() {
     let out = train(&["--canvas", "32", "--batch-size", "4"]);
     assert!(out.status.success(), "{}", output_text(&out));
 }
+
+/// A PNG's size and its RGB pixels.
+fn read_png(path: &Path) -> (u32, u32, Vec<u8>) {
+    let decoder = png::Decoder::new(std::fs::File::open(path).unwrap());
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!(info.color_type, png::ColorType::Rgb, "{}", path.display());
+    buf.truncate(info.buffer_size());
+    (info.width, info.height, buf)
+}
+
+/// `capsnet figures` writes valid PNGs of the sizes its layout gives, the perturbation grid
+/// changes along its rows, and the confusion matrix adds up to the test set.
+#[test]
+fn figures_draws_reconstructions_dimensions_and_confusion() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = synthetic(tmp.path(), 64);
+    let run = tmp.path().join("run");
+    let out = capsnet()
+        .args([
+            "train",
+            "--model",
+            "tiny",
+            "--max-steps",
+            "8",
+            "--batch-size",
+            "8",
+        ])
+        .args(["--threads", "2", "--data-dir"])
+        .arg(&d)
+        .arg("--run-dir")
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    let ck = latest_checkpoint(&run).unwrap().unwrap();
+    let figs = tmp.path().join("figs");
+    let out = capsnet()
+        .arg("figures")
+        .arg("--checkpoint")
+        .arg(&ck)
+        .arg("--data-dir")
+        .arg(&d)
+        .arg("--out")
+        .arg(&figs)
+        .args(["--examples", "2", "--perturb", "2", "--threads", "2"])
+        .output()
+        .unwrap();
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+
+    // The layout of capsnet_bench::pictures at scale 3: 28x28 pictures are 84 px cells plus
+    // 6 px gaps; a 30 px title, 18 px column heads, 16 px captions, a 70 px row-head column.
+    // reconstructions: at most 2 right + 2 wrong pairs = 8 cells = one row of 8 columns.
+    let (w, h, _) = read_png(&figs.join("reconstructions.png"));
+    assert_eq!((w, h), (6 + 8 * 90, 30 + 18 + 84 + 16 + 6), "{text}");
+    // dimensions: 5 rows (the tiny model's 5-D capsules) of 11 perturbations, no captions.
+    let dims: Vec<_> = std::fs::read_dir(&figs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("dimensions-")
+        })
+        .collect();
+    assert_eq!(dims.len(), 2, "{text}");
+    let (w, h, px) = read_png(&dims[0]);
+    assert_eq!((w, h), (6 + 70 + 11 * 90, 30 + 18 + 5 * 90));
+    // Along each row the cells differ from the first (not one image repeated); compare each
+    // cell's 84x84 block of pixels.
+    let cell = |r: u32, c: u32| -> Vec<u8> {
+        let (x0, y0) = (6 + 70 + c * 90, 30 + 18 + r * 90);
+        (y0..y0 + 84)
+            .flat_map(|y| {
+                let at = ((y * w + x0) * 3) as usize;
+                px[at..at + 84 * 3].to_vec()
+            })
+            .collect()
+    };
+    for r in 0..5 {
+        let first = cell(r, 0);
+        assert!(first.iter().any(|&v| v > 0), "row {r} is black");
+        assert!(
+            (1..11).filter(|&c| cell(r, c) != first).count() >= 5,
+            "row {r} barely changes"
+        );
+    }
+    // The confusion matrix: 10 classes, and its counts add up to the 16 test images.
+    let (w, h, _) = read_png(&figs.join("confusion.png"));
+    assert_eq!((w, h), (110 + 10 * 46 + 6, 110 + 10 * 46 + 6 + 30));
+    let csv = std::fs::read_to_string(figs.join("confusion.csv")).unwrap();
+    let total: u64 = csv
+        .lines()
+        .skip(1)
+        .flat_map(|l| l.split(',').skip(1).map(|c| c.parse::<u64>().unwrap()))
+        .sum();
+    assert_eq!(total, 16, "{csv}");
+
+    // Bad flags are named.
+    let out = capsnet()
+        .arg("figures")
+        .arg("--checkpoint")
+        .arg(&ck)
+        .arg("--data-dir")
+        .arg(&d)
+        .args(["--class-names", "a,b"])
+        .arg("--out")
+        .arg(&figs)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
+    assert!(output_text(&out).contains("2 names for 10 classes"));
+}

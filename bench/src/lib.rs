@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod chaos;
+pub mod pictures;
 pub mod plots;
 pub mod scale;
 pub mod sync;

@@ -81,7 +81,7 @@ pub fn draw(
 }
 
 /// Registers the font once per process (plotters keeps it for the process's life).
-fn use_font(font: &Path) -> Result<()> {
+pub(crate) fn use_font(font: &Path) -> Result<()> {
     static REGISTERED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
     REGISTERED
         .get_or_init(|| {

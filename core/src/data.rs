@@ -63,6 +63,14 @@ impl Dataset {
         &self.images[i * px..(i + 1) * px]
     }
 
+    /// Image `i` as f32 in [0, 1]. Panics if `i >= len()`.
+    pub fn image_f32(&self, i: usize) -> Vec<f32> {
+        self.image(i)
+            .iter()
+            .map(|&p| f32::from(p) / 255.0)
+            .collect()
+    }
+
     /// First n samples (for quick runs); n larger than len keeps all.
     pub fn truncate(&mut self, n: usize) {
         let n = n.min(self.len());

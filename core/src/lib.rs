@@ -27,6 +27,7 @@ pub mod config;
 pub mod conv;
 pub mod data;
 pub mod error;
+pub mod inspect;
 pub mod loss;
 pub mod model;
 pub mod optim;

@@ -473,32 +473,7 @@ impl CapsNet {
         for (bi, &m) in ws.mask.iter().enumerate() {
             ws.dec[0][bi * din + m * dd..][..dd].copy_from_slice(&ws.v[(bi * nj + m) * dd..][..dd]);
         }
-        for k in 0..nl {
-            let w = &self.layout.specs()[DECODER_0 + 2 * k];
-            let (dout, dinp) = (w.shape[0], w.shape[1]);
-            let (prev, next) = ws.dec.split_at_mut(k + 1);
-            let out = &mut next[0];
-            out.resize(b * dout, 0.0);
-            par_gemm(
-                1.0,
-                &view2(&prev[k], b, dinp),
-                &view2(params.at(DECODER_0 + 2 * k), dout, dinp).t(),
-                0.0,
-                &mut view2_mut(out, b, dout),
-            );
-            let bias = params.at(DECODER_0 + 2 * k + 1);
-            let last = k + 1 == nl;
-            out.par_chunks_mut(dout).for_each(|row| {
-                for (x, &bb) in row.iter_mut().zip(bias) {
-                    let z = *x + bb;
-                    *x = if last {
-                        1.0 / (1.0 + (-z).exp())
-                    } else {
-                        z.max(0.0)
-                    };
-                }
-            });
-        }
+        self.decoder_forward(params, b, &mut ws.dec);
         let t5 = Instant::now();
         ws.timings.decoder += t5 - t4;
 
@@ -539,6 +514,59 @@ impl CapsNet {
             reconstruction_loss: rec_sum / b as f64,
             correct,
         })
+    }
+
+    /// The decoder on `dec[0]` (`[b, classes x dim]`, the masked capsules): `dec[k]` gets
+    /// layer k's output, the last one the reconstructions `[b, pixels]`.
+    fn decoder_forward(&self, params: &Params, b: usize, dec: &mut Vec<Vec<f32>>) {
+        let nl = self.layout.decoder_layers();
+        dec.resize_with(nl + 1, Vec::new);
+        for k in 0..nl {
+            let w = &self.layout.specs()[DECODER_0 + 2 * k];
+            let (dout, dinp) = (w.shape[0], w.shape[1]);
+            let (prev, next) = dec.split_at_mut(k + 1);
+            let out = &mut next[0];
+            out.resize(b * dout, 0.0);
+            par_gemm(
+                1.0,
+                &view2(&prev[k], b, dinp),
+                &view2(params.at(DECODER_0 + 2 * k), dout, dinp).t(),
+                0.0,
+                &mut view2_mut(out, b, dout),
+            );
+            let bias = params.at(DECODER_0 + 2 * k + 1);
+            let last = k + 1 == nl;
+            out.par_chunks_mut(dout).for_each(|row| {
+                for (x, &bb) in row.iter_mut().zip(bias) {
+                    let z = *x + bb;
+                    *x = if last {
+                        1.0 / (1.0 + (-z).exp())
+                    } else {
+                        z.max(0.0)
+                    };
+                }
+            });
+        }
+    }
+
+    /// Reconstructions `[B, pixels]` of masked capsules `caps` (`[B, classes, dim]`, zero but
+    /// for the capsule to decode, as in training): the paper's figures 3 and 4 decode the
+    /// predicted capsule, as it is or with one dimension perturbed.
+    pub fn reconstruct(&self, params: &Params, caps: &[f32]) -> Result<Vec<f32>> {
+        let din = self.cfg.decoder_in();
+        if params.layout() != &self.layout {
+            return Err(CoreError::LayoutMismatch { what: "parameters" });
+        }
+        if caps.is_empty() || caps.len() % din != 0 {
+            return Err(CoreError::Shape {
+                op: "reconstruct",
+                expected: vec![0, self.cfg.classes, self.cfg.digit_dim],
+                got: vec![caps.len()],
+            });
+        }
+        let mut dec = vec![caps.to_vec()];
+        self.decoder_forward(params, caps.len() / din, &mut dec);
+        Ok(dec.pop().unwrap_or_default())
     }
 
     /// The backward pass, layer by layer from the losses to conv1, each stage timed. `ws`
@@ -799,7 +827,7 @@ impl CapsNet {
     }
 }
 
-fn argmax(x: &[f32]) -> usize {
+pub(crate) fn argmax(x: &[f32]) -> usize {
     let mut best = 0;
     for (i, &v) in x.iter().enumerate() {
         if v > x[best] {

@@ -296,7 +296,7 @@ pub struct TrainOutcome {
     pub wall_s: f64,
 }
 
-fn build_pool(threads: usize) -> Result<rayon::ThreadPool> {
+pub fn build_pool(threads: usize) -> Result<rayon::ThreadPool> {
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("capsnet-{i}"))
@@ -699,6 +699,38 @@ pub struct CheckpointEval {
     pub affine: Option<EvalReport>,
 }
 
+/// The test split of a data folder for a model: images of the model's input size, or any that
+/// fit on it (to be placed on it); the first `limit` only when given.
+pub fn load_test_split(
+    model: &CapsNetConfig,
+    data_dir: &Path,
+    limit: Option<usize>,
+) -> Result<Dataset> {
+    let side = model.image_size;
+    let mut test = data::load_split_for(data_dir, Split::Test, model.classes, side, Some(side))?;
+    if let Some(n) = limit {
+        test.truncate(n);
+    }
+    Ok(test)
+}
+
+/// A test split as a model of input side `side` sees it: as it is when its images have that
+/// size, else the translated test set of `seed`. The flag says which.
+pub fn model_test_set(
+    test: &Dataset,
+    side: usize,
+    seed: u64,
+) -> Result<(std::borrow::Cow<'_, Dataset>, bool)> {
+    if test.rows == side && test.cols == side {
+        Ok((std::borrow::Cow::Borrowed(test), false))
+    } else {
+        Ok((
+            std::borrow::Cow::Owned(canvas::translated(test, side, seed)?),
+            true,
+        ))
+    }
+}
+
 /// `capsnet eval`: a checkpoint's accuracy and losses on a data folder's test split, through its
 /// weights or (`ema`) their moving average. Images smaller than the model's input are evaluated
 /// as the translated test set (placed on the canvas); `sets.affine` adds the affine test set.
@@ -722,25 +754,15 @@ pub fn evaluate_checkpoint(
     }
     let model = CapsNet::new(ck.config.clone())?;
     let side = ck.config.image_size;
-    let mut test =
-        data::load_split_for(data_dir, Split::Test, ck.config.classes, side, Some(side))?;
-    if let Some(n) = sets.limit {
-        test.truncate(n);
-    }
-    let raw = test.rows == side && test.cols == side;
+    let test = load_test_split(&ck.config, data_dir, sets.limit)?;
+    let (on_input, translated) = model_test_set(&test, side, sets.placement_seed)?;
+    let raw = !translated;
     let pool = build_pool(threads)?;
     let mut ws = Workspace::new();
     let eval = |ds: &Dataset, ws: &mut Workspace| {
         pool.install(|| evaluate(&model, &ck.params, ds, batch_size, ws))
     };
-    let plain = if raw {
-        eval(&test, &mut ws)?
-    } else {
-        eval(
-            &canvas::translated(&test, side, sets.placement_seed)?,
-            &mut ws,
-        )?
-    };
+    let plain = eval(&on_input, &mut ws)?;
     let affine = match sets.affine {
         Some(seed) => Some(eval(&canvas::affine(&test, side, seed)?, &mut ws)?),
         None => None,

@@ -421,3 +421,29 @@ fn masked_decoder_gradient() {
     let w0 = params.get("decoder.0.weight").unwrap();
     check_tensor("masked decoder.0.weight", w0, gw0, 12, 3e-3, &loss);
 }
+
+/// `CapsNet::reconstruct` on the predicted capsule, masked, gives the forward pass's
+/// reconstruction (the figures decode through it).
+#[test]
+fn reconstruct_matches_the_forward_pass() {
+    let (model, params, images, labels) = tiny_setup(3);
+    let cfg = model.config().clone();
+    let mut ws = Workspace::new();
+    model
+        .forward(&params, &images, &labels, Mask::Predicted, &mut ws)
+        .unwrap();
+    let (nj, dd) = (cfg.classes, cfg.digit_dim);
+    let mut caps = vec![0.0f32; labels.len() * nj * dd];
+    for (b, len) in ws.lengths().chunks_exact(nj).enumerate() {
+        let j = (0..nj).fold(0, |m, j| if len[j] > len[m] { j } else { m });
+        let at = (b * nj + j) * dd;
+        caps[at..at + dd].copy_from_slice(&ws.digit_caps()[at..at + dd]);
+    }
+    let rec = model.reconstruct(&params, &caps).unwrap();
+    assert_eq!(rec, ws.reconstruction());
+    let err = model
+        .reconstruct(&params, &caps[1..])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("reconstruct"), "{err}");
+}

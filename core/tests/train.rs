@@ -394,3 +394,68 @@ fn training_on_a_canvas_evaluates_on_the_translated_set() {
         "{err}"
     );
 }
+
+/// The figures' numbers agree with evaluation: predictions score what `evaluate` scores, the
+/// confusion matrix holds every image with the right ones on its diagonal, and a zero
+/// perturbation decodes to the plain reconstruction.
+#[test]
+fn inspection_agrees_with_evaluation() {
+    use capsnet_core::inspect;
+    use capsnet_core::model::Workspace;
+    use capsnet_core::{CapsNet, Mask};
+    let tmp = tempfile::tempdir().unwrap();
+    synthetic(tmp.path());
+    let mut cfg = config(tmp.path(), &tmp.path().join("i"));
+    cfg.max_steps = Some(6);
+    let out = train::train(&cfg, false, &mut Silent).unwrap();
+    let ck = Checkpoint::load(out.checkpoint.as_ref().unwrap(), None).unwrap();
+    let model = CapsNet::new(ck.config.clone()).unwrap();
+    let (_, test) = train::load_data(&cfg).unwrap();
+    let mut ws = Workspace::new();
+    let p = inspect::predict_all(&model, &ck.params, &test, 5, &mut ws).unwrap();
+    let e = train::evaluate(&model, &ck.params, &test, 16, &mut ws).unwrap();
+    assert_eq!(p.accuracy(), e.accuracy);
+    let k = p.classes;
+    let counts = p.confusion();
+    assert_eq!(counts.iter().sum::<u64>(), test.len() as u64);
+    let diagonal: u64 = (0..k).map(|c| counts[c * k + c]).sum();
+    assert_eq!(diagonal as f64 / test.len() as f64, e.accuracy);
+
+    let rec = inspect::reconstructions(&model, &ck.params, &p, &[0, 3]).unwrap();
+    let px = ck.config.pixels();
+    // The forward pass decodes the predicted capsule the same way (up to the rounding of
+    // BLAS at another batch size).
+    let batch = capsnet_core::data::make_batch(&test, &[0, 3], None);
+    model
+        .forward(
+            &ck.params,
+            &batch.images,
+            &batch.labels,
+            Mask::Predicted,
+            &mut ws,
+        )
+        .unwrap();
+    let worst = rec
+        .iter()
+        .zip(ws.reconstruction())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst < 1e-5, "{worst}");
+    let grid = inspect::perturbations(&model, &ck.params, &p, 3, &[0.0, 0.25]).unwrap();
+    assert_eq!(grid.len(), p.dim * 2 * px);
+    let gap = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    };
+    for d in 0..p.dim {
+        let plain = &rec[px..2 * px];
+        assert!(gap(&grid[(2 * d) * px..][..px], plain) < 1e-5, "dim {d}");
+        assert!(
+            gap(&grid[(2 * d + 1) * px..][..px], plain) > 1e-4,
+            "dim {d}"
+        );
+    }
+    assert_eq!(inspect::figure4_deltas().len(), 11);
+}
