@@ -47,6 +47,10 @@ pub struct BenchTrainArgs {
     primary_chunk: Option<usize>,
     #[arg(long, value_enum, default_value = "paper")]
     model: ModelSize,
+    /// Input side of the network: 28 for MNIST-sized images, 40 for the --canvas 40 network of
+    /// the affine-robustness experiment [default: 28].
+    #[arg(long, value_name = "N")]
+    image_size: Option<usize>,
     /// Also write the rows as JSON (keys as torch_capsnet_bench.py --json).
     #[arg(long)]
     json: Option<PathBuf>,
@@ -102,6 +106,11 @@ fn run_child() -> Result<bool> {
 
 fn train(a: BenchTrainArgs) -> Result<()> {
     let threads = a.threads.unwrap_or_else(train::default_threads);
+    let mut cfg = a.model.config();
+    if let Some(side) = a.image_size {
+        cfg.image_size = side;
+    }
+    cfg.validate().map_err(|e| ConfigError(format!("--image-size: {e}")))?;
     if a.steps == 0 {
         return Err(ConfigError("--steps must be at least 1".into()).into());
     }
@@ -117,7 +126,7 @@ fn train(a: BenchTrainArgs) -> Result<()> {
             steps: a.steps,
             warmup: a.warmup,
             threads,
-            model: a.model.config(),
+            model: cfg.clone(),
             primary_chunk: a.primary_chunk,
         })
         .collect();
@@ -127,13 +136,14 @@ fn train(a: BenchTrainArgs) -> Result<()> {
         ));
     }
     let exe = std::env::current_exe().context("cannot find the capsnet executable")?;
-    let cfg = a.model.config();
     println!(
-        "capsnet bench train: {} threads, {} timed steps after {} warm-up, model {} ({:.1} MFLOP forward per image)",
+        "capsnet bench train: {} threads, {} timed steps after {} warm-up, model {} at {}x{} ({:.1} MFLOP forward per image)",
         threads,
         a.steps,
         a.warmup,
         a.model.name(),
+        cfg.image_size,
+        cfg.image_size,
         cfg.forward_flops() / 1e6
     );
     println!("machine: {}", bench::machine_summary());

@@ -288,6 +288,29 @@ fn bench_train_prints_a_table_and_writes_json() {
     assert_eq!(rows[0]["mode"], "train");
     assert_eq!(rows[1]["mode"], "infer");
     assert!(rows[0]["images_per_s"].as_f64().unwrap() > 0.0);
+
+    // The canvas network's input size.
+    let (t, rows) = bench(&[
+        "train",
+        "--model",
+        "tiny",
+        "--image-size",
+        "40",
+        "--batch-sizes",
+        "2",
+        "--infer-batch-sizes",
+        "none",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--no-sgemm",
+    ]);
+    assert!(t.contains("at 40x40"), "{t}");
+    assert_eq!(rows.len(), 1);
+    let o = capsnet(&["bench", "train", "--model", "tiny", "--image-size", "8"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("--image-size"), "{}", text(&o));
 }
 
 /// `bench sync` on the tiny model: real rounds through a coordinator, one row per setting.

@@ -4,7 +4,9 @@
 //! single `Vec<f32>`; each name addresses a contiguous range of it. One flat vector makes the
 //! optimizer a single loop and lets the distributed code address chunks by range.
 
+use crate::cnn::CnnConfig;
 use crate::model::CapsNetConfig;
+use crate::{ConfigError, Result};
 
 /// One named tensor inside the flat vector.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,6 +81,45 @@ impl ParamLayout {
             shapes.push((format!("decoder.{k}.bias"), vec![out]));
             prev = out;
         }
+        Self::tile(shapes)
+    }
+
+    /// The layout of [`CnnConfig`]: `conv.{k}.weight` `[cout, cin, k, k]` and `conv.{k}.bias`
+    /// per convolution, then `fc.{k}.weight` `[out, in]` and `fc.{k}.bias` per fully connected
+    /// layer, the last of which is the classifier.
+    pub fn for_cnn(cfg: &CnnConfig) -> Self {
+        let k = cfg.kernel;
+        let mut shapes =
+            Vec::with_capacity(2 * (cfg.conv_channels.len() + cfg.fc_hidden.len() + 1));
+        let mut cin = cfg.in_channels;
+        for (l, &cout) in cfg.conv_channels.iter().enumerate() {
+            shapes.push((format!("conv.{l}.weight"), vec![cout, cin, k, k]));
+            shapes.push((format!("conv.{l}.bias"), vec![cout]));
+            cin = cout;
+        }
+        let mut prev = cfg.flat_features();
+        for (l, &out) in cfg.fc_hidden.iter().chain([&cfg.classes]).enumerate() {
+            shapes.push((format!("fc.{l}.weight"), vec![out, prev]));
+            shapes.push((format!("fc.{l}.bias"), vec![out]));
+            prev = out;
+        }
+        Self::tile(shapes)
+    }
+
+    /// A layout of the given tensors, in order. Names must be unique: they key gradients, wire
+    /// messages and checkpoints.
+    pub fn from_shapes(shapes: Vec<(String, Vec<usize>)>) -> Result<Self> {
+        let mut seen = std::collections::HashSet::new();
+        if let Some((name, _)) = shapes.iter().find(|(n, _)| !seen.insert(n.as_str())) {
+            return Err(ConfigError(format!(
+                "parameter {name:?} appears twice in the layout"
+            )));
+        }
+        Ok(Self::tile(shapes))
+    }
+
+    /// Lays the tensors end to end.
+    fn tile(shapes: Vec<(String, Vec<usize>)>) -> Self {
         let mut offset = 0;
         let specs = shapes
             .into_iter()

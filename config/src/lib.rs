@@ -4,15 +4,18 @@
 //!
 //! # Layout
 //! - [`model`]: [`CapsNetConfig`], every size of the network (defaults = the paper), its FLOPs.
+//! - [`cnn`]: [`CnnConfig`], the paper's CNN baseline (with max pooling), its FLOPs.
 //! - [`adam`]: [`AdamConfig`] and the learning-rate schedule.
 //! - [`layout`]: [`ParamLayout`], the named tensors in one flat vector.
 #![forbid(unsafe_code)]
 
 pub mod adam;
+pub mod cnn;
 pub mod layout;
 pub mod model;
 
 pub use adam::{AdamConfig, LrSchedule};
+pub use cnn::CnnConfig;
 pub use layout::{ParamLayout, ParamSpec};
 pub use model::CapsNetConfig;
 

@@ -7,16 +7,21 @@
 //! - k-major `[K, B*P]` for `out[cout, B*P] = W @ col` (conv1: output stays channel-major);
 //! - row-major `[B*P, K]` for `out[B*P, cout] = col @ W^T` (primary: one row per capsule
 //!   position, channels contiguous, which is the capsule layout).
+//!
+//! A geometry may pad its input with zeros ([`ConvGeom::padded`], the CNN baseline's 'same'
+//! convolutions); without padding the original loops run unchanged.
 
 use rayon::prelude::*;
 
-/// A square convolution without padding.
+/// A square convolution, optionally zero-padded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvGeom {
     pub cin: usize,
     pub cout: usize,
     pub kernel: usize,
     pub stride: usize,
+    /// Zeros added on each side of the input.
+    pub pad: usize,
     /// Input side.
     pub h_in: usize,
     /// Output side.
@@ -24,14 +29,27 @@ pub struct ConvGeom {
 }
 
 impl ConvGeom {
+    /// Without padding: `h_out = (h_in - kernel) / stride + 1`.
     pub fn new(cin: usize, cout: usize, kernel: usize, stride: usize, h_in: usize) -> Self {
+        Self::padded(cin, cout, kernel, stride, 0, h_in)
+    }
+    /// With `pad` zeros on each side: `h_out = (h_in + 2 pad - kernel) / stride + 1`.
+    pub fn padded(
+        cin: usize,
+        cout: usize,
+        kernel: usize,
+        stride: usize,
+        pad: usize,
+        h_in: usize,
+    ) -> Self {
         ConvGeom {
             cin,
             cout,
             kernel,
             stride,
+            pad,
             h_in,
-            h_out: (h_in - kernel) / stride + 1,
+            h_out: (h_in + 2 * pad - kernel) / stride + 1,
         }
     }
     /// Column length cin * k * k.
@@ -45,6 +63,9 @@ impl ConvGeom {
 
     /// `col[(cin,kh,kw), (b,oy,ox)]` for images `b0..b0+nb` of a `[cin, batch, h, h]` input.
     pub fn im2col_k_major(&self, x: &[f32], batch: usize, b0: usize, nb: usize, col: &mut [f32]) {
+        if self.pad > 0 {
+            return self.im2col_k_major_padded(x, batch, b0, nb, col);
+        }
         let (h, ho, k, s) = (self.h_in, self.h_out, self.kernel, self.stride);
         let n = nb * ho * ho;
         debug_assert_eq!(col.len(), self.k() * n);
@@ -65,6 +86,9 @@ impl ConvGeom {
 
     /// Adds a k-major column gradient back into `gx` (`[cin, batch, h, h]`).
     pub fn col2im_k_major(&self, col: &[f32], batch: usize, b0: usize, nb: usize, gx: &mut [f32]) {
+        if self.pad > 0 {
+            return self.col2im_k_major_padded(col, batch, b0, nb, gx);
+        }
         let (h, ho, k, s) = (self.h_in, self.h_out, self.kernel, self.stride);
         let n = nb * ho * ho;
         gx.par_chunks_mut(batch * h * h)
@@ -89,6 +113,9 @@ impl ConvGeom {
 
     /// `col[(b,oy,ox), (cin,kh,kw)]` for images `b0..b0+nb` of a `[cin, batch, h, h]` input.
     pub fn im2col_row_major(&self, x: &[f32], batch: usize, b0: usize, nb: usize, col: &mut [f32]) {
+        if self.pad > 0 {
+            return self.im2col_row_major_padded(x, batch, b0, nb, col);
+        }
         let (h, ho, k, s) = (self.h_in, self.h_out, self.kernel, self.stride);
         let kk = self.k();
         debug_assert_eq!(col.len(), nb * ho * ho * kk);
@@ -113,6 +140,9 @@ impl ConvGeom {
         nb: usize,
         gx: &mut [f32],
     ) {
+        if self.pad > 0 {
+            return self.col2im_row_major_padded(col, batch, b0, nb, gx);
+        }
         let (h, ho, k, s) = (self.h_in, self.h_out, self.kernel, self.stride);
         let kk = self.k();
         gx.par_chunks_mut(batch * h * h)
@@ -127,6 +157,161 @@ impl ConvGeom {
                                 let dst = &mut plane[(oy * s + kh) * h + ox * s..][..k];
                                 for (d, g) in dst.iter_mut().zip(&row[kh * k..][..k]) {
                                     *d += g;
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+    }
+
+    /// Output positions `lo..hi` along one axis whose input index `o * stride + koff - pad`
+    /// lies inside the image (the others read padding zeros).
+    fn inside(&self, koff: usize) -> (usize, usize) {
+        let (h, s, p) = (self.h_in, self.stride, self.pad);
+        let lo = p.saturating_sub(koff).div_ceil(s);
+        let hi = if h + p > koff {
+            ((h + p - koff - 1) / s + 1).min(self.h_out)
+        } else {
+            0
+        };
+        (lo.min(hi), hi)
+    }
+
+    /// The input index read by output `o` at kernel offset `koff`, or `None` in the padding.
+    fn source(&self, o: usize, koff: usize) -> Option<usize> {
+        (o * self.stride + koff)
+            .checked_sub(self.pad)
+            .filter(|&i| i < self.h_in)
+    }
+
+    fn im2col_k_major_padded(
+        &self,
+        x: &[f32],
+        batch: usize,
+        b0: usize,
+        nb: usize,
+        col: &mut [f32],
+    ) {
+        let (h, ho, k, s, p) = (self.h_in, self.h_out, self.kernel, self.stride, self.pad);
+        let n = nb * ho * ho;
+        debug_assert_eq!(col.len(), self.k() * n);
+        col.par_chunks_mut(n).enumerate().for_each(|(r, row)| {
+            let (c, kh, kw) = (r / (k * k), (r / k) % k, r % k);
+            let (y0, y1) = self.inside(kh);
+            let (x0, x1) = self.inside(kw);
+            for b in 0..nb {
+                let plane = &x[(c * batch + b0 + b) * h * h..][..h * h];
+                let out = &mut row[b * ho * ho..][..ho * ho];
+                for (oy, dst) in out.chunks_exact_mut(ho).enumerate() {
+                    // Rows above or below the image, or a kernel column that never meets it.
+                    if oy < y0 || oy >= y1 || x0 == x1 {
+                        dst.fill(0.0);
+                        continue;
+                    }
+                    let src = &plane[(oy * s + kh - p) * h..][..h];
+                    dst[..x0].fill(0.0);
+                    dst[x1..].fill(0.0);
+                    if s == 1 {
+                        dst[x0..x1].copy_from_slice(&src[x0 + kw - p..x1 + kw - p]);
+                    } else {
+                        for ox in x0..x1 {
+                            dst[ox] = src[ox * s + kw - p];
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    fn col2im_k_major_padded(
+        &self,
+        col: &[f32],
+        batch: usize,
+        b0: usize,
+        nb: usize,
+        gx: &mut [f32],
+    ) {
+        let (h, ho, k, s, p) = (self.h_in, self.h_out, self.kernel, self.stride, self.pad);
+        let n = nb * ho * ho;
+        gx.par_chunks_mut(batch * h * h)
+            .enumerate()
+            .for_each(|(c, gxc)| {
+                for kh in 0..k {
+                    let (y0, y1) = self.inside(kh);
+                    for kw in 0..k {
+                        let (x0, x1) = self.inside(kw);
+                        let row = &col[((c * k + kh) * k + kw) * n..][..n];
+                        for b in 0..nb {
+                            let plane = &mut gxc[(b0 + b) * h * h..][..h * h];
+                            for oy in y0..y1 {
+                                let src = &row[(b * ho + oy) * ho..][..ho];
+                                let dst = &mut plane[(oy * s + kh - p) * h..][..h];
+                                for ox in x0..x1 {
+                                    dst[ox * s + kw - p] += src[ox];
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+    }
+
+    fn im2col_row_major_padded(
+        &self,
+        x: &[f32],
+        batch: usize,
+        b0: usize,
+        nb: usize,
+        col: &mut [f32],
+    ) {
+        let (h, ho, k) = (self.h_in, self.h_out, self.kernel);
+        let kk = self.k();
+        debug_assert_eq!(col.len(), nb * ho * ho * kk);
+        col.par_chunks_mut(kk).enumerate().for_each(|(r, row)| {
+            let (b, oy, ox) = (r / (ho * ho), (r / ho) % ho, r % ho);
+            for c in 0..self.cin {
+                let plane = &x[(c * batch + b0 + b) * h * h..][..h * h];
+                for kh in 0..k {
+                    let dst = &mut row[(c * k + kh) * k..][..k];
+                    let Some(iy) = self.source(oy, kh) else {
+                        dst.fill(0.0);
+                        continue;
+                    };
+                    for (kw, d) in dst.iter_mut().enumerate() {
+                        *d = self.source(ox, kw).map_or(0.0, |ix| plane[iy * h + ix]);
+                    }
+                }
+            }
+        });
+    }
+
+    fn col2im_row_major_padded(
+        &self,
+        col: &[f32],
+        batch: usize,
+        b0: usize,
+        nb: usize,
+        gx: &mut [f32],
+    ) {
+        let (h, ho, k) = (self.h_in, self.h_out, self.kernel);
+        let kk = self.k();
+        gx.par_chunks_mut(batch * h * h)
+            .enumerate()
+            .for_each(|(c, gxc)| {
+                for b in 0..nb {
+                    let plane = &mut gxc[(b0 + b) * h * h..][..h * h];
+                    for oy in 0..ho {
+                        for ox in 0..ho {
+                            let row = &col[((b * ho + oy) * ho + ox) * kk + c * k * k..][..k * k];
+                            for kh in 0..k {
+                                let Some(iy) = self.source(oy, kh) else {
+                                    continue;
+                                };
+                                for kw in 0..k {
+                                    if let Some(ix) = self.source(ox, kw) {
+                                        plane[iy * h + ix] += row[kh * k + kw];
+                                    }
                                 }
                             }
                         }
@@ -183,5 +368,86 @@ mod tests {
         let mut gx2 = vec![0.0; x.len()];
         g.col2im_row_major(&yt, batch, b0, nb, &mut gx2);
         assert_eq!(gx, gx2);
+    }
+
+    fn dot(a: &[f32], b: &[f32]) -> f64 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| f64::from(*x) * f64::from(*y))
+            .sum()
+    }
+
+    /// Zero padding: every column entry is the padded input at its position (zero outside the
+    /// image), both layouts agree, and both col2im are im2col's adjoint. Geometries include a
+    /// kernel wider than the image and a stride of 2.
+    #[test]
+    fn padded_im2col_matches_the_definition_and_col2im_is_the_adjoint() {
+        for g in [
+            ConvGeom::padded(2, 3, 3, 1, 1, 5),
+            ConvGeom::padded(1, 2, 5, 1, 2, 4),
+            ConvGeom::padded(2, 2, 3, 2, 1, 6),
+            ConvGeom::padded(1, 1, 5, 1, 2, 1),
+        ] {
+            let (h, ho, k, s, p) = (g.h_in, g.h_out, g.kernel, g.stride, g.pad);
+            let batch = 3;
+            let x: Vec<f32> = (0..g.cin * batch * h * h)
+                .map(|i| ((i * 37) % 101) as f32 * 0.01 + 0.5)
+                .collect();
+            let (b0, nb) = (1, 2);
+            let n = nb * g.positions();
+            let mut km = vec![f32::NAN; g.k() * n];
+            let mut rm = vec![f32::NAN; g.k() * n];
+            g.im2col_k_major(&x, batch, b0, nb, &mut km);
+            g.im2col_row_major(&x, batch, b0, nb, &mut rm);
+            let mut zeros = 0;
+            for c in 0..g.cin {
+                for kh in 0..k {
+                    for kw in 0..k {
+                        let r = (c * k + kh) * k + kw;
+                        for b in 0..nb {
+                            for oy in 0..ho {
+                                for ox in 0..ho {
+                                    let (iy, ix) = (
+                                        (oy * s + kh) as isize - p as isize,
+                                        (ox * s + kw) as isize - p as isize,
+                                    );
+                                    let inside = (0..h as isize).contains(&iy)
+                                        && (0..h as isize).contains(&ix);
+                                    let want = if inside {
+                                        x[((c * batch + b0 + b) * h + iy as usize) * h
+                                            + ix as usize]
+                                    } else {
+                                        zeros += 1;
+                                        0.0
+                                    };
+                                    let pos = (b * ho + oy) * ho + ox;
+                                    assert_eq!(km[r * n + pos], want, "{g:?} k-major");
+                                    assert_eq!(rm[pos * g.k() + r], want, "{g:?} row-major");
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            assert!(zeros > 0, "{g:?}: no padding was read");
+            let y: Vec<f32> = (0..g.k() * n)
+                .map(|i| ((i * 13) % 17) as f32 - 8.0)
+                .collect();
+            let mut gx = vec![0.0; x.len()];
+            g.col2im_k_major(&y, batch, b0, nb, &mut gx);
+            let (lhs, rhs) = (dot(&km, &y), dot(&x, &gx));
+            assert!(
+                (lhs - rhs).abs() < 1e-6 * lhs.abs().max(1.0),
+                "{g:?}: {lhs} {rhs}"
+            );
+            let yt: Vec<f32> = (0..g.k() * n)
+                .map(|i| y[(i % g.k()) * n + i / g.k()])
+                .collect();
+            let mut gx2 = vec![0.0; x.len()];
+            g.col2im_row_major(&yt, batch, b0, nb, &mut gx2);
+            assert_eq!(gx, gx2, "{g:?}");
+            // Images outside b0..b0+nb get nothing.
+            assert!(gx[..h * h].iter().all(|&v| v == 0.0));
+        }
     }
 }

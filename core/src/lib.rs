@@ -7,6 +7,8 @@
 //! - [`blas`], [`conv`], [`caps`], [`loss`]: the kernels: sgemm split over rayon, im2col/col2im,
 //!   squash, `u_hat`, dynamic routing, margin and reconstruction losses, each with its backward.
 //! - [`model`]: [`CapsNet`], the whole forward/backward pass over a reusable [`Workspace`].
+//! - [`layers`], [`cnn`]: the paper's CNN baseline ([`CnnBaseline`], [`CnnConfig`]): padded
+//!   convolutions, max pooling, fully connected layers, dropout and softmax cross-entropy.
 //! - [`optim`]: Adam with an exponential or cosine learning-rate schedule.
 //! - [`data`]: IDX files, epochs, batches and the paper's shift augmentation.
 //! - [`checkpoint`]: safetensors checkpoints (atomic writes, keep last N).
@@ -23,11 +25,13 @@ pub mod blas;
 pub mod canvas;
 pub mod caps;
 pub mod checkpoint;
+pub mod cnn;
 pub mod config;
 pub mod conv;
 pub mod data;
 pub mod error;
 pub mod inspect;
+pub mod layers;
 pub mod loss;
 pub mod model;
 pub mod optim;
@@ -36,7 +40,8 @@ pub mod rng;
 pub mod run;
 pub mod train;
 
-pub use config::CapsNetConfig;
+pub use cnn::{CnnBaseline, CnnTimings, CnnWorkspace};
+pub use config::{CapsNetConfig, CnnConfig};
 pub use error::{CoreError, Result};
 pub use model::{BatchStats, CapsNet, Mask, PassOptions, Workspace};
 pub use params::{ParamLayout, ParamSpec, Params};

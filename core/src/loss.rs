@@ -1,4 +1,5 @@
-//! The losses of the paper, per sample, with their gradients.
+//! The losses of the paper (and the CNN baseline's cross-entropy), per sample, with their
+//! gradients.
 
 /// Constants of the margin loss.
 #[derive(Clone, Copy, Debug)]
@@ -50,6 +51,40 @@ pub fn reconstruction_loss(
     f64::from(weight) * sse
 }
 
+/// Softmax cross-entropy of one sample, `-log softmax(z)[label] = logsumexp(z) - z_label`,
+/// computed around `max(z)` so no exponential overflows; writes `softmax(z)` into `probs` and
+/// `scale * (softmax(z) - onehot(label))`, the gradient with respect to `z`, into `grad`.
+pub fn softmax_cross_entropy(
+    logits: &[f32],
+    label: usize,
+    scale: f32,
+    probs: &mut [f32],
+    grad: &mut [f32],
+) -> f64 {
+    let lse = log_sum_exp(logits);
+    for (k, ((&z, p), g)) in logits.iter().zip(probs.iter_mut()).zip(grad).enumerate() {
+        *p = (f64::from(z) - lse).exp() as f32;
+        *g = scale * (*p - if k == label { 1.0 } else { 0.0 });
+    }
+    lse - f64::from(logits[label])
+}
+
+/// `softmax(z)` into `probs`.
+pub fn softmax(logits: &[f32], probs: &mut [f32]) {
+    let lse = log_sum_exp(logits);
+    for (&z, p) in logits.iter().zip(probs) {
+        *p = (f64::from(z) - lse).exp() as f32;
+    }
+}
+
+/// `log sum_k exp(z_k)`, in f64 around the maximum.
+fn log_sum_exp(z: &[f32]) -> f64 {
+    let m = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let m = f64::from(m);
+    let sum: f64 = z.iter().map(|&v| (f64::from(v) - m).exp()).sum();
+    m + sum.ln()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -69,5 +104,23 @@ mod tests {
             (g[0] + 0.8).abs() < 1e-6 && g[1] == 0.0 && (g[2] - 0.2).abs() < 1e-6,
             "{g:?}"
         );
+    }
+
+    #[test]
+    fn softmax_cross_entropy_is_stable_and_exact() {
+        // Logits this large overflow a naive exp; the loss of [1000, 0, 1000 - ln 3] at label 1
+        // is logsumexp - 0 = 1000 + ln(1 + 1/3) (the e^-1000 term vanishes).
+        let z = [1000.0f32, 0.0, 1000.0 - 3f32.ln()];
+        let (mut p, mut g) = ([0.0; 3], [0.0; 3]);
+        let l = softmax_cross_entropy(&z, 1, 0.5, &mut p, &mut g);
+        assert!((l - (1000.0 + (4.0f64 / 3.0).ln())).abs() < 1e-3, "{l}");
+        assert!((p[0] - 0.75).abs() < 1e-4 && p[1] == 0.0 && (p[2] - 0.25).abs() < 1e-4);
+        assert!(
+            (g[0] - 0.375).abs() < 1e-4 && (g[1] + 0.5).abs() < 1e-6,
+            "{g:?}"
+        );
+        let mut q = [0.0; 3];
+        softmax(&z, &mut q);
+        assert_eq!(p, q);
     }
 }

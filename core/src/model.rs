@@ -72,6 +72,8 @@ impl Timings {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct BatchStats {
     pub samples: usize,
+    /// The classification loss: the margin loss for [`CapsNet`], the softmax cross-entropy for
+    /// [`crate::CnnBaseline`].
     pub margin_loss: f64,
     pub reconstruction_loss: f64,
     pub correct: usize,
