@@ -4,9 +4,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
-use capsnet_core::CapsNetConfig;
 use capsnet_core::data;
 use capsnet_core::train::TrainOverrides;
+use capsnet_core::{CapsNetConfig, CnnConfig};
 use clap::{Args, ValueEnum};
 
 use crate::exit::ConfigError;
@@ -157,6 +157,32 @@ impl ModelSize {
     }
 }
 
+/// The network a run trains (`--model`).
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+pub enum TrainModel {
+    /// The paper's capsule network.
+    Paper,
+    /// A tiny capsule network, for smoke tests.
+    Tiny,
+    /// The paper's CNN baseline: three 5x5 convolutions (256, 256, 128 channels; 2x2 max
+    /// pooling after the first two), fully connected 328 and 192, dropout 0.5, softmax.
+    CnnBaseline,
+    /// A tiny CNN of the same shape, for smoke tests.
+    CnnTiny,
+}
+
+impl TrainModel {
+    /// The capsule config (the input side and classes, for the CNN) and the CNN's config.
+    fn configs(self) -> (CapsNetConfig, Option<CnnConfig>) {
+        match self {
+            TrainModel::Paper => (ModelSize::Paper.config(), None),
+            TrainModel::Tiny => (ModelSize::Tiny.config(), None),
+            TrainModel::CnnBaseline => (CapsNetConfig::default(), Some(CnnConfig::default())),
+            TrainModel::CnnTiny => (CapsNetConfig::default(), Some(CnnConfig::tiny())),
+        }
+    }
+}
+
 /// The training flags shared by `train` and `coordinator`.
 #[derive(Args, Clone)]
 pub struct TrainFlags {
@@ -217,9 +243,10 @@ pub struct TrainFlags {
     /// Evaluate on the first N test images only.
     #[arg(long, env = "CAPSNET_TEST_LIMIT")]
     pub test_limit: Option<usize>,
-    /// Network size: the paper's, or a tiny one for smoke tests [default: paper].
+    /// The network: the paper's capsule network, its CNN baseline, or a tiny one of either for
+    /// smoke tests [default: paper].
     #[arg(long, env = "CAPSNET_MODEL", value_enum)]
-    pub model: Option<ModelSize>,
+    pub model: Option<TrainModel>,
     /// Place each training image at a random position on a black canvas of N x N pixels (the
     /// paper's 40x40 translated MNIST, section 5.2) in place of the shift augmentation; the
     /// network takes N x N inputs and is evaluated on the translated test set [default: off].
@@ -238,7 +265,8 @@ impl TrainFlags {
             } else {
                 None
             },
-            model: self.model.map(ModelSize::config),
+            model: self.model.map(|m| m.configs().0),
+            baseline: self.model.and_then(|m| m.configs().1),
             epochs: self.epochs,
             max_steps: self.max_steps,
             batch_size: self.batch_size,

@@ -110,7 +110,8 @@ fn train(a: BenchTrainArgs) -> Result<()> {
     if let Some(side) = a.image_size {
         cfg.image_size = side;
     }
-    cfg.validate().map_err(|e| ConfigError(format!("--image-size: {e}")))?;
+    cfg.validate()
+        .map_err(|e| ConfigError(format!("--image-size: {e}")))?;
     if a.steps == 0 {
         return Err(ConfigError("--steps must be at least 1".into()).into());
     }

@@ -97,6 +97,13 @@ pub fn run(a: FiguresArgs) -> Result<()> {
             ))
         })?;
     }
+    if ck.baseline.is_some() {
+        return Err(ConfigError(format!(
+            "{} holds the CNN baseline, which has no capsules to draw; `capsnet eval` scores it",
+            a.checkpoint.display()
+        ))
+        .into());
+    }
     let cfg = ck.config.clone();
     let names = class_names(&a, &dir, cfg.classes)?;
     let model = CapsNet::new(cfg.clone())?;

@@ -13,15 +13,22 @@ use capsnet_core::optim::{Adam, ema_update};
 use common::reference::{Reference, worst};
 use common::*;
 
-/// Runs 3 rounds of 2 workers with batch 4 and returns the run dir.
-fn three_rounds(tmp: &Path, d: &Path, name: &str) -> PathBuf {
+/// Runs 3 rounds of 2 workers with batch 4 of `model` and returns the run dir.
+fn three_rounds(tmp: &Path, d: &Path, name: &str, model: &str) -> PathBuf {
     let run = tmp.join(name);
-    let (mut coord, url) = tiny_coordinator(
+    let (data, run_arg) = (d.display().to_string(), run.display().to_string());
+    let (mut coord, url) = coordinator(
         tmp,
         name,
-        d,
-        &run,
         &[
+            "--data-dir",
+            &data,
+            "--run-dir",
+            &run_arg,
+            "--model",
+            model,
+            "--threads",
+            "1",
             "--batch-size",
             "4",
             "--max-steps",
@@ -51,9 +58,20 @@ fn three_rounds(tmp: &Path, d: &Path, name: &str) -> PathBuf {
 /// the same bits.
 #[test]
 fn two_workers_equal_one_process_with_the_summed_batch() {
+    summed_batch_equivalence("tiny");
+}
+
+/// The same for the CNN baseline, whose dropout masks are keyed by sample: the workers draw
+/// what one process draws.
+#[test]
+fn two_workers_train_the_cnn_baseline_as_one_process() {
+    summed_batch_equivalence("cnn-tiny");
+}
+
+fn summed_batch_equivalence(model: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let d = synthetic(tmp.path(), 64);
-    let run = three_rounds(tmp.path(), &d, "run");
+    let run = three_rounds(tmp.path(), &d, "run", model);
 
     // The same three steps in one process, on both workers' samples at once.
     let mut reference = Reference::of_run(&run, &d, 2, 4);
@@ -88,7 +106,7 @@ fn two_workers_equal_one_process_with_the_summed_batch() {
     );
 
     // The reduction does not depend on which update arrives first: same seed, same bits.
-    let again = three_rounds(tmp.path(), &d, "again");
+    let again = three_rounds(tmp.path(), &d, "again", model);
     let ck2 = Checkpoint::load(&again.join("checkpoint-3.safetensors"), None).unwrap();
     assert!(
         ck.params

@@ -232,3 +232,61 @@ fn figures_draws_reconstructions_dimensions_and_confusion() {
     assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
     assert!(output_text(&out).contains("2 names for 10 classes"));
 }
+
+/// `--model cnn-tiny` (the CNN baseline's shape, small): trains on a canvas, resumes, is
+/// scored by `capsnet eval --affine`; `capsnet figures` says it has no capsules.
+#[test]
+fn the_cnn_baseline_trains_resumes_and_is_evaluated() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = synthetic(tmp.path(), 64);
+    let run = tmp.path().join("cnn");
+    let train = |steps: &str, resume: bool| {
+        let mut c = capsnet();
+        c.arg("train");
+        if resume {
+            c.arg("--resume").arg(&run);
+        } else {
+            c.args(["--model", "cnn-tiny", "--canvas", "32", "--batch-size", "8"])
+                .arg("--data-dir")
+                .arg(&d)
+                .arg("--run-dir")
+                .arg(&run);
+        }
+        let out = c
+            .args(["--max-steps", steps, "--threads", "2"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", output_text(&out));
+    };
+    train("2", false);
+    train("4", true);
+    let ck_path = latest_checkpoint(&run).unwrap().unwrap();
+    let ck = Checkpoint::load(&ck_path, None).unwrap();
+    assert_eq!(ck.step, 4);
+    let b = ck.baseline.expect("the checkpoint names the CNN");
+    assert_eq!((b.image_size, b.classes), (32, 10));
+    assert!(ck.params.get("fc.2.weight").is_some());
+    let config = std::fs::read_to_string(run.join("config.json")).unwrap();
+    assert!(config.contains("\"baseline\""), "{config}");
+
+    let e = eval_json(&ck_path, &d, &["--affine"]);
+    assert_eq!(
+        (e["test_set"].as_str(), e["image_size"].as_u64()),
+        (Some("translated"), Some(32))
+    );
+    assert_eq!(e["reconstruction_loss"], 0.0);
+    assert_eq!(e["affine"]["samples"], 16);
+
+    let out = capsnet()
+        .arg("figures")
+        .arg("--checkpoint")
+        .arg(&ck_path)
+        .arg("--data-dir")
+        .arg(&d)
+        .arg("--out")
+        .arg(tmp.path().join("figs"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
+    assert!(output_text(&out).contains("no capsules"));
+}

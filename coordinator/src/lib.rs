@@ -116,7 +116,7 @@ pub async fn serve(
         what: "starting the round actor",
         source,
     })??;
-    let model_layout = capsnet_core::ParamLayout::for_config(&cfg.train.model);
+    let model_layout = capsnet_core::net::layout_for(&cfg.train.model, cfg.train.baseline.as_ref());
     let names = model_layout
         .specs()
         .iter()

@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
-use crate::config::CapsNetConfig;
+use crate::config::{CapsNetConfig, CnnConfig};
 use crate::error::{CoreError, Result};
 use crate::optim::{Adam, AdamConfig};
-use crate::params::{ParamLayout, Params};
+use crate::params::Params;
 
 const FORMAT: &str = "capsnet-checkpoint-v1";
 /// The metadata key of the CRC-32 of every tensor's bytes, in name order.
@@ -256,6 +256,8 @@ pub struct DataPosition {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Checkpoint {
     pub config: CapsNetConfig,
+    /// The CNN baseline's config when the file holds that network (metadata `baseline`).
+    pub baseline: Option<CnnConfig>,
     pub params: Params,
     pub adam: Option<Adam>,
     /// The moving average of the weights (`--ema-decay`), stored as `ema.<name>`.
@@ -309,6 +311,9 @@ impl Checkpoint {
         let m = &mut meta;
         m.insert("format".into(), FORMAT.into());
         m.insert("config".into(), json(&self.config)?);
+        if let Some(b) = &self.baseline {
+            m.insert("baseline".into(), json(b)?);
+        }
         m.insert("step".into(), self.step.to_string());
         m.insert("epoch".into(), self.position.epoch.to_string());
         m.insert("epoch_offset".into(), self.position.offset.to_string());
@@ -379,7 +384,18 @@ impl Checkpoint {
         config
             .validate()
             .map_err(|e| CoreError::checkpoint(path, e.to_string()))?;
-        let layout = ParamLayout::for_config(&config);
+        let baseline: Option<CnnConfig> = match meta.get("baseline") {
+            Some(s) => Some(serde_json::from_str(s).map_err(|source| CoreError::Json {
+                what: format!("{}: baseline", path.display()),
+                source,
+            })?),
+            None => None,
+        };
+        if let Some(b) = &baseline {
+            b.validate()
+                .map_err(|e| CoreError::checkpoint(path, format!("baseline: {e}")))?;
+        }
+        let layout = crate::net::layout_for(&config, baseline.as_ref());
         let take = |name: &str| -> Result<Option<&Vec<f32>>> {
             match file.tensors.get(name) {
                 None => Ok(None),
@@ -495,6 +511,7 @@ impl Checkpoint {
         let outer = whole("outer.m.", "outer momentum")?;
         Ok(Checkpoint {
             config,
+            baseline,
             params,
             adam,
             ema,

@@ -21,7 +21,7 @@ use crate::checkpoint::{
     Checkpoint, Checkpointer, DataPosition, latest_checkpoint, list_checkpoints,
 };
 use crate::error::{CoreError, Result};
-use crate::model::CapsNet;
+use crate::net::Net;
 use crate::optim::Adam;
 use crate::params::Params;
 use crate::train::{EvalReport, MetricsLog, TrainConfig};
@@ -54,7 +54,7 @@ pub struct RunState {
 
 impl RunState {
     /// A fresh start: initial weights from the seed, zero moments, the average at the weights.
-    pub fn fresh(model: &CapsNet, cfg: &TrainConfig) -> Self {
+    pub fn fresh(model: &Net, cfg: &TrainConfig) -> Self {
         let params = model.init_params(cfg.seed);
         let n = params.data.len();
         RunState {
@@ -71,7 +71,7 @@ impl RunState {
     /// (learning rate, schedule) replace the stored ones.
     fn resumed(path: &Path, cfg: &TrainConfig, require_adam: bool) -> Result<Self> {
         let ck = Checkpoint::load(path, None)?;
-        if ck.config != cfg.model {
+        if ck.config != cfg.model || ck.baseline != cfg.baseline {
             return Err(CoreError::Config(format!(
                 "{} was written by a different network config than this run's",
                 path.display()
@@ -117,6 +117,7 @@ impl RunState {
     pub fn checkpoint(&self, cfg: &TrainConfig, with_adam: bool) -> Checkpoint {
         Checkpoint {
             config: cfg.model.clone(),
+            baseline: cfg.baseline.clone(),
             params: self.params.clone(),
             adam: with_adam.then(|| self.adam.clone()),
             ema: self.ema.clone(),
@@ -188,7 +189,7 @@ pub struct Run {
 impl Run {
     /// Creates or reopens `cfg.run_dir`, loads or initialises the state as `resume` says,
     /// writes the effective `config.json` and opens `metrics.jsonl` for appending.
-    pub fn open(cfg: &TrainConfig, model: &CapsNet, resume: Resume) -> Result<Run> {
+    pub fn open(cfg: &TrainConfig, model: &Net, resume: Resume) -> Result<Run> {
         let dir = &cfg.run_dir;
         std::fs::create_dir_all(dir).map_err(|e| CoreError::io(dir, e))?;
         remove_leftover_temp_files(dir)?;

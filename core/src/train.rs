@@ -9,10 +9,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::canvas;
 use crate::checkpoint::{Checkpoint, DataPosition, Tensor, TensorFile};
-use crate::config::CapsNetConfig;
+use crate::config::{CapsNetConfig, CnnConfig};
 use crate::data::{self, Dataset, Split};
 use crate::error::{CoreError, Result};
 use crate::model::{BatchStats, CapsNet, Mask, PassOptions, Workspace};
+use crate::net::{self, Net, NetWorkspace};
 use crate::optim::{AdamConfig, LrSchedule};
 use crate::params::Params;
 use crate::rng::Rng;
@@ -52,6 +53,10 @@ pub struct TrainConfig {
     /// the canvas, and evaluation uses the translated test set ([`crate::canvas::translated`]).
     #[serde(default)]
     pub canvas: Option<usize>,
+    /// Train the paper's CNN baseline with this config instead of the capsule network
+    /// (`--model cnn-baseline`); its input side and classes are `model`'s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<CnnConfig>,
 }
 
 impl Default for TrainConfig {
@@ -75,6 +80,7 @@ impl Default for TrainConfig {
             eval_batch_size: 128,
             ema_decay: None,
             canvas: None,
+            baseline: None,
         }
     }
 }
@@ -108,6 +114,9 @@ pub struct TrainOverrides {
     /// `--canvas N`: also makes N the model's input size and, unless `max_shift` is given,
     /// turns the shift augmentation off.
     pub canvas: Option<usize>,
+    /// With `model`: the CNN baseline to train instead of that capsule network (`model` then
+    /// gives the input side and classes).
+    pub baseline: Option<CnnConfig>,
 }
 
 impl TrainOverrides {
@@ -130,6 +139,7 @@ impl TrainOverrides {
                 routing_iters,
                 ..m.clone()
             };
+            cfg.baseline.clone_from(&self.baseline);
         }
         set(&mut cfg.epochs, &self.epochs);
         set_some(&mut cfg.max_steps, &self.max_steps);
@@ -151,6 +161,11 @@ impl TrainOverrides {
             if self.max_shift.is_none() {
                 cfg.max_shift = 0;
             }
+        }
+        // The CNN takes the run's input side and classes.
+        if let Some(b) = &mut cfg.baseline {
+            b.image_size = cfg.model.image_size;
+            b.classes = cfg.model.classes;
         }
         set_some(&mut cfg.ema_decay, &self.ema_decay);
         set_some(&mut cfg.train_limit, &self.train_limit);
@@ -178,7 +193,10 @@ impl TrainConfig {
 
     /// Checks every value before any work starts, naming the first bad one.
     pub fn validate(&self) -> Result<()> {
-        self.model.validate()?;
+        // A CNN run uses the capsule config for its input side and classes only.
+        if self.baseline.is_none() {
+            self.model.validate()?;
+        }
         self.adam.validate()?;
         let bad = |m: String| Err(CoreError::Config(m));
         let at_least_one = [
@@ -198,6 +216,15 @@ impl TrainConfig {
                 "max shift {} is too large for {}-pixel images",
                 self.max_shift, self.model.image_size
             ));
+        }
+        if let Some(b) = &self.baseline {
+            b.validate()?;
+            if (b.image_size, b.classes) != (self.model.image_size, self.model.classes) {
+                return bad(format!(
+                    "the CNN baseline's input ({0}x{0}) and classes ({1}) must be the run's ({2}x{2}, {3})",
+                    b.image_size, b.classes, self.model.image_size, self.model.classes
+                ));
+            }
         }
         if let Some(c) = self.canvas {
             if c != self.model.image_size {
@@ -348,17 +375,17 @@ pub fn training_batch(
 
 /// Test accuracy and losses over a whole data set (the decoder sees the predicted class).
 pub fn evaluate(
-    model: &CapsNet,
+    model: &Net,
     params: &Params,
     ds: &Dataset,
     batch_size: usize,
-    ws: &mut Workspace,
+    ws: &mut NetWorkspace,
 ) -> Result<EvalReport> {
     let mut total = BatchStats::default();
     let idx: Vec<usize> = (0..ds.len()).collect();
     for chunk in idx.chunks(batch_size.max(1)) {
         let batch = data::make_batch(ds, chunk, None);
-        let s = model.forward(params, &batch.images, &batch.labels, Mask::Predicted, ws)?;
+        let s = model.evaluate_batch(params, &batch.images, &batch.labels, ws)?;
         total.margin_loss += s.margin_loss * s.samples as f64;
         total.reconstruction_loss += s.reconstruction_loss * s.samples as f64;
         total.correct += s.correct;
@@ -379,12 +406,12 @@ pub fn evaluate(
 /// The average is evaluated in place of the weights (their buffers swapped, then swapped
 /// back), so no copy of the parameters is made; both are as they were when this returns.
 pub fn evaluate_with_average(
-    model: &CapsNet,
+    model: &Net,
     params: &mut Params,
     average: Option<&mut Vec<f32>>,
     ds: &Dataset,
     batch_size: usize,
-    ws: &mut Workspace,
+    ws: &mut NetWorkspace,
 ) -> Result<(EvalReport, Option<EvalReport>)> {
     let e = evaluate(model, params, ds, batch_size, ws)?;
     let avg = match average {
@@ -459,7 +486,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, observer: &mut dyn Observer) -> Re
     cfg.validate()?;
     let started = Instant::now();
     let (train_ds, test_ds) = load_data(cfg)?;
-    let model = CapsNet::new(cfg.model.clone())?;
+    let model = Net::new(&cfg.model, cfg.baseline.as_ref())?;
     let pool = build_pool(cfg.threads)?;
     let policy = if resume {
         Resume::Required
@@ -476,7 +503,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, observer: &mut dyn Observer) -> Re
         train: train_ds,
         test: test_ds,
         run,
-        ws: Workspace::new(),
+        ws: NetWorkspace::new(),
         last_eval: None,
         last_ema_eval: None,
         evaluated_at: None,
@@ -507,12 +534,12 @@ pub fn train(cfg: &TrainConfig, resume: bool, observer: &mut dyn Observer) -> Re
 /// [`Trainer::end_epoch`], [`Trainer::evaluate`] and [`Trainer::save`].
 struct Trainer<'a> {
     cfg: &'a TrainConfig,
-    model: CapsNet,
+    model: Net,
     train: Dataset,
     test: Dataset,
     run: Run,
     grads: Params,
-    ws: Workspace,
+    ws: NetWorkspace,
     last_eval: Option<EvalReport>,
     last_ema_eval: Option<EvalReport>,
     /// The step of the last evaluation, so that the end of training does not repeat the end
@@ -571,15 +598,12 @@ impl Trainer<'_> {
         // Augmentation randomness is keyed by the step, so a resumed run draws the same.
         let mut rng = Rng::derive(cfg.seed, "augment", state.adam.step);
         let batch = training_batch(&self.train, indices, &mut rng, cfg.max_shift, cfg.canvas);
-        let opts = PassOptions {
-            mask: Mask::Label,
-            input_grad: false,
-        };
-        let stats = self.model.forward_backward(
+        let keys = net::sample_keys(cfg.seed, state.position.epoch, indices);
+        let stats = self.model.train_batch(
             &state.params,
             &batch.images,
             &batch.labels,
-            opts,
+            &keys,
             &mut self.grads,
             &mut self.ws,
         )?;
@@ -597,7 +621,7 @@ impl Trainer<'_> {
         if let (Some(e), Some(d)) = (&mut state.ema, cfg.ema_decay) {
             crate::optim::ema_update(e, &state.params.data, d, state.adam.step);
         }
-        self.ws.timings.optimizer += t.elapsed();
+        self.ws.caps.timings.optimizer += t.elapsed();
         state.step = state.adam.step;
         state.position.offset += indices.len() as u64;
         self.window.1 += indices.len();
@@ -752,14 +776,14 @@ pub fn evaluate_checkpoint(
         })?;
         ck.params.data = avg;
     }
-    let model = CapsNet::new(ck.config.clone())?;
+    let model = Net::new(&ck.config, ck.baseline.as_ref())?;
     let side = ck.config.image_size;
     let test = load_test_split(&ck.config, data_dir, sets.limit)?;
     let (on_input, translated) = model_test_set(&test, side, sets.placement_seed)?;
     let raw = !translated;
     let pool = build_pool(threads)?;
-    let mut ws = Workspace::new();
-    let eval = |ds: &Dataset, ws: &mut Workspace| {
+    let mut ws = NetWorkspace::new();
+    let eval = |ds: &Dataset, ws: &mut NetWorkspace| {
         pool.install(|| evaluate(&model, &ck.params, ds, batch_size, ws))
     };
     let plain = eval(&on_input, &mut ws)?;
@@ -785,6 +809,12 @@ pub fn gradient_file(
     threads: usize,
 ) -> Result<BatchStats> {
     let mut ck = Checkpoint::load(checkpoint, None)?;
+    if ck.baseline.is_some() {
+        return Err(CoreError::checkpoint(
+            checkpoint,
+            "holds the CNN baseline; capsnet grad writes capsule-network gradients only",
+        ));
+    }
     if let Some(r) = routing_iters {
         ck.config.routing_iters = r;
     }

@@ -19,6 +19,7 @@ fn sample() -> Checkpoint {
     let outer = p.data.iter().map(|x| 0.25 * x).collect();
     Checkpoint {
         config: cfg,
+        baseline: None,
         params: p,
         adam: Some(adam),
         ema: Some(ema),

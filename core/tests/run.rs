@@ -6,9 +6,10 @@
 use std::path::Path;
 
 use capsnet_core::checkpoint::{Checkpointer, DataPosition};
+use capsnet_core::net::Net;
 use capsnet_core::run::{Resume, Run, RunState};
 use capsnet_core::train::TrainConfig;
-use capsnet_core::{CapsNet, CapsNetConfig, CoreError};
+use capsnet_core::{CapsNetConfig, CoreError};
 
 fn config(run: &Path) -> TrainConfig {
     TrainConfig {
@@ -22,7 +23,7 @@ fn config(run: &Path) -> TrainConfig {
 
 /// A checkpoint at step 7 whose weights, moments and position differ from a fresh start.
 fn write_checkpoint(cfg: &TrainConfig, with_adam: bool, with_ema: bool) -> RunState {
-    let model = CapsNet::new(cfg.model.clone()).unwrap();
+    let model = Net::new(&cfg.model, None).unwrap();
     let mut state = RunState::fresh(&model, cfg);
     state.params.data.iter_mut().for_each(|p| *p += 0.25);
     state.adam.m.fill(0.5);
@@ -41,7 +42,7 @@ fn write_checkpoint(cfg: &TrainConfig, with_adam: bool, with_ema: bool) -> RunSt
 }
 
 fn open(cfg: &TrainConfig, resume: Resume) -> Result<Run, CoreError> {
-    Run::open(cfg, &CapsNet::new(cfg.model.clone()).unwrap(), resume)
+    Run::open(cfg, &Net::new(&cfg.model, None).unwrap(), resume)
 }
 
 fn new_run() -> Resume {
@@ -55,7 +56,7 @@ fn a_new_run_starts_fresh_and_refuses_a_directory_with_checkpoints() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = config(&tmp.path().join("run"));
     let run = open(&cfg, new_run()).unwrap();
-    let fresh = RunState::fresh(&CapsNet::new(cfg.model.clone()).unwrap(), &cfg);
+    let fresh = RunState::fresh(&Net::new(&cfg.model, None).unwrap(), &cfg);
     assert_eq!(run.state.params.data, fresh.params.data);
     assert_eq!(run.state.ema.as_deref(), Some(&fresh.params.data[..]));
     assert_eq!((run.state.step, run.resumed_from), (0, None));
@@ -130,7 +131,7 @@ fn a_checkpoint_of_another_network_is_a_configuration_error_for_both() {
 
 /// `write_checkpoint`'s state at step `step`, saved with the run's checkpointer.
 fn save_at(cfg: &TrainConfig, step: u64) -> RunState {
-    let model = CapsNet::new(cfg.model.clone()).unwrap();
+    let model = Net::new(&cfg.model, None).unwrap();
     let mut state = RunState::fresh(&model, cfg);
     state.params.data.iter_mut().for_each(|p| *p += step as f32);
     state.step = step;
@@ -171,7 +172,7 @@ fn a_damaged_newest_checkpoint_falls_back_to_an_older_good_one() {
     }
 
     // A state written with a NaN in it (checksummed as it was) is not resumed either.
-    let model = CapsNet::new(cfg.model.clone()).unwrap();
+    let model = Net::new(&cfg.model, None).unwrap();
     let mut nan = RunState::fresh(&model, &cfg);
     nan.step = 9;
     nan.adam.v[4] = f32::NAN;

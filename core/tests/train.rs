@@ -413,7 +413,9 @@ fn inspection_agrees_with_evaluation() {
     let (_, test) = train::load_data(&cfg).unwrap();
     let mut ws = Workspace::new();
     let p = inspect::predict_all(&model, &ck.params, &test, 5, &mut ws).unwrap();
-    let e = train::evaluate(&model, &ck.params, &test, 16, &mut ws).unwrap();
+    let net = capsnet_core::net::Net::Caps(model.clone());
+    let mut nws = capsnet_core::net::NetWorkspace::new();
+    let e = train::evaluate(&net, &ck.params, &test, 16, &mut nws).unwrap();
     assert_eq!(p.accuracy(), e.accuracy);
     let k = p.classes;
     let counts = p.confusion();
@@ -458,4 +460,46 @@ fn inspection_agrees_with_evaluation() {
         );
     }
     assert_eq!(inspect::figure4_deltas().len(), 11);
+}
+
+/// The CNN baseline goes through the same trainer: stopped and resumed it ends with the bits
+/// of a straight run (dropout keyed by seed, epoch and sample), and its checkpoint names it.
+#[test]
+fn the_cnn_baseline_resumes_bit_for_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    synthetic(tmp.path());
+    let cnn = |run: &str| {
+        let mut cfg = config(tmp.path(), &tmp.path().join(run));
+        // The capsule config gives the input side (12) and classes (3).
+        train::TrainOverrides {
+            model: Some(CapsNetConfig::tiny()),
+            baseline: Some(capsnet_core::CnnConfig::default()),
+            ..Default::default()
+        }
+        .apply(&mut cfg);
+        let b = cfg.baseline.as_mut().unwrap();
+        (b.conv_channels, b.kernel, b.fc_hidden) = (vec![4, 4, 3], 3, vec![8, 6]);
+        cfg
+    };
+    let mut straight = cnn("straight");
+    let b = straight.baseline.as_ref().unwrap();
+    assert_eq!((b.image_size, b.classes), (12, 3));
+    straight.max_steps = Some(5);
+    let a = train::train(&straight, false, &mut Silent).unwrap();
+    let mut split = cnn("split");
+    split.max_steps = Some(2);
+    train::train(&split, false, &mut Silent).unwrap();
+    split.max_steps = Some(5);
+    let b = train::train(&split, true, &mut Silent).unwrap();
+    assert_eq!(a.params.data, b.params.data);
+    assert!(a.last_eval.unwrap().accuracy >= 0.0);
+    let ck = Checkpoint::load(b.checkpoint.as_ref().unwrap(), None).unwrap();
+    assert_eq!(ck.baseline, split.baseline);
+    // A capsule-network run cannot resume from it.
+    let mut caps = config(tmp.path(), &tmp.path().join("split"));
+    caps.max_steps = Some(6);
+    let err = train::train(&caps, true, &mut Silent)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("different network config"), "{err}");
 }

@@ -10,7 +10,7 @@
 //!   `capsnet-config`, so speaking the protocol needs no BLAS.
 #![forbid(unsafe_code)]
 
-use capsnet_config::{AdamConfig, CapsNetConfig, LrSchedule, ParamLayout};
+use capsnet_config::{AdamConfig, CapsNetConfig, CnnConfig, LrSchedule, ParamLayout};
 
 pub mod frame;
 pub mod metrics_http;
@@ -145,11 +145,16 @@ pub struct RunSettings {
     pub train_limit: Option<u64>,
     /// Training images go at random places on a canvas of this side (`--canvas`).
     pub canvas: Option<usize>,
+    /// The CNN baseline, trained instead of the capsule network of `model`.
+    pub baseline: Option<CnnConfig>,
 }
 
 impl RunSettings {
     pub fn layout(&self) -> ParamLayout {
-        ParamLayout::for_config(&self.model)
+        match &self.baseline {
+            Some(b) => ParamLayout::for_cnn(b),
+            None => ParamLayout::for_config(&self.model),
+        }
     }
 
     pub fn to_message(&self) -> Result<pb::RunConfig> {
@@ -179,6 +184,11 @@ impl RunSettings {
             train_len: self.train_len,
             train_limit: self.train_limit,
             canvas: self.canvas.map(|c| narrow("canvas", c)).transpose()?,
+            baseline: self
+                .baseline
+                .as_ref()
+                .map(pb::CnnConfig::try_from)
+                .transpose()?,
         })
     }
 }
@@ -217,6 +227,64 @@ impl TryFrom<&CapsNetConfig> for pb::ModelConfig {
             squash_eps: c.squash_eps,
         })
     }
+}
+
+impl TryFrom<&CnnConfig> for pb::CnnConfig {
+    type Error = ProtoError;
+
+    fn try_from(c: &CnnConfig) -> Result<Self> {
+        let all = |what: &str, v: &[usize]| -> Result<Vec<u32>> {
+            v.iter().map(|&x| narrow(what, x)).collect()
+        };
+        Ok(pb::CnnConfig {
+            image_size: narrow("image_size", c.image_size)?,
+            in_channels: narrow("in_channels", c.in_channels)?,
+            conv_channels: all("conv_channels", &c.conv_channels)?,
+            kernel: narrow("kernel", c.kernel)?,
+            pool_after: c.pool_after.clone(),
+            fc_hidden: all("fc_hidden", &c.fc_hidden)?,
+            classes: narrow("classes", c.classes)?,
+            dropout: c.dropout,
+        })
+    }
+}
+
+impl TryFrom<pb::CnnConfig> for CnnConfig {
+    type Error = ProtoError;
+
+    /// Every size widened to `usize`, then the whole config checked.
+    fn try_from(m: pb::CnnConfig) -> Result<Self> {
+        if m.conv_channels.len() > capsnet_config::cnn::MAX_LAYERS
+            || m.fc_hidden.len() > capsnet_config::cnn::MAX_LAYERS
+        {
+            return Err(ProtoError::Invalid(
+                "run config: baseline: too many layers".into(),
+            ));
+        }
+        let c = CnnConfig {
+            image_size: m.image_size as usize,
+            in_channels: m.in_channels as usize,
+            conv_channels: m.conv_channels.iter().map(|&x| x as usize).collect(),
+            kernel: m.kernel as usize,
+            pool_after: m.pool_after,
+            fc_hidden: m.fc_hidden.iter().map(|&x| x as usize).collect(),
+            classes: m.classes as usize,
+            dropout: m.dropout,
+        };
+        c.validate()
+            .map_err(|e| ProtoError::Invalid(format!("run config: baseline: {e}")))?;
+        Ok(c)
+    }
+}
+
+/// Floats of activations per image the CNN keeps for its backward pass (convolutions' outputs).
+fn cnn_activations(c: &CnnConfig) -> u64 {
+    let sides = c.sides();
+    c.conv_channels
+        .iter()
+        .enumerate()
+        .map(|(l, &cout)| (cout * sides[l] * sides[l]) as u64)
+        .sum()
 }
 
 impl TryFrom<pb::ModelConfig> for CapsNetConfig {
@@ -310,7 +378,18 @@ impl TryFrom<pb::RunConfig> for RunSettings {
             m.adam
                 .ok_or_else(|| bad("run config: no Adam config".into()))?,
         )?;
-        let layout = ParamLayout::for_config(&model);
+        let baseline = m.baseline.map(CnnConfig::try_from).transpose()?;
+        if let Some(b) = &baseline
+            && (b.image_size, b.classes) != (model.image_size, model.classes)
+        {
+            return Err(bad(
+                "run config: the CNN baseline's input size or classes differ from the run's".into(),
+            ));
+        }
+        let layout = match &baseline {
+            Some(b) => ParamLayout::for_cnn(b),
+            None => ParamLayout::for_config(&model),
+        };
         let hash = layout_hash(&layout);
         if hash != m.layout_hash
             || layout.total() as u64 != m.num_floats
@@ -342,7 +421,10 @@ impl TryFrom<pb::RunConfig> for RunSettings {
             ));
         }
         // Upper bounds on what a worker allocates or waits for on the coordinator's word.
-        let votes = model.num_primary() * model.classes * model.digit_dim;
+        let votes = match &baseline {
+            Some(b) => cnn_activations(b),
+            None => (model.num_primary() * model.classes * model.digit_dim) as u64,
+        };
         for (name, v, max) in [
             ("batch size", u64::from(m.batch_size), MAX_BATCH),
             ("sync_every", u64::from(m.sync_every), MAX_SYNC_EVERY),
@@ -350,8 +432,12 @@ impl TryFrom<pb::RunConfig> for RunSettings {
             ("max shift", u64::from(m.max_shift), model.image_size as u64),
             ("training images", m.train_len, MAX_TRAIN_LEN),
             (
-                "floats of a batch's prediction vectors",
-                u64::from(m.batch_size) * votes as u64,
+                if baseline.is_some() {
+                    "floats of a batch's activations"
+                } else {
+                    "floats of a batch's prediction vectors"
+                },
+                u64::from(m.batch_size) * votes,
                 MAX_BATCH_VOTES,
             ),
         ] {
@@ -390,6 +476,7 @@ impl TryFrom<pb::RunConfig> for RunSettings {
             train_len: m.train_len,
             train_limit: m.train_limit,
             canvas: m.canvas.map(|c| c as usize),
+            baseline,
         })
     }
 }
@@ -415,6 +502,7 @@ mod tests {
             train_len: 100,
             train_limit: Some(100),
             canvas: Some(12),
+            baseline: None,
         }
     }
 
@@ -454,6 +542,35 @@ mod tests {
         bad.model = None;
         let e = RunSettings::try_from(bad).unwrap_err().to_string();
         assert!(e.contains("no model config"), "{e}");
+    }
+
+    /// A CNN run's config travels typed; its layout is the CNN's, and a baseline whose input
+    /// or classes differ from the run's, or whose sizes are absurd, is refused.
+    #[test]
+    fn a_cnn_baseline_run_config_round_trips_and_is_checked() {
+        let mut s = settings();
+        let cnn = CnnConfig {
+            image_size: 12,
+            ..CnnConfig::tiny()
+        };
+        s.layout_hash = layout_hash(&ParamLayout::for_cnn(&cnn));
+        s.baseline = Some(cnn);
+        let m = s.to_message().unwrap();
+        assert!(m.tensors.iter().any(|t| t.name == "fc.2.weight"));
+        assert_eq!(RunSettings::try_from(m.clone()).unwrap(), s);
+        let mut bad = m.clone();
+        bad.baseline.as_mut().unwrap().classes = 4;
+        let e = RunSettings::try_from(bad).unwrap_err().to_string();
+        assert!(e.contains("baseline") || e.contains("layout"), "{e}");
+        let mut bad = m.clone();
+        bad.baseline.as_mut().unwrap().conv_channels = vec![1; 1000];
+        let e = RunSettings::try_from(bad).unwrap_err().to_string();
+        assert!(e.contains("too many layers"), "{e}");
+        let mut bad = m;
+        bad.batch_size = 1 << 20;
+        bad.baseline.as_mut().unwrap().conv_channels = vec![4096, 4, 3];
+        let e = RunSettings::try_from(bad).unwrap_err().to_string();
+        assert!(e.contains("layout") || e.contains("activations"), "{e}");
     }
 
     /// A coordinator that asks for absurd sizes gets a clear refusal, not an allocation that

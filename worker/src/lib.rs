@@ -17,12 +17,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use capsnet_core::Params;
 use capsnet_core::data::{self, Dataset, Split};
-use capsnet_core::model::{Mask, PassOptions, Workspace};
+use capsnet_core::net::{self, Net, NetWorkspace};
 use capsnet_core::optim::Adam;
 use capsnet_core::rng::Rng;
 use capsnet_core::train::training_batch;
-use capsnet_core::{CapsNet, Params};
 use capsnet_proto::frame;
 use capsnet_proto::wire::{Assembler, BufPool, ChunkIn, chunk_encoder};
 use capsnet_proto::{Encoding, RunSettings, SyncMode, pb};
@@ -315,9 +315,9 @@ pub async fn push<V: AsRef<[f32]> + Send + 'static>(
 /// What the worker computes with, kept across rounds (and across rejoins with the same config).
 struct Replica {
     settings: RunSettings,
-    model: CapsNet,
+    model: Net,
     train: Arc<Dataset>,
-    ws: Workspace,
+    ws: NetWorkspace,
     grads: Params,
     /// Local optimizer of params mode.
     adam: Option<Adam>,
@@ -328,7 +328,7 @@ struct Replica {
 
 impl Replica {
     fn new(settings: RunSettings, cfg: &WorkerConfig) -> Result<Self> {
-        let model = CapsNet::new(settings.model.clone())?;
+        let model = Net::new(&settings.model, settings.baseline.as_ref())?;
         let mut train = data::load_split_for(
             &cfg.data_dir,
             Split::Train,
@@ -357,7 +357,7 @@ impl Replica {
             grads: Params::zeros(model.layout()),
             model,
             train: Arc::new(train),
-            ws: Workspace::new(),
+            ws: NetWorkspace::new(),
             adam: None,
             spare: None,
             pool,
@@ -392,10 +392,6 @@ impl Replica {
             "augment-round",
             order.round.wrapping_mul(1 << 32) ^ order.start,
         );
-        let opts = PassOptions {
-            mask: Mask::Label,
-            input_grad: false,
-        };
         let (model, ws, grads, train, pool) = (
             &self.model,
             &mut self.ws,
@@ -412,8 +408,9 @@ impl Replica {
                 let mut steps = 0;
                 for batch_idx in indices.chunks(s.batch_size) {
                     let batch = training_batch(train, batch_idx, &mut rng, s.max_shift, s.canvas);
+                    let keys = net::sample_keys(s.seed, order.epoch, batch_idx);
                     let st = pool.install(|| {
-                        model.forward_backward(&p, &batch.images, &batch.labels, opts, grads, ws)
+                        model.train_batch(&p, &batch.images, &batch.labels, &keys, grads, ws)
                     })?;
                     pool.install(|| adam.update(&mut p.data, &grads.data))?;
                     loss += st.total_loss();
@@ -424,8 +421,9 @@ impl Replica {
             }
             _ => {
                 let batch = training_batch(train, indices, &mut rng, s.max_shift, s.canvas);
+                let keys = net::sample_keys(s.seed, order.epoch, indices);
                 let st = pool.install(|| {
-                    model.forward_backward(&p, &batch.images, &batch.labels, opts, grads, ws)
+                    model.train_batch(&p, &batch.images, &batch.labels, &keys, grads, ws)
                 })?;
                 *params = p.data;
                 let update = std::mem::replace(&mut grads.data, spare);

@@ -7,7 +7,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use capsnet_core::checkpoint::{Checkpoint, Checkpointer};
-use capsnet_core::model::Workspace;
+use capsnet_core::net::NetWorkspace;
 use capsnet_core::run::eval_record;
 use capsnet_core::train::{self, EvalReport, MetricsLog};
 use capsnet_proto::SyncMode;
@@ -63,6 +63,7 @@ impl Actor {
         // The one copy of the state a checkpoint makes (training goes on meanwhile).
         let ck = Checkpoint {
             config: self.cfg.train.model.clone(),
+            baseline: self.cfg.train.baseline.clone(),
             params: self.params.clone(),
             // Params mode steps no Adam here: its moments would mean nothing on resume.
             adam: (self.cfg.sync_mode == SyncMode::Grad).then(|| self.adam.clone()),
@@ -135,7 +136,7 @@ impl Actor {
                 Ok(p) => p,
                 Err(e) => return tracing::error!(error = %e, "evaluation pool"),
             };
-            let mut ws = Workspace::new();
+            let mut ws = NetWorkspace::new();
             let both = pool.install(|| {
                 let avg = ema.as_mut();
                 train::evaluate_with_average(&model, &mut params, avg, &test, bs, &mut ws)

@@ -33,9 +33,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use capsnet_core::CapsNet;
 use capsnet_core::Params;
 use capsnet_core::data::Dataset;
+use capsnet_core::net::Net;
 use capsnet_core::optim::Adam;
 use capsnet_core::run::{Resume, Run, RunState};
 use capsnet_core::train;
@@ -66,7 +66,7 @@ const SURVEY_EVERY: Duration = Duration::from_millis(20);
 pub(crate) struct Actor {
     cfg: CoordinatorConfig,
     run_msg: pb::RunConfig,
-    model: CapsNet,
+    model: Net,
     test: Arc<Dataset>,
     n_train: usize,
     params: Params,
@@ -121,7 +121,7 @@ impl Actor {
         cfg.validate()?;
         let t = &cfg.train;
         let (train_ds, test_ds) = train::load_data(t)?;
-        let model = CapsNet::new(t.model.clone())?;
+        let model = Net::new(&t.model, t.baseline.as_ref())?;
         let policy = if cfg.resume {
             Resume::IfAny
         } else {
@@ -158,6 +158,7 @@ impl Actor {
         };
         let settings = RunSettings {
             model: t.model.clone(),
+            baseline: t.baseline.clone(),
             adam: t.adam.clone(),
             batch_size: t.batch_size,
             seed: t.seed,
