@@ -34,6 +34,7 @@ pub mod inspect;
 pub mod layers;
 pub mod loss;
 pub mod model;
+pub mod multi;
 pub mod net;
 pub mod optim;
 pub mod params;
