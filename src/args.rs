@@ -172,8 +172,18 @@ pub enum TrainModel {
 }
 
 impl TrainModel {
+    /// The name of `--model`.
+    pub fn name(self) -> &'static str {
+        match self {
+            TrainModel::Paper => "paper",
+            TrainModel::Tiny => "tiny",
+            TrainModel::CnnBaseline => "cnn-baseline",
+            TrainModel::CnnTiny => "cnn-tiny",
+        }
+    }
+
     /// The capsule config (the input side and classes, for the CNN) and the CNN's config.
-    fn configs(self) -> (CapsNetConfig, Option<CnnConfig>) {
+    pub fn configs(self) -> (CapsNetConfig, Option<CnnConfig>) {
         match self {
             TrainModel::Paper => (ModelSize::Paper.config(), None),
             TrainModel::Tiny => (ModelSize::Tiny.config(), None),

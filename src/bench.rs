@@ -8,7 +8,7 @@ use capsnet_core::bench::{self, BenchMode, BenchRow, BenchSettings, TorchRow};
 use capsnet_core::train;
 use clap::{Args, Subcommand};
 
-use crate::args::ModelSize;
+use crate::args::TrainModel;
 use crate::exit::ConfigError;
 
 #[derive(Subcommand)]
@@ -45,8 +45,9 @@ pub struct BenchTrainArgs {
     /// Images per block of the primary-capsule im2col.
     #[arg(long)]
     primary_chunk: Option<usize>,
+    /// The network: the paper's capsule network, its CNN baseline, or a tiny one of either.
     #[arg(long, value_enum, default_value = "paper")]
-    model: ModelSize,
+    model: TrainModel,
     /// Input side of the network: 28 for MNIST-sized images, 40 for the --canvas 40 network of
     /// the affine-robustness experiment [default: 28].
     #[arg(long, value_name = "N")]
@@ -106,12 +107,28 @@ fn run_child() -> Result<bool> {
 
 fn train(a: BenchTrainArgs) -> Result<()> {
     let threads = a.threads.unwrap_or_else(train::default_threads);
-    let mut cfg = a.model.config();
+    let (mut cfg, mut baseline) = a.model.configs();
     if let Some(side) = a.image_size {
         cfg.image_size = side;
     }
-    cfg.validate()
-        .map_err(|e| ConfigError(format!("--image-size: {e}")))?;
+    match &mut baseline {
+        Some(b) => {
+            b.image_size = cfg.image_size;
+            b.validate()
+        }
+        None => cfg.validate(),
+    }
+    .map_err(|e| ConfigError(format!("--image-size: {e}")))?;
+    if baseline.is_some() && a.torch_json.is_some() {
+        return Err(ConfigError(
+            "--torch-json holds the PyTorch CapsNet's numbers; it cannot stand beside the CNN baseline"
+                .into(),
+        )
+        .into());
+    }
+    let forward_flops = baseline
+        .as_ref()
+        .map_or_else(|| cfg.forward_flops(), |b| b.forward_flops());
     if a.steps == 0 {
         return Err(ConfigError("--steps must be at least 1".into()).into());
     }
@@ -129,6 +146,7 @@ fn train(a: BenchTrainArgs) -> Result<()> {
             threads,
             model: cfg.clone(),
             primary_chunk: a.primary_chunk,
+            baseline: baseline.clone(),
         })
         .collect();
     if settings.is_empty() {
@@ -145,7 +163,7 @@ fn train(a: BenchTrainArgs) -> Result<()> {
         a.model.name(),
         cfg.image_size,
         cfg.image_size,
-        cfg.forward_flops() / 1e6
+        forward_flops / 1e6
     );
     println!("machine: {}", bench::machine_summary());
     if !a.no_sgemm {

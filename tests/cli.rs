@@ -308,6 +308,25 @@ fn bench_train_prints_a_table_and_writes_json() {
     ]);
     assert!(t.contains("at 40x40"), "{t}");
     assert_eq!(rows.len(), 1);
+    // The CNN baseline, with its own parts.
+    let (t, rows) = bench(&[
+        "train",
+        "--model",
+        "cnn-tiny",
+        "--batch-sizes",
+        "2",
+        "--infer-batch-sizes",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--no-sgemm",
+    ]);
+    assert!(t.contains("model cnn-tiny at 28x28"), "{t}");
+    assert_eq!(rows.len(), 2);
+    assert!(rows[0]["parts_s"].get("conv").is_some(), "{}", rows[0]);
+    assert!(rows[0]["gflop_per_s"].as_f64().unwrap() > 0.0);
     let o = capsnet(&["bench", "train", "--model", "tiny", "--image-size", "8"]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(text(&o).contains("--image-size"), "{}", text(&o));

@@ -222,6 +222,7 @@ pub fn measure(model: &CapsNetConfig, batch: usize, threads: usize, steps: usize
         threads: threads.max(1),
         model: model.clone(),
         primary_chunk: None,
+        baseline: None,
     })?;
     let part = |name: &str| {
         row.parts

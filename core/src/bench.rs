@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::blas::{init_blas, par_gemm, view2, view2_mut};
-use crate::config::CapsNetConfig;
+use crate::cnn::{CnnBaseline, CnnTimings, CnnWorkspace};
+use crate::config::{CapsNetConfig, CnnConfig};
 use crate::error::{CoreError, Result};
 use crate::model::{CapsNet, Mask, PassOptions, Timings, Workspace};
 use crate::optim::{Adam, AdamConfig};
@@ -34,6 +35,10 @@ pub struct BenchSettings {
     pub threads: usize,
     pub model: CapsNetConfig,
     pub primary_chunk: Option<usize>,
+    /// Measure the CNN baseline with this config instead (its input side and classes are
+    /// `model`'s); inference is then the forward pass to the class probabilities.
+    #[serde(default)]
+    pub baseline: Option<CnnConfig>,
 }
 
 /// One row of results; the keys match `torch_capsnet_bench.py --json` where they overlap.
@@ -241,6 +246,9 @@ pub fn run_setting(s: &BenchSettings) -> Result<BenchRow> {
             "bench batch, steps and threads must be at least 1".into(),
         ));
     }
+    if let Some(b) = &s.baseline {
+        return run_cnn_setting(s, b);
+    }
     let mut model = CapsNet::new(s.model.clone())?;
     if let Some(c) = s.primary_chunk {
         model.set_primary_chunk(c);
@@ -305,6 +313,87 @@ pub fn run_setting(s: &BenchSettings) -> Result<BenchRow> {
             .parts()
             .iter()
             .map(|(k, d)| (k.to_string(), d.as_secs_f64() / n))
+            .collect(),
+    })
+}
+
+/// [`run_setting`] for the CNN baseline: forward + backward (dropout on) + Adam, or the
+/// forward pass to the class probabilities.
+fn run_cnn_setting(s: &BenchSettings, cfg: &CnnConfig) -> Result<BenchRow> {
+    let model = CnnBaseline::new(cfg.clone())?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(s.threads)
+        .build()
+        .map_err(|e| CoreError::thread_pool(s.threads, e))?;
+    let mut params = model.init_params(1);
+    let mut rng = Rng::new(2);
+    let images: Vec<f32> = (0..s.batch * cfg.pixels())
+        .map(|_| rng.uniform(0.0, 1.0))
+        .collect();
+    let labels: Vec<usize> = (0..s.batch).map(|_| rng.below(cfg.classes)).collect();
+    let keys: Vec<u64> = (0..s.batch as u64).collect();
+    let mut grads = Params::zeros(model.layout());
+    let mut adam = Adam::new(AdamConfig::default(), params.data.len());
+    let mut ws = CnnWorkspace::new();
+    let mut times = Vec::with_capacity(s.steps);
+    let mut parts = vec![0.0f64; 5];
+    pool.install(|| -> Result<()> {
+        for i in 0..s.warmup + s.steps {
+            ws.timings = CnnTimings::default();
+            let t = Instant::now();
+            let mut optimizer = Duration::ZERO;
+            match s.mode {
+                BenchMode::Train => {
+                    model.forward_backward(
+                        &params,
+                        &images,
+                        &labels,
+                        Some(&keys),
+                        &mut grads,
+                        &mut ws,
+                    )?;
+                    let o = Instant::now();
+                    adam.update(&mut params.data, &grads.data)?;
+                    optimizer = o.elapsed();
+                }
+                BenchMode::Infer => {
+                    model.predict(&params, &images, &mut ws)?;
+                }
+            }
+            let dt = t.elapsed();
+            if i >= s.warmup {
+                times.push(dt.as_secs_f64());
+                for (acc, (_, d)) in parts.iter_mut().zip(ws.timings.parts()) {
+                    *acc += d.as_secs_f64();
+                }
+                parts[4] += optimizer.as_secs_f64();
+            }
+        }
+        Ok(())
+    })?;
+    let min = times.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = times.iter().copied().fold(0.0, f64::max);
+    let med = median(&mut times);
+    let n = s.steps as f64;
+    let flops = match s.mode {
+        BenchMode::Train => 3.0 * cfg.forward_flops(),
+        BenchMode::Infer => cfg.forward_flops(),
+    };
+    let names = ["conv", "pool", "fc", "loss", "optimizer"];
+    Ok(BenchRow {
+        mode: s.mode,
+        batch: s.batch,
+        threads: s.threads,
+        median_s: med,
+        min_s: min,
+        max_s: max,
+        images_per_s: s.batch as f64 / med,
+        gflop_per_s: s.batch as f64 * flops / med / 1e9,
+        peak_rss_mib: peak_rss_mib().unwrap_or(f64::NAN),
+        parts: names
+            .iter()
+            .zip(&parts)
+            .map(|(k, t)| (k.to_string(), t / n))
             .collect(),
     })
 }
