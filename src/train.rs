@@ -92,9 +92,14 @@ pub fn train(a: TrainArgs) -> Result<()> {
         cfg.run_dir = d;
     }
     cfg.validate()?;
+    let side = cfg.model.image_size;
+    let model = match &cfg.baseline {
+        Some(_) => format!("cnn-baseline {side}x{side}"),
+        None => format!("capsnet {side}x{side}, routing {}", cfg.model.routing_iters),
+    };
     tracing::info!(
         data = %cfg.data_dir.display(), run_dir = %cfg.run_dir.display(), batch = cfg.batch_size,
-        epochs = cfg.epochs, threads = cfg.threads, routing = cfg.model.routing_iters, "training"
+        epochs = cfg.epochs, threads = cfg.threads, model, "training"
     );
     let mut progress = Progress::new(cfg.log_every);
     let out = train::train(&cfg, resume, &mut progress)?;
