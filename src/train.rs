@@ -53,6 +53,12 @@ pub struct EvalArgs {
     /// than the model's input.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Also evaluate on the test split's overlapping pairs (section 6 of the paper; for a model
+    /// trained with --multi): a pair is right when its two classes are the two longest capsules
+    /// (the two largest outputs of the CNN). The shift is half the margin between the model's
+    /// input and the images.
+    #[arg(long)]
+    multi: bool,
     /// Evaluate on the first N test images only.
     #[arg(long, value_name = "N")]
     test_limit: Option<usize>,
@@ -93,10 +99,13 @@ pub fn train(a: TrainArgs) -> Result<()> {
     }
     cfg.validate()?;
     let side = cfg.model.image_size;
-    let model = match &cfg.baseline {
+    let mut model = match &cfg.baseline {
         Some(_) => format!("cnn-baseline {side}x{side}"),
         None => format!("capsnet {side}x{side}, routing {}", cfg.model.routing_iters),
     };
+    if let Some(shift) = cfg.multi {
+        model.push_str(&format!(", overlapping pairs shifted up to {shift}"));
+    }
     tracing::info!(
         data = %cfg.data_dir.display(), run_dir = %cfg.run_dir.display(), batch = cfg.batch_size,
         epochs = cfg.epochs, threads = cfg.threads, model, "training"
@@ -138,6 +147,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         affine: a.affine.then_some(a.seed),
         placement_seed: a.seed,
         limit: a.test_limit,
+        multi: a.multi,
     };
     let e = train::evaluate_checkpoint(&a.checkpoint, &dir, a.batch_size, threads, a.ema, sets)?;
     if a.json {
@@ -163,6 +173,13 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             println!(
                 "affine test set ({side}x{side}, seed {}): {af} on {} images",
                 a.seed, af.samples
+            );
+        }
+        if let (Some(p), Some(shift)) = (&e.pairs, e.pair_shift) {
+            println!(
+                "overlapping pairs ({side}x{side}, shifts up to {shift}, both classes right): {p} \
+                 on {} pairs",
+                p.samples
             );
         }
     }

@@ -13,8 +13,9 @@ use capsnet_core::optim::{Adam, ema_update};
 use common::reference::{Reference, worst};
 use common::*;
 
-/// Runs 3 rounds of 2 workers with batch 4 of `model` and returns the run dir.
-fn three_rounds(tmp: &Path, d: &Path, name: &str, model: &str) -> PathBuf {
+/// Runs 3 rounds of 2 workers with batch 4 of `model` (plus `extra` coordinator flags) and
+/// returns the run dir.
+fn three_rounds(tmp: &Path, d: &Path, name: &str, model: &str, extra: &[&str]) -> PathBuf {
     let run = tmp.join(name);
     let (data, run_arg) = (d.display().to_string(), run.display().to_string());
     let (mut coord, url) = coordinator(
@@ -43,7 +44,11 @@ fn three_rounds(tmp: &Path, d: &Path, name: &str, model: &str) -> PathBuf {
             "2",
             "--min-workers",
             "2",
-        ],
+        ]
+        .iter()
+        .chain(extra)
+        .copied()
+        .collect::<Vec<_>>(),
     );
     let mut w0 = worker(tmp, &url, 0, d, &[]);
     let mut w1 = worker(tmp, &url, 1, d, &[]);
@@ -58,20 +63,26 @@ fn three_rounds(tmp: &Path, d: &Path, name: &str, model: &str) -> PathBuf {
 /// the same bits.
 #[test]
 fn two_workers_equal_one_process_with_the_summed_batch() {
-    summed_batch_equivalence("tiny");
+    summed_batch_equivalence("tiny", &[]);
+}
+
+/// The same on overlapping pairs (`--multi`): the workers draw the pairs one process draws.
+#[test]
+fn two_workers_train_on_overlapping_pairs_as_one_process() {
+    summed_batch_equivalence("tiny", &["--multi", "2"]);
 }
 
 /// The same for the CNN baseline, whose dropout masks are keyed by sample: the workers draw
 /// what one process draws.
 #[test]
 fn two_workers_train_the_cnn_baseline_as_one_process() {
-    summed_batch_equivalence("cnn-tiny");
+    summed_batch_equivalence("cnn-tiny", &[]);
 }
 
-fn summed_batch_equivalence(model: &str) {
+fn summed_batch_equivalence(model: &str, extra: &[&str]) {
     let tmp = tempfile::tempdir().unwrap();
     let d = synthetic(tmp.path(), 64);
-    let run = three_rounds(tmp.path(), &d, "run", model);
+    let run = three_rounds(tmp.path(), &d, "run", model, extra);
 
     // The same three steps in one process, on both workers' samples at once.
     let mut reference = Reference::of_run(&run, &d, 2, 4);
@@ -106,7 +117,7 @@ fn summed_batch_equivalence(model: &str) {
     );
 
     // The reduction does not depend on which update arrives first: same seed, same bits.
-    let again = three_rounds(tmp.path(), &d, "again", model);
+    let again = three_rounds(tmp.path(), &d, "again", model, extra);
     let ck2 = Checkpoint::load(&again.join("checkpoint-3.safetensors"), None).unwrap();
     assert!(
         ck.params

@@ -78,12 +78,7 @@ pub fn make_canvas_batch(ds: &Dataset, indices: &[usize], rng: &mut Rng, canvas:
         place(dst, canvas, ds.image(i), ds.rows, ds.cols, ox, oy);
         labels.push(usize::from(ds.labels[i]));
     }
-    Batch {
-        images,
-        labels,
-        rows: canvas,
-        cols: canvas,
-    }
+    Batch::single(images, labels, canvas, canvas)
 }
 
 fn to_u8(x: f32) -> u8 {

@@ -24,7 +24,7 @@ use crate::config::CnnConfig;
 use crate::conv::ConvGeom;
 use crate::error::{CoreError, Result};
 use crate::layers::{self, Conv2d, ConvScratch, LayerGrads, Linear, MaxPool2};
-use crate::loss;
+use crate::loss::{self, Targets};
 use crate::model::BatchStats;
 use crate::params::{ParamLayout, Params};
 use crate::rng::Rng;
@@ -144,16 +144,6 @@ fn rows_to_channels(rows: &[f32], c: usize, hw: usize, x: &mut [f32]) {
         });
 }
 
-fn argmax(x: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &v) in x.iter().enumerate() {
-        if v > x[best] {
-            best = i;
-        }
-    }
-    best
-}
-
 /// The weight and bias gradients of the layer whose weight is spec `w` (its bias follows it).
 fn layer_grads<'a>(
     grads: &'a mut Params,
@@ -258,21 +248,9 @@ impl CnnBaseline {
         Ok(images.len() / px)
     }
 
-    fn check_inputs(&self, params: &Params, images: &[f32], labels: &[usize]) -> Result<usize> {
+    fn check_inputs(&self, params: &Params, images: &[f32], targets: &Targets) -> Result<usize> {
         let b = self.check_images(params, images)?;
-        if labels.len() != b {
-            return Err(CoreError::Shape {
-                op: "labels",
-                expected: vec![b],
-                got: vec![labels.len()],
-            });
-        }
-        if let Some(&l) = labels.iter().find(|&&l| l >= self.cfg.classes) {
-            return Err(CoreError::Label {
-                label: l,
-                classes: self.cfg.classes,
-            });
-        }
+        targets.check(b, self.cfg.classes, self.cfg.pixels())?;
         Ok(b)
     }
 
@@ -286,9 +264,23 @@ impl CnnBaseline {
         labels: &[usize],
         ws: &mut CnnWorkspace,
     ) -> Result<BatchStats> {
-        let b = self.check_inputs(params, images, labels)?;
+        self.forward_targets(params, images, &Targets::single(labels), ws)
+    }
+
+    /// [`Self::forward`] against [`Targets`]: with one object per image the softmax
+    /// cross-entropy, with several a sigmoid per class and their cross-entropies (the paper's
+    /// baseline on overlapping pairs; an image is right when its largest logits are its
+    /// classes). The reconstruction targets are not used.
+    pub fn forward_targets(
+        &self,
+        params: &Params,
+        images: &[f32],
+        targets: &Targets,
+        ws: &mut CnnWorkspace,
+    ) -> Result<BatchStats> {
+        let b = self.check_inputs(params, images, targets)?;
         self.forward_logits(params, images, b, None, ws);
-        Ok(self.loss(labels, b, ws))
+        Ok(self.loss(targets, b, ws))
     }
 
     /// Inference: class probabilities `[B, classes]` (softmax of the logits).
@@ -329,7 +321,21 @@ impl CnnBaseline {
         grads: &mut Params,
         ws: &mut CnnWorkspace,
     ) -> Result<BatchStats> {
-        let b = self.check_inputs(params, images, labels)?;
+        let targets = Targets::single(labels);
+        self.forward_backward_targets(params, images, &targets, dropout, grads, ws)
+    }
+
+    /// [`Self::forward_backward`] against [`Targets`] (the loss of [`Self::forward_targets`]).
+    pub fn forward_backward_targets(
+        &self,
+        params: &Params,
+        images: &[f32],
+        targets: &Targets,
+        dropout: Option<&[u64]>,
+        grads: &mut Params,
+        ws: &mut CnnWorkspace,
+    ) -> Result<BatchStats> {
+        let b = self.check_inputs(params, images, targets)?;
         if grads.layout() != &self.layout {
             return Err(CoreError::LayoutMismatch {
                 what: "gradient buffers",
@@ -345,7 +351,7 @@ impl CnnBaseline {
             });
         }
         self.forward_logits(params, images, b, dropout, ws);
-        let stats = self.loss(labels, b, ws);
+        let stats = self.loss(targets, b, ws);
         self.backward(params, images, b, dropout.is_some(), grads, ws);
         Ok(stats)
     }
@@ -460,24 +466,30 @@ impl CnnBaseline {
         }
     }
 
-    /// Softmax cross-entropy of each sample; leaves `dL/dlogits` of the batch mean in
-    /// `ws.g_logits`.
-    fn loss(&self, labels: &[usize], b: usize, ws: &mut CnnWorkspace) -> BatchStats {
+    /// The cross-entropy of each sample (softmax with one object per image, sigmoids with
+    /// several); leaves `dL/dlogits` of the batch mean in `ws.g_logits`.
+    fn loss(&self, targets: &Targets, b: usize, ws: &mut CnnWorkspace) -> BatchStats {
         let t = Instant::now();
         let nc = self.cfg.classes;
         ws.probs.resize(b * nc, 0.0);
         ws.g_logits.resize(b * nc, 0.0);
         let scale = 1.0 / b as f32;
         let (mut total, mut correct) = (0.0, 0);
-        for (((z, p), g), &label) in ws
+        let mut present = Vec::with_capacity(targets.objects);
+        for (i, ((z, p), g)) in ws
             .logits
             .chunks_exact(nc)
             .zip(ws.probs.chunks_exact_mut(nc))
             .zip(ws.g_logits.chunks_exact_mut(nc))
-            .zip(labels)
+            .enumerate()
         {
-            total += loss::softmax_cross_entropy(z, label, scale, p, g);
-            correct += usize::from(argmax(z) == label);
+            present.clear();
+            present.extend(targets.classes_of(i, b));
+            total += match present[..] {
+                [label] => loss::softmax_cross_entropy(z, label, scale, p, g),
+                _ => loss::sigmoid_cross_entropy(z, &present, scale, p, g),
+            };
+            correct += usize::from(loss::top_k_matches(z, &present));
         }
         ws.timings.loss += t.elapsed();
         BatchStats {

@@ -19,6 +19,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use crate::error::{CoreError, Result};
+use crate::loss::Targets;
 use crate::rng::Rng;
 
 /// Where `apt-get install dataset-fashion-mnist` puts the data set on Debian and Ubuntu.
@@ -138,19 +139,13 @@ pub fn load_split(dir: &Path, split: Split, classes: usize, image_size: usize) -
     load_idx_pair(&images, &labels, classes, ImageSize::Exactly(image_size))
 }
 
-/// Loads a split for a model whose input is `image_size` and, with `canvas`, a split of images
-/// that fit on that canvas (any size up to it).
+/// Loads a split of images of `size` (a run's [`crate::train::Inputs::data_size`]).
 pub fn load_split_for(
     dir: &Path,
     split: Split,
     classes: usize,
-    image_size: usize,
-    canvas: Option<usize>,
+    size: ImageSize,
 ) -> Result<Dataset> {
-    let size = match canvas {
-        Some(c) => ImageSize::AtMost(c),
-        None => ImageSize::Exactly(image_size),
-    };
     let (images, labels) = split_paths(dir, split)?;
     load_idx_pair(&images, &labels, classes, size)
 }
@@ -539,18 +534,46 @@ pub fn epoch_permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
 #[derive(Clone, Debug, Default)]
 pub struct Batch {
     pub images: Vec<f32>,
+    /// The classes of each image's objects, `[objects, b]` (see [`Targets`]).
     pub labels: Vec<usize>,
     pub rows: usize,
     pub cols: usize,
+    /// Objects per image: 1, or 2 for overlapping pairs ([`crate::multi`]).
+    pub objects: usize,
+    /// Each object alone, `[objects, b, rows, cols]`, the targets of its reconstruction;
+    /// empty when the image itself is.
+    pub parts: Vec<f32>,
 }
 
 impl Batch {
+    /// A batch of one object per image.
+    pub fn single(images: Vec<f32>, labels: Vec<usize>, rows: usize, cols: usize) -> Self {
+        Batch {
+            images,
+            labels,
+            rows,
+            cols,
+            objects: 1,
+            parts: Vec::new(),
+        }
+    }
+
+    /// Images in the batch.
     pub fn len(&self) -> usize {
-        self.labels.len()
+        self.labels.len() / self.objects.max(1)
     }
 
     pub fn is_empty(&self) -> bool {
         self.labels.is_empty()
+    }
+
+    /// What the batch is scored against.
+    pub fn targets(&self) -> Targets<'_> {
+        Targets {
+            labels: &self.labels,
+            objects: self.objects.max(1),
+            parts: (!self.parts.is_empty()).then_some(self.parts.as_slice()),
+        }
     }
 }
 
@@ -601,12 +624,7 @@ pub fn make_batch(ds: &Dataset, indices: &[usize], mut shift: Option<(&mut Rng, 
         }
         labels.push(usize::from(ds.labels[i]));
     }
-    Batch {
-        images,
-        labels,
-        rows,
-        cols,
-    }
+    Batch::single(images, labels, rows, cols)
 }
 
 #[cfg(test)]

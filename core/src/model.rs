@@ -22,7 +22,7 @@ use crate::caps::{self, DigitDims, RoutingCache};
 use crate::config::CapsNetConfig;
 use crate::conv::ConvGeom;
 use crate::error::{CoreError, Result};
-use crate::loss::{self, MarginParams};
+use crate::loss::{self, MarginParams, Targets};
 use crate::params::{
     CONV1_B, CONV1_W, DECODER_0, DIGIT_W, PRIMARY_B, PRIMARY_W, ParamLayout, Params,
 };
@@ -262,7 +262,7 @@ impl CapsNet {
         }
     }
 
-    fn check_inputs(&self, params: &Params, images: &[f32], labels: &[usize]) -> Result<usize> {
+    fn check_inputs(&self, params: &Params, images: &[f32], targets: &Targets) -> Result<usize> {
         if params.layout() != &self.layout {
             return Err(CoreError::LayoutMismatch { what: "parameters" });
         }
@@ -275,19 +275,7 @@ impl CapsNet {
             });
         }
         let b = images.len() / px;
-        if labels.len() != b {
-            return Err(CoreError::Shape {
-                op: "labels",
-                expected: vec![b],
-                got: vec![labels.len()],
-            });
-        }
-        if let Some(&l) = labels.iter().find(|&&l| l >= self.cfg.classes) {
-            return Err(CoreError::Label {
-                label: l,
-                classes: self.cfg.classes,
-            });
-        }
+        targets.check(b, self.cfg.classes, px)?;
         Ok(b)
     }
 
@@ -301,8 +289,23 @@ impl CapsNet {
         mask: Mask,
         ws: &mut Workspace,
     ) -> Result<BatchStats> {
-        let b = self.check_inputs(params, images, labels)?;
-        self.forward_impl(params, images, labels, mask, b, ws, 0.0)
+        self.forward_targets(params, images, &Targets::single(labels), mask, ws)
+    }
+
+    /// [`Self::forward`] against [`Targets`] of any number of objects per image: the decoder
+    /// reconstructs each object from its own capsule (with [`Mask::Predicted`], from the
+    /// longest capsules, each matched to an object of its class where there is one), and an
+    /// image counts as correct when its longest capsules are its classes.
+    pub fn forward_targets(
+        &self,
+        params: &Params,
+        images: &[f32],
+        targets: &Targets,
+        mask: Mask,
+        ws: &mut Workspace,
+    ) -> Result<BatchStats> {
+        let b = self.check_inputs(params, images, targets)?;
+        self.forward_impl(params, images, targets, mask, b, ws, 0.0)
     }
 
     /// Forward and backward pass: writes the gradient of the batch loss (mean over the batch)
@@ -316,14 +319,27 @@ impl CapsNet {
         grads: &mut Params,
         ws: &mut Workspace,
     ) -> Result<BatchStats> {
-        let b = self.check_inputs(params, images, labels)?;
+        self.forward_backward_targets(params, images, &Targets::single(labels), opts, grads, ws)
+    }
+
+    /// [`Self::forward_backward`] against [`Targets`] of any number of objects per image.
+    pub fn forward_backward_targets(
+        &self,
+        params: &Params,
+        images: &[f32],
+        targets: &Targets,
+        opts: PassOptions,
+        grads: &mut Params,
+        ws: &mut Workspace,
+    ) -> Result<BatchStats> {
+        let b = self.check_inputs(params, images, targets)?;
         if grads.layout() != &self.layout {
             return Err(CoreError::LayoutMismatch {
                 what: "gradient buffers",
             });
         }
-        let stats = self.forward_impl(params, images, labels, opts.mask, b, ws, 1.0 / b as f32)?;
-        self.backward_impl(params, images, b, opts.input_grad, grads, ws);
+        let stats = self.forward_impl(params, images, targets, opts.mask, b, ws, 1.0 / b as f32)?;
+        self.backward_impl(params, images, targets, b, opts.input_grad, grads, ws);
         Ok(stats)
     }
 
@@ -444,7 +460,7 @@ impl CapsNet {
         &self,
         params: &Params,
         images: &[f32],
-        labels: &[usize],
+        targets: &Targets,
         mask: Mask,
         b: usize,
         ws: &mut Workspace,
@@ -452,30 +468,37 @@ impl CapsNet {
     ) -> Result<BatchStats> {
         self.forward_caps(params, images, b, ws)?;
         let cfg = &self.cfg;
-        let (nj, dd) = (cfg.classes, cfg.digit_dim);
+        let (nj, dd, k) = (cfg.classes, cfg.digit_dim, targets.objects);
+        let rows = k * b;
         let t4 = Instant::now();
 
-        // Decoder on the masked capsules.
+        // The capsule each decoder row sees: row o * b + i decodes object o of image i.
         ws.mask.clear();
+        ws.mask.resize(rows, 0);
         let mut correct = 0;
+        let mut present = Vec::with_capacity(k);
         for (bi, len) in ws.lengths.chunks_exact(nj).enumerate() {
-            let pred = argmax(len);
-            correct += usize::from(pred == labels[bi]);
-            ws.mask.push(if mask == Mask::Label {
-                labels[bi]
-            } else {
-                pred
-            });
+            present.clear();
+            present.extend(targets.classes_of(bi, b));
+            correct += usize::from(loss::top_k_matches(len, &present));
+            let chosen = match mask {
+                Mask::Label => present.clone(),
+                Mask::Predicted => match_to_objects(&loss::top_k(len, k), &present),
+            };
+            for (o, &m) in chosen.iter().enumerate() {
+                ws.mask[o * b + bi] = m;
+            }
         }
         let nl = self.layout.decoder_layers();
         ws.dec.resize_with(nl + 1, Vec::new);
         let din = cfg.decoder_in();
         ws.dec[0].clear();
-        ws.dec[0].resize(b * din, 0.0);
-        for (bi, &m) in ws.mask.iter().enumerate() {
-            ws.dec[0][bi * din + m * dd..][..dd].copy_from_slice(&ws.v[(bi * nj + m) * dd..][..dd]);
+        ws.dec[0].resize(rows * din, 0.0);
+        for (r, &m) in ws.mask.iter().enumerate() {
+            let bi = r % b;
+            ws.dec[0][r * din + m * dd..][..dd].copy_from_slice(&ws.v[(bi * nj + m) * dd..][..dd]);
         }
-        self.decoder_forward(params, b, &mut ws.dec);
+        self.decoder_forward(params, rows, &mut ws.dec);
         let t5 = Instant::now();
         ws.timings.decoder += t5 - t4;
 
@@ -493,17 +516,20 @@ impl CapsNet {
             .zip(ws.g_len.chunks_exact_mut(nj))
             .enumerate()
         {
-            margin += loss::margin_loss(len, labels[bi], &mp, grad_scale, g);
+            present.clear();
+            present.extend(targets.classes_of(bi, b));
+            margin += loss::margin_loss(len, &present, &mp, grad_scale, g);
         }
         let px = cfg.pixels();
         let mut g_rec = std::mem::take(&mut ws.g_dec);
         g_rec.resize_with(nl + 1, Vec::new);
-        g_rec[nl].resize(b * px, 0.0);
+        g_rec[nl].resize(rows * px, 0.0);
         let recon = &ws.dec[nl];
+        let want = targets.parts.unwrap_or(images);
         let rec_sum: f64 = g_rec[nl]
             .par_chunks_mut(px)
             .zip(recon.par_chunks(px))
-            .zip(images.par_chunks(px))
+            .zip(want.par_chunks(px))
             .map(|((g, r), x)| loss::reconstruction_loss(r, x, cfg.recon_weight, grad_scale, g))
             .collect::<Vec<f64>>()
             .iter()
@@ -573,17 +599,31 @@ impl CapsNet {
 
     /// The backward pass, layer by layer from the losses to conv1, each stage timed. `ws`
     /// holds the forward pass's activations and the loss gradients it left.
+    #[allow(clippy::too_many_arguments)]
     fn backward_impl(
         &self,
         params: &Params,
         images: &[f32],
+        targets: &Targets,
         b: usize,
         input_grad: bool,
         grads: &mut Params,
         ws: &mut Workspace,
     ) {
         let t0 = Instant::now();
-        self.decoder_backward(params, b, input_grad, grads, ws);
+        let rows = targets.objects * b;
+        self.decoder_backward(
+            params,
+            rows,
+            input_grad && targets.parts.is_none(),
+            grads,
+            ws,
+        );
+        if input_grad && targets.parts.is_some() {
+            // The targets are not the image: its gradient comes through the network alone.
+            ws.g_images.clear();
+            ws.g_images.resize(images.len(), 0.0);
+        }
         self.capsule_lengths_backward(b, ws);
         let t1 = Instant::now();
         ws.timings.decoder += t1 - t0;
@@ -621,9 +661,9 @@ impl CapsNet {
         ws.timings.conv1 += t4.elapsed();
     }
 
-    /// Decoder, last layer first (sigmoid, then ReLUs): its weight and bias gradients, and the
-    /// gradient of its input in `ws.g_dec[0]`. With `input_grad`, starts `ws.g_images` (the
-    /// image is also the reconstruction target).
+    /// Decoder over its `b` rows, last layer first (sigmoid, then ReLUs): its weight and bias
+    /// gradients, and the gradient of its input in `ws.g_dec[0]`. With `input_grad`, starts
+    /// `ws.g_images` (the image is also the reconstruction target).
     fn decoder_backward(
         &self,
         params: &Params,
@@ -683,7 +723,7 @@ impl CapsNet {
     }
 
     /// `ws.g_v`, the gradient of the digit capsules: the margin loss through their lengths,
-    /// plus the decoder's input gradient through the masked capsule of each image.
+    /// plus the decoder's input gradient through the masked capsule of each decoder row.
     fn capsule_lengths_backward(&self, b: usize, ws: &mut Workspace) {
         let (nj, dd) = (self.cfg.classes, self.cfg.digit_dim);
         ws.g_v.resize(b * nj * dd, 0.0);
@@ -699,8 +739,9 @@ impl CapsNet {
             gv.iter_mut().zip(v).for_each(|(g, &x)| *g = k * x);
         }
         let din = self.cfg.decoder_in();
-        for (bi, &m) in ws.mask.iter().enumerate() {
-            let src = &ws.g_dec[0][bi * din + m * dd..][..dd];
+        for (r, &m) in ws.mask.iter().enumerate() {
+            let bi = r % b;
+            let src = &ws.g_dec[0][r * din + m * dd..][..dd];
             ws.g_v[(bi * nj + m) * dd..][..dd]
                 .iter_mut()
                 .zip(src)
@@ -827,6 +868,23 @@ impl CapsNet {
             g1.col2im_k_major(&ws.g_col1, b, 0, b, &mut ws.g_images);
         }
     }
+}
+
+/// The predicted classes `top` in the order of the objects `present`: an object whose class
+/// was predicted gets that capsule, the others the remaining predictions in rank order. So each
+/// reconstruction is scored against its own object when the prediction is right.
+fn match_to_objects(top: &[usize], present: &[usize]) -> Vec<usize> {
+    let mut rest = top.iter().filter(|c| !present.contains(c));
+    present
+        .iter()
+        .map(|c| {
+            if top.contains(c) {
+                *c
+            } else {
+                rest.next().copied().unwrap_or(*c)
+            }
+        })
+        .collect()
 }
 
 pub(crate) fn argmax(x: &[f32]) -> usize {

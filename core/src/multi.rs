@@ -8,12 +8,14 @@
 //! first image then partner). So an epoch is reproducible and a resumed or distributed run
 //! draws what one process draws; the test pairs are epoch 0 of the test split.
 
-use crate::data::Dataset;
+use crate::data::{Batch, Dataset};
 use crate::error::{CoreError, Result};
 use crate::rng::Rng;
 
 /// The paper's largest shift (36x36 pairs of 28x28 images).
 pub const PAPER_SHIFT: usize = 4;
+/// The seed of the test pairs (epoch 0 of the test split): the same for every run.
+pub const TEST_PAIR_SEED: u64 = 0;
 /// Partner draws before falling back to the next image of another class.
 const MAX_DRAWS: usize = 64;
 
@@ -75,28 +77,6 @@ pub fn draw_pair(ds: &Dataset, i: usize, seed: u64, epoch: u64, shift: usize) ->
     }
 }
 
-/// A batch of pairs: the overlays the network sees, each image alone where it sits (the
-/// targets of its reconstruction), and the two labels.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct PairBatch {
-    /// `[b, side, side]` in [0, 1].
-    pub images: Vec<f32>,
-    /// `[b, side, side]` each, the first images and the partners.
-    pub parts: [Vec<f32>; 2],
-    pub labels: [Vec<usize>; 2],
-    pub side: usize,
-}
-
-impl PairBatch {
-    pub fn len(&self) -> usize {
-        self.labels[0].len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.labels[0].is_empty()
-    }
-}
-
 /// Writes image `src` (`rows x cols`) into `dst` (`side x side`, zeroed first) centred and
 /// shifted by `(dx, dy)`; `|dx|, |dy| <= (side - size) / 2` keeps it whole.
 fn put(dst: &mut [f32], side: usize, src: &[u8], rows: usize, cols: usize, dx: isize, dy: isize) {
@@ -117,51 +97,50 @@ fn put(dst: &mut [f32], side: usize, src: &[u8], rows: usize, cols: usize, dx: i
     }
 }
 
-/// The pairs of samples `indices` of `epoch`, drawn as [`draw_pair`] does.
+/// The pairs of samples `indices` of `epoch`, drawn as [`draw_pair`] does: the overlays the
+/// network sees (`[b, side, side]`), each image alone where it sits (`parts`, the targets of
+/// its reconstruction: the first images, then the partners) and the two labels (`[2, b]`).
 pub fn make_pair_batch(
     ds: &Dataset,
     indices: &[usize],
     seed: u64,
     epoch: u64,
     shift: usize,
-) -> PairBatch {
+) -> Batch {
     let side = canvas_side(ds, shift);
     let px = side * side;
     let b = indices.len();
-    let mut out = PairBatch {
-        images: vec![0.0; b * px],
-        parts: [vec![0.0; b * px], vec![0.0; b * px]],
-        labels: [Vec::with_capacity(b), Vec::with_capacity(b)],
-        side,
-    };
+    let mut images = vec![0.0; b * px];
+    let mut parts = vec![0.0; 2 * b * px];
+    let mut labels = vec![0; 2 * b];
     for (k, &i) in indices.iter().enumerate() {
         let pair = draw_pair(ds, i, seed, epoch, shift);
-        for (part, (img, (dx, dy))) in [pair.first, pair.second]
+        for (o, (img, (dx, dy))) in [pair.first, pair.second]
             .into_iter()
             .zip(pair.shifts)
             .enumerate()
         {
-            put(
-                &mut out.parts[part][k * px..(k + 1) * px],
-                side,
-                ds.image(img),
-                ds.rows,
-                ds.cols,
-                dx,
-                dy,
-            );
-            out.labels[part].push(usize::from(ds.labels[img]));
+            let dst = &mut parts[(o * b + k) * px..][..px];
+            put(dst, side, ds.image(img), ds.rows, ds.cols, dx, dy);
+            labels[o * b + k] = usize::from(ds.labels[img]);
         }
-        let (a, rest) = out.parts.split_at(1);
-        for ((o, &x), &y) in out.images[k * px..(k + 1) * px]
+        let (first, second) = parts.split_at(b * px);
+        for ((o, &x), &y) in images[k * px..][..px]
             .iter_mut()
-            .zip(&a[0][k * px..(k + 1) * px])
-            .zip(&rest[0][k * px..(k + 1) * px])
+            .zip(&first[k * px..][..px])
+            .zip(&second[k * px..][..px])
         {
             *o = x.max(y);
         }
     }
-    out
+    Batch {
+        images,
+        labels,
+        rows: side,
+        cols: side,
+        objects: 2,
+        parts,
+    }
 }
 
 #[cfg(test)]
@@ -231,23 +210,29 @@ mod tests {
     fn the_overlay_is_the_brighter_of_the_two_whole_images() {
         let ds = dataset(10, 3);
         let b = make_pair_batch(&ds, &[0, 4, 7], 3, 0, 4);
-        assert_eq!((b.side, b.len()), (16, 3));
+        assert_eq!((b.rows, b.cols, b.len(), b.objects), (16, 16, 3, 2));
         let px = 256;
+        let part = |o: usize, k: usize| &b.parts[(o * 3 + k) * px..][..px];
         for k in 0..3 {
             let pair = draw_pair(&ds, [0, 4, 7][k], 3, 0, 4);
-            assert_eq!(b.labels[0][k], usize::from(ds.labels[pair.first]));
-            assert_eq!(b.labels[1][k], usize::from(ds.labels[pair.second]));
-            for part in 0..2 {
+            assert_eq!(b.labels[k], usize::from(ds.labels[pair.first]));
+            assert_eq!(b.labels[3 + k], usize::from(ds.labels[pair.second]));
+            for o in 0..2 {
                 // Each image is placed whole: its mass is all there.
-                let img = if part == 0 { pair.first } else { pair.second };
+                let img = if o == 0 { pair.first } else { pair.second };
                 let want: f32 = ds.image(img).iter().map(|&p| f32::from(p) / 255.0).sum();
-                let got: f32 = b.parts[part][k * px..(k + 1) * px].iter().sum();
+                let got: f32 = part(o, k).iter().sum();
                 assert!((want - got).abs() < 1e-3, "{want} {got}");
             }
             for p in 0..px {
-                let (x, y) = (b.parts[0][k * px + p], b.parts[1][k * px + p]);
-                assert_eq!(b.images[k * px + p], x.max(y));
+                assert_eq!(b.images[k * px + p], part(0, k)[p].max(part(1, k)[p]));
             }
         }
+        let t = b.targets();
+        assert_eq!(
+            (t.objects, t.parts.map(<[f32]>::len)),
+            (2, Some(2 * 3 * px))
+        );
+        assert!(t.check(3, 3, px).is_ok());
     }
 }

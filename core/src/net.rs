@@ -8,6 +8,7 @@
 
 use crate::cnn::{CnnBaseline, CnnWorkspace};
 use crate::config::{CapsNetConfig, CnnConfig};
+use crate::data::Batch;
 use crate::error::Result;
 use crate::model::{BatchStats, CapsNet, Mask, PassOptions, Workspace};
 use crate::params::{ParamLayout, Params};
@@ -90,17 +91,19 @@ impl Net {
     }
 
     /// A test pass: losses and correct predictions (the capsule decoder sees the predicted
-    /// class; the CNN runs without dropout).
+    /// classes; the CNN runs without dropout).
     pub fn evaluate_batch(
         &self,
         params: &Params,
-        images: &[f32],
-        labels: &[usize],
+        batch: &Batch,
         ws: &mut NetWorkspace,
     ) -> Result<BatchStats> {
+        let t = batch.targets();
         match self {
-            Net::Caps(m) => m.forward(params, images, labels, Mask::Predicted, &mut ws.caps),
-            Net::Cnn(m) => m.forward(params, images, labels, &mut ws.cnn),
+            Net::Caps(m) => {
+                m.forward_targets(params, &batch.images, &t, Mask::Predicted, &mut ws.caps)
+            }
+            Net::Cnn(m) => m.forward_targets(params, &batch.images, &t, &mut ws.cnn),
         }
     }
 
@@ -109,17 +112,17 @@ impl Net {
     pub fn train_batch(
         &self,
         params: &Params,
-        images: &[f32],
-        labels: &[usize],
+        batch: &Batch,
         keys: &[u64],
         grads: &mut Params,
         ws: &mut NetWorkspace,
     ) -> Result<BatchStats> {
+        let t = batch.targets();
         match self {
-            Net::Caps(m) => m.forward_backward(
+            Net::Caps(m) => m.forward_backward_targets(
                 params,
-                images,
-                labels,
+                &batch.images,
+                &t,
                 PassOptions {
                     mask: Mask::Label,
                     input_grad: false,
@@ -127,9 +130,14 @@ impl Net {
                 grads,
                 &mut ws.caps,
             ),
-            Net::Cnn(m) => {
-                m.forward_backward(params, images, labels, Some(keys), grads, &mut ws.cnn)
-            }
+            Net::Cnn(m) => m.forward_backward_targets(
+                params,
+                &batch.images,
+                &t,
+                Some(keys),
+                grads,
+                &mut ws.cnn,
+            ),
         }
     }
 }

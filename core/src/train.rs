@@ -13,6 +13,7 @@ use crate::config::{CapsNetConfig, CnnConfig};
 use crate::data::{self, Dataset, Split};
 use crate::error::{CoreError, Result};
 use crate::model::{BatchStats, CapsNet, Mask, PassOptions, Workspace};
+use crate::multi;
 use crate::net::{self, Net, NetWorkspace};
 use crate::optim::{AdamConfig, LrSchedule};
 use crate::params::Params;
@@ -57,6 +58,92 @@ pub struct TrainConfig {
     /// (`--model cnn-baseline`); its input side and classes are `model`'s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub baseline: Option<CnnConfig>,
+    /// Train and test on overlapping pairs of images of two classes, each shifted by up to
+    /// this many pixels (the paper's MultiMNIST, section 6; `--multi`, 4 there): the model's
+    /// input is the images' side plus twice the shift, and each object is reconstructed from
+    /// its own capsule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multi: Option<usize>,
+}
+
+/// How a run turns the images of its data set into network inputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Inputs {
+    /// As they are, shifted at random by up to this many pixels (0: not shifted).
+    Shifted(usize),
+    /// At random places on a black canvas of this side (`--canvas`, section 5.2).
+    Canvas(usize),
+    /// Overlapping pairs, each image shifted by up to this many pixels (`--multi`, section 6).
+    Pairs(usize),
+}
+
+impl Inputs {
+    /// From a run's settings: `canvas` and `multi` exclude each other (validated before).
+    pub fn new(max_shift: usize, canvas: Option<usize>, multi: Option<usize>) -> Self {
+        match (canvas, multi) {
+            (Some(c), _) => Inputs::Canvas(c),
+            (None, Some(s)) => Inputs::Pairs(s),
+            (None, None) => Inputs::Shifted(max_shift),
+        }
+    }
+
+    /// The image size a data set must have for a model of input side `side`.
+    pub fn data_size(self, side: usize) -> data::ImageSize {
+        match self {
+            Inputs::Shifted(_) => data::ImageSize::Exactly(side),
+            Inputs::Canvas(c) => data::ImageSize::AtMost(c),
+            Inputs::Pairs(s) => data::ImageSize::Exactly(side.saturating_sub(2 * s)),
+        }
+    }
+
+    /// A training batch of the samples `indices` of `epoch`: shifted at random (randomness
+    /// from `rng`), placed on the canvas at random (from `rng`), or the epoch's pairs of those
+    /// samples (drawn from `seed`, the epoch and each sample's index alone).
+    pub fn training_batch(
+        self,
+        ds: &Dataset,
+        indices: &[usize],
+        rng: &mut Rng,
+        seed: u64,
+        epoch: u64,
+    ) -> data::Batch {
+        match self {
+            Inputs::Canvas(c) => canvas::make_canvas_batch(ds, indices, rng, c),
+            Inputs::Pairs(s) => multi::make_pair_batch(ds, indices, seed, epoch, s),
+            Inputs::Shifted(m) => data::make_batch(ds, indices, (m > 0).then_some((rng, m))),
+        }
+    }
+}
+
+/// A test set: images as the model sees them (for a canvas, the translated test set), or the
+/// overlapping pairs of a split (epoch 0 of [`multi::TEST_PAIR_SEED`], the same for every run).
+#[derive(Clone, Debug)]
+pub enum TestSet {
+    Images(Dataset),
+    Pairs { split: Dataset, shift: usize },
+}
+
+impl TestSet {
+    /// Samples in the set.
+    pub fn len(&self) -> usize {
+        match self {
+            TestSet::Images(ds) | TestSet::Pairs { split: ds, .. } => ds.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The samples `indices`, as the model sees them.
+    pub fn batch(&self, indices: &[usize]) -> data::Batch {
+        match self {
+            TestSet::Images(ds) => data::make_batch(ds, indices, None),
+            TestSet::Pairs { split, shift } => {
+                multi::make_pair_batch(split, indices, multi::TEST_PAIR_SEED, 0, *shift)
+            }
+        }
+    }
 }
 
 impl Default for TrainConfig {
@@ -81,6 +168,7 @@ impl Default for TrainConfig {
             ema_decay: None,
             canvas: None,
             baseline: None,
+            multi: None,
         }
     }
 }
@@ -117,6 +205,9 @@ pub struct TrainOverrides {
     /// With `model`: the CNN baseline to train instead of that capsule network (`model` then
     /// gives the input side and classes).
     pub baseline: Option<CnnConfig>,
+    /// `--multi`: overlapping pairs with shifts up to this many pixels; the model's input grows
+    /// by twice the shift and, unless `max_shift` is given, the shift augmentation is off.
+    pub multi: Option<usize>,
 }
 
 impl TrainOverrides {
@@ -162,6 +253,21 @@ impl TrainOverrides {
                 cfg.max_shift = 0;
             }
         }
+        if let Some(shift) = self.multi {
+            // The images' side: the model's given here, or the old run's less its pairs' margin.
+            let images = match &self.model {
+                Some(m) => m.image_size,
+                None => cfg
+                    .model
+                    .image_size
+                    .saturating_sub(2 * cfg.multi.unwrap_or(0)),
+            };
+            cfg.multi = Some(shift);
+            cfg.model.image_size = images + 2 * shift;
+            if self.max_shift.is_none() {
+                cfg.max_shift = 0;
+            }
+        }
         // The CNN takes the run's input side and classes.
         if let Some(b) = &mut cfg.baseline {
             b.image_size = cfg.model.image_size;
@@ -189,6 +295,11 @@ impl TrainConfig {
             what: format!("{} is not a capsnet config", path.display()),
             source,
         })
+    }
+
+    /// How the run's images become inputs.
+    pub fn inputs(&self) -> Inputs {
+        Inputs::new(self.max_shift, self.canvas, self.multi)
     }
 
     /// Checks every value before any work starts, naming the first bad one.
@@ -239,6 +350,29 @@ impl TrainConfig {
                      drop --max-shift {} (or give --max-shift 0)",
                     self.max_shift
                 ));
+            }
+        }
+        if let Some(shift) = self.multi {
+            if self.canvas.is_some() {
+                return bad(
+                    "--multi and --canvas exclude each other: pairs make their own canvas".into(),
+                );
+            }
+            if self.max_shift != 0 {
+                return bad(format!(
+                    "--multi shifts each image of a pair itself; drop --max-shift {} (or give \
+                     --max-shift 0)",
+                    self.max_shift
+                ));
+            }
+            if self.model.image_size <= 2 * shift {
+                return bad(format!(
+                    "--multi {shift} leaves no image on a {0}x{0} input",
+                    self.model.image_size
+                ));
+            }
+            if self.model.classes < 2 {
+                return bad("overlapping pairs need at least two classes".into());
             }
         }
         if let Some(d) = self.ema_decay
@@ -333,17 +467,12 @@ pub fn build_pool(threads: usize) -> Result<rayon::ThreadPool> {
 
 /// Loads both splits of a data folder for a model config, honouring the limits.
 /// With a canvas, the training images stay as they are (each batch places them at random) and
-/// the test images are the translated test set of [`canvas::TEST_PLACEMENT_SEED`].
-pub fn load_data(cfg: &TrainConfig) -> Result<(Dataset, Dataset)> {
-    let load = |split| {
-        data::load_split_for(
-            &cfg.data_dir,
-            split,
-            cfg.model.classes,
-            cfg.model.image_size,
-            cfg.canvas,
-        )
-    };
+/// the test images are the translated test set of [`canvas::TEST_PLACEMENT_SEED`]; with pairs,
+/// the test set is the test split's pairs.
+pub fn load_data(cfg: &TrainConfig) -> Result<(Dataset, TestSet)> {
+    let inputs = cfg.inputs();
+    let size = inputs.data_size(cfg.model.image_size);
+    let load = |split| data::load_split_for(&cfg.data_dir, split, cfg.model.classes, size);
     let mut train = load(Split::Train)?;
     let mut test = load(Split::Test)?;
     if let Some(n) = cfg.train_limit {
@@ -352,40 +481,32 @@ pub fn load_data(cfg: &TrainConfig) -> Result<(Dataset, Dataset)> {
     if let Some(n) = cfg.test_limit {
         test.truncate(n);
     }
-    if let Some(c) = cfg.canvas {
-        test = canvas::translated(&test, c, canvas::TEST_PLACEMENT_SEED)?;
-    }
+    let test = match inputs {
+        Inputs::Canvas(c) => {
+            TestSet::Images(canvas::translated(&test, c, canvas::TEST_PLACEMENT_SEED)?)
+        }
+        Inputs::Pairs(shift) => {
+            multi::check_pairs_possible(&train)?;
+            multi::check_pairs_possible(&test)?;
+            TestSet::Pairs { split: test, shift }
+        }
+        Inputs::Shifted(_) => TestSet::Images(test),
+    };
     Ok((train, test))
 }
 
-/// A training batch: on the canvas at random positions with `canvas`, else shifted at random
-/// by up to `max_shift` pixels (or as they are when it is 0). All randomness comes from `rng`.
-pub fn training_batch(
-    ds: &Dataset,
-    indices: &[usize],
-    rng: &mut Rng,
-    max_shift: usize,
-    canvas: Option<usize>,
-) -> data::Batch {
-    match canvas {
-        Some(c) => canvas::make_canvas_batch(ds, indices, rng, c),
-        None => data::make_batch(ds, indices, (max_shift > 0).then_some((rng, max_shift))),
-    }
-}
-
-/// Test accuracy and losses over a whole data set (the decoder sees the predicted class).
+/// Test accuracy and losses over a whole test set (the decoder sees the predicted classes).
 pub fn evaluate(
     model: &Net,
     params: &Params,
-    ds: &Dataset,
+    set: &TestSet,
     batch_size: usize,
     ws: &mut NetWorkspace,
 ) -> Result<EvalReport> {
     let mut total = BatchStats::default();
-    let idx: Vec<usize> = (0..ds.len()).collect();
+    let idx: Vec<usize> = (0..set.len()).collect();
     for chunk in idx.chunks(batch_size.max(1)) {
-        let batch = data::make_batch(ds, chunk, None);
-        let s = model.evaluate_batch(params, &batch.images, &batch.labels, ws)?;
+        let s = model.evaluate_batch(params, &set.batch(chunk), ws)?;
         total.margin_loss += s.margin_loss * s.samples as f64;
         total.reconstruction_loss += s.reconstruction_loss * s.samples as f64;
         total.correct += s.correct;
@@ -409,7 +530,7 @@ pub fn evaluate_with_average(
     model: &Net,
     params: &mut Params,
     average: Option<&mut Vec<f32>>,
-    ds: &Dataset,
+    ds: &TestSet,
     batch_size: usize,
     ws: &mut NetWorkspace,
 ) -> Result<(EvalReport, Option<EvalReport>)> {
@@ -536,7 +657,7 @@ struct Trainer<'a> {
     cfg: &'a TrainConfig,
     model: Net,
     train: Dataset,
-    test: Dataset,
+    test: TestSet,
     run: Run,
     grads: Params,
     ws: NetWorkspace,
@@ -597,16 +718,14 @@ impl Trainer<'_> {
         let state = &mut self.run.state;
         // Augmentation randomness is keyed by the step, so a resumed run draws the same.
         let mut rng = Rng::derive(cfg.seed, "augment", state.adam.step);
-        let batch = training_batch(&self.train, indices, &mut rng, cfg.max_shift, cfg.canvas);
-        let keys = net::sample_keys(cfg.seed, state.position.epoch, indices);
-        let stats = self.model.train_batch(
-            &state.params,
-            &batch.images,
-            &batch.labels,
-            &keys,
-            &mut self.grads,
-            &mut self.ws,
-        )?;
+        let epoch = state.position.epoch;
+        let batch = cfg
+            .inputs()
+            .training_batch(&self.train, indices, &mut rng, cfg.seed, epoch);
+        let keys = net::sample_keys(cfg.seed, epoch, indices);
+        let stats =
+            self.model
+                .train_batch(&state.params, &batch, &keys, &mut self.grads, &mut self.ws)?;
         if !stats.total_loss().is_finite() {
             return Err(CoreError::Diverged {
                 step: state.adam.step,
@@ -706,6 +825,9 @@ pub struct EvalSets {
     pub placement_seed: u64,
     /// Only the first N test images.
     pub limit: Option<usize>,
+    /// Also the test split's overlapping pairs (section 6), shifted by up to half the margin
+    /// between the model's input and the images.
+    pub multi: bool,
 }
 
 /// A checkpoint's evaluation by `capsnet eval`.
@@ -721,6 +843,13 @@ pub struct CheckpointEval {
     /// On the affine test set, when asked for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub affine: Option<EvalReport>,
+    /// On the test pairs, when asked for: correct when both classes are the two longest
+    /// capsules (or largest logits).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pairs: Option<EvalReport>,
+    /// The largest shift of each image of a pair.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pair_shift: Option<usize>,
 }
 
 /// The test split of a data folder for a model: images of the model's input size, or any that
@@ -731,7 +860,8 @@ pub fn load_test_split(
     limit: Option<usize>,
 ) -> Result<Dataset> {
     let side = model.image_size;
-    let mut test = data::load_split_for(data_dir, Split::Test, model.classes, side, Some(side))?;
+    let size = data::ImageSize::AtMost(side);
+    let mut test = data::load_split_for(data_dir, Split::Test, model.classes, size)?;
     if let Some(n) = limit {
         test.truncate(n);
     }
@@ -781,14 +911,25 @@ pub fn evaluate_checkpoint(
     let test = load_test_split(&ck.config, data_dir, sets.limit)?;
     let (on_input, translated) = model_test_set(&test, side, sets.placement_seed)?;
     let raw = !translated;
+    let pair_shift = match sets.multi {
+        true => Some(pair_shift_for(&test, side)?),
+        false => None,
+    };
     let pool = build_pool(threads)?;
     let mut ws = NetWorkspace::new();
-    let eval = |ds: &Dataset, ws: &mut NetWorkspace| {
-        pool.install(|| evaluate(&model, &ck.params, ds, batch_size, ws))
+    let eval = |set: &TestSet, ws: &mut NetWorkspace| {
+        pool.install(|| evaluate(&model, &ck.params, set, batch_size, ws))
     };
-    let plain = eval(&on_input, &mut ws)?;
+    let plain = eval(&TestSet::Images(on_input.into_owned()), &mut ws)?;
     let affine = match sets.affine {
-        Some(seed) => Some(eval(&canvas::affine(&test, side, seed)?, &mut ws)?),
+        Some(seed) => Some(eval(
+            &TestSet::Images(canvas::affine(&test, side, seed)?),
+            &mut ws,
+        )?),
+        None => None,
+    };
+    let pairs = match pair_shift {
+        Some(shift) => Some(eval(&TestSet::Pairs { split: test, shift }, &mut ws)?),
         None => None,
     };
     Ok(CheckpointEval {
@@ -796,7 +937,24 @@ pub fn evaluate_checkpoint(
         test_set: if raw { "as is" } else { "translated" },
         image_size: side,
         affine,
+        pairs,
+        pair_shift,
     })
+}
+
+/// The largest shift of overlapping pairs of `test`'s images on a model input of side `side`:
+/// half the margin between them. Checks that pairs can be made.
+pub fn pair_shift_for(test: &Dataset, side: usize) -> Result<usize> {
+    let image = test.rows.max(test.cols);
+    if image == side || (side - image) % 2 != 0 {
+        return Err(CoreError::Config(format!(
+            "overlapping pairs of {0}x{1} images need a model input larger by an even number of \
+             pixels (twice the shift); this model's is {side}x{side}",
+            test.rows, test.cols
+        )));
+    }
+    multi::check_pairs_possible(test)?;
+    Ok((side - image) / 2)
 }
 
 /// `capsnet grad`: one forward and backward pass of a checkpoint on a batch file (`images` f32

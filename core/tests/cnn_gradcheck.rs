@@ -10,6 +10,7 @@
 
 use capsnet_core::conv::ConvGeom;
 use capsnet_core::layers::{Conv2d, ConvScratch, LayerGrads, MaxPool2};
+use capsnet_core::loss::Targets;
 use capsnet_core::rng::Rng;
 use capsnet_core::{CnnBaseline, CnnConfig, CnnWorkspace, ParamLayout, Params};
 
@@ -234,8 +235,22 @@ struct Setup {
     model: CnnBaseline,
     params: Params,
     images: Vec<f32>,
+    /// `[objects, b]`.
     labels: Vec<usize>,
+    objects: usize,
+    /// Reconstruction targets of two objects (the CNN reconstructs nothing).
+    parts: Vec<f32>,
     keys: Vec<u64>,
+}
+
+/// [`setup`] with two objects per image (overlapping pairs): the sigmoid outputs.
+fn setup_pairs(cfg: CnnConfig, b: usize) -> Setup {
+    let mut s = setup(cfg.clone(), b);
+    let second: Vec<usize> = s.labels.iter().map(|&l| (l + 1) % cfg.classes).collect();
+    s.labels.extend(second);
+    s.objects = 2;
+    s.parts = vec![0.0; 2 * b * cfg.pixels()];
+    s
 }
 
 fn setup(cfg: CnnConfig, b: usize) -> Setup {
@@ -252,19 +267,29 @@ fn setup(cfg: CnnConfig, b: usize) -> Setup {
         params,
         images,
         labels,
+        objects: 1,
+        parts: Vec::new(),
         keys,
     }
 }
 
 impl Setup {
+    fn targets(&self) -> Targets<'_> {
+        Targets {
+            labels: &self.labels,
+            objects: self.objects,
+            parts: (self.objects > 1).then_some(self.parts.as_slice()),
+        }
+    }
+
     /// The training loss with the fixed dropout masks (the function the gradient is of).
     fn loss(&self, params: &Params, images: &[f32], dropout: Option<&[u64]>) -> f64 {
         let mut grads = Params::zeros(self.model.layout());
         self.model
-            .forward_backward(
+            .forward_backward_targets(
                 params,
                 images,
-                &self.labels,
+                &self.targets(),
                 dropout,
                 &mut grads,
                 &mut CnnWorkspace::new(),
@@ -276,10 +301,10 @@ impl Setup {
     fn grads(&self, dropout: Option<&[u64]>, ws: &mut CnnWorkspace) -> Params {
         let mut grads = Params::zeros(self.model.layout());
         self.model
-            .forward_backward(
+            .forward_backward_targets(
                 &self.params,
                 &self.images,
-                &self.labels,
+                &self.targets(),
                 dropout,
                 &mut grads,
                 ws,
@@ -296,7 +321,10 @@ impl Setup {
 /// 1, far above float32 noise. Steps are at most 1e-3 (see [`derivative`]): at 1e-2 many units
 /// cross a ReLU kink or swap a pool's winner, and conv.0's quotients are off by several per cent.
 fn model_check(cfg: CnnConfig, b: usize, k: usize) {
-    let mut s = setup(cfg, b);
+    model_check_of(setup(cfg, b), k);
+}
+
+fn model_check_of(mut s: Setup, k: usize) {
     for spec in s.model.layout().specs() {
         if spec.name.ends_with(".weight") {
             s.params.data[spec.range()]
@@ -337,6 +365,44 @@ fn model_check(cfg: CnnConfig, b: usize, k: usize) {
 #[test]
 fn whole_model_gradient_tiny() {
     model_check(CnnConfig::tiny(), 3, 20);
+}
+
+/// Two objects per image: a sigmoid per class and their cross-entropies.
+#[test]
+fn whole_model_gradient_of_the_sigmoid_outputs() {
+    model_check_of(setup_pairs(CnnConfig::tiny(), 3), 20);
+}
+
+/// On pairs the loss is the sum of each class's sigmoid cross-entropy, and an image is right
+/// when its two classes have the two largest logits.
+#[test]
+fn pairs_loss_and_accuracy_follow_the_sigmoids() {
+    let s = setup_pairs(CnnConfig::tiny(), 4);
+    let mut ws = CnnWorkspace::new();
+    let stats = s
+        .model
+        .forward_targets(&s.params, &s.images, &s.targets(), &mut ws)
+        .unwrap();
+    let (mut loss, mut correct) = (0.0, 0);
+    for (i, z) in ws.logits().chunks_exact(3).enumerate() {
+        let present = [s.labels[i], s.labels[4 + i]];
+        for (k, &zk) in z.iter().enumerate() {
+            let p = 1.0 / (1.0 + (-f64::from(zk)).exp());
+            loss -= if present.contains(&k) {
+                p.ln()
+            } else {
+                (1.0 - p).ln()
+            };
+        }
+        let absent = (0..3).find(|k| !present.contains(k)).unwrap();
+        correct += usize::from(present.iter().all(|&c| z[c] > z[absent]));
+    }
+    assert!(
+        (stats.margin_loss - loss / 4.0).abs() < 1e-5,
+        "{stats:?} {}",
+        loss / 4.0
+    );
+    assert_eq!(stats.correct, correct);
 }
 
 /// Two input channels (the images are transposed to channel-major and the input gradient

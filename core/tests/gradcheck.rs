@@ -8,7 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails on its first panic
 
 use capsnet_core::caps::{self, DigitDims, RoutingCache};
-use capsnet_core::loss::{self, MarginParams};
+use capsnet_core::loss::{self, MarginParams, Targets};
 use capsnet_core::rng::Rng;
 use capsnet_core::{CapsNet, CapsNetConfig, Mask, Params, PassOptions, Workspace};
 
@@ -227,9 +227,10 @@ fn margin_loss_gradient() {
     };
     // Lengths on both sides of both margins, away from the kinks.
     let lengths = [0.3f32, 0.05, 0.6, 0.95, 0.2];
-    for label in [0, 3] {
+    // One class present, two present (overlapping pairs).
+    for present in [&[0][..], &[3], &[2, 4], &[0, 3]] {
         let mut g = [0.0; 5];
-        loss::margin_loss(&lengths, label, &p, 1.0, &mut g);
+        loss::margin_loss(&lengths, present, &p, 1.0, &mut g);
         let mut fd = vec![];
         for i in 0..lengths.len() {
             let h = 1e-3;
@@ -238,8 +239,8 @@ fn margin_loss_gradient() {
             let mut b = lengths;
             b[i] -= h;
             let mut scratch = [0.0; 5];
-            let lp = loss::margin_loss(&a, label, &p, 1.0, &mut scratch);
-            let lm = loss::margin_loss(&b, label, &p, 1.0, &mut scratch);
+            let lp = loss::margin_loss(&a, present, &p, 1.0, &mut scratch);
+            let lm = loss::margin_loss(&b, present, &p, 1.0, &mut scratch);
             fd.push((lp - lm) / (2.0 * f64::from(h)));
         }
         assert_close(
@@ -324,6 +325,26 @@ fn check_tensor(what: &str, x: &[f32], g: &[f32], k: usize, h: f32, loss: &dyn F
 
 fn model_check(iters: usize, k: usize) {
     let (model, params, images, labels) = tiny_setup(iters);
+    targets_check(
+        &model,
+        &params,
+        &images,
+        &Targets::single(&labels),
+        iters,
+        k,
+    );
+}
+
+/// Every parameter's gradient and the images' against finite differences of the loss against
+/// `targets`.
+fn targets_check(
+    model: &CapsNet,
+    params: &Params,
+    images: &[f32],
+    targets: &Targets,
+    iters: usize,
+    k: usize,
+) {
     let mut ws = Workspace::new();
     let mut grads = Params::zeros(model.layout());
     let opts = PassOptions {
@@ -331,12 +352,13 @@ fn model_check(iters: usize, k: usize) {
         input_grad: true,
     };
     model
-        .forward_backward(&params, &images, &labels, opts, &mut grads, &mut ws)
+        .forward_backward_targets(params, images, targets, opts, &mut grads, &mut ws)
         .unwrap();
+    let objects = targets.objects;
     let loss = |p: &Params, x: &[f32]| {
         let mut ws = Workspace::new();
         model
-            .forward(p, x, &labels, Mask::Label, &mut ws)
+            .forward_targets(p, x, targets, Mask::Label, &mut ws)
             .unwrap()
             .total_loss()
     };
@@ -345,10 +367,10 @@ fn model_check(iters: usize, k: usize) {
         let with = |t: &[f32]| {
             let mut p = params.clone();
             p.data[r.clone()].copy_from_slice(t);
-            loss(&p, &images)
+            loss(&p, images)
         };
         check_tensor(
-            &format!("r={iters} {}", spec.name),
+            &format!("r={iters} objects={objects} {}", spec.name),
             &params.data[r.clone()],
             &grads.data[r.clone()],
             k,
@@ -357,13 +379,141 @@ fn model_check(iters: usize, k: usize) {
         );
     }
     check_tensor(
-        &format!("r={iters} images"),
-        &images,
+        &format!("r={iters} objects={objects} images"),
+        images,
         &ws.g_images,
         k,
         3e-3,
-        &|x| loss(&params, x),
+        &|x| loss(params, x),
     );
+}
+
+/// Two objects per image (overlapping pairs): the margin loss with both classes present and
+/// each object reconstructed from its own capsule against its own target image.
+#[test]
+fn two_object_model_gradient() {
+    let (model, params, images, _) = tiny_setup(3);
+    let px = model.config().pixels();
+    // Images (0, 1), (2, 0), (1, 2): each class present in two images, absent in one.
+    let labels = vec![0, 2, 1, 1, 0, 2];
+    let mut rng = Rng::new(21);
+    let parts: Vec<f32> = (0..2 * 3 * px).map(|_| rng.uniform(0.0, 1.0)).collect();
+    let targets = Targets {
+        labels: &labels,
+        objects: 2,
+        parts: Some(&parts),
+    };
+    targets_check(&model, &params, &images, &targets, 3, 24);
+
+    // Decoder row o * b + i is object o of image i, decoded from its own capsule alone and
+    // scored against its own target.
+    let mut ws = Workspace::new();
+    let stats = model
+        .forward_targets(&params, &images, &targets, Mask::Label, &mut ws)
+        .unwrap();
+    let cfg = model.config();
+    let (nj, dd) = (cfg.classes, cfg.digit_dim);
+    let mut caps = vec![0.0f32; 6 * nj * dd];
+    for (r, &c) in labels.iter().enumerate() {
+        let src = ((r % 3) * nj + c) * dd;
+        caps[(r * nj + c) * dd..][..dd].copy_from_slice(&ws.digit_caps()[src..][..dd]);
+    }
+    let rec = model.reconstruct(&params, &caps).unwrap();
+    let worst = rec
+        .iter()
+        .zip(ws.reconstruction())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(worst < 1e-5, "{worst}");
+    let sse: f64 = rec
+        .iter()
+        .zip(&parts)
+        .map(|(&r, &x)| f64::from(r - x).powi(2))
+        .sum();
+    let want = f64::from(cfg.recon_weight) * sse / 3.0;
+    assert!(
+        (stats.reconstruction_loss - want).abs() < 1e-5 * want,
+        "{stats:?} {want}"
+    );
+}
+
+/// With the two longest capsules right, the test pass (predicted capsules) decodes what the
+/// training pass (labelled capsules) decodes, object by object; and the accuracy counts an
+/// image right only when both its classes are the two longest.
+#[test]
+fn two_object_prediction_matches_each_object() {
+    let (model, params, images, _) = tiny_setup(3);
+    let (px, nj) = (model.config().pixels(), model.config().classes);
+    let mut ws = Workspace::new();
+    model.predict(&params, &images, &mut ws).unwrap();
+    let lengths = ws.lengths().to_vec();
+    // Label each image with its two longest capsules, the second longest as object 0.
+    let mut labels = vec![0; 6];
+    for (i, len) in lengths.chunks_exact(nj).enumerate() {
+        let top = loss::top_k(len, 2);
+        (labels[i], labels[3 + i]) = (top[1], top[0]);
+    }
+    let mut rng = Rng::new(3);
+    let parts: Vec<f32> = (0..2 * 3 * px).map(|_| rng.uniform(0.0, 1.0)).collect();
+    let t = Targets {
+        labels: &labels,
+        objects: 2,
+        parts: Some(&parts),
+    };
+    let pred = model
+        .forward_targets(&params, &images, &t, Mask::Predicted, &mut ws)
+        .unwrap();
+    let rec_pred = ws.reconstruction().to_vec();
+    let lab = model
+        .forward_targets(&params, &images, &t, Mask::Label, &mut ws)
+        .unwrap();
+    assert_eq!(pred.correct, 3);
+    assert_eq!(rec_pred, ws.reconstruction());
+    assert_eq!(pred.reconstruction_loss, lab.reconstruction_loss);
+    // The longest and the shortest capsule: wrong.
+    let mut labels = labels.clone();
+    for (i, len) in lengths.chunks_exact(nj).enumerate() {
+        labels[3 + i] = loss::top_k(len, nj)[nj - 1];
+    }
+    let t = Targets {
+        labels: &labels,
+        objects: 2,
+        parts: Some(&parts),
+    };
+    let wrong = model
+        .forward_targets(&params, &images, &t, Mask::Predicted, &mut ws)
+        .unwrap();
+    assert_eq!(wrong.correct, 0);
+}
+
+/// Targets that do not fit the batch are refused with what is wrong, before any work.
+#[test]
+fn bad_targets_are_refused() {
+    let (model, params, images, _) = tiny_setup(1);
+    let px = model.config().pixels();
+    let parts = vec![0.5; 2 * 3 * px];
+    let mut ws = Workspace::new();
+    let mut err = |labels: &[usize], objects: usize, parts: Option<&[f32]>| {
+        let t = Targets {
+            labels,
+            objects,
+            parts,
+        };
+        model
+            .forward_targets(&params, &images, &t, Mask::Label, &mut ws)
+            .unwrap_err()
+            .to_string()
+    };
+    let e = err(&[0, 1, 2, 1, 2, 2], 2, Some(&parts));
+    assert!(e.contains("image 2") && e.contains("class 2"), "{e}");
+    let e = err(&[0, 1, 2, 1, 2, 0], 2, None);
+    assert!(e.contains("reconstruction target"), "{e}");
+    let e = err(&[0, 1, 2, 1, 2, 0], 2, Some(&parts[px..]));
+    assert!(e.contains("reconstruction targets"), "{e}");
+    let e = err(&[0, 1, 2, 1, 2], 2, Some(&parts));
+    assert!(e.contains("labels"), "{e}");
+    let e = err(&[0, 1, 2, 1, 2, 0, 1, 2, 0, 0, 1, 2], 4, Some(&parts));
+    assert!(e.contains("4 objects"), "{e}");
 }
 
 #[test]

@@ -147,6 +147,8 @@ pub struct RunSettings {
     pub canvas: Option<usize>,
     /// The CNN baseline, trained instead of the capsule network of `model`.
     pub baseline: Option<CnnConfig>,
+    /// Training samples are overlapping pairs shifted by up to this many pixels (`--multi`).
+    pub multi: Option<usize>,
 }
 
 impl RunSettings {
@@ -184,6 +186,7 @@ impl RunSettings {
             train_len: self.train_len,
             train_limit: self.train_limit,
             canvas: self.canvas.map(|c| narrow("canvas", c)).transpose()?,
+            multi: self.multi.map(|c| narrow("pair shift", c)).transpose()?,
             baseline: self
                 .baseline
                 .as_ref()
@@ -455,6 +458,20 @@ impl TryFrom<pb::RunConfig> for RunSettings {
                 model.image_size, model.image_size
             )));
         }
+        if let Some(shift) = m.multi {
+            if m.canvas.is_some() || m.max_shift != 0 {
+                return Err(bad(
+                    "run config: overlapping pairs with a canvas or a shift augmentation".into(),
+                ));
+            }
+            if u64::from(shift) * 2 >= model.image_size as u64 || model.classes < 2 {
+                return Err(bad(format!(
+                    "run config: pairs shifted by {shift} for a model of {0}x{0} inputs and {1} \
+                     classes",
+                    model.image_size, model.classes
+                )));
+            }
+        }
         if m.heartbeat_ms < 10 {
             return Err(bad(format!(
                 "run config: a heartbeat every {} ms is too often",
@@ -477,6 +494,7 @@ impl TryFrom<pb::RunConfig> for RunSettings {
             train_limit: m.train_limit,
             canvas: m.canvas.map(|c| c as usize),
             baseline,
+            multi: m.multi.map(|c| c as usize),
         })
     }
 }
@@ -503,6 +521,7 @@ mod tests {
             train_limit: Some(100),
             canvas: Some(12),
             baseline: None,
+            multi: None,
         }
     }
 
@@ -511,6 +530,15 @@ mod tests {
         let s = settings();
         let m = s.to_message().unwrap();
         assert_eq!(RunSettings::try_from(m.clone()).unwrap(), s);
+        let pairs = RunSettings {
+            canvas: None,
+            max_shift: 0,
+            multi: Some(2),
+            ..settings()
+        };
+        let pm = pairs.to_message().unwrap();
+        assert_eq!(pm.multi, Some(2));
+        assert_eq!(RunSettings::try_from(pm).unwrap(), pairs);
         let mut bad = m.clone();
         bad.tensors[2].name = "primary.kernel".into();
         assert!(
@@ -589,6 +617,13 @@ mod tests {
         refuse(&|b| b.chunk_bytes = u32::MAX, "chunk size");
         refuse(&|b| b.max_shift = 1000, "max shift");
         refuse(&|b| b.canvas = Some(1000), "canvas");
+        refuse(&|b| b.multi = Some(2), "overlapping pairs with a canvas");
+        refuse(
+            &|b| {
+                (b.canvas, b.max_shift, b.multi) = (None, 0, Some(6));
+            },
+            "pairs shifted by 6",
+        );
         refuse(&|b| b.train_len = u64::MAX, "training images");
         refuse(&|b| b.heartbeat_ms = 0, "heartbeat");
         // Model sizes that would overflow the layout arithmetic or ask for terabytes.

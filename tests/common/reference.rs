@@ -6,6 +6,7 @@ use std::path::Path;
 use capsnet_core::Params;
 use capsnet_core::data::{self, Dataset, Split};
 use capsnet_core::net::{self, Net, NetWorkspace};
+use capsnet_core::rng::Rng;
 use capsnet_core::train::TrainConfig;
 
 pub struct Reference {
@@ -28,7 +29,8 @@ impl Reference {
             serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap())
                 .unwrap();
         let model = Net::new(&cfg.model, cfg.baseline.as_ref()).unwrap();
-        let ds = data::load_split(data, Split::Train, 10, 28).unwrap();
+        let size = cfg.inputs().data_size(cfg.model.image_size);
+        let ds = data::load_split_for(data, Split::Train, 10, size).unwrap();
         let perm = data::epoch_permutation(ds.len(), cfg.seed, 0);
         let grads = Params::zeros(model.layout());
         Reference {
@@ -55,20 +57,18 @@ impl Reference {
             .collect()
     }
 
-    /// The gradient of the loss (labels masking the decoder, no shifts; the CNN's dropout
-    /// keyed by sample as in training) at `params` over the batch of samples `idx` of epoch 0.
+    /// The gradient of the loss (labels masking the decoder; no shifts, or the run's pairs;
+    /// the CNN's dropout keyed by sample as in training) at `params` over the batch of samples
+    /// `idx` of epoch 0.
     pub fn gradient(&mut self, params: &Params, idx: &[usize]) -> &Params {
-        let batch = data::make_batch(&self.ds, idx, None);
-        let keys = net::sample_keys(self.cfg.seed, 0, idx);
+        assert_eq!(self.cfg.max_shift, 0, "the reference draws no shifts");
+        // Pairs are drawn from the seed, the epoch and the sample alone: `rng` goes unused.
+        let mut rng = Rng::new(0);
+        let (seed, inputs) = (self.cfg.seed, self.cfg.inputs());
+        let batch = inputs.training_batch(&self.ds, idx, &mut rng, seed, 0);
+        let keys = net::sample_keys(seed, 0, idx);
         self.model
-            .train_batch(
-                params,
-                &batch.images,
-                &batch.labels,
-                &keys,
-                &mut self.grads,
-                &mut self.ws,
-            )
+            .train_batch(params, &batch, &keys, &mut self.grads, &mut self.ws)
             .unwrap();
         &self.grads
     }

@@ -22,7 +22,7 @@ use capsnet_core::data::{self, Dataset, Split};
 use capsnet_core::net::{self, Net, NetWorkspace};
 use capsnet_core::optim::Adam;
 use capsnet_core::rng::Rng;
-use capsnet_core::train::training_batch;
+use capsnet_core::train::Inputs;
 use capsnet_proto::frame;
 use capsnet_proto::wire::{Assembler, BufPool, ChunkIn, chunk_encoder};
 use capsnet_proto::{Encoding, RunSettings, SyncMode, pb};
@@ -329,12 +329,12 @@ struct Replica {
 impl Replica {
     fn new(settings: RunSettings, cfg: &WorkerConfig) -> Result<Self> {
         let model = Net::new(&settings.model, settings.baseline.as_ref())?;
+        let inputs = Inputs::new(settings.max_shift, settings.canvas, settings.multi);
         let mut train = data::load_split_for(
             &cfg.data_dir,
             Split::Train,
             settings.model.classes,
-            settings.model.image_size,
-            settings.canvas,
+            inputs.data_size(settings.model.image_size),
         )?;
         if let Some(n) = settings.train_limit {
             train.truncate(n as usize);
@@ -392,6 +392,7 @@ impl Replica {
             "augment-round",
             order.round.wrapping_mul(1 << 32) ^ order.start,
         );
+        let inputs = Inputs::new(s.max_shift, s.canvas, s.multi);
         let (model, ws, grads, train, pool) = (
             &self.model,
             &mut self.ws,
@@ -407,11 +408,10 @@ impl Replica {
                 let mut loss = 0.0;
                 let mut steps = 0;
                 for batch_idx in indices.chunks(s.batch_size) {
-                    let batch = training_batch(train, batch_idx, &mut rng, s.max_shift, s.canvas);
+                    let batch =
+                        inputs.training_batch(train, batch_idx, &mut rng, s.seed, order.epoch);
                     let keys = net::sample_keys(s.seed, order.epoch, batch_idx);
-                    let st = pool.install(|| {
-                        model.train_batch(&p, &batch.images, &batch.labels, &keys, grads, ws)
-                    })?;
+                    let st = pool.install(|| model.train_batch(&p, &batch, &keys, grads, ws))?;
                     pool.install(|| adam.update(&mut p.data, &grads.data))?;
                     loss += st.total_loss();
                     steps += 1;
@@ -420,11 +420,9 @@ impl Replica {
                 Ok((p.data, indices.len() as u64, loss / steps.max(1) as f64))
             }
             _ => {
-                let batch = training_batch(train, indices, &mut rng, s.max_shift, s.canvas);
+                let batch = inputs.training_batch(train, indices, &mut rng, s.seed, order.epoch);
                 let keys = net::sample_keys(s.seed, order.epoch, indices);
-                let st = pool.install(|| {
-                    model.train_batch(&p, &batch.images, &batch.labels, &keys, grads, ws)
-                })?;
+                let st = pool.install(|| model.train_batch(&p, &batch, &keys, grads, ws))?;
                 *params = p.data;
                 let update = std::mem::replace(&mut grads.data, spare);
                 Ok((update, indices.len() as u64, st.total_loss()))

@@ -34,11 +34,10 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use capsnet_core::Params;
-use capsnet_core::data::Dataset;
 use capsnet_core::net::Net;
 use capsnet_core::optim::Adam;
 use capsnet_core::run::{Resume, Run, RunState};
-use capsnet_core::train;
+use capsnet_core::train::{self, TestSet};
 use capsnet_proto::wire::chunk_ranges;
 use capsnet_proto::{RunSettings, SyncMode, WorkerState, pb};
 use tokio::sync::watch;
@@ -67,7 +66,7 @@ pub(crate) struct Actor {
     cfg: CoordinatorConfig,
     run_msg: pb::RunConfig,
     model: Net,
-    test: Arc<Dataset>,
+    test: Arc<TestSet>,
     n_train: usize,
     params: Params,
     adam: Adam,
@@ -173,6 +172,7 @@ impl Actor {
             train_len: train_ds.len() as u64,
             train_limit: t.train_limit.map(|n| n as u64),
             canvas: t.canvas,
+            multi: t.multi,
         };
         let run_msg = settings.to_message()?;
         let nonce = std::time::SystemTime::now()
