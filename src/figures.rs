@@ -5,7 +5,11 @@
 //!   capsule, correctly classified ones first, then misclassified ones (figure 3);
 //! - `dimensions-<i>.png`: for test image i, each dimension of its predicted capsule moved by
 //!   -0.25 to 0.25 in steps of 0.05 and decoded, a row per dimension (figure 4);
-//! - `confusion.png` and `confusion.csv`: the confusion matrix on the test set.
+//! - `confusion.png` and `confusion.csv`: the confusion matrix on the test set;
+//! - with `--multi`, `pairs.png`: overlapping pairs of test images (a network trained with
+//!   `--multi`), each beside its two objects and their reconstructions from the two longest
+//!   capsules, one object red-orange and the other green-blue (figure 5), pairs with both
+//!   classes right first, then wrong ones.
 //!
 //! Images smaller than the model's input are placed on it as the translated test set (seed 0,
 //! as `capsnet eval` does).
@@ -74,6 +78,10 @@ pub struct FiguresArgs {
     /// The font of the text.
     #[arg(long, default_value = plots::FONT)]
     font: PathBuf,
+    /// Also draw overlapping pairs of test images and each object's reconstruction from its
+    /// capsule (pairs.png; for a network trained with --multi).
+    #[arg(long)]
+    multi: bool,
 }
 
 pub fn run(a: FiguresArgs) -> Result<()> {
@@ -198,7 +206,84 @@ pub fn run(a: FiguresArgs) -> Result<()> {
         };
         write_grid(&a, &format!("dimensions-{i}.png"), &grid)?;
     }
-    write_confusion(&a, &names, &p, &set)
+    write_confusion(&a, &names, &p, &set)?;
+    if a.multi {
+        pool.install(|| draw_pairs(&a, &model, &ck.params, raw, &names))?;
+    }
+    Ok(())
+}
+
+/// `pairs.png`: the test pairs of `raw` through the network, `a.examples` right and wrong.
+fn draw_pairs(
+    a: &FiguresArgs,
+    model: &CapsNet,
+    params: &capsnet_core::Params,
+    raw: data::Dataset,
+    names: &[String],
+) -> Result<()> {
+    let side = model.config().image_size;
+    let shift = train::pair_shift_for(&raw, side)?;
+    let set = train::TestSet::Pairs { split: raw, shift };
+    let mut ws = Workspace::new();
+    let idx: Vec<usize> = (0..set.len()).collect();
+    let batches = idx.chunks(128).map(|c| set.batch(c));
+    let p = inspect::predict_pairs(model, params, batches, &mut ws)?;
+    println!(
+        "overlapping pairs ({side}x{side}, shifts up to {shift}): both classes right on {:.2}% of \
+         {} pairs",
+        100.0 * p.accuracy(),
+        p.len()
+    );
+    let n = a.examples.max(1);
+    let pick = |right: bool| -> Vec<usize> {
+        (0..p.len())
+            .filter(|&i| p.right(i) == right)
+            .take(n)
+            .collect()
+    };
+    let (good, bad) = (pick(true), pick(false));
+    let which: Vec<usize> = good.iter().chain(&bad).copied().collect();
+    let rec = inspect::pair_reconstructions(model, params, &p, &which)?;
+    let batch = set.batch(&which);
+    let (px, m) = (side * side, which.len());
+    let part = |o: usize, k: usize| &batch.parts[(o * m + k) * px..][..px];
+    let name = |c: usize| names[c].as_str();
+    let mut cells = vec![];
+    for (k, &i) in which.iter().enumerate() {
+        let ([l0, l1], [p0, p1]) = (p.labels[i], p.predicted[i]);
+        let mark = if p.right(i) { "right" } else { "wrong" };
+        cells.push((
+            Picture::grey(side, side, &batch.images[k * px..][..px]),
+            format!("#{i}"),
+        ));
+        cells.push((
+            Picture::two_colours(side, side, part(0, k), part(1, k)),
+            format!("{} + {}", name(l0), name(l1)),
+        ));
+        let r = &rec[2 * k * px..][..2 * px];
+        cells.push((
+            Picture::two_colours(side, side, &r[..px], &r[px..]),
+            format!("{mark}: {} + {}", name(p0), name(p1)),
+        ));
+    }
+    let grid = PictureGrid {
+        title: format!(
+            "Pairs and their two longest capsules decoded: {} right, then {} wrong",
+            good.len(),
+            bad.len()
+        ),
+        col_heads: ["pair", "objects", "reconstructed"]
+            .iter()
+            .cycle()
+            .take(6)
+            .map(|s| s.to_string())
+            .collect(),
+        row_heads: vec![],
+        cells,
+        cols: 6,
+        scale: a.scale,
+    };
+    write_grid(a, "pairs.png", &grid)
 }
 
 /// The first `n` correctly classified images, one per class while classes last.

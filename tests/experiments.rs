@@ -290,3 +290,147 @@ fn the_cnn_baseline_trains_resumes_and_is_evaluated() {
     assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
     assert!(output_text(&out).contains("no capsules"));
 }
+
+/// `--multi`: a capsule network and the CNN train on overlapping pairs, `capsnet eval --multi`
+/// scores the test pairs, `capsnet figures --multi` draws them, and flags that cannot work are
+/// refused with their names.
+#[test]
+fn overlapping_pairs_train_evaluate_and_draw() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = synthetic(tmp.path(), 64);
+    let train = |model: &str, run: &str, extra: &[&str]| {
+        capsnet()
+            .args([
+                "train",
+                "--model",
+                model,
+                "--max-steps",
+                "6",
+                "--batch-size",
+                "8",
+            ])
+            .args(["--threads", "2", "--data-dir"])
+            .arg(&d)
+            .arg("--run-dir")
+            .arg(tmp.path().join(run))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = train("tiny", "caps", &["--multi", "2"]);
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("overlapping pairs shifted up to 2"), "{text}");
+    let ck = latest_checkpoint(&tmp.path().join("caps"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(Checkpoint::load(&ck, None).unwrap().config.image_size, 32);
+    let e = eval_json(&ck, &d, &["--multi"]);
+    assert_eq!(
+        (e["test_set"].as_str(), e["pair_shift"].as_u64()),
+        (Some("translated"), Some(2))
+    );
+    assert_eq!(e["pairs"]["samples"], 16);
+    assert!(e["pairs"]["reconstruction_loss"].as_f64().unwrap() > 0.0);
+    let right = (e["pairs"]["accuracy"].as_f64().unwrap() * 16.0).round() as u32;
+
+    let figs = tmp.path().join("figs");
+    let out = capsnet()
+        .arg("figures")
+        .arg("--checkpoint")
+        .arg(&ck)
+        .arg("--data-dir")
+        .arg(&d)
+        .arg("--out")
+        .arg(&figs)
+        .args([
+            "--multi",
+            "--examples",
+            "2",
+            "--perturb",
+            "0",
+            "--threads",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("overlapping pairs (32x32, shifts up to 2)"),
+        "{text}"
+    );
+    // 32x32 pictures at scale 3 are 96 px cells and 6 px gaps; three cells per pair, two pairs
+    // a row: up to 2 right and 2 wrong ones.
+    let pairs = right.min(2) + (16 - right).min(2);
+    let rows = (3 * pairs).div_ceil(6);
+    let (w, h, px) = read_png(&figs.join("pairs.png"));
+    assert_eq!((w, h), (6 + 6 * 102, 30 + 18 + rows * 118), "{text}");
+    // The first pair's objects are drawn in two colours: red-orange and green-blue pixels.
+    let (x0, y0) = (6 + 102, 30 + 18);
+    let cell: Vec<[u8; 3]> = (y0..y0 + 96)
+        .flat_map(|y| (x0..x0 + 96).map(move |x| (y * w + x) as usize * 3))
+        .map(|at| [px[at], px[at + 1], px[at + 2]])
+        .collect();
+    assert!(
+        cell.iter().any(|p| p[0] > 100 && p[2] < 30),
+        "no first object"
+    );
+    assert!(
+        cell.iter().any(|p| p[2] > 100 && p[0] < 30),
+        "no second object"
+    );
+
+    // The CNN on pairs: sigmoid outputs, no reconstruction.
+    let out = train("cnn-tiny", "cnn", &["--multi", "2"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let ck = latest_checkpoint(&tmp.path().join("cnn")).unwrap().unwrap();
+    let e = eval_json(&ck, &d, &["--multi"]);
+    assert_eq!(e["pairs"]["samples"], 16);
+    assert_eq!(e["pairs"]["reconstruction_loss"], 0.0);
+
+    // Refusals name what is wrong.
+    let out = train("tiny", "bad", &["--multi", "2", "--canvas", "36"]);
+    assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
+    assert!(output_text(&out).contains("--multi and --canvas"));
+    let out = train("tiny", "bad", &["--multi", "2", "--max-shift", "1"]);
+    assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
+    assert!(output_text(&out).contains("--max-shift 1"));
+    let plain = tmp.path().join("plain");
+    let out = train("tiny", "plain", &[]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let ck = latest_checkpoint(&plain).unwrap().unwrap();
+    let eval = |extra: &[&str]| {
+        capsnet()
+            .arg("eval")
+            .arg("--checkpoint")
+            .arg(&ck)
+            .arg("--data-dir")
+            .arg(&d)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = eval(&["--multi"]);
+    assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains("larger by an even number"),
+        "{}",
+        output_text(&out)
+    );
+    let out = eval(&["--test-limit", "0"]);
+    assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
+    assert!(output_text(&out).contains("--test-limit"));
+    let out = capsnet()
+        .arg("figures")
+        .arg("--checkpoint")
+        .arg(&ck)
+        .arg("--data-dir")
+        .arg(&d)
+        .args(["--scale", "0", "--out"])
+        .arg(&figs)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
+    assert!(output_text(&out).contains("--scale"));
+}

@@ -1,10 +1,12 @@
 //! What a trained network does with a test set, for the paper's figures (`capsnet figures`):
 //! predictions and digit capsules of every image, a confusion matrix, reconstructions from the
 //! predicted capsule, and the decoder's answer to one capsule dimension perturbed at a time
-//! (the paper's figure 4).
+//! (the paper's figure 4); for overlapping pairs, the two longest capsules of each pair and
+//! each object reconstructed from its own (figure 5).
 
-use crate::data::{self, Dataset};
+use crate::data::{self, Batch, Dataset};
 use crate::error::Result;
+use crate::loss;
 use crate::model::{CapsNet, Workspace};
 use crate::params::Params;
 
@@ -62,10 +64,16 @@ impl Predictions {
 
     /// Capsules `[classes, dim]` holding only `capsule` in class `class`: the decoder's input.
     pub fn masked(&self, class: usize, capsule: &[f32]) -> Vec<f32> {
-        let mut m = vec![0.0; self.classes * self.dim];
-        m[class * self.dim..][..self.dim].copy_from_slice(capsule);
-        m
+        masked(self.classes, class, capsule)
     }
+}
+
+/// Capsules `[classes, capsule.len()]` holding only `capsule` in class `class`.
+fn masked(classes: usize, class: usize, capsule: &[f32]) -> Vec<f32> {
+    let dim = capsule.len();
+    let mut m = vec![0.0; classes * dim];
+    m[class * dim..][..dim].copy_from_slice(capsule);
+    m
 }
 
 /// Runs `ds` through the network in batches of `batch_size`.
@@ -132,6 +140,106 @@ pub fn perturbations(
             let mut v = base.to_vec();
             v[d] += delta;
             caps.extend(p.masked(class, &v));
+        }
+    }
+    if caps.is_empty() {
+        return Ok(vec![]);
+    }
+    model.reconstruct(params, &caps)
+}
+
+/// Overlapping pairs through the network.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PairPredictions {
+    /// The two longest capsules of each pair, matched to its objects: a predicted class that
+    /// is one of the pair's comes at that object's place.
+    pub predicted: Vec<[usize; 2]>,
+    /// The classes of each pair's two objects.
+    pub labels: Vec<[usize; 2]>,
+    /// The digit capsules `[n, classes, dim]`.
+    pub caps: Vec<f32>,
+    pub classes: usize,
+    pub dim: usize,
+}
+
+impl PairPredictions {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Whether pair `i` has both classes right.
+    pub fn right(&self, i: usize) -> bool {
+        let (p, l) = (self.predicted[i], self.labels[i]);
+        l.iter().all(|c| p.contains(c))
+    }
+
+    /// Pairs with both classes right.
+    pub fn accuracy(&self) -> f64 {
+        let right = (0..self.len()).filter(|&i| self.right(i)).count();
+        right as f64 / self.len().max(1) as f64
+    }
+}
+
+/// Runs batches of pairs (two objects per image, [`crate::multi::make_pair_batch`]) through
+/// the network.
+pub fn predict_pairs(
+    model: &CapsNet,
+    params: &Params,
+    batches: impl IntoIterator<Item = Batch>,
+    ws: &mut Workspace,
+) -> Result<PairPredictions> {
+    let cfg = model.config();
+    let (k, dim) = (cfg.classes, cfg.digit_dim);
+    let mut out = PairPredictions {
+        predicted: vec![],
+        labels: vec![],
+        caps: vec![],
+        classes: k,
+        dim,
+    };
+    for batch in batches {
+        let b = batch.len();
+        let t = batch.targets();
+        let batch = &batch;
+        if t.objects != 2 {
+            return Err(crate::error::CoreError::Config(format!(
+                "a batch of {} objects per image where pairs were expected",
+                t.objects
+            )));
+        }
+        let lengths = model.predict(params, &batch.images, ws)?;
+        for (i, len) in lengths.chunks_exact(k).enumerate() {
+            let labels = [t.labels[i], t.labels[b + i]];
+            let top = loss::top_k(len, 2);
+            let mut p = [top[0], top[1]];
+            if p[0] == labels[1] || p[1] == labels[0] {
+                p.swap(0, 1);
+            }
+            out.predicted.push(p);
+            out.labels.push(labels);
+        }
+        out.caps.extend_from_slice(ws.digit_caps());
+    }
+    Ok(out)
+}
+
+/// Reconstructions `[n, 2, pixels]` of pairs `which`: each from one of its two predicted
+/// capsules, in the order of [`PairPredictions::predicted`].
+pub fn pair_reconstructions(
+    model: &CapsNet,
+    params: &Params,
+    p: &PairPredictions,
+    which: &[usize],
+) -> Result<Vec<f32>> {
+    let at = |i: usize, c: usize| &p.caps[(i * p.classes + c) * p.dim..][..p.dim];
+    let mut caps = Vec::with_capacity(which.len() * 2 * p.classes * p.dim);
+    for &i in which {
+        for c in p.predicted[i] {
+            caps.extend(masked(p.classes, c, at(i, c)));
         }
     }
     if caps.is_empty() {

@@ -337,21 +337,6 @@ impl TrainConfig {
                 ));
             }
         }
-        if let Some(c) = self.canvas {
-            if c != self.model.image_size {
-                return bad(format!(
-                    "the canvas ({c}x{c}) must be the model's input size ({})",
-                    self.model.image_size
-                ));
-            }
-            if self.max_shift != 0 {
-                return bad(format!(
-                    "--canvas places images at random in place of the shift augmentation; \
-                     drop --max-shift {} (or give --max-shift 0)",
-                    self.max_shift
-                ));
-            }
-        }
         if let Some(shift) = self.multi {
             if self.canvas.is_some() {
                 return bad(
@@ -373,6 +358,21 @@ impl TrainConfig {
             }
             if self.model.classes < 2 {
                 return bad("overlapping pairs need at least two classes".into());
+            }
+        }
+        if let Some(c) = self.canvas {
+            if c != self.model.image_size {
+                return bad(format!(
+                    "the canvas ({c}x{c}) must be the model's input size ({})",
+                    self.model.image_size
+                ));
+            }
+            if self.max_shift != 0 {
+                return bad(format!(
+                    "--canvas places images at random in place of the shift augmentation; \
+                     drop --max-shift {} (or give --max-shift 0)",
+                    self.max_shift
+                ));
             }
         }
         if let Some(d) = self.ema_decay
