@@ -10,13 +10,19 @@ use std::path::Path;
 use capsnet_core::checkpoint::{Checkpoint, latest_checkpoint};
 use common::*;
 
-fn eval_json(ck: &Path, data: &Path, extra: &[&str]) -> serde_json::Value {
-    let out = capsnet()
-        .arg("eval")
+/// `capsnet SUB --checkpoint CK --data-dir DATA`, for `eval` and `figures`.
+fn on_checkpoint(sub: &str, ck: &Path, data: &Path) -> std::process::Command {
+    let mut c = capsnet();
+    c.arg(sub)
         .arg("--checkpoint")
         .arg(ck)
         .arg("--data-dir")
-        .arg(data)
+        .arg(data);
+    c
+}
+
+fn eval_json(ck: &Path, data: &Path, extra: &[&str]) -> serde_json::Value {
+    let out = on_checkpoint("eval", ck, data)
         .args(["--json", "--threads", "2"])
         .args(extra)
         .output()
@@ -69,12 +75,7 @@ fn a_fleet_trains_on_a_canvas_and_eval_scores_the_affine_set() {
     assert_eq!(eval_json(&ck, &d, &["--affine", "--seed", "5"]), e);
 
     // Text output names both sets.
-    let out = capsnet()
-        .arg("eval")
-        .arg("--checkpoint")
-        .arg(&ck)
-        .arg("--data-dir")
-        .arg(&d)
+    let out = on_checkpoint("eval", &ck, &d)
         .arg("--affine")
         .output()
         .unwrap();
@@ -154,12 +155,7 @@ fn figures_draws_reconstructions_dimensions_and_confusion() {
     assert!(out.status.success(), "{}", output_text(&out));
     let ck = latest_checkpoint(&run).unwrap().unwrap();
     let figs = tmp.path().join("figs");
-    let out = capsnet()
-        .arg("figures")
-        .arg("--checkpoint")
-        .arg(&ck)
-        .arg("--data-dir")
-        .arg(&d)
+    let out = on_checkpoint("figures", &ck, &d)
         .arg("--out")
         .arg(&figs)
         .args(["--examples", "2", "--perturb", "2", "--threads", "2"])
@@ -218,12 +214,7 @@ fn figures_draws_reconstructions_dimensions_and_confusion() {
     assert_eq!(total, 16, "{csv}");
 
     // Bad flags are named.
-    let out = capsnet()
-        .arg("figures")
-        .arg("--checkpoint")
-        .arg(&ck)
-        .arg("--data-dir")
-        .arg(&d)
+    let out = on_checkpoint("figures", &ck, &d)
         .args(["--class-names", "a,b"])
         .arg("--out")
         .arg(&figs)
@@ -277,12 +268,7 @@ fn the_cnn_baseline_trains_resumes_and_is_evaluated() {
     assert_eq!(e["reconstruction_loss"], 0.0);
     assert_eq!(e["affine"]["samples"], 16);
 
-    let out = capsnet()
-        .arg("figures")
-        .arg("--checkpoint")
-        .arg(&ck_path)
-        .arg("--data-dir")
-        .arg(&d)
+    let out = on_checkpoint("figures", &ck_path, &d)
         .arg("--out")
         .arg(tmp.path().join("figs"))
         .output()
@@ -335,12 +321,7 @@ fn overlapping_pairs_train_evaluate_and_draw() {
     let right = (e["pairs"]["accuracy"].as_f64().unwrap() * 16.0).round() as u32;
 
     let figs = tmp.path().join("figs");
-    let out = capsnet()
-        .arg("figures")
-        .arg("--checkpoint")
-        .arg(&ck)
-        .arg("--data-dir")
-        .arg(&d)
+    let out = on_checkpoint("figures", &ck, &d)
         .arg("--out")
         .arg(&figs)
         .args([
@@ -400,17 +381,7 @@ fn overlapping_pairs_train_evaluate_and_draw() {
     let out = train("tiny", "plain", &[]);
     assert!(out.status.success(), "{}", output_text(&out));
     let ck = latest_checkpoint(&plain).unwrap().unwrap();
-    let eval = |extra: &[&str]| {
-        capsnet()
-            .arg("eval")
-            .arg("--checkpoint")
-            .arg(&ck)
-            .arg("--data-dir")
-            .arg(&d)
-            .args(extra)
-            .output()
-            .unwrap()
-    };
+    let eval = |extra: &[&str]| on_checkpoint("eval", &ck, &d).args(extra).output().unwrap();
     let out = eval(&["--multi"]);
     assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
     assert!(
@@ -421,12 +392,7 @@ fn overlapping_pairs_train_evaluate_and_draw() {
     let out = eval(&["--test-limit", "0"]);
     assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
     assert!(output_text(&out).contains("--test-limit"));
-    let out = capsnet()
-        .arg("figures")
-        .arg("--checkpoint")
-        .arg(&ck)
-        .arg("--data-dir")
-        .arg(&d)
+    let out = on_checkpoint("figures", &ck, &d)
         .args(["--scale", "0", "--out"])
         .arg(&figs)
         .output()

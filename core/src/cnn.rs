@@ -25,7 +25,7 @@ use crate::conv::ConvGeom;
 use crate::error::{CoreError, Result};
 use crate::layers::{self, Conv2d, ConvScratch, LayerGrads, Linear, MaxPool2};
 use crate::loss::{self, Targets};
-use crate::model::BatchStats;
+use crate::model::{BatchStats, images_in_batch};
 use crate::params::{ParamLayout, Params};
 use crate::rng::Rng;
 
@@ -234,18 +234,7 @@ impl CnnBaseline {
     }
 
     fn check_images(&self, params: &Params, images: &[f32]) -> Result<usize> {
-        if params.layout() != &self.layout {
-            return Err(CoreError::LayoutMismatch { what: "parameters" });
-        }
-        let px = self.cfg.pixels();
-        if images.is_empty() || images.len() % px != 0 {
-            return Err(CoreError::Shape {
-                op: "images",
-                expected: vec![0, px],
-                got: vec![images.len()],
-            });
-        }
-        Ok(images.len() / px)
+        images_in_batch(&self.layout, params, images, self.cfg.pixels())
     }
 
     fn check_inputs(&self, params: &Params, images: &[f32], targets: &Targets) -> Result<usize> {

@@ -263,18 +263,8 @@ impl CapsNet {
     }
 
     fn check_inputs(&self, params: &Params, images: &[f32], targets: &Targets) -> Result<usize> {
-        if params.layout() != &self.layout {
-            return Err(CoreError::LayoutMismatch { what: "parameters" });
-        }
         let px = self.cfg.pixels();
-        if images.is_empty() || images.len() % px != 0 {
-            return Err(CoreError::Shape {
-                op: "images",
-                expected: vec![0, px],
-                got: vec![images.len()],
-            });
-        }
-        let b = images.len() / px;
+        let b = images_in_batch(&self.layout, params, images, px)?;
         targets.check(b, self.cfg.classes, px)?;
         Ok(b)
     }
@@ -443,15 +433,8 @@ impl CapsNet {
         images: &[f32],
         ws: &'w mut Workspace,
     ) -> Result<&'w [f32]> {
-        let px = self.cfg.pixels();
-        if params.layout() != &self.layout || images.is_empty() || images.len() % px != 0 {
-            return Err(CoreError::Shape {
-                op: "predict",
-                expected: vec![0, px],
-                got: vec![images.len()],
-            });
-        }
-        self.forward_caps(params, images, images.len() / px, ws)?;
+        let b = images_in_batch(&self.layout, params, images, self.cfg.pixels())?;
+        self.forward_caps(params, images, b, ws)?;
         Ok(&ws.lengths)
     }
 
@@ -868,6 +851,27 @@ impl CapsNet {
             g1.col2im_k_major(&ws.g_col1, b, 0, b, &mut ws.g_images);
         }
     }
+}
+
+/// The images in a batch of `images` (`[b, pixels]`) for a network of `layout`, after checking
+/// that `params` are of that layout and the batch is whole.
+pub(crate) fn images_in_batch(
+    layout: &ParamLayout,
+    params: &Params,
+    images: &[f32],
+    pixels: usize,
+) -> Result<usize> {
+    if params.layout() != layout {
+        return Err(CoreError::LayoutMismatch { what: "parameters" });
+    }
+    if images.is_empty() || images.len() % pixels != 0 {
+        return Err(CoreError::Shape {
+            op: "images",
+            expected: vec![0, pixels],
+            got: vec![images.len()],
+        });
+    }
+    Ok(images.len() / pixels)
 }
 
 /// The predicted classes `top` in the order of the objects `present`: an object whose class
