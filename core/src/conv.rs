@@ -9,7 +9,8 @@
 //!   position, channels contiguous, which is the capsule layout).
 //!
 //! A geometry may pad its input with zeros ([`ConvGeom::padded`], the CNN baseline's 'same'
-//! convolutions); without padding the original loops run unchanged.
+//! convolutions): the loops copy the span of each row that meets the image and zero the rest,
+//! so without padding they copy whole rows.
 
 use rayon::prelude::*;
 
@@ -63,136 +64,6 @@ impl ConvGeom {
 
     /// `col[(cin,kh,kw), (b,oy,ox)]` for images `b0..b0+nb` of a `[cin, batch, h, h]` input.
     pub fn im2col_k_major(&self, x: &[f32], batch: usize, b0: usize, nb: usize, col: &mut [f32]) {
-        if self.pad > 0 {
-            return self.im2col_k_major_padded(x, batch, b0, nb, col);
-        }
-        let (h, ho, k, s) = (self.h_in, self.h_out, self.kernel, self.stride);
-        let n = nb * ho * ho;
-        debug_assert_eq!(col.len(), self.k() * n);
-        col.par_chunks_mut(n).enumerate().for_each(|(r, row)| {
-            let (c, kh, kw) = (r / (k * k), (r / k) % k, r % k);
-            for b in 0..nb {
-                let plane = &x[(c * batch + b0 + b) * h * h..][..h * h];
-                for oy in 0..ho {
-                    let src = &plane[(oy * s + kh) * h + kw..];
-                    let dst = &mut row[(b * ho + oy) * ho..][..ho];
-                    for (ox, d) in dst.iter_mut().enumerate() {
-                        *d = src[ox * s];
-                    }
-                }
-            }
-        });
-    }
-
-    /// Adds a k-major column gradient back into `gx` (`[cin, batch, h, h]`).
-    pub fn col2im_k_major(&self, col: &[f32], batch: usize, b0: usize, nb: usize, gx: &mut [f32]) {
-        if self.pad > 0 {
-            return self.col2im_k_major_padded(col, batch, b0, nb, gx);
-        }
-        let (h, ho, k, s) = (self.h_in, self.h_out, self.kernel, self.stride);
-        let n = nb * ho * ho;
-        gx.par_chunks_mut(batch * h * h)
-            .enumerate()
-            .for_each(|(c, gxc)| {
-                for kh in 0..k {
-                    for kw in 0..k {
-                        let row = &col[((c * k + kh) * k + kw) * n..][..n];
-                        for b in 0..nb {
-                            let plane = &mut gxc[(b0 + b) * h * h..][..h * h];
-                            for oy in 0..ho {
-                                for ox in 0..ho {
-                                    plane[(oy * s + kh) * h + ox * s + kw] +=
-                                        row[(b * ho + oy) * ho + ox];
-                                }
-                            }
-                        }
-                    }
-                }
-            });
-    }
-
-    /// `col[(b,oy,ox), (cin,kh,kw)]` for images `b0..b0+nb` of a `[cin, batch, h, h]` input.
-    pub fn im2col_row_major(&self, x: &[f32], batch: usize, b0: usize, nb: usize, col: &mut [f32]) {
-        if self.pad > 0 {
-            return self.im2col_row_major_padded(x, batch, b0, nb, col);
-        }
-        let (h, ho, k, s) = (self.h_in, self.h_out, self.kernel, self.stride);
-        let kk = self.k();
-        debug_assert_eq!(col.len(), nb * ho * ho * kk);
-        col.par_chunks_mut(kk).enumerate().for_each(|(r, row)| {
-            let (b, oy, ox) = (r / (ho * ho), (r / ho) % ho, r % ho);
-            for c in 0..self.cin {
-                let plane = &x[(c * batch + b0 + b) * h * h..][..h * h];
-                for kh in 0..k {
-                    let src = &plane[(oy * s + kh) * h + ox * s..][..k];
-                    row[(c * k + kh) * k..][..k].copy_from_slice(src);
-                }
-            }
-        });
-    }
-
-    /// Adds a row-major column gradient back into `gx` (`[cin, batch, h, h]`).
-    pub fn col2im_row_major(
-        &self,
-        col: &[f32],
-        batch: usize,
-        b0: usize,
-        nb: usize,
-        gx: &mut [f32],
-    ) {
-        if self.pad > 0 {
-            return self.col2im_row_major_padded(col, batch, b0, nb, gx);
-        }
-        let (h, ho, k, s) = (self.h_in, self.h_out, self.kernel, self.stride);
-        let kk = self.k();
-        gx.par_chunks_mut(batch * h * h)
-            .enumerate()
-            .for_each(|(c, gxc)| {
-                for b in 0..nb {
-                    let plane = &mut gxc[(b0 + b) * h * h..][..h * h];
-                    for oy in 0..ho {
-                        for ox in 0..ho {
-                            let row = &col[((b * ho + oy) * ho + ox) * kk + c * k * k..][..k * k];
-                            for kh in 0..k {
-                                let dst = &mut plane[(oy * s + kh) * h + ox * s..][..k];
-                                for (d, g) in dst.iter_mut().zip(&row[kh * k..][..k]) {
-                                    *d += g;
-                                }
-                            }
-                        }
-                    }
-                }
-            });
-    }
-
-    /// Output positions `lo..hi` along one axis whose input index `o * stride + koff - pad`
-    /// lies inside the image (the others read padding zeros).
-    fn inside(&self, koff: usize) -> (usize, usize) {
-        let (h, s, p) = (self.h_in, self.stride, self.pad);
-        let lo = p.saturating_sub(koff).div_ceil(s);
-        let hi = if h + p > koff {
-            ((h + p - koff - 1) / s + 1).min(self.h_out)
-        } else {
-            0
-        };
-        (lo.min(hi), hi)
-    }
-
-    /// The input index read by output `o` at kernel offset `koff`, or `None` in the padding.
-    fn source(&self, o: usize, koff: usize) -> Option<usize> {
-        (o * self.stride + koff)
-            .checked_sub(self.pad)
-            .filter(|&i| i < self.h_in)
-    }
-
-    fn im2col_k_major_padded(
-        &self,
-        x: &[f32],
-        batch: usize,
-        b0: usize,
-        nb: usize,
-        col: &mut [f32],
-    ) {
         let (h, ho, k, s, p) = (self.h_in, self.h_out, self.kernel, self.stride, self.pad);
         let n = nb * ho * ho;
         debug_assert_eq!(col.len(), self.k() * n);
@@ -224,14 +95,8 @@ impl ConvGeom {
         });
     }
 
-    fn col2im_k_major_padded(
-        &self,
-        col: &[f32],
-        batch: usize,
-        b0: usize,
-        nb: usize,
-        gx: &mut [f32],
-    ) {
+    /// Adds a k-major column gradient back into `gx` (`[cin, batch, h, h]`).
+    pub fn col2im_k_major(&self, col: &[f32], batch: usize, b0: usize, nb: usize, gx: &mut [f32]) {
         let (h, ho, k, s, p) = (self.h_in, self.h_out, self.kernel, self.stride, self.pad);
         let n = nb * ho * ho;
         gx.par_chunks_mut(batch * h * h)
@@ -257,19 +122,15 @@ impl ConvGeom {
             });
     }
 
-    fn im2col_row_major_padded(
-        &self,
-        x: &[f32],
-        batch: usize,
-        b0: usize,
-        nb: usize,
-        col: &mut [f32],
-    ) {
-        let (h, ho, k) = (self.h_in, self.h_out, self.kernel);
+    /// `col[(b,oy,ox), (cin,kh,kw)]` for images `b0..b0+nb` of a `[cin, batch, h, h]` input.
+    pub fn im2col_row_major(&self, x: &[f32], batch: usize, b0: usize, nb: usize, col: &mut [f32]) {
+        let (h, ho, k, s, p) = (self.h_in, self.h_out, self.kernel, self.stride, self.pad);
         let kk = self.k();
         debug_assert_eq!(col.len(), nb * ho * ho * kk);
         col.par_chunks_mut(kk).enumerate().for_each(|(r, row)| {
             let (b, oy, ox) = (r / (ho * ho), (r / ho) % ho, r % ho);
+            // Kernel columns lo..hi read the image; the others, padding.
+            let (lo, hi) = self.kernel_span(ox);
             for c in 0..self.cin {
                 let plane = &x[(c * batch + b0 + b) * h * h..][..h * h];
                 for kh in 0..k {
@@ -278,15 +139,17 @@ impl ConvGeom {
                         dst.fill(0.0);
                         continue;
                     };
-                    for (kw, d) in dst.iter_mut().enumerate() {
-                        *d = self.source(ox, kw).map_or(0.0, |ix| plane[iy * h + ix]);
-                    }
+                    dst[..lo].fill(0.0);
+                    dst[hi..].fill(0.0);
+                    let at = iy * h + ox * s + lo - p;
+                    dst[lo..hi].copy_from_slice(&plane[at..at + hi - lo]);
                 }
             }
         });
     }
 
-    fn col2im_row_major_padded(
+    /// Adds a row-major column gradient back into `gx` (`[cin, batch, h, h]`).
+    pub fn col2im_row_major(
         &self,
         col: &[f32],
         batch: usize,
@@ -294,7 +157,7 @@ impl ConvGeom {
         nb: usize,
         gx: &mut [f32],
     ) {
-        let (h, ho, k) = (self.h_in, self.h_out, self.kernel);
+        let (h, ho, k, s, p) = (self.h_in, self.h_out, self.kernel, self.stride, self.pad);
         let kk = self.k();
         gx.par_chunks_mut(batch * h * h)
             .enumerate()
@@ -303,21 +166,53 @@ impl ConvGeom {
                     let plane = &mut gxc[(b0 + b) * h * h..][..h * h];
                     for oy in 0..ho {
                         for ox in 0..ho {
+                            let (lo, hi) = self.kernel_span(ox);
                             let row = &col[((b * ho + oy) * ho + ox) * kk + c * k * k..][..k * k];
                             for kh in 0..k {
                                 let Some(iy) = self.source(oy, kh) else {
                                     continue;
                                 };
-                                for kw in 0..k {
-                                    if let Some(ix) = self.source(ox, kw) {
-                                        plane[iy * h + ix] += row[kh * k + kw];
-                                    }
+                                let at = iy * h + ox * s + lo - p;
+                                let dst = &mut plane[at..at + hi - lo];
+                                for (d, g) in dst.iter_mut().zip(&row[kh * k + lo..kh * k + hi]) {
+                                    *d += g;
                                 }
                             }
                         }
                     }
                 }
             });
+    }
+
+    /// Output positions `lo..hi` along one axis whose input index `o * stride + koff - pad`
+    /// lies inside the image (the others read padding zeros).
+    fn inside(&self, koff: usize) -> (usize, usize) {
+        let (h, s, p) = (self.h_in, self.stride, self.pad);
+        let lo = p.saturating_sub(koff).div_ceil(s);
+        let hi = if h + p > koff {
+            ((h + p - koff - 1) / s + 1).min(self.h_out)
+        } else {
+            0
+        };
+        (lo.min(hi), hi)
+    }
+
+    /// Kernel offsets `lo..hi` at which output `o` reads inside the image along one axis (all
+    /// of `0..kernel` without padding).
+    fn kernel_span(&self, o: usize) -> (usize, usize) {
+        let start = o * self.stride;
+        let lo = self.pad.saturating_sub(start).min(self.kernel);
+        let hi = (self.h_in + self.pad)
+            .saturating_sub(start)
+            .min(self.kernel);
+        (lo.min(hi), hi)
+    }
+
+    /// The input index read by output `o` at kernel offset `koff`, or `None` in the padding.
+    fn source(&self, o: usize, koff: usize) -> Option<usize> {
+        (o * self.stride + koff)
+            .checked_sub(self.pad)
+            .filter(|&i| i < self.h_in)
     }
 }
 
@@ -377,12 +272,14 @@ mod tests {
             .sum()
     }
 
-    /// Zero padding: every column entry is the padded input at its position (zero outside the
-    /// image), both layouts agree, and both col2im are im2col's adjoint. Geometries include a
+    /// With and without zero padding: every column entry is the padded input at its position
+    /// (zero outside the image), both layouts agree, and both col2im are im2col's adjoint. Geometries include a
     /// kernel wider than the image and a stride of 2.
     #[test]
-    fn padded_im2col_matches_the_definition_and_col2im_is_the_adjoint() {
+    fn im2col_matches_the_definition_and_col2im_is_the_adjoint() {
         for g in [
+            ConvGeom::new(2, 3, 3, 1, 6),
+            ConvGeom::new(2, 3, 3, 2, 7),
             ConvGeom::padded(2, 3, 3, 1, 1, 5),
             ConvGeom::padded(1, 2, 5, 1, 2, 4),
             ConvGeom::padded(2, 2, 3, 2, 1, 6),
@@ -429,7 +326,7 @@ mod tests {
                     }
                 }
             }
-            assert!(zeros > 0, "{g:?}: no padding was read");
+            assert_eq!(zeros > 0, p > 0, "{g:?}: padding read {zeros} times");
             let y: Vec<f32> = (0..g.k() * n)
                 .map(|i| ((i * 13) % 17) as f32 - 8.0)
                 .collect();
