@@ -7,10 +7,11 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::blas::{init_blas, par_gemm, view2, view2_mut};
-use crate::cnn::{CnnBaseline, CnnTimings, CnnWorkspace};
 use crate::config::{CapsNetConfig, CnnConfig};
+use crate::data::Batch;
 use crate::error::{CoreError, Result};
-use crate::model::{CapsNet, Mask, PassOptions, Timings, Workspace};
+use crate::net::Net;
+use crate::net::NetWorkspace;
 use crate::optim::{Adam, AdamConfig};
 use crate::params::Params;
 use crate::rng::Rng;
@@ -239,134 +240,61 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-/// Runs one setting on random images in a fresh workspace.
+/// Runs one setting on random images in a fresh workspace: forward + backward (the CNN's
+/// dropout on) + Adam, or the forward pass to the capsule lengths (the CNN's probabilities).
 pub fn run_setting(s: &BenchSettings) -> Result<BenchRow> {
     if s.batch == 0 || s.steps == 0 || s.threads == 0 {
         return Err(CoreError::Config(
             "bench batch, steps and threads must be at least 1".into(),
         ));
     }
-    if let Some(b) = &s.baseline {
-        return run_cnn_setting(s, b);
-    }
-    let mut model = CapsNet::new(s.model.clone())?;
-    if let Some(c) = s.primary_chunk {
-        model.set_primary_chunk(c);
+    let mut net = Net::new(&s.model, s.baseline.as_ref())?;
+    if let (Net::Caps(m), Some(c)) = (&mut net, s.primary_chunk) {
+        m.set_primary_chunk(c);
     }
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(s.threads)
         .build()
         .map_err(|e| CoreError::thread_pool(s.threads, e))?;
-    let mut params = model.init_params(1);
+    let mut params = net.init_params(1);
     let mut rng = Rng::new(2);
-    let images: Vec<f32> = (0..s.batch * s.model.pixels())
+    let images: Vec<f32> = (0..s.batch * net.pixels())
         .map(|_| rng.uniform(0.0, 1.0))
         .collect();
-    let labels: Vec<usize> = (0..s.batch).map(|_| rng.below(s.model.classes)).collect();
-    let mut grads = Params::zeros(model.layout());
-    let mut adam = Adam::new(AdamConfig::default(), params.data.len());
-    let mut ws = Workspace::new();
-    let mut times = Vec::with_capacity(s.steps);
-    let mut timed = Timings::default();
-    pool.install(|| -> Result<()> {
-        for i in 0..s.warmup + s.steps {
-            ws.timings = Timings::default();
-            let t = Instant::now();
-            match s.mode {
-                BenchMode::Train => {
-                    let opts = PassOptions {
-                        mask: Mask::Label,
-                        input_grad: false,
-                    };
-                    model.forward_backward(&params, &images, &labels, opts, &mut grads, &mut ws)?;
-                    let o = Instant::now();
-                    adam.update(&mut params.data, &grads.data)?;
-                    ws.timings.optimizer += o.elapsed();
-                }
-                BenchMode::Infer => {
-                    model.predict(&params, &images, &mut ws)?;
-                }
-            }
-            let dt = t.elapsed();
-            if i >= s.warmup {
-                times.push(dt.as_secs_f64());
-                add(&mut timed, &ws.timings);
-            }
-        }
-        Ok(())
-    })?;
-    let min = times.iter().copied().fold(f64::INFINITY, f64::min);
-    let max = times.iter().copied().fold(0.0, f64::max);
-    let med = median(&mut times);
-    let n = s.steps as f64;
-    Ok(BenchRow {
-        mode: s.mode,
-        batch: s.batch,
-        threads: s.threads,
-        median_s: med,
-        min_s: min,
-        max_s: max,
-        images_per_s: s.batch as f64 / med,
-        gflop_per_s: s.batch as f64 * flops_per_image(&s.model, s.mode) / med / 1e9,
-        peak_rss_mib: peak_rss_mib().unwrap_or(f64::NAN),
-        parts: timed
-            .parts()
-            .iter()
-            .map(|(k, d)| (k.to_string(), d.as_secs_f64() / n))
-            .collect(),
-    })
-}
-
-/// [`run_setting`] for the CNN baseline: forward + backward (dropout on) + Adam, or the
-/// forward pass to the class probabilities.
-fn run_cnn_setting(s: &BenchSettings, cfg: &CnnConfig) -> Result<BenchRow> {
-    let model = CnnBaseline::new(cfg.clone())?;
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(s.threads)
-        .build()
-        .map_err(|e| CoreError::thread_pool(s.threads, e))?;
-    let mut params = model.init_params(1);
-    let mut rng = Rng::new(2);
-    let images: Vec<f32> = (0..s.batch * cfg.pixels())
-        .map(|_| rng.uniform(0.0, 1.0))
-        .collect();
-    let labels: Vec<usize> = (0..s.batch).map(|_| rng.below(cfg.classes)).collect();
+    let labels: Vec<usize> = (0..s.batch).map(|_| rng.below(net.classes())).collect();
+    let side = s.model.image_size;
+    let batch = Batch::single(images, labels, side, side);
     let keys: Vec<u64> = (0..s.batch as u64).collect();
-    let mut grads = Params::zeros(model.layout());
+    let mut grads = Params::zeros(net.layout());
     let mut adam = Adam::new(AdamConfig::default(), params.data.len());
-    let mut ws = CnnWorkspace::new();
+    let mut ws = NetWorkspace::new();
     let mut times = Vec::with_capacity(s.steps);
-    let mut parts = vec![0.0f64; 5];
+    let mut parts: Vec<(&'static str, f64)> = vec![];
     pool.install(|| -> Result<()> {
         for i in 0..s.warmup + s.steps {
-            ws.timings = CnnTimings::default();
+            ws.reset_timings();
             let t = Instant::now();
             let mut optimizer = Duration::ZERO;
             match s.mode {
                 BenchMode::Train => {
-                    model.forward_backward(
-                        &params,
-                        &images,
-                        &labels,
-                        Some(&keys),
-                        &mut grads,
-                        &mut ws,
-                    )?;
+                    net.train_batch(&params, &batch, &keys, &mut grads, &mut ws)?;
                     let o = Instant::now();
                     adam.update(&mut params.data, &grads.data)?;
                     optimizer = o.elapsed();
                 }
                 BenchMode::Infer => {
-                    model.predict(&params, &images, &mut ws)?;
+                    net.predict(&params, &batch.images, &mut ws)?;
                 }
             }
             let dt = t.elapsed();
             if i >= s.warmup {
                 times.push(dt.as_secs_f64());
-                for (acc, (_, d)) in parts.iter_mut().zip(ws.timings.parts()) {
-                    *acc += d.as_secs_f64();
+                let mut step = net.timings(&ws);
+                step.push(("optimizer", optimizer));
+                parts.resize(step.len(), ("", 0.0));
+                for (acc, (k, d)) in parts.iter_mut().zip(step) {
+                    *acc = (k, acc.1 + d.as_secs_f64());
                 }
-                parts[4] += optimizer.as_secs_f64();
             }
         }
         Ok(())
@@ -375,11 +303,11 @@ fn run_cnn_setting(s: &BenchSettings, cfg: &CnnConfig) -> Result<BenchRow> {
     let max = times.iter().copied().fold(0.0, f64::max);
     let med = median(&mut times);
     let n = s.steps as f64;
-    let flops = match s.mode {
-        BenchMode::Train => 3.0 * cfg.forward_flops(),
-        BenchMode::Infer => cfg.forward_flops(),
+    let flops = match (&s.baseline, s.mode) {
+        (None, mode) => flops_per_image(&s.model, mode),
+        (Some(c), BenchMode::Train) => 3.0 * c.forward_flops(),
+        (Some(c), BenchMode::Infer) => c.forward_flops(),
     };
-    let names = ["conv", "pool", "fc", "loss", "optimizer"];
     Ok(BenchRow {
         mode: s.mode,
         batch: s.batch,
@@ -390,23 +318,11 @@ fn run_cnn_setting(s: &BenchSettings, cfg: &CnnConfig) -> Result<BenchRow> {
         images_per_s: s.batch as f64 / med,
         gflop_per_s: s.batch as f64 * flops / med / 1e9,
         peak_rss_mib: peak_rss_mib().unwrap_or(f64::NAN),
-        parts: names
-            .iter()
-            .zip(&parts)
+        parts: parts
+            .into_iter()
             .map(|(k, t)| (k.to_string(), t / n))
             .collect(),
     })
-}
-
-fn add(acc: &mut Timings, t: &Timings) {
-    let sum = |a: &mut Duration, b: Duration| *a += b;
-    sum(&mut acc.conv1, t.conv1);
-    sum(&mut acc.primary, t.primary);
-    sum(&mut acc.u_hat, t.u_hat);
-    sum(&mut acc.routing, t.routing);
-    sum(&mut acc.decoder, t.decoder);
-    sum(&mut acc.loss, t.loss);
-    sum(&mut acc.optimizer, t.optimizer);
 }
 
 /// GFLOP/s of sgemm at the primary-conv shape of a batch of 128 (`[4608, 20736] x [20736, 256]`)

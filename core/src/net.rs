@@ -6,6 +6,8 @@
 //! config) then only gives the input side and the number of classes, which the CNN's config
 //! repeats.
 
+use std::time::Duration;
+
 use crate::cnn::{CnnBaseline, CnnWorkspace};
 use crate::config::{CapsNetConfig, CnnConfig};
 use crate::data::Batch;
@@ -31,6 +33,12 @@ pub struct NetWorkspace {
 impl NetWorkspace {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Starts the per-part timings afresh.
+    pub fn reset_timings(&mut self) {
+        self.caps.timings = Default::default();
+        self.cnn.timings = Default::default();
     }
 }
 
@@ -87,6 +95,49 @@ impl Net {
         match self {
             Net::Caps(m) => Some(m),
             Net::Cnn(_) => None,
+        }
+    }
+
+    /// Floats of one input image.
+    pub fn pixels(&self) -> usize {
+        match self {
+            Net::Caps(m) => m.config().pixels(),
+            Net::Cnn(m) => m.config().pixels(),
+        }
+    }
+
+    pub fn classes(&self) -> usize {
+        match self {
+            Net::Caps(m) => m.config().classes,
+            Net::Cnn(m) => m.config().classes,
+        }
+    }
+
+    /// Inference: the capsule lengths, or the CNN's class probabilities, `[B, classes]`.
+    pub fn predict<'w>(
+        &self,
+        params: &Params,
+        images: &[f32],
+        ws: &'w mut NetWorkspace,
+    ) -> Result<&'w [f32]> {
+        match self {
+            Net::Caps(m) => m.predict(params, images, &mut ws.caps),
+            Net::Cnn(m) => m.predict(params, images, &mut ws.cnn),
+        }
+    }
+
+    /// Time per part of the network since [`NetWorkspace::reset_timings`], in network order
+    /// (the optimizer, which is not the network's, left out).
+    pub fn timings(&self, ws: &NetWorkspace) -> Vec<(&'static str, Duration)> {
+        match self {
+            Net::Caps(_) => ws
+                .caps
+                .timings
+                .parts()
+                .into_iter()
+                .filter(|(k, _)| *k != "optimizer")
+                .collect(),
+            Net::Cnn(_) => ws.cnn.timings.parts().to_vec(),
         }
     }
 
