@@ -295,28 +295,34 @@ impl TryFrom<pb::ModelConfig> for CapsNetConfig {
 
     /// Every size widened to `usize`, then the whole config checked.
     fn try_from(m: pb::ModelConfig) -> Result<Self> {
-        let c = CapsNetConfig {
-            image_size: m.image_size as usize,
-            in_channels: m.in_channels as usize,
-            conv1_channels: m.conv1_channels as usize,
-            conv1_kernel: m.conv1_kernel as usize,
-            primary_types: m.primary_types as usize,
-            primary_dim: m.primary_dim as usize,
-            primary_kernel: m.primary_kernel as usize,
-            primary_stride: m.primary_stride as usize,
-            classes: m.classes as usize,
-            digit_dim: m.digit_dim as usize,
-            routing_iters: m.routing_iters as usize,
-            decoder_hidden: m.decoder_hidden.iter().map(|&h| h as usize).collect(),
-            recon_weight: m.recon_weight,
-            m_pos: m.m_pos,
-            m_neg: m.m_neg,
-            lambda_neg: m.lambda_neg,
-            squash_eps: m.squash_eps,
-        };
+        let c = caps_config_unchecked(m);
         c.validate()
             .map_err(|e| ProtoError::Invalid(format!("run config: model: {e}")))?;
         Ok(c)
+    }
+}
+
+/// The capsule config of a message, sizes widened to `usize`, not checked: a CNN run uses only
+/// its input side and classes, which may be too small for the capsule network's convolutions.
+fn caps_config_unchecked(m: pb::ModelConfig) -> CapsNetConfig {
+    CapsNetConfig {
+        image_size: m.image_size as usize,
+        in_channels: m.in_channels as usize,
+        conv1_channels: m.conv1_channels as usize,
+        conv1_kernel: m.conv1_kernel as usize,
+        primary_types: m.primary_types as usize,
+        primary_dim: m.primary_dim as usize,
+        primary_kernel: m.primary_kernel as usize,
+        primary_stride: m.primary_stride as usize,
+        classes: m.classes as usize,
+        digit_dim: m.digit_dim as usize,
+        routing_iters: m.routing_iters as usize,
+        decoder_hidden: m.decoder_hidden.iter().map(|&h| h as usize).collect(),
+        recon_weight: m.recon_weight,
+        m_pos: m.m_pos,
+        m_neg: m.m_neg,
+        lambda_neg: m.lambda_neg,
+        squash_eps: m.squash_eps,
     }
 }
 
@@ -373,15 +379,19 @@ impl TryFrom<pb::RunConfig> for RunSettings {
     /// hash the coordinator sent.
     fn try_from(m: pb::RunConfig) -> Result<Self> {
         let bad = |s: String| ProtoError::Invalid(s);
-        let model = CapsNetConfig::try_from(
-            m.model
-                .ok_or_else(|| bad("run config: no model config".into()))?,
-        )?;
+        let model = m
+            .model
+            .ok_or_else(|| bad("run config: no model config".into()))?;
         let adam = AdamConfig::try_from(
             m.adam
                 .ok_or_else(|| bad("run config: no Adam config".into()))?,
         )?;
         let baseline = m.baseline.map(CnnConfig::try_from).transpose()?;
+        // The capsule config is the network only without a baseline.
+        let model = match &baseline {
+            Some(_) => caps_config_unchecked(model),
+            None => CapsNetConfig::try_from(model)?,
+        };
         if let Some(b) = &baseline
             && (b.image_size, b.classes) != (model.image_size, model.classes)
         {
@@ -586,6 +596,18 @@ mod tests {
         let m = s.to_message().unwrap();
         assert!(m.tensors.iter().any(|t| t.name == "fc.2.weight"));
         assert_eq!(RunSettings::try_from(m.clone()).unwrap(), s);
+        // Images too small for the capsule network's convolutions are fine for the CNN.
+        let mut small = settings();
+        let cnn4 = CnnConfig {
+            image_size: 4,
+            ..CnnConfig::tiny()
+        };
+        (small.model.image_size, small.canvas, small.max_shift) = (4, Some(4), 0);
+        assert!(small.model.validate().is_err());
+        small.layout_hash = layout_hash(&ParamLayout::for_cnn(&cnn4));
+        small.baseline = Some(cnn4);
+        let sm = small.to_message().unwrap();
+        assert_eq!(RunSettings::try_from(sm).unwrap(), small);
         let mut bad = m.clone();
         bad.baseline.as_mut().unwrap().classes = 4;
         let e = RunSettings::try_from(bad).unwrap_err().to_string();
