@@ -608,6 +608,21 @@ mod tests {
         small.baseline = Some(cnn4);
         let sm = small.to_message().unwrap();
         assert_eq!(RunSettings::try_from(sm).unwrap(), small);
+        // A batch whose activations would take over 4 GiB (256 x 12 x 12 floats of conv.0
+        // alone per image, 65,536 images) is refused by name, its layout being consistent.
+        let mut wide = settings();
+        let cnn_wide = CnnConfig {
+            image_size: 12,
+            conv_channels: vec![256, 4, 3],
+            ..CnnConfig::tiny()
+        };
+        wide.layout_hash = layout_hash(&ParamLayout::for_cnn(&cnn_wide));
+        wide.baseline = Some(cnn_wide);
+        let mut wm = wide.to_message().unwrap();
+        assert!(RunSettings::try_from(wm.clone()).is_ok());
+        wm.batch_size = 1 << 16;
+        let e = RunSettings::try_from(wm).unwrap_err().to_string();
+        assert!(e.contains("floats of a batch's activations"), "{e}");
         let mut bad = m.clone();
         bad.baseline.as_mut().unwrap().classes = 4;
         let e = RunSettings::try_from(bad).unwrap_err().to_string();
