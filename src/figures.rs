@@ -9,7 +9,8 @@
 //! - with `--multi`, `pairs.png`: overlapping pairs of test images (a network trained with
 //!   `--multi`), each beside its two objects and their reconstructions from the two longest
 //!   capsules, one object red-orange and the other green-blue (figure 5), pairs with both
-//!   classes right first, then wrong ones.
+//!   classes right first, then wrong ones; drawn at `--scale` 5 or more, so that captions of
+//!   two class names fit under their cells.
 //!
 //! Images smaller than the model's input are placed on it as the translated test set (seed 0,
 //! as `capsnet eval` does).
@@ -28,6 +29,9 @@ use clap::Args;
 
 use crate::args::DataArgs;
 use crate::exit::ConfigError;
+
+/// The least scale of pairs.png, whose captions name two classes each.
+const PAIR_MIN_SCALE: u32 = 5;
 
 /// Fashion-MNIST's class names, in label order.
 const FASHION_NAMES: [&str; 10] = [
@@ -281,7 +285,8 @@ fn draw_pairs(
         row_heads: vec![],
         cells,
         cols: 6,
-        scale: a.scale,
+        // Captions name two classes: cells narrower than about 160 px would run them together.
+        scale: a.scale.max(PAIR_MIN_SCALE),
     };
     write_grid(a, "pairs.png", &grid)
 }

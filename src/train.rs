@@ -114,8 +114,13 @@ pub fn train(a: TrainArgs) -> Result<()> {
     let out = train::train(&cfg, resume, &mut progress)?;
     progress.finish();
     if let Some(e) = &out.last_eval {
+        let what = if cfg.multi.is_some() {
+            "pairs"
+        } else {
+            "images"
+        };
         println!(
-            "done: {} steps in {:.1} s; test {e} on {} images",
+            "done: {} steps in {:.1} s; test {e} on {} {what}",
             out.steps, out.wall_s, e.samples
         );
     }

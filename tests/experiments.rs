@@ -341,16 +341,16 @@ fn overlapping_pairs_train_evaluate_and_draw() {
         text.contains("overlapping pairs (32x32, shifts up to 2)"),
         "{text}"
     );
-    // 32x32 pictures at scale 3 are 96 px cells and 6 px gaps; three cells per pair, two pairs
-    // a row: up to 2 right and 2 wrong ones.
+    // pairs.png is drawn at scale 5 at least: 32x32 pictures are 160 px cells and 6 px gaps;
+    // three cells per pair, two pairs a row: up to 2 right and 2 wrong ones.
     let pairs = right.min(2) + (16 - right).min(2);
     let rows = (3 * pairs).div_ceil(6);
     let (w, h, px) = read_png(&figs.join("pairs.png"));
-    assert_eq!((w, h), (6 + 6 * 102, 30 + 18 + rows * 118), "{text}");
+    assert_eq!((w, h), (6 + 6 * 166, 30 + 18 + rows * 182), "{text}");
     // The first pair's objects are drawn in two colours: red-orange and green-blue pixels.
-    let (x0, y0) = (6 + 102, 30 + 18);
-    let cell: Vec<[u8; 3]> = (y0..y0 + 96)
-        .flat_map(|y| (x0..x0 + 96).map(move |x| (y * w + x) as usize * 3))
+    let (x0, y0) = (6 + 166, 30 + 18);
+    let cell: Vec<[u8; 3]> = (y0..y0 + 160)
+        .flat_map(|y| (x0..x0 + 160).map(move |x| (y * w + x) as usize * 3))
         .map(|at| [px[at], px[at + 1], px[at + 2]])
         .collect();
     assert!(
