@@ -267,7 +267,7 @@ fn a_pull_that_is_never_read_is_let_go() {
             &j.id,
             None,
             capsnet_proto::Encoding::F32,
-            j.total,
+            &j.settings.grid(),
         )
         .await
         .unwrap();

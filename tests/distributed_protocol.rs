@@ -81,9 +81,15 @@ async fn push(c: &mut Client, msgs: Vec<pb::UpdateChunk>) -> Result<(), tonic::S
 
 /// Pulls the parameters after `after` in the run's encoding.
 async fn pull(j: &mut Joined, after: Option<u64>) -> Pulled {
-    capsnet_worker::pull(&mut j.client, &j.id, after, Encoding::F32, j.total)
-        .await
-        .unwrap()
+    capsnet_worker::pull(
+        &mut j.client,
+        &j.id,
+        after,
+        Encoding::F32,
+        &j.settings.grid(),
+    )
+    .await
+    .unwrap()
 }
 
 /// Pulls past the last round and checks that the run says it is finished, then stops the
@@ -124,7 +130,15 @@ fn a_wrong_token_is_refused_by_every_rpc() {
         refused("Join", &e);
         let e = bad.rpc().status(pb::StatusRequest {}).await.unwrap_err();
         refused("Status", &e);
-        match capsnet_worker::pull(&mut bad, "w", None, Encoding::F32, 8).await {
+        match capsnet_worker::pull(
+            &mut bad,
+            "w",
+            None,
+            Encoding::F32,
+            &Assembler::grid(8, Encoding::F32, 4096),
+        )
+        .await
+        {
             Err(WorkerError::Rpc(e)) => refused("PullParams", &e),
             Err(e) => panic!("PullParams: {e}"),
             Ok(p) => panic!("PullParams answered a wrong token: {:?}", p.order),
@@ -166,7 +180,7 @@ fn a_generic_grpc_client_reads_the_hand_framed_parameter_stream() {
             .unwrap()
             .into_inner();
         let mut via_tonic = vec![0.0f32; j.total as usize];
-        let mut asm = Assembler::new(j.total, j.total, Encoding::F32).unwrap();
+        let mut asm = Assembler::new(j.settings.grid(), j.total, Encoding::F32).unwrap();
         let mut work = None;
         while let Some(m) = stream.message().await.unwrap() {
             work = work.or(m.work);
@@ -176,10 +190,16 @@ fn a_generic_grpc_client_reads_the_hand_framed_parameter_stream() {
         assert_eq!(via_tonic, pulled.params);
         assert_eq!(work, Some(pulled.order));
 
-        let e = capsnet_worker::pull(&mut j.client, &j.id, None, Encoding::Bf16, j.total)
-            .await
-            .err()
-            .unwrap();
+        let e = capsnet_worker::pull(
+            &mut j.client,
+            &j.id,
+            None,
+            Encoding::Bf16,
+            &j.settings.grid(),
+        )
+        .await
+        .err()
+        .unwrap();
         assert!(e.to_string().contains("serves parameters as F32"), "{e}");
     });
     coord.signal(libc::SIGTERM);
@@ -310,7 +330,7 @@ fn bad_updates_are_rejected_and_change_nothing() {
                     chunks_sized(&v.j.id, 0, s, v.samples, v.values, s.chunk_bytes / 2)
                 },
                 code: Code::InvalidArgument,
-                message: "chunk 0 covers floats 0..512".into(),
+                message: "chunk at offset 0: payload of 2048 bytes; this run's chunk there holds 1024 floats".into(),
             },
             Case {
                 // After the others were reduced, and with the opposite sign, so a trace of
@@ -470,6 +490,7 @@ fn an_early_pull_is_aborted_when_a_range_it_got_is_redone() {
             &a.id,
             Some(0),
             Encoding::F32,
+            &a.settings.grid(),
             &mut vec![0.0; total as usize],
         )
         .await
@@ -551,7 +572,8 @@ fn a_pull_before_the_epoch_is_planned_is_answered_when_it_starts() {
 
         let _late = join(&url, "late", None).await;
         let read = async {
-            let mut asm = Assembler::new(early.total, early.total, Encoding::F32).unwrap();
+            let mut asm =
+                Assembler::new(early.settings.grid(), early.total, Encoding::F32).unwrap();
             let mut params = vec![0.0f32; early.total as usize];
             let mut work = None;
             while let Some(m) = stream.message().await.unwrap() {
@@ -699,10 +721,16 @@ fn an_after_round_past_the_open_round_is_refused() {
     with_coordinator(&PROBE, |url| async move {
         let mut j = join(&url, "probe", Some(0)).await;
         for after in [u64::MAX, 5] {
-            let e = capsnet_worker::pull(&mut j.client, &j.id, Some(after), Encoding::F32, j.total)
-                .await
-                .err()
-                .expect("a pull after a round that does not exist was answered");
+            let e = capsnet_worker::pull(
+                &mut j.client,
+                &j.id,
+                Some(after),
+                Encoding::F32,
+                &j.settings.grid(),
+            )
+            .await
+            .err()
+            .expect("a pull after a round that does not exist was answered");
             let WorkerError::Rpc(s) = e else {
                 panic!("{e}")
             };
@@ -742,7 +770,10 @@ fn a_stalled_push_is_dropped_and_frees_its_slot() {
             .unwrap()
             .unwrap_err();
         assert_eq!(e.code(), Code::DeadlineExceeded, "{e}");
-        assert!(e.message().contains("no chunk for 1s after chunk 1"), "{e}");
+        assert!(
+            e.message().contains("no chunk for 1s after 1 chunks"),
+            "{e}"
+        );
         drop(tx);
         push(&mut j.client, msgs).await.unwrap();
         let next = pull(&mut j, Some(0)).await;

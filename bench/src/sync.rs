@@ -61,6 +61,7 @@ async fn synthetic_worker(url: String, token: String, rank: usize, spans: Spans)
         .map(|i| ((i % 97) as f32 - 48.0) * 1e-4)
         .collect();
     let mut params = vec![0.0f32; total];
+    let grid = s.grid();
     let pool = capsnet_proto::wire::BufPool::new(64);
     // Heartbeats in the background, as a real worker sends them: a slow round (4 workers on
     // 2 cores) must not get a synthetic worker marked unhealthy.
@@ -87,7 +88,10 @@ async fn synthetic_worker(url: String, token: String, rank: usize, spans: Spans)
     loop {
         let o = match ready.take() {
             Some(o) => o,
-            None => capsnet_worker::pull_into(&mut client, &id, after, s.wire, &mut params).await?,
+            None => {
+                capsnet_worker::pull_into(&mut client, &id, after, s.wire, &grid, &mut params)
+                    .await?
+            }
         };
         if o.finished {
             let _ = client
@@ -111,7 +115,7 @@ async fn synthetic_worker(url: String, token: String, rank: usize, spans: Spans)
         };
         let (_, next) = tokio::try_join!(
             capsnet_worker::push(&mut client, &id, &s, u, &pool),
-            capsnet_worker::pull_into(&mut puller, &id, after, s.wire, &mut params),
+            capsnet_worker::pull_into(&mut puller, &id, after, s.wire, &grid, &mut params),
         )?;
         let now = Instant::now();
         let mut m = spans

@@ -199,14 +199,16 @@ fn grpc_response(body: Body) -> http::Response<Body> {
     resp
 }
 
-/// The frames of one parameter chunk of round `round`.
+/// The frames of one parameter chunk of round `round`; `last`: the work order and the
+/// checksum of the whole, which the last chunk sent carries.
 fn chunk_frames(
     round: u64,
     total_len: u64,
     encoding: Encoding,
     c: &EncodedChunk,
-    work: Option<pb::WorkOrder>,
+    last: Option<(pb::WorkOrder, Option<u32>)>,
 ) -> [Bytes; 2] {
+    let (work, total_crc32) = last.map_or((None, None), |(w, t)| (Some(w), t));
     let fields = pb::ParamChunk {
         round,
         offset: c.offset,
@@ -215,29 +217,34 @@ fn chunk_frames(
         payload: Bytes::new(),
         crc32: c.crc32,
         work,
-        total_crc32: c.total_crc32,
+        total_crc32,
     };
     frame::frame_with_payload(&fields, frame::PARAM_PAYLOAD_TAG, c.payload.clone())
 }
 
-/// Payload bytes of a published round's chunks from `from` on.
-fn payload_bytes(snapshot: &Published, from: usize) -> u64 {
-    (snapshot.chunks.iter().skip(from))
-        .map(|c| c.payload.len() as u64)
+/// Payload bytes of a published round's chunks not in `sent`.
+fn payload_bytes(snapshot: &Published, sent: &[bool]) -> u64 {
+    (snapshot.chunks.iter().enumerate())
+        .filter(|(i, _)| !sent.get(*i).copied().unwrap_or(false))
+        .map(|(_, c)| c.payload.len() as u64)
         .sum()
 }
 
-/// The frames of a published round's chunks from `from` on; the last carries the work order
-/// (and, as every last chunk, the checksum of the whole).
-fn round_frames(snapshot: &Published, from: usize, order: pb::WorkOrder) -> Vec<Bytes> {
-    let n = snapshot.chunks.len();
+/// The frames of a published round's chunks not in `sent`, in grid order; the last carries
+/// the work order and the checksum of the whole (the same whatever order the chunks went in).
+fn round_frames(snapshot: &Published, sent: &[bool], order: pb::WorkOrder) -> Vec<Bytes> {
+    let total = snapshot.chunks.last().and_then(|c| c.total_crc32);
+    let rest: Vec<&EncodedChunk> = (snapshot.chunks.iter().enumerate())
+        .filter(|(i, _)| !sent.get(*i).copied().unwrap_or(false))
+        .map(|(_, c)| c)
+        .collect();
+    let n = rest.len();
     let mut order = Some(order);
-    snapshot.chunks[from.min(n)..]
-        .iter()
+    rest.into_iter()
         .enumerate()
         .flat_map(|(i, c)| {
-            let work = if from + i + 1 == n {
-                order.take()
+            let last = if i + 1 == n {
+                order.take().map(|o| (o, total))
             } else {
                 None
             };
@@ -246,29 +253,30 @@ fn round_frames(snapshot: &Published, from: usize, order: pb::WorkOrder) -> Vec<
                 snapshot.total_len,
                 snapshot.encoding,
                 c,
-                work,
+                last,
             )
         })
         .collect()
 }
 
 /// Streams the parameters of the round after `r.after_round` while that round is still being
-/// reduced: each range as soon as it is reduced, in order, all but the last. When the round is
-/// published, the ranges sent early must be the ones it kept (same generation); then the rest
-/// follows, the last chunk with the work order and the checksum of the whole. If a range sent
-/// early was reduced again (a worker's update failed after it took part), the stream ends with
-/// ABORTED and the worker pulls again.
+/// reduced: each range as soon as it is reduced, in the order they are reduced (a worker that
+/// overlaps its push with its backward pass sends the last ranges first), all but one. When
+/// the round is published, the ranges sent early must be the ones it kept (same generation);
+/// then the rest follows, the last chunk with the work order and the checksum of the whole. If
+/// a range sent early was reduced again (a worker's update failed after it took part), the
+/// stream ends with ABORTED and the worker pulls again.
 async fn speculate(
     svc: &Service,
     r: &pb::PullRequest,
     mut published: watch::Receiver<Arc<Published>>,
     tx: &mpsc::Sender<Result<Frame<Bytes>, Status>>,
-    sent: &AtomicU64,
+    sent_frames: &AtomicU64,
 ) -> Result<(), Status> {
     let gone = || Status::cancelled("the worker stopped reading");
     let send = |b: Bytes| async move {
         tx.send(Ok(Frame::data(b))).await.map_err(|_| gone())?;
-        sent.fetch_add(1, Ordering::Relaxed);
+        sent_frames.fetch_add(1, Ordering::Relaxed);
         Ok::<(), Status>(())
     };
     let mut progress = svc.progress.clone();
@@ -280,40 +288,48 @@ async fn speculate(
             .ok_or_else(|| Status::invalid_argument("after_round is the last round there is"))?,
     };
     let wire = svc.wire();
-    let mut sent: Vec<u64> = vec![];
+    // The generation of each range sent early.
+    let mut sent: Vec<Option<u64>> = vec![None; n];
+    let mut unsent = n;
     // The actor said "not yet" just before: ask again only once something was published.
     let mut ask = false;
     loop {
-        let early: Vec<(u64, EncodedChunk)> = {
+        let early: Vec<(usize, u64, EncodedChunk)> = {
             let p = progress.borrow_and_update();
-            if Some(p.round) == r.after_round && p.chunks.len() == n && sent.len() + 1 < n {
-                p.chunks[sent.len()..n - 1]
-                    .iter()
-                    .map_while(Clone::clone)
+            if Some(p.round) == r.after_round && p.chunks.len() == n {
+                (p.chunks.iter().enumerate())
+                    .filter(|(i, _)| sent[*i].is_none())
+                    .filter_map(|(i, c)| c.as_ref().map(|(g, c)| (i, *g, c.clone())))
+                    // One range stays back to carry the work order.
+                    .take(unsent.saturating_sub(1))
                     .collect()
             } else {
                 vec![]
             }
         };
-        for (g, c) in early {
+        for (i, g, c) in early {
             svc.metrics.wire(wire, "out", c.payload.len() as u64);
             for b in chunk_frames(round, svc.num_floats, wire, &c, None) {
                 send(b).await?;
             }
-            sent.push(g);
+            sent[i] = Some(g);
+            unsent -= 1;
         }
         if std::mem::take(&mut ask) {
             published.borrow_and_update();
             if let PullReply::Ready(order, snapshot) = svc.ask_pull(r).await? {
-                if snapshot.generations.get(..sent.len()) != Some(&sent[..]) {
+                let kept = (sent.iter().enumerate())
+                    .all(|(i, g)| g.is_none_or(|g| snapshot.generations.get(i) == Some(&g)));
+                if !kept || snapshot.chunks.len() != n {
                     return Err(Status::aborted(
                         "parameters sent early were reduced again (an update failed after \
                          taking part); pull again",
                     ));
                 }
+                let done: Vec<bool> = sent.iter().map(Option::is_some).collect();
                 svc.metrics
-                    .wire(wire, "out", payload_bytes(&snapshot, sent.len()));
-                for b in round_frames(&snapshot, sent.len(), order) {
+                    .wire(wire, "out", payload_bytes(&snapshot, &done));
+                for b in round_frames(&snapshot, &done, order) {
                     send(b).await?;
                 }
                 return Ok(());
@@ -353,8 +369,11 @@ async fn serve(
         published.borrow_and_update();
         if let PullReply::Ready(order, snapshot) = svc.ask_pull(&r).await? {
             svc.metrics
-                .wire(snapshot.encoding, "out", payload_bytes(&snapshot, 0));
-            return Ok(stream_frames(round_frames(&snapshot, 0, order), svc.stall));
+                .wire(snapshot.encoding, "out", payload_bytes(&snapshot, &[]));
+            return Ok(stream_frames(
+                round_frames(&snapshot, &[], order),
+                svc.stall,
+            ));
         }
         // Not published yet: stream the ranges as the open round reduces them (full duplex).
         let (tx, rx) = mpsc::channel(4);

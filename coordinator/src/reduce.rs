@@ -465,7 +465,8 @@ mod tests {
 
     fn decode(chunks: &[EncodedChunk], n: usize) -> Vec<f32> {
         let mut out = vec![0.0; n];
-        let mut a = wire::Assembler::new(n as u64, n as u64, Encoding::F32).unwrap();
+        let grid = wire::Assembler::grid(n, Encoding::F32, (chunks[0].payload.len()).max(4));
+        let mut a = wire::Assembler::new(grid, n as u64, Encoding::F32).unwrap();
         for c in chunks {
             let chunk = wire::ChunkIn {
                 offset: c.offset,

@@ -184,7 +184,14 @@ impl Service {
             .into());
         }
         let enc = Encoding::try_from(first.encoding).unwrap_or(Encoding::Unspecified);
-        let mut asm = Assembler::new(self.num_floats, first.total_len, enc)
+        let wire = self.wire();
+        if enc != wire {
+            return Err(CoordinatorError::BadUpdate(format!(
+                "update encoded as {enc:?}; this run's wire is {wire:?}"
+            ))
+            .into());
+        }
+        let mut asm = Assembler::new(self.grid.clone(), first.total_len, enc)
             .map_err(CoordinatorError::from)?;
         let (worker_id, round) = (first.worker_id.clone(), first.round);
         let member = self
@@ -205,7 +212,7 @@ impl Service {
             armed: true,
         };
         let mut next = Some(first);
-        let mut index = 0;
+        let mut received = 0;
         let mut sum_sq = 0.0f64;
         while let Some(c) = next {
             if c.round != round || c.worker_id != worker_id {
@@ -214,17 +221,10 @@ impl Service {
                 )
                 .into());
             }
-            let r = asm
+            // Any order (a worker sends each range as its gradient is final), each chunk once.
+            let (index, r) = asm
                 .check(ChunkIn::from(&c))
                 .map_err(CoordinatorError::from)?;
-            if self.grid.get(index) != Some(&r) {
-                return Err(CoordinatorError::BadUpdate(format!(
-                    "chunk {index} covers floats {r:?}; this run's chunks cover {:?} \
-                     (chunk_bytes and wire of the run config)",
-                    self.grid.get(index).cloned().unwrap_or(0..0)
-                ))
-                .into());
-            }
             // In params mode the distance from the parameters the round started from.
             let published = self.params_mode.then(|| self.published.borrow().clone());
             let reference = published
@@ -268,12 +268,12 @@ impl Service {
                     payload: c.payload,
                 })
                 .map_err(|_| Status::from(CoordinatorError::ShuttingDown))?;
-            index += 1;
+            received += 1;
             next = tokio::time::timeout(self.stall, stream.message())
                 .await
                 .map_err(|_| {
                     Status::deadline_exceeded(format!(
-                        "no chunk for {:?} after chunk {index}: update dropped",
+                        "no chunk for {:?} after {received} chunks: update dropped",
                         self.stall
                     ))
                 })??;

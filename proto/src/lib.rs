@@ -159,6 +159,11 @@ impl RunSettings {
         }
     }
 
+    /// The run's chunk grid: every parameter and update stream is cut into these ranges.
+    pub fn grid(&self) -> wire::Grid {
+        wire::Assembler::grid(self.layout().total(), self.wire, self.chunk_bytes)
+    }
+
     pub fn to_message(&self) -> Result<pb::RunConfig> {
         let layout = self.layout();
         Ok(pb::RunConfig {

@@ -9,6 +9,9 @@ use bytes::Bytes;
 
 use crate::{Encoding, ProtoError, Result};
 
+/// The float ranges a run's streams are cut into (chunk `i` covers `grid[i]`).
+pub type Grid = Arc<Vec<Range<usize>>>;
+
 /// Default chunk payload: 1 MiB, far below gRPC's 4 MiB message limit.
 pub const DEFAULT_CHUNK_BYTES: usize = 1 << 20;
 
@@ -348,19 +351,18 @@ pub fn chunk_encoder<V: AsRef<[f32]>>(
 ) -> impl Iterator<Item = EncodedChunk> + use<V> {
     let pool = pool.clone();
     let ranges: Vec<Range<usize>> = chunk_ranges(values.as_ref().len(), enc, chunk_bytes).collect();
-    let n = ranges.len();
-    let mut total = crc32fast::Hasher::new();
+    let mut total = GridCrc::new(ranges.len());
     ranges.into_iter().enumerate().map(move |(i, r)| {
         let payload = encode_pooled(&values.as_ref()[r.clone()], enc, &pool);
-        // One pass over the bytes: the chunk's CRC, combined into the running total.
+        // One pass over the bytes: the chunk's CRC, also part of the total.
         let mut h = crc32fast::Hasher::new();
         h.update(&payload);
-        total.combine(&h);
+        total.record(i, h.clone());
         EncodedChunk {
             offset: r.start as u64,
             crc32: h.finalize(),
             payload,
-            total_crc32: (i + 1 == n).then(|| total.clone().finalize()),
+            total_crc32: total.total(),
         }
     })
 }
@@ -395,24 +397,82 @@ macro_rules! chunk_in_from {
 }
 chunk_in_from!(crate::pb::UpdateChunk, crate::pb::ParamChunk);
 
-/// Checks a chunk stream as it arrives and decodes it into a buffer: chunks must come in
-/// order without gaps or overlaps, agree on the total length and encoding, match their CRC,
-/// and the last one must carry the CRC of the whole stream.
+/// The CRC-32 of a whole stream, combined from its chunks' in grid order whatever order they
+/// were sent or received in.
+#[derive(Clone, Debug)]
+pub struct GridCrc {
+    parts: Vec<Option<crc32fast::Hasher>>,
+    missing: usize,
+}
+
+impl GridCrc {
+    /// For a stream of `chunks` chunks.
+    pub fn new(chunks: usize) -> Self {
+        GridCrc {
+            parts: vec![None; chunks],
+            missing: chunks,
+        }
+    }
+
+    /// Records chunk `index`'s hasher; false when it was recorded before (or is off the grid).
+    pub fn record(&mut self, index: usize, h: crc32fast::Hasher) -> bool {
+        match self.parts.get_mut(index) {
+            Some(slot @ None) => {
+                *slot = Some(h);
+                self.missing -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn has(&self, index: usize) -> bool {
+        self.parts.get(index).is_some_and(Option::is_some)
+    }
+
+    /// Chunks not recorded yet.
+    pub fn missing(&self) -> usize {
+        self.missing
+    }
+
+    /// The whole stream's CRC once every chunk is recorded.
+    pub fn total(&self) -> Option<u32> {
+        if self.missing > 0 {
+            return None;
+        }
+        let mut whole = crc32fast::Hasher::new();
+        for h in self.parts.iter().flatten() {
+            whole.combine(h);
+        }
+        Some(whole.finalize())
+    }
+}
+
+/// The hasher of a chunk whose CRC-32 and length are known (no pass over its bytes).
+pub fn chunk_hasher(crc: u32, len: usize) -> crc32fast::Hasher {
+    crc32fast::Hasher::new_with_initial_len(crc, len as u64)
+}
+
+/// Checks a chunk stream as it arrives and decodes it into a buffer. The stream is cut on the
+/// run's grid: every chunk covers exactly one range of it, in any order, each once; all agree
+/// on the total length and encoding and match their CRC; the chunk that completes the stream
+/// (and only that one) carries the CRC of all payloads in grid order.
 #[derive(Debug)]
 pub struct Assembler {
+    grid: Grid,
     total: u64,
     enc: Encoding,
-    next: u64,
-    crc: crc32fast::Hasher,
-    done: bool,
+    crc: GridCrc,
 }
 
 impl Assembler {
-    /// `expected_total`: the number of floats the receiver's model has.
-    pub fn new(expected_total: u64, first_total: u64, enc: Encoding) -> Result<Self> {
-        if first_total != expected_total {
+    /// `grid`: the run's chunk ranges (they end at the number of floats the receiver's model
+    /// has); `first_total` and `enc`: what the first chunk says.
+    pub fn new(grid: Grid, first_total: u64, enc: Encoding) -> Result<Self> {
+        let expected = grid.last().map_or(0, |r| r.end) as u64;
+        if first_total != expected {
             return Err(ProtoError::Size {
-                expected: expected_total,
+                expected,
                 got: first_total,
             });
         }
@@ -420,23 +480,28 @@ impl Assembler {
             return Err(ProtoError::Invalid("encoding unspecified".into()));
         }
         Ok(Assembler {
-            total: expected_total,
+            crc: GridCrc::new(grid.len()),
+            grid,
+            total: expected,
             enc,
-            next: 0,
-            crc: crc32fast::Hasher::new(),
-            done: false,
         })
     }
 
-    /// Checks one chunk and decodes it into `out[offset..]` (the whole vector's buffer).
-    pub fn accept(&mut self, chunk: ChunkIn<'_>, out: &mut [f32]) -> Result<()> {
-        let r = self.check(chunk)?;
-        decode_into(chunk.payload, chunk.encoding, &mut out[r])
+    /// The grid of a `total`-float vector sent as `enc` in chunks of `chunk_bytes`.
+    pub fn grid(total: usize, enc: Encoding, chunk_bytes: usize) -> Grid {
+        Arc::new(chunk_ranges(total, enc, chunk_bytes).collect())
     }
 
-    /// Checks one chunk (order, sizes, encoding, checksums) without decoding it, and returns
-    /// the float range it covers.
-    pub fn check(&mut self, chunk: ChunkIn<'_>) -> Result<Range<usize>> {
+    /// Checks one chunk and decodes it into `out[range]` (the whole vector's buffer).
+    pub fn accept(&mut self, chunk: ChunkIn<'_>, out: &mut [f32]) -> Result<usize> {
+        let (i, r) = self.check(chunk)?;
+        decode_into(chunk.payload, chunk.encoding, &mut out[r])?;
+        Ok(i)
+    }
+
+    /// Checks one chunk (grid, sizes, encoding, checksums) without decoding it, and returns
+    /// its index on the grid and the float range it covers.
+    pub fn check(&mut self, chunk: ChunkIn<'_>) -> Result<(usize, Range<usize>)> {
         let ChunkIn {
             offset,
             total,
@@ -446,7 +511,7 @@ impl Assembler {
             total_crc32: total_crc,
         } = chunk;
         let err = |reason: String| ProtoError::Chunk { offset, reason };
-        if self.done {
+        if self.crc.missing() == 0 {
             return Err(err("chunk after the last one".into()));
         }
         if total != self.total {
@@ -461,19 +526,22 @@ impl Assembler {
                 self.enc
             )));
         }
-        if offset != self.next {
-            return Err(err(format!("expected the chunk at offset {}", self.next)));
-        }
-        let bpf = bytes_per_float(enc) as u64;
-        if payload.is_empty() || payload.len() as u64 % bpf != 0 {
+        let index = self
+            .grid
+            .binary_search_by_key(&offset, |r| r.start as u64)
+            .map_err(|_| err("not the start of a chunk of this run's grid".into()))?;
+        let r = self.grid[index].clone();
+        let bpf = bytes_per_float(enc);
+        if payload.len() != r.len() * bpf {
             return Err(err(format!(
-                "payload of {} bytes is not a whole number of floats",
-                payload.len()
+                "payload of {} bytes; this run's chunk there holds {} floats ({} bytes)",
+                payload.len(),
+                r.len(),
+                r.len() * bpf
             )));
         }
-        let n = payload.len() as u64 / bpf;
-        if offset + n > self.total {
-            return Err(err(format!("{n} floats run past the end ({})", self.total)));
+        if self.crc.has(index) {
+            return Err(err("sent twice".into()));
         }
         let mut h = crc32fast::Hasher::new();
         h.update(payload);
@@ -485,13 +553,13 @@ impl Assembler {
                 got,
             });
         }
-        let last = offset + n == self.total;
+        let last = self.crc.missing() == 1;
         if last {
             let sent =
                 total_crc.ok_or_else(|| err("last chunk carries no total checksum".into()))?;
             let mut whole = self.crc.clone();
-            whole.combine(&h);
-            let got = whole.finalize();
+            whole.record(index, h.clone());
+            let got = whole.total().unwrap_or_default();
             if sent != got {
                 return Err(ProtoError::Checksum {
                     what: "over the whole tensor".into(),
@@ -502,22 +570,23 @@ impl Assembler {
         } else if total_crc.is_some() {
             return Err(err("total checksum on a chunk that is not the last".into()));
         }
-        self.crc.combine(&h);
-        self.next = offset + n;
-        self.done = last;
-        Ok(offset as usize..(offset + n) as usize)
+        self.crc.record(index, h);
+        Ok((index, r))
     }
 
-    /// Whether every float arrived and checked out.
+    /// Whether every chunk arrived and checked out.
     pub fn finish(&self) -> Result<()> {
-        if self.done {
-            Ok(())
-        } else {
-            Err(ProtoError::Size {
-                expected: self.total,
-                got: self.next,
-            })
+        if self.crc.missing() == 0 {
+            return Ok(());
         }
+        let got = (0..self.grid.len())
+            .filter(|&i| self.crc.has(i))
+            .map(|i| self.grid[i].len() as u64)
+            .sum();
+        Err(ProtoError::Size {
+            expected: self.total,
+            got,
+        })
     }
 }
 
@@ -586,9 +655,15 @@ mod tests {
         (0..n).map(|i| (i as f32 * 0.37).sin() * 3.0).collect()
     }
 
-    fn assemble(chunks: &[EncodedChunk], total: u64, enc: Encoding) -> Result<Vec<f32>> {
+    fn assemble(
+        chunks: &[EncodedChunk],
+        total: u64,
+        enc: Encoding,
+        chunk_bytes: usize,
+    ) -> Result<Vec<f32>> {
         let mut out = vec![0.0; total as usize];
-        let mut a = Assembler::new(total, total, enc)?;
+        let grid = Assembler::grid(total as usize, enc, chunk_bytes);
+        let mut a = Assembler::new(grid, total, enc)?;
         for c in chunks {
             let chunk = ChunkIn {
                 offset: c.offset,
@@ -638,7 +713,7 @@ mod tests {
         let chunks = encode_chunks(&v, Encoding::F32, 400);
         assert_eq!(chunks.len(), 10);
         assert!(chunks.iter().all(|c| c.payload.len() <= 400));
-        assert_eq!(assemble(&chunks, 1000, Encoding::F32).unwrap(), v);
+        assert_eq!(assemble(&chunks, 1000, Encoding::F32, 400).unwrap(), v);
     }
 
     #[test]
@@ -649,45 +724,86 @@ mod tests {
         // 1 + 2^-8 is exactly halfway between two bf16 values: ties go to even (1.0).
         assert_eq!(bf16_to_f32(f32_to_bf16(1.0 + 1.0 / 256.0)), 1.0);
         let v = values(333);
-        let back = assemble(&encode_chunks(&v, Encoding::Bf16, 64), 333, Encoding::Bf16).unwrap();
+        let back = assemble(
+            &encode_chunks(&v, Encoding::Bf16, 64),
+            333,
+            Encoding::Bf16,
+            64,
+        )
+        .unwrap();
         for (a, b) in v.iter().zip(&back) {
             assert!((a - b).abs() <= a.abs() / 256.0, "{a} {b}");
         }
     }
 
+    /// Chunks in any order assemble to the same vector when the one that completes the
+    /// stream carries the total checksum (combined in grid order).
     #[test]
-    fn corrupt_missing_reordered_and_oversized_streams_are_rejected() {
+    fn chunks_in_any_order_assemble_with_the_total_on_the_last_sent() {
+        let v = values(100);
+        let mut chunks = encode_chunks(&v, Encoding::F32, 80);
+        let total = chunks.last().and_then(|c| c.total_crc32);
+        chunks.reverse();
+        for c in &mut chunks {
+            c.total_crc32 = None;
+        }
+        let last = chunks.len() - 1;
+        chunks[last].total_crc32 = total;
+        assert_eq!(assemble(&chunks, 100, Encoding::F32, 80).unwrap(), v);
+        // The same total from a GridCrc fed in the order of sending.
+        let mut g = GridCrc::new(chunks.len());
+        for c in &chunks {
+            let i = (c.offset / 20) as usize;
+            assert!(g.record(i, chunk_hasher(c.crc32, c.payload.len())));
+            assert_eq!(g.total().is_some(), g.missing() == 0);
+        }
+        assert_eq!(g.total(), total);
+        assert!(!g.record(0, crc32fast::Hasher::new()), "recorded twice");
+    }
+
+    #[test]
+    fn corrupt_missing_duplicate_off_grid_and_oversized_streams_are_rejected() {
         let v = values(100);
         let chunks = encode_chunks(&v, Encoding::F32, 80);
+        let asm = |c: &[EncodedChunk]| assemble(c, 100, Encoding::F32, 80);
         // A flipped byte.
         let mut bad = chunks.clone();
         let mut p = bad[1].payload.to_vec();
         p[3] ^= 0x10;
         bad[1].payload = Bytes::from(p);
-        assert!(matches!(
-            assemble(&bad, 100, Encoding::F32),
-            Err(ProtoError::Checksum { .. })
-        ));
-        // A missing chunk.
+        assert!(matches!(asm(&bad), Err(ProtoError::Checksum { .. })));
+        // A missing chunk: the total checksum comes before the stream is complete.
         let mut bad = chunks.clone();
         bad.remove(2);
-        assert!(matches!(
-            assemble(&bad, 100, Encoding::F32),
-            Err(ProtoError::Chunk { .. })
-        ));
-        // Swapped chunks.
+        let e = asm(&bad).unwrap_err();
+        assert!(e.to_string().contains("not the last"), "{e}");
+        // A chunk sent twice.
         let mut bad = chunks.clone();
-        bad.swap(0, 1);
-        assert!(assemble(&bad, 100, Encoding::F32).is_err());
+        bad.insert(1, chunks[0].clone());
+        let e = asm(&bad).unwrap_err();
+        assert!(e.to_string().contains("twice"), "{e}");
+        // A chunk off the grid (shifted by one float), and one cut short.
+        let mut bad = chunks.clone();
+        bad[1].offset += 1;
+        let e = asm(&bad).unwrap_err();
+        assert!(e.to_string().contains("grid"), "{e}");
+        let mut bad = chunks.clone();
+        bad[1].payload = bad[1].payload.slice(..40);
+        bad[1].crc32 = crc32(&bad[1].payload);
+        let e = asm(&bad).unwrap_err();
+        assert!(e.to_string().contains("holds 20 floats"), "{e}");
+        // Swapped chunks without moving the total checksum to the new last one.
+        let mut bad = chunks.clone();
+        let n = bad.len();
+        bad.swap(n - 2, n - 1);
+        let e = asm(&bad).unwrap_err();
+        assert!(e.to_string().contains("total checksum"), "{e}");
         // Truncated stream.
         let bad = &chunks[..chunks.len() - 1];
-        assert!(matches!(
-            assemble(bad, 100, Encoding::F32),
-            Err(ProtoError::Size { .. })
-        ));
+        assert!(matches!(asm(bad), Err(ProtoError::Size { .. })));
         // Wrong total.
         assert!(matches!(
-            Assembler::new(100, 99, Encoding::F32),
+            Assembler::new(Assembler::grid(100, Encoding::F32, 80), 99, Encoding::F32),
             Err(ProtoError::Size {
                 expected: 100,
                 got: 99
@@ -697,9 +813,6 @@ mod tests {
         let mut bad = chunks;
         let last = bad.len() - 1;
         bad[last].total_crc32 = Some(0);
-        assert!(matches!(
-            assemble(&bad, 100, Encoding::F32),
-            Err(ProtoError::Checksum { .. })
-        ));
+        assert!(matches!(asm(&bad), Err(ProtoError::Checksum { .. })));
     }
 }

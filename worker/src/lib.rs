@@ -24,7 +24,7 @@ use capsnet_core::optim::Adam;
 use capsnet_core::rng::Rng;
 use capsnet_core::train::Inputs;
 use capsnet_proto::frame;
-use capsnet_proto::wire::{Assembler, BufPool, ChunkIn, chunk_encoder};
+use capsnet_proto::wire::{Assembler, BufPool, ChunkIn, Grid, chunk_encoder};
 use capsnet_proto::{Encoding, RunSettings, SyncMode, pb};
 use http_body::Frame;
 use http_body_util::StreamBody;
@@ -168,16 +168,17 @@ pub struct Pulled {
     pub params: Vec<f32>,
 }
 
-/// Pulls the parameters of the first round after `after` (checked chunk by chunk).
+/// Pulls the parameters of the first round after `after` (checked chunk by chunk), on the
+/// run's chunk `grid` ([`RunSettings::grid`]).
 pub async fn pull(
     client: &mut Client,
     id: &str,
     after: Option<u64>,
     enc: Encoding,
-    total: u64,
+    grid: &Grid,
 ) -> Result<Pulled> {
-    let mut params = vec![0.0f32; total as usize];
-    let order = pull_into(client, id, after, enc, &mut params).await?;
+    let mut params = vec![0.0f32; grid.last().map_or(0, |r| r.end)];
+    let order = pull_into(client, id, after, enc, grid, &mut params).await?;
     Ok(Pulled { order, params })
 }
 
@@ -189,6 +190,7 @@ pub async fn pull_into(
     id: &str,
     after: Option<u64>,
     enc: Encoding,
+    grid: &Grid,
     params: &mut [f32],
 ) -> Result<pb::WorkOrder> {
     let req = pb::PullRequest {
@@ -198,7 +200,7 @@ pub async fn pull_into(
     };
     let mut tries = 0;
     loop {
-        match pull_stream(client, &req, params).await {
+        match pull_stream(client, &req, grid, params).await {
             Err(WorkerError::Rpc(s)) if s.code() == Code::Aborted && tries < 3 => {
                 tracing::debug!(status = %s.message(), "pulling again");
                 tries += 1;
@@ -208,11 +210,12 @@ pub async fn pull_into(
     }
 }
 
-/// One parameter stream, checked chunk by chunk into `params`; the last chunk carries the
-/// work order.
+/// One parameter stream, checked chunk by chunk into `params` (its chunks in any order); the
+/// last chunk carries the work order.
 async fn pull_stream(
     client: &mut Client,
     req: &pb::PullRequest,
+    grid: &Grid,
     params: &mut [f32],
 ) -> Result<pb::WorkOrder> {
     let body = Body::new(http_body_util::Full::new(frame::frame(req)));
@@ -221,8 +224,13 @@ async fn pull_stream(
         .message()
         .await?
         .ok_or_else(|| tonic::Status::data_loss("empty parameter stream"))?;
+    if grid.last().map_or(0, |r| r.end) != params.len() {
+        return Err(WorkerError::Internal(
+            "the parameter buffer does not match the grid",
+        ));
+    }
     let mut asm = Assembler::new(
-        params.len() as u64,
+        grid.clone(),
         first.total_len,
         Encoding::try_from(first.encoding).unwrap_or(Encoding::Unspecified),
     )?;
@@ -594,13 +602,8 @@ async fn train(
         let mut pulled: Vec<f32> = vec![];
         let mut ready: Option<pb::WorkOrder> = None;
         // Payload buffers for two updates: the one being sent and the next.
-        let chunks = capsnet_proto::wire::chunk_ranges(
-            settings.layout().total(),
-            settings.wire,
-            settings.chunk_bytes,
-        )
-        .count();
-        let pool = BufPool::new(2 * chunks);
+        let grid = settings.grid();
+        let pool = BufPool::new(2 * grid.len());
         let total = settings.layout().total() as u64;
         let result: Result<Option<bool>> = loop {
             let step = async {
@@ -611,7 +614,8 @@ async fn train(
                             pulled = vec![0.0; total as usize];
                         }
                         let o =
-                            pull_into(&mut client, &id, after, settings.wire, &mut pulled).await?;
+                            pull_into(&mut client, &id, after, settings.wire, &grid, &mut pulled)
+                                .await?;
                         metrics.wire(settings.wire, "in", total);
                         o
                     }
@@ -669,7 +673,7 @@ async fn train(
                         Err(e) => Err(e),
                     }
                 };
-                let pulling = pull_into(&mut puller, &id, after, settings.wire, &mut pulled);
+                let pulling = pull_into(&mut puller, &id, after, settings.wire, &grid, &mut pulled);
                 let (used, next) = tokio::try_join!(pushing, pulling)?;
                 metrics.wire(settings.wire, "out", total);
                 metrics.wire(settings.wire, "in", total);
