@@ -25,7 +25,7 @@ use crate::conv::ConvGeom;
 use crate::error::{CoreError, Result};
 use crate::layers::{self, Conv2d, ConvScratch, LayerGrads, Linear, MaxPool2};
 use crate::loss::{self, Targets};
-use crate::model::{BatchStats, images_in_batch};
+use crate::model::{BatchStats, GradReady, images_in_batch};
 use crate::params::{ParamLayout, Params};
 use crate::rng::Rng;
 
@@ -324,6 +324,23 @@ impl CnnBaseline {
         grads: &mut Params,
         ws: &mut CnnWorkspace,
     ) -> Result<BatchStats> {
+        self.forward_backward_ready(params, images, targets, dropout, grads, ws, &mut ())
+    }
+
+    /// [`Self::forward_backward_targets`], telling `ready` after each layer of the backward
+    /// pass which gradients are final: the fully connected layers', then each convolution's
+    /// from the last.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_backward_ready(
+        &self,
+        params: &Params,
+        images: &[f32],
+        targets: &Targets,
+        dropout: Option<&[u64]>,
+        grads: &mut Params,
+        ws: &mut CnnWorkspace,
+        ready: &mut dyn GradReady,
+    ) -> Result<BatchStats> {
         let b = self.check_inputs(params, images, targets)?;
         if grads.layout() != &self.layout {
             return Err(CoreError::LayoutMismatch {
@@ -341,7 +358,9 @@ impl CnnBaseline {
         }
         self.forward_logits(params, images, b, dropout, ws);
         let stats = self.loss(targets, b, ws);
-        self.backward(params, images, b, dropout.is_some(), grads, ws);
+        let mut ready =
+            |from: usize, grads: &Params| ready.ready(&stats, from, &grads.data[from..]);
+        self.backward(params, images, b, dropout.is_some(), grads, ws, &mut ready);
         Ok(stats)
     }
 
@@ -491,6 +510,7 @@ impl CnnBaseline {
 
     /// From `ws.g_logits` back through the classifier, dropout, the hidden layers, the flatten
     /// and the convolutions (with `ws.input_grad`, on to the images).
+    #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
         params: &Params,
@@ -499,7 +519,9 @@ impl CnnBaseline {
         dropout: bool,
         grads: &mut Params,
         ws: &mut CnnWorkspace,
+        ready: &mut dyn FnMut(usize, &Params),
     ) {
+        let offset = |i: usize| self.layout.specs()[i].offset;
         let cfg = &self.cfg;
         let t0 = Instant::now();
         let nh = cfg.fc_hidden.len();
@@ -533,6 +555,7 @@ impl CnnBaseline {
             cfg.flat_features() / c_last,
             &mut ws.g_out,
         );
+        ready(offset(self.fc_w(0)), grads);
         let t1 = Instant::now();
         ws.timings.fc += t1 - t0;
 
@@ -588,6 +611,7 @@ impl CnnBaseline {
                 }
                 ws.g_x = gx;
             }
+            ready(offset(Self::conv_w(l)), grads);
             conv_time += t1.elapsed();
         }
         ws.timings.conv += conv_time;

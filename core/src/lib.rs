@@ -45,5 +45,5 @@ pub mod train;
 pub use cnn::{CnnBaseline, CnnTimings, CnnWorkspace};
 pub use config::{CapsNetConfig, CnnConfig};
 pub use error::{CoreError, Result};
-pub use model::{BatchStats, CapsNet, Mask, PassOptions, Workspace};
+pub use model::{BatchStats, CapsNet, GradReady, Mask, PassOptions, Workspace};
 pub use params::{ParamLayout, ParamSpec, Params};

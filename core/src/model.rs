@@ -79,6 +79,20 @@ pub struct BatchStats {
     pub correct: usize,
 }
 
+/// Hears, during a backward pass, which part of the gradient is final: `ready` is called after
+/// each layer with `from` decreasing (the flat vector is laid out input first, and the
+/// backward pass runs from the output), the last time with 0, and `tail` = `grads[from..]`,
+/// which the pass does not write again. A worker sends those ranges while the rest of the
+/// backward pass runs (compute/sync overlap).
+pub trait GradReady {
+    fn ready(&mut self, stats: &BatchStats, from: usize, tail: &[f32]);
+}
+
+/// No one listening.
+impl GradReady for () {
+    fn ready(&mut self, _: &BatchStats, _: usize, _: &[f32]) {}
+}
+
 impl BatchStats {
     pub fn total_loss(&self) -> f64 {
         self.margin_loss + self.reconstruction_loss
@@ -322,6 +336,23 @@ impl CapsNet {
         grads: &mut Params,
         ws: &mut Workspace,
     ) -> Result<BatchStats> {
+        self.forward_backward_ready(params, images, targets, opts, grads, ws, &mut ())
+    }
+
+    /// [`Self::forward_backward_targets`], telling `ready` after each layer of the backward
+    /// pass which gradients are final: the decoder's, then the digit capsules', the primary
+    /// capsules' and conv1's.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_backward_ready(
+        &self,
+        params: &Params,
+        images: &[f32],
+        targets: &Targets,
+        opts: PassOptions,
+        grads: &mut Params,
+        ws: &mut Workspace,
+        ready: &mut dyn GradReady,
+    ) -> Result<BatchStats> {
         let b = self.check_inputs(params, images, targets)?;
         if grads.layout() != &self.layout {
             return Err(CoreError::LayoutMismatch {
@@ -329,7 +360,18 @@ impl CapsNet {
             });
         }
         let stats = self.forward_impl(params, images, targets, opts.mask, b, ws, 1.0 / b as f32)?;
-        self.backward_impl(params, images, targets, b, opts.input_grad, grads, ws);
+        let mut ready =
+            |from: usize, grads: &Params| ready.ready(&stats, from, &grads.data[from..]);
+        self.backward_impl(
+            params,
+            images,
+            targets,
+            b,
+            opts.input_grad,
+            grads,
+            ws,
+            &mut ready,
+        );
         Ok(stats)
     }
 
@@ -592,7 +634,9 @@ impl CapsNet {
         input_grad: bool,
         grads: &mut Params,
         ws: &mut Workspace,
+        ready: &mut dyn FnMut(usize, &Params),
     ) {
+        let offset = |i: usize| self.layout.specs()[i].offset;
         let t0 = Instant::now();
         let rows = targets.objects * b;
         self.decoder_backward(
@@ -608,6 +652,7 @@ impl CapsNet {
             ws.g_images.resize(images.len(), 0.0);
         }
         self.capsule_lengths_backward(b, ws);
+        ready(offset(DECODER_0), grads);
         let t1 = Instant::now();
         ws.timings.decoder += t1 - t0;
 
@@ -633,14 +678,17 @@ impl CapsNet {
             &mut ws.g_u,
             &mut ws.g_scratch,
         );
+        ready(offset(DIGIT_W), grads);
         let t3 = Instant::now();
         ws.timings.u_hat += t3 - t2;
 
         self.primary_backward(params, b, grads, ws);
+        ready(offset(PRIMARY_W), grads);
         let t4 = Instant::now();
         ws.timings.primary += t4 - t3;
 
         self.conv1_backward(params, images, b, input_grad, grads, ws);
+        ready(0, grads);
         ws.timings.conv1 += t4.elapsed();
     }
 

@@ -12,7 +12,7 @@ use crate::cnn::{CnnBaseline, CnnWorkspace};
 use crate::config::{CapsNetConfig, CnnConfig};
 use crate::data::Batch;
 use crate::error::Result;
-use crate::model::{BatchStats, CapsNet, Mask, PassOptions, Workspace};
+use crate::model::{BatchStats, CapsNet, GradReady, Mask, PassOptions, Workspace};
 use crate::params::{ParamLayout, Params};
 use crate::rng::Rng;
 
@@ -168,9 +168,23 @@ impl Net {
         grads: &mut Params,
         ws: &mut NetWorkspace,
     ) -> Result<BatchStats> {
+        self.train_batch_ready(params, batch, keys, grads, ws, &mut ())
+    }
+
+    /// [`Self::train_batch`], telling `ready` after each layer of the backward pass which
+    /// gradients are final (see [`GradReady`]).
+    pub fn train_batch_ready(
+        &self,
+        params: &Params,
+        batch: &Batch,
+        keys: &[u64],
+        grads: &mut Params,
+        ws: &mut NetWorkspace,
+        ready: &mut dyn GradReady,
+    ) -> Result<BatchStats> {
         let t = batch.targets();
         match self {
-            Net::Caps(m) => m.forward_backward_targets(
+            Net::Caps(m) => m.forward_backward_ready(
                 params,
                 &batch.images,
                 &t,
@@ -180,14 +194,16 @@ impl Net {
                 },
                 grads,
                 &mut ws.caps,
+                ready,
             ),
-            Net::Cnn(m) => m.forward_backward_targets(
+            Net::Cnn(m) => m.forward_backward_ready(
                 params,
                 &batch.images,
                 &t,
                 Some(keys),
                 grads,
                 &mut ws.cnn,
+                ready,
             ),
         }
     }
