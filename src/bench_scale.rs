@@ -45,7 +45,7 @@ pub struct BenchScaleArgs {
     /// Also write the costs and every projected row as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Rows of `scripts/lan-bench --json`: project each (batch 1, one thread per worker, every
+    /// Rows of `scripts/lan-bench --json`: project each (its batch, one thread per worker, every
     /// process on this machine's cores) and print the measured and projected round times.
     #[arg(long)]
     lan: Option<PathBuf>,
@@ -204,13 +204,31 @@ fn check_lan(
         .map(serde_json::from_str)
         .collect::<Result<_, _>>()
         .with_context(|| format!("{} is not JSON lines of scripts/lan-bench", path.display()))?;
-    // The LAN benchmark's workers train batch 1 on one thread each.
-    let c = scale::measure(model, 1, 1, steps)?;
-    print_costs(&c);
+    // The LAN benchmark's workers train on one thread each, batch 1 unless the row says more;
+    // a step is measured once per batch size.
+    let mut costs: std::collections::BTreeMap<usize, scale::Costs> = Default::default();
+    for r in &rows {
+        if r["layout"].as_str() == Some("coordinator") {
+            let b = r["batch"].as_u64().unwrap_or(1) as usize;
+            if let std::collections::btree_map::Entry::Vacant(e) = costs.entry(b) {
+                let c = scale::measure(model, b, 1, steps)?;
+                println!("batch {b}:");
+                print_costs(&c);
+                e.insert(c);
+            }
+        }
+    }
     println!();
     println!(
-        "{:>7} {:>5} {:<16} {:>12} {:>13} {:>10}",
-        "workers", "wire", "layout", "measured_ms", "projected_ms", "difference"
+        "{:>7} {:>5} {:<16} {:>5} {:>7} {:>12} {:>13} {:>10}",
+        "workers",
+        "wire",
+        "layout",
+        "batch",
+        "overlap",
+        "measured_ms",
+        "projected_ms",
+        "difference"
     );
     for r in &rows {
         let layout = match r["layout"].as_str() {
@@ -226,22 +244,29 @@ fn check_lan(
         };
         let rate = rate_bps(r["rate"].as_str().unwrap_or("1gbit"))
             .with_context(|| format!("the rate of {r}"))?;
+        let batch = r["batch"].as_u64().unwrap_or(1) as usize;
+        let overlap = r["overlap"].as_bool().unwrap_or(false);
+        let Some(c) = costs.get(&batch) else {
+            continue;
+        };
         let s = Scenario {
             layout,
             workers: n as usize,
             rate_bps: rate,
             wire,
-            overlap: false,
+            overlap,
             sync_every: 1,
             shared_cores: Some(cores),
         };
-        let p = scale::project(&c, &s);
+        let p = scale::project(c, &s);
         let projected = p.round_s * 1e3;
         println!(
-            "{:>7} {:>5} {:<16} {:>12.1} {:>13.1} {:>9.1}%",
+            "{:>7} {:>5} {:<16} {:>5} {:>7} {:>12.1} {:>13.1} {:>9.1}%",
             n,
             wire.name(),
             layout.name(),
+            batch,
+            if overlap { "on" } else { "off" },
             measured,
             projected,
             100.0 * (projected - measured) / measured

@@ -164,6 +164,10 @@ pub struct WorkerArgs {
     /// sync time per round, images/s, bytes by wire encoding, joins, the last loss).
     #[arg(long, env = "CAPSNET_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Send the whole gradient only once the backward pass is done, instead of each range as
+    /// soon as it is final (--sync grad; for measuring what the overlap hides).
+    #[arg(long, env = "CAPSNET_NO_OVERLAP")]
+    no_overlap: bool,
 }
 
 impl CoordinatorArgs {
@@ -291,6 +295,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
         give_up_after: a.give_up_after,
         tls,
         metrics_listen: a.metrics_listen,
+        overlap: !a.no_overlap,
     };
     let out = runtime()?.block_on(async { capsnet_worker::run(cfg, shutdown_signal()).await })?;
     if !out.finished {

@@ -23,6 +23,10 @@ pub struct LaunchArgs {
     /// Worker processes to start.
     #[arg(long, env = "CAPSNET_WORKERS", default_value_t = 2)]
     workers: usize,
+    /// The workers send the whole gradient only once their backward pass is done (see
+    /// `capsnet worker --no-overlap`).
+    #[arg(long)]
+    no_overlap: bool,
     #[command(flatten)]
     coordinator: CoordinatorArgs,
 }
@@ -128,6 +132,7 @@ pub fn run(a: LaunchArgs) -> Result<()> {
             let mut w = Command::new(&exe)
                 .args(["worker", "--coordinator", &url, "--rank", &i.to_string(), "--name", &name])
                 .args(["--threads", &threads.to_string()])
+                .args(a.no_overlap.then_some("--no-overlap"))
                 .arg("--data-dir")
                 .arg(&data_dir)
                 .env("CAPSNET_TOKEN", &token)

@@ -458,6 +458,9 @@ fn bench_scale_projects_plots_and_checks_against_lan_rows() {
             r#"{"workers":2,"wire":"f32","layout":"gloo-ring","median_ms":10,"rate":"1gbit"}"#,
             "\n",
             r#"{"workers":2,"wire":"bf16","layout":"coordinator","median_ms":5,"rate":"1gbit"}"#,
+            "\n",
+            r#"{"workers":2,"wire":"f32","layout":"coordinator","overlap":true,"batch":2,"#,
+            r#""median_ms":7,"rate":"1gbit"}"#,
             "\n"
         ),
     )
@@ -476,6 +479,14 @@ fn bench_scale_projects_plots_and_checks_against_lan_rows() {
         row.contains("bf16") && row.contains("5.0") && row.contains('%'),
         "{out}"
     );
+    // A row of a larger batch with overlap is projected with both (its step measured too).
+    let row = out
+        .lines()
+        .find(|l| l.contains("one coordinator") && l.contains("7.0"))
+        .unwrap_or_else(|| panic!("{out}"));
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert!(cols.contains(&"2") && cols.contains(&"on"), "{out}");
+    assert!(out.contains("batch 2:"), "{out}");
     assert!(!out.contains("gloo"), "{out}");
 
     // Bad flags: a configuration error that names them, before anything is measured.

@@ -17,14 +17,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use capsnet_core::Params;
 use capsnet_core::data::{self, Dataset, Split};
 use capsnet_core::net::{self, Net, NetWorkspace};
 use capsnet_core::optim::Adam;
 use capsnet_core::rng::Rng;
 use capsnet_core::train::Inputs;
+use capsnet_core::{BatchStats, GradReady, Params};
 use capsnet_proto::frame;
-use capsnet_proto::wire::{Assembler, BufPool, ChunkIn, Grid, chunk_encoder};
+use capsnet_proto::wire::{
+    Assembler, BufPool, ChunkIn, EncodedChunk, Grid, GridCrc, chunk_encoder, encode_pooled,
+};
 use capsnet_proto::{Encoding, RunSettings, SyncMode, pb};
 use http_body::Frame;
 use http_body_util::StreamBody;
@@ -142,6 +144,9 @@ pub struct WorkerConfig {
     pub tls: Option<ClientTls>,
     /// Serve Prometheus metrics at `http://ADDR/metrics`.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Grad mode: send each chunk of the gradient as soon as the backward pass has made it
+    /// final, while the rest of the pass runs (compute/sync overlap).
+    pub overlap: bool,
 }
 
 /// The worker's side of its life.
@@ -291,9 +296,23 @@ pub async fn push<V: AsRef<[f32]> + Send + 'static>(
         loss,
         data,
     } = update;
-    let total = data.as_ref().len() as u64;
+    let chunks = tokio_stream::iter(chunk_encoder(data, s.wire, s.chunk_bytes, pool));
+    push_chunks(client, id, s, (round, samples, loss), chunks).await
+}
+
+/// Streams an update's chunks as they come (in any order on the run's grid, the last one sent
+/// carrying the checksum of the whole); `head` is its round, samples and loss.
+pub async fn push_chunks(
+    client: &mut Client,
+    id: &str,
+    s: &RunSettings,
+    head: (u64, u64, f64),
+    chunks: impl tokio_stream::Stream<Item = EncodedChunk> + Send + 'static,
+) -> Result<()> {
+    let (round, samples, loss) = head;
+    let total = s.layout().total() as u64;
     let (id, wire, layout_hash) = (id.to_string(), s.wire, s.layout_hash);
-    let frames = chunk_encoder(data, wire, s.chunk_bytes, pool).flat_map(move |c| {
+    let frames = futures_util::StreamExt::flat_map(chunks, move |c| {
         let fields = pb::UpdateChunk {
             worker_id: id.clone(),
             round,
@@ -307,9 +326,13 @@ pub async fn push<V: AsRef<[f32]> + Send + 'static>(
             total_crc32: c.total_crc32,
             loss,
         };
-        frame::frame_with_payload(&fields, frame::UPDATE_PAYLOAD_TAG, c.payload)
+        futures_util::stream::iter(frame::frame_with_payload(
+            &fields,
+            frame::UPDATE_PAYLOAD_TAG,
+            c.payload,
+        ))
     });
-    let body = tokio_stream::iter(frames).map(|b| Ok::<_, tonic::Status>(Frame::data(b)));
+    let body = frames.map(|b| Ok::<_, tonic::Status>(Frame::data(b)));
     let mut resp = client
         .call(frame::PUSH_PATH, Body::new(StreamBody::new(body)))
         .await?;
@@ -318,6 +341,76 @@ pub async fn push<V: AsRef<[f32]> + Send + 'static>(
         .ok_or_else(|| tonic::Status::data_loss("no answer to the update"))?;
     resp.status().await?;
     Ok(())
+}
+
+/// Hands each chunk of the gradient to the push stream as soon as the backward pass has made
+/// it final (compute/sync overlap): the last ranges of the flat vector (the decoder's, the
+/// digit capsules') go out while the primary capsules' backward pass still runs. Encoded on
+/// the computing thread into buffers of the worker's pool.
+struct ChunkSender {
+    grid: Grid,
+    wire: Encoding,
+    pool: BufPool,
+    /// Chunks `[0, pending)` are not sent yet (they are sent from the last one down).
+    pending: usize,
+    crc: GridCrc,
+    /// The first chunk's loss, which the update's head carries.
+    loss: Option<tokio::sync::oneshot::Sender<f64>>,
+    tx: tokio::sync::mpsc::Sender<EncodedChunk>,
+    /// False once the push stream is gone (the update was refused): encode nothing more.
+    open: bool,
+}
+
+impl ChunkSender {
+    fn new(
+        grid: Grid,
+        wire: Encoding,
+        pool: BufPool,
+    ) -> (
+        Self,
+        tokio::sync::oneshot::Receiver<f64>,
+        tokio::sync::mpsc::Receiver<EncodedChunk>,
+    ) {
+        let n = grid.len();
+        // Room for every chunk: the computing thread never waits for the network.
+        let (tx, rx) = tokio::sync::mpsc::channel(n.max(1));
+        let (loss_tx, loss_rx) = tokio::sync::oneshot::channel();
+        let sender = ChunkSender {
+            pending: n,
+            crc: GridCrc::new(n),
+            grid,
+            wire,
+            pool,
+            loss: Some(loss_tx),
+            tx,
+            open: true,
+        };
+        (sender, loss_rx, rx)
+    }
+}
+
+impl GradReady for ChunkSender {
+    fn ready(&mut self, stats: &BatchStats, from: usize, tail: &[f32]) {
+        if let Some(l) = self.loss.take() {
+            let _ = l.send(stats.total_loss());
+        }
+        while self.open && self.pending > 0 && self.grid[self.pending - 1].start >= from {
+            let i = self.pending - 1;
+            let r = self.grid[i].clone();
+            let payload = encode_pooled(&tail[r.start - from..r.end - from], self.wire, &self.pool);
+            let mut h = crc32fast::Hasher::new();
+            h.update(&payload);
+            self.crc.record(i, h.clone());
+            let chunk = EncodedChunk {
+                offset: r.start as u64,
+                crc32: h.finalize(),
+                payload,
+                total_crc32: self.crc.total(),
+            };
+            self.open = self.tx.blocking_send(chunk).is_ok();
+            self.pending = i;
+        }
+    }
 }
 
 /// What the worker computes with, kept across rounds (and across rejoins with the same config).
@@ -378,10 +471,14 @@ impl Replica {
     ///
     /// No 33 MB buffer is allocated per round: the update is written to the buffer of an earlier
     /// update ([`Replica::recycle`]), and `params` is left holding a buffer for the next pull.
+    ///
+    /// In grad mode, `ready` hears which chunks of the gradient are final as the backward pass
+    /// goes (see [`GradReady`]).
     fn compute(
         &mut self,
         order: &pb::WorkOrder,
         params: &mut Vec<f32>,
+        ready: &mut (dyn GradReady + Send),
     ) -> Result<(Vec<f32>, u64, f64)> {
         let n = params.len();
         let spare = self
@@ -430,7 +527,8 @@ impl Replica {
             _ => {
                 let batch = inputs.training_batch(train, indices, &mut rng, s.seed, order.epoch);
                 let keys = net::sample_keys(s.seed, order.epoch, indices);
-                let st = pool.install(|| model.train_batch(&p, &batch, &keys, grads, ws))?;
+                let st =
+                    pool.install(|| model.train_batch_ready(&p, &batch, &keys, grads, ws, ready))?;
                 *params = p.data;
                 let update = std::mem::replace(&mut grads.data, spare);
                 Ok((update, indices.len() as u64, st.total_loss()))
@@ -523,11 +621,33 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
 }
 
 /// Aborts a background task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 
-impl Drop for AbortOnDrop {
+impl<T> AbortOnDrop<T> {
+    /// Waits for the task (it is aborted if this wait is dropped).
+    async fn join(mut self) -> Result<T, tokio::task::JoinError> {
+        (&mut self.0).await
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+/// Whether a sent update was used: refused as stale or as a duplicate is not an error (the
+/// worker goes on with the next round).
+fn used(round: u64, pushed: Result<()>) -> Result<bool> {
+    match pushed {
+        Ok(()) => Ok(true),
+        Err(WorkerError::Rpc(s))
+            if matches!(s.code(), Code::FailedPrecondition | Code::AlreadyExists) =>
+        {
+            tracing::info!(round, status = %s.message(), "update not used");
+            Ok(false)
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -635,8 +755,35 @@ async fn train(
                 let o = order;
                 let mut params = std::mem::take(&mut pulled);
                 let started = Instant::now();
+                // Overlap (grad mode): each chunk goes out as soon as the backward pass has
+                // made it final, on a stream that runs beside the computation.
+                let (mut sender, mut early) = (None, None);
+                if cfg.overlap && settings.sync_mode == SyncMode::Grad {
+                    let (snd, loss, chunks) =
+                        ChunkSender::new(grid.clone(), settings.wire, pool.clone());
+                    let range = capsnet_proto::work_range(&order, settings.train_len as usize)?;
+                    let head = (order.round, range.len() as u64);
+                    let (mut c, id, s) = (client.clone(), id.clone(), settings.clone());
+                    early = Some(AbortOnDrop(tokio::spawn(async move {
+                        // No loss: the computation failed before its backward pass began.
+                        let Ok(loss) = loss.await else {
+                            return Ok(false);
+                        };
+                        let chunks = tokio_stream::wrappers::ReceiverStream::new(chunks);
+                        used(
+                            head.0,
+                            push_chunks(&mut c, &id, &s, (head.0, head.1, loss), chunks).await,
+                        )
+                    })));
+                    sender = Some(snd);
+                }
                 let (r, params, out) = tokio::task::spawn_blocking(move || {
-                    let out = r.compute(&o, &mut params);
+                    let out = match sender.as_mut() {
+                        Some(snd) => r.compute(&o, &mut params, snd),
+                        None => r.compute(&o, &mut params, &mut ()),
+                    };
+                    // The push stream ends once its last chunk is sent.
+                    drop(sender);
                     (r, params, out)
                 })
                 .await
@@ -648,39 +795,46 @@ async fn train(
                 let r = replica.insert(r);
                 let (update, samples, loss) = out?;
                 let computed = Instant::now();
-                let data = SharedFloats(Arc::new(update));
-                let update = Update {
-                    round: order.round,
-                    samples,
-                    loss,
-                    data: data.clone(),
-                };
                 // Full duplex: the next round's parameters stream in while the update streams
                 // out (the coordinator sends each range as soon as it is reduced).
                 let mut puller = client.clone();
-                let pushing = async {
-                    match push(&mut client, &id, &settings, update, &pool).await {
-                        Ok(()) => Ok(true),
-                        Err(WorkerError::Rpc(s))
-                            if matches!(
-                                s.code(),
-                                Code::FailedPrecondition | Code::AlreadyExists
-                            ) =>
-                        {
-                            tracing::info!(round = order.round, status = %s.message(), "update not used");
-                            Ok(false)
-                        }
-                        Err(e) => Err(e),
+                let pulling = pull_into(&mut puller, &id, after, settings.wire, &grid, &mut pulled);
+                let (used, next, sent) = match early {
+                    Some(task) => {
+                        r.recycle(update);
+                        let pushing = async {
+                            task.join().await.map_err(|source| WorkerError::Task {
+                                what: "sending the update",
+                                source,
+                            })?
+                        };
+                        let (used, next) = tokio::try_join!(pushing, pulling)?;
+                        (used, next, None)
+                    }
+                    None => {
+                        let data = SharedFloats(Arc::new(update));
+                        let update = Update {
+                            round: order.round,
+                            samples,
+                            loss,
+                            data: data.clone(),
+                        };
+                        let pushing = async {
+                            used(
+                                order.round,
+                                push(&mut client, &id, &settings, update, &pool).await,
+                            )
+                        };
+                        let (used, next) = tokio::try_join!(pushing, pulling)?;
+                        (used, next, Some(data))
                     }
                 };
-                let pulling = pull_into(&mut puller, &id, after, settings.wire, &grid, &mut pulled);
-                let (used, next) = tokio::try_join!(pushing, pulling)?;
                 metrics.wire(settings.wire, "out", total);
                 metrics.wire(settings.wire, "in", total);
                 metrics.round(samples, loss, computed - started, computed.elapsed(), used);
                 // The stream that sent the update is done with it by now (or else it is left
                 // to be freed, and the next update gets a fresh buffer).
-                if let Ok(v) = Arc::try_unwrap(data.0) {
+                if let Some(v) = sent.and_then(|d| Arc::try_unwrap(d.0).ok()) {
                     r.recycle(v);
                 }
                 if used {
@@ -728,6 +882,54 @@ async fn train(
 mod tests {
     use super::*;
 
+    /// The sender sends each chunk once the reported final part covers it, from the last
+    /// chunk down, the last one sent carrying the checksum of the whole; the chunks assemble
+    /// to the gradient, and the loss comes with the first report.
+    #[test]
+    fn chunks_go_out_as_the_backward_pass_makes_them_final() {
+        let g: Vec<f32> = (0..10).map(|i| i as f32 * 0.5 - 1.0).collect();
+        let grid = Assembler::grid(10, Encoding::F32, 16);
+        assert_eq!(grid.len(), 3);
+        let (mut snd, loss, mut rx) =
+            ChunkSender::new(grid.clone(), Encoding::F32, BufPool::new(0));
+        let stats = BatchStats {
+            samples: 2,
+            margin_loss: 0.25,
+            reconstruction_loss: 0.5,
+            correct: 1,
+        };
+        let mut sent = |from: usize, snd: &mut ChunkSender| {
+            snd.ready(&stats, from, &g[from..]);
+            std::iter::from_fn(|| rx.try_recv().ok()).collect::<Vec<_>>()
+        };
+        // Floats 6.. are final: only the chunk at 8 lies wholly inside.
+        let a = sent(6, &mut snd);
+        assert_eq!(a.iter().map(|c| c.offset).collect::<Vec<_>>(), vec![8]);
+        assert!(a[0].total_crc32.is_none());
+        let b = sent(3, &mut snd);
+        assert_eq!(b.iter().map(|c| c.offset).collect::<Vec<_>>(), vec![4]);
+        let c = sent(0, &mut snd);
+        assert_eq!(c.iter().map(|c| c.offset).collect::<Vec<_>>(), vec![0]);
+        assert!(c[0].total_crc32.is_some());
+        assert!(sent(0, &mut snd).is_empty(), "a chunk was sent twice");
+        let mut asm = Assembler::new(grid, 10, Encoding::F32).unwrap();
+        let mut out = vec![0.0; 10];
+        for ch in a.iter().chain(&b).chain(&c) {
+            let chunk = ChunkIn {
+                offset: ch.offset,
+                total: 10,
+                encoding: Encoding::F32,
+                payload: &ch.payload,
+                crc32: ch.crc32,
+                total_crc32: ch.total_crc32,
+            };
+            asm.accept(chunk, &mut out).unwrap();
+        }
+        asm.finish().unwrap();
+        assert_eq!(out, g);
+        assert_eq!(loss.blocking_recv().unwrap(), 0.75);
+    }
+
     #[test]
     fn the_token_is_not_in_the_debug_output() {
         let cfg = WorkerConfig {
@@ -740,6 +942,7 @@ mod tests {
             give_up_after: Duration::from_secs(1),
             tls: None,
             metrics_listen: None,
+            overlap: true,
         };
         let text = format!("{cfg:?}");
         assert!(!text.contains("secret-token"), "{text}");
