@@ -682,8 +682,7 @@ impl CapsNet {
         let t3 = Instant::now();
         ws.timings.u_hat += t3 - t2;
 
-        self.primary_backward(params, b, grads, ws);
-        ready(offset(PRIMARY_W), grads);
+        self.primary_backward(params, b, grads, ws, ready);
         let t4 = Instant::now();
         ws.timings.primary += t4 - t3;
 
@@ -782,8 +781,16 @@ impl CapsNet {
 
     /// Squash of the primary capsules back to the conv layout, then the primary conv's bias,
     /// weight and input gradients (the input's in `ws.g_h1`), blocks of images in reverse so
-    /// the last block's im2col from the forward pass is reused.
-    fn primary_backward(&self, params: &Params, b: usize, grads: &mut Params, ws: &mut Workspace) {
+    /// the last block's im2col from the forward pass is reused. `ready` hears that the primary
+    /// convolution's parameters are final as soon as they are, before its input gradient.
+    fn primary_backward(
+        &self,
+        params: &Params,
+        b: usize,
+        grads: &mut Params,
+        ws: &mut Workspace,
+        ready: &mut dyn FnMut(usize, &Params),
+    ) {
         let cfg = &self.cfg;
         let (g1, g2) = (&self.conv1, &self.primary);
         let (types, pd, ni, p2) = (
@@ -828,6 +835,9 @@ impl CapsNet {
         ws.g_col2.resize(chunk * p2 * g2.k(), 0.0);
         let w2 = view2(params.at(PRIMARY_W), g2.cout, g2.k());
         let last_b0 = (b - 1) / chunk * chunk;
+        // The weight gradient first, over every block (the last block's im2col from the
+        // forward pass reused): it is final before the input gradient is begun, so a listener
+        // can send it while the input gradient and conv1 are computed.
         let mut first = true;
         for b0 in (0..b).step_by(chunk).rev() {
             let nb = chunk.min(b - b0);
@@ -849,6 +859,16 @@ impl CapsNet {
                 &view2(col, nb * p2, g2.k()),
                 beta,
                 &mut view2_mut(gw2, g2.cout, g2.k()),
+            );
+        }
+        ready(self.layout.specs()[PRIMARY_W].offset, grads);
+        // Then the input gradient, which needs no im2col.
+        for b0 in (0..b).step_by(chunk).rev() {
+            let nb = chunk.min(b - b0);
+            let ga = view2(
+                &ws.g_a2[b0 * p2 * g2.cout..][..nb * p2 * g2.cout],
+                nb * p2,
+                g2.cout,
             );
             let gcol = &mut ws.g_col2[..nb * p2 * g2.k()];
             par_gemm(1.0, &ga, &w2, 0.0, &mut view2_mut(gcol, nb * p2, g2.k()));
