@@ -720,6 +720,9 @@ async fn train(
         // The parameters of the round, pulled into the same buffer every round, and the work
         // order that came with them when they were pulled beside the last push.
         let mut pulled: Vec<f32> = vec![];
+        // With overlap, the next round's parameters are pulled while this round's are still in
+        // use: into this second buffer.
+        let mut second: Vec<f32> = vec![];
         let mut ready: Option<pb::WorkOrder> = None;
         // Payload buffers for two updates: the one being sent and the next.
         let grid = settings.grid();
@@ -777,41 +780,58 @@ async fn train(
                     })));
                     sender = Some(snd);
                 }
-                let (r, params, out) = tokio::task::spawn_blocking(move || {
-                    let out = match sender.as_mut() {
-                        Some(snd) => r.compute(&o, &mut params, snd),
-                        None => r.compute(&o, &mut params, &mut ()),
-                    };
-                    // The push stream ends once its last chunk is sent.
-                    drop(sender);
-                    (r, params, out)
-                })
-                .await
-                .map_err(|source| WorkerError::Task {
-                    what: "training step",
-                    source,
-                })?;
-                pulled = params;
-                let r = replica.insert(r);
-                let (update, samples, loss) = out?;
-                let computed = Instant::now();
-                // Full duplex: the next round's parameters stream in while the update streams
-                // out (the coordinator sends each range as soon as it is reduced).
+                let compute = async {
+                    let (r, params, out) = tokio::task::spawn_blocking(move || {
+                        let out = match sender.as_mut() {
+                            Some(snd) => r.compute(&o, &mut params, snd),
+                            None => r.compute(&o, &mut params, &mut ()),
+                        };
+                        // The push stream ends once its last chunk is sent.
+                        drop(sender);
+                        (r, params, out)
+                    })
+                    .await
+                    .map_err(|source| WorkerError::Task {
+                        what: "training step",
+                        source,
+                    })?;
+                    replica = Some(r);
+                    let (update, samples, loss) = out?;
+                    Ok::<_, WorkerError>((params, update, samples, loss, Instant::now()))
+                };
                 let mut puller = client.clone();
-                let pulling = pull_into(&mut puller, &id, after, settings.wire, &grid, &mut pulled);
-                let (used, next, sent) = match early {
+                let (used, next, update, samples, loss, computed) = match early {
                     Some(task) => {
-                        r.recycle(update);
+                        // The next round's parameters stream in (into the second buffer) from
+                        // the moment its first ranges are reduced, while this round's
+                        // computation and its sending still run.
+                        let mut next_params = std::mem::take(&mut second);
+                        if next_params.len() != total as usize {
+                            next_params = vec![0.0; total as usize];
+                        }
                         let pushing = async {
                             task.join().await.map_err(|source| WorkerError::Task {
                                 what: "sending the update",
                                 source,
                             })?
                         };
-                        let (used, next) = tokio::try_join!(pushing, pulling)?;
-                        (used, next, None)
+                        let pulling = pull_into(
+                            &mut puller,
+                            &id,
+                            after,
+                            settings.wire,
+                            &grid,
+                            &mut next_params,
+                        );
+                        let ((params, update, samples, loss, computed), used, next) =
+                            tokio::try_join!(compute, pushing, pulling)?;
+                        second = params;
+                        pulled = next_params;
+                        (used, next, Some(update), samples, loss, computed)
                     }
                     None => {
+                        let (params, update, samples, loss, computed) = compute.await?;
+                        pulled = params;
                         let data = SharedFloats(Arc::new(update));
                         let update = Update {
                             round: order.round,
@@ -819,22 +839,33 @@ async fn train(
                             loss,
                             data: data.clone(),
                         };
+                        // Full duplex: the next round's parameters stream in while the update
+                        // streams out (the coordinator sends each range once it is reduced).
                         let pushing = async {
                             used(
                                 order.round,
                                 push(&mut client, &id, &settings, update, &pool).await,
                             )
                         };
+                        let pulling =
+                            pull_into(&mut puller, &id, after, settings.wire, &grid, &mut pulled);
                         let (used, next) = tokio::try_join!(pushing, pulling)?;
-                        (used, next, Some(data))
+                        // The stream that sent the update is done with it by now (or else it
+                        // is left to be freed, and the next update gets a fresh buffer).
+                        (
+                            used,
+                            next,
+                            Arc::try_unwrap(data.0).ok(),
+                            samples,
+                            loss,
+                            computed,
+                        )
                     }
                 };
                 metrics.wire(settings.wire, "out", total);
                 metrics.wire(settings.wire, "in", total);
                 metrics.round(samples, loss, computed - started, computed.elapsed(), used);
-                // The stream that sent the update is done with it by now (or else it is left
-                // to be freed, and the next update gets a fresh buffer).
-                if let Some(v) = sent.and_then(|d| Arc::try_unwrap(d.0).ok()) {
+                if let (Some(r), Some(v)) = (replica.as_mut(), update) {
                     r.recycle(v);
                 }
                 if used {
