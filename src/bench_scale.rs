@@ -152,7 +152,7 @@ pub fn run(a: BenchScaleArgs) -> Result<()> {
         }
     }
     println!(
-        "(K: local steps per sync, --sync params --sync-every K; overlap: pushing the decoder's and digit capsules' ranges during the rest of the backward pass, not built yet)"
+        "(K: local steps per sync, --sync params --sync-every K; overlap: each range sent as soon as the backward pass has made it final, the next round pulled meanwhile, as workers do unless --no-overlap; the sharded layouts are not built yet)"
     );
     if let Some(png) = &a.png {
         scale::plot_png(png, &a.font, &lines)?;
@@ -168,14 +168,21 @@ pub fn run(a: BenchScaleArgs) -> Result<()> {
 
 fn print_costs(c: &Costs) {
     println!(
-        "measured: a training step of batch {} on {} threads {:.1} ms ({:.1} images/s); {:.1} ms of its backward pass come after the decoder's and digit capsules' gradients ({:.1}% of the {} floats) are final",
+        "measured: a training step of batch {} on {} threads {:.1} ms ({:.1} images/s); {}",
         c.batch,
         c.cores,
         c.step_s * 1e3,
         c.batch as f64 / c.step_s,
-        c.overlap_window_s * 1e3,
-        100.0 * c.early_share,
-        c.floats
+        c.stages
+            .iter()
+            .map(|st| format!(
+                "{:.1} ms of its backward pass are left once {:.1}% of the {} floats are final",
+                st.window_s * 1e3,
+                100.0 * st.share,
+                c.floats
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     println!(
         "measured per float on one core (ns): encode f32 {:.2} bf16 {:.2}; decode f32 {:.2} bf16 {:.2}; add into a sum f32 {:.2} bf16 {:.2}; Adam step {:.2}",
