@@ -333,6 +333,29 @@ fn bad_updates_are_rejected_and_change_nothing() {
                 message: "chunk at offset 0: payload of 2048 bytes; this run's chunk there holds 1024 floats".into(),
             },
             Case {
+                name: "a chunk sent twice",
+                update: |v| {
+                    let mut msgs = v.chunks(0, v.values);
+                    let first = msgs[0].clone();
+                    msgs.insert(1, first);
+                    msgs
+                },
+                code: Code::InvalidArgument,
+                message: "chunk at offset 0: sent twice".into(),
+            },
+            Case {
+                // Chunks may come in any order, but the one that completes the update must
+                // carry the checksum of the whole.
+                name: "chunks reordered without the total checksum on the last one sent",
+                update: |v| {
+                    let mut msgs = v.chunks(0, v.values);
+                    msgs.reverse();
+                    msgs
+                },
+                code: Code::InvalidArgument,
+                message: "total checksum on a chunk that is not the last".into(),
+            },
+            Case {
                 // After the others were reduced, and with the opposite sign, so a trace of
                 // them in the result would show.
                 name: "a corrupt last chunk",
