@@ -49,8 +49,9 @@ struct Reduced {
     finite: bool,
 }
 
-/// The state a range is reduced from: the committed parameters and moments, and how the
-/// average of the updates becomes the new parameters.
+/// The state a range is reduced from: the committed parameters and moments of the reducer's
+/// span (indexed from the span's first float), and how the average of the updates becomes the
+/// new parameters.
 pub(crate) struct Source<'a> {
     pub params: &'a [f32],
     /// Adam's moments (grad mode), or the outer optimizer's momentum in `m` (params mode).
@@ -104,6 +105,12 @@ pub(crate) struct Closed {
 
 pub(crate) struct Reducer {
     grid: Arc<Vec<Range<usize>>>,
+    /// The grid chunks this reducer owns: the whole grid when one process reduces everything,
+    /// one span of it per reducer in a sharded layout ([`capsnet_proto::wire::spans`]). Its
+    /// updates, results and state buffers hold only these chunks' floats.
+    span: Range<usize>,
+    /// The span's first float: a float's index in the state buffers is its index minus this.
+    base: usize,
     wire: Encoding,
     slots: BTreeMap<usize, Slot>,
     reduced: Vec<Option<Reduced>>,
@@ -119,13 +126,22 @@ pub(crate) struct Reducer {
 }
 
 impl Reducer {
+    /// A reducer of the chunks `span` of `grid`, whose [`Source`]s hold those chunks' floats.
     pub fn new(
         grid: Arc<Vec<Range<usize>>>,
+        span: Range<usize>,
         wire: Encoding,
-        total: usize,
         kept: Kept,
         threads: usize,
     ) -> Result<Self> {
+        if span.is_empty() || span.end > grid.len() {
+            return Err(CoordinatorError::Config(format!(
+                "chunks {span:?} are not a span of a grid of {} chunks",
+                grid.len()
+            )));
+        }
+        let base = grid[span.start].start;
+        let total = grid[span.end - 1].end - base;
         let (m_len, v_len) = match kept {
             Kept::Nothing => (0, 0),
             Kept::Momentum => (total, 0),
@@ -140,12 +156,14 @@ impl Reducer {
                 source,
             })?;
         Ok(Reducer {
-            reduced: (0..grid.len()).map(|_| None).collect(),
+            reduced: (0..span.len()).map(|_| None).collect(),
             wire,
             slots: BTreeMap::new(),
             // This round's results, the last round's (still being pulled) and one more.
-            pool: BufPool::new(3 * grid.len()),
+            pool: BufPool::new(3 * span.len()),
             grid,
+            span,
+            base,
             next_params: vec![0.0; total],
             next_m: vec![0.0; m_len],
             next_v: vec![0.0; v_len],
@@ -156,6 +174,11 @@ impl Reducer {
 
     pub fn grid(&self) -> Arc<Vec<Range<usize>>> {
         self.grid.clone()
+    }
+
+    /// Chunk `index` of the grid as an index into this reducer's own chunks.
+    fn slot(&self, index: usize) -> Option<usize> {
+        self.span.contains(&index).then(|| index - self.span.start)
     }
 
     /// Members with an update in progress or complete.
@@ -185,7 +208,7 @@ impl Reducer {
                 scale: 1.0,
                 loss,
                 encoding,
-                chunks: vec![None; self.grid.len()],
+                chunks: vec![None; self.span.len()],
                 complete: false,
             },
         );
@@ -194,7 +217,7 @@ impl Reducer {
     /// Range `index` as reduced so far this round, with its generation.
     pub fn reduced(&self, index: usize) -> Option<(u64, &EncodedChunk)> {
         self.reduced
-            .get(index)?
+            .get(self.slot(index)?)?
             .as_ref()
             .map(|r| (r.generation, &r.chunk))
     }
@@ -209,18 +232,18 @@ impl Reducer {
         expected: &[usize],
         src: &Source<'_>,
     ) -> bool {
+        let Some(at) = self.slot(index) else {
+            return false;
+        };
         let Some(slot) = self.slots.get_mut(&k) else {
             return false;
         };
-        let Some(c) = slot.chunks.get_mut(index) else {
-            return false;
-        };
-        *c = Some(payload);
+        slot.chunks[at] = Some(payload);
         if !expected.is_empty()
             && expected.contains(&k)
             && expected
                 .iter()
-                .all(|m| self.slots.get(m).is_some_and(|s| s.chunks[index].is_some()))
+                .all(|m| self.slots.get(m).is_some_and(|s| s.chunks[at].is_some()))
         {
             self.reduce(index, expected, src);
             return true;
@@ -234,7 +257,8 @@ impl Reducer {
             .slots
             .get_mut(&k)
             .ok_or_else(|| CoordinatorError::BadUpdate("no update in progress".into()))?;
-        if let Some(i) = slot.chunks.iter().position(Option::is_none) {
+        if let Some(at) = slot.chunks.iter().position(Option::is_none) {
+            let i = self.span.start + at;
             return Err(CoordinatorError::BadUpdate(format!(
                 "update ended without chunk {i} (floats {:?})",
                 self.grid[i]
@@ -251,25 +275,25 @@ impl Reducer {
             return vec![];
         };
         slot.scale = factor;
-        let mut forgotten = vec![];
-        for (i, r) in self.reduced.iter_mut().enumerate() {
-            if r.as_ref().is_some_and(|r| r.members.contains(&k)) {
-                *r = None;
-                forgotten.push(i);
-            }
-        }
-        forgotten
+        self.forget(k)
     }
 
     /// Drops member `k`'s update and forgets every range it took part in; returns those ranges.
     pub fn abort(&mut self, k: usize) -> Vec<usize> {
-        let mut forgotten = vec![];
         if self.slots.remove(&k).is_some() {
-            for (i, r) in self.reduced.iter_mut().enumerate() {
-                if r.as_ref().is_some_and(|r| r.members.contains(&k)) {
-                    *r = None;
-                    forgotten.push(i);
-                }
+            self.forget(k)
+        } else {
+            vec![]
+        }
+    }
+
+    /// Forgets every range reduced with member `k`; returns their grid indices.
+    fn forget(&mut self, k: usize) -> Vec<usize> {
+        let mut forgotten = vec![];
+        for (at, r) in self.reduced.iter_mut().enumerate() {
+            if r.as_ref().is_some_and(|r| r.members.contains(&k)) {
+                *r = None;
+                forgotten.push(self.span.start + at);
             }
         }
         forgotten
@@ -281,14 +305,17 @@ impl Reducer {
     /// with the blocks spread over the reducer's threads (each element's arithmetic is the
     /// same on any thread, so the bits do not depend on the thread count).
     fn reduce(&mut self, index: usize, members: &[usize], src: &Source<'_>) {
+        let at = index - self.span.start;
         let r = self.grid[index].clone();
+        // The range in the state buffers.
+        let local = r.start - self.base..r.end - self.base;
         let total: u64 = members.iter().map(|m| self.slots[m].samples).sum();
         let inputs: Vec<(f32, &[u8], Encoding)> = members
             .iter()
             .filter_map(|m| {
                 let s = &self.slots[m];
                 let w = (s.samples as f64 / total as f64) as f32 * s.scale;
-                s.chunks[index].as_deref().map(|p| (w, p, s.encoding))
+                s.chunks[at].as_deref().map(|p| (w, p, s.encoding))
             })
             .collect();
         let (wire, update) = (self.wire, src.update);
@@ -296,12 +323,12 @@ impl Reducer {
         let mut payload = self.pool.take(r.len() * out_bpf);
         // The new optimizer state's blocks: Adam's moments, the outer momentum, or none.
         let mut moments: Vec<BlockState<'_>> = match update {
-            Update::Adam(_) => self.next_m[r.clone()]
+            Update::Adam(_) => self.next_m[local.clone()]
                 .chunks_mut(BLOCK)
-                .zip(self.next_v[r.clone()].chunks_mut(BLOCK))
+                .zip(self.next_v[local.clone()].chunks_mut(BLOCK))
                 .map(|(m, v)| BlockState::Adam(m, v))
                 .collect(),
-            Update::Nesterov { .. } => self.next_m[r.clone()]
+            Update::Nesterov { .. } => self.next_m[local.clone()]
                 .chunks_mut(BLOCK)
                 .map(BlockState::Momentum)
                 .collect(),
@@ -309,7 +336,7 @@ impl Reducer {
                 .map(|_| BlockState::Nothing)
                 .collect(),
         };
-        let out = &mut self.next_params[r.clone()];
+        let out = &mut self.next_params[local.clone()];
         let crcs: Vec<(crc32fast::Hasher, bool)> = self.threads.install(|| {
             out.par_chunks_mut(BLOCK)
                 .zip(payload.as_mut().par_chunks_mut(BLOCK * out_bpf))
@@ -318,7 +345,7 @@ impl Reducer {
                 .map(|(k, ((out, bytes), mv))| {
                     let b = k * BLOCK;
                     let e = b + out.len();
-                    let (lo, hi) = (r.start + b, r.start + e);
+                    let (lo, hi) = (local.start + b, local.start + e);
                     let mut g = [0.0f32; BLOCK];
                     let g = &mut g[..out.len()];
                     for &(w, p, enc) in &inputs {
@@ -362,7 +389,7 @@ impl Reducer {
         }
         let finite = crcs.iter().all(|(_, f)| *f);
         self.generation += 1;
-        self.reduced[index] = Some(Reduced {
+        self.reduced[at] = Some(Reduced {
             generation: self.generation,
             members: members.to_vec(),
             chunk: EncodedChunk {
@@ -385,12 +412,12 @@ impl Reducer {
             self.clear();
             return None;
         }
-        for i in 0..self.grid.len() {
-            if self.reduced[i]
+        for at in 0..self.span.len() {
+            if self.reduced[at]
                 .as_ref()
                 .is_none_or(|r| r.members != members)
             {
-                self.reduce(i, &members, src);
+                self.reduce(self.span.start + at, &members, src);
             }
         }
         let samples = members.iter().map(|m| self.slots[m].samples).sum::<u64>();
@@ -502,7 +529,14 @@ mod tests {
         };
         let payload =
             |k: usize, i: usize| wire::encode(&grad(k, n)[grid[i].clone()], Encoding::F32);
-        let mut red = Reducer::new(grid.clone(), Encoding::F32, n, Kept::AdamMoments, 3).unwrap();
+        let mut red = Reducer::new(
+            grid.clone(),
+            0..grid.len(),
+            Encoding::F32,
+            Kept::AdamMoments,
+            3,
+        )
+        .unwrap();
         let expected = [0, 1, 2];
         red.begin(2, 5, 0.5, Encoding::F32);
         red.begin(0, 3, 0.1, Encoding::F32);
@@ -551,6 +585,84 @@ mod tests {
         assert!(red.close(&src).is_none());
     }
 
+    /// The sharded layout's arithmetic: R reducers, each over its span of the grid with its
+    /// span's state, give the bits of one reducer over the whole grid (parameters, moments and
+    /// encoded results), for R = 1, 2, 3, whatever order the chunks arrive in.
+    #[test]
+    fn reducers_of_spans_give_the_bits_of_one_over_the_grid() {
+        let n = 23_000;
+        let grid: Arc<Vec<Range<usize>>> =
+            Arc::new(wire::chunk_ranges(n, Encoding::F32, 4 * 3000).collect());
+        assert_eq!(grid.len(), 8);
+        let p: Vec<f32> = (0..n).map(|i| (i as f32 * 0.013).cos()).collect();
+        let mut adam = Adam::new(AdamConfig::default(), n);
+        adam.update(&mut p.clone(), &grad(9, n)).unwrap();
+        let updates = [(3u64, grad(0, n)), (5u64, grad(1, n))];
+        type Out = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<EncodedChunk>);
+        let run = |span: Range<usize>, backwards: bool| -> Out {
+            let (lo, hi) = (grid[span.start].start, grid[span.end - 1].end);
+            let src = Source {
+                params: &p[lo..hi],
+                m: &adam.m[lo..hi],
+                v: &adam.v[lo..hi],
+                update: Update::Adam(adam.next_step()),
+            };
+            let mut red = Reducer::new(
+                grid.clone(),
+                span.clone(),
+                Encoding::F32,
+                Kept::AdamMoments,
+                2,
+            )
+            .unwrap();
+            for (k, (samples, _)) in updates.iter().enumerate() {
+                red.begin(k, *samples, 0.1, Encoding::F32);
+            }
+            let mut order: Vec<usize> = span.clone().collect();
+            if backwards {
+                order.reverse();
+            }
+            for i in order {
+                for k in [1, 0] {
+                    let payload = wire::encode(&updates[k].1[grid[i].clone()], Encoding::F32);
+                    red.chunk(k, i, payload, &[0, 1], &src);
+                }
+            }
+            for k in 0..2 {
+                red.end(k).unwrap();
+            }
+            let closed = red.close(&src).unwrap();
+            assert!(closed.finite);
+            (red.next_params, red.next_m, red.next_v, closed.chunks)
+        };
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let (wp, wm, wv, wc) = run(0..grid.len(), false);
+        for r in 1..=3 {
+            let (mut sp, mut sm, mut sv, mut payloads) = (vec![], vec![], vec![], vec![]);
+            for (j, span) in wire::spans(&grid, r).unwrap().into_iter().enumerate() {
+                let (p, m, v, chunks) = run(span.clone(), j % 2 == 1);
+                let offsets: Vec<u64> = chunks.iter().map(|c| c.offset).collect();
+                let want: Vec<u64> = span.clone().map(|i| grid[i].start as u64).collect();
+                assert_eq!(offsets, want, "{r} reducers: span {span:?}");
+                assert!(chunks.last().and_then(|c| c.total_crc32).is_some());
+                sp.extend(p);
+                sm.extend(m);
+                sv.extend(v);
+                payloads.extend(chunks.into_iter().map(|c| c.payload));
+            }
+            assert_eq!(bits(&sp), bits(&wp), "{r} reducers: parameters");
+            assert_eq!(bits(&sm), bits(&wm), "{r} reducers: first moments");
+            assert_eq!(bits(&sv), bits(&wv), "{r} reducers: second moments");
+            assert!(
+                payloads.iter().zip(&wc).all(|(a, b)| *a == b.payload),
+                "{r} reducers: encoded results"
+            );
+        }
+        // A span off the grid is refused.
+        assert!(Reducer::new(grid.clone(), 8..9, Encoding::F32, Kept::Nothing, 1).is_err());
+        assert!(Reducer::new(grid, 3..3, Encoding::F32, Kept::Nothing, 1).is_err());
+    }
+
     /// A reduction whose result is not finite (here from a damaged moment) says so, so that
     /// the round is not committed.
     #[test]
@@ -562,7 +674,14 @@ mod tests {
         let m = adam.m.clone();
         let mut v = adam.v.clone();
         let update = Update::Adam(adam.next_step());
-        let mut red = Reducer::new(grid.clone(), Encoding::F32, n, Kept::AdamMoments, 2).unwrap();
+        let mut red = Reducer::new(
+            grid.clone(),
+            0..grid.len(),
+            Encoding::F32,
+            Kept::AdamMoments,
+            2,
+        )
+        .unwrap();
         let mut finite = |v: &[f32]| {
             let src = Source {
                 params: &p,
@@ -594,7 +713,14 @@ mod tests {
         let m: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).sin() * 0.1).collect();
         let locals = [(3u64, grad(1, n)), (5u64, grad(2, n))];
         let run = |update: Update| {
-            let mut red = Reducer::new(grid.clone(), Encoding::F32, n, Kept::Momentum, 2).unwrap();
+            let mut red = Reducer::new(
+                grid.clone(),
+                0..grid.len(),
+                Encoding::F32,
+                Kept::Momentum,
+                2,
+            )
+            .unwrap();
             let src = Source {
                 params: &p,
                 m: &m,
@@ -657,7 +783,14 @@ mod tests {
     #[test]
     fn an_update_missing_a_chunk_cannot_complete() {
         let grid = Arc::new(wire::chunk_ranges(10, Encoding::F32, 16).collect::<Vec<_>>());
-        let mut red = Reducer::new(grid, Encoding::F32, 10, Kept::AdamMoments, 1).unwrap();
+        let mut red = Reducer::new(
+            grid.clone(),
+            0..grid.len(),
+            Encoding::F32,
+            Kept::AdamMoments,
+            1,
+        )
+        .unwrap();
         red.begin(0, 1, 0.0, Encoding::F32);
         let e = red.end(0).unwrap_err();
         assert!(e.to_string().contains("chunk 0"), "{e}");

@@ -448,6 +448,39 @@ impl GridCrc {
     }
 }
 
+/// Cuts the chunks of `grid` into `parts` contiguous spans of chunk indices, balanced by floats
+/// (so by bytes): span k ends at the chunk boundary nearest to k/parts of the floats, and none
+/// is empty. None when there are fewer chunks than parts. The spans a run's reducers own.
+pub fn spans(grid: &[Range<usize>], parts: usize) -> Option<Vec<Range<usize>>> {
+    let n = grid.len();
+    if parts == 0 || parts > n {
+        return None;
+    }
+    let total = grid.last().map_or(0, |r| r.end) as f64;
+    let mut out = Vec::with_capacity(parts);
+    let mut start = 0;
+    for k in 1..=parts {
+        let end = if k == parts {
+            n
+        } else {
+            let want = total * k as f64 / parts as f64;
+            // The boundary after chunk i is grid[i].end; leave room for the spans still to come.
+            let lo = start + 1;
+            let hi = n - (parts - k);
+            (lo..=hi)
+                .min_by(|&a, &b| {
+                    let da = (grid[a - 1].end as f64 - want).abs();
+                    let db = (grid[b - 1].end as f64 - want).abs();
+                    da.total_cmp(&db)
+                })
+                .unwrap_or(lo)
+        };
+        out.push(start..end);
+        start = end;
+    }
+    Some(out)
+}
+
 /// The hasher of a chunk whose CRC-32 and length are known (no pass over its bytes).
 pub fn chunk_hasher(crc: u32, len: usize) -> crc32fast::Hasher {
     crc32fast::Hasher::new_with_initial_len(crc, len as u64)
@@ -460,6 +493,8 @@ pub fn chunk_hasher(crc: u32, len: usize) -> crc32fast::Hasher {
 #[derive(Debug)]
 pub struct Assembler {
     grid: Grid,
+    /// The chunk indices the stream covers: the whole grid, or one reducer's span.
+    span: Range<usize>,
     total: u64,
     enc: Encoding,
     crc: GridCrc,
@@ -469,6 +504,19 @@ impl Assembler {
     /// `grid`: the run's chunk ranges (they end at the number of floats the receiver's model
     /// has); `first_total` and `enc`: what the first chunk says.
     pub fn new(grid: Grid, first_total: u64, enc: Encoding) -> Result<Self> {
+        let n = grid.len();
+        Self::span(grid, 0..n, first_total, enc)
+    }
+
+    /// A stream of the chunks `span` of the grid only (one reducer's share, [`spans`]): the
+    /// same checks, and the total checksum over the span's payloads in grid order.
+    pub fn span(grid: Grid, span: Range<usize>, first_total: u64, enc: Encoding) -> Result<Self> {
+        if span.is_empty() || span.end > grid.len() {
+            return Err(ProtoError::Invalid(format!(
+                "chunks {span:?} are not a span of a grid of {} chunks",
+                grid.len()
+            )));
+        }
         let expected = grid.last().map_or(0, |r| r.end) as u64;
         if first_total != expected {
             return Err(ProtoError::Size {
@@ -480,8 +528,9 @@ impl Assembler {
             return Err(ProtoError::Invalid("encoding unspecified".into()));
         }
         Ok(Assembler {
-            crc: GridCrc::new(grid.len()),
+            crc: GridCrc::new(span.len()),
             grid,
+            span,
             total: expected,
             enc,
         })
@@ -530,7 +579,14 @@ impl Assembler {
             .grid
             .binary_search_by_key(&offset, |r| r.start as u64)
             .map_err(|_| err("not the start of a chunk of this run's grid".into()))?;
+        if !self.span.contains(&index) {
+            return Err(err(format!(
+                "chunk {index} is not one of this stream's chunks {:?}",
+                self.span
+            )));
+        }
         let r = self.grid[index].clone();
+        let slot = index - self.span.start;
         let bpf = bytes_per_float(enc);
         if payload.len() != r.len() * bpf {
             return Err(err(format!(
@@ -540,7 +596,7 @@ impl Assembler {
                 r.len() * bpf
             )));
         }
-        if self.crc.has(index) {
+        if self.crc.has(slot) {
             return Err(err("sent twice".into()));
         }
         let mut h = crc32fast::Hasher::new();
@@ -558,7 +614,7 @@ impl Assembler {
             let sent =
                 total_crc.ok_or_else(|| err("last chunk carries no total checksum".into()))?;
             let mut whole = self.crc.clone();
-            whole.record(index, h.clone());
+            whole.record(slot, h.clone());
             let got = whole.total().unwrap_or_default();
             if sent != got {
                 return Err(ProtoError::Checksum {
@@ -570,7 +626,7 @@ impl Assembler {
         } else if total_crc.is_some() {
             return Err(err("total checksum on a chunk that is not the last".into()));
         }
-        self.crc.record(index, h);
+        self.crc.record(slot, h);
         Ok((index, r))
     }
 
@@ -579,8 +635,8 @@ impl Assembler {
         if self.crc.missing() == 0 {
             return Ok(());
         }
-        let got = (0..self.grid.len())
-            .filter(|&i| self.crc.has(i))
+        let got = (self.span.clone())
+            .filter(|&i| self.crc.has(i - self.span.start))
             .map(|i| self.grid[i].len() as u64)
             .sum();
         Err(ProtoError::Size {
@@ -759,6 +815,70 @@ mod tests {
         }
         assert_eq!(g.total(), total);
         assert!(!g.record(0, crc32fast::Hasher::new()), "recorded twice");
+    }
+
+    /// Spans are contiguous, cover the grid, are never empty, and split the floats as evenly
+    /// as whole chunks allow.
+    #[test]
+    fn spans_cover_the_grid_in_balanced_contiguous_parts() {
+        let grid: Vec<_> = chunk_ranges(8_215_568, Encoding::F32, 1 << 20).collect();
+        assert_eq!(grid.len(), 32);
+        for parts in 1..=grid.len() {
+            let s = spans(&grid, parts).unwrap();
+            assert_eq!(s.len(), parts);
+            assert_eq!(s[0].start, 0);
+            assert_eq!(s[parts - 1].end, grid.len());
+            assert!(s.windows(2).all(|w| w[0].end == w[1].start));
+            assert!(s.iter().all(|r| !r.is_empty()));
+            let floats: Vec<usize> = s
+                .iter()
+                .map(|r| grid[r.end - 1].end - grid[r.start].start)
+                .collect();
+            let (lo, hi) = (floats.iter().min().unwrap(), floats.iter().max().unwrap());
+            // Within a chunk and a bit (a span boundary is a chunk boundary).
+            assert!(hi - lo <= 2 * grid[0].len(), "{parts}: {floats:?}");
+        }
+        assert_eq!(spans(&grid, 3).unwrap(), vec![0..10, 10..21, 21..32]);
+        assert!(spans(&grid, 0).is_none() && spans(&grid, 33).is_none());
+    }
+
+    /// A stream of one span: only its chunks, in any order, the total over the span.
+    #[test]
+    fn a_span_stream_takes_only_its_chunks() {
+        let v = values(100);
+        let chunks = encode_chunks(&v, Encoding::F32, 80);
+        let grid = Assembler::grid(100, Encoding::F32, 80);
+        let span = 1..3;
+        let mut crc = GridCrc::new(2);
+        for (k, c) in chunks[span.clone()].iter().enumerate() {
+            crc.record(k, chunk_hasher(c.crc32, c.payload.len()));
+        }
+        let send = |a: &mut Assembler, c: &EncodedChunk, total: Option<u32>, out: &mut [f32]| {
+            let chunk = ChunkIn {
+                offset: c.offset,
+                total: 100,
+                encoding: Encoding::F32,
+                payload: &c.payload,
+                crc32: c.crc32,
+                total_crc32: total,
+            };
+            a.accept(chunk, out)
+        };
+        let mut out = vec![0.0; 100];
+        let mut a = Assembler::span(grid.clone(), span.clone(), 100, Encoding::F32).unwrap();
+        let e = send(&mut a, &chunks[0], None, &mut out).unwrap_err();
+        assert!(
+            e.to_string().contains("not one of this stream's chunks"),
+            "{e}"
+        );
+        assert_eq!(send(&mut a, &chunks[2], None, &mut out).unwrap(), 2);
+        assert!(a.finish().is_err());
+        assert_eq!(send(&mut a, &chunks[1], crc.total(), &mut out).unwrap(), 1);
+        a.finish().unwrap();
+        assert_eq!(out[20..60], v[20..60]);
+        assert!(out[..20].iter().chain(&out[60..]).all(|&x| x == 0.0));
+        assert!(Assembler::span(grid.clone(), 3..3, 100, Encoding::F32).is_err());
+        assert!(Assembler::span(grid, 4..6, 100, Encoding::F32).is_err());
     }
 
     #[test]

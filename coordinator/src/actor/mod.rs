@@ -180,6 +180,8 @@ impl Actor {
             .map(|d| d.as_nanos())
             .unwrap_or(0);
         let n_floats = params.data.len();
+        let grid: Arc<Vec<_>> =
+            Arc::new(chunk_ranges(n_floats, cfg.wire, cfg.chunk_bytes).collect());
         let actor = Actor {
             cfg: cfg.clone(),
             run_msg,
@@ -206,9 +208,10 @@ impl Actor {
                 ranks: membership::Ranks::default(),
             },
             reducer: Reducer::new(
-                Arc::new(chunk_ranges(n_floats, cfg.wire, cfg.chunk_bytes).collect()),
+                grid.clone(),
+                // One reducer of every chunk.
+                0..grid.len(),
                 cfg.wire,
-                n_floats,
                 match (cfg.sync_mode, cfg.outer) {
                     (SyncMode::Grad, _) => Kept::AdamMoments,
                     (_, Some(_)) => Kept::Momentum,
