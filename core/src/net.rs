@@ -76,6 +76,15 @@ impl Net {
         }
     }
 
+    /// The name of the classification loss: the capsule network's margin loss, the CNN's
+    /// softmax (one object) or sigmoid (two) cross-entropy.
+    pub fn loss_name(&self) -> &'static str {
+        match self {
+            Net::Caps(_) => "margin loss",
+            Net::Cnn(_) => "cross-entropy",
+        }
+    }
+
     pub fn layout(&self) -> &ParamLayout {
         match self {
             Net::Caps(m) => m.layout(),
