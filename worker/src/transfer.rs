@@ -1,0 +1,334 @@
+//! Moving tensors: pulling a round's parameters and work order, pushing an update (whole, or
+//! chunk by chunk as the backward pass makes them final).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use capsnet_core::{BatchStats, GradReady};
+use capsnet_proto::frame;
+use capsnet_proto::wire::{
+    Assembler, BufPool, ChunkIn, EncodedChunk, Grid, GridCrc, chunk_encoder, encode_pooled,
+};
+use capsnet_proto::{Encoding, RunSettings, pb};
+use http_body::Frame;
+use http_body_util::StreamBody;
+use tokio_stream::StreamExt;
+use tonic::Code;
+use tonic::body::Body;
+
+use crate::client::Client;
+use crate::error::{Result, WorkerError};
+
+/// Parameters and work order of one round.
+pub struct Pulled {
+    pub order: pb::WorkOrder,
+    pub params: Vec<f32>,
+}
+
+/// Pulls the parameters of the first round after `after` (checked chunk by chunk), on the
+/// run's chunk `grid` ([`RunSettings::grid`]).
+pub async fn pull(
+    client: &mut Client,
+    id: &str,
+    after: Option<u64>,
+    enc: Encoding,
+    grid: &Grid,
+) -> Result<Pulled> {
+    let mut params = vec![0.0f32; grid.last().map_or(0, |r| r.end)];
+    let order = pull_into(client, id, after, enc, grid, &mut params).await?;
+    Ok(Pulled { order, params })
+}
+
+/// [`pull`] into a buffer the caller keeps across rounds (its length is the model's size).
+/// A stream the coordinator began early and then aborted (a range it sent was reduced again
+/// because an update failed) is pulled again: the second pull gets the final parameters.
+pub async fn pull_into(
+    client: &mut Client,
+    id: &str,
+    after: Option<u64>,
+    enc: Encoding,
+    grid: &Grid,
+    params: &mut [f32],
+) -> Result<pb::WorkOrder> {
+    let req = pb::PullRequest {
+        worker_id: id.to_string(),
+        after_round: after,
+        encoding: enc as i32,
+    };
+    let mut tries = 0;
+    loop {
+        match pull_stream(client, &req, grid, params).await {
+            Err(WorkerError::Rpc(s)) if s.code() == Code::Aborted && tries < 3 => {
+                tracing::debug!(status = %s.message(), "pulling again");
+                tries += 1;
+            }
+            r => return r,
+        }
+    }
+}
+
+/// One parameter stream, checked chunk by chunk into `params` (its chunks in any order); the
+/// last chunk carries the work order.
+async fn pull_stream(
+    client: &mut Client,
+    req: &pb::PullRequest,
+    grid: &Grid,
+    params: &mut [f32],
+) -> Result<pb::WorkOrder> {
+    let body = Body::new(http_body_util::Full::new(frame::frame(req)));
+    let mut stream = client.call(frame::PULL_PATH, body).await?;
+    let first: pb::ParamChunk = stream
+        .message()
+        .await?
+        .ok_or_else(|| tonic::Status::data_loss("empty parameter stream"))?;
+    if grid.last().map_or(0, |r| r.end) != params.len() {
+        return Err(WorkerError::Internal(
+            "the parameter buffer does not match the grid",
+        ));
+    }
+    let mut asm = Assembler::new(
+        grid.clone(),
+        first.total_len,
+        Encoding::try_from(first.encoding).unwrap_or(Encoding::Unspecified),
+    )?;
+    let mut order = None;
+    let mut next = Some(first);
+    while let Some(c) = next {
+        asm.accept(ChunkIn::from(&c), params)?;
+        order = c.work.or(order);
+        next = stream.message().await?;
+    }
+    stream.status().await?;
+    asm.finish()?;
+    let order = order
+        .ok_or_else(|| tonic::Status::data_loss("the parameters came without a work order"))?;
+    if order.start > order.end {
+        return Err(capsnet_proto::ProtoError::Invalid(format!(
+            "work order of round {} starts at sample {} after its end {}",
+            order.round, order.start, order.end
+        ))
+        .into());
+    }
+    Ok(order)
+}
+
+/// Floats shared with the stream that sends them, so that their buffer can be taken back
+/// (`Arc::try_unwrap`) once it is sent.
+#[derive(Clone, Debug)]
+pub struct SharedFloats(pub Arc<Vec<f32>>);
+
+impl AsRef<[f32]> for SharedFloats {
+    fn as_ref(&self) -> &[f32] {
+        &self.0
+    }
+}
+
+/// One update to stream.
+pub struct Update<V> {
+    pub round: u64,
+    pub samples: u64,
+    pub loss: f64,
+    /// The floats: owned (`Vec<f32>`, `Arc<[f32]>`), since they are encoded as they are sent.
+    pub data: V,
+}
+
+/// Streams one update. Chunks are encoded as the stream is sent, so encoding one overlaps
+/// sending the one before; their payloads come from `pool`, so a worker that keeps its pool
+/// across rounds reuses the memory of the round before.
+pub async fn push<V: AsRef<[f32]> + Send + 'static>(
+    client: &mut Client,
+    id: &str,
+    s: &RunSettings,
+    update: Update<V>,
+    pool: &BufPool,
+) -> Result<()> {
+    let Update {
+        round,
+        samples,
+        loss,
+        data,
+    } = update;
+    let chunks = tokio_stream::iter(chunk_encoder(data, s.wire, s.chunk_bytes, pool));
+    push_chunks(client, id, s, (round, samples, loss), chunks).await
+}
+
+/// Streams an update's chunks as they come (in any order on the run's grid, the last one sent
+/// carrying the checksum of the whole); `head` is its round, samples and loss.
+pub async fn push_chunks(
+    client: &mut Client,
+    id: &str,
+    s: &RunSettings,
+    head: (u64, u64, f64),
+    chunks: impl tokio_stream::Stream<Item = EncodedChunk> + Send + 'static,
+) -> Result<()> {
+    let (round, samples, loss) = head;
+    let total = s.layout().total() as u64;
+    let (id, wire, layout_hash) = (id.to_string(), s.wire, s.layout_hash);
+    let frames = futures_util::StreamExt::flat_map(chunks, move |c| {
+        let fields = pb::UpdateChunk {
+            worker_id: id.clone(),
+            round,
+            offset: c.offset,
+            total_len: total,
+            encoding: wire as i32,
+            payload: Bytes::new(),
+            crc32: c.crc32,
+            samples,
+            layout_hash,
+            total_crc32: c.total_crc32,
+            loss,
+        };
+        futures_util::stream::iter(frame::frame_with_payload(
+            &fields,
+            frame::UPDATE_PAYLOAD_TAG,
+            c.payload,
+        ))
+    });
+    let body = frames.map(|b| Ok::<_, tonic::Status>(Frame::data(b)));
+    let mut resp = client
+        .call(frame::PUSH_PATH, Body::new(StreamBody::new(body)))
+        .await?;
+    resp.message::<pb::PushResponse>()
+        .await?
+        .ok_or_else(|| tonic::Status::data_loss("no answer to the update"))?;
+    resp.status().await?;
+    Ok(())
+}
+
+/// Hands each chunk of the gradient to the push stream as soon as the backward pass has made
+/// it final (compute/sync overlap): the last ranges of the flat vector (the decoder's, the
+/// digit capsules') go out while the primary capsules' backward pass still runs. Encoded on
+/// the computing thread into buffers of the worker's pool.
+pub(crate) struct ChunkSender {
+    grid: Grid,
+    wire: Encoding,
+    pool: BufPool,
+    /// Chunks `[0, pending)` are not sent yet (they are sent from the last one down).
+    pending: usize,
+    crc: GridCrc,
+    /// The first chunk's loss, which the update's head carries.
+    loss: Option<tokio::sync::oneshot::Sender<f64>>,
+    tx: tokio::sync::mpsc::Sender<EncodedChunk>,
+    /// False once the push stream is gone (the update was refused): encode nothing more.
+    open: bool,
+}
+
+impl ChunkSender {
+    pub(crate) fn new(
+        grid: Grid,
+        wire: Encoding,
+        pool: BufPool,
+    ) -> (
+        Self,
+        tokio::sync::oneshot::Receiver<f64>,
+        tokio::sync::mpsc::Receiver<EncodedChunk>,
+    ) {
+        let n = grid.len();
+        // Room for every chunk: the computing thread never waits for the network.
+        let (tx, rx) = tokio::sync::mpsc::channel(n.max(1));
+        let (loss_tx, loss_rx) = tokio::sync::oneshot::channel();
+        let sender = ChunkSender {
+            pending: n,
+            crc: GridCrc::new(n),
+            grid,
+            wire,
+            pool,
+            loss: Some(loss_tx),
+            tx,
+            open: true,
+        };
+        (sender, loss_rx, rx)
+    }
+}
+
+impl GradReady for ChunkSender {
+    fn ready(&mut self, stats: &BatchStats, from: usize, tail: &[f32]) {
+        if let Some(l) = self.loss.take() {
+            let _ = l.send(stats.total_loss());
+        }
+        while self.open && self.pending > 0 && self.grid[self.pending - 1].start >= from {
+            let i = self.pending - 1;
+            let r = self.grid[i].clone();
+            let payload = encode_pooled(&tail[r.start - from..r.end - from], self.wire, &self.pool);
+            let mut h = crc32fast::Hasher::new();
+            h.update(&payload);
+            self.crc.record(i, h.clone());
+            let chunk = EncodedChunk {
+                offset: r.start as u64,
+                crc32: h.finalize(),
+                payload,
+                total_crc32: self.crc.total(),
+            };
+            self.open = self.tx.blocking_send(chunk).is_ok();
+            self.pending = i;
+        }
+    }
+}
+
+/// Whether a sent update was used: refused as stale or as a duplicate is not an error (the
+/// worker goes on with the next round).
+pub(crate) fn used(round: u64, pushed: Result<()>) -> Result<bool> {
+    match pushed {
+        Ok(()) => Ok(true),
+        Err(WorkerError::Rpc(s))
+            if matches!(s.code(), Code::FailedPrecondition | Code::AlreadyExists) =>
+        {
+            tracing::info!(round, status = %s.message(), "update not used");
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sender sends each chunk once the reported final part covers it, from the last
+    /// chunk down, the last one sent carrying the checksum of the whole; the chunks assemble
+    /// to the gradient, and the loss comes with the first report.
+    #[test]
+    fn chunks_go_out_as_the_backward_pass_makes_them_final() {
+        let g: Vec<f32> = (0..10).map(|i| i as f32 * 0.5 - 1.0).collect();
+        let grid = Assembler::grid(10, Encoding::F32, 16);
+        assert_eq!(grid.len(), 3);
+        let (mut snd, loss, mut rx) =
+            ChunkSender::new(grid.clone(), Encoding::F32, BufPool::new(0));
+        let stats = BatchStats {
+            samples: 2,
+            margin_loss: 0.25,
+            reconstruction_loss: 0.5,
+            correct: 1,
+        };
+        let mut sent = |from: usize, snd: &mut ChunkSender| {
+            snd.ready(&stats, from, &g[from..]);
+            std::iter::from_fn(|| rx.try_recv().ok()).collect::<Vec<_>>()
+        };
+        // Floats 6.. are final: only the chunk at 8 lies wholly inside.
+        let a = sent(6, &mut snd);
+        assert_eq!(a.iter().map(|c| c.offset).collect::<Vec<_>>(), vec![8]);
+        assert!(a[0].total_crc32.is_none());
+        let b = sent(3, &mut snd);
+        assert_eq!(b.iter().map(|c| c.offset).collect::<Vec<_>>(), vec![4]);
+        let c = sent(0, &mut snd);
+        assert_eq!(c.iter().map(|c| c.offset).collect::<Vec<_>>(), vec![0]);
+        assert!(c[0].total_crc32.is_some());
+        assert!(sent(0, &mut snd).is_empty(), "a chunk was sent twice");
+        let mut asm = Assembler::new(grid, 10, Encoding::F32).unwrap();
+        let mut out = vec![0.0; 10];
+        for ch in a.iter().chain(&b).chain(&c) {
+            let chunk = ChunkIn {
+                offset: ch.offset,
+                total: 10,
+                encoding: Encoding::F32,
+                payload: &ch.payload,
+                crc32: ch.crc32,
+                total_crc32: ch.total_crc32,
+            };
+            asm.accept(chunk, &mut out).unwrap();
+        }
+        asm.finish().unwrap();
+        assert_eq!(out, g);
+        assert_eq!(loss.blocking_recv().unwrap(), 0.75);
+    }
+}
