@@ -490,6 +490,11 @@ mod tests {
         p
     }
 
+    /// A reducer of every chunk of `grid`, as the coordinator's own.
+    fn whole(grid: &Arc<Vec<Range<usize>>>, kept: Kept, threads: usize) -> Reducer {
+        Reducer::new(grid.clone(), 0..grid.len(), Encoding::F32, kept, threads).unwrap()
+    }
+
     fn decode(chunks: &[EncodedChunk], n: usize) -> Vec<f32> {
         let mut out = vec![0.0; n];
         let grid = wire::Assembler::grid(n, Encoding::F32, (chunks[0].payload.len()).max(4));
@@ -529,14 +534,7 @@ mod tests {
         };
         let payload =
             |k: usize, i: usize| wire::encode(&grad(k, n)[grid[i].clone()], Encoding::F32);
-        let mut red = Reducer::new(
-            grid.clone(),
-            0..grid.len(),
-            Encoding::F32,
-            Kept::AdamMoments,
-            3,
-        )
-        .unwrap();
+        let mut red = whole(&grid, Kept::AdamMoments, 3);
         let expected = [0, 1, 2];
         red.begin(2, 5, 0.5, Encoding::F32);
         red.begin(0, 3, 0.1, Encoding::F32);
@@ -674,14 +672,7 @@ mod tests {
         let m = adam.m.clone();
         let mut v = adam.v.clone();
         let update = Update::Adam(adam.next_step());
-        let mut red = Reducer::new(
-            grid.clone(),
-            0..grid.len(),
-            Encoding::F32,
-            Kept::AdamMoments,
-            2,
-        )
-        .unwrap();
+        let mut red = whole(&grid, Kept::AdamMoments, 2);
         let mut finite = |v: &[f32]| {
             let src = Source {
                 params: &p,
@@ -713,14 +704,7 @@ mod tests {
         let m: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).sin() * 0.1).collect();
         let locals = [(3u64, grad(1, n)), (5u64, grad(2, n))];
         let run = |update: Update| {
-            let mut red = Reducer::new(
-                grid.clone(),
-                0..grid.len(),
-                Encoding::F32,
-                Kept::Momentum,
-                2,
-            )
-            .unwrap();
+            let mut red = whole(&grid, Kept::Momentum, 2);
             let src = Source {
                 params: &p,
                 m: &m,
@@ -783,14 +767,7 @@ mod tests {
     #[test]
     fn an_update_missing_a_chunk_cannot_complete() {
         let grid = Arc::new(wire::chunk_ranges(10, Encoding::F32, 16).collect::<Vec<_>>());
-        let mut red = Reducer::new(
-            grid.clone(),
-            0..grid.len(),
-            Encoding::F32,
-            Kept::AdamMoments,
-            1,
-        )
-        .unwrap();
+        let mut red = whole(&grid, Kept::AdamMoments, 1);
         red.begin(0, 1, 0.0, Encoding::F32);
         let e = red.end(0).unwrap_err();
         assert!(e.to_string().contains("chunk 0"), "{e}");
