@@ -286,8 +286,16 @@ async fn train(
                 // made it final, on a stream that runs beside the computation.
                 let (mut sender, mut early) = (None, None);
                 if cfg.overlap && settings.sync_mode == SyncMode::Grad {
-                    let (snd, loss, chunks) =
-                        ChunkSender::new(grid.clone(), settings.wire, pool.clone());
+                    // One push stream, to the coordinator, of every chunk.
+                    let (snd, loss, mut chunks) = ChunkSender::new(
+                        grid.clone(),
+                        &[0..grid.len()],
+                        settings.wire,
+                        pool.clone(),
+                    )?;
+                    let Some(chunks) = chunks.pop() else {
+                        return Err(WorkerError::Internal("no push stream"));
+                    };
                     let range = capsnet_proto::work_range(&order, settings.train_len as usize)?;
                     let head = (order.round, range.len() as u64);
                     let (mut c, id, s) = (client.clone(), id.clone(), settings.clone());

@@ -1,6 +1,7 @@
 //! Moving tensors: pulling a round's parameters and work order, pushing an update (whole, or
 //! chunk by chunk as the backward pass makes them final).
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -195,49 +196,83 @@ pub async fn push_chunks(
     Ok(())
 }
 
-/// Hands each chunk of the gradient to the push stream as soon as the backward pass has made
-/// it final (compute/sync overlap): the last ranges of the flat vector (the decoder's, the
-/// digit capsules') go out while the primary capsules' backward pass still runs. Encoded on
-/// the computing thread into buffers of the worker's pool.
+/// Hands each chunk of the gradient to a push stream as soon as the backward pass has made it
+/// final (compute/sync overlap): the last ranges of the flat vector (the decoder's, the digit
+/// capsules') go out while the primary capsules' backward pass still runs. Encoded on the
+/// computing thread into buffers of the worker's pool. There is one stream per span of the grid
+/// (one per reducer; today one, the coordinator's, of the whole grid), each a stream of its
+/// span whose last chunk sent carries the checksum over the span.
 pub(crate) struct ChunkSender {
     grid: Grid,
     wire: Encoding,
     pool: BufPool,
     /// Chunks `[0, pending)` are not sent yet (they are sent from the last one down).
     pending: usize,
-    crc: GridCrc,
+    /// The stream of each span, and the span each chunk belongs to.
+    outs: Vec<SpanOut>,
+    owner: Vec<usize>,
     /// The first chunk's loss, which the update's head carries.
     loss: Option<tokio::sync::oneshot::Sender<f64>>,
+}
+
+/// One push stream: the chunks `span` of the grid.
+struct SpanOut {
+    span: Range<usize>,
+    crc: GridCrc,
     tx: tokio::sync::mpsc::Sender<EncodedChunk>,
-    /// False once the push stream is gone (the update was refused): encode nothing more.
+    /// False once the stream is gone (the update was refused): encode nothing more for it.
     open: bool,
 }
 
 impl ChunkSender {
+    /// A sender of the chunks of `grid` to one stream per span of `spans`, which tile the
+    /// grid in order; the receivers come in the same order.
     pub(crate) fn new(
         grid: Grid,
+        spans: &[Range<usize>],
         wire: Encoding,
         pool: BufPool,
-    ) -> (
+    ) -> Result<(
         Self,
         tokio::sync::oneshot::Receiver<f64>,
-        tokio::sync::mpsc::Receiver<EncodedChunk>,
-    ) {
+        Vec<tokio::sync::mpsc::Receiver<EncodedChunk>>,
+    )> {
         let n = grid.len();
-        // Room for every chunk: the computing thread never waits for the network.
-        let (tx, rx) = tokio::sync::mpsc::channel(n.max(1));
+        let tiles = spans.first().is_some_and(|s| s.start == 0)
+            && spans.last().is_some_and(|s| s.end == n)
+            && spans.windows(2).all(|w| w[0].end == w[1].start)
+            && spans.iter().all(|s| !s.is_empty());
+        if !tiles {
+            return Err(WorkerError::Config(format!(
+                "the spans {spans:?} do not tile a grid of {n} chunks"
+            )));
+        }
+        let mut owner = vec![0; n];
+        let mut outs = vec![];
+        let mut rxs = vec![];
+        for (k, span) in spans.iter().enumerate() {
+            owner[span.clone()].fill(k);
+            // Room for every chunk: the computing thread never waits for the network.
+            let (tx, rx) = tokio::sync::mpsc::channel(span.len());
+            outs.push(SpanOut {
+                span: span.clone(),
+                crc: GridCrc::new(span.len()),
+                tx,
+                open: true,
+            });
+            rxs.push(rx);
+        }
         let (loss_tx, loss_rx) = tokio::sync::oneshot::channel();
         let sender = ChunkSender {
             pending: n,
-            crc: GridCrc::new(n),
             grid,
             wire,
             pool,
+            outs,
+            owner,
             loss: Some(loss_tx),
-            tx,
-            open: true,
         };
-        (sender, loss_rx, rx)
+        Ok((sender, loss_rx, rxs))
     }
 }
 
@@ -246,21 +281,25 @@ impl GradReady for ChunkSender {
         if let Some(l) = self.loss.take() {
             let _ = l.send(stats.total_loss());
         }
-        while self.open && self.pending > 0 && self.grid[self.pending - 1].start >= from {
+        while self.pending > 0 && self.grid[self.pending - 1].start >= from {
             let i = self.pending - 1;
+            self.pending = i;
+            let out = &mut self.outs[self.owner[i]];
+            if !out.open {
+                continue;
+            }
             let r = self.grid[i].clone();
             let payload = encode_pooled(&tail[r.start - from..r.end - from], self.wire, &self.pool);
             let mut h = crc32fast::Hasher::new();
             h.update(&payload);
-            self.crc.record(i, h.clone());
+            out.crc.record(i - out.span.start, h.clone());
             let chunk = EncodedChunk {
                 offset: r.start as u64,
                 crc32: h.finalize(),
                 payload,
-                total_crc32: self.crc.total(),
+                total_crc32: out.crc.total(),
             };
-            self.open = self.tx.blocking_send(chunk).is_ok();
-            self.pending = i;
+            out.open = out.tx.blocking_send(chunk).is_ok();
         }
     }
 }
@@ -292,8 +331,9 @@ mod tests {
         let g: Vec<f32> = (0..10).map(|i| i as f32 * 0.5 - 1.0).collect();
         let grid = Assembler::grid(10, Encoding::F32, 16);
         assert_eq!(grid.len(), 3);
-        let (mut snd, loss, mut rx) =
-            ChunkSender::new(grid.clone(), Encoding::F32, BufPool::new(0));
+        let (mut snd, loss, mut rxs) =
+            ChunkSender::new(grid.clone(), &[0..3], Encoding::F32, BufPool::new(0)).unwrap();
+        let mut rx = rxs.remove(0);
         let stats = BatchStats {
             samples: 2,
             margin_loss: 0.25,
@@ -330,5 +370,55 @@ mod tests {
         asm.finish().unwrap();
         assert_eq!(out, g);
         assert_eq!(loss.blocking_recv().unwrap(), 0.75);
+    }
+
+    /// With two spans (two reducers), each stream gets its own chunks, last first, the last
+    /// one sent carrying the checksum over its span; a stream that goes away stops only its
+    /// own chunks; spans that do not tile the grid are refused.
+    #[test]
+    fn each_span_gets_its_own_stream() {
+        let g: Vec<f32> = (0..20).map(|i| i as f32 * 0.25).collect();
+        let grid = Assembler::grid(20, Encoding::F32, 16);
+        assert_eq!(grid.len(), 5);
+        let spans = capsnet_proto::wire::spans(&grid, 2).unwrap();
+        let (mut snd, _loss, mut rxs) =
+            ChunkSender::new(grid.clone(), &spans, Encoding::F32, BufPool::new(0)).unwrap();
+        let stats = BatchStats::default();
+        snd.ready(&stats, 0, &g);
+        let mut out = vec![0.0; 20];
+        for (span, rx) in spans.iter().zip(&mut rxs) {
+            let got: Vec<EncodedChunk> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+            let offsets: Vec<u64> = got.iter().map(|c| c.offset).collect();
+            let want: Vec<u64> = span.clone().rev().map(|i| grid[i].start as u64).collect();
+            assert_eq!(offsets, want);
+            let mut asm = Assembler::span(grid.clone(), span.clone(), 20, Encoding::F32).unwrap();
+            for ch in &got {
+                let chunk = ChunkIn {
+                    offset: ch.offset,
+                    total: 20,
+                    encoding: Encoding::F32,
+                    payload: &ch.payload,
+                    crc32: ch.crc32,
+                    total_crc32: ch.total_crc32,
+                };
+                asm.accept(chunk, &mut out).unwrap();
+            }
+            asm.finish().unwrap();
+        }
+        assert_eq!(out, g);
+
+        // The first span's stream is gone: the second still gets everything.
+        let (mut snd, _loss, mut rxs) =
+            ChunkSender::new(grid.clone(), &spans, Encoding::F32, BufPool::new(0)).unwrap();
+        drop(rxs.remove(0));
+        snd.ready(&stats, 0, &g);
+        assert_eq!(
+            std::iter::from_fn(|| rxs[0].try_recv().ok()).count(),
+            spans[1].len()
+        );
+        for bad in [vec![0..2], vec![0..2, 3..5], vec![0..0, 0..5], vec![]] {
+            let e = ChunkSender::new(grid.clone(), &bad, Encoding::F32, BufPool::new(0));
+            assert!(matches!(e, Err(WorkerError::Config(_))), "{bad:?}");
+        }
     }
 }
