@@ -289,7 +289,7 @@ async fn train(
                     // One push stream, to the coordinator, of every chunk.
                     let (snd, loss, mut chunks) = ChunkSender::new(
                         grid.clone(),
-                        &[0..grid.len()],
+                        std::slice::from_ref(&(0..grid.len())),
                         settings.wire,
                         pool.clone(),
                     )?;

@@ -331,8 +331,13 @@ mod tests {
         let g: Vec<f32> = (0..10).map(|i| i as f32 * 0.5 - 1.0).collect();
         let grid = Assembler::grid(10, Encoding::F32, 16);
         assert_eq!(grid.len(), 3);
-        let (mut snd, loss, mut rxs) =
-            ChunkSender::new(grid.clone(), &[0..3], Encoding::F32, BufPool::new(0)).unwrap();
+        let (mut snd, loss, mut rxs) = ChunkSender::new(
+            grid.clone(),
+            std::slice::from_ref(&(0..3)),
+            Encoding::F32,
+            BufPool::new(0),
+        )
+        .unwrap();
         let mut rx = rxs.remove(0);
         let stats = BatchStats {
             samples: 2,
@@ -416,7 +421,8 @@ mod tests {
             std::iter::from_fn(|| rxs[0].try_recv().ok()).count(),
             spans[1].len()
         );
-        for bad in [vec![0..2], vec![0..2, 3..5], vec![0..0, 0..5], vec![]] {
+        let short = 0..2;
+        for bad in [vec![short], vec![0..2, 3..5], vec![0..0, 0..5], vec![]] {
             let e = ChunkSender::new(grid.clone(), &bad, Encoding::F32, BufPool::new(0));
             assert!(matches!(e, Err(WorkerError::Config(_))), "{bad:?}");
         }
