@@ -222,22 +222,23 @@ fn chunk_frames(
     frame::frame_with_payload(&fields, frame::PARAM_PAYLOAD_TAG, c.payload.clone())
 }
 
-/// Payload bytes of a published round's chunks not in `sent`.
-fn payload_bytes(snapshot: &Published, sent: &[bool]) -> u64 {
+/// A published round's chunks not in `sent` (indexed by chunk), in grid order.
+fn unsent<'a>(snapshot: &'a Published, sent: &'a [bool]) -> impl Iterator<Item = &'a EncodedChunk> {
     (snapshot.chunks.iter().enumerate())
         .filter(|(i, _)| !sent.get(*i).copied().unwrap_or(false))
-        .map(|(_, c)| c.payload.len() as u64)
-        .sum()
+        .map(|(_, c)| c)
+}
+
+/// Payload bytes of a published round's chunks not in `sent`.
+fn payload_bytes(snapshot: &Published, sent: &[bool]) -> u64 {
+    unsent(snapshot, sent).map(|c| c.payload.len() as u64).sum()
 }
 
 /// The frames of a published round's chunks not in `sent`, in grid order; the last carries
 /// the work order and the checksum of the whole (the same whatever order the chunks went in).
 fn round_frames(snapshot: &Published, sent: &[bool], order: pb::WorkOrder) -> Vec<Bytes> {
     let total = snapshot.chunks.last().and_then(|c| c.total_crc32);
-    let rest: Vec<&EncodedChunk> = (snapshot.chunks.iter().enumerate())
-        .filter(|(i, _)| !sent.get(*i).copied().unwrap_or(false))
-        .map(|(_, c)| c)
-        .collect();
+    let rest: Vec<&EncodedChunk> = unsent(snapshot, sent).collect();
     let n = rest.len();
     let mut order = Some(order);
     rest.into_iter()
