@@ -333,6 +333,17 @@ fn bad_updates_are_rejected_and_change_nothing() {
                 message: "chunk at offset 0: payload of 2048 bytes; this run's chunk there holds 1024 floats".into(),
             },
             Case {
+                name: "an update in another encoding than the run's wire",
+                update: |v| {
+                    let mut msgs = v.chunks(0, v.values);
+                    msgs.iter_mut()
+                        .for_each(|m| m.encoding = Encoding::Bf16 as i32);
+                    msgs
+                },
+                code: Code::InvalidArgument,
+                message: "update encoded as Bf16; this run's wire is F32".into(),
+            },
+            Case {
                 name: "a chunk sent twice",
                 update: |v| {
                     let mut msgs = v.chunks(0, v.values);
