@@ -500,15 +500,8 @@ mod tests {
         let grid = wire::Assembler::grid(n, Encoding::F32, (chunks[0].payload.len()).max(4));
         let mut a = wire::Assembler::new(grid, n as u64, Encoding::F32).unwrap();
         for c in chunks {
-            let chunk = wire::ChunkIn {
-                offset: c.offset,
-                total: n as u64,
-                encoding: Encoding::F32,
-                payload: &c.payload,
-                crc32: c.crc32,
-                total_crc32: c.total_crc32,
-            };
-            a.accept(chunk, &mut out).unwrap();
+            a.accept(wire::ChunkIn::of(c, n as u64, Encoding::F32), &mut out)
+                .unwrap();
         }
         a.finish().unwrap();
         out

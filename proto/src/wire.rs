@@ -378,6 +378,21 @@ pub struct ChunkIn<'a> {
     pub total_crc32: Option<u32>,
 }
 
+impl<'a> ChunkIn<'a> {
+    /// An encoded chunk of a `total`-float vector as its receiver sees it (tests, and
+    /// in-process streams).
+    pub fn of(c: &'a EncodedChunk, total: u64, encoding: Encoding) -> Self {
+        ChunkIn {
+            offset: c.offset,
+            total,
+            encoding,
+            payload: &c.payload,
+            crc32: c.crc32,
+            total_crc32: c.total_crc32,
+        }
+    }
+}
+
 /// Update and parameter chunks carry the same fields; one conversion serves both.
 macro_rules! chunk_in_from {
     ($($msg:ty),*) => {$(
@@ -721,15 +736,7 @@ mod tests {
         let grid = Assembler::grid(total as usize, enc, chunk_bytes);
         let mut a = Assembler::new(grid, total, enc)?;
         for c in chunks {
-            let chunk = ChunkIn {
-                offset: c.offset,
-                total,
-                encoding: enc,
-                payload: &c.payload,
-                crc32: c.crc32,
-                total_crc32: c.total_crc32,
-            };
-            a.accept(chunk, &mut out)?;
+            a.accept(ChunkIn::of(c, total, enc), &mut out)?;
         }
         a.finish()?;
         Ok(out)
@@ -855,12 +862,8 @@ mod tests {
         }
         let send = |a: &mut Assembler, c: &EncodedChunk, total: Option<u32>, out: &mut [f32]| {
             let chunk = ChunkIn {
-                offset: c.offset,
-                total: 100,
-                encoding: Encoding::F32,
-                payload: &c.payload,
-                crc32: c.crc32,
                 total_crc32: total,
+                ..ChunkIn::of(c, 100, Encoding::F32)
             };
             a.accept(chunk, out)
         };

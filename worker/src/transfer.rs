@@ -362,15 +362,8 @@ mod tests {
         let mut asm = Assembler::new(grid, 10, Encoding::F32).unwrap();
         let mut out = vec![0.0; 10];
         for ch in a.iter().chain(&b).chain(&c) {
-            let chunk = ChunkIn {
-                offset: ch.offset,
-                total: 10,
-                encoding: Encoding::F32,
-                payload: &ch.payload,
-                crc32: ch.crc32,
-                total_crc32: ch.total_crc32,
-            };
-            asm.accept(chunk, &mut out).unwrap();
+            asm.accept(ChunkIn::of(ch, 10, Encoding::F32), &mut out)
+                .unwrap();
         }
         asm.finish().unwrap();
         assert_eq!(out, g);
@@ -398,15 +391,8 @@ mod tests {
             assert_eq!(offsets, want);
             let mut asm = Assembler::span(grid.clone(), span.clone(), 20, Encoding::F32).unwrap();
             for ch in &got {
-                let chunk = ChunkIn {
-                    offset: ch.offset,
-                    total: 20,
-                    encoding: Encoding::F32,
-                    payload: &ch.payload,
-                    crc32: ch.crc32,
-                    total_crc32: ch.total_crc32,
-                };
-                asm.accept(chunk, &mut out).unwrap();
+                asm.accept(ChunkIn::of(ch, 20, Encoding::F32), &mut out)
+                    .unwrap();
             }
             asm.finish().unwrap();
         }
