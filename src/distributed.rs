@@ -112,6 +112,12 @@ pub struct CoordinatorArgs {
     /// the last round and checkpoint).
     #[arg(long, env = "CAPSNET_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Reducer processes (`capsnet reducer`, or `capsnet worker --serve-reducer`) that own
+    /// spans of the parameters and their optimizer state: updates and parameters move between
+    /// workers and reducers, not through this process. Training starts once this many
+    /// reducers joined; 0 reduces everything here.
+    #[arg(long, env = "CAPSNET_REDUCERS", default_value_t = 0)]
+    pub reducers: usize,
     /// Write the bound address to this file once listening (for tests and scripts that listen
     /// on port 0).
     #[arg(long, hide = true)]
@@ -168,6 +174,168 @@ pub struct WorkerArgs {
     /// soon as it is final (--sync grad; for measuring what the overlap hides).
     #[arg(long, env = "CAPSNET_NO_OVERLAP")]
     no_overlap: bool,
+    /// Also serve a reducer of a sharded run (coordinator --reducers) on this address, in this
+    /// process (the co-located layout: one reducer per worker machine).
+    #[arg(long, env = "CAPSNET_SERVE_REDUCER")]
+    serve_reducer: Option<String>,
+    /// The URL workers reach this process's reducer at [default: http://ADDR of
+    /// --serve-reducer when it names a host].
+    #[arg(long, env = "CAPSNET_REDUCER_ADVERTISE", requires = "serve_reducer")]
+    reducer_advertise: Option<String>,
+    /// Write the reducer's URL to this file once it listens (tests and scripts).
+    #[arg(long, hide = true, requires = "serve_reducer")]
+    reducer_ready_file: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
+pub struct ReducerArgs {
+    /// The coordinator's URL.
+    #[arg(
+        long,
+        env = "CAPSNET_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    coordinator: String,
+    /// Address to serve workers on; port 0 picks a free port.
+    #[arg(
+        long,
+        env = "CAPSNET_REDUCER_LISTEN",
+        default_value = "127.0.0.1:50052"
+    )]
+    listen: String,
+    /// The URL workers reach this reducer at [default: http(s)://ADDR of --listen when it
+    /// names a host].
+    #[arg(long, env = "CAPSNET_REDUCER_ADVERTISE")]
+    advertise: Option<String>,
+    /// A name for the logs [default: reducer-<host name>].
+    #[arg(long, env = "CAPSNET_REDUCER_NAME")]
+    name: Option<String>,
+    /// Threads of the reduction [default: the cores available].
+    #[arg(long, env = "CAPSNET_THREADS")]
+    threads: Option<usize>,
+    /// Exit with an error when the coordinator stays unreachable this long.
+    #[arg(long, env = "CAPSNET_GIVE_UP_AFTER", default_value = "5m", value_parser = parse_duration)]
+    give_up_after: Duration,
+    #[command(flatten)]
+    token: TokenArgs,
+    /// TLS certificate (PEM); with --tls-key, the reducer serves TLS (and presents it to the
+    /// coordinator as its client certificate).
+    #[arg(long, env = "CAPSNET_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, env = "CAPSNET_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) that workers' client certificates must be signed by (mutual TLS).
+    #[arg(long, env = "CAPSNET_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// CA (PEM) of the coordinator's certificate: reach it with TLS.
+    #[arg(long, env = "CAPSNET_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Server name to verify in the coordinator's certificate [default: the URL's host].
+    #[arg(long, env = "CAPSNET_TLS_DOMAIN", requires = "tls_ca")]
+    tls_domain: Option<String>,
+    #[arg(long, env = "CAPSNET_MAX_CONNECTIONS", default_value_t = 1024)]
+    max_connections: usize,
+    #[arg(long, env = "CAPSNET_MAX_CONNECTIONS_PER_IP", default_value_t = 64)]
+    max_connections_per_ip: usize,
+    /// Write the URL it is reached at to this file once listening (tests and scripts).
+    #[arg(long, hide = true)]
+    ready_file: Option<PathBuf>,
+}
+
+/// The URL a reducer listening on `local` is reached at: `advertise`, else `http(s)://local`
+/// when `local` names a host (not 0.0.0.0 or ::).
+fn advertised(advertise: Option<&str>, local: std::net::SocketAddr, tls: bool) -> Result<String> {
+    if let Some(a) = advertise {
+        return Ok(a.to_string());
+    }
+    if local.ip().is_unspecified() {
+        return Err(ConfigError(format!(
+            "the reducer listens on {local}, which workers cannot dial: give the URL they reach \
+             it at with --advertise (CAPSNET_REDUCER_ADVERTISE)"
+        ))
+        .into());
+    }
+    Ok(format!("{}://{local}", if tls { "https" } else { "http" }))
+}
+
+/// Binds a reducer's listener and makes its config from the worker's or reducer's flags.
+async fn reducer_config(
+    listen: &str,
+    advertise: Option<&str>,
+    base: capsnet_coordinator::ReducerConfig,
+    ready_file: Option<&PathBuf>,
+) -> Result<(tokio::net::TcpListener, capsnet_coordinator::ReducerConfig)> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("reducer address {listen}"))?;
+    let local = listener.local_addr()?;
+    let advertise = advertised(advertise, local, base.tls.is_some())?;
+    if let Some(f) = ready_file {
+        capsnet_core::checkpoint::write_atomic(f, advertise.as_bytes())?;
+    }
+    Ok((
+        listener,
+        capsnet_coordinator::ReducerConfig { advertise, ..base },
+    ))
+}
+
+pub fn reducer(a: ReducerArgs) -> Result<()> {
+    let threads = a.threads.unwrap_or_else(train::default_threads);
+    if threads == 0 {
+        return Err(ConfigError("threads must be at least 1".into()).into());
+    }
+    let tls = match (&a.tls_cert, &a.tls_key) {
+        (Some(cert), Some(key)) => Some(capsnet_coordinator::TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: a.tls_client_ca.clone(),
+        }),
+        _ => None,
+    };
+    let coordinator_tls = a
+        .tls_ca
+        .as_ref()
+        .map(|ca| capsnet_coordinator::CoordinatorTls {
+            ca: ca.clone(),
+            cert: a.tls_cert.clone().zip(a.tls_key.clone()),
+            domain: a.tls_domain.clone(),
+        });
+    let name = a.name.clone().unwrap_or_else(|| {
+        let (host, _) = capsnet_worker::identity(None, None);
+        format!("reducer-{host}")
+    });
+    let base = capsnet_coordinator::ReducerConfig {
+        coordinator: a.coordinator.clone(),
+        token: a.token.token()?.into(),
+        advertise: String::new(),
+        name,
+        threads,
+        tls,
+        coordinator_tls,
+        give_up_after: a.give_up_after,
+        max_connections: a.max_connections,
+        max_connections_per_ip: a.max_connections_per_ip,
+    };
+    let out = runtime()?.block_on(async {
+        let stop = shutdown_signal();
+        let (listener, cfg) = reducer_config(
+            &a.listen,
+            a.advertise.as_deref(),
+            base,
+            a.ready_file.as_ref(),
+        )
+        .await?;
+        anyhow::Ok(capsnet_coordinator::serve_reducer(listener, cfg, stop).await?)
+    })?;
+    if !out.finished {
+        println!("reducer: {} rounds committed, stopped", out.rounds);
+        return Err(crate::exit::Stopped.into());
+    }
+    println!(
+        "reducer: {} rounds committed, training finished",
+        out.rounds
+    );
+    Ok(())
 }
 
 impl CoordinatorArgs {
@@ -211,6 +379,7 @@ impl CoordinatorArgs {
         c.max_connections_per_ip = self.max_connections_per_ip;
         c.max_workers = self.max_workers;
         c.stall_timeout = self.stall_timeout;
+        c.reducers = self.reducers;
         c.tls = match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => Some(capsnet_coordinator::TlsFiles {
                 cert: cert.clone(),
@@ -297,7 +466,67 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
         metrics_listen: a.metrics_listen,
         overlap: !a.no_overlap,
     };
-    let out = runtime()?.block_on(async { capsnet_worker::run(cfg, shutdown_signal()).await })?;
+    let Some(listen) = a.serve_reducer.clone() else {
+        let out =
+            runtime()?.block_on(async { capsnet_worker::run(cfg, shutdown_signal()).await })?;
+        return worker_done(out);
+    };
+    // A reducer in this process beside the worker: same coordinator, token and CA.
+    let base = capsnet_coordinator::ReducerConfig {
+        coordinator: cfg.coordinator.clone(),
+        token: cfg.token.clone(),
+        advertise: String::new(),
+        name: format!("reducer-{}", cfg.name),
+        threads,
+        tls: None,
+        coordinator_tls: cfg
+            .tls
+            .as_ref()
+            .map(|t| capsnet_coordinator::CoordinatorTls {
+                ca: t.ca.clone(),
+                cert: t.cert.clone().zip(t.key.clone()),
+                domain: t.domain.clone(),
+            }),
+        give_up_after: cfg.give_up_after,
+        max_connections: 1024,
+        max_connections_per_ip: 64,
+    };
+    let out = runtime()?.block_on(async {
+        let (listener, rcfg) = reducer_config(
+            &listen,
+            a.reducer_advertise.as_deref(),
+            base,
+            a.reducer_ready_file.as_ref(),
+        )
+        .await?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let signal = shutdown_signal();
+        let stopper = tokio::spawn(async move {
+            signal.await;
+            let _ = stop_tx.send(true);
+        });
+        let on_stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let reducer = tokio::spawn(capsnet_coordinator::serve_reducer(
+            listener,
+            rcfg,
+            on_stop(stop_rx.clone()),
+        ));
+        let out = capsnet_worker::run(cfg, on_stop(stop_rx)).await;
+        // The worker is done (training over, or stopped): the reducer ends with the
+        // coordinator's word that training is over, or with the stop signal.
+        let reduced = reducer.await.context("the reducer task")?;
+        stopper.abort();
+        if let Err(e) = reduced {
+            return Err(anyhow::Error::from(e).context("the reducer in this process failed"));
+        }
+        anyhow::Ok(out?)
+    })?;
+    worker_done(out)
+}
+
+fn worker_done(out: capsnet_worker::WorkerOutcome) -> Result<()> {
     if !out.finished {
         println!("worker: {} updates sent, stopped", out.rounds);
         return Err(crate::exit::Stopped.into());

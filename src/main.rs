@@ -4,7 +4,7 @@
 //! # Layout
 //! - [`args`]: flag groups shared by several commands (data, training flags, token, enums).
 //! - [`train`]: `train`, `eval`, `grad` (one machine).
-//! - [`distributed`]: `coordinator`, `worker`, the async runtime and the stop signal.
+//! - [`distributed`]: `coordinator`, `worker`, `reducer`, the async runtime and the stop signal.
 //! - [`launch`]: `launch`, a coordinator and N worker processes on this machine.
 //! - [`bench`], [`bench_sync`], [`bench_chaos`]: `bench train`, `bench sync`, `bench chaos`.
 //! - [`logging`]: the tracing subscriber; [`exit`]: error line and exit status.
@@ -57,6 +57,8 @@ enum Cmd {
     Coordinator(distributed::CoordinatorArgs),
     /// Join a coordinator and train on a shard of the data.
     Worker(distributed::WorkerArgs),
+    /// Reduce and serve one span of the parameters of a sharded run (coordinator --reducers).
+    Reducer(distributed::ReducerArgs),
     /// A coordinator and N workers on this machine, logs interleaved; stops them all at the end.
     Launch(launch::LaunchArgs),
     /// Benchmarks.
@@ -120,6 +122,7 @@ fn run(command: Cmd) -> anyhow::Result<()> {
         Cmd::Grad(a) => train::grad(a),
         Cmd::Coordinator(a) => distributed::coordinator(a),
         Cmd::Worker(a) => distributed::worker(a),
+        Cmd::Reducer(a) => distributed::reducer(a),
         Cmd::Launch(a) => launch::run(a),
         Cmd::Bench(b) => bench::run(b),
         Cmd::Health(a) => health::run(a),

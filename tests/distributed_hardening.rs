@@ -225,6 +225,7 @@ fn a_pull_that_is_never_read_is_let_go() {
             worker_id: j.id.clone(),
             after_round: None,
             encoding: capsnet_proto::Encoding::F32 as i32,
+            layout: None,
         };
         body.send_data(capsnet_proto::frame::frame(&pull), true)
             .unwrap();

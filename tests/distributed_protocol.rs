@@ -175,6 +175,7 @@ fn a_generic_grpc_client_reads_the_hand_framed_parameter_stream() {
                 worker_id: j.id.clone(),
                 after_round: None,
                 encoding: Encoding::F32 as i32,
+                layout: None,
             })
             .await
             .unwrap()
@@ -183,7 +184,7 @@ fn a_generic_grpc_client_reads_the_hand_framed_parameter_stream() {
         let mut asm = Assembler::new(j.settings.grid(), j.total, Encoding::F32).unwrap();
         let mut work = None;
         while let Some(m) = stream.message().await.unwrap() {
-            work = work.or(m.work);
+            work = work.or(m.work.clone());
             asm.accept((&m).into(), &mut via_tonic).unwrap();
         }
         asm.finish().unwrap();
@@ -476,6 +477,7 @@ fn an_early_pull_is_aborted_when_a_range_it_got_is_redone() {
                 worker_id: a.id.clone(),
                 after_round: Some(0),
                 encoding: Encoding::F32 as i32,
+                layout: None,
             })
             .await
             .unwrap()
@@ -587,6 +589,7 @@ fn a_pull_before_the_epoch_is_planned_is_answered_when_it_starts() {
                 worker_id: early.id.clone(),
                 after_round: None,
                 encoding: Encoding::F32 as i32,
+                layout: None,
             })
             .await
             .unwrap()
@@ -611,7 +614,7 @@ fn a_pull_before_the_epoch_is_planned_is_answered_when_it_starts() {
             let mut params = vec![0.0f32; early.total as usize];
             let mut work = None;
             while let Some(m) = stream.message().await.unwrap() {
-                work = work.or(m.work);
+                work = work.or(m.work.clone());
                 asm.accept((&m).into(), &mut params).unwrap();
             }
             asm.finish().unwrap();
@@ -639,7 +642,7 @@ async fn drive(
     let mut round = 0;
     while round < rounds {
         let p = pull(j, after).await;
-        let o = p.order;
+        let o = p.order.clone();
         let msgs = chunks_msg(
             &j.id,
             o.round,
@@ -717,7 +720,7 @@ fn params_too_far_from_the_rounds_are_rejected() {
     with_coordinator(&args, |url| async move {
         let mut j = join(&url, "probe", Some(0)).await;
         let p = pull(&mut j, None).await;
-        let o = p.order;
+        let o = p.order.clone();
         let samples = o.end - o.start;
         let mut far = p.params.clone();
         let at = j.settings.layout().get("digit.weight").unwrap().offset + 2;

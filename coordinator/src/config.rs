@@ -59,6 +59,8 @@ pub struct CoordinatorConfig {
     pub outer: Option<OuterOptimizer>,
     /// A pull not read, or a push without its next chunk, for this long is dropped.
     pub stall_timeout: Duration,
+    /// Reducer processes that own spans of the grid (0: this process reduces everything).
+    pub reducers: usize,
 }
 
 /// The outer optimizer of `--sync params` (DiLoCo, Douillard et al. 2023): Nesterov momentum
@@ -95,6 +97,7 @@ impl CoordinatorConfig {
             max_workers: 4096,
             outer: None,
             stall_timeout: Duration::from_secs(30),
+            reducers: 0,
         }
     }
 
@@ -157,6 +160,15 @@ impl CoordinatorConfig {
         }
         if self.token.len() < 16 {
             return bad("the token must be at least 16 characters");
+        }
+        if self.reducers > 1024 {
+            return bad("--reducers must be at most 1024");
+        }
+        if self.reducers > 0 && self.train.ema_decay.is_some() {
+            return bad(
+                "--ema-decay needs the parameters of every round in one place; it does not go \
+                 with --reducers",
+            );
         }
         Ok(())
     }

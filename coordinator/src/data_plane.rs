@@ -281,7 +281,8 @@ async fn speculate(
         Ok::<(), Status>(())
     };
     let mut progress = svc.progress.clone();
-    let n = svc.grid.len();
+    // Chunks are indexed within the served span (a reducer's; the whole grid here).
+    let n = svc.span().len();
     let round = match r.after_round {
         None => 0,
         Some(a) => a

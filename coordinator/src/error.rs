@@ -31,6 +31,13 @@ pub enum CoordinatorError {
     Proto(#[from] ProtoError),
     #[error("training is finished")]
     Finished,
+    /// Not able to serve this yet (a reducer whose span's state has not arrived); retry.
+    #[error("{0}")]
+    NotReady(String),
+    /// The coordinator's session of a reducer: an order that breaks the protocol, or the
+    /// coordinator gone for longer than the reducer waits.
+    #[error("reducer: {0}")]
+    Session(String),
     #[error("coordinator is shutting down")]
     ShuttingDown,
     #[error(transparent)]
@@ -102,7 +109,10 @@ impl From<CoordinatorError> for Status {
             | CoordinatorError::InvalidArgument(_)
             | CoordinatorError::Proto(_) => Code::InvalidArgument,
             CoordinatorError::Overloaded(_) => Code::ResourceExhausted,
-            CoordinatorError::Finished | CoordinatorError::ShuttingDown => Code::Unavailable,
+            CoordinatorError::Finished
+            | CoordinatorError::ShuttingDown
+            | CoordinatorError::NotReady(_) => Code::Unavailable,
+            CoordinatorError::Session(_) => Code::FailedPrecondition,
             CoordinatorError::Core(_)
             | CoordinatorError::Config(_)
             | CoordinatorError::ReadFile { .. }

@@ -40,10 +40,12 @@ mod metrics;
 pub mod plan;
 mod reduce;
 mod service;
+mod shard;
 
 pub use actor::Outcome;
 pub use config::{CoordinatorConfig, OuterOptimizer, TlsFiles};
 pub use error::{CoordinatorError, Result};
+pub use shard::{CoordinatorTls, ReducerConfig, ReducerOutcome, serve_reducer};
 
 fn tls_config(files: &TlsFiles) -> Result<ServerTlsConfig> {
     let read = |p: &std::path::Path| {
@@ -75,6 +77,50 @@ const STATUS_MESSAGE: usize = 16 << 20;
 /// deadline, and at least two minutes.
 fn request_timeout(cfg: &CoordinatorConfig) -> Duration {
     (2 * cfg.round_timeout).max(Duration::from_secs(120))
+}
+
+/// The HTTP/2 server of the coordinator and of a reducer, every request answered within
+/// `timeout`.
+fn server(timeout: Duration, tls: Option<ServerTlsConfig>) -> Result<Server> {
+    let mut builder = Server::builder()
+        .initial_stream_window_size(Some(16 << 20))
+        .initial_connection_window_size(Some(32 << 20))
+        // A 1 MiB chunk in one or two HTTP/2 frames instead of 64 of the default 16 KiB.
+        .max_frame_size(Some(2 << 20))
+        // A peer that stops answering pings is dropped within 30 s.
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        // Bounds per connection (tonic's default passes "no limit" down to hyper): streams at
+        // once (a worker uses four: heartbeat, pull, push, status), streams the peer reset or
+        // that failed before they were accepted, header bytes.
+        .max_concurrent_streams(Some(MAX_STREAMS))
+        .http2_max_pending_accept_reset_streams(Some(MAX_RESETS))
+        .http2_max_local_error_reset_streams(Some(MAX_RESETS))
+        .http2_max_header_list_size(Some(16 << 10))
+        // Every request, a whole push included, is answered within this or fails.
+        .timeout(timeout);
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls).map_err(CoordinatorError::Tls)?;
+    }
+    Ok(builder)
+}
+
+/// The connections accepted on `listener`: TCP_NODELAY on each (the builder's own setting only
+/// applies to listeners it binds: a round's small messages, the end of an update or a pull
+/// request, must not wait for Nagle and delayed ACKs); each takes a slot of `conns` or is
+/// closed at once, must send a request within 10 s, and reports its close, so a peer whose
+/// process died is known at once (see conn).
+fn incoming(
+    listener: TcpListener,
+    conns: conn::Conns,
+) -> impl tokio_stream::Stream<Item = std::io::Result<conn::Conn>> {
+    tokio_stream::StreamExt::filter_map(
+        tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+        move |c| match c {
+            Ok(s) => conns.admit(s).map(Ok),
+            Err(e) => Some(Err(e)),
+        },
+    )
 }
 
 /// Serves until training is finished (then exits after workers had time to hear it) or until
@@ -143,6 +189,7 @@ pub async fn serve(
         grid,
         liveness: liveness.clone(),
         metrics: metrics.clone(),
+        opened: None,
     };
     let metrics_server = metrics_listener.map(|l| {
         if let Ok(a) = l.local_addr() {
@@ -168,6 +215,8 @@ pub async fn serve(
         liveness.clone(),
         metrics.clone(),
     );
+    let svc_reducers = svc.clone();
+    let session_check = check.clone();
     // The RPCs tonic decodes carry no tensors (those go through the data plane): tiny limits.
     let small = pb::coordinator_server::CoordinatorServer::new(svc.clone())
         .max_decoding_message_size(SMALL_MESSAGE)
@@ -184,6 +233,16 @@ pub async fn serve(
     };
     let health_svc = conn::Marked {
         inner: health_svc.max_decoding_message_size(HEALTH_MESSAGE),
+        conns: conns.clone(),
+    };
+    // Reducer sessions carry span state: larger messages, same token.
+    let reducers = conn::Marked {
+        inner: tonic::service::interceptor::InterceptedService::new(
+            pb::reducers_server::ReducersServer::new(svc_reducers)
+                .max_decoding_message_size(shard::SESSION_MESSAGE)
+                .max_encoding_message_size(shard::SESSION_MESSAGE),
+            move |r| session_check.check(r),
+        ),
         conns: conns.clone(),
     };
 
@@ -226,47 +285,14 @@ pub async fn serve(
         .local_addr()
         .map_err(|e| CoordinatorError::io("reading the listener's address", e))?;
     tracing::info!(address = %local, tls = tls.is_some(), "coordinator listening");
-    let mut builder = Server::builder()
-        .initial_stream_window_size(Some(16 << 20))
-        .initial_connection_window_size(Some(32 << 20))
-        // A 1 MiB chunk in one or two HTTP/2 frames instead of 64 of the default 16 KiB.
-        .max_frame_size(Some(2 << 20))
-        // A peer that stops answering pings is dropped within 30 s.
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        // Bounds per connection (tonic's default passes "no limit" down to hyper): streams at
-        // once (a worker uses four: heartbeat, pull, push, status), streams the peer reset or
-        // that failed before they were accepted, header bytes.
-        .max_concurrent_streams(Some(MAX_STREAMS))
-        .http2_max_pending_accept_reset_streams(Some(MAX_RESETS))
-        .http2_max_local_error_reset_streams(Some(MAX_RESETS))
-        .http2_max_header_list_size(Some(16 << 10))
-        // Every request, a whole push included, is answered within this or fails.
-        .timeout(request_timeout(&cfg));
-    if let Some(tls) = tls {
-        builder = builder.tls_config(tls).map_err(CoordinatorError::Tls)?;
-    }
+    let mut builder = server(request_timeout(&cfg), tls)?;
     let served = builder
         .add_service(health_svc)
+        .add_service(reducers)
         .add_service(grpc)
-        .serve_with_incoming_shutdown(
-            // TCP_NODELAY on every accepted socket (the builder's own setting only applies to
-            // listeners it binds): a round's small messages (the end of an update, a pull
-            // request) must not wait for Nagle and delayed ACKs.
-            // Each connection reports its close, so a worker whose process died is known at once.
-            // Each connection takes a slot or is closed at once, must send a request within
-            // 10 s, and reports its close (see conn).
-            tokio_stream::StreamExt::filter_map(
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                move |c| match c {
-                    Ok(s) => conns.admit(s).map(Ok),
-                    Err(e) => Some(Err(e)),
-                },
-            ),
-            async {
-                let _ = stop_rx.await;
-            },
-        )
+        .serve_with_incoming_shutdown(incoming(listener, conns), async {
+            let _ = stop_rx.await;
+        })
         .await;
     stopper.abort();
     health_watch.abort();

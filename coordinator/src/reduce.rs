@@ -60,6 +60,43 @@ pub(crate) struct Source<'a> {
     pub update: Update,
 }
 
+impl<'a> Source<'a> {
+    /// What a round of `mode` reduces from: the parameters, and Adam's moments (grad mode),
+    /// the outer momentum (params mode with `outer` = (lr, momentum)) or nothing.
+    pub fn of(
+        mode: capsnet_proto::SyncMode,
+        outer: Option<(f32, f32)>,
+        params: &'a [f32],
+        adam: &'a capsnet_core::optim::Adam,
+        outer_m: &'a [f32],
+    ) -> Self {
+        let (m, v, update): (&[f32], &[f32], Update) = match (mode, outer) {
+            (capsnet_proto::SyncMode::Grad, _) => {
+                (&adam.m, &adam.v, Update::Adam(adam.next_step()))
+            }
+            (_, Some((lr, momentum))) => (outer_m, &[], Update::Nesterov { lr, momentum }),
+            _ => (&[], &[], Update::Average),
+        };
+        Source {
+            params,
+            m,
+            v,
+            update,
+        }
+    }
+}
+
+impl Kept {
+    /// The state a reducer of `mode` keeps (`outer`: params mode with the outer optimizer).
+    pub fn of(mode: capsnet_proto::SyncMode, outer: bool) -> Self {
+        match (mode, outer) {
+            (capsnet_proto::SyncMode::Grad, _) => Kept::AdamMoments,
+            (_, true) => Kept::Momentum,
+            _ => Kept::Nothing,
+        }
+    }
+}
+
 /// What a round does with the average of its updates.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Update {
@@ -408,7 +445,18 @@ impl Reducer {
     /// no update is complete. Clears the round's updates either way.
     pub fn close(&mut self, src: &Source<'_>) -> Option<Closed> {
         let members = self.completed();
-        if members.is_empty() {
+        self.close_over(&members, src)
+    }
+
+    /// [`Reducer::close`] over exactly `members` (in member order), as a reducer of a sharded
+    /// run is told by the coordinator: None when it is empty or one of them is not complete
+    /// here. Clears the round's updates either way.
+    pub fn close_over(&mut self, members: &[usize], src: &Source<'_>) -> Option<Closed> {
+        let members = members.to_vec();
+        if members.is_empty()
+            || members.windows(2).any(|w| w[0] >= w[1])
+            || !members.iter().all(|&k| self.complete(k))
+        {
             self.clear();
             return None;
         }

@@ -25,13 +25,21 @@ pub(crate) const MAX_ABS: f32 = 1e15;
 /// `--sync-every` local steps stay within 10 x lr each; with bf16 on the wire both ends are
 /// rounded to 8 bits of mantissa, hence the relative part.
 pub(crate) fn params_delta(cfg: &crate::CoordinatorConfig) -> (f32, f32) {
-    let a = &cfg.train.adam;
+    params_delta_of(&cfg.train.adam, cfg.sync_every, cfg.wire)
+}
+
+/// [`params_delta`] of Adam's config, `--sync-every` and the wire encoding.
+pub(crate) fn params_delta_of(
+    a: &capsnet_core::optim::AdamConfig,
+    sync_every: usize,
+    wire: Encoding,
+) -> (f32, f32) {
     let per_step = a.lr * ((1.0 - a.beta1) / (1.0 - a.beta2).sqrt()).max(1.0);
-    let rel = match cfg.wire {
+    let rel = match wire {
         Encoding::Bf16 => 1.0 / 64.0,
         _ => 1e-6,
     };
-    (3.0 * per_step * cfg.sync_every as f32, rel)
+    (3.0 * per_step * sync_every as f32, rel)
 }
 
 /// Requests that may wait for the actor at once, per lane.
@@ -70,6 +78,9 @@ pub(crate) struct Service {
     /// Heartbeats are stamped here before they queue for the actor.
     pub liveness: crate::liveness::Liveness,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// A reducer's open round: an update for a round it has not opened yet (its order is on
+    /// the way from the coordinator) waits for it, up to `stall`. None on the coordinator.
+    pub opened: Option<watch::Receiver<u64>>,
 }
 
 /// Tells the actor to forget an update whose stream ended early or failed (also when the
@@ -153,9 +164,16 @@ impl Service {
             .ask(|reply| Msg::Pull {
                 worker_id: r.worker_id.clone(),
                 after_round: r.after_round,
+                work_only: None,
                 reply,
             })
             .await??)
+    }
+
+    /// The chunks this service's parameters and updates cover: the whole grid on the
+    /// coordinator, the span assigned to a reducer.
+    pub fn span(&self) -> Range<usize> {
+        self.published.borrow().span.clone()
     }
 
     /// Receives one update stream, checks every chunk and hands it to the actor.
@@ -191,7 +209,15 @@ impl Service {
             ))
             .into());
         }
-        let mut asm = Assembler::new(self.grid.clone(), first.total_len, enc)
+        // A reducer may get an update a moment before the coordinator's order to open its
+        // round.
+        if let Some(opened) = &self.opened {
+            let mut opened = opened.clone();
+            let want = first.round;
+            let _ = tokio::time::timeout(self.stall, opened.wait_for(|&r| r >= want)).await;
+        }
+        let span = self.span();
+        let mut asm = Assembler::span(self.grid.clone(), span.clone(), first.total_len, enc)
             .map_err(CoordinatorError::from)?;
         let (worker_id, round) = (first.worker_id.clone(), first.round);
         let member = self
@@ -230,7 +256,10 @@ impl Service {
             let reference = published
                 .as_ref()
                 .filter(|p| p.round == round)
-                .and_then(|p| p.chunks.get(index).map(|c| (&c.payload[..], p.encoding)));
+                .and_then(|p| {
+                    let c = p.chunks.get(index.checked_sub(span.start)?)?;
+                    Some((&c.payload[..], p.encoding))
+                });
             let bounds = Bounds {
                 max_abs: MAX_ABS,
                 max_delta: self.params_delta,
@@ -283,7 +312,7 @@ impl Service {
             .ask(|reply| Msg::End {
                 member,
                 round,
-                norm: sum_sq.sqrt(),
+                sum_sq,
                 reply,
             })
             .await?;
@@ -377,6 +406,36 @@ impl pb::coordinator_server::Coordinator for Service {
         Ok(Response::new(pb::LeaveResponse {}))
     }
 
+    /// Answers once the round after `after_round` is open, with its work order; waits for
+    /// the published round to change in between (the request's deadline, or the worker going
+    /// away, ends the wait).
+    async fn get_work(
+        &self,
+        req: Request<pb::PullRequest>,
+    ) -> Result<Response<pb::WorkOrder>, Status> {
+        let peer = req.remote_addr();
+        let r = req.into_inner();
+        self.liveness.beat(&r.worker_id, peer);
+        let mut published = self.published.clone();
+        loop {
+            published.borrow_and_update();
+            let reply = self
+                .ask(|reply| Msg::Pull {
+                    worker_id: r.worker_id.clone(),
+                    after_round: r.after_round,
+                    work_only: Some(r.layout),
+                    reply,
+                })
+                .await??;
+            if let PullReply::Ready(order, _) = reply {
+                return Ok(Response::new(order));
+            }
+            if published.changed().await.is_err() {
+                return Err(CoordinatorError::ShuttingDown.into());
+            }
+        }
+    }
+
     async fn status(
         &self,
         _req: Request<pb::StatusRequest>,
@@ -384,5 +443,53 @@ impl pb::coordinator_server::Coordinator for Service {
         Ok(Response::new(
             self.ask_control(|reply| Msg::Status { reply }).await?,
         ))
+    }
+}
+
+type OrderStream = Pin<Box<dyn Stream<Item = Result<pb::ReducerOrder, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::reducers_server::Reducers for Service {
+    type SessionStream = OrderStream;
+
+    /// A reducer's control session: its hello joins it to the actor, its reports go to the
+    /// actor as they come, the actor's orders go out on the response; the session's end (the
+    /// reducer died, or its connection did) is reported as its loss.
+    async fn session(
+        &self,
+        req: Request<Streaming<pb::ReducerReport>>,
+    ) -> Result<Response<OrderStream>, Status> {
+        let mut reports = req.into_inner();
+        let first = tokio::time::timeout(self.stall, reports.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no hello from the reducer"))??
+            .ok_or_else(|| Status::invalid_argument("empty reducer session"))?;
+        let Some(pb::reducer_report::Report::Hello(hello)) = first.report else {
+            return Err(Status::invalid_argument(
+                "a reducer session starts with its hello",
+            ));
+        };
+        let (orders, rx) = tokio::sync::mpsc::unbounded_channel();
+        let session = self
+            .ask_control(|reply| Msg::ReducerJoined {
+                hello,
+                orders,
+                reply,
+            })
+            .await??;
+        let actor = self.tx.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(r)) = reports.message().await {
+                let Some(report) = r.report else { continue };
+                if actor.send(Msg::Report { session, report }).is_err() {
+                    return;
+                }
+            }
+            let _ = actor.send(Msg::ReducerLost { session });
+        });
+        let out = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
+        Ok(Response::new(Box::pin(futures_util::StreamExt::map(
+            out, Ok,
+        ))))
     }
 }

@@ -149,6 +149,9 @@ pub struct RunSettings {
     pub baseline: Option<CnnConfig>,
     /// Training samples are overlapping pairs shifted by up to this many pixels (`--multi`).
     pub multi: Option<usize>,
+    /// Reducers own the grid's spans: work orders come from GetWork, parameters and updates
+    /// move to and from each span's owner.
+    pub sharded: bool,
 }
 
 impl RunSettings {
@@ -197,6 +200,7 @@ impl RunSettings {
                 .as_ref()
                 .map(pb::CnnConfig::try_from)
                 .transpose()?,
+            sharded: self.sharded,
         })
     }
 }
@@ -510,6 +514,7 @@ impl TryFrom<pb::RunConfig> for RunSettings {
             canvas: m.canvas.map(|c| c as usize),
             baseline,
             multi: m.multi.map(|c| c as usize),
+            sharded: m.sharded,
         })
     }
 }
@@ -537,6 +542,7 @@ mod tests {
             canvas: Some(12),
             baseline: None,
             multi: None,
+            sharded: false,
         }
     }
 

@@ -496,6 +496,35 @@ pub fn spans(grid: &[Range<usize>], parts: usize) -> Option<Vec<Range<usize>>> {
     Some(out)
 }
 
+/// The chunks `span` of `grid` of a vector whose span holds `values` (the span's floats, from
+/// its first chunk's start), encoded as `enc`: offsets on the whole grid, the last chunk with
+/// the CRC-32 of the span's payloads in grid order (what [`Assembler::span`] checks).
+pub fn encode_span(
+    values: &[f32],
+    grid: &[Range<usize>],
+    span: Range<usize>,
+    enc: Encoding,
+) -> Vec<EncodedChunk> {
+    let base = grid.get(span.start).map_or(0, |r| r.start);
+    let mut total = crc32fast::Hasher::new();
+    let n = span.len();
+    span.enumerate()
+        .map(|(k, i)| {
+            let r = grid[i].clone();
+            let payload = encode(&values[r.start - base..r.end - base], enc);
+            let mut h = crc32fast::Hasher::new();
+            h.update(&payload);
+            total.combine(&h);
+            EncodedChunk {
+                offset: r.start as u64,
+                crc32: h.finalize(),
+                payload,
+                total_crc32: (k + 1 == n).then(|| total.clone().finalize()),
+            }
+        })
+        .collect()
+}
+
 /// The hasher of a chunk whose CRC-32 and length are known (no pass over its bytes).
 pub fn chunk_hasher(crc: u32, len: usize) -> crc32fast::Hasher {
     crc32fast::Hasher::new_with_initial_len(crc, len as u64)

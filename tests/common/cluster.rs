@@ -76,6 +76,25 @@ pub fn worker(dir: &Path, url: &str, rank: u32, data: &Path, extra: &[&str]) -> 
     Proc::spawn(&format!("worker-{rank}"), cmd, dir)
 }
 
+/// `capsnet reducer` of the coordinator at `url`, on a free loopback port, one thread, plus
+/// `extra`.
+pub fn reducer(dir: &Path, url: &str, name: &str, extra: &[&str]) -> Proc {
+    let mut cmd = capsnet();
+    cmd.args([
+        "reducer",
+        "--coordinator",
+        url,
+        "--listen",
+        "127.0.0.1:0",
+        "--threads",
+        "1",
+        "--name",
+        name,
+    ])
+    .args(extra);
+    Proc::spawn(name, cmd, dir)
+}
+
 /// A temporary folder with synthetic images (`data`) and a tiny coordinator on them that
 /// writes to `run`.
 pub struct Setup {

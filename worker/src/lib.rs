@@ -248,6 +248,10 @@ async fn train(
         // use: into this second buffer.
         let mut second: Vec<f32> = vec![];
         let mut ready: Option<pb::WorkOrder> = None;
+        // A sharded run: where each span lives (from the last work order), and connections to
+        // the reducers.
+        let mut layout: Option<transfer::Layout> = None;
+        let mut reducers = transfer::Reducers::new(cfg.token.expose(), cfg.tls.as_ref());
         // Payload buffers for two updates: the one being sent and the next.
         let grid = settings.grid();
         let pool = BufPool::new(2 * grid.len());
@@ -260,9 +264,27 @@ async fn train(
                         if pulled.len() != total as usize {
                             pulled = vec![0.0; total as usize];
                         }
-                        let o =
+                        let o = if settings.sharded {
+                            let want = transfer::Want {
+                                id: &id,
+                                after,
+                                enc: settings.wire,
+                                grid: &grid,
+                            };
+                            let (o, l) = transfer::fetch(
+                                &mut client,
+                                &mut reducers,
+                                want,
+                                None,
+                                &mut pulled,
+                            )
+                            .await?;
+                            layout = l;
+                            o
+                        } else {
                             pull_into(&mut client, &id, after, settings.wire, &grid, &mut pulled)
-                                .await?;
+                                .await?
+                        };
                         metrics.wire(settings.wire, "in", total);
                         o
                     }
@@ -279,43 +301,65 @@ async fn train(
                 let Some(mut r) = replica.take() else {
                     return Err(WorkerError::Internal("no model replica is loaded"));
                 };
-                let o = order;
+                let o = order.clone();
                 let mut params = std::mem::take(&mut pulled);
                 let started = Instant::now();
                 // Overlap (grad mode): each chunk goes out as soon as the backward pass has
-                // made it final, on a stream that runs beside the computation.
+                // made it final, on a stream that runs beside the computation. A sharded run
+                // always sends through the chunk sender (one stream per reducer), the whole
+                // update at the end without overlap.
+                let overlap = cfg.overlap && settings.sync_mode == SyncMode::Grad;
                 let (mut sender, mut early) = (None, None);
-                if cfg.overlap && settings.sync_mode == SyncMode::Grad {
-                    // One push stream, to the coordinator, of every chunk.
-                    let (snd, loss, mut chunks) = ChunkSender::new(
-                        grid.clone(),
-                        std::slice::from_ref(&(0..grid.len())),
-                        settings.wire,
-                        pool.clone(),
-                    )?;
-                    let Some(chunks) = chunks.pop() else {
-                        return Err(WorkerError::Internal("no push stream"));
+                if overlap || settings.sharded {
+                    let spans = match (&layout, settings.sharded) {
+                        (Some(l), true) => l.spans(),
+                        (None, true) => {
+                            return Err(WorkerError::Internal("no reducer layout"));
+                        }
+                        _ => std::iter::once(0..grid.len()).collect(),
                     };
+                    let clients = match (&layout, settings.sharded) {
+                        (Some(l), true) => reducers.clients(l).await?,
+                        _ => vec![client.clone()],
+                    };
+                    let (snd, loss, chunks) =
+                        ChunkSender::new(grid.clone(), &spans, settings.wire, pool.clone())?;
                     let range = capsnet_proto::work_range(&order, settings.train_len as usize)?;
                     let head = (order.round, range.len() as u64);
-                    let (mut c, id, s) = (client.clone(), id.clone(), settings.clone());
+                    let (id, s) = (id.clone(), settings.clone());
                     early = Some(AbortOnDrop(tokio::spawn(async move {
                         // No loss: the computation failed before its backward pass began.
                         let Ok(loss) = loss.await else {
                             return Ok(false);
                         };
-                        let chunks = tokio_stream::wrappers::ReceiverStream::new(chunks);
-                        used(
-                            head.0,
-                            push_chunks(&mut c, &id, &s, (head.0, head.1, loss), chunks).await,
-                        )
+                        // One stream per span (one in all without reducers).
+                        let pushes = chunks.into_iter().zip(clients).map(|(chunks, mut c)| {
+                            let (id, s) = (id.clone(), s.clone());
+                            async move {
+                                let chunks = tokio_stream::wrappers::ReceiverStream::new(chunks);
+                                used(
+                                    head.0,
+                                    push_chunks(&mut c, &id, &s, (head.0, head.1, loss), chunks)
+                                        .await,
+                                )
+                            }
+                        });
+                        let all = futures_util::future::try_join_all(pushes).await?;
+                        Ok(all.into_iter().all(|u| u))
                     })));
                     sender = Some(snd);
                 }
                 let compute = async {
                     let (r, params, out) = tokio::task::spawn_blocking(move || {
                         let out = match sender.as_mut() {
-                            Some(snd) => r.compute(&o, &mut params, snd),
+                            Some(snd) if overlap => r.compute(&o, &mut params, snd),
+                            Some(snd) => {
+                                let out = r.compute(&o, &mut params, &mut ());
+                                if let Ok((update, _, loss)) = &out {
+                                    snd.send_all(*loss, update);
+                                }
+                                out
+                            }
                             None => r.compute(&o, &mut params, &mut ()),
                         };
                         // The push stream ends once its last chunk is sent.
@@ -347,16 +391,41 @@ async fn train(
                                 source,
                             })?
                         };
-                        let pulling = pull_into(
-                            &mut puller,
-                            &id,
-                            after,
-                            settings.wire,
-                            &grid,
-                            &mut next_params,
-                        );
-                        let ((params, update, samples, loss, computed), used, next) =
+                        let pulling = async {
+                            if settings.sharded {
+                                let want = transfer::Want {
+                                    id: &id,
+                                    after,
+                                    enc: settings.wire,
+                                    grid: &grid,
+                                };
+                                let (o, l) = transfer::fetch(
+                                    &mut puller,
+                                    &mut reducers,
+                                    want,
+                                    layout.as_ref(),
+                                    &mut next_params,
+                                )
+                                .await?;
+                                Ok::<_, WorkerError>((o, l))
+                            } else {
+                                let o = pull_into(
+                                    &mut puller,
+                                    &id,
+                                    after,
+                                    settings.wire,
+                                    &grid,
+                                    &mut next_params,
+                                )
+                                .await?;
+                                Ok((o, None))
+                            }
+                        };
+                        let ((params, update, samples, loss, computed), used, (next, next_layout)) =
                             tokio::try_join!(compute, pushing, pulling)?;
+                        if settings.sharded {
+                            layout = next_layout;
+                        }
                         second = params;
                         pulled = next_params;
                         (used, next, Some(update), samples, loss, computed)

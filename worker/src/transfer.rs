@@ -55,6 +55,7 @@ pub async fn pull_into(
         worker_id: id.to_string(),
         after_round: after,
         encoding: enc as i32,
+        layout: None,
     };
     let mut tries = 0;
     loop {
@@ -111,6 +112,302 @@ async fn pull_stream(
         .into());
     }
     Ok(order)
+}
+
+/// Where each span of a sharded run's grid lives, as a work order says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub id: u64,
+    /// Each reducer's URL and its grid chunks, in grid order.
+    pub owners: Vec<(String, Range<usize>)>,
+}
+
+impl Layout {
+    /// The layout of `order`, checked: spans that tile a grid of `chunks` chunks, owners with
+    /// http(s) URLs.
+    pub fn of(order: &pb::WorkOrder, chunks: usize) -> Result<Self> {
+        let owners: Vec<(String, Range<usize>)> = order
+            .reducers
+            .iter()
+            .map(|o| {
+                (
+                    o.address.clone(),
+                    o.first_chunk as usize..o.end_chunk as usize,
+                )
+            })
+            .collect();
+        let bad = |why: String| {
+            WorkerError::from(capsnet_proto::ProtoError::Invalid(format!(
+                "work order of round {}: {why}",
+                order.round
+            )))
+        };
+        let tiles = owners.first().is_some_and(|o| o.1.start == 0)
+            && owners.last().is_some_and(|o| o.1.end == chunks)
+            && owners.windows(2).all(|w| w[0].1.end == w[1].1.start)
+            && owners.iter().all(|o| !o.1.is_empty());
+        if !tiles {
+            return Err(bad(format!(
+                "its reducers' spans do not tile the grid of {chunks} chunks"
+            )));
+        }
+        if let Some((a, _)) = owners
+            .iter()
+            .find(|(a, _)| !(a.starts_with("http://") || a.starts_with("https://")))
+        {
+            return Err(bad(format!("reducer address {a:?} is not an http(s) URL")));
+        }
+        Ok(Layout {
+            id: order.layout,
+            owners,
+        })
+    }
+
+    pub fn spans(&self) -> Vec<Range<usize>> {
+        self.owners.iter().map(|(_, s)| s.clone()).collect()
+    }
+}
+
+/// Connections to a sharded run's reducers, by address, kept across rounds.
+pub struct Reducers {
+    clients: std::collections::HashMap<String, Client>,
+    token: String,
+    tls: Option<crate::ClientTls>,
+}
+
+impl Reducers {
+    /// Reducers reached with `token` and, with TLS, the CA and client identity of `tls` (the
+    /// name checked is each reducer's host).
+    pub fn new(token: &str, tls: Option<&crate::ClientTls>) -> Self {
+        Reducers {
+            clients: Default::default(),
+            token: token.to_string(),
+            tls: tls.map(|t| crate::ClientTls {
+                domain: None,
+                ..t.clone()
+            }),
+        }
+    }
+
+    /// A client of each owner of `layout`, in its order (connecting to new ones; forgetting
+    /// the ones it no longer names).
+    pub async fn clients(&mut self, layout: &Layout) -> Result<Vec<Client>> {
+        self.clients
+            .retain(|a, _| layout.owners.iter().any(|(o, _)| o == a));
+        let mut out = Vec::with_capacity(layout.owners.len());
+        for (a, _) in &layout.owners {
+            let c = match self.clients.get(a) {
+                Some(c) => c.clone(),
+                None => {
+                    let c = Client::connect(a, &self.token, self.tls.as_ref()).await?;
+                    self.clients.insert(a.clone(), c.clone());
+                    c
+                }
+            };
+            out.push(c);
+        }
+        Ok(out)
+    }
+}
+
+/// Pulls the parameters of the round after `after` from every span's owner into `params`,
+/// all spans at once, each checked as a stream of its own; returns the round they are of.
+pub async fn pull_spans(
+    clients: Vec<Client>,
+    layout: &Layout,
+    id: &str,
+    after: Option<u64>,
+    enc: Encoding,
+    grid: &Grid,
+    params: &mut [f32],
+) -> Result<u64> {
+    let req = pb::PullRequest {
+        worker_id: id.to_string(),
+        after_round: after,
+        encoding: enc as i32,
+        layout: None,
+    };
+    if grid.last().map_or(0, |r| r.end) != params.len() {
+        return Err(WorkerError::Internal(
+            "the parameter buffer does not match the grid",
+        ));
+    }
+    let mut rest = params;
+    let mut pulls = vec![];
+    for ((_, span), mut c) in layout.owners.iter().zip(clients) {
+        let (lo, hi) = (grid[span.start].start, grid[span.end - 1].end);
+        let (mine, tail) = std::mem::take(&mut rest).split_at_mut(hi - lo);
+        rest = tail;
+        let req = &req;
+        pulls.push(async move { pull_span(&mut c, req, grid, span.clone(), lo, mine).await });
+    }
+    let rounds = futures_util::future::try_join_all(pulls).await?;
+    match rounds.first() {
+        Some(&r) if rounds.iter().all(|&x| x == r) => Ok(r),
+        _ => Err(tonic::Status::aborted(format!(
+            "the reducers served parameters of different rounds ({rounds:?}); pull again"
+        ))
+        .into()),
+    }
+}
+
+/// One span's parameters, pulled again when the reducer aborted an early stream or was not
+/// ready (a moment after it was assigned its span).
+async fn pull_span(
+    client: &mut Client,
+    req: &pb::PullRequest,
+    grid: &Grid,
+    span: Range<usize>,
+    base: usize,
+    out: &mut [f32],
+) -> Result<u64> {
+    let mut tries = 0u32;
+    loop {
+        match pull_span_stream(client, req, grid, span.clone(), base, out).await {
+            Err(WorkerError::Rpc(s))
+                if matches!(s.code(), Code::Aborted | Code::Unavailable) && tries < 20 =>
+            {
+                tracing::debug!(status = %s.message(), "pulling the span again");
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(25 * u64::from(tries))).await;
+            }
+            r => return r,
+        }
+    }
+}
+
+async fn pull_span_stream(
+    client: &mut Client,
+    req: &pb::PullRequest,
+    grid: &Grid,
+    span: Range<usize>,
+    base: usize,
+    out: &mut [f32],
+) -> Result<u64> {
+    let body = Body::new(http_body_util::Full::new(frame::frame(req)));
+    let mut stream = client.call(frame::PULL_PATH, body).await?;
+    let first: pb::ParamChunk = stream
+        .message()
+        .await?
+        .ok_or_else(|| tonic::Status::data_loss("empty parameter stream"))?;
+    let round = first.round;
+    let enc = Encoding::try_from(first.encoding).unwrap_or(Encoding::Unspecified);
+    let mut asm = Assembler::span(grid.clone(), span, first.total_len, enc)?;
+    let mut next = Some(first);
+    while let Some(c) = next {
+        if c.round != round {
+            return Err(tonic::Status::data_loss("the round changed mid-stream").into());
+        }
+        let (_, r) = asm.check(ChunkIn::from(&c))?;
+        capsnet_proto::wire::decode_into(&c.payload, enc, &mut out[r.start - base..r.end - base])?;
+        next = stream.message().await?;
+    }
+    stream.status().await?;
+    asm.finish()?;
+    Ok(round)
+}
+
+/// What [`fetch`] asks for: worker `id`'s order for the round after `after`, and its
+/// parameters as `enc` on `grid`.
+#[derive(Clone, Copy)]
+pub struct Want<'a> {
+    pub id: &'a str,
+    pub after: Option<u64>,
+    pub enc: Encoding,
+    pub grid: &'a Grid,
+}
+
+/// A sharded run's next work order (the round after `after`) and its parameters in `params`:
+/// the order from the coordinator, the parameters from the reducers. With `known` (the layout
+/// of the last order) the parameters are pulled at the same time as the order is asked for
+/// (the reducers stream each range as soon as it is reduced); they are pulled again, with the
+/// order's layout, when that changed or they were of another round. Returns the order and its
+/// layout (None for an order that says training is over).
+pub async fn fetch(
+    coordinator: &mut Client,
+    reducers: &mut Reducers,
+    want: Want<'_>,
+    known: Option<&Layout>,
+    params: &mut [f32],
+) -> Result<(pb::WorkOrder, Option<Layout>)> {
+    let Want {
+        id,
+        after,
+        enc,
+        grid,
+    } = want;
+    let ask = |layout: Option<u64>| pb::PullRequest {
+        worker_id: id.to_string(),
+        after_round: after,
+        encoding: enc as i32,
+        layout,
+    };
+    let (mut order, mut early) = match known {
+        Some(l) => {
+            let clients = reducers.clients(l).await?;
+            let mut c = coordinator.clone();
+            let get = c.rpc().get_work(ask(Some(l.id)));
+            let pull = pull_spans(clients, l, id, after, enc, grid, params);
+            tokio::pin!(get, pull);
+            let mut pulled = None;
+            let order = loop {
+                tokio::select! {
+                    o = &mut get => break o?.into_inner(),
+                    p = &mut pull, if pulled.is_none() => pulled = Some(p),
+                }
+            };
+            // The early pull is awaited only when it can still be of the order's round (after
+            // a rollback it would wait for a round the reducers are far from).
+            let expected = after.map_or(0, |a| a + 1);
+            if pulled.is_none()
+                && order.layout == l.id
+                && order.round == expected
+                && !order.finished
+            {
+                pulled = Some(pull.await);
+            }
+            (order, pulled.and_then(|p| p.ok()))
+        }
+        None => (
+            coordinator.rpc().get_work(ask(None)).await?.into_inner(),
+            None,
+        ),
+    };
+    for _ in 0..10 {
+        if order.finished {
+            return Ok((order, None));
+        }
+        let layout = Layout::of(&order, grid.len())?;
+        if !order.participate || (early == Some(order.round) && known == Some(&layout)) {
+            return Ok((order, Some(layout)));
+        }
+        let clients = reducers.clients(&layout).await?;
+        let before = order.round.checked_sub(1);
+        match pull_spans(clients, &layout, id, before, enc, grid, params).await {
+            Ok(r) if r == order.round => return Ok((order, Some(layout))),
+            Ok(r) => tracing::debug!(round = order.round, got = r, "parameters of another round"),
+            Err(WorkerError::Rpc(s))
+                if matches!(
+                    s.code(),
+                    Code::Aborted | Code::Unavailable | Code::InvalidArgument
+                ) =>
+            {
+                tracing::debug!(status = %s.message(), "pulling the spans again");
+            }
+            Err(e) => return Err(e),
+        }
+        early = None;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        order = coordinator
+            .rpc()
+            .get_work(ask(Some(layout.id)))
+            .await?
+            .into_inner();
+    }
+    Err(tonic::Status::unavailable(
+        "the reducers did not serve the parameters of the open round; joining again",
+    )
+    .into())
 }
 
 /// Floats shared with the stream that sends them, so that their buffer can be taken back
@@ -276,11 +573,18 @@ impl ChunkSender {
     }
 }
 
-impl GradReady for ChunkSender {
-    fn ready(&mut self, stats: &BatchStats, from: usize, tail: &[f32]) {
+impl ChunkSender {
+    /// Sends a whole update at once (no overlap): `loss` for the heads, then every chunk.
+    pub(crate) fn send_all(&mut self, loss: f64, data: &[f32]) {
         if let Some(l) = self.loss.take() {
-            let _ = l.send(stats.total_loss());
+            let _ = l.send(loss);
         }
+        self.send_final(0, data);
+    }
+
+    /// Sends every chunk not sent yet that lies in the final part `from..`, whose floats are
+    /// `tail`, last first.
+    fn send_final(&mut self, from: usize, tail: &[f32]) {
         while self.pending > 0 && self.grid[self.pending - 1].start >= from {
             let i = self.pending - 1;
             self.pending = i;
@@ -299,8 +603,18 @@ impl GradReady for ChunkSender {
                 payload,
                 total_crc32: out.crc.total(),
             };
-            out.open = out.tx.blocking_send(chunk).is_ok();
+            // Never full: the channel has room for every chunk of its span.
+            out.open = out.tx.try_send(chunk).is_ok();
         }
+    }
+}
+
+impl GradReady for ChunkSender {
+    fn ready(&mut self, stats: &BatchStats, from: usize, tail: &[f32]) {
+        if let Some(l) = self.loss.take() {
+            let _ = l.send(stats.total_loss());
+        }
+        self.send_final(from, tail);
     }
 }
 

@@ -60,6 +60,15 @@ impl Actor {
             );
             return Ok(None);
         }
+        // A sharded run's state here is the one last gathered from its reducers, with the round
+        // and data position it was gathered at.
+        let (step, position) = match self.shards() {
+            Some(sh) => {
+                let (round, position, _) = sh.known_good();
+                (round, position)
+            }
+            None => (self.round, self.position()),
+        };
         // The one copy of the state a checkpoint makes (training goes on meanwhile).
         let ck = Checkpoint {
             config: self.cfg.train.model.clone(),
@@ -69,8 +78,8 @@ impl Actor {
             adam: (self.cfg.sync_mode == SyncMode::Grad).then(|| self.adam.clone()),
             ema: self.ema.clone(),
             outer: (!self.outer_m.is_empty()).then(|| self.outer_m.clone()),
-            step: self.round,
-            position: self.position(),
+            step,
+            position,
         };
         let (ckpt, last, metrics) = (
             self.bg.checkpointer.clone(),
@@ -213,6 +222,7 @@ impl Actor {
             self.bg.failed = Some(e.to_string());
         }
         self.finished = true;
+        self.finish_reducers();
         self.publish();
     }
 }

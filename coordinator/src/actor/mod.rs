@@ -39,7 +39,7 @@ use capsnet_core::optim::Adam;
 use capsnet_core::run::{Resume, Run, RunState};
 use capsnet_core::train::{self, TestSet};
 use capsnet_proto::wire::chunk_ranges;
-use capsnet_proto::{RunSettings, SyncMode, WorkerState, pb};
+use capsnet_proto::{RunSettings, WorkerState, pb};
 use tokio::sync::watch;
 
 use crate::config::CoordinatorConfig;
@@ -52,6 +52,7 @@ mod background;
 mod membership;
 mod msg;
 mod round;
+mod sharded;
 
 use background::{Background, Metrics};
 use membership::Members;
@@ -88,7 +89,10 @@ pub(crate) struct Actor {
     waiting_since_log: Option<Instant>,
     /// Who the workers are and whether they are alive.
     members: Members,
+    /// The reduction of an unsharded run (and the run's chunk grid in any run).
     reducer: Reducer,
+    /// A sharded run's reducers (`--reducers`).
+    shards: Option<sharded::Shards>,
     round_started: Instant,
     first_update: Option<Instant>,
     samples_seen: u64,
@@ -173,6 +177,7 @@ impl Actor {
             train_limit: t.train_limit.map(|n| n as u64),
             canvas: t.canvas,
             multi: t.multi,
+            sharded: cfg.reducers > 0,
         };
         let run_msg = settings.to_message()?;
         let nonce = std::time::SystemTime::now()
@@ -182,7 +187,12 @@ impl Actor {
         let n_floats = params.data.len();
         let grid: Arc<Vec<_>> =
             Arc::new(chunk_ranges(n_floats, cfg.wire, cfg.chunk_bytes).collect());
+        let shards = (cfg.reducers > 0).then(|| {
+            let position = EpochCursor::from_position(&pos, train_ds.len()).position();
+            sharded::Shards::new(cfg.reducers, round, position, adam.step)
+        });
         let actor = Actor {
+            shards,
             cfg: cfg.clone(),
             run_msg,
             model,
@@ -212,11 +222,7 @@ impl Actor {
                 // One reducer of every chunk.
                 0..grid.len(),
                 cfg.wire,
-                match (cfg.sync_mode, cfg.outer) {
-                    (SyncMode::Grad, _) => Kept::AdamMoments,
-                    (_, Some(_)) => Kept::Momentum,
-                    _ => Kept::Nothing,
-                },
+                Kept::of(cfg.sync_mode, cfg.outer.is_some()),
                 cfg.train.threads,
             )?,
             round_started: Instant::now(),
@@ -308,10 +314,22 @@ impl Actor {
             Msg::Pull {
                 worker_id,
                 after_round,
+                work_only,
                 reply,
             } => {
-                let _ = reply.send(self.pull(&worker_id, after_round));
+                let _ = reply.send(self.pull(&worker_id, after_round, work_only));
             }
+            Msg::ReducerJoined {
+                hello,
+                orders,
+                reply,
+            } => {
+                let _ = reply.send(self.reducer_joined(hello, orders));
+            }
+            Msg::Report { session, report } => self.reducer_report(session, report),
+            Msg::ReducerLost { session } => self.reducer_lost(session),
+            // A reducer's messages.
+            Msg::Order(_) | Msg::Session { .. } => {}
             Msg::Begin {
                 worker_id,
                 round,
@@ -339,7 +357,7 @@ impl Actor {
             Msg::End {
                 member,
                 round,
-                norm,
+                sum_sq,
                 reply,
             } => {
                 let r = if round != self.round || self.finished {
@@ -350,7 +368,7 @@ impl Actor {
                 } else {
                     // Judged before it completes: a rejected update is aborted (by the
                     // stream's guard) like any failed one, and its ranges are redone.
-                    self.judge_norm(member, norm)
+                    self.judge_norm(member, sum_sq.sqrt())
                         .and_then(|()| self.reducer.end(member))
                         .map(|()| round)
                 };
@@ -463,6 +481,7 @@ impl Actor {
             self.prune(now);
             self.last_prune = Some(now);
         }
+        self.check_reducers(now);
         if !self.started {
             self.maybe_start(now);
             return;

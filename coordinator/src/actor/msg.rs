@@ -15,6 +15,8 @@ use crate::error::Result;
 /// on the run's chunk grid.
 pub(crate) struct Published {
     pub round: u64,
+    /// The grid chunks served: the whole grid, or a reducer's span (`chunks` holds these).
+    pub span: std::ops::Range<usize>,
     pub finished: bool,
     pub total_len: u64,
     pub encoding: Encoding,
@@ -28,6 +30,7 @@ impl Published {
     pub fn placeholder() -> Self {
         Published {
             round: 0,
+            span: 0..0,
             finished: false,
             total_len: 0,
             encoding: Encoding::F32,
@@ -70,6 +73,9 @@ pub(crate) enum Msg {
     Pull {
         worker_id: String,
         after_round: Option<u64>,
+        /// GetWork: the work order only (a sharded run's parameters come from its reducers),
+        /// and the layout the worker knows, if any.
+        work_only: Option<Option<u64>>,
         reply: oneshot::Sender<Result<PullReply>>,
     },
     /// The first chunk of an update arrived: checks the round, membership and sample count
@@ -89,12 +95,12 @@ pub(crate) enum Msg {
         index: usize,
         payload: Bytes,
     },
-    /// Every chunk arrived and the whole checked out. `norm`: the update's L2 norm (params
-    /// mode: its distance from the round's parameters).
+    /// Every chunk arrived and the whole checked out. `sum_sq`: the sum of squares of its
+    /// values (params mode: of their distances from the round's parameters).
     End {
         member: usize,
         round: u64,
-        norm: f64,
+        sum_sq: f64,
         reply: oneshot::Sender<Result<u64>>,
     },
     /// The update failed or its stream was dropped: forget it.
@@ -115,6 +121,26 @@ pub(crate) enum Msg {
     /// Checkpoint now and stop (SIGTERM).
     Shutdown {
         reply: oneshot::Sender<Result<Option<PathBuf>>>,
+    },
+    /// Coordinator: a reducer opened its session; its orders go to `orders`. Replies with the
+    /// session's id.
+    ReducerJoined {
+        hello: pb::ReducerHello,
+        orders: tokio::sync::mpsc::UnboundedSender<pb::ReducerOrder>,
+        reply: oneshot::Sender<Result<u64>>,
+    },
+    /// Coordinator: what a reducer reported on its session.
+    Report {
+        session: u64,
+        report: pb::reducer_report::Report,
+    },
+    /// Coordinator: a reducer's session ended.
+    ReducerLost { session: u64 },
+    /// Reducer: an order from the coordinator.
+    Order(Box<pb::reducer_order::Order>),
+    /// Reducer: a new session with the coordinator; reports go to `reports`.
+    Session {
+        reports: tokio::sync::mpsc::UnboundedSender<pb::ReducerReport>,
     },
 }
 

@@ -21,11 +21,15 @@ use super::{Actor, Progress, Published, PullReply};
 use crate::config::CoordinatorConfig;
 use crate::error::{CoordinatorError, Result};
 use crate::plan::{EpochCursor, RoundPlan};
-use crate::reduce::{Source, Update};
+use crate::reduce::Source;
 
 impl Actor {
     /// Serves the current parameters (encoded here: at start, on resume and at the end).
     pub(super) fn publish(&self) {
+        if self.shards.is_some() {
+            // The reducers serve the parameters of a sharded run.
+            return self.publish_chunks(vec![], vec![]);
+        }
         let chunks = encode_chunks(&self.params.data, self.cfg.wire, self.cfg.chunk_bytes);
         let generations = vec![0; chunks.len()];
         self.publish_chunks(chunks, generations);
@@ -36,6 +40,7 @@ impl Actor {
         let n = chunks.len();
         self.published.send_replace(Arc::new(Published {
             round: self.round,
+            span: 0..self.reducer.grid().len(),
             finished: self.finished,
             total_len: self.params.data.len() as u64,
             encoding: self.cfg.wire,
@@ -62,9 +67,34 @@ impl Actor {
         self.published.borrow().clone()
     }
 
-    pub(super) fn pull(&mut self, id: &str, after_round: Option<u64>) -> Result<PullReply> {
+    /// A pull (`work_only` None) or a GetWork (Some(the layout the worker knows)).
+    pub(super) fn pull(
+        &mut self,
+        id: &str,
+        mut after_round: Option<u64>,
+        work_only: Option<Option<u64>>,
+    ) -> Result<PullReply> {
         let (round, finished) = (self.round, self.finished);
         self.worker_mut(id)?;
+        if let Some(sh) = self.shards() {
+            let Some(known) = work_only else {
+                return Err(CoordinatorError::InvalidArgument(
+                    "this run's parameters are served by its reducers: ask for the work order \
+                     (GetWork) and pull each span where it says"
+                        .into(),
+                ));
+            };
+            // The run rolled back (a reducer was lost) since this worker's last order: it
+            // gets the open round's order at once.
+            if known.is_some_and(|l| l != sh.layout_id()) || after_round.is_some_and(|a| a > round)
+            {
+                after_round = None;
+            }
+        } else if work_only.is_some() {
+            return Err(CoordinatorError::InvalidArgument(
+                "this run has no reducers: pull the parameters and work order (PullParams)".into(),
+            ));
+        }
         // The round a client last saw is never past the open one (and `after + 1` must not
         // overflow anywhere).
         if let Some(a) = after_round.filter(|&a| a > round) {
@@ -90,7 +120,14 @@ impl Actor {
         // A worker that is not a member of this round gets work from the next one.
         let member = plan.member_index(&name);
         let range = member.map(|k| plan.work(k)).unwrap_or(0..0);
-        let done = member.is_some_and(|k| self.reducer.complete(k));
+        let (done, reducers, layout) = match self.shards() {
+            Some(sh) => (
+                member.is_some_and(|k| sh.accepted(k)),
+                sh.owners(),
+                sh.layout_id(),
+            ),
+            None => (member.is_some_and(|k| self.reducer.complete(k)), vec![], 0),
+        };
         let order = pb::WorkOrder {
             round,
             epoch: plan.epoch,
@@ -98,6 +135,8 @@ impl Actor {
             end: range.end as u64,
             participate: !range.is_empty() && !done,
             finished: false,
+            reducers,
+            layout,
         };
         Ok(PullReply::Ready(order, self.published_now()))
     }
@@ -110,24 +149,8 @@ impl Actor {
         adam: &'a Adam,
         outer_m: &'a [f32],
     ) -> Source<'a> {
-        let (m, v, update): (&[f32], &[f32], Update) = match (cfg.sync_mode, cfg.outer) {
-            (SyncMode::Grad, _) => (&adam.m, &adam.v, Update::Adam(adam.next_step())),
-            (_, Some(o)) => (
-                outer_m,
-                &[],
-                Update::Nesterov {
-                    lr: o.lr,
-                    momentum: o.momentum,
-                },
-            ),
-            _ => (&[], &[], Update::Average),
-        };
-        Source {
-            params,
-            m,
-            v,
-            update,
-        }
+        let outer = cfg.outer.map(|o| (o.lr, o.momentum));
+        Source::of(cfg.sync_mode, outer, params, adam, outer_m)
     }
 
     pub(super) fn begin(
@@ -142,6 +165,13 @@ impl Actor {
         self.worker_mut(id)?;
         if self.finished {
             return Err(CoordinatorError::Finished);
+        }
+        if self.shards.is_some() {
+            return Err(CoordinatorError::InvalidArgument(
+                "this run reduces on its reducers: push each span of the update where the work \
+                 order says"
+                    .into(),
+            ));
         }
         if round != current {
             return Err(CoordinatorError::StaleRound {
@@ -220,8 +250,12 @@ impl Actor {
                 limit,
                 "update clipped: {what} too large"
             );
-            for i in self.reducer.rescale(k, (limit / norm) as f32) {
-                self.show_progress(i);
+            if self.shards.is_some() {
+                self.rescale_sharded(k, (limit / norm) as f32);
+            } else {
+                for i in self.reducer.rescale(k, (limit / norm) as f32) {
+                    self.show_progress(i);
+                }
             }
             kept = limit;
         }
@@ -253,6 +287,20 @@ impl Actor {
 
     /// Opens, plans again or closes the round as members arrive, die or miss the deadline.
     pub(super) fn advance(&mut self, now: Instant) {
+        if self.shards().is_some_and(|sh| !sh.ready()) {
+            if self
+                .waiting_since_log
+                .is_none_or(|t| now - t >= WAITING_LOG_EVERY)
+            {
+                tracing::warn!(round = self.round, "waiting for the reducers");
+                self.waiting_since_log = Some(now);
+            }
+            return;
+        }
+        if self.plan.is_some() && self.shards.is_some() {
+            let expected = self.expected();
+            self.tell_expected(&expected);
+        }
         let Some(plan) = &self.plan else {
             self.open_round();
             if self.plan.is_none()
@@ -270,8 +318,18 @@ impl Actor {
             return;
         };
         let expected = self.expected();
-        let done = self.reducer.completed();
-        let any_update = (0..plan.members.len()).any(|k| self.reducer.has(k));
+        let (done, any_update) = match self.shards() {
+            Some(sh) => {
+                if sh.busy() {
+                    return;
+                }
+                (sh.completed(), (0..plan.members.len()).any(|k| sh.has(k)))
+            }
+            None => (
+                self.reducer.completed(),
+                (0..plan.members.len()).any(|k| self.reducer.has(k)),
+            ),
+        };
         if expected.is_empty() && !any_update {
             // Every member of the round was lost before sending anything: hand its work to
             // whoever is live now (or wait for someone to be).
@@ -315,8 +373,17 @@ impl Actor {
     /// what is left of the epoch. No plan while no worker is live.
     pub(super) fn open_round(&mut self) {
         let mut members = self.live();
+        // A sharded run's last round is committed and gathered before the run finishes: no
+        // round opens meanwhile.
+        if self.shards().is_some_and(|sh| !sh.ready()) || self.plan_done() {
+            // Opened once every reducer has its span.
+            self.plan = None;
+            return;
+        }
         if members.is_empty() {
             self.plan = None;
+            // A sharded run still commits the round closed last.
+            self.open_sharded();
             return;
         }
         if self.cfg.drop_stragglers && self.round % PROBATION_EVERY != 0 {
@@ -346,6 +413,7 @@ impl Actor {
             members,
             work,
         });
+        self.open_sharded();
         // Pulls that arrived before there was a plan wait on the published round: wake them.
         self.published.send_modify(|_| {});
         self.round_started = Instant::now();
@@ -367,7 +435,12 @@ impl Actor {
 
     /// Finishes the reduction over the complete updates (weighted by samples, in member order,
     /// so the result does not depend on arrival order), commits it and opens the next round.
+    /// A sharded run closes on its reducers instead ([`Actor::close_sharded`]).
     pub(super) fn close_round(&mut self) {
+        if self.shards.is_some() {
+            self.close_sharded();
+            return;
+        }
         let t0 = Instant::now();
         let src = Self::source(&self.cfg, &self.params.data, &self.adam, &self.outer_m);
         let Some(plan) = self.plan.take() else {
@@ -381,21 +454,7 @@ impl Actor {
             return;
         };
         if !closed.finite {
-            // Never commit (nor serve) a non-finite state: the round's work is redone.
-            self.metrics.rounds_discarded.inc();
-            tracing::error!(
-                round = self.round,
-                members = ?closed.members,
-                "the round's new parameters are not all finite: discarded, the round is redone"
-            );
-            for w in plan.work {
-                self.cursor.give_back(w);
-            }
-            self.update_done = vec![];
-            self.first_update = None;
-            let n = self.reducer.grid().len();
-            self.progress.send_replace(Progress::empty(self.round, n));
-            self.open_round();
+            self.discard_round(plan, &closed.members);
             return;
         }
         // Commit: the stepped buffers become the state; the old ones are next round's buffers.
@@ -410,17 +469,52 @@ impl Actor {
         if let (Some(e), Some(d)) = (&mut self.ema, self.cfg.train.ema_decay) {
             capsnet_core::optim::ema_update(e, &self.params.data, d, self.round + 1);
         }
-        let (total, loss, chunks, generations) = (
+        self.after_close(
+            plan,
+            closed.members,
             closed.samples,
             closed.loss,
-            closed.chunks,
-            closed.generations,
+            t0,
+            Some((closed.chunks, closed.generations)),
         );
+    }
+
+    /// A round whose new parameters are not all finite: never committed (nor served), its
+    /// work is redone.
+    pub(super) fn discard_round(&mut self, plan: RoundPlan, members: &[usize]) {
+        self.metrics.rounds_discarded.inc();
+        tracing::error!(
+            round = self.round,
+            ?members,
+            "the round's new parameters are not all finite: discarded, the round is redone"
+        );
+        for w in plan.work {
+            self.cursor.give_back(w);
+        }
+        self.update_done = vec![];
+        self.first_update = None;
+        let n = self.reducer.grid().len();
+        self.progress.send_replace(Progress::empty(self.round, n));
+        self.open_round();
+    }
+
+    /// A committed round of `plan` over `members` (`samples` in all, mean `loss`; its
+    /// reduction began at `t0`): metrics, the data cursor, the next round, the new parameters
+    /// (`chunks`: the encoded ones when this process reduced them), evaluation and checkpoints.
+    pub(super) fn after_close(
+        &mut self,
+        plan: RoundPlan,
+        members: Vec<usize>,
+        total: u64,
+        loss: f64,
+        t0: Instant,
+        chunks: Option<(Vec<EncodedChunk>, Vec<u64>)>,
+    ) {
         let reduce_s = t0.elapsed().as_secs_f64();
         let round_s = (t0 - self.round_started).as_secs_f64();
         let sync_s = self.first_update.map_or(0.0, |f| (t0 - f).as_secs_f64()) + reduce_s;
         self.samples_seen += total;
-        let workers = closed.members.len();
+        let workers = members.len();
         let m = &self.metrics;
         m.rounds.inc();
         m.round_seconds.observe(round_s);
@@ -432,7 +526,7 @@ impl Actor {
         // The work of members whose update is not in the round goes back to be redone.
         let mut trained = vec![];
         for (k, w) in plan.work.into_iter().enumerate() {
-            if closed.members.contains(&k) {
+            if members.contains(&k) {
                 trained.push([w.start, w.end]);
             } else {
                 self.cursor.give_back(w);
@@ -465,6 +559,31 @@ impl Actor {
         if epoch_end {
             self.cursor = EpochCursor::new(self.cursor.epoch + 1, self.n_train);
         }
+        let every = self.cfg.eval_every;
+        let eval = epoch_end || (every > 0 && self.round % every == 0);
+        let checkpoint = eval
+            || (self.cfg.train.checkpoint_every > 0
+                && self.round % self.cfg.train.checkpoint_every == 0);
+        if self.shards.is_some() {
+            // The reducers serve the new parameters; the state is gathered when needed.
+            self.first_update = None;
+            let finish = self.plan_done();
+            if finish {
+                // Commit on the reducers, then gather the final state.
+                self.open_sharded();
+            } else {
+                self.open_round();
+            }
+            self.publish_chunks(vec![], vec![]);
+            if finish || eval || checkpoint {
+                self.gather(super::sharded::AfterGather {
+                    eval,
+                    checkpoint,
+                    finish,
+                });
+            }
+            return;
+        }
         if self.plan_done() {
             self.finish();
             return;
@@ -472,14 +591,12 @@ impl Actor {
         self.first_update = None;
         self.open_round();
         // Workers get the new parameters before any snapshot is taken for evaluation.
+        let (chunks, generations) = chunks.unwrap_or_default();
         self.publish_chunks(chunks, generations);
-        let every = self.cfg.eval_every;
-        if epoch_end || (every > 0 && self.round % every == 0) {
+        if eval {
             self.spawn_eval();
             let _ = self.checkpoint_now(false);
-        } else if self.cfg.train.checkpoint_every > 0
-            && self.round % self.cfg.train.checkpoint_every == 0
-        {
+        } else if checkpoint {
             let _ = self.checkpoint_now(false);
         }
     }

@@ -1,0 +1,352 @@
+//! Sharded reduction (`coordinator --reducers R`): reducer processes own spans of the grid and
+//! their optimizer state; workers push each span to its owner and pull it from there. Real
+//! coordinator, reducer and worker processes on loopback, a tiny network, synthetic data. The
+//! bits do not depend on the layout: R reducers give the checkpoint one coordinator gives, and
+//! so does a run that lost a reducer and rolled back to its last checkpoint.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails on its first panic
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use capsnet_core::checkpoint::Checkpoint;
+use capsnet_proto::{Encoding, pb};
+use common::*;
+
+/// How the reducers of a run are laid out.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Layout {
+    /// One coordinator reduces everything.
+    None,
+    /// R `capsnet reducer` processes.
+    Separate(usize),
+    /// A reducer in each worker process (`worker --serve-reducer`).
+    Colocated,
+}
+
+/// A 2-worker run of the tiny network for `steps` rounds of batch 4 on `data` with `extra`
+/// coordinator flags, in `layout`; returns its run dir. `during` runs while it trains, with
+/// the run dir and the reducers (to kill one).
+fn run(
+    tmp: &Path,
+    data: &Path,
+    name: &str,
+    steps: u64,
+    extra: &[&str],
+    layout: Layout,
+    during: impl FnOnce(&Path, &mut Vec<Proc>, &str),
+) -> PathBuf {
+    let run = tmp.join(name);
+    let steps = steps.to_string();
+    let reducers = match layout {
+        Layout::None => 0,
+        Layout::Separate(r) => r,
+        Layout::Colocated => 2,
+    }
+    .to_string();
+    let mut args = vec![
+        "--batch-size",
+        "4",
+        "--max-steps",
+        &steps,
+        "--max-shift",
+        "0",
+        "--seed",
+        "11",
+        "--expect-workers",
+        "2",
+        "--min-workers",
+        "2",
+        "--round-timeout",
+        "30s",
+        // Many chunks, so that spans hold several and workers send them out of order.
+        "--chunk-bytes",
+        "4096",
+        "--reducers",
+        &reducers,
+    ];
+    args.extend_from_slice(extra);
+    let (mut coord, url) = tiny_coordinator(tmp, name, data, &run, &args);
+    let mut reducers = vec![];
+    if let Layout::Separate(r) = layout {
+        for i in 0..r {
+            reducers.push(reducer(tmp, &url, &format!("{name}-reducer-{i}"), &[]));
+        }
+    }
+    let serve: &[&str] = if layout == Layout::Colocated {
+        &["--serve-reducer", "127.0.0.1:0"]
+    } else {
+        &[]
+    };
+    let mut w0 = worker(tmp, &url, 0, data, serve);
+    let mut w1 = worker(tmp, &url, 1, data, serve);
+    during(&run, &mut reducers, &url);
+    coord.expect_success(Duration::from_secs(120));
+    w0.expect_success(Duration::from_secs(30));
+    w1.expect_success(Duration::from_secs(30));
+    for r in &mut reducers {
+        if r.exited().is_none() {
+            r.expect_success(Duration::from_secs(30));
+        }
+    }
+    run
+}
+
+fn bits(x: &[f32]) -> Vec<u32> {
+    x.iter().map(|v| v.to_bits()).collect()
+}
+
+/// The checkpoint of round `round` in `a` and `b` holds the same parameters and optimizer
+/// state, bit for bit.
+fn same_checkpoints(a: &Path, b: &Path, round: u64, what: &str) {
+    let file = format!("checkpoint-{round}.safetensors");
+    let x = Checkpoint::load(&a.join(&file), None).unwrap();
+    let y = Checkpoint::load(&b.join(&file), None).unwrap();
+    assert_eq!(x.step, round);
+    assert_eq!(y.step, round);
+    assert!(
+        bits(&x.params.data) == bits(&y.params.data),
+        "{what}: the parameters differ"
+    );
+    match (&x.adam, &y.adam) {
+        (Some(p), Some(q)) => {
+            assert_eq!(p.step, q.step, "{what}: Adam's steps differ");
+            assert!(bits(&p.m) == bits(&q.m), "{what}: the first moments differ");
+            assert!(
+                bits(&p.v) == bits(&q.v),
+                "{what}: the second moments differ"
+            );
+        }
+        (None, None) => {}
+        _ => panic!("{what}: one checkpoint has Adam's state, the other not"),
+    }
+    assert_eq!(x.outer, y.outer, "{what}: the outer momenta differ");
+    assert_eq!(x.position, y.position, "{what}: the data positions differ");
+}
+
+/// Grad mode: 1, 2 and 3 reducers give, after 8 rounds, the parameters and Adam moments of one
+/// coordinator, bit for bit.
+#[test]
+fn any_number_of_reducers_gives_the_bits_of_one_coordinator() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = synthetic(tmp.path(), 64);
+    let one = run(tmp.path(), &d, "one", 8, &[], Layout::None, |_, _, _| {});
+    for r in 1..=3 {
+        let name = format!("sharded-{r}");
+        let sharded = run(
+            tmp.path(),
+            &d,
+            &name,
+            8,
+            &[],
+            Layout::Separate(r),
+            |_, _, _| {},
+        );
+        same_checkpoints(&one, &sharded, 8, &name);
+        let metrics = std::fs::read_to_string(sharded.join("metrics.jsonl")).unwrap();
+        assert!(
+            metrics.contains("\"kind\":\"eval\""),
+            "no evaluation of the gathered state:\n{metrics}"
+        );
+    }
+}
+
+/// The bf16 wire with a reducer in each worker process, and params mode with the outer
+/// optimizer over two reducer processes, give the bits of one coordinator too.
+#[test]
+fn bf16_colocated_and_params_mode_shard_bit_for_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = synthetic(tmp.path(), 64);
+    let bf16 = ["--wire", "bf16"];
+    let one = run(
+        tmp.path(),
+        &d,
+        "bf16-one",
+        6,
+        &bf16,
+        Layout::None,
+        |_, _, _| {},
+    );
+    let co = run(
+        tmp.path(),
+        &d,
+        "bf16-co",
+        6,
+        &bf16,
+        Layout::Colocated,
+        |_, _, _| {},
+    );
+    same_checkpoints(&one, &co, 6, "bf16, co-located reducers");
+
+    let params = [
+        "--sync",
+        "params",
+        "--sync-every",
+        "2",
+        "--outer-optimizer",
+        "nesterov",
+    ];
+    let one = run(
+        tmp.path(),
+        &d,
+        "params-one",
+        3,
+        &params,
+        Layout::None,
+        |_, _, _| {},
+    );
+    let two = run(
+        tmp.path(),
+        &d,
+        "params-two",
+        3,
+        &params,
+        Layout::Separate(2),
+        |_, _, _| {},
+    );
+    same_checkpoints(&one, &two, 3, "params mode, outer optimizer");
+}
+
+/// A reducer killed with SIGKILL mid-run: its span moves to the spare reducer, the run rolls
+/// back to its last checkpoint and goes on; it finishes with the bits of an uninterrupted run
+/// of one coordinator (the rounds redone train on the same samples from the same state).
+#[test]
+fn a_reducer_killed_mid_run_costs_the_rounds_since_the_checkpoint_and_nothing_else() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = synthetic(tmp.path(), 2400);
+    let extra = ["--checkpoint-every", "20"];
+    let one = run(
+        tmp.path(),
+        &d,
+        "one",
+        300,
+        &extra,
+        Layout::None,
+        |_, _, _| {},
+    );
+    let lost = run(
+        tmp.path(),
+        &d,
+        "lost",
+        300,
+        &extra,
+        Layout::Separate(3),
+        |run, reducers, _| {
+            // --reducers 3 with 3 processes: kill the one that owns the first span; none is
+            // spare, so the other two take the whole grid; then a new one joins and gets a span
+            // back (a second rollback).
+            let rounds = wait_for("30 rounds", Duration::from_secs(60), || {
+                let n = common::rounds(run).len();
+                (n >= 30).then_some(n)
+            });
+            reducers[0].signal(libc::SIGKILL);
+            reducers[0].wait(Duration::from_secs(10));
+            assert!(rounds < 300, "the run ended before the reducer was killed");
+            let after = wait_for("10 more rounds", Duration::from_secs(60), || {
+                let n = common::rounds(run).len();
+                (n >= rounds + 10).then_some(n)
+            });
+            assert!(after < 300, "the run ended before a reducer came back");
+            let tmp = run.parent().unwrap();
+            let url = format!(
+                "http://{}",
+                std::fs::read_to_string(tmp.join("lost.addr")).unwrap()
+            );
+            reducers.push(reducer(tmp, &url, "lost-reducer-3", &[]));
+        },
+    );
+    same_checkpoints(&one, &lost, 300, "after a reducer was killed");
+    let log = std::fs::read_to_string(lost.parent().unwrap().join("lost.log")).unwrap_or_default();
+    let metrics = common::rounds(&lost);
+    // Rounds redone after the rollbacks show up twice in metrics.jsonl.
+    assert!(
+        metrics.len() > 300,
+        "no round was redone ({} rounds logged){log}",
+        metrics.len()
+    );
+}
+
+/// A sharded run's coordinator serves work orders, not parameters: a pull, a push and a
+/// reducer with a bad address are refused by name; GetWork on an unsharded run is refused.
+#[test]
+fn a_sharded_coordinator_refuses_what_belongs_to_the_reducers() {
+    let log = with_coordinator(
+        &["--reducers", "1", "--expect-workers", "1"],
+        |url| async move {
+            let mut j = join(&url, "probe", Some(0)).await;
+            let grid = j.settings.grid();
+            assert!(j.settings.sharded);
+            let e = capsnet_worker::pull(&mut j.client, &j.id, None, Encoding::F32, &grid)
+                .await
+                .err()
+                .expect("a pull from the coordinator of a sharded run");
+            assert!(e.to_string().contains("reducers"), "{e}");
+            let update = capsnet_worker::Update {
+                round: 0,
+                samples: 4,
+                loss: 0.5,
+                data: vec![0.0f32; j.total as usize],
+            };
+            let pool = capsnet_proto::wire::BufPool::new(0);
+            let e = capsnet_worker::push(&mut j.client, &j.id, &j.settings, update, &pool)
+                .await
+                .err()
+                .expect("a push to the coordinator of a sharded run");
+            assert!(e.to_string().contains("reducers"), "{e}");
+            // No reducer joined: the work order waits.
+            let ask = pb::PullRequest {
+                worker_id: j.id.clone(),
+                after_round: None,
+                encoding: Encoding::F32 as i32,
+                layout: None,
+            };
+            let waited =
+                tokio::time::timeout(Duration::from_millis(500), j.client.rpc().get_work(ask))
+                    .await;
+            assert!(waited.is_err(), "a work order without reducers: {waited:?}");
+
+            // A reducer session that advertises no URL workers can dial.
+            let channel = tonic::transport::Endpoint::from_shared(url.clone())
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let token: tonic::metadata::MetadataValue<_> =
+                format!("Bearer {TOKEN}").parse().unwrap();
+            let mut c = pb::reducers_client::ReducersClient::with_interceptor(
+                channel,
+                move |mut r: tonic::Request<()>| {
+                    r.metadata_mut().insert("authorization", token.clone());
+                    Ok(r)
+                },
+            );
+            let hello = pb::ReducerReport {
+                report: Some(pb::reducer_report::Report::Hello(pb::ReducerHello {
+                    address: "ftp://10.0.0.1:1".into(),
+                    name: "bad".into(),
+                })),
+            };
+            let e = c
+                .session(tokio_stream::iter(vec![hello]))
+                .await
+                .err()
+                .expect("a reducer with a bad address");
+            assert!(e.message().contains("http://"), "{e}");
+        },
+    );
+    assert!(!log.contains("panicked"), "{log}");
+
+    // An unsharded run has no work orders without parameters.
+    with_coordinator(&[], |url| async move {
+        let mut j = join(&url, "probe", Some(0)).await;
+        let ask = pb::PullRequest {
+            worker_id: j.id.clone(),
+            after_round: None,
+            encoding: Encoding::F32 as i32,
+            layout: None,
+        };
+        let e = j.client.rpc().get_work(ask).await.unwrap_err();
+        assert!(e.message().contains("no reducers"), "{e}");
+    });
+}
