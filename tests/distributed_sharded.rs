@@ -291,8 +291,7 @@ fn a_sharded_coordinator_refuses_what_belongs_to_the_reducers() {
             let pool = capsnet_proto::wire::BufPool::new(0);
             let e = capsnet_worker::push(&mut j.client, &j.id, &j.settings, update, &pool)
                 .await
-                .err()
-                .expect("a push to the coordinator of a sharded run");
+                .expect_err("a push to the coordinator of a sharded run");
             assert!(e.to_string().contains("reducers"), "{e}");
             // No reducer joined: the work order waits.
             let ask = pb::PullRequest {
@@ -330,8 +329,7 @@ fn a_sharded_coordinator_refuses_what_belongs_to_the_reducers() {
             let e = c
                 .session(tokio_stream::iter(vec![hello]))
                 .await
-                .err()
-                .expect("a reducer with a bad address");
+                .expect_err("a reducer with a bad address");
             assert!(e.message().contains("http://"), "{e}");
         },
     );
