@@ -215,7 +215,10 @@ fn check_lan(
     // a step is measured once per batch size.
     let mut costs: std::collections::BTreeMap<usize, scale::Costs> = Default::default();
     for r in &rows {
-        if r["layout"].as_str() == Some("coordinator") {
+        if matches!(
+            r["layout"].as_str(),
+            Some("coordinator" | "colocated" | "separate")
+        ) {
             let b = r["batch"].as_u64().unwrap_or(1) as usize;
             if let std::collections::btree_map::Entry::Vacant(e) = costs.entry(b) {
                 let c = scale::measure(model, b, 1, steps)?;
@@ -240,6 +243,8 @@ fn check_lan(
     for r in &rows {
         let layout = match r["layout"].as_str() {
             Some("coordinator") => Layout::Coordinator,
+            Some("colocated") => Layout::ShardedColocated,
+            Some("separate") => Layout::ShardedSeparate,
             _ => continue, // Gloo's rows are the anchor, not ours
         };
         let (Some(n), Some(measured)) = (r["workers"].as_u64(), r["median_ms"].as_f64()) else {

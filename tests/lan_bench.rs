@@ -51,7 +51,8 @@ fn lan_bench(args: &[&str]) -> Command {
 }
 
 /// One test, as the runs must not overlap (each compares the namespaces before and after):
-/// - two workers, f32 and bf16, batch 2, with and without overlap: a row each with round
+/// - two workers, f32 and bf16, batch 2, through the coordinator and sharded (a reducer in
+///   each worker, and separate reducers), with and without overlap: a row each with round
 ///   times, in the table and the JSON;
 /// - a run that fails (a binary that exits at once) exits non-zero;
 /// - a run interrupted with SIGTERM once its processes run exits 143.
@@ -67,6 +68,7 @@ fn lan_bench_runs_small_and_cleans_up_after_success_failure_and_interrupt() {
     let json = tmp.path().join("rows.jsonl");
     let out = lan_bench(&["--workers", "2", "--wire", "f32,bf16", "--rounds", "3"])
         .args(["--batch-size", "2", "--overlap", "on,off"])
+        .args(["--layout", "coordinator,colocated,separate"])
         .args(["--warmup", "1", "--json"])
         .arg(&json)
         .output()
@@ -82,16 +84,26 @@ fn lan_bench_runs_small_and_cleans_up_after_success_failure_and_interrupt() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(rows.len(), 4, "{text}");
-    let settings = [
-        ("f32", true),
-        ("f32", false),
-        ("bf16", true),
-        ("bf16", false),
-    ];
-    for (r, (wire, overlap)) in rows.iter().zip(settings) {
+    let mut settings = vec![];
+    for wire in ["f32", "bf16"] {
+        for layout in ["coordinator", "colocated", "separate"] {
+            for overlap in [true, false] {
+                settings.push((wire, layout, overlap));
+            }
+        }
+    }
+    assert_eq!(rows.len(), settings.len(), "{text}");
+    for (r, (wire, layout, overlap)) in rows.iter().zip(settings) {
         assert_eq!(r["wire"], wire, "{text}");
+        assert_eq!(r["layout"], layout, "{text}");
         assert_eq!(r["overlap"], overlap, "{text}");
+        let bound = r["layout_bound_ms"].as_f64().unwrap();
+        let want = match layout {
+            "coordinator" => r["coordinator_bound_ms"].as_f64().unwrap(),
+            // With 2 workers bytes / rate (separate reducers) is the ring bound too.
+            _ => r["ring_bound_ms"].as_f64().unwrap(),
+        };
+        assert!((bound - want).abs() < 0.2, "{r}");
         assert_eq!(r["batch"], 2, "{text}");
         assert_eq!(r["workers"], 2, "{text}");
         let (min, med) = (

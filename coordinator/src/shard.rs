@@ -318,9 +318,9 @@ impl ShardActor {
             }
             Msg::Status { reply } => drop(reply),
             Msg::Probe { reply } => drop(reply),
+            // A reducer stops on its own signal, not on a message.
             Msg::Shutdown { reply } => {
                 let _ = reply.send(Ok(None));
-                self.done.send_replace(Some(Ok(self.rounds)));
             }
             Msg::ReducerJoined { reply, .. } => {
                 let _ = reply.send(Err(not_here()));

@@ -540,7 +540,7 @@ impl Actor {
                 "kind": "round", "round": closed, "epoch": plan.epoch, "samples_seen": self.samples_seen,
                 "train_loss": loss, "workers": workers, "images_per_s": total as f64 / round_s.max(1e-9),
                 "round_s": round_s, "sync_s": sync_s, "lr": lr, "positions": trained,
-                "stragglers": stragglers,
+                "stragglers": stragglers, "committed_at": crate::metrics::unix_now(),
             }));
         }
         // Every round is in metrics.jsonl; the log gets one line per --log-every rounds.

@@ -56,6 +56,7 @@ pub(super) struct AfterGather {
 
 struct Gathering {
     round: u64,
+    since: Instant,
     /// Floats received from each reducer of the layout.
     got: Vec<usize>,
     params: Vec<f32>,
@@ -604,6 +605,7 @@ impl Actor {
         sh.all(Order::Gather(pb::RoundRef { round }));
         sh.gathering = Some(Gathering {
             round,
+            since: Instant::now(),
             got: vec![0; sh.layout.len()],
             params: vec![0.0; n],
             m: if grad || outer { vec![0.0; n] } else { vec![] },
@@ -656,25 +658,54 @@ impl Actor {
         }
     }
 
-    /// A reducer that does not answer a close within the round deadline is dropped (its
-    /// session may still be open, but the run cannot wait for it).
+    /// A reducer the run cannot wait for is dropped as if its session had ended (it may
+    /// still be connected): one that did not answer a close, or send its state for a gather,
+    /// within `--round-timeout`; and, once an open round is past that deadline without the
+    /// `--min-workers` updates it needs to close, one that has not received a member's update
+    /// that every other reducer received (the workers cannot reach it).
     pub(super) fn check_reducers(&mut self, now: Instant) {
         let timeout = self.cfg.round_timeout;
+        let grid = self.reducer.grid();
+        let stuck = self.plan.is_some()
+            && now - self.round_started >= timeout
+            && self
+                .shards
+                .as_ref()
+                .is_some_and(|sh| sh.accepted.len() < self.cfg.min_workers);
         let Some(sh) = self.shards.as_mut() else {
             return;
         };
-        let late: Vec<u64> = match &sh.closing {
-            Some(cl) if now - cl.since >= timeout => (sh.layout.iter().zip(&cl.answers))
-                .filter(|(_, a)| a.is_none())
-                .map(|((l, _, _), _)| l.session)
-                .collect(),
-            _ => vec![],
-        };
-        for s in late {
-            tracing::warn!(
-                session = s,
-                "a reducer did not answer the round's close in time"
-            );
+        let mut late: Vec<(u64, &'static str)> = vec![];
+        if let Some(cl) = sh.closing.as_ref().filter(|cl| now - cl.since >= timeout) {
+            for ((l, _, _), a) in sh.layout.iter().zip(&cl.answers) {
+                if a.is_none() {
+                    late.push((l.session, "did not answer the round's close in time"));
+                }
+            }
+        }
+        if let Some(g) = sh.gathering.as_ref().filter(|g| now - g.since >= timeout) {
+            for ((l, s, _), got) in sh.layout.iter().zip(&g.got) {
+                let want: usize = grid[s.clone()].iter().map(|r| r.len()).sum();
+                if *got != want {
+                    late.push((l.session, "did not send its state in time"));
+                }
+            }
+        }
+        if stuck && sh.closing.is_none() && sh.ready() && sh.layout.len() > 1 {
+            for slot in sh.reports.values() {
+                let missing: Vec<usize> = (0..slot.len()).filter(|&j| slot[j].is_none()).collect();
+                if let [j] = missing[..]
+                    && slot.len() > 1
+                {
+                    let s = sh.layout[j].0.session;
+                    if !late.iter().any(|(x, _)| *x == s) {
+                        late.push((s, "missed an update every other reducer received"));
+                    }
+                }
+            }
+        }
+        for (s, why) in late {
+            tracing::warn!(session = s, "a reducer {why}: dropping it");
             self.reducer_lost(s);
         }
     }
