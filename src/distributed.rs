@@ -182,6 +182,25 @@ pub struct WorkerArgs {
     /// --serve-reducer when it names a host].
     #[arg(long, env = "CAPSNET_REDUCER_ADVERTISE", requires = "serve_reducer")]
     reducer_advertise: Option<String>,
+    /// TLS certificate and key (PEM) the reducer serves with (its advertised URL is then
+    /// https://); workers check it against their --tls-ca.
+    #[arg(
+        long,
+        env = "CAPSNET_REDUCER_TLS_CERT",
+        requires = "serve_reducer",
+        requires = "reducer_tls_key"
+    )]
+    reducer_tls_cert: Option<PathBuf>,
+    #[arg(long, env = "CAPSNET_REDUCER_TLS_KEY", requires = "reducer_tls_cert")]
+    reducer_tls_key: Option<PathBuf>,
+    /// CA (PEM) that the client certificates of workers pushing to this reducer must be signed
+    /// by (mutual TLS).
+    #[arg(
+        long,
+        env = "CAPSNET_REDUCER_TLS_CLIENT_CA",
+        requires = "reducer_tls_cert"
+    )]
+    reducer_tls_client_ca: Option<PathBuf>,
     /// Write the reducer's URL to this file once it listens (tests and scripts).
     #[arg(long, hide = true, requires = "serve_reducer")]
     reducer_ready_file: Option<PathBuf>,
@@ -478,7 +497,14 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
         advertise: String::new(),
         name: format!("reducer-{}", cfg.name),
         threads,
-        tls: None,
+        tls: match (&a.reducer_tls_cert, &a.reducer_tls_key) {
+            (Some(cert), Some(key)) => Some(capsnet_coordinator::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: a.reducer_tls_client_ca.clone(),
+            }),
+            _ => None,
+        },
         coordinator_tls: cfg
             .tls
             .as_ref()

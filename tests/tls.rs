@@ -179,6 +179,80 @@ fn mutual_tls_trains_and_refuses_clients_without_a_certificate() {
     assert!(run.join("checkpoint-3.safetensors").exists());
 }
 
+/// A sharded run over mutual TLS: the coordinator and the reducer in the worker's process
+/// both serve TLS and require client certificates; the worker reaches both, the reducer reaches
+/// the coordinator with the worker's client certificate, and the run trains to its end.
+#[test]
+fn a_sharded_run_trains_over_mutual_tls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    certificates(t);
+    let d = t.join("data");
+    write_synthetic(&d, 32, 8, 28, 10, 1).unwrap();
+    let run = t.join("run");
+    let p = |f: &str| t.join(f).display().to_string();
+    let (mut coord, url) = tiny_coordinator(
+        t,
+        "coordinator",
+        &d,
+        &run,
+        &[
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "3",
+            "--expect-workers",
+            "1",
+            "--reducers",
+            "1",
+            "--tls-cert",
+            &p("server.pem"),
+            "--tls-key",
+            &p("server.key"),
+            "--tls-client-ca",
+            &p("ca.pem"),
+        ],
+    );
+    let https = url.replace("http://", "https://");
+    let reducer_url = t.join("reducer.url");
+    let mut w = worker(
+        t,
+        &https,
+        0,
+        &d,
+        &[
+            "--tls-ca",
+            &p("ca.pem"),
+            "--tls-domain",
+            "localhost",
+            "--tls-cert",
+            &p("client.pem"),
+            "--tls-key",
+            &p("client.key"),
+            "--serve-reducer",
+            "127.0.0.1:0",
+            "--reducer-tls-cert",
+            &p("server.pem"),
+            "--reducer-tls-key",
+            &p("server.key"),
+            "--reducer-tls-client-ca",
+            &p("ca.pem"),
+            "--reducer-ready-file",
+            &p("reducer.url"),
+        ],
+    );
+    coord.expect_success(Duration::from_secs(60));
+    w.expect_success(Duration::from_secs(30));
+    assert!(run.join("checkpoint-3.safetensors").exists());
+    let advertised = std::fs::read_to_string(&reducer_url).unwrap();
+    assert!(advertised.starts_with("https://127.0.0.1:"), "{advertised}");
+    assert!(
+        coord.log_text().contains("every reducer has its span"),
+        "{}",
+        coord.log_text()
+    );
+}
+
 /// A server on loopback that answers whatever comes with a TLS alert, as a coordinator serving
 /// TLS does to plaintext, and records every byte it was sent until `stop` is set (or 20 s).
 fn fake_tls_server() -> (
