@@ -189,6 +189,49 @@ fn bad_flags_fail_before_any_work_with_a_clear_message() {
         "a rejected run created its run dir"
     );
 
+    // Sharded runs: a weight average needs every round's parameters in one place, and a
+    // reducer listening on every interface must say the URL workers reach it at.
+    let o = cli()
+        .args([
+            "coordinator",
+            "--data-dir",
+            &d,
+            "--run-dir",
+            &run,
+            "--model",
+            "tiny",
+        ])
+        .args([
+            "--reducers",
+            "2",
+            "--ema-decay",
+            "0.5",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env("CAPSNET_TOKEN", common::TOKEN)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("does not go with --reducers"),
+        "{}",
+        text(&o)
+    );
+    let o = cli()
+        .args([
+            "reducer",
+            "--listen",
+            "0.0.0.0:0",
+            "--coordinator",
+            "http://127.0.0.1:1",
+        ])
+        .env("CAPSNET_TOKEN", common::TOKEN)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("--advertise"), "{}", text(&o));
+
     // Environment variables are flags too.
     let o = cli()
         .args([
