@@ -817,3 +817,155 @@ fn a_stalled_push_is_dropped_and_frees_its_slot() {
         assert_eq!(next.order.round, 1);
     });
 }
+
+/// A reducer's early pull carries no work order, so nothing is held back: every range of its
+/// span comes as soon as it is reduced (the last one sent with the checksum over the span),
+/// while the round is still open, and the stream ends OK once the round commits. Here the last
+/// member's update has all its chunks in but its stream still open, so the round cannot close:
+/// the early pull already has every range, and the values are those the round commits. Then
+/// the coordinator stops on SIGTERM with its reducer's session still open.
+#[test]
+fn a_reducer_streams_every_range_before_the_round_commits() {
+    let args = [
+        &PROBE[..],
+        &[
+            "--expect-workers",
+            "2",
+            "--min-workers",
+            "2",
+            "--reducers",
+            "1",
+        ],
+    ]
+    .concat();
+    let Setup {
+        tmp,
+        mut coord,
+        url,
+        ..
+    } = Setup::start(64, &args);
+    let mut red = reducer(tmp.path(), &url, "reducer", &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut a = join(&url, "a", Some(0)).await;
+        let mut b = join(&url, "b", Some(1)).await;
+        let (s, total) = (a.settings.clone(), a.total);
+        let grid = s.grid();
+        let mut orders = vec![];
+        for j in [&mut a, &mut b] {
+            let ask = pb::PullRequest {
+                worker_id: j.id.clone(),
+                after_round: None,
+                encoding: Encoding::F32 as i32,
+                layout: None,
+            };
+            let o = tokio::time::timeout(Duration::from_secs(30), j.client.rpc().get_work(ask))
+                .await
+                .expect("no work order for round 0")
+                .unwrap()
+                .into_inner();
+            assert_eq!(o.round, 0);
+            assert_eq!(o.reducers.len(), 1, "{o:?}");
+            orders.push(o);
+        }
+        let at = orders[0].reducers[0].address.clone();
+        let mut ra = Client::connect(&at, TOKEN, None).await.unwrap();
+        let mut rb = ra.clone();
+        let samples = |o: &pb::WorkOrder| o.end - o.start;
+        let one = vec![1e-3f32; total as usize];
+        // The reducer may still be taking its span when the first update comes: retry.
+        let whole = chunks_msg(&a.id, 0, &s, samples(&orders[0]), &one);
+        let mut tries = 0;
+        while let Err(e) = push(&mut ra, whole.clone()).await {
+            tries += 1;
+            assert!(tries < 100, "a's update was not taken: {e}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+
+        // b sends every chunk of its update but keeps its stream open.
+        let msgs = chunks_msg(&b.id, 0, &s, samples(&orders[1]), &one);
+        let (tx, rx) = tokio::sync::mpsc::channel(msgs.len());
+        for m in msgs {
+            tx.send(m).await.unwrap();
+        }
+        let pushing = tokio::spawn(async move {
+            rb.rpc()
+                .push_update(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        });
+
+        let mut early = ra
+            .rpc()
+            .pull_params(pb::PullRequest {
+                worker_id: a.id.clone(),
+                after_round: Some(0),
+                encoding: Encoding::F32 as i32,
+                layout: None,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut asm = Assembler::new(grid.clone(), total, Encoding::F32).unwrap();
+        let mut got = vec![0.0f32; total as usize];
+        for k in 0..grid.len() {
+            let c = tokio::time::timeout(Duration::from_secs(30), early.message())
+                .await
+                .unwrap_or_else(|_| panic!("range {k} of {} did not come early", grid.len()))
+                .unwrap()
+                .expect("the early stream ended before every range came");
+            assert_eq!(c.round, 1);
+            assert!(c.work.is_none(), "a reducer's stream carries no work order");
+            assert_eq!(c.total_crc32.is_some(), k + 1 == grid.len(), "chunk {k}");
+            asm.accept(capsnet_proto::wire::ChunkIn::from(&c), &mut got)
+                .unwrap();
+        }
+        asm.finish().unwrap();
+        // The round cannot commit while b's update is open: the stream is not over yet.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), early.message())
+                .await
+                .is_err(),
+            "the early stream ended before the round could commit"
+        );
+        drop(tx);
+        pushing.await.unwrap().unwrap();
+        let end = tokio::time::timeout(Duration::from_secs(30), early.message())
+            .await
+            .expect("the early stream did not end after the commit");
+        assert!(matches!(end, Ok(None)), "{end:?}");
+
+        // Pulling round 1 again gives the same values.
+        let mut again = vec![0.0f32; total as usize];
+        let mut c = ra.clone();
+        let mut stream = c
+            .rpc()
+            .pull_params(pb::PullRequest {
+                worker_id: a.id.clone(),
+                after_round: Some(0),
+                encoding: Encoding::F32 as i32,
+                layout: None,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut asm = Assembler::new(grid.clone(), total, Encoding::F32).unwrap();
+        while let Some(c) = stream.message().await.unwrap() {
+            assert_eq!(c.round, 1);
+            asm.accept(capsnet_proto::wire::ChunkIn::from(&c), &mut again)
+                .unwrap();
+        }
+        asm.finish().unwrap();
+        assert!(
+            got.iter()
+                .map(|x| x.to_bits())
+                .eq(again.iter().map(|x| x.to_bits())),
+            "the ranges sent early are not the ones committed"
+        );
+        assert!(got != vec![0.0; total as usize]);
+    });
+    coord.signal(libc::SIGTERM);
+    coord.expect_success(Duration::from_secs(30));
+    // Stopped before training finished: 143, as a worker.
+    red.signal(libc::SIGTERM);
+    assert_eq!(red.wait(Duration::from_secs(30)).code(), Some(143));
+}

@@ -199,16 +199,15 @@ fn grpc_response(body: Body) -> http::Response<Body> {
     resp
 }
 
-/// The frames of one parameter chunk of round `round`; `last`: the work order and the
-/// checksum of the whole, which the last chunk sent carries.
+/// The frames of one parameter chunk of round `round`; the last chunk sent carries the
+/// checksum of the whole (`total_crc32`) and, from the coordinator, the work order.
 fn chunk_frames(
     round: u64,
     total_len: u64,
     encoding: Encoding,
     c: &EncodedChunk,
-    last: Option<(pb::WorkOrder, Option<u32>)>,
+    (work, total_crc32): (Option<pb::WorkOrder>, Option<u32>),
 ) -> [Bytes; 2] {
-    let (work, total_crc32) = last.map_or((None, None), |(w, t)| (Some(w), t));
     let fields = pb::ParamChunk {
         round,
         offset: c.offset,
@@ -245,9 +244,9 @@ fn round_frames(snapshot: &Published, sent: &[bool], order: pb::WorkOrder) -> Ve
         .enumerate()
         .flat_map(|(i, c)| {
             let last = if i + 1 == n {
-                order.take().map(|o| (o, total))
+                (order.take(), total)
             } else {
-                None
+                (None, None)
             };
             chunk_frames(
                 snapshot.round,
@@ -290,8 +289,14 @@ async fn speculate(
             .ok_or_else(|| Status::invalid_argument("after_round is the last round there is"))?,
     };
     let wire = svc.wire();
-    // The generation of each range sent early.
+    // The coordinator's last chunk carries the work order, so one range stays back until the
+    // round is published. A reducer's stream carries no order: every range goes as soon as it
+    // is reduced (the last one sent with the checksum over the span), and the OK status after
+    // the commit says they are final.
+    let hold = usize::from(svc.serves_orders());
+    // The generation of each range sent early, and the checksums sent so far.
     let mut sent: Vec<Option<u64>> = vec![None; n];
+    let mut crcs = capsnet_proto::wire::GridCrc::new(n);
     let mut unsent = n;
     // The actor said "not yet" just before: ask again only once something was published.
     let mut ask = false;
@@ -302,8 +307,7 @@ async fn speculate(
                 (p.chunks.iter().enumerate())
                     .filter(|(i, _)| sent[*i].is_none())
                     .filter_map(|(i, c)| c.as_ref().map(|(g, c)| (i, *g, c.clone())))
-                    // One range stays back to carry the work order.
-                    .take(unsent.saturating_sub(1))
+                    .take(unsent.saturating_sub(hold))
                     .collect()
             } else {
                 vec![]
@@ -311,7 +315,13 @@ async fn speculate(
         };
         for (i, g, c) in early {
             svc.metrics.wire(wire, "out", c.payload.len() as u64);
-            for b in chunk_frames(round, svc.num_floats, wire, &c, None) {
+            crcs.record(
+                i,
+                crc32fast::Hasher::new_with_initial_len(c.crc32, c.payload.len() as u64),
+            );
+            // The last chunk of the stream carries the checksum over the span.
+            let last = (None, crcs.total());
+            for b in chunk_frames(round, svc.num_floats, wire, &c, last) {
                 send(b).await?;
             }
             sent[i] = Some(g);

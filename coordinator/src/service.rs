@@ -170,6 +170,12 @@ impl Service {
             .await??)
     }
 
+    /// Whether pulls carry the round's work order: the coordinator's do, a reducer's carry
+    /// only the parameters of its span.
+    pub fn serves_orders(&self) -> bool {
+        self.opened.is_none()
+    }
+
     /// The chunks this service's parameters and updates cover: the whole grid on the
     /// coordinator, the span assigned to a reducer.
     pub fn span(&self) -> Range<usize> {
@@ -478,8 +484,18 @@ impl pb::reducers_server::Reducers for Service {
             })
             .await??;
         let actor = self.tx.clone();
+        // The reports are read until the orders end (the actor let go of the session, or the
+        // coordinator is stopping) or their stream is dropped: then they are dropped too,
+        // which closes the reducer's half of the stream, so that a graceful shutdown does not
+        // wait on it.
+        let (ended_tx, mut ended) = oneshot::channel::<()>();
         tokio::spawn(async move {
-            while let Ok(Some(r)) = reports.message().await {
+            loop {
+                let r = tokio::select! {
+                    r = reports.message() => r,
+                    _ = &mut ended => break,
+                };
+                let Ok(Some(r)) = r else { break };
                 let Some(report) = r.report else { continue };
                 if actor.send(Msg::Report { session, report }).is_err() {
                     return;
@@ -487,9 +503,14 @@ impl pb::reducers_server::Reducers for Service {
             }
             let _ = actor.send(Msg::ReducerLost { session });
         });
-        let out = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
-        Ok(Response::new(Box::pin(futures_util::StreamExt::map(
-            out, Ok,
-        ))))
+        let orders = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
+        let out = futures_util::StreamExt::chain(
+            futures_util::StreamExt::map(orders, Ok),
+            futures_util::StreamExt::filter_map(
+                futures_util::stream::once(async move { drop(ended_tx) }),
+                |()| async { None },
+            ),
+        );
+        Ok(Response::new(Box::pin(out)))
     }
 }

@@ -283,6 +283,7 @@ impl ShardActor {
                     }),
                 };
                 if let Ok((_, loss)) = r {
+                    tracing::trace!(target: "capsnet::timeline", round, member, "update complete");
                     self.report(Report::Complete(pb::MemberDone {
                         round,
                         member: member as u32,
@@ -470,6 +471,7 @@ impl ShardActor {
                 }
             }
             Order::Open(o) => {
+                tracing::trace!(target: "capsnet::timeline", round = o.round, commit = o.commit, "open");
                 if o.commit {
                     self.commit()?;
                 }
@@ -513,6 +515,7 @@ impl ShardActor {
                 }
             }
             Order::Close(c) => {
+                tracing::trace!(target: "capsnet::timeline", round = c.round, "close");
                 let Some(st) = self.st.as_mut().filter(|s| s.round == c.round && s.ready) else {
                     return Err(CoordinatorError::Session(format!(
                         "close of round {}, which is not open here",
@@ -536,6 +539,7 @@ impl ShardActor {
                         "told to close over members whose updates are not all here"
                     );
                 }
+                tracing::trace!(target: "capsnet::timeline", round = c.round, "closed");
                 self.report(Report::Closed(pb::RoundClosed {
                     round: c.round,
                     finite,

@@ -304,6 +304,7 @@ async fn train(
                 let o = order.clone();
                 let mut params = std::mem::take(&mut pulled);
                 let started = Instant::now();
+                tracing::trace!(target: "capsnet::timeline", round = order.round, "compute");
                 // Overlap (grad mode): each chunk goes out as soon as the backward pass has
                 // made it final, on a stream that runs beside the computation. A sharded run
                 // always sends through the chunk sender (one stream per reducer), the whole
@@ -345,6 +346,7 @@ async fn train(
                             }
                         });
                         let all = futures_util::future::try_join_all(pushes).await?;
+                        tracing::trace!(target: "capsnet::timeline", round = head.0, "pushed");
                         Ok(all.into_iter().all(|u| u))
                     })));
                     sender = Some(snd);
@@ -372,6 +374,7 @@ async fn train(
                         source,
                     })?;
                     replica = Some(r);
+                    tracing::trace!(target: "capsnet::timeline", "computed");
                     let (update, samples, loss) = out?;
                     Ok::<_, WorkerError>((params, update, samples, loss, Instant::now()))
                 };
@@ -407,6 +410,7 @@ async fn train(
                                     &mut next_params,
                                 )
                                 .await?;
+                                tracing::trace!(target: "capsnet::timeline", round = o.round, "fetched");
                                 Ok::<_, WorkerError>((o, l))
                             } else {
                                 let o = pull_into(

@@ -353,9 +353,13 @@ pub async fn fetch(
             let order = loop {
                 tokio::select! {
                     o = &mut get => break o?.into_inner(),
-                    p = &mut pull, if pulled.is_none() => pulled = Some(p),
+                    p = &mut pull, if pulled.is_none() => {
+                        tracing::trace!(target: "capsnet::timeline", "params pulled");
+                        pulled = Some(p)
+                    }
                 }
             };
+            tracing::trace!(target: "capsnet::timeline", round = order.round, "order");
             // The early pull is awaited only when it can still be of the order's round (after
             // a rollback it would wait for a round the reducers are far from).
             let expected = after.map_or(0, |a| a + 1);
@@ -612,6 +616,7 @@ impl ChunkSender {
 impl GradReady for ChunkSender {
     fn ready(&mut self, stats: &BatchStats, from: usize, tail: &[f32]) {
         if let Some(l) = self.loss.take() {
+            tracing::trace!(target: "capsnet::timeline", "first chunk");
             let _ = l.send(stats.total_loss());
         }
         self.send_final(from, tail);

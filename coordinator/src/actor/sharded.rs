@@ -373,6 +373,7 @@ impl Actor {
                     }
                 }
                 if whole {
+                    tracing::trace!(target: "capsnet::timeline", round, member = k, "update whole");
                     self.judge_sharded(k, sum_sq.sqrt());
                 }
             }
@@ -391,6 +392,7 @@ impl Actor {
             Report::Closed(c) => {
                 if let Some(cl) = sh.closing.as_mut().filter(|cl| cl.round == c.round) {
                     cl.answers[j] = Some(c.finite);
+                    tracing::trace!(target: "capsnet::timeline", round = c.round, reducer = j, "closed");
                     if cl.answers.iter().all(Option::is_some) {
                         self.finish_close();
                     }
@@ -516,6 +518,7 @@ impl Actor {
         if members.is_empty() && !commit {
             return;
         }
+        tracing::trace!(target: "capsnet::timeline", round, commit, "open");
         sh.all(Order::Open(pb::OpenRound {
             round,
             members,
@@ -535,6 +538,7 @@ impl Actor {
         if members.is_empty() {
             return;
         }
+        tracing::trace!(target: "capsnet::timeline", round, "close");
         sh.all(Order::Close(pb::MemberSet {
             round,
             members: members.iter().map(|&k| k as u32).collect(),
