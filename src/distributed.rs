@@ -66,9 +66,10 @@ pub struct CoordinatorArgs {
     /// Encoding of updates on the wire (the coordinator keeps fp32 master weights).
     #[arg(long, env = "CAPSNET_WIRE", value_enum, default_value = "f32")]
     pub wire: WireArg,
-    /// Bytes per streamed chunk.
-    #[arg(long, env = "CAPSNET_CHUNK_BYTES", default_value_t = 1 << 20)]
-    pub chunk_bytes: usize,
+    /// Bytes per streamed chunk [default: 1 MiB; 256 KiB with --reducers, where the last
+    /// range reduced crosses each reducer's link once per worker after the rest]
+    #[arg(long, env = "CAPSNET_CHUNK_BYTES")]
+    pub chunk_bytes: Option<usize>,
     #[command(flatten)]
     pub token: TokenArgs,
     /// TLS certificate (PEM); with --tls-key, the coordinator serves TLS.
@@ -388,7 +389,11 @@ impl CoordinatorArgs {
         c.eval_every = self.eval_every;
         c.heartbeat = self.heartbeat;
         c.wire = self.wire.encoding();
-        c.chunk_bytes = self.chunk_bytes;
+        c.chunk_bytes = self.chunk_bytes.unwrap_or(if self.reducers > 0 {
+            capsnet_proto::wire::SHARDED_CHUNK_BYTES
+        } else {
+            capsnet_proto::wire::DEFAULT_CHUNK_BYTES
+        });
         c.resume = self.resume;
         c.exit_when_done = self.exit_when_done;
         c.drop_stragglers = self.drop_stragglers;

@@ -53,7 +53,9 @@ pub struct Costs {
     pub add_s: [f64; 2],
     /// Seconds per float of an Adam step on one core.
     pub adam_s: f64,
+    /// Chunk payload with one coordinator, and with reducers (the defaults of each).
     pub chunk_bytes: usize,
+    pub sharded_chunk_bytes: usize,
 }
 
 /// A point of the backward pass: `share` of the floats (counted from the end of the flat
@@ -206,7 +208,12 @@ pub fn project(c: &Costs, s: &Scenario) -> Projection {
     let fill = if s.layout == Layout::ShardedColocated && s.workers <= 1 {
         0.0
     } else {
-        2.0 * c.chunk_bytes.min(c.floats * s.wire.bytes()) as f64 * per_byte
+        let chunk = if s.layout == Layout::Coordinator {
+            c.chunk_bytes
+        } else {
+            c.sharded_chunk_bytes
+        };
+        2.0 * chunk.min(c.floats * s.wire.bytes()) as f64 * per_byte
     };
     let slow = step_s / c.step_s.max(1e-12);
     let moving = link_s.max(cpu_s);
@@ -318,6 +325,7 @@ pub fn measure(model: &CapsNetConfig, batch: usize, threads: usize, steps: usize
         add_s: costs[2],
         adam_s,
         chunk_bytes: capsnet_proto::wire::DEFAULT_CHUNK_BYTES,
+        sharded_chunk_bytes: capsnet_proto::wire::SHARDED_CHUNK_BYTES,
     })
 }
 
@@ -385,6 +393,7 @@ mod tests {
             add_s: [0.0; 2],
             adam_s: 0.0,
             chunk_bytes: 1 << 20,
+            sharded_chunk_bytes: 256 << 10,
         }
     }
 
