@@ -92,6 +92,20 @@ async fn pull(j: &mut Joined, after: Option<u64>) -> Pulled {
     .unwrap()
 }
 
+/// The raw parameter stream of the round after `after`, in f32, read message by message.
+async fn pull_stream(c: &mut Client, id: &str, after: u64) -> tonic::Streaming<pb::ParamChunk> {
+    c.rpc()
+        .pull_params(pb::PullRequest {
+            worker_id: id.into(),
+            after_round: Some(after),
+            encoding: Encoding::F32 as i32,
+            layout: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// Pulls past the last round and checks that the run says it is finished, then stops the
 /// coordinator with SIGTERM (rather than waiting out its grace period for workers).
 async fn finish(j: &mut Joined, last_round: u64, coord: &mut Proc) {
@@ -470,18 +484,7 @@ fn an_early_pull_is_aborted_when_a_range_it_got_is_redone() {
             .unwrap();
 
         // a pulls round 1 while b is still sending.
-        let mut early = a
-            .client
-            .rpc()
-            .pull_params(pb::PullRequest {
-                worker_id: a.id.clone(),
-                after_round: Some(0),
-                encoding: Encoding::F32 as i32,
-                layout: None,
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut early = pull_stream(&mut a.client, &a.id, 0).await;
         // b sends all but its last chunk, waits until a got range 0, then sends a corrupt last
         // chunk.
         let mut msgs = chunks_msg(&b.id, 0, &s, sb, &one);
@@ -894,17 +897,7 @@ fn a_reducer_streams_every_range_before_the_round_commits() {
                 .await
         });
 
-        let mut early = ra
-            .rpc()
-            .pull_params(pb::PullRequest {
-                worker_id: a.id.clone(),
-                after_round: Some(0),
-                encoding: Encoding::F32 as i32,
-                layout: None,
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut early = pull_stream(&mut ra, &a.id, 0).await;
         let mut asm = Assembler::new(grid.clone(), total, Encoding::F32).unwrap();
         let mut got = vec![0.0f32; total as usize];
         for k in 0..grid.len() {
@@ -934,27 +927,13 @@ fn a_reducer_streams_every_range_before_the_round_commits() {
             .expect("the early stream did not end after the commit");
         assert!(matches!(end, Ok(None)), "{end:?}");
 
-        // Pulling round 1 again gives the same values.
+        // Pulling round 1 again (now published) gives the same values.
         let mut again = vec![0.0f32; total as usize];
-        let mut c = ra.clone();
-        let mut stream = c
-            .rpc()
-            .pull_params(pb::PullRequest {
-                worker_id: a.id.clone(),
-                after_round: Some(0),
-                encoding: Encoding::F32 as i32,
-                layout: None,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let mut asm = Assembler::new(grid.clone(), total, Encoding::F32).unwrap();
-        while let Some(c) = stream.message().await.unwrap() {
-            assert_eq!(c.round, 1);
-            asm.accept(capsnet_proto::wire::ChunkIn::from(&c), &mut again)
+        let o =
+            capsnet_worker::pull_into(&mut ra, &a.id, Some(0), Encoding::F32, &grid, &mut again)
+                .await
                 .unwrap();
-        }
-        asm.finish().unwrap();
+        assert_eq!(o.round, 1);
         assert!(
             got.iter()
                 .map(|x| x.to_bits())
