@@ -2,7 +2,8 @@
 //! runs in this process on a free loopback port with a generated token; the workers are child
 //! processes whose output is prefixed (`[worker-0] ...`) and interleaved with the coordinator's
 //! (`[coordinator] ...`). Ctrl-c or SIGTERM stops them all (the coordinator checkpoints first);
-//! the exit status says whether training finished.
+//! the exit status says whether training finished. With `--reducers R` the first R workers
+//! also serve a reducer each (co-located, `capsnet worker --serve-reducer`).
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -85,6 +86,15 @@ pub fn run(a: LaunchArgs) -> Result<()> {
         return Err(ConfigError("--workers must be at least 1".into()).into());
     }
     let args = &a.coordinator;
+    if args.reducers > a.workers {
+        return Err(ConfigError(format!(
+            "--reducers {} with --workers {}: launch serves the reducers in its workers (one \
+             each, `capsnet worker --serve-reducer`), so at most one per worker; start `capsnet \
+             reducer` processes yourself for more",
+            args.reducers, a.workers
+        ))
+        .into());
+    }
     if args.tls_cert.is_some() {
         return Err(ConfigError(
             "launch runs everything on loopback without TLS; start `capsnet coordinator` and `capsnet worker` yourself for TLS".into(),
@@ -133,6 +143,13 @@ pub fn run(a: LaunchArgs) -> Result<()> {
                 .args(["worker", "--coordinator", &url, "--rank", &i.to_string(), "--name", &name])
                 .args(["--threads", &threads.to_string()])
                 .args(a.no_overlap.then_some("--no-overlap"))
+                // With --reducers R, the first R workers each serve one on a loopback port.
+                .args(
+                    (i < args.reducers)
+                        .then_some(["--serve-reducer", "127.0.0.1:0"])
+                        .into_iter()
+                        .flatten(),
+                )
                 .arg("--data-dir")
                 .arg(&data_dir)
                 .env("CAPSNET_TOKEN", &token)
@@ -148,6 +165,12 @@ pub fn run(a: LaunchArgs) -> Result<()> {
                 .env_remove("CAPSNET_TLS_CERT")
                 .env_remove("CAPSNET_TLS_KEY")
                 .env_remove("CAPSNET_TLS_DOMAIN")
+                // Each reducer gets its own loopback port above, plaintext.
+                .env_remove("CAPSNET_SERVE_REDUCER")
+                .env_remove("CAPSNET_REDUCER_ADVERTISE")
+                .env_remove("CAPSNET_REDUCER_TLS_CERT")
+                .env_remove("CAPSNET_REDUCER_TLS_KEY")
+                .env_remove("CAPSNET_REDUCER_TLS_CLIENT_CA")
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .kill_on_drop(true)

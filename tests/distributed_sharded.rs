@@ -348,3 +348,40 @@ fn a_sharded_coordinator_refuses_what_belongs_to_the_reducers() {
         assert!(e.message().contains("no reducers"), "{e}");
     });
 }
+
+/// `capsnet launch --reducers 2` serves a reducer in each of its 2 workers and trains to the
+/// bits `capsnet launch` gives without reducers; more reducers than workers is refused before
+/// anything starts.
+#[test]
+fn launch_serves_reducers_in_its_workers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = synthetic(tmp.path(), 64);
+    let launch = |name: &str, extra: &[&str]| {
+        let run = tmp.path().join(name);
+        let out = capsnet()
+            .env_remove("CAPSNET_TOKEN")
+            .args(["launch", "--workers", "2", "--model", "tiny"])
+            .args(["--batch-size", "4", "--max-steps", "4", "--max-shift", "0"])
+            .args(["--seed", "11", "--chunk-bytes", "4096"])
+            .args(extra)
+            .arg("--data-dir")
+            .arg(&d)
+            .arg("--run-dir")
+            .arg(&run)
+            .output()
+            .unwrap();
+        (run, out)
+    };
+    let (one, out) = launch("one", &[]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let (sharded, out) = launch("sharded", &["--reducers", "2"]);
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("every reducer has its span"), "{text}");
+    same_checkpoints(&one, &sharded, 4, "launch --reducers 2");
+
+    let (_, out) = launch("refused", &["--reducers", "3"]);
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("--reducers 3 with --workers 2"), "{text}");
+}
