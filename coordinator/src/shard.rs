@@ -107,6 +107,22 @@ impl Span {
     fn kept(&self) -> Kept {
         Kept::of(self.settings.sync_mode, self.outer.is_some())
     }
+
+    /// Runs `f` on the span's reducer with the state it reduces from and the expected members.
+    fn reduce<T>(&mut self, f: impl FnOnce(&mut Reducer, &Source<'_>, &[usize]) -> T) -> T {
+        let Span {
+            settings,
+            outer,
+            params,
+            adam,
+            outer_m,
+            reducer,
+            expected,
+            ..
+        } = self;
+        let src = Source::of(settings.sync_mode, *outer, params, adam, outer_m);
+        f(reducer, &src, expected)
+    }
 }
 
 /// The reducer's round thread.
@@ -254,14 +270,8 @@ impl ShardActor {
                 payload,
             } => {
                 if let Some(st) = self.st.as_mut().filter(|s| s.round == round && s.ready) {
-                    let src = Source::of(
-                        st.settings.sync_mode,
-                        st.outer,
-                        &st.params,
-                        &st.adam,
-                        &st.outer_m,
-                    );
-                    if st.reducer.chunk(member, index, payload, &st.expected, &src) {
+                    if st.reduce(|r, src, expected| r.chunk(member, index, payload, expected, src))
+                    {
                         self.show_progress(index);
                     }
                 }
@@ -523,14 +533,7 @@ impl ShardActor {
                     )));
                 };
                 let members: Vec<usize> = c.members.iter().map(|&k| k as usize).collect();
-                let src = Source::of(
-                    st.settings.sync_mode,
-                    st.outer,
-                    &st.params,
-                    &st.adam,
-                    &st.outer_m,
-                );
-                st.closed = st.reducer.close_over(&members, &src);
+                st.closed = st.reduce(|r, src, _| r.close_over(&members, src));
                 let finite = st.closed.as_ref().is_some_and(|c| c.finite);
                 if st.closed.is_none() {
                     tracing::error!(
