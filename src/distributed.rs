@@ -205,6 +205,11 @@ pub struct WorkerArgs {
     /// Write the reducer's URL to this file once it listens (tests and scripts).
     #[arg(long, hide = true, requires = "serve_reducer")]
     reducer_ready_file: Option<PathBuf>,
+    /// The name to check in every reducer's certificate (https:// reducers, with --tls-ca)
+    /// [default: each reducer's host, from its URL]. With one certificate for all the reducers
+    /// of a fleet (a Kubernetes Secret), the name it carries.
+    #[arg(long, env = "CAPSNET_REDUCER_TLS_DOMAIN", requires = "tls_ca")]
+    reducer_tls_domain: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -489,6 +494,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
         tls,
         metrics_listen: a.metrics_listen,
         overlap: !a.no_overlap,
+        reducer_tls_domain: a.reducer_tls_domain.clone(),
     };
     let Some(listen) = a.serve_reducer.clone() else {
         let out =

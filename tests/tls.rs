@@ -51,6 +51,12 @@ fn certificates(dir: &Path) {
             "serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1",
         ),
         ("client", "worker", "clientAuth"),
+        // One certificate for every reducer of a fleet, naming no address.
+        (
+            "reducer",
+            "capsnet-reducer",
+            "serverAuth\nsubjectAltName=DNS:capsnet-reducer",
+        ),
     ] {
         let mut req = vec!["req"];
         req.extend(ec);
@@ -184,6 +190,20 @@ fn mutual_tls_trains_and_refuses_clients_without_a_certificate() {
 /// the coordinator with the worker's client certificate, and the run trains to its end.
 #[test]
 fn a_sharded_run_trains_over_mutual_tls() {
+    sharded_tls_run("server", &[]);
+}
+
+/// One certificate for every reducer of a fleet, naming no address (as a Kubernetes Secret
+/// would hold): with `--reducer-tls-domain` the worker checks that name instead of each
+/// reducer's host, and the run trains to its end.
+#[test]
+fn reducers_may_share_one_certificate_that_names_no_address() {
+    sharded_tls_run("reducer", &["--reducer-tls-domain", "capsnet-reducer"]);
+}
+
+/// A 1-worker run with one co-located reducer, all over mutual TLS; the reducer serves the
+/// certificate `cert`.pem, and the worker gets `extra`.
+fn sharded_tls_run(cert: &str, extra: &[&str]) {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
     certificates(t);
@@ -215,32 +235,45 @@ fn a_sharded_run_trains_over_mutual_tls() {
     );
     let https = url.replace("http://", "https://");
     let reducer_url = t.join("reducer.url");
-    let mut w = worker(
-        t,
-        &https,
-        0,
-        &d,
+    let files: Vec<String> = [
+        "ca.pem",
+        "client.pem",
+        "client.key",
+        &format!("{cert}.pem"),
+        &format!("{cert}.key"),
+        "reducer.url",
+    ]
+    .iter()
+    .map(|f| p(f))
+    .collect();
+    let [ca, client, client_key, pem, key, ready] = &files[..] else {
+        unreachable!()
+    };
+    let args = [
         &[
             "--tls-ca",
-            &p("ca.pem"),
+            ca,
             "--tls-domain",
             "localhost",
             "--tls-cert",
-            &p("client.pem"),
+            client,
             "--tls-key",
-            &p("client.key"),
+            client_key,
             "--serve-reducer",
             "127.0.0.1:0",
             "--reducer-tls-cert",
-            &p("server.pem"),
+            pem,
             "--reducer-tls-key",
-            &p("server.key"),
+            key,
             "--reducer-tls-client-ca",
-            &p("ca.pem"),
+            ca,
             "--reducer-ready-file",
-            &p("reducer.url"),
-        ],
-    );
+            ready,
+        ][..],
+        extra,
+    ]
+    .concat();
+    let mut w = worker(t, &https, 0, &d, &args);
     coord.expect_success(Duration::from_secs(60));
     w.expect_success(Duration::from_secs(30));
     assert!(run.join("checkpoint-3.safetensors").exists());

@@ -61,6 +61,8 @@ pub struct WorkerConfig {
     /// Grad mode: send each chunk of the gradient as soon as the backward pass has made it
     /// final, while the rest of the pass runs (compute/sync overlap).
     pub overlap: bool,
+    /// The name checked in every reducer's certificate (None: each reducer's host).
+    pub reducer_tls_domain: Option<String>,
 }
 
 /// The worker's side of its life.
@@ -251,7 +253,11 @@ async fn train(
         // A sharded run: where each span lives (from the last work order), and connections to
         // the reducers.
         let mut layout: Option<transfer::Layout> = None;
-        let mut reducers = transfer::Reducers::new(cfg.token.expose(), cfg.tls.as_ref());
+        let mut reducers = transfer::Reducers::new(
+            cfg.token.expose(),
+            cfg.tls.as_ref(),
+            cfg.reducer_tls_domain.as_deref(),
+        );
         // Payload buffers for two updates: the one being sent and the next.
         let grid = settings.grid();
         let pool = BufPool::new(2 * grid.len());
@@ -531,6 +537,7 @@ mod tests {
             tls: None,
             metrics_listen: None,
             overlap: true,
+            reducer_tls_domain: None,
         };
         let text = format!("{cfg:?}");
         assert!(!text.contains("secret-token"), "{text}");

@@ -176,14 +176,14 @@ pub struct Reducers {
 }
 
 impl Reducers {
-    /// Reducers reached with `token` and, with TLS, the CA and client identity of `tls` (the
-    /// name checked is each reducer's host).
-    pub fn new(token: &str, tls: Option<&crate::ClientTls>) -> Self {
+    /// Reducers reached with `token` and, with TLS, the CA and client identity of `tls`; the
+    /// name checked in their certificates is `domain`, or else each reducer's host.
+    pub fn new(token: &str, tls: Option<&crate::ClientTls>, domain: Option<&str>) -> Self {
         Reducers {
             clients: Default::default(),
             token: token.to_string(),
             tls: tls.map(|t| crate::ClientTls {
-                domain: None,
+                domain: domain.map(str::to_string),
                 ..t.clone()
             }),
         }
