@@ -17,6 +17,21 @@ fn cli() -> Command {
     c
 }
 
+/// `o` is a configuration error (exit 2) whose text says `says`.
+fn config_error(o: &Output, says: &str) {
+    assert_eq!(o.status.code(), Some(2), "{}", text(o));
+    assert!(text(o).contains(says), "{}", text(o));
+}
+
+/// `capsnet ARGS` with the test token.
+fn with_token(args: &[&str]) -> Output {
+    cli()
+        .args(args)
+        .env("CAPSNET_TOKEN", common::TOKEN)
+        .output()
+        .unwrap()
+}
+
 fn capsnet(args: &[&str]) -> Output {
     cli().args(args).output().expect("run capsnet")
 }
@@ -191,46 +206,30 @@ fn bad_flags_fail_before_any_work_with_a_clear_message() {
 
     // Sharded runs: a weight average needs every round's parameters in one place, and a
     // reducer listening on every interface must say the URL workers reach it at.
-    let o = cli()
-        .args([
-            "coordinator",
-            "--data-dir",
-            &d,
-            "--run-dir",
-            &run,
-            "--model",
-            "tiny",
-        ])
-        .args([
-            "--reducers",
-            "2",
-            "--ema-decay",
-            "0.5",
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .env("CAPSNET_TOKEN", common::TOKEN)
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-    assert!(
-        text(&o).contains("does not go with --reducers"),
-        "{}",
-        text(&o)
-    );
-    let o = cli()
-        .args([
-            "reducer",
-            "--listen",
-            "0.0.0.0:0",
-            "--coordinator",
-            "http://127.0.0.1:1",
-        ])
-        .env("CAPSNET_TOKEN", common::TOKEN)
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-    assert!(text(&o).contains("--advertise"), "{}", text(&o));
+    let o = with_token(&[
+        "coordinator",
+        "--data-dir",
+        &d,
+        "--run-dir",
+        &run,
+        "--model",
+        "tiny",
+        "--reducers",
+        "2",
+        "--ema-decay",
+        "0.5",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    config_error(&o, "does not go with --reducers");
+    let o = with_token(&[
+        "reducer",
+        "--listen",
+        "0.0.0.0:0",
+        "--coordinator",
+        "http://127.0.0.1:1",
+    ]);
+    config_error(&o, "--advertise");
 
     // Environment variables are flags too.
     let o = cli()
@@ -268,8 +267,7 @@ fn bad_flags_fail_before_any_work_with_a_clear_message() {
         .env_remove("CAPSNET_TOKEN_FILE")
         .output()
         .unwrap();
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-    assert!(text(&o).contains("CAPSNET_TOKEN"), "{}", text(&o));
+    config_error(&o, "CAPSNET_TOKEN");
 }
 
 /// Runs `capsnet bench ARGS --json FILE`; returns what it printed and the JSON rows.
@@ -371,8 +369,7 @@ fn bench_train_prints_a_table_and_writes_json() {
     assert!(rows[0]["parts_s"].get("conv").is_some(), "{}", rows[0]);
     assert!(rows[0]["gflop_per_s"].as_f64().unwrap() > 0.0);
     let o = capsnet(&["bench", "train", "--model", "tiny", "--image-size", "8"]);
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-    assert!(text(&o).contains("--image-size"), "{}", text(&o));
+    config_error(&o, "--image-size");
 }
 
 /// `bench sync` on the tiny model: real rounds through a coordinator, one row per setting.
@@ -614,9 +611,7 @@ fn plot_draws_runs_as_png_and_svg() {
     let empty = tmp.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();
     let o = capsnet(&["plot", &empty.display().to_string(), "--out", &png_s]);
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-    assert!(text(&o).contains("metrics.jsonl"), "{}", text(&o));
+    config_error(&o, "metrics.jsonl");
     let o = capsnet(&["plot", &single_s, "--labels", "a,b", "--out", &png_s]);
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-    assert!(text(&o).contains("--labels"), "{}", text(&o));
+    config_error(&o, "--labels");
 }

@@ -99,36 +99,99 @@ fn certificates(dir: &Path) {
     }
 }
 
+/// Certificates, 32 synthetic images and a tiny coordinator that serves mutual TLS (3 rounds of
+/// batch 4 for one worker, plus `extra`).
+struct Mtls {
+    tmp: tempfile::TempDir,
+    data: std::path::PathBuf,
+    run: std::path::PathBuf,
+    coord: Proc,
+    /// The coordinator's plaintext-looking URL, and the https:// one workers use.
+    url: String,
+    https: String,
+}
+
+impl Mtls {
+    fn start(extra: &[&str]) -> Mtls {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = tmp.path();
+        certificates(t);
+        let data = t.join("data");
+        write_synthetic(&data, 32, 8, 28, 10, 1).unwrap();
+        let run = t.join("run");
+        let (cert, key, ca) = (t.join("server.pem"), t.join("server.key"), t.join("ca.pem"));
+        let files = [cert, key, ca].map(|f| f.display().to_string());
+        let args = [
+            &[
+                "--batch-size",
+                "4",
+                "--max-steps",
+                "3",
+                "--expect-workers",
+                "1",
+                "--tls-cert",
+                &files[0],
+                "--tls-key",
+                &files[1],
+                "--tls-client-ca",
+                &files[2],
+            ][..],
+            extra,
+        ]
+        .concat();
+        let (coord, url) = tiny_coordinator(t, "coordinator", &data, &run, &args);
+        let https = url.replace("http://", "https://");
+        Mtls {
+            tmp,
+            data,
+            run,
+            coord,
+            url,
+            https,
+        }
+    }
+
+    /// A file of the test folder, as a flag value.
+    fn file(&self, f: &str) -> String {
+        self.tmp.path().join(f).display().to_string()
+    }
+
+    /// The flags of a worker that trusts the test CA and shows the client certificate.
+    fn client_flags(&self) -> Vec<String> {
+        let (ca, cert, key) = (
+            self.file("ca.pem"),
+            self.file("client.pem"),
+            self.file("client.key"),
+        );
+        [
+            "--tls-ca",
+            &ca,
+            "--tls-domain",
+            "localhost",
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+        ]
+        .map(str::to_string)
+        .to_vec()
+    }
+}
+
 #[test]
 fn mutual_tls_trains_and_refuses_clients_without_a_certificate() {
-    let tmp = tempfile::tempdir().unwrap();
+    let m = Mtls::start(&[]);
+    let client = m.client_flags();
+    let Mtls {
+        tmp,
+        data: d,
+        run,
+        mut coord,
+        url,
+        https,
+    } = m;
     let t = tmp.path();
-    certificates(t);
-    let d = t.join("data");
-    write_synthetic(&d, 32, 8, 28, 10, 1).unwrap();
-    let run = t.join("run");
     let p = |f: &str| t.join(f).display().to_string();
-    let (mut coord, url) = tiny_coordinator(
-        t,
-        "coordinator",
-        &d,
-        &run,
-        &[
-            "--batch-size",
-            "4",
-            "--max-steps",
-            "3",
-            "--expect-workers",
-            "1",
-            "--tls-cert",
-            &p("server.pem"),
-            "--tls-key",
-            &p("server.key"),
-            "--tls-client-ca",
-            &p("ca.pem"),
-        ],
-    );
-    let https = url.replace("http://", "https://");
 
     // Without a client certificate, or without TLS at all, the worker cannot join.
     let tls_only = [
@@ -164,22 +227,8 @@ fn mutual_tls_trains_and_refuses_clients_without_a_certificate() {
         plain.log_text()
     );
 
-    let mut w = worker(
-        t,
-        &https,
-        0,
-        &d,
-        &[
-            "--tls-ca",
-            &p("ca.pem"),
-            "--tls-domain",
-            "localhost",
-            "--tls-cert",
-            &p("client.pem"),
-            "--tls-key",
-            &p("client.key"),
-        ],
-    );
+    let client: Vec<&str> = client.iter().map(String::as_str).collect();
+    let mut w = worker(t, &https, 0, &d, &client);
     coord.expect_success(Duration::from_secs(60));
     w.expect_success(Duration::from_secs(30));
     assert!(run.join("checkpoint-3.safetensors").exists());
@@ -204,75 +253,40 @@ fn reducers_may_share_one_certificate_that_names_no_address() {
 /// A 1-worker run with one co-located reducer, all over mutual TLS; the reducer serves the
 /// certificate `cert`.pem, and the worker gets `extra`.
 fn sharded_tls_run(cert: &str, extra: &[&str]) {
-    let tmp = tempfile::tempdir().unwrap();
-    let t = tmp.path();
-    certificates(t);
-    let d = t.join("data");
-    write_synthetic(&d, 32, 8, 28, 10, 1).unwrap();
-    let run = t.join("run");
-    let p = |f: &str| t.join(f).display().to_string();
-    let (mut coord, url) = tiny_coordinator(
-        t,
-        "coordinator",
-        &d,
-        &run,
-        &[
-            "--batch-size",
-            "4",
-            "--max-steps",
-            "3",
-            "--expect-workers",
-            "1",
-            "--reducers",
-            "1",
-            "--tls-cert",
-            &p("server.pem"),
-            "--tls-key",
-            &p("server.key"),
-            "--tls-client-ca",
-            &p("ca.pem"),
-        ],
+    let m = Mtls::start(&["--reducers", "1"]);
+    let reducer_url = m.tmp.path().join("reducer.url");
+    let (pem, key, ca) = (
+        m.file(&format!("{cert}.pem")),
+        m.file(&format!("{cert}.key")),
+        m.file("ca.pem"),
     );
-    let https = url.replace("http://", "https://");
-    let reducer_url = t.join("reducer.url");
-    let files: Vec<String> = [
-        "ca.pem",
-        "client.pem",
-        "client.key",
-        &format!("{cert}.pem"),
-        &format!("{cert}.key"),
-        "reducer.url",
-    ]
-    .iter()
-    .map(|f| p(f))
-    .collect();
-    let [ca, client, client_key, pem, key, ready] = &files[..] else {
-        unreachable!()
-    };
-    let args = [
-        &[
-            "--tls-ca",
-            ca,
-            "--tls-domain",
-            "localhost",
-            "--tls-cert",
-            client,
-            "--tls-key",
-            client_key,
+    let mut args = m.client_flags();
+    args.extend(
+        [
             "--serve-reducer",
             "127.0.0.1:0",
             "--reducer-tls-cert",
-            pem,
+            &pem,
             "--reducer-tls-key",
-            key,
+            &key,
             "--reducer-tls-client-ca",
-            ca,
+            &ca,
             "--reducer-ready-file",
-            ready,
-        ][..],
-        extra,
-    ]
-    .concat();
+            &reducer_url.display().to_string(),
+        ]
+        .map(str::to_string),
+    );
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let Mtls {
+        tmp,
+        data: d,
+        run,
+        mut coord,
+        https,
+        ..
+    } = m;
+    let t = tmp.path();
     let mut w = worker(t, &https, 0, &d, &args);
     coord.expect_success(Duration::from_secs(60));
     w.expect_success(Duration::from_secs(30));
