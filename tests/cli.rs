@@ -230,6 +230,15 @@ fn bad_flags_fail_before_any_work_with_a_clear_message() {
         "http://127.0.0.1:1",
     ]);
     config_error(&o, "--advertise");
+    // A reducer certificate name without a CA to check reducers' certificates against.
+    let o = with_token(&[
+        "worker",
+        "--coordinator",
+        "http://127.0.0.1:1",
+        "--reducer-tls-domain",
+        "capsnet-reducer",
+    ]);
+    config_error(&o, "--tls-ca");
 
     // Environment variables are flags too.
     let o = cli()
