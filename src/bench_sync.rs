@@ -10,6 +10,14 @@ use clap::Args;
 use crate::args::{ModelSize, WireArg};
 use crate::exit::ConfigError;
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SyncLayout {
+    /// The coordinator reduces every range.
+    Coordinator,
+    /// Each worker serves a reducer of its share of the ranges.
+    Colocated,
+}
+
 #[derive(Args)]
 pub struct BenchSyncArgs {
     /// Worker counts to measure.
@@ -27,19 +35,38 @@ pub struct BenchSyncArgs {
     /// Tensor size: the paper's model (8,215,568 floats) or the tiny one.
     #[arg(long, value_enum, default_value = "paper")]
     model: ModelSize,
-    #[arg(long, default_value_t = 1 << 20)]
-    chunk_bytes: usize,
+    /// Who reduces: the coordinator, or a reducer served in each worker (co-located, as
+    /// `capsnet launch --reducers N` runs them; each worker's own span in process).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_enum,
+        default_value = "coordinator,colocated"
+    )]
+    layout: Vec<SyncLayout>,
+    /// Chunk size in bytes (default: 1 MiB through the coordinator, 256 KiB with reducers, as
+    /// `capsnet coordinator` chooses).
+    #[arg(long)]
+    chunk_bytes: Option<usize>,
     /// Also write the rows as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
 }
 
 pub fn run(a: BenchSyncArgs) -> Result<()> {
-    if a.rounds == 0 || a.workers.is_empty() || a.workers.contains(&0) || a.wire.is_empty() {
+    if a.rounds == 0
+        || a.workers.is_empty()
+        || a.workers.contains(&0)
+        || a.wire.is_empty()
+        || a.layout.is_empty()
+    {
         return Err(ConfigError(
-            "--rounds, --workers and --wire must be non-empty and positive".into(),
+            "--rounds, --workers, --wire and --layout must be non-empty and positive".into(),
         )
         .into());
+    }
+    if a.chunk_bytes == Some(0) {
+        return Err(ConfigError("--chunk-bytes must be positive".into()).into());
     }
     let model = a.model.config();
     println!(
@@ -50,7 +77,10 @@ pub fn run(a: BenchSyncArgs) -> Result<()> {
         a.warmup
     );
     println!(
-        "round = every worker pushes its update, the coordinator averages and applies Adam, every worker pulls the result"
+        "round = every worker pushes its update, the coordinator (or the reducer of each span) averages and applies Adam, every worker pulls the result"
+    );
+    println!(
+        "layouts: coordinator = every byte through the coordinator; colocated = a reducer in each worker, each worker's own span in process"
     );
     let floats = capsnet_core::ParamLayout::for_config(&model).total();
     println!("machine: {}", capsnet_core::bench::machine_summary());
@@ -61,8 +91,9 @@ pub fn run(a: BenchSyncArgs) -> Result<()> {
     );
     println!();
     println!(
-        "{:>7} {:>5} {:>10} {:>9} {:>9} {:>13} {:>14} {:>9}",
+        "{:>7} {:>11} {:>5} {:>10} {:>9} {:>9} {:>13} {:>14} {:>9}",
         "workers",
+        "layout",
         "wire",
         "median_ms",
         "min_ms",
@@ -73,27 +104,42 @@ pub fn run(a: BenchSyncArgs) -> Result<()> {
     );
     let mut rows = vec![];
     for &n in &a.workers {
-        for &w in &a.wire {
-            let r = measure(&SyncSettings {
-                workers: n,
-                wire: w.encoding(),
-                rounds: a.rounds,
-                warmup: a.warmup,
-                model: model.clone(),
-                chunk_bytes: a.chunk_bytes,
-            })?;
-            println!(
-                "{:>7} {:>5} {:>10.1} {:>9.1} {:>9.1} {:>13.0} {:>14.0} {:>9.0}",
-                r.workers,
-                r.wire,
-                r.median_ms,
-                r.min_ms,
-                r.max_ms,
-                r.mb_per_s_per_worker,
-                r.mb_per_s_coordinator,
-                r.peak_rss_mib,
-            );
-            rows.push(r);
+        for &layout in &a.layout {
+            for &w in &a.wire {
+                let reducers = if layout == SyncLayout::Colocated {
+                    n
+                } else {
+                    0
+                };
+                let chunk_bytes = a.chunk_bytes.unwrap_or(if reducers > 0 {
+                    capsnet_proto::wire::SHARDED_CHUNK_BYTES
+                } else {
+                    1 << 20
+                });
+                let r = measure(&SyncSettings {
+                    workers: n,
+                    wire: w.encoding(),
+                    rounds: a.rounds,
+                    warmup: a.warmup,
+                    model: model.clone(),
+                    chunk_bytes,
+                    reducers,
+                })?;
+                println!(
+                    "{:>7} {:>11} {:>5} {:>10.1} {:>9.1} {:>9.1} {:>13.0} {:>14} {:>9.0}",
+                    r.workers,
+                    r.layout,
+                    r.wire,
+                    r.median_ms,
+                    r.min_ms,
+                    r.max_ms,
+                    r.mb_per_s_per_worker,
+                    r.mb_per_s_coordinator
+                        .map_or_else(|| "-".to_string(), |m| format!("{m:.0}")),
+                    r.peak_rss_mib,
+                );
+                rows.push(r);
+            }
         }
     }
     println!(

@@ -340,6 +340,7 @@ pub fn reducer(a: ReducerArgs) -> Result<()> {
         give_up_after: a.give_up_after,
         max_connections: a.max_connections,
         max_connections_per_ip: a.max_connections_per_ip,
+        local: None,
     };
     let out = runtime()?.block_on(async {
         let stop = shutdown_signal();
@@ -495,6 +496,10 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
         metrics_listen: a.metrics_listen,
         overlap: !a.no_overlap,
         reducer_tls_domain: a.reducer_tls_domain.clone(),
+        local_reducer: a
+            .serve_reducer
+            .is_some()
+            .then(capsnet_proto::frame::LocalReducer::default),
     };
     let Some(listen) = a.serve_reducer.clone() else {
         let out =
@@ -527,6 +532,8 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
         give_up_after: cfg.give_up_after,
         max_connections: 1024,
         max_connections_per_ip: 64,
+        // The worker reaches its own span in process, without a socket.
+        local: cfg.local_reducer.clone(),
     };
     let out = runtime()?.block_on(async {
         let (listener, rcfg) = reducer_config(

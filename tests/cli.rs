@@ -406,27 +406,53 @@ fn bench_sync_times_rounds_and_writes_json() {
     );
     let machine = t.lines().find_map(|l| l.strip_prefix("machine: "));
     assert!(machine.is_some_and(|m| !m.trim().is_empty()), "{t}");
-    let settings: Vec<(u64, &str)> = rows
+    let settings: Vec<(u64, &str, u64, &str)> = rows
         .iter()
-        .map(|r| (r["workers"].as_u64().unwrap(), r["wire"].as_str().unwrap()))
+        .map(|r| {
+            (
+                r["workers"].as_u64().unwrap(),
+                r["layout"].as_str().unwrap(),
+                r["reducers"].as_u64().unwrap(),
+                r["wire"].as_str().unwrap(),
+            )
+        })
         .collect();
-    assert_eq!(settings, [(1, "f32"), (1, "bf16"), (2, "f32"), (2, "bf16")]);
-    // The printed table: one row per setting (workers, wire, median, min, max, MB/s per
-    // worker, MB/s coordinator, peak MiB), with the JSON's timings, in order.
+    // Both layouts by default: through the coordinator, and a reducer in every worker.
+    assert_eq!(
+        settings,
+        [
+            (1, "coordinator", 0, "f32"),
+            (1, "coordinator", 0, "bf16"),
+            (1, "colocated", 1, "f32"),
+            (1, "colocated", 1, "bf16"),
+            (2, "coordinator", 0, "f32"),
+            (2, "coordinator", 0, "bf16"),
+            (2, "colocated", 2, "f32"),
+            (2, "colocated", 2, "bf16"),
+        ]
+    );
+    // The printed table: one row per setting (workers, layout, wire, median, min, max, MB/s
+    // per worker, MB/s coordinator or "-", peak MiB), with the JSON's timings, in order.
     let table: Vec<Vec<&str>> = t
         .lines()
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .filter(|w| w.len() == 8 && w[0].parse::<u64>().is_ok())
+        .filter(|w| w.len() == 9 && w[0].parse::<u64>().is_ok())
         .collect();
     assert_eq!(table.len(), rows.len(), "{t}");
     for (row, r) in table.iter().zip(&rows) {
         let (workers, wire) = (r["workers"].as_u64().unwrap(), r["wire"].as_str().unwrap());
         assert_eq!(
-            (row[0], row[1]),
-            (workers.to_string().as_str(), wire),
+            (row[0], row[1], row[2]),
+            (
+                workers.to_string().as_str(),
+                r["layout"].as_str().unwrap(),
+                wire
+            ),
             "{t}"
         );
-        let printed: Vec<f64> = row[2..5].iter().map(|v| v.parse().unwrap()).collect();
+        // With reducers the coordinator moves no tensors.
+        assert_eq!(row[7] == "-", r["mb_per_s_coordinator"].is_null(), "{t}");
+        let printed: Vec<f64> = row[3..6].iter().map(|v| v.parse().unwrap()).collect();
         for (p, k) in printed.iter().zip(["median_ms", "min_ms", "max_ms"]) {
             let want = r[k].as_f64().unwrap();
             assert!(

@@ -385,3 +385,54 @@ fn launch_serves_reducers_in_its_workers() {
     assert_eq!(out.status.code(), Some(2), "{text}");
     assert!(text.contains("--reducers 3 with --workers 2"), "{text}");
 }
+
+/// A worker reaches the reducer it serves in process, without a socket: one worker whose
+/// reducer advertises an address where nothing listens still trains to the end, with the bits
+/// of one coordinator (its whole update goes to, and its parameters come from, its own span).
+#[test]
+fn a_worker_pushes_to_and_pulls_from_its_own_reducer_in_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = synthetic(tmp.path(), 32);
+    // A port nothing listens on: taken, then let go.
+    let nowhere = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let one_worker = |name: &str, reducers: &str, serve: &[&str]| {
+        let run = tmp.path().join(name);
+        let args = [
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "4",
+            "--max-shift",
+            "0",
+            "--seed",
+            "11",
+            "--expect-workers",
+            "1",
+            "--min-workers",
+            "1",
+            "--round-timeout",
+            "30s",
+            "--chunk-bytes",
+            "4096",
+            "--reducers",
+            reducers,
+        ];
+        let (mut coord, url) = tiny_coordinator(tmp.path(), name, &d, &run, &args);
+        let mut w = worker(tmp.path(), &url, 0, &d, serve);
+        coord.expect_success(Duration::from_secs(120));
+        w.expect_success(Duration::from_secs(30));
+        run
+    };
+    let one = one_worker("one", "0", &[]);
+    let serve = [
+        "--serve-reducer",
+        "127.0.0.1:0",
+        "--reducer-advertise",
+        nowhere.as_str(),
+    ];
+    let own = one_worker("own", "1", &serve);
+    same_checkpoints(&one, &own, 4, "a worker and its own reducer, in process");
+}

@@ -1,6 +1,8 @@
 //! `capsnet bench sync`: full gradient-sync rounds (every worker pushes its update, the
 //! coordinator reduces and applies it, every worker pulls the new parameters) through a real
-//! coordinator on loopback, with synthetic workers that compute nothing.
+//! coordinator on loopback, with synthetic workers that compute nothing. With reducers the
+//! coordinator only runs the rounds: the first `reducers` workers each serve one (the
+//! co-located layout of `capsnet launch --reducers`), which reduces and applies its span.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -24,25 +26,144 @@ pub struct SyncSettings {
     /// The tensor: the layout of this network.
     pub model: CapsNetConfig,
     pub chunk_bytes: usize,
+    /// Reducers served in the first workers (0: the coordinator reduces everything).
+    pub reducers: usize,
 }
 
 /// The result of one setting.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct SyncRow {
     pub workers: usize,
+    /// Reducers served in the workers (0: the coordinator reduces).
+    pub reducers: usize,
+    /// "coordinator", "colocated" (a reducer in every worker) or "sharded" (in some).
+    pub layout: &'static str,
     pub wire: &'static str,
     pub floats: usize,
     pub median_ms: f64,
     pub min_ms: f64,
     pub max_ms: f64,
     pub mb_per_s_per_worker: f64,
-    pub mb_per_s_coordinator: f64,
+    /// What the coordinator moves (None with reducers: it moves no tensors).
+    pub mb_per_s_coordinator: Option<f64>,
     /// Peak resident memory of the setting (coordinator and workers, one process), MiB.
     pub peak_rss_mib: f64,
 }
 
 /// Per round: the earliest push start and the latest end of the next pull, over all workers.
 type Spans = Arc<Mutex<BTreeMap<u64, (Instant, Instant)>>>;
+
+/// The update every synthetic worker sends: small values, so that Adam's steps stay finite.
+fn synthetic_update(total: usize) -> Arc<[f32]> {
+    (0..total)
+        .map(|i| ((i % 97) as f32 - 48.0) * 1e-4)
+        .collect()
+}
+
+/// Records one worker's round: from the start of its push to the end of its next pull.
+fn record(spans: &Spans, round: u64, start: Instant) -> Result<()> {
+    let now = Instant::now();
+    let mut m = spans
+        .lock()
+        .map_err(|_| BenchError::Panicked("a synthetic worker"))?;
+    let e = m.entry(round).or_insert((start, now));
+    e.0 = e.0.min(start);
+    e.1 = e.1.max(now);
+    Ok(())
+}
+
+/// Sends a heartbeat every `every` until dropped, as a real worker does: a slow round (4
+/// workers on 2 cores) must not get a synthetic worker marked unhealthy.
+fn heartbeats(
+    client: &Client,
+    id: &str,
+    every: Duration,
+) -> tokio_util::task::AbortOnDropHandle<()> {
+    let (mut c, id) = (client.clone(), id.to_string());
+    tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let _ = c
+                .rpc()
+                .heartbeat(pb::HeartbeatRequest {
+                    worker_id: id.clone(),
+                })
+                .await;
+        }
+    }))
+}
+
+/// A synthetic worker of a sharded run: work orders from the coordinator, each span pushed to
+/// and pulled from its reducer (the worker's own in process, as `capsnet worker
+/// --serve-reducer` does), the next round's parameters pulled while the update is pushed.
+async fn sharded_worker(
+    url: String,
+    token: String,
+    rank: usize,
+    local: Option<capsnet_proto::frame::LocalReducer>,
+    spans: Spans,
+) -> Result<()> {
+    let mut client = Client::connect(&url, &token, None).await?;
+    let joined = client
+        .rpc()
+        .join(pb::JoinRequest {
+            name: format!("synthetic-{rank}"),
+            rank_hint: Some(rank as u32),
+        })
+        .await?
+        .into_inner();
+    let s = RunSettings::try_from(joined.config.unwrap_or_default())?;
+    let id = joined.worker_id;
+    let total = s.layout().total();
+    let update = synthetic_update(total);
+    let (mut params, mut next) = (vec![0.0f32; total], vec![0.0f32; total]);
+    let grid = s.grid();
+    let pool = capsnet_proto::wire::BufPool::new(2 * grid.len());
+    let _heartbeats = heartbeats(&client, &id, Duration::from_millis(s.heartbeat_ms.max(50)));
+    let mut reducers = capsnet_worker::Reducers::new(&token, None, None, local);
+    let want = |after| capsnet_worker::Want {
+        id: &id,
+        after,
+        enc: s.wire,
+        grid: &grid,
+    };
+    let (mut order, mut layout) =
+        capsnet_worker::fetch(&mut client, &mut reducers, want(None), None, &mut params).await?;
+    loop {
+        let Some(l) = layout.as_ref().filter(|_| !order.finished) else {
+            let _ = client
+                .rpc()
+                .leave(pb::LeaveRequest {
+                    worker_id: id.clone(),
+                })
+                .await;
+            return Ok(());
+        };
+        let after = Some(order.round);
+        if !order.participate {
+            (order, layout) =
+                capsnet_worker::fetch(&mut client, &mut reducers, want(after), None, &mut params)
+                    .await?;
+            continue;
+        }
+        let start = Instant::now();
+        let u = capsnet_worker::Update {
+            round: order.round,
+            samples: order.end - order.start,
+            loss: 0.0,
+            data: update.clone(),
+        };
+        let clients = reducers.clients(l).await?;
+        let mut puller = client.clone();
+        let (_, (o, next_layout)) = tokio::try_join!(
+            capsnet_worker::push_spans(clients, l, &id, &s, u, &pool),
+            capsnet_worker::fetch(&mut puller, &mut reducers, want(after), Some(l), &mut next),
+        )?;
+        record(&spans, order.round, start)?;
+        std::mem::swap(&mut params, &mut next);
+        (order, layout) = (o, next_layout);
+    }
+}
 
 async fn synthetic_worker(url: String, token: String, rank: usize, spans: Spans) -> Result<()> {
     let mut client = Client::connect(&url, &token, None).await?;
@@ -57,30 +178,11 @@ async fn synthetic_worker(url: String, token: String, rank: usize, spans: Spans)
     let s = RunSettings::try_from(joined.config.unwrap_or_default())?;
     let id = joined.worker_id;
     let total = s.layout().total();
-    let update: Arc<[f32]> = (0..total)
-        .map(|i| ((i % 97) as f32 - 48.0) * 1e-4)
-        .collect();
+    let update = synthetic_update(total);
     let mut params = vec![0.0f32; total];
     let grid = s.grid();
     let pool = capsnet_proto::wire::BufPool::new(64);
-    // Heartbeats in the background, as a real worker sends them: a slow round (4 workers on
-    // 2 cores) must not get a synthetic worker marked unhealthy.
-    let hb = {
-        let (mut c, id) = (client.clone(), id.clone());
-        let every = Duration::from_millis(s.heartbeat_ms.max(50));
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                let _ = c
-                    .rpc()
-                    .heartbeat(pb::HeartbeatRequest {
-                        worker_id: id.clone(),
-                    })
-                    .await;
-            }
-        })
-    };
-    let _stop_heartbeats = tokio_util::task::AbortOnDropHandle::new(hb);
+    let _heartbeats = heartbeats(&client, &id, Duration::from_millis(s.heartbeat_ms.max(50)));
     let mut after = None;
     // The next round's parameters, pulled while the update was pushed (as a worker does).
     let mut ready = None;
@@ -117,16 +219,41 @@ async fn synthetic_worker(url: String, token: String, rank: usize, spans: Spans)
             capsnet_worker::push(&mut client, &id, &s, u, &pool),
             capsnet_worker::pull_into(&mut puller, &id, after, s.wire, &grid, &mut params),
         )?;
-        let now = Instant::now();
-        let mut m = spans
-            .lock()
-            .map_err(|_| BenchError::Panicked("a synthetic worker"))?;
-        let e = m.entry(o.round).or_insert((start, now));
-        e.0 = e.0.min(start);
-        e.1 = e.1.max(now);
-        drop(m);
+        record(&spans, o.round, start)?;
         ready = Some(next);
     }
+}
+
+/// Binds a loopback port for the reducer of synthetic worker `rank` and returns it serving
+/// there until the coordinator says training is over, its bulk RPCs also in `local`.
+async fn co_located_reducer(
+    url: &str,
+    token: &str,
+    rank: usize,
+    local: capsnet_proto::frame::LocalReducer,
+) -> Result<impl Future<Output = Result<()>> + Send + 'static> {
+    let io = |what| move |source| BenchError::Io { what, source };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(io("binding a loopback port"))?;
+    let address = listener.local_addr().map_err(io("reading the port"))?;
+    let cfg = capsnet_coordinator::ReducerConfig {
+        coordinator: url.to_string(),
+        token: token.to_string().into(),
+        advertise: format!("http://{address}"),
+        name: format!("reducer-{rank}"),
+        threads: capsnet_core::train::default_threads(),
+        tls: None,
+        coordinator_tls: None,
+        give_up_after: Duration::from_secs(30),
+        max_connections: 64,
+        max_connections_per_ip: 64,
+        local: Some(local),
+    };
+    Ok(async move {
+        capsnet_coordinator::serve_reducer(listener, cfg, std::future::pending()).await?;
+        Ok(())
+    })
 }
 
 /// Runs one setting: a coordinator on a loopback port and `workers` synthetic workers, each on
@@ -137,6 +264,12 @@ pub fn measure(s: &SyncSettings) -> Result<SyncRow> {
         return Err(BenchError::Settings(
             "workers and rounds must be at least 1".into(),
         ));
+    }
+    if s.reducers > s.workers {
+        return Err(BenchError::Settings(format!(
+            "{} reducers with {} workers: the reducers are served in the workers",
+            s.reducers, s.workers
+        )));
     }
     let (workers, wire, model) = (s.workers, s.wire, &s.model);
     let tmp = tempfile::Builder::new()
@@ -176,6 +309,7 @@ pub fn measure(s: &SyncSettings) -> Result<SyncRow> {
     cfg.min_workers = workers;
     cfg.wire = wire;
     cfg.chunk_bytes = s.chunk_bytes;
+    cfg.reducers = s.reducers;
     // Heartbeats every 500 ms (unhealthy after 1.5 s without one): a loaded machine does not
     // fail the run, and each setting still ends 1.5 s after its last round.
     cfg.heartbeat = Duration::from_millis(500);
@@ -210,15 +344,45 @@ pub fn measure(s: &SyncSettings) -> Result<SyncRow> {
         let mut threads = vec![];
         for rank in 0..workers {
             let (url, token, spans) = (url.clone(), token.clone(), spans.clone());
+            let sharded = s.reducers > 0;
+            let reducer = rank < s.reducers;
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("synthetic-{rank}"))
                     .spawn(move || {
-                        tokio::runtime::Builder::new_current_thread()
-                            .enable_all()
-                            .build()
-                            .map_err(io("starting a worker runtime"))?
-                            .block_on(synthetic_worker(url, token, rank, spans))
+                        // A worker that serves a reducer gets the two I/O threads of a
+                        // `capsnet worker` process; the others one.
+                        let rt = if reducer {
+                            tokio::runtime::Builder::new_multi_thread()
+                                .worker_threads(2)
+                                .enable_all()
+                                .build()
+                        } else {
+                            tokio::runtime::Builder::new_current_thread()
+                                .enable_all()
+                                .build()
+                        };
+                        let rt = rt.map_err(io("starting a worker runtime"))?;
+                        rt.block_on(async move {
+                            if !sharded {
+                                return synthetic_worker(url, token, rank, spans).await;
+                            }
+                            let local = reducer.then(capsnet_proto::frame::LocalReducer::default);
+                            let served = match &local {
+                                Some(slot) => Some(tokio::spawn(
+                                    co_located_reducer(&url, &token, rank, slot.clone()).await?,
+                                )),
+                                None => None,
+                            };
+                            sharded_worker(url, token, rank, local, spans).await?;
+                            if let Some(r) = served {
+                                r.await.map_err(|source| BenchError::Task {
+                                    what: "a reducer",
+                                    source,
+                                })??;
+                            }
+                            Ok(())
+                        })
                     })
                     .map_err(io("starting a worker thread"))?,
             );
@@ -261,6 +425,12 @@ pub fn measure(s: &SyncSettings) -> Result<SyncRow> {
     let per_worker = bytes / (median / 1e3) / 1e6;
     Ok(SyncRow {
         workers,
+        reducers: s.reducers,
+        layout: match s.reducers {
+            0 => "coordinator",
+            r if r == workers => "colocated",
+            _ => "sharded",
+        },
         wire: if wire == Encoding::Bf16 {
             "bf16"
         } else {
@@ -271,7 +441,7 @@ pub fn measure(s: &SyncSettings) -> Result<SyncRow> {
         min_ms: ms[0],
         max_ms: ms[ms.len() - 1],
         mb_per_s_per_worker: per_worker,
-        mb_per_s_coordinator: per_worker * workers as f64,
+        mb_per_s_coordinator: (s.reducers == 0).then_some(per_worker * workers as f64),
         peak_rss_mib: capsnet_core::bench::peak_rss_mib().unwrap_or(f64::NAN),
     })
 }

@@ -14,7 +14,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use capsnet_proto::frame::{self, Messages, PULL_PATH, PUSH_PATH};
+use capsnet_proto::frame::{self, InProcess, Messages, PULL_PATH, PUSH_PATH};
 use capsnet_proto::wire::EncodedChunk;
 use capsnet_proto::{Encoding, pb};
 use futures_util::StreamExt;
@@ -77,6 +77,24 @@ where
             Box::pin(async move { Ok(routed.await?.map(Body::new)) })
         }
     }
+}
+
+/// The bulk RPCs of `svc` for callers in this process ([`InProcess`]): the same token check,
+/// the same handling and answers as over the network, without a socket.
+pub(crate) fn in_process(svc: Service, auth: TokenCheck, url: String) -> InProcess {
+    InProcess::new(url, move |req| {
+        let (svc, auth) = (svc.clone(), auth.clone());
+        Box::pin(async move {
+            let path = req.uri().path();
+            if path != PULL_PATH && path != PUSH_PATH {
+                let s = Status::unimplemented(format!("{path} is not served in process"));
+                return s.into_http();
+            }
+            serve(svc, auth, req)
+                .await
+                .unwrap_or_else(Status::into_http)
+        })
+    })
 }
 
 /// The frames of a pull's answer, shared between its body (which hyper polls as the peer's

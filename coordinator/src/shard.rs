@@ -53,6 +53,8 @@ pub struct ReducerConfig {
     pub give_up_after: Duration,
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
+    /// Where to leave the handle for in-process calls (a reducer served inside a worker).
+    pub local: Option<capsnet_proto::frame::LocalReducer>,
 }
 
 #[derive(Clone, Debug)]
@@ -795,6 +797,15 @@ async fn sessions(cfg: ReducerConfig, tx: mpsc::Sender<Msg>) -> Result<()> {
     }
 }
 
+/// Empties a [`LocalReducer`](capsnet_proto::frame::LocalReducer) when dropped.
+struct Unset(capsnet_proto::frame::LocalReducer);
+
+impl Drop for Unset {
+    fn drop(&mut self) {
+        self.0.set(None);
+    }
+}
+
 /// Runs a reducer on `listener` until the coordinator says training is over (Ok, finished) or
 /// `shutdown` resolves (Ok, not finished).
 pub async fn serve_reducer(
@@ -896,6 +907,15 @@ pub async fn serve_reducer(
         liveness,
         metrics,
     );
+    // The worker beside this reducer calls its bulk RPCs without a socket, until it stops.
+    let _local = cfg.local.as_ref().map(|slot| {
+        slot.set(Some(crate::data_plane::in_process(
+            svc.clone(),
+            check.clone(),
+            cfg.advertise.clone(),
+        )));
+        Unset(slot.clone())
+    });
     let small = pb::coordinator_server::CoordinatorServer::new(svc.clone())
         .max_decoding_message_size(crate::SMALL_MESSAGE);
     let grpc = conn::Marked {

@@ -281,6 +281,62 @@ where
     }
 }
 
+/// The bulk RPCs of a reducer served in the same process as a worker (`capsnet worker
+/// --serve-reducer`), called without a socket: the request and response bodies are handed
+/// over as they are, so the worker's own span crosses no kernel and no HTTP/2 framing. The
+/// token, the checks and the answers are those of a call over the network.
+#[derive(Clone)]
+pub struct InProcess {
+    /// The URL the reducer advertises: work orders name its span's owner by it.
+    pub url: String,
+    call: std::sync::Arc<dyn Fn(http::Request<tonic::body::Body>) -> ResponseFuture + Send + Sync>,
+}
+
+/// The answer to an in-process call.
+pub type ResponseFuture =
+    std::pin::Pin<Box<dyn Future<Output = http::Response<tonic::body::Body>> + Send + 'static>>;
+
+impl InProcess {
+    pub fn new(
+        url: String,
+        call: impl Fn(http::Request<tonic::body::Body>) -> ResponseFuture + Send + Sync + 'static,
+    ) -> Self {
+        InProcess {
+            url,
+            call: std::sync::Arc::new(call),
+        }
+    }
+
+    pub fn call(&self, req: http::Request<tonic::body::Body>) -> ResponseFuture {
+        (self.call)(req)
+    }
+}
+
+impl std::fmt::Debug for InProcess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InProcess").field("url", &self.url).finish()
+    }
+}
+
+/// Where a reducer started in this process leaves its [`InProcess`] handle while it serves
+/// (empty before it has its span and after it stopped), for the worker beside it to find.
+#[derive(Clone, Debug, Default)]
+pub struct LocalReducer(std::sync::Arc<std::sync::RwLock<Option<InProcess>>>);
+
+impl LocalReducer {
+    pub fn set(&self, handle: Option<InProcess>) {
+        if let Ok(mut h) = self.0.write() {
+            *h = handle;
+        }
+    }
+
+    /// The handle of the reducer serving now, if it advertises `url`.
+    pub fn get(&self, url: &str) -> Option<InProcess> {
+        let h = self.0.read().ok()?;
+        h.as_ref().filter(|h| h.url == url).cloned()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use capsnet_proto::frame::{GRPC_CONTENT_TYPE, MAX_MESSAGE, Messages};
+use capsnet_proto::frame::{GRPC_CONTENT_TYPE, InProcess, MAX_MESSAGE, Messages};
 use capsnet_proto::pb::coordinator_client::CoordinatorClient;
 use tonic::body::Body;
 use tonic::codegen::Service;
@@ -40,6 +40,8 @@ impl tonic::service::Interceptor for Auth {
 pub struct Client {
     rpc: CoordinatorClient<InterceptedService<Channel, Auth>>,
     channel: Channel,
+    /// The bulk RPCs of a reducer in this process, called without a socket.
+    local: Option<InProcess>,
     /// `scheme://authority` of the coordinator.
     origin: String,
     authorization: MetadataValue<tonic::metadata::Ascii>,
@@ -108,9 +110,41 @@ impl Client {
             rpc: CoordinatorClient::with_interceptor(channel.clone(), Auth(value.clone()))
                 .max_decoding_message_size(MAX_MESSAGE),
             channel,
+            local: None,
             origin,
             authorization: value,
         })
+    }
+
+    /// A client of the reducer served in this process: its bulk RPCs ([`Client::call`]) are
+    /// handed to it without a socket, with the token as over the network; the small RPCs
+    /// ([`Client::rpc`]) go to its advertised URL, connected when first used.
+    pub fn local(local: InProcess, token: &str) -> Result<Self> {
+        let url = local.url.clone();
+        let ep = Endpoint::from_shared(url.clone())
+            .map_err(|source| WorkerError::Address { url, source })?;
+        let uri = ep.uri().clone();
+        let value: MetadataValue<_> = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| WorkerError::TokenNotAscii)?;
+        let channel = ep.connect_lazy();
+        Ok(Client {
+            rpc: CoordinatorClient::with_interceptor(channel.clone(), Auth(value.clone()))
+                .max_decoding_message_size(MAX_MESSAGE),
+            channel,
+            local: Some(local),
+            origin: format!(
+                "{}://{}",
+                uri.scheme_str().unwrap_or("http"),
+                uri.authority().map_or("", |a| a.as_str())
+            ),
+            authorization: value,
+        })
+    }
+
+    /// Whether the bulk RPCs are calls in this process.
+    pub fn is_in_process(&self) -> bool {
+        self.local.is_some()
     }
 
     pub fn rpc(&mut self) -> &mut CoordinatorClient<InterceptedService<Channel, Auth>> {
@@ -137,14 +171,18 @@ impl Client {
             http::HeaderValue::from_bytes(self.authorization.as_bytes())
                 .map_err(|e| Status::internal(format!("token header: {e}")))?,
         );
-        std::future::poll_fn(|cx| self.channel.poll_ready(cx))
-            .await
-            .map_err(|e| Status::from_error(e.into()))?;
-        let resp = self
-            .channel
-            .call(req)
-            .await
-            .map_err(|e| Status::from_error(e.into()))?;
+        let resp = match &self.local {
+            Some(l) => l.call(req).await,
+            None => {
+                std::future::poll_fn(|cx| self.channel.poll_ready(cx))
+                    .await
+                    .map_err(|e| Status::from_error(e.into()))?;
+                self.channel
+                    .call(req)
+                    .await
+                    .map_err(|e| Status::from_error(e.into()))?
+            }
+        };
         // A call that failed before any message answers with its status in the headers.
         if let Some(s) = Status::from_header_map(resp.headers())
             && s.code() != tonic::Code::Ok

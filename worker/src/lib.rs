@@ -37,7 +37,10 @@ pub use client::{Client, ClientTls};
 pub use error::{Result, WorkerError};
 pub use identity::identity;
 pub use metrics::WorkerMetrics;
-pub use transfer::{Pulled, SharedFloats, Update, pull, pull_into, push, push_chunks};
+pub use transfer::{
+    Layout, Pulled, Reducers, SharedFloats, Update, Want, fetch, pull, pull_into, push,
+    push_chunks, push_spans,
+};
 
 use replica::Replica;
 use transfer::{ChunkSender, used};
@@ -63,6 +66,9 @@ pub struct WorkerConfig {
     pub overlap: bool,
     /// The name checked in every reducer's certificate (None: each reducer's host).
     pub reducer_tls_domain: Option<String>,
+    /// A reducer served in this process (`--serve-reducer`): its span is pushed to and pulled
+    /// from it in process, without a socket.
+    pub local_reducer: Option<capsnet_proto::frame::LocalReducer>,
 }
 
 /// The worker's side of its life.
@@ -257,6 +263,7 @@ async fn train(
             cfg.token.expose(),
             cfg.tls.as_ref(),
             cfg.reducer_tls_domain.as_deref(),
+            cfg.local_reducer.clone(),
         );
         // Payload buffers for two updates: the one being sent and the next.
         let grid = settings.grid();
@@ -538,6 +545,7 @@ mod tests {
             metrics_listen: None,
             overlap: true,
             reducer_tls_domain: None,
+            local_reducer: None,
         };
         let text = format!("{cfg:?}");
         assert!(!text.contains("secret-token"), "{text}");

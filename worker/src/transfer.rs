@@ -173,13 +173,21 @@ pub struct Reducers {
     clients: std::collections::HashMap<String, Client>,
     token: String,
     tls: Option<crate::ClientTls>,
+    local: Option<capsnet_proto::frame::LocalReducer>,
 }
 
 impl Reducers {
     /// Reducers reached with `token` and, with TLS, the CA and client identity of `tls`; the
     /// name checked in their certificates is `domain`, or else each reducer's host.
-    pub fn new(token: &str, tls: Option<&crate::ClientTls>, domain: Option<&str>) -> Self {
+    /// The reducer in `local` (one served in this process) is called in process.
+    pub fn new(
+        token: &str,
+        tls: Option<&crate::ClientTls>,
+        domain: Option<&str>,
+        local: Option<capsnet_proto::frame::LocalReducer>,
+    ) -> Self {
         Reducers {
+            local,
             clients: Default::default(),
             token: token.to_string(),
             tls: tls.map(|t| crate::ClientTls {
@@ -196,10 +204,16 @@ impl Reducers {
             .retain(|a, _| layout.owners.iter().any(|(o, _)| o == a));
         let mut out = Vec::with_capacity(layout.owners.len());
         for (a, _) in &layout.owners {
+            let local = self.local.as_ref().and_then(|l| l.get(a));
             let c = match self.clients.get(a) {
-                Some(c) => c.clone(),
-                None => {
-                    let c = Client::connect(a, &self.token, self.tls.as_ref()).await?;
+                // A reducer of this process that started serving after it was first reached
+                // over the network is called in process from now on.
+                Some(c) if c.is_in_process() || local.is_none() => c.clone(),
+                _ => {
+                    let c = match local {
+                        Some(l) => Client::local(l, &self.token)?,
+                        None => Client::connect(a, &self.token, self.tls.as_ref()).await?,
+                    };
                     self.clients.insert(a.clone(), c.clone());
                     c
                 }
@@ -495,6 +509,44 @@ pub async fn push_chunks(
         .ok_or_else(|| tonic::Status::data_loss("no answer to the update"))?;
     resp.status().await?;
     Ok(())
+}
+
+/// Streams one whole update of a sharded run, each span to its owner in `clients` (in the
+/// order of `layout`), all at once; chunks are encoded on a blocking thread as the streams send
+/// the ones before. Returns whether every reducer used it ([`used`]).
+pub async fn push_spans(
+    clients: Vec<Client>,
+    layout: &Layout,
+    id: &str,
+    s: &RunSettings,
+    update: Update<Arc<[f32]>>,
+    pool: &BufPool,
+) -> Result<bool> {
+    let (mut sender, _loss, chunks) =
+        ChunkSender::new(s.grid(), &layout.spans(), s.wire, pool.clone())?;
+    let Update {
+        round,
+        samples,
+        loss,
+        data,
+    } = update;
+    let encode = tokio::task::spawn_blocking(move || sender.send_all(loss, &data));
+    let pushes = chunks
+        .into_iter()
+        .zip(clients)
+        .map(|(chunks, mut c)| async move {
+            let chunks = tokio_stream::wrappers::ReceiverStream::new(chunks);
+            used(
+                round,
+                push_chunks(&mut c, id, s, (round, samples, loss), chunks).await,
+            )
+        });
+    let all = futures_util::future::try_join_all(pushes).await?;
+    encode.await.map_err(|source| WorkerError::Task {
+        what: "encoding the update",
+        source,
+    })?;
+    Ok(all.into_iter().all(|u| u))
 }
 
 /// Hands each chunk of the gradient to a push stream as soon as the backward pass has made it
