@@ -93,6 +93,31 @@ fn heartbeats(
     }))
 }
 
+/// Connects and joins as synthetic worker `rank`: the client, the run's settings, the id.
+async fn join(url: &str, token: &str, rank: usize) -> Result<(Client, RunSettings, String)> {
+    let mut client = Client::connect(url, token, None).await?;
+    let joined = client
+        .rpc()
+        .join(pb::JoinRequest {
+            name: format!("synthetic-{rank}"),
+            rank_hint: Some(rank as u32),
+        })
+        .await?
+        .into_inner();
+    let s = RunSettings::try_from(joined.config.unwrap_or_default())?;
+    Ok((client, s, joined.worker_id))
+}
+
+/// Leaves the run (best effort: it ends anyway).
+async fn leave(client: &mut Client, id: &str) {
+    let _ = client
+        .rpc()
+        .leave(pb::LeaveRequest {
+            worker_id: id.to_string(),
+        })
+        .await;
+}
+
 /// A synthetic worker of a sharded run: work orders from the coordinator, each span pushed to
 /// and pulled from its reducer (the worker's own in process, as `capsnet worker
 /// --serve-reducer` does), the next round's parameters pulled while the update is pushed.
@@ -103,17 +128,7 @@ async fn sharded_worker(
     local: Option<capsnet_proto::frame::LocalReducer>,
     spans: Spans,
 ) -> Result<()> {
-    let mut client = Client::connect(&url, &token, None).await?;
-    let joined = client
-        .rpc()
-        .join(pb::JoinRequest {
-            name: format!("synthetic-{rank}"),
-            rank_hint: Some(rank as u32),
-        })
-        .await?
-        .into_inner();
-    let s = RunSettings::try_from(joined.config.unwrap_or_default())?;
-    let id = joined.worker_id;
+    let (mut client, s, id) = join(&url, &token, rank).await?;
     let total = s.layout().total();
     let update = synthetic_update(total);
     let (mut params, mut next) = (vec![0.0f32; total], vec![0.0f32; total]);
@@ -131,12 +146,7 @@ async fn sharded_worker(
         capsnet_worker::fetch(&mut client, &mut reducers, want(None), None, &mut params).await?;
     loop {
         let Some(l) = layout.as_ref().filter(|_| !order.finished) else {
-            let _ = client
-                .rpc()
-                .leave(pb::LeaveRequest {
-                    worker_id: id.clone(),
-                })
-                .await;
+            leave(&mut client, &id).await;
             return Ok(());
         };
         let after = Some(order.round);
@@ -166,17 +176,7 @@ async fn sharded_worker(
 }
 
 async fn synthetic_worker(url: String, token: String, rank: usize, spans: Spans) -> Result<()> {
-    let mut client = Client::connect(&url, &token, None).await?;
-    let joined = client
-        .rpc()
-        .join(pb::JoinRequest {
-            name: format!("synthetic-{rank}"),
-            rank_hint: Some(rank as u32),
-        })
-        .await?
-        .into_inner();
-    let s = RunSettings::try_from(joined.config.unwrap_or_default())?;
-    let id = joined.worker_id;
+    let (mut client, s, id) = join(&url, &token, rank).await?;
     let total = s.layout().total();
     let update = synthetic_update(total);
     let mut params = vec![0.0f32; total];
@@ -196,12 +196,7 @@ async fn synthetic_worker(url: String, token: String, rank: usize, spans: Spans)
             }
         };
         if o.finished {
-            let _ = client
-                .rpc()
-                .leave(pb::LeaveRequest {
-                    worker_id: id.clone(),
-                })
-                .await;
+            leave(&mut client, &id).await;
             return Ok(());
         }
         after = Some(o.round);
