@@ -51,6 +51,8 @@ pub enum BenchError {
     Settings(String),
     #[error("no rounds were timed")]
     NoRounds,
+    #[error("a synthetic worker did not finish within {0:?}: the run stalled")]
+    Stalled(std::time::Duration),
 }
 
 impl BenchError {

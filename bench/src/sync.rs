@@ -336,6 +336,9 @@ pub fn measure(s: &SyncSettings) -> Result<SyncRow> {
         // Each worker on its own thread and runtime, as a worker process would be: the OS
         // shares the cores between the coordinator and the workers, and a worker's encoding
         // does not queue behind the coordinator's tasks (or the other way round).
+        // Far more than any setting takes on a slow machine (the paper model's 4-worker
+        // rounds take well under a second on 2 cores).
+        let limit = Duration::from_secs(120 + 10 * rounds as u64);
         let mut threads = vec![];
         for rank in 0..workers {
             let (url, token, spans) = (url.clone(), token.clone(), spans.clone());
@@ -358,7 +361,7 @@ pub fn measure(s: &SyncSettings) -> Result<SyncRow> {
                                 .build()
                         };
                         let rt = rt.map_err(io("starting a worker runtime"))?;
-                        rt.block_on(async move {
+                        let work = async move {
                             if !sharded {
                                 return synthetic_worker(url, token, rank, spans).await;
                             }
@@ -377,6 +380,14 @@ pub fn measure(s: &SyncSettings) -> Result<SyncRow> {
                                 })??;
                             }
                             Ok(())
+                        };
+                        // A run that stalls (a synthetic worker failed, and the others wait
+                        // for rounds that cannot close) ends with an error, not a hang; the
+                        // runtime's tasks, its reducer among them, go with it.
+                        rt.block_on(async {
+                            tokio::time::timeout(limit, work)
+                                .await
+                                .unwrap_or(Err(BenchError::Stalled(limit)))
                         })
                     })
                     .map_err(io("starting a worker thread"))?,

@@ -117,8 +117,9 @@ impl Client {
     }
 
     /// A client of the reducer served in this process: its bulk RPCs ([`Client::call`]) are
-    /// handed to it without a socket, with the token as over the network; the small RPCs
-    /// ([`Client::rpc`]) go to its advertised URL, connected when first used.
+    /// handed to it without a socket, with the token as over the network. Only those: its
+    /// channel for the small RPCs ([`Client::rpc`]) would dial the advertised URL lazily,
+    /// without TLS or the plaintext check of [`Client::connect`], so nothing calls them.
     pub fn local(local: InProcess, token: &str) -> Result<Self> {
         let url = local.url.clone();
         let ep = Endpoint::from_shared(url.clone())

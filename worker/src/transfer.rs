@@ -207,8 +207,9 @@ impl Reducers {
             let local = self.local.as_ref().and_then(|l| l.get(a));
             let c = match self.clients.get(a) {
                 // A reducer of this process that started serving after it was first reached
-                // over the network is called in process from now on.
-                Some(c) if c.is_in_process() || local.is_none() => c.clone(),
+                // over the network is called in process from now on; one that stopped serving
+                // is reached over the network again (where a stopped one refuses).
+                Some(c) if c.is_in_process() == local.is_some() => c.clone(),
                 _ => {
                     let c = match local {
                         Some(l) => Client::local(l, &self.token)?,
