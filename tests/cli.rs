@@ -406,6 +406,16 @@ fn bench_sync_times_rounds_and_writes_json() {
     );
     let machine = t.lines().find_map(|l| l.strip_prefix("machine: "));
     assert!(machine.is_some_and(|m| !m.trim().is_empty()), "{t}");
+    // Bad settings are refused before anything runs, naming the flag.
+    for (bad, says) in [
+        (["--chunk-bytes", "0"], "--chunk-bytes"),
+        (["--layout", "ring"], "--layout"),
+        (["--workers", "0"], "--workers"),
+    ] {
+        let mut args = vec!["bench", "sync", "--model", "tiny"];
+        args.extend(bad);
+        config_error(&capsnet(&args), says);
+    }
     let settings: Vec<(u64, &str, u64, &str)> = rows
         .iter()
         .map(|r| {
