@@ -32,6 +32,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// A duration as [`parse_duration`] reads it, or 0 (off).
+pub fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
+    if s.trim().parse::<f64>() == Ok(0.0) {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(s)
+}
+
 #[derive(Clone, Copy, ValueEnum, PartialEq, Debug)]
 pub enum SyncArg {
     /// Average gradients every round; the coordinator applies Adam.

@@ -8,7 +8,10 @@ use anyhow::{Context, Result};
 use capsnet_core::train::{self, TrainConfig};
 use clap::Args;
 
-use crate::args::{DataArgs, OuterArg, SyncArg, TokenArgs, TrainFlags, WireArg, parse_duration};
+use crate::args::{
+    DataArgs, OuterArg, SyncArg, TokenArgs, TrainFlags, WireArg, parse_duration,
+    parse_duration_or_zero,
+};
 use crate::exit::ConfigError;
 
 #[derive(Args, Clone)]
@@ -119,6 +122,11 @@ pub struct CoordinatorArgs {
     /// reducers joined; 0 reduces everything here.
     #[arg(long, env = "CAPSNET_REDUCERS", default_value_t = 0)]
     pub reducers: usize,
+    /// With --reducers: gather the parameters and optimizer state from the reducers at least
+    /// this often (besides each evaluation and checkpoint). A reducer that dies rolls the run
+    /// back to the last gather; 0 gathers only for evaluations and checkpoints.
+    #[arg(long, env = "CAPSNET_GATHER_EVERY", default_value = "60s", value_parser = parse_duration_or_zero)]
+    pub gather_every: Duration,
     /// Write the bound address to this file once listening (for tests and scripts that listen
     /// on port 0).
     #[arg(long, hide = true)]
@@ -387,6 +395,7 @@ impl CoordinatorArgs {
             },
         );
         c.round_timeout = self.round_timeout;
+        c.gather_every = self.gather_every;
         c.min_workers = self.min_workers;
         c.expect_workers = expect_workers
             .or(self.expect_workers)

@@ -222,6 +222,19 @@ fn bad_flags_fail_before_any_work_with_a_clear_message() {
         "127.0.0.1:0",
     ]);
     config_error(&o, "does not go with --reducers");
+    // How often the reducers' state is gathered: a duration, or 0 for off.
+    let o = with_token(&[
+        "coordinator",
+        "--data-dir",
+        &d,
+        "--run-dir",
+        &run,
+        "--reducers",
+        "2",
+        "--gather-every",
+        "often",
+    ]);
+    config_error(&o, "--gather-every");
     let o = with_token(&[
         "reducer",
         "--listen",

@@ -60,6 +60,7 @@ fn chunks_sized(
             layout_hash: s.layout_hash,
             total_crc32: c.total_crc32,
             loss: 0.5,
+            layout: 0,
         })
         .collect()
 }
@@ -877,16 +878,31 @@ fn a_reducer_streams_every_range_before_the_round_commits() {
         let samples = |o: &pb::WorkOrder| o.end - o.start;
         let one = vec![1e-3f32; total as usize];
         // The reducer may still be taking its span when the first update comes: retry.
-        let whole = chunks_msg(&a.id, 0, &s, samples(&orders[0]), &one);
+        // Pushes to a reducer name the layout of the work order they follow.
+        let layout = orders[0].layout;
+        let of_layout = |mut msgs: Vec<pb::UpdateChunk>| {
+            for m in &mut msgs {
+                m.layout = layout;
+            }
+            msgs
+        };
+        let whole = of_layout(chunks_msg(&a.id, 0, &s, samples(&orders[0]), &one));
         let mut tries = 0;
         while let Err(e) = push(&mut ra, whole.clone()).await {
             tries += 1;
             assert!(tries < 100, "a's update was not taken: {e}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        // An update under an older layout went to the spans' former owners: refused by name,
+        // and not as a bad update (the worker asks for its work order again).
+        assert!(layout > 0);
+        let stale = chunks_msg(&b.id, 0, &s, samples(&orders[1]), &one);
+        let e = push(&mut rb, stale).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+        assert!(e.message().contains("assigned anew"), "{e}");
 
         // b sends every chunk of its update but keeps its stream open.
-        let msgs = chunks_msg(&b.id, 0, &s, samples(&orders[1]), &one);
+        let msgs = of_layout(chunks_msg(&b.id, 0, &s, samples(&orders[1]), &one));
         let (tx, rx) = tokio::sync::mpsc::channel(msgs.len());
         for m in msgs {
             tx.send(m).await.unwrap();

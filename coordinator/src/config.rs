@@ -61,6 +61,10 @@ pub struct CoordinatorConfig {
     pub stall_timeout: Duration,
     /// Reducer processes that own spans of the grid (0: this process reduces everything).
     pub reducers: usize,
+    /// With reducers: gather the state from them at least this often (besides each evaluation
+    /// and checkpoint), since a reducer that dies rolls the run back to the last gather;
+    /// zero gathers only for evaluations and checkpoints.
+    pub gather_every: Duration,
 }
 
 /// The outer optimizer of `--sync params` (DiLoCo, Douillard et al. 2023): Nesterov momentum
@@ -98,6 +102,7 @@ impl CoordinatorConfig {
             outer: None,
             stall_timeout: Duration::from_secs(30),
             reducers: 0,
+            gather_every: Duration::from_secs(60),
         }
     }
 

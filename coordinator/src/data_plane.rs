@@ -347,6 +347,10 @@ async fn speculate(
         }
         if std::mem::take(&mut ask) {
             published.borrow_and_update();
+            // The spans were assigned anew while this pull waited.
+            if let Some(l) = r.layout.filter(|_| !svc.serves_orders()) {
+                svc.same_layout(l)?;
+            }
             if let PullReply::Ready(order, snapshot) = svc.ask_pull(r).await? {
                 let kept = (sent.iter().enumerate())
                     .all(|(i, g)| g.is_none_or(|g| snapshot.generations.get(i) == Some(&g)));
@@ -395,6 +399,7 @@ async fn serve(
             .ok_or_else(|| Status::invalid_argument("empty pull request"))?;
         svc.liveness.beat(&r.worker_id, peer);
         svc.check_encoding(&r)?;
+        svc.check_layout(r.layout).await?;
         let mut published = svc.published.clone();
         published.borrow_and_update();
         if let PullReply::Ready(order, snapshot) = svc.ask_pull(&r).await? {

@@ -15,6 +15,13 @@ pub enum CoordinatorError {
     NotMember { name: String },
     #[error("worker {name} already sent its update for round {round}")]
     Duplicate { name: String, round: u64 },
+    /// A reducer dropped an update while it streamed in (its span was assigned anew, or the
+    /// coordinator gave up on the update): the worker's next work order says what to do.
+    #[error(
+        "update for round {round} dropped by this reducer (its span was assigned anew, or the \
+         coordinator dropped the update); ask for the work order again"
+    )]
+    Dropped { round: u64 },
     /// An update whose content does not fit the round (sample count, names, sizes).
     #[error("{0}")]
     BadUpdate(String),
@@ -99,9 +106,9 @@ impl From<CoordinatorError> for Status {
     fn from(e: CoordinatorError) -> Status {
         let code = match &e {
             CoordinatorError::UnknownWorker(_) => Code::NotFound,
-            CoordinatorError::StaleRound { .. } | CoordinatorError::NotMember { .. } => {
-                Code::FailedPrecondition
-            }
+            CoordinatorError::StaleRound { .. }
+            | CoordinatorError::NotMember { .. }
+            | CoordinatorError::Dropped { .. } => Code::FailedPrecondition,
             CoordinatorError::Duplicate { .. } => Code::AlreadyExists,
             CoordinatorError::Proto(ProtoError::Checksum { .. }) => Code::DataLoss,
             CoordinatorError::BadUpdate(_)

@@ -128,6 +128,12 @@ enum BlockState<'b> {
     Nothing,
 }
 
+/// Block `k` of a range: its new parameters, its encoded bytes and its new optimizer state.
+type Block<'o, 'b> = (
+    usize,
+    ((&'o mut [f32], &'o mut [u8]), &'o mut BlockState<'b>),
+);
+
 /// What a closed round hands back: the new state lives in the reducer's `next_*` buffers.
 pub(crate) struct Closed {
     pub members: Vec<usize>,
@@ -153,8 +159,8 @@ pub(crate) struct Reducer {
     reduced: Vec<Option<Reduced>>,
     /// Buffers of the encoded results, reused once the pulls of their round are done.
     pool: BufPool,
-    /// Threads that reduce the blocks of a range.
-    threads: rayon::ThreadPool,
+    /// Threads that reduce the blocks of a range (none: the calling thread alone).
+    threads: Option<rayon::ThreadPool>,
     /// Reductions so far (the generation of the next one).
     generation: u64,
     pub next_params: Vec<f32>,
@@ -184,14 +190,16 @@ impl Reducer {
             Kept::Momentum => (total, 0),
             Kept::AdamMoments => (total, total),
         };
-        let threads = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads.max(1))
-            .thread_name(|i| format!("capsnet-reduce-{i}"))
-            .build()
-            .map_err(|source| capsnet_core::CoreError::ThreadPool {
-                threads: threads.max(1),
-                source,
-            })?;
+        let threads = match threads {
+            0 | 1 => None,
+            n => Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .thread_name(|i| format!("capsnet-reduce-{i}"))
+                    .build()
+                    .map_err(|source| capsnet_core::CoreError::ThreadPool { threads: n, source })?,
+            ),
+        };
         Ok(Reducer {
             reduced: (0..span.len()).map(|_| None).collect(),
             wire,
@@ -374,52 +382,63 @@ impl Reducer {
                 .collect(),
         };
         let out = &mut self.next_params[local.clone()];
-        let crcs: Vec<(crc32fast::Hasher, bool)> = self.threads.install(|| {
-            out.par_chunks_mut(BLOCK)
-                .zip(payload.as_mut().par_chunks_mut(BLOCK * out_bpf))
-                .zip(moments.par_iter_mut())
-                .enumerate()
-                .map(|(k, ((out, bytes), mv))| {
-                    let b = k * BLOCK;
-                    let e = b + out.len();
-                    let (lo, hi) = (local.start + b, local.start + e);
-                    let mut g = [0.0f32; BLOCK];
-                    let g = &mut g[..out.len()];
-                    for &(w, p, enc) in &inputs {
-                        let bpf = wire::bytes_per_float(enc);
-                        wire::add_scaled(g, w, &p[b * bpf..e * bpf], enc);
+        let block = |(k, ((out, bytes), mv)): Block<'_, '_>| {
+            let b = k * BLOCK;
+            let e = b + out.len();
+            let (lo, hi) = (local.start + b, local.start + e);
+            let mut g = [0.0f32; BLOCK];
+            let g = &mut g[..out.len()];
+            for &(w, p, enc) in &inputs {
+                let bpf = wire::bytes_per_float(enc);
+                wire::add_scaled(g, w, &p[b * bpf..e * bpf], enc);
+            }
+            let finite = match (update, mv) {
+                (Update::Adam(step), BlockState::Adam(m, v)) => {
+                    step.apply_into(
+                        (&src.params[lo..hi], &src.m[lo..hi], &src.v[lo..hi]),
+                        g,
+                        (&mut *out, &mut **m, &mut **v),
+                    );
+                    all_finite(m) && all_finite(v)
+                }
+                (Update::Nesterov { lr, momentum }, BlockState::Momentum(m)) => {
+                    let (p, m_old) = (&src.params[lo..hi], &src.m[lo..hi]);
+                    for i in 0..out.len() {
+                        let g = p[i] - g[i];
+                        let buf = momentum * m_old[i] + g;
+                        m[i] = buf;
+                        out[i] = p[i] - lr * (g + momentum * buf);
                     }
-                    let finite = match (update, mv) {
-                        (Update::Adam(step), BlockState::Adam(m, v)) => {
-                            step.apply_into(
-                                (&src.params[lo..hi], &src.m[lo..hi], &src.v[lo..hi]),
-                                g,
-                                (&mut *out, &mut **m, &mut **v),
-                            );
-                            all_finite(m) && all_finite(v)
-                        }
-                        (Update::Nesterov { lr, momentum }, BlockState::Momentum(m)) => {
-                            let (p, m_old) = (&src.params[lo..hi], &src.m[lo..hi]);
-                            for i in 0..out.len() {
-                                let g = p[i] - g[i];
-                                let buf = momentum * m_old[i] + g;
-                                m[i] = buf;
-                                out[i] = p[i] - lr * (g + momentum * buf);
-                            }
-                            all_finite(m)
-                        }
-                        _ => {
-                            out.copy_from_slice(g);
-                            true
-                        }
-                    } && all_finite(out);
-                    wire::encode_into(out, wire, bytes);
-                    let mut h = crc32fast::Hasher::new();
-                    h.update(bytes);
-                    (h, finite)
-                })
-                .collect()
-        });
+                    all_finite(m)
+                }
+                _ => {
+                    out.copy_from_slice(g);
+                    true
+                }
+            } && all_finite(out);
+            wire::encode_into(out, wire, bytes);
+            let mut h = crc32fast::Hasher::new();
+            h.update(bytes);
+            (h, finite)
+        };
+        let crcs: Vec<(crc32fast::Hasher, bool)> = match &self.threads {
+            Some(pool) => pool.install(|| {
+                out.par_chunks_mut(BLOCK)
+                    .zip(payload.as_mut().par_chunks_mut(BLOCK * out_bpf))
+                    .zip(moments.par_iter_mut())
+                    .enumerate()
+                    .map(block)
+                    .collect()
+            }),
+            // One thread: on this one, without handing each range to a pool and back.
+            None => out
+                .chunks_mut(BLOCK)
+                .zip(payload.as_mut().chunks_mut(BLOCK * out_bpf))
+                .zip(moments.iter_mut())
+                .enumerate()
+                .map(block)
+                .collect(),
+        };
         let mut crc = crc32fast::Hasher::new();
         for (h, _) in &crcs {
             crc.combine(h);
@@ -626,7 +645,8 @@ mod tests {
 
     /// The sharded layout's arithmetic: R reducers, each over its span of the grid with its
     /// span's state, give the bits of one reducer over the whole grid (parameters, moments and
-    /// encoded results), for R = 1, 2, 3, whatever order the chunks arrive in.
+    /// encoded results), for R = 1, 2, 3, whatever order the chunks arrive in and on any number
+    /// of threads.
     #[test]
     fn reducers_of_spans_give_the_bits_of_one_over_the_grid() {
         let n = 23_000;
@@ -638,7 +658,8 @@ mod tests {
         adam.update(&mut p.clone(), &grad(9, n)).unwrap();
         let updates = [(3u64, grad(0, n)), (5u64, grad(1, n))];
         type Out = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<EncodedChunk>);
-        let run = |span: Range<usize>, backwards: bool| -> Out {
+        // `threads` 1 reduces on the calling thread, more on a pool: the bits are the same.
+        let run = |span: Range<usize>, backwards: bool, threads: usize| -> Out {
             let (lo, hi) = (grid[span.start].start, grid[span.end - 1].end);
             let src = Source {
                 params: &p[lo..hi],
@@ -651,7 +672,7 @@ mod tests {
                 span.clone(),
                 Encoding::F32,
                 Kept::AdamMoments,
-                2,
+                threads,
             )
             .unwrap();
             for (k, (samples, _)) in updates.iter().enumerate() {
@@ -675,11 +696,11 @@ mod tests {
             (red.next_params, red.next_m, red.next_v, closed.chunks)
         };
         let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-        let (wp, wm, wv, wc) = run(0..grid.len(), false);
+        let (wp, wm, wv, wc) = run(0..grid.len(), false, 1);
         for r in 1..=3 {
             let (mut sp, mut sm, mut sv, mut payloads) = (vec![], vec![], vec![], vec![]);
             for (j, span) in wire::spans(&grid, r).unwrap().into_iter().enumerate() {
-                let (p, m, v, chunks) = run(span.clone(), j % 2 == 1);
+                let (p, m, v, chunks) = run(span.clone(), j % 2 == 1, 2 + j % 2);
                 let offsets: Vec<u64> = chunks.iter().map(|c| c.offset).collect();
                 let want: Vec<u64> = span.clone().map(|i| grid[i].start as u64).collect();
                 assert_eq!(offsets, want, "{r} reducers: span {span:?}");

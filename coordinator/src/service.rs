@@ -15,6 +15,10 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::actor::{Msg, Progress, Published, PullReply};
 use crate::error::CoordinatorError;
 
+/// How long a reducer holds an update from a worker id it does not know for the coordinator's
+/// order that may name it (a member that joined again).
+const REJOIN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// No value of an update may be larger than this: a gradient (or a parameter) of 1e15 is
 /// already absurd, and squares of larger ones overflow Adam's f32 second moment to infinity,
 /// which freezes those parameters for good.
@@ -176,6 +180,31 @@ impl Service {
         self.opened.is_none()
     }
 
+    /// A reducer's pull under `layout` (the work order's): waits (up to the stall timeout)
+    /// for an assignment that has not reached this reducer yet, and refuses one under an
+    /// older layout: the spans moved, and the worker asks for its work order again.
+    pub async fn check_layout(&self, layout: Option<u64>) -> Result<(), Status> {
+        let Some(want) = layout.filter(|_| !self.serves_orders()) else {
+            return Ok(());
+        };
+        let mut published = self.published.clone();
+        let _ = tokio::time::timeout(self.stall, published.wait_for(|p| p.layout >= want)).await;
+        self.same_layout(want)
+    }
+
+    /// Refuses a pull under `want` once this reducer's spans were assigned under another
+    /// layout.
+    pub fn same_layout(&self, want: u64) -> Result<(), Status> {
+        let now = self.published.borrow().layout;
+        if now == want {
+            return Ok(());
+        }
+        Err(Status::failed_precondition(format!(
+            "this reducer's span was assigned under layout {now}, the pull names layout \
+             {want}: ask for the work order again"
+        )))
+    }
+
     /// The chunks this service's parameters and updates cover: the whole grid on the
     /// coordinator, the span assigned to a reducer.
     pub fn span(&self) -> Range<usize> {
@@ -221,21 +250,44 @@ impl Service {
             let mut opened = opened.clone();
             let want = first.round;
             let _ = tokio::time::timeout(self.stall, opened.wait_for(|&r| r >= want)).await;
+            // Likewise an update under a layout whose assignment has not reached it yet; one
+            // under an older layout was sent to the spans' former owners.
+            let mut published = self.published.clone();
+            let _ =
+                tokio::time::timeout(self.stall, published.wait_for(|p| p.layout >= first.layout))
+                    .await;
+            if self.published.borrow().layout != first.layout {
+                return Err(CoordinatorError::Dropped { round: want }.into());
+            }
         }
         let span = self.span();
         let mut asm = Assembler::span(self.grid.clone(), span.clone(), first.total_len, enc)
             .map_err(CoordinatorError::from)?;
         let (worker_id, round) = (first.worker_id.clone(), first.round);
-        let member = self
-            .ask(|reply| Msg::Begin {
+        let begin = || {
+            self.ask(|reply| Msg::Begin {
                 worker_id: worker_id.clone(),
                 round,
+                span: span.clone(),
                 samples: first.samples,
                 loss: first.loss,
                 encoding: enc,
                 reply,
             })
-            .await??;
+        };
+        // A reducer may get the update of a worker that joined again a moment before the
+        // coordinator's order that names its new id: it waits for the next order, once.
+        let mut orders = self.opened.clone();
+        if let Some(o) = orders.as_mut() {
+            o.borrow_and_update();
+        }
+        let member = match (begin().await?, orders.as_mut()) {
+            (Err(CoordinatorError::NotMember { .. }), Some(o)) => {
+                let _ = tokio::time::timeout(REJOIN_WAIT, o.changed()).await;
+                begin().await??
+            }
+            (r, _) => r?,
+        };
         // From here on, any way out but a complete update makes the actor forget this one.
         let mut guard = AbortOnDrop {
             tx: self.tx.clone(),

@@ -258,12 +258,19 @@ impl ShardActor {
             Msg::Begin {
                 worker_id,
                 round,
+                span,
                 samples,
                 loss,
                 encoding,
                 reply,
             } => {
-                let _ = reply.send(self.begin(&worker_id, round, samples, loss, encoding));
+                let r = match self.st.as_ref() {
+                    Some(st) if st.ready && st.span != span => {
+                        Err(CoordinatorError::Dropped { round })
+                    }
+                    _ => self.begin(&worker_id, round, samples, loss, encoding),
+                };
+                let _ = reply.send(r);
             }
             Msg::Chunk {
                 member,
@@ -285,6 +292,10 @@ impl ShardActor {
                 reply,
             } => {
                 let r = match self.st.as_mut() {
+                    // Its slot went with a new assignment of the span, or an abort.
+                    Some(st) if st.round == round && !st.reducer.has(member) => {
+                        Err(CoordinatorError::Dropped { round })
+                    }
                     Some(st) if st.round == round => st.reducer.end(member).map(|()| {
                         let loss = st.losses.get(&member).copied().unwrap_or(0.0);
                         (round, loss)
@@ -439,6 +450,7 @@ impl ShardActor {
             encoding: st.settings.wire,
             chunks: Arc::new(chunks),
             generations: Arc::new(generations),
+            layout: st.layout,
         }));
         self.progress
             .send_replace(Progress::empty(st.round, st.span.len()));
@@ -570,6 +582,25 @@ impl ShardActor {
                 for p in pieces(g.round, st.base, &st.params, m, v) {
                     self.report(Report::State(p));
                 }
+            }
+            Order::Rejoin(j) => {
+                let Some(st) = self.st.as_mut().filter(|s| s.round == j.round) else {
+                    return Ok(());
+                };
+                let k = j.member as usize;
+                if let Some(m) = st.members.iter_mut().find(|m| m.index == j.member) {
+                    m.worker_id = j.worker_id;
+                }
+                // An update the former process left half-sent is forgotten (one it completed
+                // stays: the same order gives the same update).
+                if st.reducer.has(k) && !st.reducer.complete(k) {
+                    st.losses.remove(&k);
+                    for i in st.reducer.abort(k) {
+                        self.show_progress(i);
+                    }
+                }
+                // Wakes streams of the new id that came before this order.
+                self.opened.send_modify(|_| {});
             }
             Order::Finish(_) => {
                 tracing::info!(rounds = self.rounds, "training finished");

@@ -355,6 +355,7 @@ mod tests {
             layout_hash: 42,
             total_crc32: Some(3),
             loss: 0.25,
+            layout: 2,
         }
     }
 

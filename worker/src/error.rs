@@ -45,6 +45,10 @@ pub enum WorkerError {
     Core(#[from] capsnet_core::CoreError),
     #[error("coordinator: {0}")]
     Rpc(#[from] tonic::Status),
+    /// A reducer of a sharded run failed while the update streamed to it (it died, or the
+    /// connection did): the worker asks the coordinator for the round's order again.
+    #[error("reducer: {0}")]
+    Reducer(tonic::Status),
     #[error("cannot reach the coordinator at {url} for {waited:?}: {last}")]
     Unreachable {
         url: String,
@@ -79,6 +83,7 @@ impl WorkerError {
             | WorkerError::DataMismatch { .. } => true,
             WorkerError::Core(e) => e.is_config(),
             WorkerError::Rpc(_)
+            | WorkerError::Reducer(_)
             | WorkerError::Unreachable { .. }
             | WorkerError::Proto(_)
             | WorkerError::Internal(_)

@@ -341,6 +341,8 @@ async fn train(
                     let range = capsnet_proto::work_range(&order, settings.train_len as usize)?;
                     let head = (order.round, range.len() as u64);
                     let (id, s) = (id.clone(), settings.clone());
+                    let sharded = settings.sharded;
+                    let layout_id = layout.as_ref().map_or(0, |l| l.id);
                     early = Some(AbortOnDrop(tokio::spawn(async move {
                         // No loss: the computation failed before its backward pass began.
                         let Ok(loss) = loss.await else {
@@ -351,11 +353,24 @@ async fn train(
                             let (id, s) = (id.clone(), s.clone());
                             async move {
                                 let chunks = tokio_stream::wrappers::ReceiverStream::new(chunks);
-                                used(
-                                    head.0,
-                                    push_chunks(&mut c, &id, &s, (head.0, head.1, loss), chunks)
-                                        .await,
+                                let pushed = push_chunks(
+                                    &mut c,
+                                    &id,
+                                    &s,
+                                    (head.0, head.1, loss),
+                                    layout_id,
+                                    chunks,
                                 )
+                                .await;
+                                match used(head.0, pushed) {
+                                    // A reducer, not the coordinator, failed.
+                                    Err(WorkerError::Rpc(st))
+                                        if sharded && retryable(st.code()) =>
+                                    {
+                                        Err(WorkerError::Reducer(st))
+                                    }
+                                    r => r,
+                                }
                             }
                         });
                         let all = futures_util::future::try_join_all(pushes).await?;
@@ -504,6 +519,21 @@ async fn train(
                 Err(WorkerError::Rpc(s)) if s.code() == Code::NotFound || retryable(s.code()) => {
                     tracing::warn!(status = %s, "lost the coordinator; joining again");
                     break Ok(None);
+                }
+                // The coordinator sees the reducer's loss (the spans move, the run rolls back)
+                // or not (a connection broke): either way the next work order says what to
+                // do, the same round again or another one.
+                // (A step cut short takes the model replica with it: that needs a new session.)
+                Err(WorkerError::Reducer(s)) if replica.is_none() => {
+                    tracing::warn!(status = %s, "a reducer failed mid-step; joining again");
+                    break Ok(None);
+                }
+                Err(WorkerError::Reducer(s)) => {
+                    tracing::warn!(status = %s, round = ?after, "a reducer failed mid-update; asking for the round's order again");
+                    after = after.and_then(|r| r.checked_sub(1));
+                    ready = None;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
                 }
                 Err(e) => break Err(e),
             }

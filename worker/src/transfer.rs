@@ -236,11 +236,12 @@ pub async fn pull_spans(
     grid: &Grid,
     params: &mut [f32],
 ) -> Result<u64> {
+    // The layout tells a reducer whose spans moved since to refuse the pull.
     let req = pb::PullRequest {
         worker_id: id.to_string(),
         after_round: after,
         encoding: enc as i32,
-        layout: None,
+        layout: Some(layout.id),
     };
     if grid.last().map_or(0, |r| r.end) != params.len() {
         return Err(WorkerError::Internal(
@@ -408,7 +409,10 @@ pub async fn fetch(
             Err(WorkerError::Rpc(s))
                 if matches!(
                     s.code(),
-                    Code::Aborted | Code::Unavailable | Code::InvalidArgument
+                    Code::Aborted
+                        | Code::Unavailable
+                        | Code::InvalidArgument
+                        | Code::FailedPrecondition
                 ) =>
             {
                 tracing::debug!(status = %s.message(), "pulling the spans again");
@@ -466,16 +470,18 @@ pub async fn push<V: AsRef<[f32]> + Send + 'static>(
         data,
     } = update;
     let chunks = tokio_stream::iter(chunk_encoder(data, s.wire, s.chunk_bytes, pool));
-    push_chunks(client, id, s, (round, samples, loss), chunks).await
+    push_chunks(client, id, s, (round, samples, loss), 0, chunks).await
 }
 
 /// Streams an update's chunks as they come (in any order on the run's grid, the last one sent
-/// carrying the checksum of the whole); `head` is its round, samples and loss.
+/// carrying the checksum of the whole); `head` is its round, samples and loss, and `layout` the
+/// id of the sharded layout it follows (0 without reducers).
 pub async fn push_chunks(
     client: &mut Client,
     id: &str,
     s: &RunSettings,
     head: (u64, u64, f64),
+    layout: u64,
     chunks: impl tokio_stream::Stream<Item = EncodedChunk> + Send + 'static,
 ) -> Result<()> {
     let (round, samples, loss) = head;
@@ -494,6 +500,7 @@ pub async fn push_chunks(
             layout_hash,
             total_crc32: c.total_crc32,
             loss,
+            layout,
         };
         futures_util::stream::iter(frame::frame_with_payload(
             &fields,
@@ -539,7 +546,7 @@ pub async fn push_spans(
             let chunks = tokio_stream::wrappers::ReceiverStream::new(chunks);
             used(
                 round,
-                push_chunks(&mut c, id, s, (round, samples, loss), chunks).await,
+                push_chunks(&mut c, id, s, (round, samples, loss), layout.id, chunks).await,
             )
         });
     let all = futures_util::future::try_join_all(pushes).await?;

@@ -140,10 +140,8 @@ impl Actor {
         }
         self.members.next_id += 1;
         let id = format!("{}-{}", self.members.id_prefix, self.members.next_id);
-        let in_plan = self
-            .plan
-            .as_ref()
-            .is_some_and(|p| p.member_index(&name).is_some());
+        let member = self.plan.as_ref().and_then(|p| p.member_index(&name));
+        let in_plan = member.is_some();
         let state = if in_plan && !self.finished {
             WorkerState::Healthy
         } else {
@@ -176,6 +174,18 @@ impl Actor {
             },
         );
         self.members.first_join.get_or_insert_with(Instant::now);
+        // A member of a sharded run's open round came back under a new id: its reducers take
+        // its update from that id now.
+        if state == WorkerState::Healthy
+            && let (Some(k), Some(sh)) = (member, &self.shards)
+            && !sh.accepted(k)
+        {
+            sh.all(pb::reducer_order::Order::Rejoin(pb::MemberRejoined {
+                round: self.round,
+                member: k as u32,
+                worker_id: id.clone(),
+            }));
+        }
         Ok(pb::JoinResponse {
             worker_id: id,
             rank,

@@ -333,6 +333,7 @@ impl Actor {
             Msg::Begin {
                 worker_id,
                 round,
+                span: _,
                 samples,
                 loss,
                 encoding,

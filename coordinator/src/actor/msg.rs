@@ -23,6 +23,8 @@ pub(crate) struct Published {
     pub chunks: Arc<Vec<EncodedChunk>>,
     /// The reduction that produced each chunk (0: encoded from the state, not reduced).
     pub generations: Arc<Vec<u64>>,
+    /// A reducer's: the layout id of its span's assignment (0 elsewhere).
+    pub layout: u64,
 }
 
 impl Published {
@@ -36,6 +38,7 @@ impl Published {
             encoding: Encoding::F32,
             chunks: Arc::new(vec![]),
             generations: Arc::new(vec![]),
+            layout: 0,
         }
     }
 }
@@ -83,6 +86,9 @@ pub(crate) enum Msg {
     Begin {
         worker_id: String,
         round: u64,
+        /// The grid chunks the stream takes (a reducer refuses a stream of a span it no
+        /// longer owns).
+        span: std::ops::Range<usize>,
         samples: u64,
         loss: f64,
         encoding: Encoding,

@@ -46,6 +46,7 @@ impl Actor {
             encoding: self.cfg.wire,
             chunks: Arc::new(chunks),
             generations: Arc::new(generations),
+            layout: 0,
         }));
         self.progress.send_replace(Progress::empty(self.round, n));
     }
@@ -575,7 +576,11 @@ impl Actor {
                 self.open_round();
             }
             self.publish_chunks(vec![], vec![]);
-            if finish || eval || checkpoint {
+            let due = self
+                .shards
+                .as_ref()
+                .is_some_and(|sh| sh.gather_due(self.cfg.gather_every));
+            if finish || eval || checkpoint || due {
                 self.gather(super::sharded::AfterGather {
                     eval,
                     checkpoint,

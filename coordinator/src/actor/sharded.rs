@@ -15,7 +15,7 @@
 //!   reducer's death rolls the run back to. The spans are then assigned again over the live
 //!   reducers from that state, the round counter and data position go back with it, and workers
 //!   see the new layout in their next work order. What is lost: the rounds since the last
-//!   gather (`--checkpoint-every` bounds it).
+//!   gather (at least every `--gather-every`, and at each checkpoint).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
@@ -98,6 +98,8 @@ pub(super) struct Shards {
     /// The state in the actor's `params`, `adam` and `outer_m` is the state before this round
     /// at this data position, after this many Adam steps: what a rollback returns to.
     known_good: (u64, DataPosition, u64),
+    /// When the last gather began (or the run, before the first).
+    gathered_at: Instant,
 }
 
 impl Shards {
@@ -115,7 +117,13 @@ impl Shards {
             gathering: None,
             commit: false,
             known_good: (round, position, step),
+            gathered_at: Instant::now(),
         }
+    }
+
+    /// `--gather-every` has passed since the last gather began.
+    pub(super) fn gather_due(&self, every: std::time::Duration) -> bool {
+        !every.is_zero() && self.gathered_at.elapsed() >= every
     }
 
     /// Every reducer of the layout has its span's state.
@@ -162,7 +170,7 @@ impl Shards {
             .collect()
     }
 
-    fn all(&self, o: Order) {
+    pub(super) fn all(&self, o: Order) {
         for (l, _, _) in &self.layout {
             l.send(o.clone());
         }
@@ -607,6 +615,7 @@ impl Actor {
             return;
         }
         sh.all(Order::Gather(pb::RoundRef { round }));
+        sh.gathered_at = Instant::now();
         sh.gathering = Some(Gathering {
             round,
             since: Instant::now(),
