@@ -91,6 +91,7 @@ pub(crate) struct Service {
 /// client went away and the handler was dropped mid-stream).
 struct AbortOnDrop {
     tx: mpsc::Sender<Msg>,
+    worker_id: String,
     member: usize,
     round: u64,
     armed: bool,
@@ -100,6 +101,7 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         if self.armed {
             let _ = self.tx.send(Msg::Abort {
+                worker_id: std::mem::take(&mut self.worker_id),
                 member: self.member,
                 round: self.round,
             });
@@ -291,6 +293,7 @@ impl Service {
         // From here on, any way out but a complete update makes the actor forget this one.
         let mut guard = AbortOnDrop {
             tx: self.tx.clone(),
+            worker_id: worker_id.clone(),
             member,
             round,
             armed: true,

@@ -316,11 +316,21 @@ impl ShardActor {
                 }
                 let _ = reply.send(r.map(|(round, _)| round));
             }
-            Msg::Abort { member, round } => {
+            Msg::Abort {
+                worker_id,
+                member,
+                round,
+            } => {
                 let Some(st) = self.st.as_mut() else {
                     return Ok(());
                 };
-                if st.round == round && !st.reducer.complete(member) {
+                // A stream of a member's former id (it joined again since) leaves the update of
+                // its new id alone.
+                let current = st
+                    .members
+                    .iter()
+                    .any(|m| m.index as usize == member && m.worker_id == worker_id);
+                if current && st.round == round && !st.reducer.complete(member) {
                     let forgotten = st.reducer.abort(member);
                     for i in forgotten {
                         self.show_progress(i);

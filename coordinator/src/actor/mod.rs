@@ -380,7 +380,7 @@ impl Actor {
                 }
                 let _ = reply.send(r);
             }
-            Msg::Abort { member, round } => {
+            Msg::Abort { member, round, .. } => {
                 if round == self.round && !self.reducer.complete(member) {
                     for i in self.reducer.abort(member) {
                         self.show_progress(i);

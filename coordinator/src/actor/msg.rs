@@ -109,8 +109,12 @@ pub(crate) enum Msg {
         sum_sq: f64,
         reply: oneshot::Sender<Result<u64>>,
     },
-    /// The update failed or its stream was dropped: forget it.
-    Abort { member: usize, round: u64 },
+    /// The update of `worker_id` failed or its stream was dropped: forget it.
+    Abort {
+        worker_id: String,
+        member: usize,
+        round: u64,
+    },
     Touch {
         worker_id: String,
         reply: oneshot::Sender<Result<(u64, WorkerState)>>,
