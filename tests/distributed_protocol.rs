@@ -900,6 +900,19 @@ fn a_reducer_streams_every_range_before_the_round_commits() {
         let e = push(&mut rb, stale).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
         assert!(e.message().contains("assigned anew"), "{e}");
+        // So is a pull under an older layout, named as such.
+        let stale_pull = pb::PullRequest {
+            worker_id: b.id.clone(),
+            after_round: None,
+            encoding: Encoding::F32 as i32,
+            layout: Some(layout - 1),
+        };
+        let e = match rb.rpc().pull_params(stale_pull).await {
+            Err(e) => e,
+            Ok(r) => r.into_inner().message().await.unwrap_err(),
+        };
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+        assert!(e.message().contains("ask for the work order again"), "{e}");
 
         // b sends every chunk of its update but keeps its stream open.
         let msgs = of_layout(chunks_msg(&b.id, 0, &s, samples(&orders[1]), &one));
