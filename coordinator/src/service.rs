@@ -325,7 +325,11 @@ impl Service {
                 max_abs: MAX_ABS,
                 max_delta: self.params_delta,
             };
-            match scan(&c.payload, enc, reference, bounds) {
+            let scanned = capsnet_core::simd::with_avx2(
+                #[inline(always)]
+                || scan(&c.payload, enc, reference, bounds),
+            );
+            match scanned {
                 Scan::Ok { sum_sq: s } => sum_sq += s,
                 Scan::Bad {
                     index: i,

@@ -10,6 +10,7 @@
 //! - [`layers`], [`cnn`]: the paper's CNN baseline ([`CnnBaseline`], [`CnnConfig`]): padded
 //!   convolutions, max pooling, fully connected layers, dropout and softmax cross-entropy.
 //! - [`optim`]: Adam with an exponential or cosine learning-rate schedule.
+//! - [`simd`]: a hot loop compiled for AVX2 as well, picked at run time.
 //! - [`data`]: IDX files, epochs, batches and the paper's shift augmentation.
 //! - [`checkpoint`]: safetensors checkpoints (atomic writes, keep last N).
 //! - [`run`]: one run's lifecycle (fresh start or resume, config.json, metrics, checkpoints),
@@ -40,6 +41,7 @@ pub mod optim;
 pub mod params;
 pub mod rng;
 pub mod run;
+pub mod simd;
 pub mod train;
 
 pub use cnn::{CnnBaseline, CnnTimings, CnnWorkspace};

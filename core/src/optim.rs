@@ -102,6 +102,7 @@ impl AdamStep {
 
     /// Writes the updated `p`, `m` and `v` to the `*_out` slices, leaving the inputs as they
     /// were (all slices the same length).
+    #[inline]
     pub fn apply_into(
         &self,
         (p, m, v): (&[f32], &[f32], &[f32]),

@@ -21,6 +21,7 @@ pub const DEFAULT_CHUNK_BYTES: usize = 1 << 20;
 /// CPU work, smaller chunks cost more per byte, so one coordinator keeps 1 MiB.
 pub const SHARDED_CHUNK_BYTES: usize = 256 << 10;
 
+#[inline]
 pub fn bytes_per_float(enc: Encoding) -> usize {
     if enc == Encoding::Bf16 { 2 } else { 4 }
 }
@@ -58,6 +59,7 @@ pub fn encode(values: &[f32], enc: Encoding) -> Bytes {
 }
 
 /// Encodes floats into a buffer of `pool` (memory of earlier payloads, no page faults).
+#[inline(always)]
 pub fn encode_pooled(values: &[f32], enc: Encoding, pool: &BufPool) -> Bytes {
     let mut b = pool.take(values.len() * bytes_per_float(enc));
     encode_into(values, enc, b.as_mut());
@@ -67,6 +69,7 @@ pub fn encode_pooled(values: &[f32], enc: Encoding, pool: &BufPool) -> Bytes {
 /// Writes the payload bytes of `values` to `out`, which holds exactly
 /// `values.len() * bytes_per_float(enc)` bytes. bf16 rounds each float branch-free, so the loop
 /// vectorizes; f32 on a little-endian machine is one copy.
+#[inline]
 pub fn encode_into(values: &[f32], enc: Encoding, out: &mut [u8]) {
     assert_eq!(
         out.len(),
@@ -169,6 +172,7 @@ impl Drop for PoolBuf {
 }
 
 /// Decodes a payload into `out` (whose length must match).
+#[inline]
 pub fn decode_into(payload: &[u8], enc: Encoding, out: &mut [f32]) -> Result<()> {
     let n = bytes_per_float(enc);
     if payload.len() != out.len() * n {
@@ -225,6 +229,7 @@ pub struct Bounds {
 /// `x - reference` (the reference decoded from its own encoding; zero without one): an
 /// update's squared norm, or in params mode its squared distance from the parameters it
 /// started from. One pass, in blocks summed in f32 and added up in f64.
+#[inline(always)]
 pub fn scan(
     payload: &[u8],
     enc: Encoding,
@@ -280,6 +285,7 @@ pub fn scan(
 
 /// The sum of squares of `x - r` (of `x` without `r`), and whether some `|x| > max_abs`
 /// (NaN and infinities included, compared on the bits): eight lanes, so the loop vectorizes.
+#[inline]
 fn squares_within(x: &[f32], r: Option<&[f32]>, max_abs: f32) -> (f32, bool) {
     let max_bits = max_abs.to_bits();
     let mut lanes = [0.0f32; 8];
@@ -312,6 +318,7 @@ fn squares_within(x: &[f32], r: Option<&[f32]>, max_abs: f32) -> (f32, bool) {
 
 /// `out += w * payload` element by element (the payload decoded from `enc`; lengths must
 /// match).
+#[inline]
 pub fn add_scaled(out: &mut [f32], w: f32, payload: &[u8], enc: Encoding) {
     match enc {
         Encoding::Bf16 => {

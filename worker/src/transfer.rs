@@ -315,7 +315,11 @@ async fn pull_span_stream(
             return Err(tonic::Status::data_loss("the round changed mid-stream").into());
         }
         let (_, r) = asm.check(ChunkIn::from(&c))?;
-        capsnet_proto::wire::decode_into(&c.payload, enc, &mut out[r.start - base..r.end - base])?;
+        let out = &mut out[r.start - base..r.end - base];
+        capsnet_core::simd::with_avx2(
+            #[inline(always)]
+            || capsnet_proto::wire::decode_into(&c.payload, enc, out),
+        )?;
         next = stream.message().await?;
     }
     stream.status().await?;
@@ -657,7 +661,11 @@ impl ChunkSender {
                 continue;
             }
             let r = self.grid[i].clone();
-            let payload = encode_pooled(&tail[r.start - from..r.end - from], self.wire, &self.pool);
+            let values = &tail[r.start - from..r.end - from];
+            let payload = capsnet_core::simd::with_avx2(
+                #[inline(always)]
+                || encode_pooled(values, self.wire, &self.pool),
+            );
             let mut h = crc32fast::Hasher::new();
             h.update(&payload);
             out.crc.record(i - out.span.start, h.clone());
