@@ -220,11 +220,14 @@ async fn synthetic_worker(url: String, token: String, rank: usize, spans: Spans)
 }
 
 /// Binds a loopback port for the reducer of synthetic worker `rank` and returns it serving
-/// there until the coordinator says training is over, its bulk RPCs also in `local`.
+/// there until the coordinator says training is over, its bulk RPCs also in `local`. It
+/// reduces on `threads` threads: the worker's share of the cores, as `capsnet launch` gives
+/// each worker (`--threads`, which its reducer uses too).
 async fn co_located_reducer(
     url: &str,
     token: &str,
     rank: usize,
+    threads: usize,
     local: capsnet_proto::frame::LocalReducer,
 ) -> Result<impl Future<Output = Result<()>> + Send + 'static> {
     let io = |what| move |source| BenchError::Io { what, source };
@@ -237,7 +240,7 @@ async fn co_located_reducer(
         token: token.to_string().into(),
         advertise: format!("http://{address}"),
         name: format!("reducer-{rank}"),
-        threads: capsnet_core::train::default_threads(),
+        threads,
         tls: None,
         coordinator_tls: None,
         give_up_after: Duration::from_secs(30),
@@ -340,6 +343,7 @@ pub fn measure(s: &SyncSettings) -> Result<SyncRow> {
         // rounds take well under a second on 2 cores).
         let limit = Duration::from_secs(120 + 10 * rounds as u64);
         let mut threads = vec![];
+        let share = (capsnet_core::train::default_threads() / workers).max(1);
         for rank in 0..workers {
             let (url, token, spans) = (url.clone(), token.clone(), spans.clone());
             let sharded = s.reducers > 0;
@@ -368,7 +372,8 @@ pub fn measure(s: &SyncSettings) -> Result<SyncRow> {
                             let local = reducer.then(capsnet_proto::frame::LocalReducer::default);
                             let served = match &local {
                                 Some(slot) => Some(tokio::spawn(
-                                    co_located_reducer(&url, &token, rank, slot.clone()).await?,
+                                    co_located_reducer(&url, &token, rank, share, slot.clone())
+                                        .await?,
                                 )),
                                 None => None,
                             };
