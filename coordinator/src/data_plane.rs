@@ -82,6 +82,10 @@ where
 /// The bulk RPCs of `svc` for callers in this process ([`InProcess`]): the same token check,
 /// the same handling and answers as over the network, without a socket.
 pub(crate) fn in_process(svc: Service, auth: TokenCheck, url: String) -> InProcess {
+    let svc = Service {
+        in_process: true,
+        ..svc
+    };
     InProcess::new(url, move |req| {
         let (svc, auth) = (svc.clone(), auth.clone());
         Box::pin(async move {
@@ -332,7 +336,7 @@ async fn speculate(
             }
         };
         for (i, g, c) in early {
-            svc.metrics.wire(wire, "out", c.payload.len() as u64);
+            svc.count_wire(wire, "out", c.payload.len() as u64);
             crcs.record(
                 i,
                 crc32fast::Hasher::new_with_initial_len(c.crc32, c.payload.len() as u64),
@@ -361,8 +365,7 @@ async fn speculate(
                     ));
                 }
                 let done: Vec<bool> = sent.iter().map(Option::is_some).collect();
-                svc.metrics
-                    .wire(wire, "out", payload_bytes(&snapshot, &done));
+                svc.count_wire(wire, "out", payload_bytes(&snapshot, &done));
                 for b in round_frames(&snapshot, &done, order) {
                     send(b).await?;
                 }
@@ -403,8 +406,7 @@ async fn serve(
         let mut published = svc.published.clone();
         published.borrow_and_update();
         if let PullReply::Ready(order, snapshot) = svc.ask_pull(&r).await? {
-            svc.metrics
-                .wire(snapshot.encoding, "out", payload_bytes(&snapshot, &[]));
+            svc.count_wire(snapshot.encoding, "out", payload_bytes(&snapshot, &[]));
             return Ok(stream_frames(
                 round_frames(&snapshot, &[], order),
                 svc.stall,

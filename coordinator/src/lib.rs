@@ -190,6 +190,7 @@ pub async fn serve(
         liveness: liveness.clone(),
         metrics: metrics.clone(),
         opened: None,
+        in_process: false,
     };
     let metrics_server = metrics_listener.map(|l| {
         if let Ok(a) = l.local_addr() {

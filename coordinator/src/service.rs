@@ -85,6 +85,9 @@ pub(crate) struct Service {
     /// A reducer's open round: an update for a round it has not opened yet (its order is on
     /// the way from the coordinator) waits for it, up to `stall`. None on the coordinator.
     pub opened: Option<watch::Receiver<u64>>,
+    /// This copy serves callers in this process ([`crate::data_plane::in_process`]): what it
+    /// moves is not counted as wire bytes.
+    pub in_process: bool,
 }
 
 /// Tells the actor to forget an update whose stream ended early or failed (also when the
@@ -110,6 +113,14 @@ impl Drop for AbortOnDrop {
 }
 
 impl Service {
+    /// Counts `bytes` of `encoding` as having crossed the network (`direction` in or out),
+    /// unless this copy serves callers in this process.
+    pub fn count_wire(&self, encoding: Encoding, direction: &str, bytes: u64) {
+        if !self.in_process {
+            self.metrics.wire(encoding, direction, bytes);
+        }
+    }
+
     /// Asks the actor on the data lane (pulls and updates of members).
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Msg) -> Result<T, Status> {
         self.ask_in(&self.lanes.data, make).await
@@ -353,7 +364,7 @@ impl Service {
                     .into());
                 }
             }
-            self.metrics.wire(enc, "in", c.payload.len() as u64);
+            self.count_wire(enc, "in", c.payload.len() as u64);
             self.tx
                 .send(Msg::Chunk {
                     member,

@@ -938,6 +938,7 @@ pub async fn serve_reducer(
         liveness: liveness.clone(),
         metrics: metrics.clone(),
         opened: Some(opened_rx),
+        in_process: false,
     };
     drop(tx);
     let check = crate::auth::TokenCheck::new(cfg.token.expose());

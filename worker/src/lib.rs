@@ -298,7 +298,11 @@ async fn train(
                             pull_into(&mut client, &id, after, settings.wire, &grid, &mut pulled)
                                 .await?
                         };
-                        metrics.wire(settings.wire, "in", total);
+                        metrics.wire(
+                            settings.wire,
+                            "in",
+                            reducers.network_floats(layout.as_ref(), &grid),
+                        );
                         o
                     }
                 };
@@ -455,9 +459,20 @@ async fn train(
                         };
                         let ((params, update, samples, loss, computed), used, (next, next_layout)) =
                             tokio::try_join!(compute, pushing, pulling)?;
+                        // What crossed the network: the spans not served in this process.
+                        metrics.wire(
+                            settings.wire,
+                            "out",
+                            reducers.network_floats(layout.as_ref(), &grid),
+                        );
                         if settings.sharded {
                             layout = next_layout;
                         }
+                        metrics.wire(
+                            settings.wire,
+                            "in",
+                            reducers.network_floats(layout.as_ref(), &grid),
+                        );
                         second = params;
                         pulled = next_params;
                         (used, next, Some(update), samples, loss, computed)
@@ -483,6 +498,8 @@ async fn train(
                         let pulling =
                             pull_into(&mut puller, &id, after, settings.wire, &grid, &mut pulled);
                         let (used, next) = tokio::try_join!(pushing, pulling)?;
+                        metrics.wire(settings.wire, "out", total);
+                        metrics.wire(settings.wire, "in", total);
                         // The stream that sent the update is done with it by now (or else it
                         // is left to be freed, and the next update gets a fresh buffer).
                         (
@@ -495,8 +512,6 @@ async fn train(
                         )
                     }
                 };
-                metrics.wire(settings.wire, "out", total);
-                metrics.wire(settings.wire, "in", total);
                 metrics.round(samples, loss, computed - started, computed.elapsed(), used);
                 if let (Some(r), Some(v)) = (replica.as_mut(), update) {
                     r.recycle(v);

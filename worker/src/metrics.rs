@@ -85,7 +85,8 @@ impl WorkerMetrics {
         );
         r.register(
             "wire_bytes",
-            "Payload bytes of parameters pulled (in) and updates pushed (out)",
+            "Payload bytes of parameters pulled (in) and updates pushed (out) over the network \
+             (not the span of a reducer served in this process)",
             m.wire_bytes.clone(),
         );
         r.register(

@@ -197,6 +197,22 @@ impl Reducers {
         }
     }
 
+    /// The floats of `grid` that cross the network under `layout`: all of them, less the spans
+    /// of a reducer served in this process (none without a layout: the coordinator's path).
+    pub fn network_floats(&self, layout: Option<&Layout>, grid: &Grid) -> u64 {
+        let total = grid.last().map_or(0, |r| r.end);
+        let local: usize = layout
+            .into_iter()
+            .flat_map(|l| &l.owners)
+            .filter(|(a, _)| self.local.as_ref().is_some_and(|l| l.get(a).is_some()))
+            .filter_map(|(_, span)| {
+                let (first, last) = (grid.get(span.start)?, grid.get(span.end.checked_sub(1)?)?);
+                Some(last.end - first.start)
+            })
+            .sum();
+        total.saturating_sub(local) as u64
+    }
+
     /// A client of each owner of `layout`, in its order (connecting to new ones; forgetting
     /// the ones it no longer names).
     pub async fn clients(&mut self, layout: &Layout) -> Result<Vec<Client>> {
@@ -709,6 +725,32 @@ pub(crate) fn used(round: u64, pushed: Result<()>) -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Wire bytes count what crosses the network: the spans of a reducer served in this
+    /// process do not, and they count again once it stops serving.
+    #[test]
+    fn the_own_reducers_span_is_not_network_traffic() {
+        let grid = Assembler::grid(10, Encoding::F32, 16);
+        let layout = Layout {
+            id: 1,
+            owners: vec![
+                ("http://own:1".into(), 0..1),
+                ("http://other:2".into(), 1..grid.len()),
+            ],
+        };
+        let local = capsnet_proto::frame::LocalReducer::default();
+        let reducers = Reducers::new("t", None, None, Some(local.clone()));
+        assert_eq!(reducers.network_floats(None, &grid), 10);
+        assert_eq!(reducers.network_floats(Some(&layout), &grid), 10);
+        local.set(Some(capsnet_proto::frame::InProcess::new(
+            "http://own:1".into(),
+            |_| Box::pin(async { http::Response::new(tonic::body::Body::empty()) }),
+        )));
+        assert_eq!(reducers.network_floats(Some(&layout), &grid), 10 - 4);
+        assert_eq!(reducers.network_floats(None, &grid), 10);
+        local.set(None);
+        assert_eq!(reducers.network_floats(Some(&layout), &grid), 10);
+    }
 
     /// The sender sends each chunk once the reported final part covers it, from the last
     /// chunk down, the last one sent carrying the checksum of the whole; the chunks assemble
