@@ -498,7 +498,6 @@ impl Reducer {
     }
 }
 
-/// Every value is finite (no early exit: the block is in L1 and the loop vectorizes).
 /// One block of a range: the weighted sum of the members' payloads (`inputs`, from float
 /// `b` of the range), the update of `src` (this block's slices) into `out` and the new
 /// optimizer state, the encoding into `bytes` and its checksum; false when anything new is not
@@ -562,6 +561,7 @@ fn reduce_block_body(
     (h, finite)
 }
 
+/// Every value is finite (no early exit: the block is in L1 and the loop vectorizes).
 #[inline]
 fn all_finite(x: &[f32]) -> bool {
     x.iter().fold(true, |a, v| a & v.is_finite())
