@@ -79,12 +79,17 @@ fn request_timeout(cfg: &CoordinatorConfig) -> Duration {
     (2 * cfg.round_timeout).max(Duration::from_secs(120))
 }
 
+/// How many bytes one HTTP/2 connection may have in flight to the coordinator or a reducer
+/// before they are read: with a 16 MiB window per stream, what bounds the memory a peer's
+/// unread data costs.
+pub const CONNECTION_WINDOW: u32 = 32 << 20;
+
 /// The HTTP/2 server of the coordinator and of a reducer, every request answered within
 /// `timeout`.
 fn server(timeout: Duration, tls: Option<ServerTlsConfig>) -> Result<Server> {
     let mut builder = Server::builder()
         .initial_stream_window_size(Some(16 << 20))
-        .initial_connection_window_size(Some(32 << 20))
+        .initial_connection_window_size(Some(CONNECTION_WINDOW))
         // A 1 MiB chunk in one or two HTTP/2 frames instead of 64 of the default 16 KiB.
         .max_frame_size(Some(2 << 20))
         // A peer that stops answering pings is dropped within 30 s.
