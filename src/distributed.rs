@@ -270,6 +270,11 @@ pub struct ReducerArgs {
     max_connections: usize,
     #[arg(long, env = "CAPSNET_MAX_CONNECTIONS_PER_IP", default_value_t = 64)]
     max_connections_per_ip: usize,
+    /// Serve Prometheus metrics at http://ADDR/metrics (rounds committed and their times, the
+    /// span owned, updates completed and aborted, gathers, bytes by wire encoding,
+    /// connections).
+    #[arg(long, env = "CAPSNET_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Write the URL it is reached at to this file once listening (tests and scripts).
     #[arg(long, hide = true)]
     ready_file: Option<PathBuf>,
@@ -349,9 +354,27 @@ pub fn reducer(a: ReducerArgs) -> Result<()> {
         max_connections: a.max_connections,
         max_connections_per_ip: a.max_connections_per_ip,
         local: None,
+        metrics: capsnet_coordinator::ReducerMetrics::new(),
     };
     let out = runtime()?.block_on(async {
         let stop = shutdown_signal();
+        let metrics = match a.metrics_listen {
+            Some(addr) => {
+                let l = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("--metrics-listen {addr}"))?;
+                if let Ok(a) = l.local_addr() {
+                    tracing::info!(address = %a, "metrics at http://{a}/metrics");
+                }
+                let m = base.metrics.clone();
+                Some(tokio::spawn(capsnet_proto::metrics_http::serve(
+                    l,
+                    std::sync::Arc::new(move || m.encode()),
+                    std::future::pending(),
+                )))
+            }
+            None => None,
+        };
         let (listener, cfg) = reducer_config(
             &a.listen,
             a.advertise.as_deref(),
@@ -359,7 +382,11 @@ pub fn reducer(a: ReducerArgs) -> Result<()> {
             a.ready_file.as_ref(),
         )
         .await?;
-        anyhow::Ok(capsnet_coordinator::serve_reducer(listener, cfg, stop).await?)
+        let out = capsnet_coordinator::serve_reducer(listener, cfg, stop).await;
+        if let Some(m) = metrics {
+            m.abort();
+        }
+        anyhow::Ok(out?)
     })?;
     if !out.finished {
         println!("reducer: {} rounds committed, stopped", out.rounds);
@@ -493,6 +520,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
     if threads == 0 {
         return Err(ConfigError("threads must be at least 1".into()).into());
     }
+    let reducer_metrics = capsnet_coordinator::ReducerMetrics::new();
     let cfg = capsnet_worker::WorkerConfig {
         coordinator: a.coordinator.clone(),
         token: a.token.token()?.into(),
@@ -509,6 +537,11 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
             .serve_reducer
             .is_some()
             .then(capsnet_proto::frame::LocalReducer::default),
+        // The reducer's metrics beside the worker's, at the worker's --metrics-listen.
+        more_metrics: a.serve_reducer.is_some().then(|| {
+            let m = reducer_metrics.clone();
+            capsnet_proto::metrics_http::Source(std::sync::Arc::new(move || m.encode()))
+        }),
     };
     let Some(listen) = a.serve_reducer.clone() else {
         let out =
@@ -543,6 +576,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
         max_connections_per_ip: 64,
         // The worker reaches its own span in process, without a socket.
         local: cfg.local_reducer.clone(),
+        metrics: reducer_metrics,
     };
     let out = runtime()?.block_on(async {
         let (listener, rcfg) = reducer_config(

@@ -358,30 +358,6 @@ fn a_slow_worker_is_marked_a_straggler_and_dropped() {
     s.coord.expect_success(Duration::from_secs(30));
 }
 
-/// `GET /metrics` on `addr`; the response's status line and body.
-fn scrape(addr: &str, path: &str) -> (String, String) {
-    use std::io::{Read, Write};
-    let mut c = std::net::TcpStream::connect(addr).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(c, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
-    let mut text = String::new();
-    c.read_to_string(&mut text).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    (head.lines().next().unwrap().to_string(), body.to_string())
-}
-
-/// The value of the sample `name` (with its labels, as printed) in an OpenMetrics body.
-fn sample(body: &str, name: &str) -> Option<f64> {
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-}
-
-/// A loopback address with a port that was free a moment ago.
-fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
-}
-
 /// --metrics-listen serves Prometheus metrics during a run, on the coordinator and on a
 /// worker, and they move: rounds, members by state, heartbeat ages, bytes by direction; the
 /// worker's updates, step times and bytes. Other paths get 404, and an endless request is cut

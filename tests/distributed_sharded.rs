@@ -545,3 +545,113 @@ fn a_worker_pushes_to_and_pulls_from_its_own_reducer_in_process() {
     let own = one_worker("own", "1", &serve);
     same_checkpoints(&one, &own, 4, "a worker and its own reducer, in process");
 }
+
+/// A reducer's metrics: `capsnet reducer --metrics-listen` serves its own (`capsnet_reducer_*`),
+/// and a worker with `--serve-reducer` serves its reducer's beside its own at its
+/// `--metrics-listen`, as one exposition. Both move during a run, and the two spans they report
+/// cover the model.
+#[test]
+fn reducers_serve_their_metrics_alone_and_beside_their_worker() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = synthetic(tmp.path(), 64);
+    let run = tmp.path().join("run");
+    let args = [
+        "--batch-size",
+        "4",
+        "--epochs",
+        "1000",
+        "--expect-workers",
+        "2",
+        "--min-workers",
+        "2",
+        "--reducers",
+        "2",
+        "--chunk-bytes",
+        "4096",
+        "--log-every",
+        "100000",
+    ];
+    let (mut coord, url) = tiny_coordinator(tmp.path(), "coordinator", &d, &run, &args);
+    let (alone, beside) = (free_addr(), free_addr());
+    let _reducer = reducer(tmp.path(), &url, "alone", &["--metrics-listen", &alone]);
+    let _w0 = worker(
+        tmp.path(),
+        &url,
+        0,
+        &d,
+        &[
+            "--serve-reducer",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            &beside,
+        ],
+    );
+    let _w1 = worker(tmp.path(), &url, 1, &d, &[]);
+    wait_for("5 rounds", Duration::from_secs(60), || {
+        (common::rounds(&run).len() >= 5).then_some(())
+    });
+    let (status, r) = scrape(&alone, "/metrics");
+    assert!(status.contains("200"), "{status}");
+    let committed = sample(&r, "capsnet_reducer_rounds_total").unwrap();
+    assert!(committed >= 1.0, "{r}");
+    assert_eq!(
+        sample(&r, "capsnet_reducer_assignments_total"),
+        Some(1.0),
+        "{r}"
+    );
+    assert_eq!(
+        sample(&r, "capsnet_reducer_coordinator_sessions_total"),
+        Some(1.0),
+        "{r}"
+    );
+    assert!(
+        sample(&r, "capsnet_reducer_updates_total").is_some_and(|n| n >= committed),
+        "{r}"
+    );
+    assert!(
+        sample(&r, "capsnet_reducer_round_seconds_count").is_some_and(|n| n >= committed),
+        "{r}"
+    );
+    assert!(sample(&r, "capsnet_reducer_last_round_timestamp_seconds").unwrap() > 1.7e9);
+    assert!(
+        sample(&r, "capsnet_reducer_connections").is_some_and(|n| n >= 1.0),
+        "{r}"
+    );
+    for dir in ["in", "out"] {
+        let name =
+            format!(r#"capsnet_reducer_wire_bytes_total{{encoding="f32",direction="{dir}"}}"#);
+        assert!(sample(&r, &name).is_some_and(|b| b > 0.0), "{name}: {r}");
+    }
+    // Nothing of the coordinator's (membership, evaluation) is claimed by a reducer.
+    assert!(!r.contains("capsnet_members"), "{r}");
+    assert!(!r.contains("capsnet_test_accuracy"), "{r}");
+    // The worker's exposition: its own metrics, then its reducer's, one EOF at the end.
+    let (status, w) = scrape(&beside, "/metrics");
+    assert!(status.contains("200"), "{status}");
+    assert!(sample(&w, "capsnet_worker_joins_total").is_some(), "{w}");
+    assert!(
+        sample(&w, "capsnet_reducer_rounds_total").is_some_and(|n| n >= 1.0),
+        "{w}"
+    );
+    assert_eq!(w.matches("# EOF").count(), 1, "{w}");
+    assert!(w.ends_with("# EOF\n"), "{w}");
+    // `--model tiny`: the tiny network on 28x28 images of 10 classes.
+    let tiny = capsnet_core::CapsNetConfig {
+        image_size: 28,
+        conv1_kernel: 9,
+        primary_kernel: 9,
+        classes: 10,
+        ..capsnet_core::CapsNetConfig::tiny()
+    };
+    let total = capsnet_core::ParamLayout::for_config(&tiny).total() as f64;
+    let spans = [&r, &w].map(|b| sample(b, "capsnet_reducer_span_floats").unwrap());
+    assert!(spans.iter().all(|&n| n > 0.0), "{spans:?}");
+    assert_eq!(spans[0] + spans[1], total, "{spans:?}");
+    // They move.
+    wait_for("more rounds committed", Duration::from_secs(60), || {
+        let (_, r) = scrape(&alone, "/metrics");
+        (sample(&r, "capsnet_reducer_rounds_total").unwrap() >= committed + 5.0).then_some(())
+    });
+    coord.signal(libc::SIGTERM);
+    coord.expect_success(Duration::from_secs(30));
+}

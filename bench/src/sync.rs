@@ -247,6 +247,7 @@ async fn co_located_reducer(
         max_connections: 64,
         max_connections_per_ip: 64,
         local: Some(local),
+        metrics: Default::default(),
     };
     Ok(async move {
         capsnet_coordinator::serve_reducer(listener, cfg, std::future::pending()).await?;

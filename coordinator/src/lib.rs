@@ -45,7 +45,7 @@ mod shard;
 pub use actor::Outcome;
 pub use config::{CoordinatorConfig, OuterOptimizer, TlsFiles};
 pub use error::{CoordinatorError, Result};
-pub use shard::{CoordinatorTls, ReducerConfig, ReducerOutcome, serve_reducer};
+pub use shard::{CoordinatorTls, ReducerConfig, ReducerMetrics, ReducerOutcome, serve_reducer};
 
 fn tls_config(files: &TlsFiles) -> Result<ServerTlsConfig> {
     let read = |p: &std::path::Path| {

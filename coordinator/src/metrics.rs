@@ -1,7 +1,8 @@
 //! Metrics for operators, in the Prometheus/OpenMetrics text format at `/metrics` on
 //! `--metrics-listen`: rounds and their times, throughput, members by state, each worker's
 //! heartbeat age, update latency, pace and straggler mark, bytes moved by wire encoding, the last evaluation,
-//! and timestamps of the last round and checkpoint (for "training is stuck" alerts).
+//! and timestamps of the last round and checkpoint (for "training is stuck" alerts). A reducer
+//! serves its own subset under `capsnet_reducer_` ([`Metrics::reducer`]).
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -59,6 +60,14 @@ pub(crate) struct Metrics {
     pub checkpoint_failures: Counter,
     pub connections: Gauge,
     pub connections_refused: Counter,
+    /// A reducer's: floats of the span it owns, spans assigned to it, updates completed and
+    /// aborted here, gathers sent, sessions opened with the coordinator.
+    pub span_floats: Gauge,
+    pub assignments: Counter,
+    pub updates: Counter,
+    pub updates_aborted: Counter,
+    pub gathers: Counter,
+    pub sessions: Counter,
 }
 
 /// Seconds since the Unix epoch, for the timestamp gauges.
@@ -69,9 +78,8 @@ pub(crate) fn unix_now() -> f64 {
 }
 
 impl Metrics {
-    pub fn new() -> Arc<Self> {
-        let mut registry = Registry::with_prefix("capsnet");
-        let m = Metrics {
+    fn unregistered() -> Self {
+        Metrics {
             rounds: Counter::default(),
             round_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
             sync_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
@@ -96,8 +104,20 @@ impl Metrics {
             checkpoint_failures: Counter::default(),
             connections: Gauge::default(),
             connections_refused: Counter::default(),
+            span_floats: Gauge::default(),
+            assignments: Counter::default(),
+            updates: Counter::default(),
+            updates_aborted: Counter::default(),
+            gathers: Counter::default(),
+            sessions: Counter::default(),
             registry: Registry::default(),
-        };
+        }
+    }
+
+    /// The coordinator's metrics (`capsnet_*`).
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("capsnet");
+        let m = Self::unregistered();
         let r = &mut registry;
         r.register("rounds", "Rounds closed", m.rounds.clone());
         r.register(
@@ -194,6 +214,72 @@ impl Metrics {
         r.register(
             "connections",
             "Connections open to the gRPC port",
+            m.connections.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Connections closed when accepted: --max-connections or --max-connections-per-ip reached",
+            m.connections_refused.clone(),
+        );
+        Arc::new(Metrics { registry, ..m })
+    }
+
+    /// A reducer's metrics (`capsnet_reducer_*`): what it moves and reduces, not the run's
+    /// membership or evaluation (the coordinator's).
+    pub fn reducer() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("capsnet_reducer");
+        let m = Self::unregistered();
+        let r = &mut registry;
+        r.register("rounds", "Rounds committed here", m.rounds.clone());
+        r.register(
+            "round_seconds",
+            "Time from a round's opening here to its close (every member's update reduced)",
+            m.round_seconds.clone(),
+        );
+        r.register(
+            "last_round_timestamp_seconds",
+            "When this reducer last committed a round (Unix time)",
+            m.last_round_timestamp.clone(),
+        );
+        r.register(
+            "span_floats",
+            "Floats of the span this reducer owns (0 before the coordinator assigns one)",
+            m.span_floats.clone(),
+        );
+        r.register(
+            "assignments",
+            "Spans the coordinator assigned here (more than one: a reducer was lost or the \
+             coordinator restarted)",
+            m.assignments.clone(),
+        );
+        r.register(
+            "updates",
+            "Workers' updates of the span completed here",
+            m.updates.clone(),
+        );
+        r.register(
+            "updates_aborted",
+            "Workers' updates dropped here half-sent (the stream failed or was refused)",
+            m.updates_aborted.clone(),
+        );
+        r.register(
+            "gathers",
+            "Times the span's state was sent to the coordinator (evaluation, checkpoint, gather)",
+            m.gathers.clone(),
+        );
+        r.register(
+            "coordinator_sessions",
+            "Control sessions opened with the coordinator (more than one: it was reconnected)",
+            m.sessions.clone(),
+        );
+        r.register(
+            "wire_bytes",
+            "Payload bytes of updates received (in) and parameters served (out) over the network",
+            m.wire_bytes.clone(),
+        );
+        r.register(
+            "connections",
+            "Connections open to the reducer's port",
             m.connections.clone(),
         );
         r.register(

@@ -24,6 +24,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::actor::{Msg, Progress, Published, PullReply};
 use crate::error::{CoordinatorError, Result};
+use crate::metrics::{Metrics, unix_now};
 use crate::reduce::{Closed, Kept, Reducer, Source};
 use crate::{TlsFiles, conn, service};
 
@@ -55,6 +56,37 @@ pub struct ReducerConfig {
     pub max_connections_per_ip: usize,
     /// Where to leave the handle for in-process calls (a reducer served inside a worker).
     pub local: Option<capsnet_proto::frame::LocalReducer>,
+    /// What the reducer counts; the caller serves it (`--metrics-listen`).
+    pub metrics: ReducerMetrics,
+}
+
+/// A reducer's Prometheus metrics (`capsnet_reducer_*`: rounds committed, round times, the
+/// span it owns, updates completed and aborted, gathers, sessions, bytes, connections), for
+/// whoever serves them.
+#[derive(Clone)]
+pub struct ReducerMetrics(Arc<Metrics>);
+
+impl ReducerMetrics {
+    pub fn new() -> Self {
+        ReducerMetrics(Metrics::reducer())
+    }
+
+    /// The OpenMetrics text of every metric (for `/metrics`).
+    pub fn encode(&self) -> String {
+        self.0.encode()
+    }
+}
+
+impl Default for ReducerMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for ReducerMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReducerMetrics")
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -140,6 +172,9 @@ pub(crate) struct ShardActor {
     /// Set when the coordinator said training is over, or the session broke the protocol.
     done: watch::Sender<Option<std::result::Result<u64, String>>>,
     rounds: u64,
+    metrics: Arc<Metrics>,
+    /// When the open round opened here.
+    opened_at: Instant,
 }
 
 fn f32_bytes(x: &[f32]) -> bytes::Bytes {
@@ -306,6 +341,7 @@ impl ShardActor {
                     }),
                 };
                 if let Ok((_, loss)) = r {
+                    self.metrics.updates.inc();
                     tracing::trace!(target: "capsnet::timeline", round, member, "update complete");
                     self.report(Report::Complete(pb::MemberDone {
                         round,
@@ -331,6 +367,9 @@ impl ShardActor {
                     .iter()
                     .any(|m| m.index as usize == member && m.worker_id == worker_id);
                 if current && st.round == round && !st.reducer.complete(member) {
+                    if st.reducer.has(member) {
+                        self.metrics.updates_aborted.inc();
+                    }
                     let forgotten = st.reducer.abort(member);
                     for i in forgotten {
                         self.show_progress(i);
@@ -515,6 +554,7 @@ impl ShardActor {
                     ));
                 };
                 st.round = o.round;
+                self.opened_at = Instant::now();
                 st.members = o.members;
                 st.expected = o.expected.iter().map(|&k| k as usize).collect();
                 st.losses.clear();
@@ -536,6 +576,9 @@ impl ShardActor {
             }
             Order::Abort(a) => {
                 if let Some(st) = self.st.as_mut().filter(|s| s.round == a.round) {
+                    if st.reducer.has(a.member as usize) {
+                        self.metrics.updates_aborted.inc();
+                    }
                     for i in st.reducer.abort(a.member as usize) {
                         self.show_progress(i);
                     }
@@ -567,6 +610,9 @@ impl ShardActor {
                     );
                 }
                 tracing::trace!(target: "capsnet::timeline", round = c.round, "closed");
+                self.metrics
+                    .round_seconds
+                    .observe(self.opened_at.elapsed().as_secs_f64());
                 self.report(Report::Closed(pb::RoundClosed {
                     round: c.round,
                     finite,
@@ -592,6 +638,7 @@ impl ShardActor {
                 for p in pieces(g.round, st.base, &st.params, m, v) {
                     self.report(Report::State(p));
                 }
+                self.metrics.gathers.inc();
             }
             Order::Rejoin(j) => {
                 let Some(st) = self.st.as_mut().filter(|s| s.round == j.round) else {
@@ -604,6 +651,7 @@ impl ShardActor {
                 // An update the former process left half-sent is forgotten (one it completed
                 // stays: the same order gives the same update).
                 if st.reducer.has(k) && !st.reducer.complete(k) {
+                    self.metrics.updates_aborted.inc();
                     st.losses.remove(&k);
                     for i in st.reducer.abort(k) {
                         self.show_progress(i);
@@ -643,6 +691,8 @@ impl ShardActor {
         }
         st.round += 1;
         self.rounds += 1;
+        self.metrics.rounds.inc();
+        self.metrics.last_round_timestamp.set(unix_now());
         self.publish(closed.chunks, closed.generations);
         Ok(())
     }
@@ -685,6 +735,8 @@ impl ShardActor {
             if kept == Kept::AdamMoments { len } else { 0 },
         );
         adam.step = a.step;
+        self.metrics.assignments.inc();
+        self.metrics.span_floats.set(len as i64);
         self.st = Some(Span {
             outer_m: if kept == Kept::Momentum {
                 vec![0.0; len]
@@ -744,6 +796,7 @@ async fn session(cfg: &ReducerConfig, tx: &mpsc::Sender<Msg>, since: &mut Instan
         .map_err(|s| CoordinatorError::Session(format!("{url}: {}", s.message())))?
         .into_inner();
     tracing::info!(coordinator = %url, "session with the coordinator open");
+    cfg.metrics.0.sessions.inc();
     *since = Instant::now();
     loop {
         let order = orders
@@ -883,6 +936,8 @@ pub async fn serve_reducer(
         opened: opened_tx,
         done: done_tx,
         rounds: 0,
+        metrics: cfg.metrics.0.clone(),
+        opened_at: Instant::now(),
     };
     let actor_thread = std::thread::Builder::new()
         .name("capsnet-reducer".into())
@@ -915,7 +970,7 @@ pub async fn serve_reducer(
     let layout = settings.layout();
     let params_mode = settings.sync_mode == SyncMode::Params;
     let liveness = crate::liveness::Liveness::default();
-    let metrics = crate::metrics::Metrics::new();
+    let metrics = cfg.metrics.0.clone();
     let svc = service::Service {
         lanes: Arc::default(),
         stall: Duration::from_secs(30),

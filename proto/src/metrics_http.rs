@@ -21,6 +21,31 @@ pub fn encode(registry: &prometheus_client::registry::Registry) -> String {
     out
 }
 
+/// An [`Exposition`] that can sit in a config (its `Debug` does not call it).
+#[derive(Clone)]
+pub struct Source(pub Exposition);
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("metrics::Source")
+    }
+}
+
+/// Several expositions served as one (a worker and the reducer in its process): each text
+/// without its closing `# EOF` line, then one `# EOF`.
+pub fn join(parts: Vec<Exposition>) -> Exposition {
+    Arc::new(move || {
+        let mut out = String::new();
+        for p in &parts {
+            let text = p();
+            let body = text.strip_suffix("# EOF\n").unwrap_or(&text);
+            out.push_str(body);
+        }
+        out.push_str("# EOF\n");
+        out
+    })
+}
+
 /// The longest request line and headers a scrape may send, and how long it may take.
 const MAX_REQUEST: usize = 8 << 10;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -89,4 +114,21 @@ async fn answer(conn: &mut tokio::net::TcpStream, metrics: &Exposition) -> std::
     conn.write_all(head.as_bytes()).await?;
     conn.write_all(body.as_bytes()).await?;
     conn.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn joined_expositions_end_in_one_eof() {
+        let a: Exposition = Arc::new(|| "# TYPE a counter\na_total 1\n# EOF\n".to_string());
+        let b: Exposition = Arc::new(|| "# TYPE b gauge\nb 2\n# EOF\n".to_string());
+        let text = join(vec![a, b])();
+        assert_eq!(
+            text,
+            "# TYPE a counter\na_total 1\n# TYPE b gauge\nb 2\n# EOF\n"
+        );
+        assert_eq!(join(vec![])(), "# EOF\n");
+    }
 }

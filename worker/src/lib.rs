@@ -61,6 +61,9 @@ pub struct WorkerConfig {
     pub tls: Option<ClientTls>,
     /// Serve Prometheus metrics at `http://ADDR/metrics`.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// More metrics served at the same address after the worker's (the reducer in this
+    /// process).
+    pub more_metrics: Option<capsnet_proto::metrics_http::Source>,
     /// Grad mode: send each chunk of the gradient as soon as the backward pass has made it
     /// final, while the rest of the pass runs (compute/sync overlap).
     pub overlap: bool,
@@ -152,10 +155,13 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                 tracing::info!(address = %a, "metrics at http://{a}/metrics");
             }
             let m = metrics.clone();
+            let mut parts: Vec<capsnet_proto::metrics_http::Exposition> =
+                vec![Arc::new(move || m.encode())];
+            parts.extend(cfg.more_metrics.iter().map(|s| s.0.clone()));
             Some(AbortOnDrop(tokio::spawn(
                 capsnet_proto::metrics_http::serve(
                     l,
-                    Arc::new(move || m.encode()),
+                    capsnet_proto::metrics_http::join(parts),
                     std::future::pending(),
                 ),
             )))
@@ -591,6 +597,7 @@ mod tests {
             overlap: true,
             reducer_tls_domain: None,
             local_reducer: None,
+            more_metrics: None,
         };
         let text = format!("{cfg:?}");
         assert!(!text.contains("secret-token"), "{text}");
