@@ -555,6 +555,8 @@ pub struct Assembler {
     total: u64,
     enc: Encoding,
     crc: GridCrc,
+    /// False for a stream within one process ([`Assembler::in_process`]).
+    verify: bool,
 }
 
 impl Assembler {
@@ -590,7 +592,16 @@ impl Assembler {
             span,
             total: expected,
             enc,
+            verify: true,
         })
+    }
+
+    /// For a stream between two parts of one process (a worker and the reducer it serves),
+    /// where no byte crosses a wire: every check but the checksums' values (which such a
+    /// sender does not compute). Never for a stream that came over a connection.
+    pub fn in_process(mut self) -> Self {
+        self.verify = false;
+        self
     }
 
     /// The grid of a `total`-float vector sent as `enc` in chunks of `chunk_bytes`.
@@ -655,6 +666,19 @@ impl Assembler {
         }
         if self.crc.has(slot) {
             return Err(err("sent twice".into()));
+        }
+        if !self.verify {
+            let last = self.crc.missing() == 1;
+            if last != total_crc.is_some() {
+                return Err(err(if last {
+                    "last chunk carries no total checksum".into()
+                } else {
+                    "total checksum on a chunk that is not the last".into()
+                }));
+            }
+            self.crc
+                .record(slot, chunk_hasher(chunk_crc, payload.len()));
+            return Ok((index, r));
         }
         let mut h = crc32fast::Hasher::new();
         h.update(payload);
@@ -979,5 +1003,60 @@ mod tests {
         let last = bad.len() - 1;
         bad[last].total_crc32 = Some(0);
         assert!(matches!(asm(&bad), Err(ProtoError::Checksum { .. })));
+    }
+
+    /// A stream within one process goes without checksums: its assembler takes chunks whose
+    /// checksums are zero (which a stream from a connection is refused for) and still holds
+    /// it to everything else: the grid, each chunk once, the total on the last chunk only.
+    #[test]
+    fn an_in_process_stream_skips_the_checksums_and_nothing_else() {
+        let v = values(100);
+        let grid = Assembler::grid(100, Encoding::F32, 80);
+        let mut chunks = encode_chunks(&v, Encoding::F32, 80);
+        let last = chunks.len() - 1;
+        for c in &mut chunks {
+            c.crc32 = 0;
+        }
+        chunks[last].total_crc32 = Some(0);
+        let feed = |a: &mut Assembler, cs: &[EncodedChunk], out: &mut [f32]| {
+            cs.iter()
+                .try_for_each(|c| a.accept(ChunkIn::of(c, 100, Encoding::F32), out).map(drop))
+        };
+        let fresh = || {
+            Assembler::new(grid.clone(), 100, Encoding::F32)
+                .unwrap()
+                .in_process()
+        };
+        let mut out = vec![0.0; 100];
+        let mut a = fresh();
+        feed(&mut a, &chunks, &mut out).unwrap();
+        a.finish().unwrap();
+        assert_eq!(out, v);
+        // Over a connection the same stream is refused at its first chunk.
+        let mut net = Assembler::new(grid.clone(), 100, Encoding::F32).unwrap();
+        let e = feed(&mut net, &chunks, &mut out).unwrap_err();
+        assert!(matches!(e, ProtoError::Checksum { .. }), "{e}");
+        // The other checks hold.
+        let mut twice = chunks.clone();
+        twice.insert(1, chunks[0].clone());
+        let e = feed(&mut fresh(), &twice, &mut out).unwrap_err();
+        assert!(e.to_string().contains("twice"), "{e}");
+        let mut off = chunks.clone();
+        off[1].offset += 1;
+        let e = feed(&mut fresh(), &off, &mut out).unwrap_err();
+        assert!(e.to_string().contains("grid"), "{e}");
+        let mut early = chunks.clone();
+        early[0].total_crc32 = Some(0);
+        let e = feed(&mut fresh(), &early, &mut out).unwrap_err();
+        assert!(e.to_string().contains("not the last"), "{e}");
+        let mut none = chunks.clone();
+        none[last].total_crc32 = None;
+        let e = feed(&mut fresh(), &none, &mut out).unwrap_err();
+        assert!(e.to_string().contains("no total checksum"), "{e}");
+        let mut short = chunks;
+        short.pop();
+        let mut a = fresh();
+        feed(&mut a, &short, &mut out).unwrap();
+        assert!(matches!(a.finish(), Err(ProtoError::Size { .. })));
     }
 }

@@ -346,8 +346,13 @@ async fn train(
                         (Some(l), true) => reducers.clients(l).await?,
                         _ => vec![client.clone()],
                     };
-                    let (snd, loss, chunks) =
+                    let (mut snd, loss, chunks) =
                         ChunkSender::new(grid.clone(), &spans, settings.wire, pool.clone())?;
+                    for (k, c) in clients.iter().enumerate() {
+                        if c.is_in_process() {
+                            snd.in_process(k);
+                        }
+                    }
                     let range = capsnet_proto::work_range(&order, settings.train_len as usize)?;
                     let head = (order.round, range.len() as u64);
                     let (id, s) = (id.clone(), settings.clone());

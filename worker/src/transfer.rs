@@ -325,6 +325,10 @@ async fn pull_span_stream(
     let round = first.round;
     let enc = Encoding::try_from(first.encoding).unwrap_or(Encoding::Unspecified);
     let mut asm = Assembler::span(grid.clone(), span, first.total_len, enc)?;
+    // From the reducer of this process: its chunks never crossed a wire.
+    if client.is_in_process() {
+        asm = asm.in_process();
+    }
     let mut next = Some(first);
     while let Some(c) = next {
         if c.round != round {
@@ -552,6 +556,11 @@ pub async fn push_spans(
 ) -> Result<bool> {
     let (mut sender, _loss, chunks) =
         ChunkSender::new(s.grid(), &layout.spans(), s.wire, pool.clone())?;
+    for (k, c) in clients.iter().enumerate() {
+        if c.is_in_process() {
+            sender.in_process(k);
+        }
+    }
     let Update {
         round,
         samples,
@@ -603,6 +612,9 @@ struct SpanOut {
     tx: tokio::sync::mpsc::Sender<EncodedChunk>,
     /// False once the stream is gone (the update was refused): encode nothing more for it.
     open: bool,
+    /// False for the stream to the reducer of this process, whose chunks cross no wire: no
+    /// checksums computed (it does not check them).
+    checksummed: bool,
 }
 
 impl ChunkSender {
@@ -640,6 +652,7 @@ impl ChunkSender {
                 crc: GridCrc::new(span.len()),
                 tx,
                 open: true,
+                checksummed: true,
             });
             rxs.push(rx);
         }
@@ -658,6 +671,14 @@ impl ChunkSender {
 }
 
 impl ChunkSender {
+    /// Span `k`'s stream goes to the reducer of this process: its chunks go without
+    /// checksums.
+    pub(crate) fn in_process(&mut self, k: usize) {
+        if let Some(out) = self.outs.get_mut(k) {
+            out.checksummed = false;
+        }
+    }
+
     /// Sends a whole update at once (no overlap): `loss` for the heads, then every chunk.
     pub(crate) fn send_all(&mut self, loss: f64, data: &[f32]) {
         if let Some(l) = self.loss.take() {
@@ -682,8 +703,13 @@ impl ChunkSender {
                 #[inline(always)]
                 || encode_pooled(values, self.wire, &self.pool),
             );
-            let mut h = crc32fast::Hasher::new();
-            h.update(&payload);
+            let h = if out.checksummed {
+                let mut h = crc32fast::Hasher::new();
+                h.update(&payload);
+                h
+            } else {
+                capsnet_proto::wire::chunk_hasher(0, payload.len())
+            };
             out.crc.record(i - out.span.start, h.clone());
             let chunk = EncodedChunk {
                 offset: r.start as u64,
@@ -836,6 +862,27 @@ mod tests {
             std::iter::from_fn(|| rxs[0].try_recv().ok()).count(),
             spans[1].len()
         );
+        // The second span's reducer is in this process: its chunks go without checksums
+        // (an in-process assembler takes them), the first span's keep theirs.
+        let (mut snd, _loss, mut rxs) =
+            ChunkSender::new(grid.clone(), &spans, Encoding::F32, BufPool::new(0)).unwrap();
+        snd.in_process(1);
+        snd.ready(&stats, 0, &g);
+        let mut out = vec![0.0; 20];
+        for (k, (span, rx)) in spans.iter().zip(&mut rxs).enumerate() {
+            let got: Vec<EncodedChunk> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+            assert_eq!(got.iter().all(|c| c.crc32 == 0), k == 1);
+            let mut asm = Assembler::span(grid.clone(), span.clone(), 20, Encoding::F32).unwrap();
+            if k == 1 {
+                asm = asm.in_process();
+            }
+            for ch in &got {
+                asm.accept(ChunkIn::of(ch, 20, Encoding::F32), &mut out)
+                    .unwrap();
+            }
+            asm.finish().unwrap();
+        }
+        assert_eq!(out, g);
         let short = 0..2;
         for bad in [vec![short], vec![0..2, 3..5], vec![0..0, 0..5], vec![]] {
             let e = ChunkSender::new(grid.clone(), &bad, Encoding::F32, BufPool::new(0));
