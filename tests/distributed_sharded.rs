@@ -71,7 +71,10 @@ fn run(
     let mut reducers = vec![];
     if let Layout::Separate(r) = layout {
         for i in 0..r {
-            reducers.push(reducer(tmp, &url, &format!("{name}-reducer-{i}"), &[]));
+            // Each serves its metrics at the address in `<its name>.metrics`.
+            let (who, at) = (format!("{name}-reducer-{i}"), free_addr());
+            std::fs::write(tmp.join(format!("{who}.metrics")), &at).unwrap();
+            reducers.push(reducer(tmp, &url, &who, &["--metrics-listen", &at]));
         }
     }
     let serve: &[&str] = if layout == Layout::Colocated {
@@ -215,7 +218,7 @@ fn bf16_colocated_and_params_mode_shard_bit_for_bit() {
 /// back to the state last gathered from them (here after every round: `--gather-every 1ms`;
 /// no checkpoint is taken before the end) and goes on; it finishes with the bits of an
 /// uninterrupted run of one coordinator (the rounds redone train on the same samples from the
-/// same state).
+/// same state). A survivor's metrics show the loss: a second assignment, of a larger span.
 #[test]
 fn a_reducer_killed_mid_run_costs_the_rounds_since_the_last_gather_and_nothing_else() {
     let tmp = tempfile::tempdir().unwrap();
@@ -246,6 +249,13 @@ fn a_reducer_killed_mid_run_costs_the_rounds_since_the_last_gather_and_nothing_e
                 let n = common::rounds(run).len();
                 (n >= 30).then_some(n)
             });
+            let tmp = run.parent().unwrap();
+            let survivor = std::fs::read_to_string(tmp.join("lost-reducer-1.metrics")).unwrap();
+            let span_then = sample(
+                &scrape(&survivor, "/metrics").1,
+                "capsnet_reducer_span_floats",
+            )
+            .unwrap();
             reducers[0].signal(libc::SIGKILL);
             reducers[0].wait(Duration::from_secs(10));
             assert!(rounds < 300, "the run ended before the reducer was killed");
@@ -254,7 +264,16 @@ fn a_reducer_killed_mid_run_costs_the_rounds_since_the_last_gather_and_nothing_e
                 (n >= rounds + 10).then_some(n)
             });
             assert!(after < 300, "the run ended before a reducer came back");
-            let tmp = run.parent().unwrap();
+            // A survivor's metrics show the loss: a second assignment, of a larger span.
+            let (_, m) = scrape(&survivor, "/metrics");
+            assert!(
+                sample(&m, "capsnet_reducer_assignments_total").is_some_and(|n| n >= 2.0),
+                "{m}"
+            );
+            assert!(
+                sample(&m, "capsnet_reducer_span_floats").is_some_and(|n| n > span_then),
+                "{span_then}: {m}"
+            );
             let url = format!(
                 "http://{}",
                 std::fs::read_to_string(tmp.join("lost.addr")).unwrap()
