@@ -5,7 +5,8 @@
 //!   or deliberately left out, so the manifests cannot drift from the CLI;
 //! - a rehearsal: one coordinator and two workers on loopback, with exactly the environment the
 //!   base ConfigMaps carry (`base/coordinator.env`, `base/worker.env`), changed only where a
-//!   laptop-scale run must differ (data, model size, steps, addresses, paths).
+//!   laptop-scale run must differ (data, model size, steps, addresses, paths); and one of
+//!   `components/reducers` (two `capsnet reducer`s with `reducer.env`).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails on its first panic
 
 mod common;
@@ -26,6 +27,7 @@ fn k8s_dir() -> PathBuf {
 enum Role {
     Coordinator,
     Worker,
+    Reducer,
 }
 
 impl Role {
@@ -33,17 +35,21 @@ impl Role {
         match self {
             Role::Coordinator => "coordinator",
             Role::Worker => "worker",
+            Role::Reducer => "reducer",
         }
     }
 
     /// The subcommand that reads a file's settings, from the file's name: `coordinator*.env`,
-    /// `worker-job.yaml`, ... None for files that belong to neither (kustomization.yaml).
+    /// `worker-job.yaml`, `reducer.env`, ... None for files that belong to none
+    /// (kustomization.yaml).
     fn of_file(path: &Path) -> Option<Role> {
         let name = path.file_name()?.to_str()?;
         if name.starts_with("coordinator") {
             Some(Role::Coordinator)
         } else if name.starts_with("worker") {
             Some(Role::Worker)
+        } else if name.starts_with("reducer") {
+            Some(Role::Reducer)
         } else {
             None
         }
@@ -187,8 +193,8 @@ fn names_in(files: &[(String, String)]) -> Vec<Use> {
         let names = if file.ends_with(".env") {
             assert!(
                 role.is_some(),
-                "{file}: an env file must be named coordinator*.env or worker*.env, after the \
-                 subcommand that reads it"
+                "{file}: an env file must be named coordinator*.env, worker*.env or \
+                 reducer*.env, after the subcommand that reads it"
             );
             env_file_names(text)
         } else if file.ends_with(".yaml") || file.ends_with(".yml") {
@@ -237,10 +243,11 @@ fn manifest_files() -> Vec<(String, String)> {
 
 #[test]
 fn manifest_env_names_are_flags_the_binary_accepts() {
-    let accepted: BTreeMap<Role, BTreeSet<String>> = [Role::Coordinator, Role::Worker]
-        .into_iter()
-        .map(|r| (r, accepted_names(r)))
-        .collect();
+    let accepted: BTreeMap<Role, BTreeSet<String>> =
+        [Role::Coordinator, Role::Worker, Role::Reducer]
+            .into_iter()
+            .map(|r| (r, accepted_names(r)))
+            .collect();
 
     // The check itself catches a made-up name, a commented one, one in a YAML env entry, and a
     // real flag given to the wrong subcommand.
@@ -285,8 +292,8 @@ fn manifest_env_names_are_flags_the_binary_accepts() {
     let bad = unknown(&uses, &accepted);
     assert!(
         bad.is_empty(),
-        "deploy/k8s sets names `capsnet` does not accept (see `capsnet coordinator --help` and \
-         `capsnet worker --help`):\n{}",
+        "deploy/k8s sets names `capsnet` does not accept (see `capsnet coordinator --help`, \
+         `capsnet worker --help` and `capsnet reducer --help`):\n{}",
         bad.join("\n")
     );
 
@@ -309,6 +316,12 @@ fn manifest_env_names_are_flags_the_binary_accepts() {
     );
     assert!(in_file("base/coordinator-deployment.yaml").contains("CAPSNET_THREADS"));
     assert!(in_file("base/worker-job.yaml").contains("CAPSNET_THREADS"));
+    assert!(
+        in_file("components/reducers/reducer.env").len() >= 6,
+        "{:?}",
+        in_file("components/reducers/reducer.env")
+    );
+    assert!(in_file("components/reducers/reducer-job.yaml").contains("CAPSNET_THREADS"));
 
     // The other way round: each flag is set or documented somewhere in deploy/k8s for its
     // subcommand, or listed in DELIBERATELY_UNSET with the reason. A new flag fails here until
@@ -404,6 +417,8 @@ fn rehearsal_with_the_configmap_environment_on_loopback() {
             ("CAPSNET_RUN_DIR", path(&run)),
             ("CAPSNET_TOKEN_FILE", path(&token)),
             ("CAPSNET_THREADS", "1".into()),
+            // The pod's port 9090; here the rehearsals share loopback.
+            ("CAPSNET_METRICS_LISTEN", "127.0.0.1:0".into()),
         ],
         &["CAPSNET_THREADS", "CAPSNET_MAX_STEPS"],
     );
@@ -484,6 +499,116 @@ fn rehearsal_with_the_configmap_environment_on_loopback() {
         let got = config.pointer(pointer).and_then(|v| v.as_f64());
         assert_eq!(got, Some(want), "{var} (config.json {pointer})");
     }
+}
+
+/// components/reducers rehearsed: the coordinator with the base's and the component's
+/// environment, two `capsnet reducer`s with reducer.env, two workers with the base's; they train
+/// sharded to the end, and the reducers exit 0 when it is over (completing their Job's
+/// indices).
+#[test]
+fn rehearsal_of_the_reducer_job_environment_on_loopback() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let data = dir.join("data");
+    write_synthetic(&data, 256, 32, 28, 10, 5).unwrap();
+    let token = dir.join("token");
+    std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
+    let run = dir.join("run");
+    let path = |p: &Path| p.display().to_string();
+
+    // The component's ConfigMap merge: its settings on top of the base's.
+    let component = parse_env(
+        &std::fs::read_to_string(k8s_dir().join("components/reducers/coordinator-reducers.env"))
+            .unwrap(),
+    );
+    assert!(
+        component
+            .iter()
+            .any(|(k, v)| k == "CAPSNET_REDUCERS" && v == "2")
+    );
+    let mut overrides: Vec<(&str, String)> = component
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    overrides.extend([
+        ("CAPSNET_DATA_DIR", path(&data)),
+        ("CAPSNET_MODEL", "tiny".into()),
+        ("CAPSNET_MAX_STEPS", "4".into()),
+        ("CAPSNET_LISTEN", "127.0.0.1:0".into()),
+        ("CAPSNET_RUN_DIR", path(&run)),
+        ("CAPSNET_TOKEN_FILE", path(&token)),
+        ("CAPSNET_THREADS", "1".into()),
+        ("CAPSNET_METRICS_LISTEN", "127.0.0.1:0".into()),
+        // The tiny model fits in one chunk of the component's size: two reducers need two.
+        ("CAPSNET_CHUNK_BYTES", "4096".into()),
+    ]);
+    let mut may_add = vec!["CAPSNET_THREADS", "CAPSNET_MAX_STEPS"];
+    may_add.extend(component.iter().map(|(k, _)| k.as_str()));
+    let coord_env = rehearsal_env("base/coordinator.env", &overrides, &may_add);
+    let ready = dir.join("coordinator.addr");
+    let cmd = command_with(&coord_env, &["coordinator", "--ready-file", &path(&ready)]);
+    let mut coord = Proc::spawn("coordinator", cmd, dir);
+    let addr = coord.wait_ready(&ready, Duration::from_secs(60));
+
+    let mut reducers: Vec<Proc> = (0..2)
+        .map(|i| {
+            let env = rehearsal_env(
+                "components/reducers/reducer.env",
+                &[
+                    ("CAPSNET_COORDINATOR", format!("http://{addr}")),
+                    // One port per pod in the cluster; here the reducers share loopback (and
+                    // advertise what they bound, as the Job advertises the pod's address).
+                    ("CAPSNET_REDUCER_LISTEN", "127.0.0.1:0".into()),
+                    ("CAPSNET_METRICS_LISTEN", "127.0.0.1:0".into()),
+                    ("CAPSNET_TOKEN_FILE", path(&token)),
+                    ("CAPSNET_THREADS", "1".into()),
+                ],
+                &["CAPSNET_THREADS"],
+            );
+            Proc::spawn(
+                &format!("reducer-{i}"),
+                command_with(&env, &["reducer"]),
+                dir,
+            )
+        })
+        .collect();
+    let worker_env = rehearsal_env(
+        "base/worker.env",
+        &[
+            ("CAPSNET_COORDINATOR", format!("http://{addr}")),
+            ("CAPSNET_DATA_DIR", path(&data)),
+            ("CAPSNET_TOKEN_FILE", path(&token)),
+            ("CAPSNET_THREADS", "1".into()),
+            ("CAPSNET_METRICS_LISTEN", "127.0.0.1:0".into()),
+        ],
+        &["CAPSNET_THREADS"],
+    );
+    let mut workers: Vec<Proc> = (0..2)
+        .map(|i| {
+            let mut cmd = command_with(&worker_env, &["worker"]);
+            cmd.env("JOB_COMPLETION_INDEX", i.to_string());
+            Proc::spawn(&format!("worker-{i}"), cmd, dir)
+        })
+        .collect();
+    for w in &mut workers {
+        w.expect_success(Duration::from_secs(90));
+    }
+    for r in &mut reducers {
+        r.expect_success(Duration::from_secs(30));
+        assert!(
+            r.log_text().contains("training finished"),
+            "{}",
+            r.log_text()
+        );
+    }
+    coord.signal(libc::SIGTERM);
+    coord.expect_success(Duration::from_secs(60));
+    let rounds = rounds(&run);
+    assert_eq!(rounds.len(), 4, "{rounds:?}\n{}", coord.log_text());
+    assert!(rounds.iter().all(|r| r["workers"] == 2), "{rounds:?}");
+    assert!(run.join("checkpoint-4.safetensors").is_file());
+    let log = coord.log_text();
+    assert!(log.matches("reducer joined").count() >= 2, "{log}");
 }
 
 /// The image build's context (`.dockerignore`, an allowlist) holds every workspace member, the
