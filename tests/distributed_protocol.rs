@@ -977,3 +977,80 @@ fn a_reducer_streams_every_range_before_the_round_commits() {
     red.signal(libc::SIGTERM);
     assert_eq!(red.wait(Duration::from_secs(30)).code(), Some(143));
 }
+
+/// A member that joins again under its name while its former process's update is half-sent
+/// (that stream still open, as a dead machine's connection stays until --stall-timeout): the
+/// half-sent update is forgotten and the new id's is taken, not refused as a duplicate; when
+/// the former stream finally ends, its abort (under the former id) leaves the new id's update,
+/// then under way, alone; and the round closes with both members.
+#[test]
+fn a_member_that_joins_again_replaces_its_half_sent_update() {
+    let mut args = PROBE.to_vec();
+    args.extend(["--expect-workers", "2", "--min-workers", "2"]);
+    let log = with_coordinator(&args, |url| async move {
+        let mut a = join(&url, "probe", Some(0)).await;
+        let mut other = join(&url, "other", Some(1)).await;
+        let (pa, po) = (pull(&mut a, None).await, pull(&mut other, None).await);
+        assert!(pa.order.participate && po.order.participate);
+        let update = |j: &Joined, p: &Pulled| {
+            let data = vec![1e-3f32; j.total as usize];
+            chunks_msg(&j.id, 0, &j.settings, p.order.end - p.order.start, &data)
+        };
+        // The former process: its first chunk, then silence with the stream open.
+        let msgs = update(&a, &pa);
+        assert!(msgs.len() >= 4, "{} chunks", msgs.len());
+        let (a_tx, a_rx) = tokio::sync::mpsc::channel(msgs.len());
+        a_tx.send(msgs[0].clone()).await.unwrap();
+        let mut c = a.client.clone();
+        let former = tokio::spawn(async move {
+            c.rpc()
+                .push_update(tokio_stream::wrappers::ReceiverStream::new(a_rx))
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The same name joins again: a new id, the same member of the open round.
+        let mut b = join(&url, "probe", Some(0)).await;
+        assert_ne!(a.id, b.id);
+        let pb_ = pull(&mut b, None).await;
+        assert_eq!(pb_.order.round, 0);
+        assert!(pb_.order.participate);
+        // Its update, half of it, then the former stream ends (its abort comes now), then the
+        // rest.
+        let msgs = update(&b, &pb_);
+        let half = msgs.len() / 2;
+        let (b_tx, b_rx) = tokio::sync::mpsc::channel(msgs.len());
+        let mut c = b.client.clone();
+        let new = tokio::spawn(async move {
+            c.rpc()
+                .push_update(tokio_stream::wrappers::ReceiverStream::new(b_rx))
+                .await
+        });
+        for m in &msgs[..half] {
+            b_tx.send(m.clone())
+                .await
+                .expect("the new id's update was refused");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(a_tx);
+        let e = former.await.unwrap().unwrap_err();
+        assert_ne!(e.code(), Code::Ok);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for m in &msgs[half..] {
+            b_tx.send(m.clone())
+                .await
+                .expect("the new id's update was dropped");
+        }
+        drop(b_tx);
+        new.await
+            .unwrap()
+            .expect("the new id's update was refused or dropped");
+        let msgs = update(&other, &po);
+        push(&mut other.client, msgs).await.unwrap();
+        // The round closed with both members' updates (well before any timeout).
+        let next = tokio::time::timeout(Duration::from_secs(10), pull(&mut b, Some(0)))
+            .await
+            .expect("round 0 did not close");
+        assert_eq!(next.order.round, 1);
+    });
+    assert!(!log.contains("round timed out"), "{log}");
+}

@@ -186,6 +186,20 @@ impl Actor {
                 worker_id: id.clone(),
             }));
         }
+        // The same without reducers: an update the former process left half-sent (its stream
+        // may stay open until --stall-timeout) is forgotten, so the new id's is taken instead
+        // of refused as a duplicate; one it completed stays (the same order gives the same
+        // update). The former stream's late abort names the former id and is ignored.
+        if state == WorkerState::Healthy
+            && self.shards.is_none()
+            && let Some(k) = member
+            && self.reducer.has(k)
+            && !self.reducer.complete(k)
+        {
+            for i in self.reducer.abort(k) {
+                self.show_progress(i);
+            }
+        }
         Ok(pb::JoinResponse {
             worker_id: id,
             rank,

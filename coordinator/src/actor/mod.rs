@@ -15,7 +15,7 @@
 //! | from | event | to |
 //! |---|---|---|
 //! | (none) | `Join` under a new name | Joining |
-//! | any | `Join` under a known name (a restarted process) | Healthy if the name is a member of the open round (it gets the round's work again), else Joining |
+//! | any | `Join` under a known name (a restarted process) | Healthy if the name is a member of the open round (it gets the round's work again; a half-sent update of the former id is forgotten), else Joining |
 //! | Joining | a round opens (it is live) | Healthy: a member of the round, with work |
 //! | Healthy | a round opens | Healthy (a member again) |
 //! | Joining, Healthy | its heartbeat connection closes | Unhealthy |
@@ -380,8 +380,15 @@ impl Actor {
                 }
                 let _ = reply.send(r);
             }
-            Msg::Abort { member, round, .. } => {
-                if round == self.round && !self.reducer.complete(member) {
+            Msg::Abort {
+                worker_id,
+                member,
+                round,
+            } => {
+                // A stream of a member's former id (it joined again since, and its update may
+                // be under way) leaves the member's update alone.
+                let current = self.members.names.contains_key(&worker_id);
+                if current && round == self.round && !self.reducer.complete(member) {
                     for i in self.reducer.abort(member) {
                         self.show_progress(i);
                     }
