@@ -395,58 +395,99 @@ fn command_with(env: &[(String, String)], args: &[&str]) -> Command {
     cmd
 }
 
-#[test]
-fn rehearsal_with_the_configmap_environment_on_loopback() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let data = dir.join("data");
-    // 256 images = 4 rounds of 2 workers x CAPSNET_BATCH_SIZE (32, from the env file).
-    write_synthetic(&data, 256, 32, 28, 10, 5).unwrap();
-    let token = dir.join("token");
-    std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
-    let run = dir.join("run");
-    let path = |p: &Path| p.display().to_string();
+/// A rehearsal's folder: synthetic data (256 images = 4 rounds of 2 workers x
+/// CAPSNET_BATCH_SIZE, 32 from the env file), the token's file and the run directory.
+struct Rehearsal {
+    tmp: tempfile::TempDir,
+    data: PathBuf,
+    token: PathBuf,
+    run: PathBuf,
+}
 
-    let coord_env = rehearsal_env(
-        "base/coordinator.env",
-        &[
-            ("CAPSNET_DATA_DIR", path(&data)),
+fn path(p: &Path) -> String {
+    p.display().to_string()
+}
+
+impl Rehearsal {
+    fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        write_synthetic(&data, 256, 32, 28, 10, 5).unwrap();
+        let token = tmp.path().join("token");
+        std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
+        let run = tmp.path().join("run");
+        Rehearsal {
+            tmp,
+            data,
+            token,
+            run,
+        }
+    }
+
+    fn dir(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// The coordinator with base/coordinator.env, changed only for a laptop-scale run and by
+    /// `more` (which may add the names in `may_add`); its environment, process and address.
+    fn coordinator(
+        &self,
+        more: &[(&str, String)],
+        may_add: &[&str],
+    ) -> (Vec<(String, String)>, Proc, String) {
+        let mut overrides = vec![
+            ("CAPSNET_DATA_DIR", path(&self.data)),
             ("CAPSNET_MODEL", "tiny".into()),
             ("CAPSNET_MAX_STEPS", "4".into()),
             ("CAPSNET_LISTEN", "127.0.0.1:0".into()),
-            ("CAPSNET_RUN_DIR", path(&run)),
-            ("CAPSNET_TOKEN_FILE", path(&token)),
+            ("CAPSNET_RUN_DIR", path(&self.run)),
+            ("CAPSNET_TOKEN_FILE", path(&self.token)),
             ("CAPSNET_THREADS", "1".into()),
             // The pod's port 9090; here the rehearsals share loopback.
             ("CAPSNET_METRICS_LISTEN", "127.0.0.1:0".into()),
-        ],
-        &["CAPSNET_THREADS", "CAPSNET_MAX_STEPS"],
-    );
-    let ready = dir.join("coordinator.addr");
-    let cmd = command_with(&coord_env, &["coordinator", "--ready-file", &path(&ready)]);
-    let mut coord = Proc::spawn("coordinator", cmd, dir);
-    let addr = coord.wait_ready(&ready, Duration::from_secs(60));
+        ];
+        overrides.extend(more.iter().cloned());
+        let mut added = vec!["CAPSNET_THREADS", "CAPSNET_MAX_STEPS"];
+        added.extend(may_add);
+        let env = rehearsal_env("base/coordinator.env", &overrides, &added);
+        let ready = self.dir().join("coordinator.addr");
+        let cmd = command_with(&env, &["coordinator", "--ready-file", &path(&ready)]);
+        let mut coord = Proc::spawn("coordinator", cmd, self.dir());
+        let addr = coord.wait_ready(&ready, Duration::from_secs(60));
+        (env, coord, addr)
+    }
 
-    let worker_env = rehearsal_env(
-        "base/worker.env",
-        &[
-            ("CAPSNET_COORDINATOR", format!("http://{addr}")),
-            ("CAPSNET_DATA_DIR", path(&data)),
-            ("CAPSNET_TOKEN_FILE", path(&token)),
-            ("CAPSNET_THREADS", "1".into()),
-            // One port per pod in the cluster; here the workers share loopback.
-            ("CAPSNET_METRICS_LISTEN", "127.0.0.1:0".into()),
-        ],
-        &["CAPSNET_THREADS"],
-    );
-    // As in an Indexed Job: no rank flag, only the pod's completion index.
-    let mut workers: Vec<Proc> = (0..2)
-        .map(|i| {
-            let mut cmd = command_with(&worker_env, &["worker"]);
-            cmd.env("JOB_COMPLETION_INDEX", i.to_string());
-            Proc::spawn(&format!("worker-{i}"), cmd, dir)
-        })
-        .collect();
+    /// Two workers with base/worker.env, as the pods of an Indexed Job: no rank flag, only the
+    /// pod's completion index.
+    fn workers(&self, addr: &str) -> Vec<Proc> {
+        let env = rehearsal_env(
+            "base/worker.env",
+            &[
+                ("CAPSNET_COORDINATOR", format!("http://{addr}")),
+                ("CAPSNET_DATA_DIR", path(&self.data)),
+                ("CAPSNET_TOKEN_FILE", path(&self.token)),
+                ("CAPSNET_THREADS", "1".into()),
+                // One port per pod in the cluster; here the workers share loopback.
+                ("CAPSNET_METRICS_LISTEN", "127.0.0.1:0".into()),
+            ],
+            &["CAPSNET_THREADS"],
+        );
+        (0..2)
+            .map(|i| {
+                let mut cmd = command_with(&env, &["worker"]);
+                cmd.env("JOB_COMPLETION_INDEX", i.to_string());
+                Proc::spawn(&format!("worker-{i}"), cmd, self.dir())
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn rehearsal_with_the_configmap_environment_on_loopback() {
+    let r = Rehearsal::new();
+    let (coord_env, mut coord, addr) = r.coordinator(&[], &[]);
+    let mut workers = r.workers(&addr);
+    let run = r.run.clone();
 
     for w in &mut workers {
         w.expect_success(Duration::from_secs(60));
@@ -507,15 +548,7 @@ fn rehearsal_with_the_configmap_environment_on_loopback() {
 /// indices).
 #[test]
 fn rehearsal_of_the_reducer_job_environment_on_loopback() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let data = dir.join("data");
-    write_synthetic(&data, 256, 32, 28, 10, 5).unwrap();
-    let token = dir.join("token");
-    std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
-    let run = dir.join("run");
-    let path = |p: &Path| p.display().to_string();
-
+    let r = Rehearsal::new();
     // The component's ConfigMap merge: its settings on top of the base's.
     let component = parse_env(
         &std::fs::read_to_string(k8s_dir().join("components/reducers/coordinator-reducers.env"))
@@ -526,30 +559,14 @@ fn rehearsal_of_the_reducer_job_environment_on_loopback() {
             .iter()
             .any(|(k, v)| k == "CAPSNET_REDUCERS" && v == "2")
     );
-    let mut overrides: Vec<(&str, String)> = component
+    let mut more: Vec<(&str, String)> = component
         .iter()
         .map(|(k, v)| (k.as_str(), v.clone()))
         .collect();
-    overrides.extend([
-        ("CAPSNET_DATA_DIR", path(&data)),
-        ("CAPSNET_MODEL", "tiny".into()),
-        ("CAPSNET_MAX_STEPS", "4".into()),
-        ("CAPSNET_LISTEN", "127.0.0.1:0".into()),
-        ("CAPSNET_RUN_DIR", path(&run)),
-        ("CAPSNET_TOKEN_FILE", path(&token)),
-        ("CAPSNET_THREADS", "1".into()),
-        ("CAPSNET_METRICS_LISTEN", "127.0.0.1:0".into()),
-        // The tiny model fits in one chunk of the component's size: two reducers need two.
-        ("CAPSNET_CHUNK_BYTES", "4096".into()),
-    ]);
-    let mut may_add = vec!["CAPSNET_THREADS", "CAPSNET_MAX_STEPS"];
-    may_add.extend(component.iter().map(|(k, _)| k.as_str()));
-    let coord_env = rehearsal_env("base/coordinator.env", &overrides, &may_add);
-    let ready = dir.join("coordinator.addr");
-    let cmd = command_with(&coord_env, &["coordinator", "--ready-file", &path(&ready)]);
-    let mut coord = Proc::spawn("coordinator", cmd, dir);
-    let addr = coord.wait_ready(&ready, Duration::from_secs(60));
-
+    // The tiny model fits in one chunk of the component's size: two reducers need two.
+    more.push(("CAPSNET_CHUNK_BYTES", "4096".into()));
+    let may_add: Vec<&str> = component.iter().map(|(k, _)| k.as_str()).collect();
+    let (_, mut coord, addr) = r.coordinator(&more, &may_add);
     let mut reducers: Vec<Proc> = (0..2)
         .map(|i| {
             let env = rehearsal_env(
@@ -560,36 +577,17 @@ fn rehearsal_of_the_reducer_job_environment_on_loopback() {
                     // advertise what they bound, as the Job advertises the pod's address).
                     ("CAPSNET_REDUCER_LISTEN", "127.0.0.1:0".into()),
                     ("CAPSNET_METRICS_LISTEN", "127.0.0.1:0".into()),
-                    ("CAPSNET_TOKEN_FILE", path(&token)),
+                    ("CAPSNET_TOKEN_FILE", path(&r.token)),
                     ("CAPSNET_THREADS", "1".into()),
                 ],
                 &["CAPSNET_THREADS"],
             );
-            Proc::spawn(
-                &format!("reducer-{i}"),
-                command_with(&env, &["reducer"]),
-                dir,
-            )
+            let cmd = command_with(&env, &["reducer"]);
+            Proc::spawn(&format!("reducer-{i}"), cmd, r.dir())
         })
         .collect();
-    let worker_env = rehearsal_env(
-        "base/worker.env",
-        &[
-            ("CAPSNET_COORDINATOR", format!("http://{addr}")),
-            ("CAPSNET_DATA_DIR", path(&data)),
-            ("CAPSNET_TOKEN_FILE", path(&token)),
-            ("CAPSNET_THREADS", "1".into()),
-            ("CAPSNET_METRICS_LISTEN", "127.0.0.1:0".into()),
-        ],
-        &["CAPSNET_THREADS"],
-    );
-    let mut workers: Vec<Proc> = (0..2)
-        .map(|i| {
-            let mut cmd = command_with(&worker_env, &["worker"]);
-            cmd.env("JOB_COMPLETION_INDEX", i.to_string());
-            Proc::spawn(&format!("worker-{i}"), cmd, dir)
-        })
-        .collect();
+    let mut workers = r.workers(&addr);
+    let run = r.run.clone();
     for w in &mut workers {
         w.expect_success(Duration::from_secs(90));
     }
