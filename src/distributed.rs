@@ -303,9 +303,10 @@ async fn reducer_config(
     base: capsnet_coordinator::ReducerConfig,
     ready_file: Option<&PathBuf>,
 ) -> Result<(tokio::net::TcpListener, capsnet_coordinator::ReducerConfig)> {
+    // A port taken or an address not of this host: retrying cannot help (exit 2).
     let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .with_context(|| format!("reducer address {listen}"))?;
+        .map_err(|e| ConfigError(format!("reducer address {listen}: {e}")))?;
     let local = listener.local_addr()?;
     let advertise = advertised(advertise, local, base.tls.is_some())?;
     if let Some(f) = ready_file {
@@ -362,7 +363,7 @@ pub fn reducer(a: ReducerArgs) -> Result<()> {
             Some(addr) => {
                 let l = tokio::net::TcpListener::bind(addr)
                     .await
-                    .with_context(|| format!("--metrics-listen {addr}"))?;
+                    .map_err(|e| ConfigError(format!("--metrics-listen {addr}: {e}")))?;
                 if let Ok(a) = l.local_addr() {
                     tracing::info!(address = %a, "metrics at http://{a}/metrics");
                 }

@@ -243,6 +243,28 @@ fn bad_flags_fail_before_any_work_with_a_clear_message() {
         "http://127.0.0.1:1",
     ]);
     config_error(&o, "--advertise");
+    // A reducer's port or metrics port already taken: a configuration error (exit 2, so a
+    // Job does not retry it), naming the address.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let at = taken.local_addr().unwrap().to_string();
+    let o = with_token(&[
+        "reducer",
+        "--listen",
+        &at,
+        "--coordinator",
+        "http://127.0.0.1:1",
+    ]);
+    config_error(&o, &format!("reducer address {at}"));
+    let o = with_token(&[
+        "reducer",
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        &at,
+        "--coordinator",
+        "http://127.0.0.1:1",
+    ]);
+    config_error(&o, &format!("--metrics-listen {at}"));
     // A reducer certificate name without a CA to check reducers' certificates against.
     let o = with_token(&[
         "worker",
