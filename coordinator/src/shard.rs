@@ -1035,10 +1035,11 @@ pub async fn serve_reducer(
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let mut done = done_rx.clone();
     let watcher = tokio::spawn(async move {
+        // The second value: the session ended because the coordinator said training is over.
         let why = tokio::select! {
-            _ = &mut shutdown => None,
-            _ = done.wait_for(Option::is_some) => None,
-            r = &mut sessions => session_ended(r),
+            _ = &mut shutdown => (None, false),
+            _ = done.wait_for(Option::is_some) => (None, false),
+            r = &mut sessions => (session_ended(r), true),
         };
         sessions.abort();
         let _ = stop_tx.send(());
@@ -1050,10 +1051,17 @@ pub async fn serve_reducer(
             let _ = stop_rx.await;
         })
         .await;
-    let failed = watcher.await.ok().flatten();
+    let (failed, over) = watcher.await.unwrap_or((None, false));
     served.map_err(CoordinatorError::Serve)?;
     if let Some(e) = failed {
         return Err(e);
+    }
+    // The session hands the coordinator's Finish to the reducer thread and ends: the thread
+    // records it a moment later. Without this wait a finished reducer could report itself
+    // stopped (exit 143, which a Job retries).
+    if over {
+        let mut done = done_rx.clone();
+        let _ = tokio::time::timeout(Duration::from_secs(10), done.wait_for(Option::is_some)).await;
     }
     let outcome = done_rx.borrow().clone();
     drop(actor_thread);
