@@ -5,8 +5,9 @@
 //!   or deliberately left out, so the manifests cannot drift from the CLI;
 //! - a rehearsal: one coordinator and two workers on loopback, with exactly the environment the
 //!   base ConfigMaps carry (`base/coordinator.env`, `base/worker.env`), changed only where a
-//!   laptop-scale run must differ (data, model size, steps, addresses, paths); and one of
-//!   `components/reducers` (two `capsnet reducer`s with `reducer.env`).
+//!   laptop-scale run must differ (data, model size, steps, addresses, paths); one of
+//!   `components/reducers` (two `capsnet reducer`s with `reducer.env`); and one of
+//!   `components/reducers-tls`, over TLS with the Secret's certificates.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails on its first panic
 
 mod common;
@@ -358,25 +359,57 @@ fn manifest_env_names_are_flags_the_binary_accepts() {
     }
 }
 
-/// The environment for one rehearsal process: the env file's variables with `overrides`, each
-/// of which must replace a variable the file sets or be one of `may_add` (set by the manifest
-/// outside the file, like CAPSNET_THREADS, or a limit only the rehearsal needs), so the
-/// rehearsal cannot quietly run settings the cluster never sees.
+/// Where the pods mount their Secrets (capsnet-token, capsnet-tls); a rehearsal maps these paths
+/// into its own folder.
+const SECRETS: &str = "/var/run/secrets/";
+
+/// The environment for one rehearsal process: the env `files` merged in order (as a component's
+/// configMapGenerator merge puts its settings on top of the base's), then `overrides`, each of
+/// which must replace a variable the files set or be one of `may_add` (set by the manifest
+/// outside the files, like CAPSNET_THREADS, or a limit only the rehearsal needs), so the
+/// rehearsal cannot quietly run settings the cluster never sees. Paths under the Secrets' mount
+/// point move under `secrets`, where the rehearsal put the same files.
 fn rehearsal_env(
-    file: &str,
+    files: &[&str],
+    secrets: &Path,
     overrides: &[(&str, String)],
     may_add: &[&str],
 ) -> Vec<(String, String)> {
-    let text = std::fs::read_to_string(k8s_dir().join(file)).unwrap();
-    let mut env: BTreeMap<String, String> = parse_env(&text).into_iter().collect();
+    let mut env: BTreeMap<String, String> = BTreeMap::new();
+    for file in files {
+        let text = std::fs::read_to_string(k8s_dir().join(file)).unwrap();
+        env.extend(parse_env(&text));
+    }
+    for v in env.values_mut() {
+        if let Some(rest) = v.strip_prefix(SECRETS) {
+            *v = path(&secrets.join(rest));
+        }
+    }
     for (k, v) in overrides {
         assert!(
             env.contains_key(*k) || may_add.contains(k),
-            "{file} does not set {k}: the rehearsal would override nothing"
+            "{files:?} do not set {k}: the rehearsal would override nothing"
         );
         env.insert(k.to_string(), v.clone());
     }
     env.into_iter().collect()
+}
+
+/// `scheme://addr`, with the scheme of `var`'s URL in `files` (merged): the rehearsal dials
+/// loopback, over TLS exactly when the manifests do.
+fn url_like(files: &[&str], var: &str, addr: &str) -> String {
+    let mut url = None;
+    for file in files {
+        let text = std::fs::read_to_string(k8s_dir().join(file)).unwrap();
+        for (k, v) in parse_env(&text) {
+            if k == var {
+                url = Some(v);
+            }
+        }
+    }
+    let url = url.unwrap_or_else(|| panic!("{files:?} do not set {var}"));
+    let (scheme, _) = url.split_once("://").unwrap();
+    format!("{scheme}://{addr}")
 }
 
 /// `capsnet <args>` with exactly `env` as its CAPSNET_* variables: none leak in from the test's
@@ -396,11 +429,12 @@ fn command_with(env: &[(String, String)], args: &[&str]) -> Command {
 }
 
 /// A rehearsal's folder: synthetic data (256 images = 4 rounds of 2 workers x
-/// CAPSNET_BATCH_SIZE, 32 from the env file), the token's file and the run directory.
+/// CAPSNET_BATCH_SIZE, 32 from the env file), the Secrets' files as the pods mount them (the
+/// token; with TLS, the certificates of capsnet-tls under the names its README gives) and the
+/// run directory.
 struct Rehearsal {
     tmp: tempfile::TempDir,
     data: PathBuf,
-    token: PathBuf,
     run: PathBuf,
 }
 
@@ -413,35 +447,58 @@ impl Rehearsal {
         let tmp = tempfile::tempdir().unwrap();
         let data = tmp.path().join("data");
         write_synthetic(&data, 256, 32, 28, 10, 5).unwrap();
-        let token = tmp.path().join("token");
-        std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
+        let secrets = tmp.path().join("secrets");
+        std::fs::create_dir_all(secrets.join("capsnet")).unwrap();
+        std::fs::write(secrets.join("capsnet/token"), format!("{TOKEN}\n")).unwrap();
         let run = tmp.path().join("run");
-        Rehearsal {
-            tmp,
-            data,
-            token,
-            run,
+        Rehearsal { tmp, data, run }
+    }
+
+    /// With the Secret capsnet-tls too: the coordinator's certificate (which names
+    /// capsnet-coordinator and 127.0.0.1), the CA, and the one certificate of every reducer,
+    /// which names capsnet-reducer alone.
+    fn with_tls() -> Self {
+        let r = Rehearsal::new();
+        let certs = r.dir().join("certs");
+        std::fs::create_dir_all(&certs).unwrap();
+        certs::certificates(&certs);
+        let tls = r.secrets().join("capsnet-tls");
+        std::fs::create_dir_all(&tls).unwrap();
+        for (from, to) in [
+            ("server.pem", "tls.crt"),
+            ("server.key", "tls.key"),
+            ("ca.pem", "ca.crt"),
+            ("reducer.pem", "reducer.crt"),
+            ("reducer.key", "reducer.key"),
+        ] {
+            std::fs::copy(certs.join(from), tls.join(to)).unwrap();
         }
+        r
     }
 
     fn dir(&self) -> &Path {
         self.tmp.path()
     }
 
-    /// The coordinator with base/coordinator.env, changed only for a laptop-scale run and by
-    /// `more` (which may add the names in `may_add`); its environment, process and address.
+    fn secrets(&self) -> PathBuf {
+        self.dir().join("secrets")
+    }
+
+    /// The coordinator with `files` (base/coordinator.env first), changed only for a
+    /// laptop-scale run and by `more` (which may add the names in `may_add`); its process and
+    /// address.
     fn coordinator(
         &self,
+        files: &[&str],
         more: &[(&str, String)],
         may_add: &[&str],
-    ) -> (Vec<(String, String)>, Proc, String) {
+    ) -> (Proc, String) {
         let mut overrides = vec![
             ("CAPSNET_DATA_DIR", path(&self.data)),
             ("CAPSNET_MODEL", "tiny".into()),
             ("CAPSNET_MAX_STEPS", "4".into()),
             ("CAPSNET_LISTEN", "127.0.0.1:0".into()),
             ("CAPSNET_RUN_DIR", path(&self.run)),
-            ("CAPSNET_TOKEN_FILE", path(&self.token)),
             ("CAPSNET_THREADS", "1".into()),
             // The pod's port 9090; here the rehearsals share loopback.
             ("CAPSNET_METRICS_LISTEN", "127.0.0.1:0".into()),
@@ -449,23 +506,26 @@ impl Rehearsal {
         overrides.extend(more.iter().cloned());
         let mut added = vec!["CAPSNET_THREADS", "CAPSNET_MAX_STEPS"];
         added.extend(may_add);
-        let env = rehearsal_env("base/coordinator.env", &overrides, &added);
+        let env = rehearsal_env(files, &self.secrets(), &overrides, &added);
         let ready = self.dir().join("coordinator.addr");
         let cmd = command_with(&env, &["coordinator", "--ready-file", &path(&ready)]);
         let mut coord = Proc::spawn("coordinator", cmd, self.dir());
         let addr = coord.wait_ready(&ready, Duration::from_secs(60));
-        (env, coord, addr)
+        (coord, addr)
     }
 
-    /// Two workers with base/worker.env, as the pods of an Indexed Job: no rank flag, only the
-    /// pod's completion index.
-    fn workers(&self, addr: &str) -> Vec<Proc> {
+    /// Two workers with `files` (base/worker.env first), as the pods of an Indexed Job: no
+    /// rank flag, only the pod's completion index.
+    fn workers(&self, files: &[&str], addr: &str) -> Vec<Proc> {
         let env = rehearsal_env(
-            "base/worker.env",
+            files,
+            &self.secrets(),
             &[
-                ("CAPSNET_COORDINATOR", format!("http://{addr}")),
+                (
+                    "CAPSNET_COORDINATOR",
+                    url_like(files, "CAPSNET_COORDINATOR", addr),
+                ),
                 ("CAPSNET_DATA_DIR", path(&self.data)),
-                ("CAPSNET_TOKEN_FILE", path(&self.token)),
                 ("CAPSNET_THREADS", "1".into()),
                 // One port per pod in the cluster; here the workers share loopback.
                 ("CAPSNET_METRICS_LISTEN", "127.0.0.1:0".into()),
@@ -480,13 +540,41 @@ impl Rehearsal {
             })
             .collect()
     }
+
+    /// Two `capsnet reducer`s with `files` (components/reducers/reducer.env first), as the
+    /// pods of the reducer Job.
+    fn reducers(&self, files: &[&str], addr: &str) -> Vec<Proc> {
+        let env = rehearsal_env(
+            files,
+            &self.secrets(),
+            &[
+                (
+                    "CAPSNET_COORDINATOR",
+                    url_like(files, "CAPSNET_COORDINATOR", addr),
+                ),
+                // One port per pod in the cluster; here the reducers share loopback (and
+                // advertise what they bound, as the Job advertises the pod's address).
+                ("CAPSNET_REDUCER_LISTEN", "127.0.0.1:0".into()),
+                ("CAPSNET_METRICS_LISTEN", "127.0.0.1:0".into()),
+                ("CAPSNET_THREADS", "1".into()),
+            ],
+            &["CAPSNET_THREADS"],
+        );
+        (0..2)
+            .map(|i| {
+                let cmd = command_with(&env, &["reducer"]);
+                Proc::spawn(&format!("reducer-{i}"), cmd, self.dir())
+            })
+            .collect()
+    }
 }
 
 #[test]
 fn rehearsal_with_the_configmap_environment_on_loopback() {
     let r = Rehearsal::new();
-    let (coord_env, mut coord, addr) = r.coordinator(&[], &[]);
-    let mut workers = r.workers(&addr);
+    let files = ["base/coordinator.env"];
+    let (mut coord, addr) = r.coordinator(&files, &[], &[]);
+    let mut workers = r.workers(&["base/worker.env"], &addr);
     let run = r.run.clone();
 
     for w in &mut workers {
@@ -520,7 +608,10 @@ fn rehearsal_with_the_configmap_environment_on_loopback() {
     }
 
     // The settings the file carries are the ones the run used (config.json), not defaults.
-    let file: BTreeMap<String, String> = coord_env.into_iter().collect();
+    let file: BTreeMap<String, String> =
+        parse_env(&std::fs::read_to_string(k8s_dir().join("base/coordinator.env")).unwrap())
+            .into_iter()
+            .collect();
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
     for (var, pointer) in [
@@ -542,52 +633,20 @@ fn rehearsal_with_the_configmap_environment_on_loopback() {
     }
 }
 
-/// components/reducers rehearsed: the coordinator with the base's and the component's
-/// environment, two `capsnet reducer`s with reducer.env, two workers with the base's; they train
-/// sharded to the end, and the reducers exit 0 when it is over (completing their Job's
-/// indices).
-#[test]
-fn rehearsal_of_the_reducer_job_environment_on_loopback() {
-    let r = Rehearsal::new();
-    // The component's ConfigMap merge: its settings on top of the base's.
-    let component = parse_env(
-        &std::fs::read_to_string(k8s_dir().join("components/reducers/coordinator-reducers.env"))
-            .unwrap(),
-    );
-    assert!(
-        component
-            .iter()
-            .any(|(k, v)| k == "CAPSNET_REDUCERS" && v == "2")
-    );
-    let mut more: Vec<(&str, String)> = component
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.clone()))
-        .collect();
+/// A sharded rehearsal with separate reducers: the coordinator, two reducers and two workers,
+/// each with its env files merged in order; they train to the end, and the reducers exit 0
+/// when it is over (completing their Job's indices).
+fn rehearse_separate_reducers(
+    r: &Rehearsal,
+    coordinator: &[&str],
+    reducer: &[&str],
+    worker: &[&str],
+) {
     // The tiny model fits in one chunk of the component's size: two reducers need two.
-    more.push(("CAPSNET_CHUNK_BYTES", "4096".into()));
-    let may_add: Vec<&str> = component.iter().map(|(k, _)| k.as_str()).collect();
-    let (_, mut coord, addr) = r.coordinator(&more, &may_add);
-    let mut reducers: Vec<Proc> = (0..2)
-        .map(|i| {
-            let env = rehearsal_env(
-                "components/reducers/reducer.env",
-                &[
-                    ("CAPSNET_COORDINATOR", format!("http://{addr}")),
-                    // One port per pod in the cluster; here the reducers share loopback (and
-                    // advertise what they bound, as the Job advertises the pod's address).
-                    ("CAPSNET_REDUCER_LISTEN", "127.0.0.1:0".into()),
-                    ("CAPSNET_METRICS_LISTEN", "127.0.0.1:0".into()),
-                    ("CAPSNET_TOKEN_FILE", path(&r.token)),
-                    ("CAPSNET_THREADS", "1".into()),
-                ],
-                &["CAPSNET_THREADS"],
-            );
-            let cmd = command_with(&env, &["reducer"]);
-            Proc::spawn(&format!("reducer-{i}"), cmd, r.dir())
-        })
-        .collect();
-    let mut workers = r.workers(&addr);
-    let run = r.run.clone();
+    let (mut coord, addr) =
+        r.coordinator(coordinator, &[("CAPSNET_CHUNK_BYTES", "4096".into())], &[]);
+    let mut reducers = r.reducers(reducer, &addr);
+    let mut workers = r.workers(worker, &addr);
     for w in &mut workers {
         w.expect_success(Duration::from_secs(90));
     }
@@ -601,12 +660,63 @@ fn rehearsal_of_the_reducer_job_environment_on_loopback() {
     }
     coord.signal(libc::SIGTERM);
     coord.expect_success(Duration::from_secs(60));
-    let rounds = rounds(&run);
+    let rounds = rounds(&r.run);
     assert_eq!(rounds.len(), 4, "{rounds:?}\n{}", coord.log_text());
     assert!(rounds.iter().all(|r| r["workers"] == 2), "{rounds:?}");
-    assert!(run.join("checkpoint-4.safetensors").is_file());
+    assert!(r.run.join("checkpoint-4.safetensors").is_file());
     let log = coord.log_text();
     assert!(log.matches("reducer joined").count() >= 2, "{log}");
+}
+
+/// components/reducers rehearsed: the coordinator with the base's and the component's
+/// environment, two `capsnet reducer`s with reducer.env, two workers with the base's.
+#[test]
+fn rehearsal_of_the_reducer_job_environment_on_loopback() {
+    let r = Rehearsal::new();
+    let component = parse_env(
+        &std::fs::read_to_string(k8s_dir().join("components/reducers/coordinator-reducers.env"))
+            .unwrap(),
+    );
+    assert!(
+        component
+            .iter()
+            .any(|(k, v)| k == "CAPSNET_REDUCERS" && v == "2")
+    );
+    rehearse_separate_reducers(
+        &r,
+        &[
+            "base/coordinator.env",
+            "components/reducers/coordinator-reducers.env",
+        ],
+        &["components/reducers/reducer.env"],
+        &["base/worker.env"],
+    );
+}
+
+/// components/reducers-tls rehearsed, with the Secret capsnet-tls as its README makes it: the
+/// coordinator serves TLS; the reducers reach it over TLS and serve the one certificate that
+/// names only capsnet-reducer; the workers reach both over TLS, checking that name in the
+/// reducers' certificate. Anything plaintext or any name check that fails stops the run.
+#[test]
+fn rehearsal_of_the_reducer_job_over_tls_on_loopback() {
+    let r = Rehearsal::with_tls();
+    rehearse_separate_reducers(
+        &r,
+        &[
+            "base/coordinator.env",
+            "components/tls/coordinator-tls.env",
+            "components/reducers/coordinator-reducers.env",
+        ],
+        &[
+            "components/reducers/reducer.env",
+            "components/reducers-tls/settings/reducer-tls.env",
+        ],
+        &[
+            "base/worker.env",
+            "components/tls/worker-tls.env",
+            "components/reducers-tls/settings/worker-reducers-tls.env",
+        ],
+    );
 }
 
 /// The image build's context (`.dockerignore`, an allowlist) holds every workspace member, the

@@ -4,100 +4,11 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use capsnet_core::data::write_synthetic;
+use common::certs::certificates;
 use common::*;
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl").args(args).current_dir(dir).output().expect(
-        "the openssl command is needed for this test (scripts/setup installs it: apt-get install openssl)",
-    );
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA, a server certificate for localhost/127.0.0.1 and a client certificate.
-fn certificates(dir: &Path) {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let mut ca = vec!["req", "-x509"];
-    ca.extend(ec);
-    ca.extend([
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=capsnet test CA",
-    ]);
-    openssl(dir, &ca);
-    for (name, cn, usage) in [
-        (
-            "server",
-            "localhost",
-            "serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1",
-        ),
-        ("client", "worker", "clientAuth"),
-        // One certificate for every reducer of a fleet, naming no address.
-        (
-            "reducer",
-            "capsnet-reducer",
-            "serverAuth\nsubjectAltName=DNS:capsnet-reducer",
-        ),
-    ] {
-        let mut req = vec!["req"];
-        req.extend(ec);
-        let (key, csr, subj) = (
-            format!("{name}.key"),
-            format!("{name}.csr"),
-            format!("/CN={cn}"),
-        );
-        req.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
-        openssl(dir, &req);
-        let ext = format!("{name}.ext");
-        std::fs::write(
-            dir.join(&ext),
-            format!(
-                "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage={usage}\n"
-            ),
-        )
-        .unwrap();
-        let pem = format!("{name}.pem");
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &pem,
-                "-days",
-                "2",
-                "-extfile",
-                &ext,
-            ],
-        );
-    }
-}
 
 /// Certificates, 32 synthetic images and a tiny coordinator that serves mutual TLS (3 rounds of
 /// batch 4 for one worker, plus `extra`).

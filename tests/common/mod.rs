@@ -7,11 +7,13 @@
 //! - [`proc`]: a child process that is killed when its guard drops;
 //! - [`cluster`]: synthetic data, coordinators and workers on loopback, and clients that join by
 //!   hand to drive the protocol;
+//! - [`certs`]: a CA and certificates made with openssl, for the TLS tests;
 //! - [`reference`]: the single-process training that distributed runs are compared with.
 
 // Each test file uses its own part of these helpers.
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod cluster;
 pub mod proc;
 pub mod reference;
