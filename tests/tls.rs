@@ -211,6 +211,68 @@ fn sharded_tls_run(cert: &str, extra: &[&str]) {
     );
 }
 
+/// A reducer whose certificate does not name what the worker checks in it: the worker's log
+/// names the reducer and the reason, and it tries again with a growing pause (100 ms doubling
+/// to 5 s), not in a loop; a worker that checks the right name then trains with the same
+/// reducer to the end.
+#[test]
+fn a_reducer_that_fails_verification_is_named_and_retried_with_backoff() {
+    let m = Mtls::start(&["--reducers", "1", "--chunk-bytes", "4096"]);
+    let t = m.tmp.path();
+    let reducer_args = [
+        "--tls-cert".to_string(),
+        m.file("reducer.pem"),
+        "--tls-key".into(),
+        m.file("reducer.key"),
+        "--tls-ca".into(),
+        m.file("ca.pem"),
+    ];
+    let reducer_args: Vec<&str> = reducer_args.iter().map(String::as_str).collect();
+    let mut red = reducer(t, &m.https, "reducer-0", &reducer_args);
+    let mut args = m.client_flags();
+    args.extend(["--reducer-tls-domain".to_string(), "wrong-name".into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut bad = worker(t, &m.https, 0, &m.data, &args);
+    let tries = |log: &str| log.matches("a reducer failed").count();
+    wait_for_or_log(
+        "the worker's first failed try",
+        Duration::from_secs(60),
+        &[&bad, &red],
+        || (tries(&bad.log_text()) >= 1).then_some(()),
+    );
+    std::thread::sleep(Duration::from_secs(8));
+    let log = bad.log_text();
+    // 100 + 200 + 400 + 800 + 1600 + 3200 ms of pauses fit in 8 s: at most 7 tries after the
+    // first (a loop without pauses made hundreds).
+    let n = tries(&log);
+    assert!((2..=8).contains(&n), "{n} tries in 8 s:\n{log}");
+    assert!(
+        log.contains("https://127.0.0.1:") && log.contains("not valid for name"),
+        "the log does not name the reducer and the reason:\n{log}"
+    );
+    assert!(!log.contains("lost the coordinator"), "{log}");
+    assert!(bad.exited().is_none(), "{log}");
+    bad.signal(libc::SIGKILL);
+    bad.wait(Duration::from_secs(10));
+
+    let mut args = m.client_flags();
+    args.extend(["--reducer-tls-domain".to_string(), "capsnet-reducer".into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let Mtls {
+        tmp,
+        data,
+        run,
+        mut coord,
+        https,
+        ..
+    } = m;
+    let mut good = worker(tmp.path(), &https, 0, &data, &args);
+    good.expect_success(Duration::from_secs(90));
+    coord.expect_success(Duration::from_secs(60));
+    red.expect_success(Duration::from_secs(30));
+    assert!(run.join("checkpoint-3.safetensors").exists());
+}
+
 /// A server on loopback that answers whatever comes with a TLS alert, as a coordinator serving
 /// TLS does to plaintext, and records every byte it was sent until `stop` is set (or 20 s).
 fn fake_tls_server() -> (

@@ -45,11 +45,12 @@ pub fn certificates(dir: &Path) {
             "serverAuth\nsubjectAltName=DNS:localhost,DNS:capsnet-coordinator,IP:127.0.0.1",
         ),
         ("client", "worker", "clientAuth"),
-        // One certificate for every reducer of a fleet, naming no address.
+        // One certificate for every reducer of a fleet, naming no address; a reducer also
+        // presents it to the coordinator as its client certificate.
         (
             "reducer",
             "capsnet-reducer",
-            "serverAuth\nsubjectAltName=DNS:capsnet-reducer",
+            "serverAuth,clientAuth\nsubjectAltName=DNS:capsnet-reducer",
         ),
     ] {
         let mut req = vec!["req"];

@@ -14,6 +14,21 @@ use tonic::{Request, Status};
 
 use crate::{Result, WorkerError};
 
+/// `e` and each of its sources, joined with `: `.
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = cause.source();
+    }
+    out
+}
+
 /// TLS files of a client: the CA that signed the coordinator's certificate, and for mutual TLS
 /// the client's own certificate and key.
 #[derive(Clone, Debug, PartialEq)]
@@ -94,10 +109,12 @@ impl Client {
             }
             ep = ep.tls_config(c).map_err(WorkerError::Tls)?;
         }
+        // tonic's transport error says only "transport error": the cause (refused, a
+        // certificate that does not name the host, ...) is in its sources.
         let channel = ep
             .connect()
             .await
-            .map_err(|e| WorkerError::Rpc(Status::unavailable(e.to_string())))?;
+            .map_err(|e| WorkerError::Rpc(Status::unavailable(error_chain(&e))))?;
         let value: MetadataValue<_> = format!("Bearer {token}")
             .parse()
             .map_err(|_| WorkerError::TokenNotAscii)?;

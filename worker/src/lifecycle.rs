@@ -56,6 +56,8 @@ struct Session {
     lost: tokio::sync::watch::Receiver<bool>,
     /// The last round whose order this worker saw.
     after: Option<u64>,
+    /// The last round failed on a reducer: wait ([`backoff`]) before the next.
+    retry: bool,
     /// The parameters of the round, pulled into the same buffer every round, and the work
     /// order that came with them when they were pulled beside the last push.
     pulled: Vec<f32>,
@@ -79,13 +81,18 @@ pub(crate) async fn train(
     // The model and data outlive a session: a worker that joins the same run again keeps them.
     let mut replica: Option<Replica> = None;
     let mut rounds = 0u64;
+    // Failed tries in a row (a session lost, a reducer failed): each waits longer before the
+    // next, so a fault that persists (a reducer whose certificate does not verify, one that
+    // refuses every call) costs a bounded rate of calls, not a loop.
+    let mut failures = 0u32;
     let mut state = State::Joining;
     loop {
         state = match state {
             State::Joining => {
                 tracing::info!(phase = ?Phase::Joining, coordinator = %cfg.coordinator, "joining");
+                let pause = backoff(failures);
                 tokio::select! {
-                    r = join(cfg) => {
+                    r = async { tokio::time::sleep(pause).await; join(cfg).await } => {
                         let (client, joined) = r?;
                         let s = Session::start(cfg, metrics, client, joined, &mut replica).await?;
                         tracing::debug!(phase = ?Phase::Working);
@@ -96,15 +103,29 @@ pub(crate) async fn train(
             }
             State::Working(mut s) => {
                 let mut lost = s.lost.clone();
+                let pause = s.retry.then(|| backoff(failures));
+                let entry = s.after;
                 let r = tokio::select! {
-                    r = s.round(cfg, metrics, &mut replica, &mut rounds) => r,
+                    r = async {
+                        if let Some(p) = pause {
+                            tokio::time::sleep(p).await;
+                        }
+                        s.round(cfg, metrics, &mut replica, &mut rounds).await
+                    } => r,
                     _ = lost.changed() => Err(WorkerError::Rpc(tonic::Status::not_found(
                         "coordinator forgot this worker",
                     ))),
                     _ = &mut shutdown => Ok(Next::Leave { finished: false }),
                 };
+                s.retry = false;
+                if r.is_err() {
+                    failures = failures.saturating_add(1);
+                }
                 match r {
-                    Ok(Next::Round) => State::Working(s),
+                    Ok(Next::Round) => {
+                        failures = 0;
+                        State::Working(s)
+                    }
                     Ok(Next::Leave { finished }) => {
                         metrics.joined(false);
                         s.leave().await;
@@ -114,7 +135,7 @@ pub(crate) async fn train(
                     Err(WorkerError::Rpc(st))
                         if st.code() == Code::NotFound || retryable(st.code()) =>
                     {
-                        tracing::warn!(status = %st, "lost the coordinator; joining again");
+                        tracing::warn!(status = %st, retry_in = ?backoff(failures), "lost the coordinator; joining again");
                         metrics.joined(false);
                         State::Joining
                     }
@@ -123,15 +144,16 @@ pub(crate) async fn train(
                     // what to do, the same round again or another one. A step cut short takes
                     // the model replica with it: that needs a new session.
                     Err(WorkerError::Reducer(st)) if replica.is_none() => {
-                        tracing::warn!(status = %st, "a reducer failed mid-step; joining again");
+                        tracing::warn!(status = %st, retry_in = ?backoff(failures), "a reducer failed mid-step; joining again");
                         metrics.joined(false);
                         State::Joining
                     }
                     Err(WorkerError::Reducer(st)) => {
-                        tracing::warn!(status = %st, round = ?s.after, "a reducer failed mid-update; asking for the round's order again");
-                        s.after = s.after.and_then(|r| r.checked_sub(1));
+                        tracing::warn!(status = %st, round = ?s.after, retry_in = ?backoff(failures), "a reducer failed; asking for the round's order again");
+                        // The order this round took (or was taking) is asked for again.
+                        s.after = entry;
                         s.ready = None;
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        s.retry = true;
                         State::Working(s)
                     }
                     Err(e) => {
@@ -217,6 +239,7 @@ impl Session {
             _heartbeat: heartbeat,
             lost,
             after: None,
+            retry: false,
             pulled: vec![],
             ready: None,
             second: vec![],
@@ -322,6 +345,10 @@ impl Session {
                 (Some(l), true) => reducers.clients(l).await?,
                 _ => vec![client.clone()],
             };
+            let urls: Vec<String> = match (&layout, settings.sharded) {
+                (Some(l), true) => l.owners.iter().map(|(a, _)| a.clone()).collect(),
+                _ => vec![cfg.coordinator.clone()],
+            };
             let (mut snd, loss, chunks) =
                 ChunkSender::new(grid.clone(), &spans, settings.wire, pool.clone())?;
             for (k, c) in clients.iter().enumerate() {
@@ -340,22 +367,31 @@ impl Session {
                     return Ok(false);
                 };
                 // One stream per span (one in all without reducers).
-                let pushes = chunks.into_iter().zip(clients).map(|(chunks, mut c)| {
-                    let (id, s) = (id.clone(), s.clone());
-                    async move {
-                        let chunks = tokio_stream::wrappers::ReceiverStream::new(chunks);
-                        let pushed =
-                            push_chunks(&mut c, &id, &s, (head.0, head.1, loss), layout_id, chunks)
+                let pushes =
+                    chunks
+                        .into_iter()
+                        .zip(clients)
+                        .zip(urls)
+                        .map(|((chunks, mut c), url)| {
+                            let (id, s) = (id.clone(), s.clone());
+                            async move {
+                                let chunks = tokio_stream::wrappers::ReceiverStream::new(chunks);
+                                let pushed = push_chunks(
+                                    &mut c,
+                                    &id,
+                                    &s,
+                                    (head.0, head.1, loss),
+                                    layout_id,
+                                    chunks,
+                                )
                                 .await;
-                        match used(head.0, pushed) {
-                            // A reducer, not the coordinator, failed.
-                            Err(WorkerError::Rpc(st)) if sharded && retryable(st.code()) => {
-                                Err(WorkerError::Reducer(st))
+                                match used(head.0, pushed) {
+                                    // A reducer, not the coordinator, failed.
+                                    Err(e) if sharded => Err(transfer::from_reducer(&url, e)),
+                                    r => r,
+                                }
                             }
-                            r => r,
-                        }
-                    }
-                });
+                        });
                 let all = futures_util::future::try_join_all(pushes).await?;
                 tracing::trace!(target: "capsnet::timeline", round = head.0, "pushed");
                 Ok(all.into_iter().all(|u| u))
@@ -496,5 +532,14 @@ impl Session {
         }
         *ready = Some(next);
         Ok(Next::Round)
+    }
+}
+
+/// The pause before the next try after `failures` failed ones in a row: none, then 100 ms
+/// doubling to 5 s.
+fn backoff(failures: u32) -> Duration {
+    match failures {
+        0 => Duration::ZERO,
+        n => Duration::from_millis(100u64 << (n - 1).min(6)).min(Duration::from_secs(5)),
     }
 }

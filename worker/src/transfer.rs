@@ -229,7 +229,9 @@ impl Reducers {
                 _ => {
                     let c = match local {
                         Some(l) => Client::local(l, &self.token)?,
-                        None => Client::connect(a, &self.token, self.tls.as_ref()).await?,
+                        None => Client::connect(a, &self.token, self.tls.as_ref())
+                            .await
+                            .map_err(|e| from_reducer(a, e))?,
                     };
                     self.clients.insert(a.clone(), c.clone());
                     c
@@ -266,12 +268,16 @@ pub async fn pull_spans(
     }
     let mut rest = params;
     let mut pulls = vec![];
-    for ((_, span), mut c) in layout.owners.iter().zip(clients) {
+    for ((url, span), mut c) in layout.owners.iter().zip(clients) {
         let (lo, hi) = (grid[span.start].start, grid[span.end - 1].end);
         let (mine, tail) = std::mem::take(&mut rest).split_at_mut(hi - lo);
         rest = tail;
         let req = &req;
-        pulls.push(async move { pull_span(&mut c, req, grid, span.clone(), lo, mine).await });
+        pulls.push(async move {
+            pull_span(&mut c, req, grid, span.clone(), lo, mine)
+                .await
+                .map_err(|e| from_reducer(url, e))
+        });
     }
     let rounds = futures_util::future::try_join_all(pulls).await?;
     match rounds.first() {
@@ -430,7 +436,7 @@ pub async fn fetch(
         match pull_spans(clients, &layout, id, before, enc, grid, params).await {
             Ok(r) if r == order.round => return Ok((order, Some(layout))),
             Ok(r) => tracing::debug!(round = order.round, got = r, "parameters of another round"),
-            Err(WorkerError::Rpc(s))
+            Err(WorkerError::Reducer(s))
                 if matches!(
                     s.code(),
                     Code::Aborted
@@ -451,10 +457,25 @@ pub async fn fetch(
             .await?
             .into_inner();
     }
-    Err(tonic::Status::unavailable(
-        "the reducers did not serve the parameters of the open round; joining again",
-    )
-    .into())
+    Err(WorkerError::Reducer(tonic::Status::unavailable(
+        "the reducers did not serve the parameters of the open round",
+    )))
+}
+
+/// An error of the reducer at `url`, told apart from the coordinator's: a failed call becomes
+/// [`WorkerError::Reducer`] with the reducer's URL in its message; other errors (a bad
+/// address or TLS file) stay what they are.
+pub(crate) fn from_reducer(url: &str, e: WorkerError) -> WorkerError {
+    match e {
+        WorkerError::Rpc(st) | WorkerError::Reducer(st) if !st.message().starts_with(url) => {
+            WorkerError::Reducer(tonic::Status::new(
+                st.code(),
+                format!("{url}: {}", st.message()),
+            ))
+        }
+        WorkerError::Rpc(st) => WorkerError::Reducer(st),
+        e => e,
+    }
 }
 
 /// Floats shared with the stream that sends them, so that their buffer can be taken back
