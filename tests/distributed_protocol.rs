@@ -228,11 +228,55 @@ struct Valid<'a> {
     samples: u64,
     /// Every float of the update (1e-3).
     values: &'a [f32],
+    /// The sharded layout the update follows (0: the coordinator reduces).
+    layout: u64,
 }
 
 impl Valid<'_> {
     fn chunks(&self, round: u64, values: &[f32]) -> Vec<pb::UpdateChunk> {
-        chunks_msg(&self.j.id, round, &self.j.settings, self.samples, values)
+        let mut msgs = chunks_msg(&self.j.id, round, &self.j.settings, self.samples, values);
+        msgs.iter_mut().for_each(|m| m.layout = self.layout);
+        msgs
+    }
+}
+
+/// Where the probe's updates go: the coordinator, or (with `--reducers 1`) the one reducer,
+/// which owns every chunk; and how the parameters are read back from it.
+struct Target {
+    /// A client of the reducer, with the layout and the reducers' clients of the sharded run.
+    reducer: Option<(Client, capsnet_worker::Layout, capsnet_worker::Reducers)>,
+}
+
+impl Target {
+    fn layout(&self) -> u64 {
+        self.reducer.as_ref().map_or(0, |(_, l, _)| l.id)
+    }
+
+    fn client<'a>(&'a mut self, j: &'a mut Joined) -> &'a mut Client {
+        match &mut self.reducer {
+            Some((c, _, _)) => c,
+            None => &mut j.client,
+        }
+    }
+
+    /// The order and parameters of the round after `after`: pulled from the coordinator, or
+    /// the order from it and the parameters from the reducer.
+    async fn pull(&mut self, j: &mut Joined, after: Option<u64>) -> Pulled {
+        let Some((_, _, reducers)) = &mut self.reducer else {
+            return pull(j, after).await;
+        };
+        let grid = j.settings.grid();
+        let mut params = vec![0.0f32; j.total as usize];
+        let want = capsnet_worker::Want {
+            id: &j.id,
+            after,
+            enc: Encoding::F32,
+            grid: &grid,
+        };
+        let (order, _) = capsnet_worker::fetch(&mut j.client, reducers, want, None, &mut params)
+            .await
+            .unwrap();
+        Pulled { order, params }
     }
 }
 
@@ -251,16 +295,54 @@ struct Case {
 /// 0 as it was, with work to do. Its valid update is then accepted and is the only one used.
 #[test]
 fn bad_updates_are_rejected_and_change_nothing() {
+    bad_updates(false);
+}
+
+/// The same at a reducer (`capsnet reducer`, owning every chunk): each broken update pushed to
+/// it is refused with the same status and message, and changes neither the round nor the
+/// parameters it serves; so are an update under another layout and one from a stranger.
+#[test]
+fn a_reducer_rejects_bad_updates_and_changes_nothing() {
+    bad_updates(true);
+}
+
+fn bad_updates(sharded: bool) {
+    let args: Vec<&str> = PROBE
+        .iter()
+        .copied()
+        .chain(sharded.then_some(["--reducers", "1"]).into_iter().flatten())
+        .collect();
     let Setup {
-        tmp: _tmp,
+        tmp,
         mut coord,
         url,
         ..
-    } = Setup::start(64, &PROBE);
+    } = Setup::start(64, &args);
     let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut red = sharded.then(|| reducer(tmp.path(), &url, "probe-reducer", &[]));
     rt.block_on(async {
         let mut j = join(&url, "probe", Some(0)).await;
-        let before = pull(&mut j, None).await;
+        let mut target = Target { reducer: None };
+        if sharded {
+            // The layout of round 0's order names the reducer.
+            let grid = j.settings.grid();
+            let mut params = vec![0.0f32; j.total as usize];
+            let mut reducers = capsnet_worker::Reducers::new(TOKEN, None, None, None);
+            let want = capsnet_worker::Want {
+                id: &j.id,
+                after: None,
+                enc: Encoding::F32,
+                grid: &grid,
+            };
+            let (_, layout) =
+                capsnet_worker::fetch(&mut j.client, &mut reducers, want, None, &mut params)
+                    .await
+                    .unwrap();
+            let layout = layout.unwrap();
+            let client = reducers.clients(&layout).await.unwrap().remove(0);
+            target.reducer = Some((client, layout, reducers));
+        }
+        let before = target.pull(&mut j, None).await;
         assert!(before.order.participate);
         let total = j.total;
         let samples = before.order.end - before.order.start;
@@ -343,7 +425,10 @@ fn bad_updates_are_rejected_and_change_nothing() {
                 name: "chunks off the run's grid (half its chunk size)",
                 update: |v| {
                     let s = &v.j.settings;
-                    chunks_sized(&v.j.id, 0, s, v.samples, v.values, s.chunk_bytes / 2)
+                    let mut msgs =
+                        chunks_sized(&v.j.id, 0, s, v.samples, v.values, s.chunk_bytes / 2);
+                    msgs.iter_mut().for_each(|m| m.layout = v.layout);
+                    msgs
                 },
                 code: Code::InvalidArgument,
                 message: "chunk at offset 0: payload of 2048 bytes; this run's chunk there holds 1024 floats".into(),
@@ -401,15 +486,44 @@ fn bad_updates_are_rejected_and_change_nothing() {
                 message: format!("checksum mismatch in the chunk at offset {chunk_floats}"),
             },
         ];
-        for case in &cases {
+        let layout = target.layout();
+        let sharded_cases = [
+            Case {
+                // (A newer one than the reducer knows is waited for, up to --stall-timeout:
+                // its assignment may be on its way.)
+                name: "an older layout than the reducer's",
+                update: |v| {
+                    let mut msgs = v.chunks(0, v.values);
+                    msgs.iter_mut().for_each(|m| m.layout -= 1);
+                    msgs
+                },
+                code: Code::FailedPrecondition,
+                message: "dropped by this reducer".into(),
+            },
+            Case {
+                name: "a stranger's update",
+                update: |v| {
+                    let mut msgs = v.chunks(0, v.values);
+                    msgs.iter_mut().for_each(|m| m.worker_id = "stranger".into());
+                    msgs
+                },
+                // (After waiting once for an order that might name a member that joined
+                // again: REJOIN_WAIT.)
+                code: Code::FailedPrecondition,
+                message: "worker stranger is not a member of this epoch".into(),
+            },
+        ];
+        let extra: &[Case] = if sharded { &sharded_cases } else { &[] };
+        for case in cases.iter().chain(extra) {
             let name = case.name;
             let valid = Valid {
                 j: &j,
                 samples,
                 values: &good,
+                layout,
             };
             let msgs = (case.update)(&valid);
-            let Err(e) = push(&mut j.client, msgs).await else {
+            let Err(e) = push(target.client(&mut j), msgs).await else {
                 panic!("{name}: the update was accepted");
             };
             assert_eq!(e.code(), case.code, "{name}: {e}");
@@ -421,7 +535,7 @@ fn bad_updates_are_rejected_and_change_nothing() {
 
             let st = coordinator_status(&mut j.client).await;
             assert_eq!(st.round, 0, "{name} changed the round");
-            let now = pull(&mut j, None).await;
+            let now = target.pull(&mut j, None).await;
             assert_eq!(now.order, before.order, "{name} changed the work order");
             assert!(now.params == before.params, "{name} changed the parameters");
         }
@@ -431,10 +545,11 @@ fn bad_updates_are_rejected_and_change_nothing() {
             j: &j,
             samples,
             values: &good,
+            layout,
         };
         let msgs = valid.chunks(0, &good);
-        push(&mut j.client, msgs).await.unwrap();
-        let next = pull(&mut j, Some(0)).await;
+        push(target.client(&mut j), msgs).await.unwrap();
+        let next = target.pull(&mut j, Some(0)).await;
         assert_eq!(next.order.round, 1);
         // Adam's first step moves every parameter by lr against the gradient's sign: only the
         // valid update was used.
@@ -442,20 +557,33 @@ fn bad_updates_are_rejected_and_change_nothing() {
             assert!((b - a + 1e-3).abs() < 1e-6, "float {i}: {a} -> {b}");
         }
         // Now round 0 is stale.
-        let e = push(
-            &mut j.client,
-            chunks_msg(&j.id, 0, &j.settings, samples, &good),
-        )
-        .await
-        .unwrap_err();
+        let stale = Valid {
+            j: &j,
+            samples,
+            values: &good,
+            layout,
+        }
+        .chunks(0, &good);
+        let e = push(target.client(&mut j), stale).await.unwrap_err();
         assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
         assert!(e.message().contains("current round is 1"), "{e}");
         let o = next.order;
-        let last = chunks_msg(&j.id, 1, &j.settings, o.end - o.start, &good);
-        push(&mut j.client, last).await.unwrap();
-        finish(&mut j, 1, &mut coord).await;
+        let last = Valid {
+            j: &j,
+            samples: o.end - o.start,
+            values: &good,
+            layout,
+        }
+        .chunks(1, &good);
+        push(target.client(&mut j), last).await.unwrap();
+        let end = target.pull(&mut j, Some(1)).await;
+        assert!(end.order.finished, "{:?}", end.order);
+        coord.signal(libc::SIGTERM);
     });
     coord.expect_success(Duration::from_secs(60));
+    if let Some(r) = red.as_mut() {
+        r.expect_success(Duration::from_secs(30));
+    }
 }
 
 /// Full duplex: a pull for the next round, made while the round is still being reduced, gets

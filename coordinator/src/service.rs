@@ -236,7 +236,11 @@ impl Service {
             .ok_or_else(|| Status::invalid_argument("empty update stream"))?;
         // Cheap checks before reading 33 MB: the round and the layout.
         let current = self.published.borrow().round;
-        if first.round < current {
+        // A reducer may hear of the next round a moment after a worker did (it waits for that
+        // below), never of one further on: the coordinator opens a round only once every
+        // reducer closed the one before.
+        let ahead = self.opened.is_some() && first.round > current.saturating_add(1);
+        if first.round < current || ahead {
             return Err(CoordinatorError::StaleRound {
                 got: first.round,
                 current,
