@@ -46,11 +46,12 @@ fn grpc_request(addr: SocketAddr, path: &str, token: bool) -> http::Request<()> 
 
 const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
 
-/// Opens `streams` health-check requests on one HTTP/2 connection, each announcing a 4 MiB
+/// Opens `streams` requests to `path` (without the token) on one HTTP/2 connection, each announcing a 4 MiB
 /// message and sending only `sent` bytes of it, and keeps them open. Returns what must stay
 /// alive for the streams to stay open.
 async fn half_sent_requests(
     addr: SocketAddr,
+    path: &str,
     streams: usize,
     sent: usize,
 ) -> Option<(h2::client::SendRequest<Bytes>, Vec<h2::SendStream<Bytes>>)> {
@@ -68,7 +69,7 @@ async fn half_sent_requests(
             break; // the server's stream limit: no more at once
         };
         let Ok(mut c) = ready else { break };
-        let req = grpc_request(addr, HEALTH_CHECK, false);
+        let req = grpc_request(addr, path, false);
         let Ok((_resp, mut body)) = c.send_request(req, false) else {
             break;
         };
@@ -105,53 +106,124 @@ fn a_flood_without_the_token_costs_bounded_memory_and_a_worker_still_trains() {
         ],
     );
     let addr: SocketAddr = s.url.trim_start_matches("http://").parse().unwrap();
-    let pid = s.coord.pid();
-    let before = rss_bytes(pid);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let (silent, half_sent, peak) = rt.block_on(async {
-        let mut half_sent = vec![];
-        for _ in 0..8 {
-            if let Some(h) = half_sent_requests(addr, 64, 3 << 20).await {
-                half_sent.push(h);
-            }
-        }
-        // Silent connections: up to the per-address limit of 32 (the 8 above count) are kept
-        // until 10 s pass; the rest are closed at once.
-        let mut silent = vec![];
-        for _ in 0..100 {
-            if let Ok(c) = connect_from_elsewhere(addr).await {
-                silent.push(c);
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        (silent, half_sent, rss_bytes(pid))
-    });
-    let streams: usize = half_sent.iter().map(|(_, h)| h.len()).sum();
-    eprintln!(
-        "silent connections {}, half-sent streams {streams}, memory {} -> {} MiB",
-        silent.len(),
-        before >> 20,
-        peak >> 20
-    );
-    assert!(streams >= 8 * 32, "the flood opened only {streams} streams");
-    // Each of the 8 flooding connections can have at most its flow-control window in flight
-    // (a loaded machine reads the refused streams' data later, so more of it waits); a
-    // length limit that let a 4 MiB message in grew the process by 1.1 GiB here.
-    let bound = 8 * u64::from(capsnet_coordinator::CONNECTION_WINDOW);
-    assert!(
-        peak < before + bound,
-        "memory grew from {} MiB to {} MiB under the flood (bound: {} MiB more)",
-        before >> 20,
-        peak >> 20,
-        bound >> 20
-    );
+    let flood = Flood::at(addr, HEALTH_CHECK, s.coord.pid());
     // The worker comes from another address than the flood, joins and trains to the end.
     let mut w = s.worker(0, &[]);
     w.expect_success(Duration::from_secs(60));
     s.coord.expect_success(Duration::from_secs(30));
     let log = s.coord.log_text();
     assert!(log.contains("connection refused"), "{log}");
-    drop((silent, half_sent));
+    drop(flood);
+}
+
+/// What a flood holds open, and the flooded process's memory before and under it.
+struct Flood {
+    _silent: Vec<tokio::net::TcpStream>,
+    _half_sent: Vec<(h2::client::SendRequest<Bytes>, Vec<h2::SendStream<Bytes>>)>,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl Flood {
+    /// Floods `addr` without the token from 127.0.0.2: 8 connections of up to 64 half-sent
+    /// requests to `path` (each announcing a 4 MiB message and sending 3 MiB of it), then 100
+    /// silent connections; checks that the server took at least 32 streams on each flooding
+    /// connection and that the memory of process `pid` grew by less than the flooding
+    /// connections' flow-control windows (8 x 32 MiB).
+    fn at(addr: SocketAddr, path: &str, pid: u32) -> Flood {
+        let before = rss_bytes(pid);
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (silent, half_sent, peak) = rt.block_on(async {
+            let mut half_sent = vec![];
+            for _ in 0..8 {
+                if let Some(h) = half_sent_requests(addr, path, 64, 3 << 20).await {
+                    half_sent.push(h);
+                }
+            }
+            // Silent connections: up to the per-address limit of 32 (the 8 above count) are
+            // kept until 10 s pass; the rest are closed at once.
+            let mut silent = vec![];
+            for _ in 0..100 {
+                if let Ok(c) = connect_from_elsewhere(addr).await {
+                    silent.push(c);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            (silent, half_sent, rss_bytes(pid))
+        });
+        let streams: usize = half_sent.iter().map(|(_, h)| h.len()).sum();
+        eprintln!(
+            "{path}: silent connections {}, half-sent streams {streams}, memory {} -> {} MiB",
+            silent.len(),
+            before >> 20,
+            peak >> 20
+        );
+        assert!(streams >= 8 * 32, "the flood opened only {streams} streams");
+        // Each of the 8 flooding connections can have at most its flow-control window in
+        // flight (a loaded machine reads the refused streams' data later, so more of it
+        // waits); a length limit that let a 4 MiB message in grew the process by 1.1 GiB here.
+        let bound = 8 * u64::from(capsnet_coordinator::CONNECTION_WINDOW);
+        assert!(
+            peak < before + bound,
+            "memory grew from {} MiB to {} MiB under the flood (bound: {} MiB more)",
+            before >> 20,
+            peak >> 20,
+            bound >> 20
+        );
+        Flood {
+            _silent: silent,
+            _half_sent: half_sent,
+            _rt: rt,
+        }
+    }
+}
+
+/// The same flood at a reducer (`capsnet reducer`), on its bulk path: half-sent pushes without
+/// the token, refused at their headers, and silent connections. Its memory grows by less than
+/// the flooding connections' windows, and a worker from another address trains the run to its
+/// end through that reducer meanwhile.
+#[test]
+fn a_flood_at_a_reducer_costs_bounded_memory_and_the_run_trains() {
+    let mut s = Setup::start(
+        64,
+        &[
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "20",
+            "--reducers",
+            "1",
+            "--chunk-bytes",
+            "4096",
+        ],
+    );
+    let listen = free_addr();
+    let mut cmd = capsnet();
+    cmd.args([
+        "reducer",
+        "--coordinator",
+        &s.url,
+        "--listen",
+        &listen,
+        "--threads",
+        "1",
+        "--name",
+        "flooded",
+        "--max-connections-per-ip",
+        "32",
+    ]);
+    let mut r = Proc::spawn("flooded", cmd, s.tmp.path());
+    wait_for_or_log("the reducer's span", Duration::from_secs(30), &[&r], || {
+        r.log_text().contains("span assigned").then_some(())
+    });
+    let addr: SocketAddr = listen.parse().unwrap();
+    let flood = Flood::at(addr, capsnet_proto::frame::PUSH_PATH, r.pid());
+    let mut w = s.worker(0, &[]);
+    w.expect_success(Duration::from_secs(60));
+    s.coord.expect_success(Duration::from_secs(30));
+    r.expect_success(Duration::from_secs(30));
+    let log = r.log_text();
+    assert!(log.contains("connection refused"), "{log}");
+    drop(flood);
 }
 
 /// A connection that never sends a request is closed after 10 s; one that does is not.
