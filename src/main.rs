@@ -104,9 +104,37 @@ fn die_with_parent() {
     }
 }
 
+/// Turns transparent huge pages off for a process that only moves and reduces tensors (a
+/// coordinator, a reducer, `bench sync`), unless `MIMALLOC_ALLOW_THP` says what to do (mimalloc
+/// reads it). Such a process frees and allocates tens of MB per round, and each fault on a huge
+/// page zeroes 2 MiB afresh (and may compact memory first): in steady state that was 23% of a
+/// loopback round's CPU samples, and `bench sync` took half the CPU time without huge pages
+/// (docs/benchmarks.md). Processes that train keep them: a batch-1 step was up to 30% slower
+/// without. The flag is inherited by children, so `launch` (whose children train) is left out.
+fn no_transparent_huge_pages(cmd: &Cmd) {
+    let sync_only = matches!(
+        cmd,
+        Cmd::Coordinator(_) | Cmd::Reducer(_) | Cmd::Bench(bench::BenchCmd::Sync(_))
+    );
+    if !sync_only || std::env::var_os("MIMALLOC_ALLOW_THP").is_some() {
+        return;
+    }
+    // SAFETY: PR_SET_THP_DISABLE with these arguments only sets a flag of this process (its
+    // later page faults use small pages); it touches no memory of ours.
+    let r = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    if r != 0 {
+        // An old kernel or a sandbox that refuses it: only slower.
+        eprintln!(
+            "warning: could not turn transparent huge pages off: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 fn main() {
     die_with_parent();
     let cli = Cli::parse();
+    no_transparent_huge_pages(&cli.command);
     let prefix = matches!(cli.command, Cmd::Launch(_)).then_some(launch::COORDINATOR_PREFIX);
     logging::init(cli.log_format, prefix);
     if let Err(e) = run(cli.command) {

@@ -5,6 +5,7 @@ mod common;
 
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use capsnet_core::checkpoint::{Tensor, TensorFile};
 use capsnet_core::data::write_synthetic;
@@ -694,4 +695,50 @@ fn plot_draws_runs_as_png_and_svg() {
     config_error(&o, "metrics.jsonl");
     let o = capsnet(&["plot", &single_s, "--labels", "a,b", "--out", &png_s]);
     config_error(&o, "--labels");
+}
+
+/// A `capsnet reducer` turns transparent huge pages off for its own process (main.rs: each
+/// fault on a huge page the allocator had handed back zeroed 2 MiB afresh), unless
+/// `MIMALLOC_ALLOW_THP` says what to do: the process's /proc status shows `THP_enabled: 0`, or
+/// 1 with the variable. A reducer that waits for an unreachable coordinator is the long-lived
+/// process to look at.
+#[test]
+fn capsnet_turns_transparent_huge_pages_off_for_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    for (allow, want) in [(None, "0"), (Some("1"), "1")] {
+        let metrics = common::free_addr();
+        let mut cmd = common::capsnet();
+        cmd.args([
+            "reducer",
+            "--coordinator",
+            "http://127.0.0.1:1",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            &metrics,
+            "--give-up-after",
+            "60s",
+        ]);
+        cmd.env_remove("MIMALLOC_ALLOW_THP");
+        if let Some(a) = allow {
+            cmd.env("MIMALLOC_ALLOW_THP", a);
+        }
+        let mut p = common::Proc::spawn("thp", cmd, dir.path());
+        // Its metrics port is bound after main's first steps.
+        common::wait_for_or_log(
+            "the reducer's metrics port",
+            Duration::from_secs(30),
+            &[&p],
+            || std::net::TcpStream::connect(&metrics).ok().map(|_| ()),
+        );
+        let status = std::fs::read_to_string(format!("/proc/{}/status", p.pid())).unwrap();
+        let thp = status
+            .lines()
+            .find_map(|l| l.strip_prefix("THP_enabled:"))
+            .map(str::trim)
+            .expect("THP_enabled in /proc/PID/status (Linux 5.0 and later)");
+        assert_eq!(thp, want, "MIMALLOC_ALLOW_THP={allow:?}:\n{status}");
+        p.signal(libc::SIGKILL);
+        p.wait(Duration::from_secs(10));
+    }
 }
