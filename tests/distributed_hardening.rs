@@ -84,6 +84,9 @@ async fn half_sent_requests(
     Some((client, held))
 }
 
+/// The run a flood test's worker trains to its end meanwhile: 20 rounds of batch 4.
+const FLOODED_RUN: &[&str] = &["--batch-size", "4", "--max-steps", "20"];
+
 /// A flood without the token: 8 connections of half-sent health requests (each announcing a
 /// 4 MiB message and sending 3 MiB of it, 64 per connection, at most 32 at once), then 100
 /// silent connections (the server keeps 32 from one address in all, and drops each that says
@@ -96,14 +99,7 @@ async fn half_sent_requests(
 fn a_flood_without_the_token_costs_bounded_memory_and_a_worker_still_trains() {
     let mut s = Setup::start(
         64,
-        &[
-            "--batch-size",
-            "4",
-            "--max-steps",
-            "20",
-            "--max-connections-per-ip",
-            "32",
-        ],
+        &[FLOODED_RUN, &["--max-connections-per-ip", "32"]].concat(),
     );
     let addr: SocketAddr = s.url.trim_start_matches("http://").parse().unwrap();
     let flood = Flood::at(addr, HEALTH_CHECK, s.coord.pid());
@@ -185,16 +181,7 @@ impl Flood {
 fn a_flood_at_a_reducer_costs_bounded_memory_and_the_run_trains() {
     let mut s = Setup::start(
         64,
-        &[
-            "--batch-size",
-            "4",
-            "--max-steps",
-            "20",
-            "--reducers",
-            "1",
-            "--chunk-bytes",
-            "4096",
-        ],
+        &[FLOODED_RUN, &["--reducers", "1", "--chunk-bytes", "4096"]].concat(),
     );
     let listen = free_addr();
     let mut cmd = capsnet();
