@@ -143,6 +143,14 @@ pub(crate) async fn train(
                     // back) or not (a connection broke): either way the next work order says
                     // what to do, the same round again or another one. A step cut short takes
                     // the model replica with it: that needs a new session.
+                    // A reducer that refuses this worker's token or certificate keeps
+                    // refusing it: stop, as a coordinator's refusal does.
+                    Err(WorkerError::Reducer(st))
+                        if matches!(st.code(), Code::Unauthenticated | Code::PermissionDenied) =>
+                    {
+                        metrics.joined(false);
+                        return Err(WorkerError::Reducer(st));
+                    }
                     Err(WorkerError::Reducer(st)) if replica.is_none() => {
                         tracing::warn!(status = %st, retry_in = ?backoff(failures), "a reducer failed mid-step; joining again");
                         metrics.joined(false);
