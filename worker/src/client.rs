@@ -62,8 +62,54 @@ pub struct Client {
     authorization: MetadataValue<tonic::metadata::Ascii>,
 }
 
+/// Whom a [`Client`] dials: its errors name it and say what to set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peer {
+    Coordinator,
+    Reducer,
+}
+
+/// A URL whose scheme does not match the worker's TLS settings (a worker reaches every peer
+/// over TLS exactly when it has `--tls-ca`): the configuration error that names the peer.
+fn scheme_error(peer: Peer, url: &str, uri: &http::Uri, tls: bool) -> Option<WorkerError> {
+    let authority = uri.authority().map_or("", |a| a.as_str());
+    let why = match (peer, uri.scheme_str(), tls) {
+        (Peer::Coordinator, Some("http"), true) => format!(
+            "--tls-ca is set, but the coordinator URL {url} is http://, which would not \
+             encrypt anything: use https://{authority}"
+        ),
+        (Peer::Coordinator, Some("https"), false) => format!(
+            "the coordinator URL {url} is https://: give the CA of its certificate with --tls-ca"
+        ),
+        (Peer::Reducer, Some("http"), true) => format!(
+            "reducer {url} serves plaintext, but this worker reaches its coordinator over TLS \
+             (--tls-ca): the reducers must serve TLS too (capsnet reducer --tls-cert \
+             --tls-key, or worker --reducer-tls-cert --reducer-tls-key)"
+        ),
+        (Peer::Reducer, Some("https"), false) => format!(
+            "reducer {url} serves TLS: give the CA of its certificate with --tls-ca (and reach \
+             the coordinator over TLS too)"
+        ),
+        _ => return None,
+    };
+    Some(WorkerError::Config(why))
+}
+
 impl Client {
+    /// A client of the coordinator at `url`.
     pub async fn connect(url: &str, token: &str, tls: Option<&ClientTls>) -> Result<Self> {
+        Self::connect_to(Peer::Coordinator, url, token, tls).await
+    }
+
+    /// A client of `peer` at `url`. A URL of the other scheme than `tls` asks for is a
+    /// configuration error; before a plaintext connection carries the token, the server must
+    /// answer HTTP/2 in clear.
+    pub async fn connect_to(
+        peer: Peer,
+        url: &str,
+        token: &str,
+        tls: Option<&ClientTls>,
+    ) -> Result<Self> {
         let mut ep = Endpoint::from_shared(url.to_string())
             .map_err(|source| WorkerError::Address {
                 url: url.to_string(),
@@ -76,22 +122,11 @@ impl Client {
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(20));
         let uri = ep.uri().clone();
-        match (uri.scheme_str(), tls) {
-            (Some("http"), Some(_)) => {
-                return Err(WorkerError::Config(format!(
-                    "--tls-ca is set, but the coordinator URL {url} is http://, which would not \
-                     encrypt anything: use https://{}",
-                    uri.authority().map_or("", |a| a.as_str())
-                )));
-            }
-            (Some("https"), None) => {
-                return Err(WorkerError::Config(format!(
-                    "the coordinator URL {url} is https://: give the CA of its certificate with \
-                     --tls-ca"
-                )));
-            }
-            (Some("http"), None) => check_plaintext(url, &uri).await?,
-            _ => {}
+        if let Some(e) = scheme_error(peer, url, &uri, tls.is_some()) {
+            return Err(e);
+        }
+        if uri.scheme_str() == Some("http") {
+            check_plaintext(peer, url, &uri).await?;
         }
         if let Some(t) = tls {
             let read = |p: &PathBuf| {
@@ -221,10 +256,10 @@ impl Client {
 const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Before a token goes out in clear: the server at `uri` must answer the HTTP/2 preface (sent
-/// alone, without any request or token) with an HTTP/2 frame. A coordinator that serves TLS
+/// alone, without any request or token) with an HTTP/2 frame. A `peer` that serves TLS
 /// answers with a TLS alert or closes the connection; sending it requests would put the token
 /// on the wire unencrypted, to a server that cannot even read them.
-async fn check_plaintext(url: &str, uri: &http::Uri) -> Result<()> {
+async fn check_plaintext(peer: Peer, url: &str, uri: &http::Uri) -> Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let unavailable = |why: String| WorkerError::Rpc(Status::unavailable(format!("{url}: {why}")));
     let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
@@ -253,9 +288,13 @@ async fn check_plaintext(url: &str, uri: &http::Uri) -> Result<()> {
     // A TLS record: alert (21) or handshake (22), version 3.x.
     let tls = got >= 2 && matches!(head[0], 21 | 22) && head[1] == 3;
     if tls {
+        let (who, serves) = match peer {
+            Peer::Coordinator => ("the coordinator", "--tls-cert"),
+            Peer::Reducer => ("the reducer", "--tls-cert or --reducer-tls-cert"),
+        };
         return Err(WorkerError::Config(format!(
-            "the coordinator at {url} answered with TLS: it serves TLS (--tls-cert), so use \
-             https:// with --tls-ca. The token was not sent."
+            "{who} at {url} answered with TLS: it serves TLS ({serves}), so use https:// with \
+             --tls-ca. The token was not sent."
         )));
     }
     if got == 0 {
@@ -273,4 +312,82 @@ async fn check_plaintext(url: &str, uri: &http::Uri) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A worker reaches every peer over TLS exactly when it has `--tls-ca`: a URL of the other
+    /// scheme is a configuration error (exit 2) that names the peer and what to set.
+    #[test]
+    fn a_peer_of_the_other_scheme_is_a_configuration_error_that_names_it() {
+        let err = |peer, url: &str, tls| {
+            let uri: http::Uri = url.parse().unwrap();
+            scheme_error(peer, url, &uri, tls).map(|e| (e.is_config(), e.to_string()))
+        };
+        let (config, e) = err(Peer::Reducer, "http://10.0.0.7:50052", true).unwrap();
+        assert!(config, "{e}");
+        assert!(
+            e.contains("reducer http://10.0.0.7:50052 serves plaintext"),
+            "{e}"
+        );
+        assert!(e.contains("--reducer-tls-cert"), "{e}");
+        let (config, e) = err(Peer::Reducer, "https://10.0.0.7:50052", false).unwrap();
+        assert!(
+            config && e.contains("reducer https://10.0.0.7:50052 serves TLS"),
+            "{e}"
+        );
+        assert!(e.contains("--tls-ca"), "{e}");
+        let (config, e) = err(Peer::Coordinator, "http://c:50051", true).unwrap();
+        assert!(
+            config && e.contains("the coordinator URL http://c:50051"),
+            "{e}"
+        );
+        assert!(e.contains("use https://c:50051"), "{e}");
+        let (config, e) = err(Peer::Coordinator, "https://c:50051", false).unwrap();
+        assert!(
+            config && e.contains("the coordinator URL https://c:50051 is https://"),
+            "{e}"
+        );
+        for peer in [Peer::Coordinator, Peer::Reducer] {
+            assert_eq!(err(peer, "https://10.0.0.7:50052", true), None);
+            assert_eq!(err(peer, "http://10.0.0.7:50052", false), None);
+        }
+    }
+
+    /// A server behind a plaintext URL that answers the HTTP/2 preface with TLS is named as
+    /// the peer it is, and the worker's token never reaches it.
+    #[tokio::test]
+    async fn a_tls_answer_to_plaintext_names_the_peer() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            for _ in 0..2 {
+                let (mut c, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 64];
+                let _ = c.read(&mut buf).await;
+                // A TLS alert record (level fatal, protocol version).
+                let _ = c.write_all(&[21, 3, 3, 0, 2, 2, 70]).await;
+            }
+        });
+        let url = format!("http://{addr}");
+        for (peer, who) in [
+            (Peer::Reducer, "the reducer at"),
+            (Peer::Coordinator, "the coordinator at"),
+        ] {
+            let e = Client::connect_to(peer, &url, "t", None)
+                .await
+                .err()
+                .unwrap();
+            let text = e.to_string();
+            assert!(e.is_config(), "{text}");
+            assert!(
+                text.contains(&format!("{who} {url} answered with TLS")),
+                "{text}"
+            );
+        }
+        server.await.unwrap();
+    }
 }

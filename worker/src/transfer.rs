@@ -17,7 +17,7 @@ use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic::body::Body;
 
-use crate::client::Client;
+use crate::client::{Client, Peer};
 use crate::error::{Result, WorkerError};
 
 /// Parameters and work order of one round.
@@ -213,23 +213,6 @@ impl Reducers {
         total.saturating_sub(local) as u64
     }
 
-    /// A reducer is reached over TLS exactly when the coordinator is: one that advertises the
-    /// other scheme is a configuration error that names it and says what to set.
-    fn check_scheme(&self, url: &str) -> Result<()> {
-        match (url.starts_with("https://"), self.tls.is_some()) {
-            (false, true) => Err(WorkerError::Config(format!(
-                "reducer {url} serves plaintext, but this worker reaches its coordinator over \
-                 TLS (--tls-ca): the reducers must serve TLS too (capsnet reducer --tls-cert \
-                 --tls-key, or worker --reducer-tls-cert --reducer-tls-key)"
-            ))),
-            (true, false) => Err(WorkerError::Config(format!(
-                "reducer {url} serves TLS: give the CA of its certificate with --tls-ca (and \
-                 reach the coordinator over TLS too)"
-            ))),
-            _ => Ok(()),
-        }
-    }
-
     /// A client of each owner of `layout`, in its order (connecting to new ones; forgetting
     /// the ones it no longer names).
     pub async fn clients(&mut self, layout: &Layout) -> Result<Vec<Client>> {
@@ -247,8 +230,7 @@ impl Reducers {
                     let c = match local {
                         Some(l) => Client::local(l, &self.token)?,
                         None => {
-                            self.check_scheme(a)?;
-                            Client::connect(a, &self.token, self.tls.as_ref())
+                            Client::connect_to(Peer::Reducer, a, &self.token, self.tls.as_ref())
                                 .await
                                 .map_err(|e| from_reducer(a, e))?
                         }
@@ -792,32 +774,6 @@ pub(crate) fn used(round: u64, pushed: Result<()>) -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A worker reaches its reducers over TLS exactly when it reaches its coordinator over it;
-    /// a reducer of the other scheme is a configuration error (exit 2) that names it.
-    #[test]
-    fn a_reducer_of_the_other_scheme_is_a_configuration_error() {
-        let tls = crate::ClientTls {
-            ca: "ca.pem".into(),
-            cert: None,
-            key: None,
-            domain: None,
-        };
-        let with_tls = Reducers::new("t", Some(&tls), None, None);
-        let plain = Reducers::new("t", None, None, None);
-        let e = with_tls.check_scheme("http://10.0.0.7:50052").unwrap_err();
-        assert!(e.is_config(), "{e}");
-        assert!(
-            e.to_string()
-                .contains("reducer http://10.0.0.7:50052 serves plaintext"),
-            "{e}"
-        );
-        let e = plain.check_scheme("https://10.0.0.7:50052").unwrap_err();
-        assert!(e.is_config(), "{e}");
-        assert!(e.to_string().contains("--tls-ca"), "{e}");
-        with_tls.check_scheme("https://10.0.0.7:50052").unwrap();
-        plain.check_scheme("http://10.0.0.7:50052").unwrap();
-    }
 
     /// Wire bytes count what crosses the network: the spans of a reducer served in this
     /// process do not, and they count again once it stops serving.
