@@ -101,6 +101,7 @@ async fn pull_stream(c: &mut Client, id: &str, after: u64) -> tonic::Streaming<p
             after_round: Some(after),
             encoding: Encoding::F32 as i32,
             layout: None,
+            cannot_reach: None,
         })
         .await
         .unwrap()
@@ -191,6 +192,7 @@ fn a_generic_grpc_client_reads_the_hand_framed_parameter_stream() {
                 after_round: None,
                 encoding: Encoding::F32 as i32,
                 layout: None,
+                cannot_reach: None,
             })
             .await
             .unwrap()
@@ -722,6 +724,7 @@ fn a_pull_before_the_epoch_is_planned_is_answered_when_it_starts() {
                 after_round: None,
                 encoding: Encoding::F32 as i32,
                 layout: None,
+                cannot_reach: None,
             })
             .await
             .unwrap()
@@ -990,6 +993,7 @@ fn a_reducer_streams_every_range_before_the_round_commits() {
                 after_round: None,
                 encoding: Encoding::F32 as i32,
                 layout: None,
+                cannot_reach: None,
             };
             let o = tokio::time::timeout(Duration::from_secs(30), j.client.rpc().get_work(ask))
                 .await
@@ -1034,6 +1038,7 @@ fn a_reducer_streams_every_range_before_the_round_commits() {
             after_round: None,
             encoding: Encoding::F32 as i32,
             layout: Some(layout - 1),
+            cannot_reach: None,
         };
         let e = match rb.rpc().pull_params(stale_pull).await {
             Err(e) => e,

@@ -309,6 +309,59 @@ fn a_reducer_killed_mid_run_costs_the_rounds_since_the_last_gather_and_nothing_e
     }
 }
 
+/// A reducer that no worker can reach (it advertises an address where nothing listens, while
+/// its session with the coordinator is fine) is dropped once every worker said so, without
+/// waiting for --round-timeout (600 s here, which would stall the test): its span moves to the
+/// other reducer, the run rolls back to the state last gathered and trains to its end. A
+/// reducer that joins again at that address waits as a spare instead of taking a span back.
+#[test]
+fn a_reducer_that_no_worker_can_reach_is_dropped_and_the_run_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let d = synthetic(t, 400);
+    let run = t.join("run");
+    let args = [
+        "--batch-size",
+        "4",
+        "--max-shift",
+        "0",
+        "--expect-workers",
+        "2",
+        "--round-timeout",
+        "600s",
+        "--chunk-bytes",
+        "4096",
+        "--reducers",
+        "2",
+    ];
+    let (mut coord, url) = tiny_coordinator(t, "coordinator", &d, &run, &args);
+    let nowhere = format!("http://{}", free_addr());
+    let mut reachable = reducer(t, &url, "reducer-0", &[]);
+    let mut unreachable = reducer(t, &url, "reducer-1", &["--advertise", &nowhere]);
+    let mut workers = [worker(t, &url, 0, &d, &[]), worker(t, &url, 1, &d, &[])];
+    coord.expect_success(Duration::from_secs(120));
+    for w in &mut workers {
+        w.expect_success(Duration::from_secs(30));
+    }
+    reachable.expect_success(Duration::from_secs(30));
+    let c = coord.log_text();
+    assert!(
+        c.contains("no live worker can reach this reducer") && c.contains(&nowhere),
+        "{c}"
+    );
+    assert!(!c.contains("missed the round deadline"), "{c}");
+    // One epoch: 400 samples, 8 a round.
+    assert_eq!(common::rounds(&run).len(), 50, "{c}");
+    // Dropped, it joined again and waited as a spare (or was still reconnecting at the end).
+    if c.matches("reducer joined reducer=reducer-1").count() > 1 {
+        assert!(c.contains("this one waits as a spare"), "{c}");
+    }
+    let span_moves = c.matches("span assigned reducer=reducer-0").count();
+    assert_eq!(span_moves, 2, "{c}");
+    unreachable.signal(libc::SIGTERM);
+    unreachable.wait(Duration::from_secs(30));
+}
+
 /// A worker that joins again under its name while it is a member of the open round (its
 /// session broke, the process did not) gets a new id: the coordinator tells the reducers, and
 /// they take the round's update from that id instead of refusing it as a stranger's (which,
@@ -427,6 +480,7 @@ fn a_sharded_coordinator_refuses_what_belongs_to_the_reducers() {
                 after_round: None,
                 encoding: Encoding::F32 as i32,
                 layout: None,
+                cannot_reach: None,
             };
             let waited =
                 tokio::time::timeout(Duration::from_millis(500), j.client.rpc().get_work(ask))
@@ -471,6 +525,7 @@ fn a_sharded_coordinator_refuses_what_belongs_to_the_reducers() {
             after_round: None,
             encoding: Encoding::F32 as i32,
             layout: None,
+            cannot_reach: None,
         };
         let e = j.client.rpc().get_work(ask).await.unwrap_err();
         assert!(e.message().contains("no reducers"), "{e}");

@@ -47,6 +47,7 @@ pub(crate) struct Metrics {
     pub pace: Family<WorkerLabel, FloatGauge>,
     pub update_seconds: Family<WorkerLabel, Histogram>,
     pub straggler: Family<WorkerLabel, Gauge>,
+    pub cut_off: Family<WorkerLabel, Gauge>,
     pub wire_bytes: Family<WireLabel, Counter>,
     pub test_accuracy: FloatGauge,
     pub test_margin_loss: FloatGauge,
@@ -91,6 +92,7 @@ impl Metrics {
                 Histogram::new(exponential_buckets(0.001, 2.0, 18))
             }),
             straggler: Family::default(),
+            cut_off: Family::default(),
             wire_bytes: Family::default(),
             test_accuracy: FloatGauge::default(),
             test_margin_loss: FloatGauge::default(),
@@ -155,6 +157,11 @@ impl Metrics {
             "worker_straggler",
             "1 for a worker marked a straggler",
             m.straggler.clone(),
+        );
+        r.register(
+            "worker_cut_off",
+            "1 for a worker that cannot reach a reducer other workers reach (it gets no work)",
+            m.cut_off.clone(),
         );
         r.register(
             "wire_bytes",

@@ -182,6 +182,7 @@ impl Service {
                 worker_id: r.worker_id.clone(),
                 after_round: r.after_round,
                 work_only: None,
+                cannot_reach: None,
                 reply,
             })
             .await??)
@@ -508,6 +509,7 @@ impl pb::coordinator_server::Coordinator for Service {
                     worker_id: r.worker_id.clone(),
                     after_round: r.after_round,
                     work_only: Some(r.layout),
+                    cannot_reach: r.cannot_reach.clone(),
                     reply,
                 })
                 .await??;

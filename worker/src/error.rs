@@ -45,10 +45,14 @@ pub enum WorkerError {
     Core(#[from] capsnet_core::CoreError),
     #[error("coordinator: {0}")]
     Rpc(#[from] tonic::Status),
-    /// A reducer of a sharded run failed while the update streamed to it (it died, or the
-    /// connection did): the worker asks the coordinator for the round's order again.
-    #[error("reducer: {0}")]
-    Reducer(tonic::Status),
+    /// A reducer of a sharded run failed (it died, the connection did, or it could not be
+    /// reached): the worker asks the coordinator for the round's order again. `url` names the
+    /// reducer when the failure was one reducer's.
+    #[error("reducer: {status}")]
+    Reducer {
+        url: Option<String>,
+        status: tonic::Status,
+    },
     #[error("cannot reach the coordinator at {url} for {waited:?}: {last}")]
     Unreachable {
         url: String,
@@ -83,7 +87,7 @@ impl WorkerError {
             | WorkerError::DataMismatch { .. } => true,
             WorkerError::Core(e) => e.is_config(),
             WorkerError::Rpc(_)
-            | WorkerError::Reducer(_)
+            | WorkerError::Reducer { .. }
             | WorkerError::Unreachable { .. }
             | WorkerError::Proto(_)
             | WorkerError::Internal(_)

@@ -85,6 +85,8 @@ pub(crate) async fn train(
     // next, so a fault that persists (a reducer whose certificate does not verify, one that
     // refuses every call) costs a bounded rate of calls, not a loop.
     let mut failures = 0u32;
+    // A reducer the last session could not reach, for the next one to check first.
+    let mut unreachable: Option<String> = None;
     let mut state = State::Joining;
     loop {
         state = match state {
@@ -94,7 +96,10 @@ pub(crate) async fn train(
                 tokio::select! {
                     r = async { tokio::time::sleep(pause).await; join(cfg).await } => {
                         let (client, joined) = r?;
-                        let s = Session::start(cfg, metrics, client, joined, &mut replica).await?;
+                        let mut s = Session::start(cfg, metrics, client, joined, &mut replica).await?;
+                        if let Some(u) = unreachable.take() {
+                            s.reducers.failed(&u, Code::Unavailable);
+                        }
                         tracing::debug!(phase = ?Phase::Working);
                         State::Working(Box::new(s))
                     }
@@ -145,19 +150,27 @@ pub(crate) async fn train(
                     // the model replica with it: that needs a new session.
                     // A reducer that refuses this worker's token or certificate keeps
                     // refusing it: stop, as a coordinator's refusal does.
-                    Err(WorkerError::Reducer(st))
-                        if matches!(st.code(), Code::Unauthenticated | Code::PermissionDenied) =>
+                    Err(WorkerError::Reducer { url, status })
+                        if matches!(
+                            status.code(),
+                            Code::Unauthenticated | Code::PermissionDenied
+                        ) =>
                     {
                         metrics.joined(false);
-                        return Err(WorkerError::Reducer(st));
+                        return Err(WorkerError::Reducer { url, status });
                     }
-                    Err(WorkerError::Reducer(st)) if replica.is_none() => {
-                        tracing::warn!(status = %st, retry_in = ?backoff(failures), "a reducer failed mid-step; joining again");
+                    Err(WorkerError::Reducer { url, status }) if replica.is_none() => {
+                        tracing::warn!(%status, retry_in = ?backoff(failures), "a reducer failed mid-step; joining again");
                         metrics.joined(false);
+                        // The next session tells the coordinator if it still cannot reach it.
+                        unreachable = url.filter(|_| transfer::may_be_unreachable(status.code()));
                         State::Joining
                     }
-                    Err(WorkerError::Reducer(st)) => {
-                        tracing::warn!(status = %st, round = ?s.after, retry_in = ?backoff(failures), "a reducer failed; asking for the round's order again");
+                    Err(WorkerError::Reducer { url, status }) => {
+                        tracing::warn!(%status, round = ?s.after, retry_in = ?backoff(failures), "a reducer failed; asking for the round's order again");
+                        if let Some(u) = url {
+                            s.reducers.failed(&u, status.code());
+                        }
                         // The order this round took (or was taking) is asked for again.
                         s.after = entry;
                         s.ready = None;
@@ -545,7 +558,7 @@ impl Session {
 
 /// The pause before the next try after `failures` failed ones in a row: none, then 100 ms
 /// doubling to 5 s.
-fn backoff(failures: u32) -> Duration {
+pub(crate) fn backoff(failures: u32) -> Duration {
     match failures {
         0 => Duration::ZERO,
         n => Duration::from_millis(100u64 << (n - 1).min(6)).min(Duration::from_secs(5)),

@@ -56,6 +56,7 @@ pub async fn pull_into(
         after_round: after,
         encoding: enc as i32,
         layout: None,
+        cannot_reach: None,
     };
     let mut tries = 0;
     loop {
@@ -174,7 +175,36 @@ pub struct Reducers {
     token: String,
     tls: Option<crate::ClientTls>,
     local: Option<capsnet_proto::frame::LocalReducer>,
+    /// A reducer this worker could not reach, told to the coordinator with each work order
+    /// asked for until a connection to it succeeds again ([`Reducers::recheck`]).
+    unreachable: Option<Unreachable>,
 }
+
+/// A reducer that could not be reached: when to try it again, after how many failed tries.
+struct Unreachable {
+    url: String,
+    tries: u32,
+    next: tokio::time::Instant,
+}
+
+/// Whether a reducer's failure with `code` may mean that it cannot be reached from here: no
+/// connection, a broken one, a certificate that does not verify, bytes that arrived damaged.
+/// (Refusals that say the run moved on, a new layout or round, do not.)
+pub(crate) fn may_be_unreachable(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::Internal
+            | Code::DataLoss
+    )
+}
+
+/// How long a check that a reducer can be reached again may take (connecting, TLS and
+/// HTTP/2 handshakes).
+const RECHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Reducers {
     /// Reducers reached with `token` and, with TLS, the CA and client identity of `tls`; the
@@ -188,6 +218,7 @@ impl Reducers {
     ) -> Self {
         Reducers {
             local,
+            unreachable: None,
             clients: Default::default(),
             token: token.to_string(),
             tls: tls.map(|t| crate::ClientTls {
@@ -211,6 +242,55 @@ impl Reducers {
             })
             .sum();
         total.saturating_sub(local) as u64
+    }
+
+    /// The last round failed on the reducer at `url` in a way that says it may not be
+    /// reachable from here (no connection, a broken one, a certificate that does not verify).
+    pub fn failed(&mut self, url: &str, code: Code) {
+        if may_be_unreachable(code) {
+            self.clients.remove(url);
+            self.unreachable = Some(Unreachable {
+                url: url.to_string(),
+                tries: 0,
+                next: tokio::time::Instant::now(),
+            });
+        }
+    }
+
+    /// The reducer this worker cannot reach, if any, after trying to connect to it once more
+    /// when its pause is over (it doubles with each failed try, as [`crate::lifecycle`]'s
+    /// does); a success forgets it, and keeps the connection.
+    pub async fn recheck(&mut self) -> Option<String> {
+        let u = self.unreachable.as_mut()?;
+        if tokio::time::Instant::now() >= u.next {
+            let connect = Client::connect_to(Peer::Reducer, &u.url, &self.token, self.tls.as_ref());
+            match tokio::time::timeout(RECHECK_TIMEOUT, connect).await {
+                Ok(Ok(c)) => {
+                    tracing::info!(reducer = %u.url, "the reducer can be reached again");
+                    self.clients.insert(u.url.clone(), c);
+                    self.unreachable = None;
+                    return None;
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(reducer = %u.url, error = %e, "still cannot reach the reducer")
+                }
+                Err(_) => {
+                    tracing::debug!(reducer = %u.url, "still cannot reach the reducer: timed out")
+                }
+            }
+            u.tries = u.tries.saturating_add(1);
+            u.next = tokio::time::Instant::now() + crate::lifecycle::backoff(u.tries);
+        }
+        Some(u.url.clone())
+    }
+
+    /// Forgets an unreachable reducer that `layout` no longer names.
+    fn keep_unreachable_of(&mut self, layout: &Layout) {
+        if let Some(u) = &self.unreachable
+            && !layout.owners.iter().any(|(a, _)| *a == u.url)
+        {
+            self.unreachable = None;
+        }
     }
 
     /// A client of each owner of `layout`, in its order (connecting to new ones; forgetting
@@ -262,6 +342,7 @@ pub async fn pull_spans(
         after_round: after,
         encoding: enc as i32,
         layout: Some(layout.id),
+        cannot_reach: None,
     };
     if grid.last().map_or(0, |r| r.end) != params.len() {
         return Err(WorkerError::Internal(
@@ -384,11 +465,16 @@ pub async fn fetch(
         enc,
         grid,
     } = want;
+    // A reducer this worker cannot reach is told to the coordinator, which leaves the worker
+    // out of the rounds (or drops the reducer) meanwhile; nothing is pulled early from it.
+    let cannot_reach = reducers.recheck().await;
+    let known = known.filter(|_| cannot_reach.is_none());
     let ask = |layout: Option<u64>| pb::PullRequest {
         worker_id: id.to_string(),
         after_round: after,
         encoding: enc as i32,
         layout,
+        cannot_reach: cannot_reach.clone(),
     };
     let (mut order, mut early) = match known {
         Some(l) => {
@@ -430,6 +516,7 @@ pub async fn fetch(
             return Ok((order, None));
         }
         let layout = Layout::of(&order, grid.len())?;
+        reducers.keep_unreachable_of(&layout);
         if !order.participate || (early == Some(order.round) && known == Some(&layout)) {
             return Ok((order, Some(layout)));
         }
@@ -438,7 +525,7 @@ pub async fn fetch(
         match pull_spans(clients, &layout, id, before, enc, grid, params).await {
             Ok(r) if r == order.round => return Ok((order, Some(layout))),
             Ok(r) => tracing::debug!(round = order.round, got = r, "parameters of another round"),
-            Err(WorkerError::Reducer(s))
+            Err(WorkerError::Reducer { status: s, .. })
                 if matches!(
                     s.code(),
                     Code::Aborted
@@ -459,24 +546,30 @@ pub async fn fetch(
             .await?
             .into_inner();
     }
-    Err(WorkerError::Reducer(tonic::Status::unavailable(
-        "the reducers did not serve the parameters of the open round",
-    )))
+    Err(WorkerError::Reducer {
+        url: None,
+        status: tonic::Status::unavailable(
+            "the reducers did not serve the parameters of the open round",
+        ),
+    })
 }
 
 /// An error of the reducer at `url`, told apart from the coordinator's: a failed call becomes
 /// [`WorkerError::Reducer`] with the reducer's URL in its message; other errors (a bad
 /// address or TLS file) stay what they are.
 pub(crate) fn from_reducer(url: &str, e: WorkerError) -> WorkerError {
-    match e {
-        WorkerError::Rpc(st) | WorkerError::Reducer(st) if !st.message().starts_with(url) => {
-            WorkerError::Reducer(tonic::Status::new(
-                st.code(),
-                format!("{url}: {}", st.message()),
-            ))
-        }
-        WorkerError::Rpc(st) => WorkerError::Reducer(st),
-        e => e,
+    let status = match e {
+        WorkerError::Rpc(st) | WorkerError::Reducer { status: st, .. } => st,
+        e => return e,
+    };
+    let status = if status.message().starts_with(url) {
+        status
+    } else {
+        tonic::Status::new(status.code(), format!("{url}: {}", status.message()))
+    };
+    WorkerError::Reducer {
+        url: Some(url.to_string()),
+        status,
     }
 }
 

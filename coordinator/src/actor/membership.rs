@@ -82,6 +82,9 @@ pub(super) struct Worker {
     /// When it was last marked unhealthy (or left): only a sign of life received after that
     /// brings it back (a request it sent before it died may still be in the queue).
     pub(super) unhealthy_since: Option<Instant>,
+    /// The reducer it said it cannot reach, and the layout that named it: it gets no work
+    /// while that layout stands and other workers reach the reducer.
+    pub(super) cut_off: Option<(String, u64)>,
 }
 
 impl Worker {
@@ -170,6 +173,7 @@ impl Actor {
                 paced: 0,
                 missed: 0,
                 straggler: false,
+                cut_off: None,
                 last_round: self.round,
             },
         );
@@ -223,6 +227,7 @@ impl Actor {
         m.heartbeat_age_seconds.remove(&label);
         m.pace.remove(&label);
         m.straggler.remove(&label);
+        m.cut_off.remove(&label);
         m.update_seconds.remove(&label);
     }
 
@@ -391,6 +396,9 @@ impl Actor {
             m.straggler
                 .get_or_create(&label)
                 .set(i64::from(w.straggler));
+            m.cut_off
+                .get_or_create(&label)
+                .set(i64::from(self.is_cut_off(w)));
         }
         m.waiting_for_workers
             .set(i64::from(self.waiting_for_workers()));

@@ -315,9 +315,10 @@ impl Actor {
                 worker_id,
                 after_round,
                 work_only,
+                cannot_reach,
                 reply,
             } => {
-                let _ = reply.send(self.pull(&worker_id, after_round, work_only));
+                let _ = reply.send(self.pull(&worker_id, after_round, work_only, cannot_reach));
             }
             Msg::ReducerJoined {
                 hello,

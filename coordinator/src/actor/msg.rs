@@ -79,6 +79,8 @@ pub(crate) enum Msg {
         /// GetWork: the work order only (a sharded run's parameters come from its reducers),
         /// and the layout the worker knows, if any.
         work_only: Option<Option<u64>>,
+        /// GetWork: the reducer the worker says it cannot reach.
+        cannot_reach: Option<String>,
         reply: oneshot::Sender<Result<PullReply>>,
     },
     /// The first chunk of an update arrived: checks the round, membership and sample count

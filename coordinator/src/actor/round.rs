@@ -74,9 +74,14 @@ impl Actor {
         id: &str,
         mut after_round: Option<u64>,
         work_only: Option<Option<u64>>,
+        cannot_reach: Option<String>,
     ) -> Result<PullReply> {
-        let (round, finished) = (self.round, self.finished);
         self.worker_mut(id)?;
+        if work_only.is_some() {
+            let name = self.members.names.get(id).cloned().unwrap_or_default();
+            self.cannot_reach(&name, cannot_reach);
+        }
+        let (round, finished) = (self.round, self.finished);
         if let Some(sh) = self.shards() {
             let Some(known) = work_only else {
                 return Err(CoordinatorError::InvalidArgument(
@@ -272,9 +277,7 @@ impl Actor {
         let Some(plan) = &self.plan else {
             return vec![];
         };
-        plan.members
-            .iter()
-            .enumerate()
+        let healthy: Vec<usize> = (plan.members.iter().enumerate())
             .filter(|(k, name)| {
                 self.members
                     .workers
@@ -283,7 +286,16 @@ impl Actor {
                     && !plan.work(*k).is_empty()
             })
             .map(|(k, _)| k)
-            .collect()
+            .collect();
+        // A member that cannot reach a reducer is not waited for, as long as one that can is.
+        let reaches = |k: &usize| {
+            (self.members.workers.get(&plan.members[*k])).is_some_and(|w| !self.is_cut_off(w))
+        };
+        if healthy.iter().any(reaches) {
+            healthy.into_iter().filter(reaches).collect()
+        } else {
+            healthy
+        }
     }
 
     /// Opens, plans again or closes the round as members arrive, die or miss the deadline.
@@ -386,6 +398,12 @@ impl Actor {
             // A sharded run still commits the round closed last.
             self.open_sharded();
             return;
+        }
+        // Workers that cannot reach a reducer of the layout get no work while others can.
+        let reaches =
+            |n: &String| (self.members.workers.get(n)).is_some_and(|w| !self.is_cut_off(w));
+        if members.iter().any(reaches) {
+            members.retain(reaches);
         }
         if self.cfg.drop_stragglers && self.round % PROBATION_EVERY != 0 {
             let is_straggler =

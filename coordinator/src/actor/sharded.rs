@@ -16,10 +16,14 @@
 //!   reducers from that state, the round counter and data position go back with it, and workers
 //!   see the new layout in their next work order. What is lost: the rounds since the last
 //!   gather (at least every `--gather-every`, and at each checkpoint).
+//! - a worker that says it cannot reach a reducer (GetWork's `cannot_reach`) gets no work
+//!   while other workers reach that reducer; a reducer that no live worker reaches is dropped
+//!   as if it had died, and one that joins again at the same address waits as a spare for a
+//!   while (30 s, doubling with each drop up to 10 min) before it takes a span again.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Range;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use capsnet_core::checkpoint::DataPosition;
 use capsnet_proto::{SyncMode, pb};
@@ -73,6 +77,13 @@ struct Closing {
     since: Instant,
 }
 
+/// A reducer at an address no worker could reach waits as a spare until `until` (None: the
+/// wait is over); `length` was the last wait's, which the next drop doubles.
+struct Wait {
+    until: Option<Instant>,
+    length: Duration,
+}
+
 pub(super) struct Shards {
     /// Reducers a layout uses at most (`--reducers`).
     want: usize,
@@ -98,6 +109,8 @@ pub(super) struct Shards {
     /// The state in the actor's `params`, `adam` and `outer_m` is the state before this round
     /// at this data position, after this many Adam steps: what a rollback returns to.
     known_good: (u64, DataPosition, u64),
+    /// Addresses of reducers dropped because no worker could reach them.
+    quarantine: HashMap<String, Wait>,
     /// When the last gather began (or the run, before the first).
     gathered_at: Instant,
 }
@@ -118,7 +131,26 @@ impl Shards {
             commit: false,
             known_good: (round, position, step),
             gathered_at: Instant::now(),
+            quarantine: HashMap::new(),
         }
+    }
+
+    /// Whether the layout has a reducer at `address`.
+    fn serves(&self, address: &str) -> bool {
+        self.layout.iter().any(|(l, _, _)| l.address == address)
+    }
+
+    /// Whether a reducer at `address` waits as a spare (no worker could reach the last one
+    /// there).
+    fn quarantined(&self, address: &str, now: Instant) -> bool {
+        (self.quarantine.get(address)).is_some_and(|w| w.until.is_some_and(|u| u > now))
+    }
+
+    /// Spares that may take a span now.
+    fn takeable_spares(&self, now: Instant) -> usize {
+        (self.spares.iter())
+            .filter(|l| !self.quarantined(&l.address, now))
+            .count()
     }
 
     /// `--gather-every` has passed since the last gather began.
@@ -191,6 +223,12 @@ fn valid_address(a: &str) -> bool {
         && a.chars().all(|c| c.is_ascii_graphic())
 }
 
+/// How long a reducer at an address no worker could reach waits as a spare, the first time
+/// and at most (each drop there doubles it); addresses remembered at most.
+const QUARANTINE_FIRST: Duration = Duration::from_secs(30);
+const QUARANTINE_MAX: Duration = Duration::from_secs(600);
+const QUARANTINE_ENTRIES: usize = 256;
+
 impl Actor {
     pub(super) fn shards(&self) -> Option<&Shards> {
         self.shards.as_ref()
@@ -224,15 +262,21 @@ impl Actor {
         sh.spares.push(Link {
             session,
             name,
-            address: hello.address,
+            address: hello.address.clone(),
             orders,
         });
         // The first layout waits for --reducers of them; a layout that lost some takes one
         // back as soon as it joins.
+        let now = Instant::now();
+        if let Some(until) =
+            (sh.quarantine.get(&hello.address)).and_then(|w| w.until.filter(|u| *u > now))
+        {
+            tracing::warn!(address = %hello.address, wait = ?(until - now), "no worker could reach the last reducer at this address: this one waits as a spare");
+        }
         let wanted = if sh.layout_id == 0 {
-            sh.spares.len() >= sh.want
+            sh.takeable_spares(now) >= sh.want
         } else {
-            sh.layout.len() < sh.want
+            sh.layout.len() < sh.want && sh.takeable_spares(now) > 0
         };
         if wanted && !self.finished {
             self.relayout("a reducer joined");
@@ -257,6 +301,89 @@ impl Actor {
         }
     }
 
+    /// Whether `w` said it cannot reach a reducer of the layout that stands.
+    pub(super) fn is_cut_off(&self, w: &super::membership::Worker) -> bool {
+        match (&w.cut_off, self.shards()) {
+            (Some((address, layout)), Some(sh)) => *layout == sh.layout_id && sh.serves(address),
+            _ => false,
+        }
+    }
+
+    /// Worker `name` says it cannot reach the reducer at `address` (None: it reaches them
+    /// all). It gets no work while other live workers reach that reducer; once none does, the
+    /// reducer is dropped.
+    pub(super) fn cannot_reach(&mut self, name: &str, address: Option<String>) {
+        let Some(sh) = self.shards.as_ref() else {
+            return;
+        };
+        let layout = sh.layout_id;
+        let now = address.filter(|a| sh.serves(a)).map(|a| (a, layout));
+        let Some(w) = self.members.workers.get_mut(name) else {
+            return;
+        };
+        if w.cut_off == now {
+            return;
+        }
+        match (&now, &w.cut_off) {
+            (Some((a, _)), _) => {
+                tracing::warn!(worker = %w.id, %name, reducer = %a, "the worker cannot reach a reducer: no work for it while other workers reach that reducer")
+            }
+            (None, Some((a, _))) if sh.serves(a) => {
+                tracing::info!(worker = %w.id, %name, reducer = %a, "the worker reaches every reducer again")
+            }
+            (None, _) => {}
+        }
+        w.cut_off = now.clone();
+        let Some((address, _)) = now else {
+            return;
+        };
+        let live = self.live();
+        let reached = live.iter().any(|n| {
+            (self.members.workers.get(n)).is_none_or(|w| {
+                w.cut_off
+                    .as_ref()
+                    .is_none_or(|(a, l)| *a != address || *l != layout)
+            })
+        });
+        if !reached {
+            self.drop_unreachable(&address, live.len());
+        } else if self.plan.is_some() {
+            // The open round no longer waits for it.
+            let expected = self.expected();
+            self.tell_expected(&expected);
+        }
+    }
+
+    /// No live worker reaches the reducer at `address`: it is dropped as if it had died, and a
+    /// reducer at that address waits as a spare for a while (longer each time) before it takes
+    /// a span again.
+    fn drop_unreachable(&mut self, address: &str, workers: usize) {
+        let Some(sh) = self.shards.as_mut() else {
+            return;
+        };
+        let Some(session) = (sh.layout.iter())
+            .find(|(l, _, _)| l.address == address)
+            .map(|(l, _, _)| l.session)
+        else {
+            return;
+        };
+        let now = Instant::now();
+        let wait = (sh.quarantine.get(address))
+            .map_or(QUARANTINE_FIRST, |w| (w.length * 2).min(QUARANTINE_MAX));
+        if sh.quarantine.len() >= QUARANTINE_ENTRIES {
+            sh.quarantine.retain(|_, w| w.until.is_some());
+        }
+        sh.quarantine.insert(
+            address.to_string(),
+            Wait {
+                until: Some(now + wait),
+                length: wait,
+            },
+        );
+        tracing::warn!(reducer = %address, workers, ?wait, "no live worker can reach this reducer: dropping it");
+        self.reducer_lost(session);
+    }
+
     /// Assigns the spans anew over the reducers of the layout and the spares (up to
     /// `--reducers`), and rolls the run back to the last gathered state: the open round and any
     /// round since are dropped, the data position goes back with the round counter.
@@ -265,10 +392,16 @@ impl Actor {
         let Some(sh) = self.shards.as_mut() else {
             return;
         };
+        let now = Instant::now();
         let mut links: Vec<Link> = sh.layout.drain(..).map(|(l, _, _)| l).collect();
-        links.append(&mut sh.spares);
+        let spares = std::mem::take(&mut sh.spares);
+        let (waiting, takeable): (Vec<Link>, Vec<Link>) = spares
+            .into_iter()
+            .partition(|l| sh.quarantined(&l.address, now));
+        links.extend(takeable);
         let take = links.len().min(sh.want).min(grid.len());
         sh.spares = links.split_off(take);
+        sh.spares.extend(waiting);
         sh.layout_id += 1;
         sh.clear_round();
         sh.closing = None;
@@ -677,6 +810,24 @@ impl Actor {
     /// `--min-workers` updates it needs to close, one that has not received a member's update
     /// that every other reducer received (the workers cannot reach it).
     pub(super) fn check_reducers(&mut self, now: Instant) {
+        if let Some(sh) = self.shards.as_mut() {
+            // A spare whose wait is over takes a span if the layout has room for it.
+            // The wait's length stays recorded: the next drop there doubles it.
+            let mut over = vec![];
+            for (a, w) in &mut sh.quarantine {
+                if w.until.is_some_and(|u| u <= now) {
+                    w.until = None;
+                    over.push(a.clone());
+                }
+            }
+            let room = sh.layout_id > 0
+                && sh.layout.len() < sh.want
+                && sh.spares.iter().any(|l| over.contains(&l.address));
+            if room && !self.finished {
+                tracing::info!(reducers = ?over, "a spare's wait is over");
+                self.relayout("a spare's wait was over");
+            }
+        }
         let timeout = self.cfg.round_timeout;
         let grid = self.reducer.grid();
         let stuck = self.plan.is_some()
