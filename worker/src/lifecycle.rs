@@ -86,7 +86,7 @@ pub(crate) async fn train(
     // refuses every call) costs a bounded rate of calls, not a loop.
     let mut failures = 0u32;
     // A reducer the last session could not reach, for the next one to check first.
-    let mut unreachable: Option<String> = None;
+    let mut unreachable: Option<(String, Code)> = None;
     let mut state = State::Joining;
     loop {
         state = match state {
@@ -97,8 +97,8 @@ pub(crate) async fn train(
                     r = async { tokio::time::sleep(pause).await; join(cfg).await } => {
                         let (client, joined) = r?;
                         let mut s = Session::start(cfg, metrics, client, joined, &mut replica).await?;
-                        if let Some(u) = unreachable.take() {
-                            s.reducers.failed(&u, Code::Unavailable);
+                        if let Some((url, code)) = unreachable.take() {
+                            s.reducers.failed(&url, code);
                         }
                         tracing::debug!(phase = ?Phase::Working);
                         State::Working(Box::new(s))
@@ -163,7 +163,7 @@ pub(crate) async fn train(
                         tracing::warn!(%status, retry_in = ?backoff(failures), "a reducer failed mid-step; joining again");
                         metrics.joined(false);
                         // The next session tells the coordinator if it still cannot reach it.
-                        unreachable = url.filter(|_| transfer::may_be_unreachable(status.code()));
+                        unreachable = url.map(|u| (u, status.code()));
                         State::Joining
                     }
                     Err(WorkerError::Reducer { url, status }) => {

@@ -190,7 +190,7 @@ struct Unreachable {
 /// Whether a reducer's failure with `code` may mean that it cannot be reached from here: no
 /// connection, a broken one, a certificate that does not verify, bytes that arrived damaged.
 /// (Refusals that say the run moved on, a new layout or round, do not.)
-pub(crate) fn may_be_unreachable(code: Code) -> bool {
+fn may_be_unreachable(code: Code) -> bool {
     matches!(
         code,
         Code::Unavailable

@@ -288,9 +288,7 @@ impl Actor {
             .map(|(k, _)| k)
             .collect();
         // A member that cannot reach a reducer is not waited for, as long as one that can is.
-        let reaches = |k: &usize| {
-            (self.members.workers.get(&plan.members[*k])).is_some_and(|w| !self.is_cut_off(w))
-        };
+        let reaches = |k: &usize| self.reaches_every_reducer(&plan.members[*k]);
         if healthy.iter().any(reaches) {
             healthy.into_iter().filter(reaches).collect()
         } else {
@@ -400,8 +398,7 @@ impl Actor {
             return;
         }
         // Workers that cannot reach a reducer of the layout get no work while others can.
-        let reaches =
-            |n: &String| (self.members.workers.get(n)).is_some_and(|w| !self.is_cut_off(w));
+        let reaches = |n: &String| self.reaches_every_reducer(n);
         if members.iter().any(reaches) {
             members.retain(reaches);
         }

@@ -316,6 +316,11 @@ impl Actor {
         }
     }
 
+    /// Whether worker `name` is known and not cut off from a reducer of the layout.
+    pub(super) fn reaches_every_reducer(&self, name: &str) -> bool {
+        (self.members.workers.get(name)).is_some_and(|w| !self.is_cut_off(w))
+    }
+
     /// Worker `name` says it cannot reach the reducer at `address` (None: it reaches them
     /// all). It gets no work while other live workers reach that reducer; once none does, the
     /// reducer is dropped.
