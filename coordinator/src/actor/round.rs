@@ -595,13 +595,11 @@ impl Actor {
                 .shards
                 .as_ref()
                 .is_some_and(|sh| sh.gather_due(self.cfg.gather_every));
-            let relayout = self.spare_waits_for_close();
-            if finish || eval || checkpoint || due || relayout {
+            if finish || eval || checkpoint || due {
                 self.gather(super::sharded::AfterGather {
                     eval,
                     checkpoint,
                     finish,
-                    relayout,
                 });
             }
             return;
