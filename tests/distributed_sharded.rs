@@ -241,49 +241,107 @@ fn a_reducer_killed_mid_run_costs_the_rounds_since_the_last_gather_and_nothing_e
         300,
         &extra,
         Layout::Separate(3),
-        |run, reducers, _, _| {
-            // --reducers 3 with 3 processes: kill the one that owns the first span; none is
-            // spare, so the other two take the whole grid; then a new one joins and gets a span
-            // back (a second rollback).
-            let rounds = wait_for("30 rounds", Duration::from_secs(60), || {
-                let n = common::rounds(run).len();
-                (n >= 30).then_some(n)
-            });
-            let tmp = run.parent().unwrap();
-            let survivor = std::fs::read_to_string(tmp.join("lost-reducer-1.metrics")).unwrap();
-            let span_then = sample(
-                &scrape(&survivor, "/metrics").1,
-                "capsnet_reducer_span_floats",
-            )
-            .unwrap();
-            reducers[0].signal(libc::SIGKILL);
-            reducers[0].wait(Duration::from_secs(10));
-            assert!(rounds < 300, "the run ended before the reducer was killed");
-            let after = wait_for("10 more rounds", Duration::from_secs(60), || {
-                let n = common::rounds(run).len();
-                (n >= rounds + 10).then_some(n)
-            });
-            assert!(after < 300, "the run ended before a reducer came back");
-            // A survivor's metrics show the loss: a second assignment, of a larger span.
-            let (_, m) = scrape(&survivor, "/metrics");
-            assert!(
-                sample(&m, "capsnet_reducer_assignments_total").is_some_and(|n| n >= 2.0),
-                "{m}"
-            );
-            assert!(
-                sample(&m, "capsnet_reducer_span_floats").is_some_and(|n| n > span_then),
-                "{span_then}: {m}"
-            );
-            let url = format!(
-                "http://{}",
-                std::fs::read_to_string(tmp.join("lost.addr")).unwrap()
-            );
-            reducers.push(reducer(tmp, &url, "lost-reducer-3", &[]));
-        },
+        kill_one_then_add_one,
     );
     same_checkpoints(&one, &lost, 300, "after a reducer was killed");
-    let log = std::fs::read_to_string(lost.parent().unwrap().join("lost.log")).unwrap_or_default();
-    // Each rollback went back to a recent gather: a round or two, not to the start.
+    // Each time the spans moved, the run went back to a recent gather: a round or two, not
+    // to the start.
+    let moves = reassignments(&lost);
+    assert!(moves.len() >= 2, "expected two reassignments: {moves:?}");
+    for &(from, to) in &moves {
+        assert!(
+            to >= 20 && from - to <= 5,
+            "rolled back from round {from} to {to}"
+        );
+    }
+}
+
+/// The same with the state gathered only at the default `--gather-every` (60 s, so not in
+/// this run before its end): the reducer's death sends the run back to its start, but the
+/// reducer that joins later takes a span from a gather made for it, so its join costs no
+/// round; the bits are still those of one process.
+#[test]
+fn a_reducer_that_joins_takes_a_span_without_a_rollback() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = synthetic(tmp.path(), 2400);
+    let one = run(
+        tmp.path(),
+        &d,
+        "one",
+        300,
+        &[],
+        Layout::None,
+        |_, _, _, _| {},
+    );
+    let lost = run(
+        tmp.path(),
+        &d,
+        "lost",
+        300,
+        &[],
+        Layout::Separate(3),
+        kill_one_then_add_one,
+    );
+    same_checkpoints(
+        &one,
+        &lost,
+        300,
+        "after a reducer was killed and another joined",
+    );
+    let moves = reassignments(&lost);
+    assert_eq!(moves.len(), 2, "{moves:?}");
+    assert_eq!(moves[0].1, 0, "the death goes back to the start: {moves:?}");
+    let (from, to) = moves[1];
+    assert!(
+        from == to && to >= 10,
+        "the join rolled back from {from} to {to}"
+    );
+}
+
+/// Kills the reducer that owns the first span after 30 rounds (--reducers 3 with 3
+/// processes: none is spare, so the other two take the whole grid), checks that a survivor
+/// took more, and after 10 more rounds starts a new one, which gets a span back.
+fn kill_one_then_add_one(run: &Path, reducers: &mut Vec<Proc>, _: &mut Vec<Proc>, _: &str) {
+    let rounds = wait_for("30 rounds", Duration::from_secs(60), || {
+        let n = common::rounds(run).len();
+        (n >= 30).then_some(n)
+    });
+    let tmp = run.parent().unwrap();
+    let survivor = std::fs::read_to_string(tmp.join("lost-reducer-1.metrics")).unwrap();
+    let span_then = sample(
+        &scrape(&survivor, "/metrics").1,
+        "capsnet_reducer_span_floats",
+    )
+    .unwrap();
+    reducers[0].signal(libc::SIGKILL);
+    reducers[0].wait(Duration::from_secs(10));
+    assert!(rounds < 300, "the run ended before the reducer was killed");
+    let after = wait_for("10 more rounds", Duration::from_secs(60), || {
+        let n = common::rounds(run).len();
+        (n >= rounds + 10).then_some(n)
+    });
+    assert!(after < 300, "the run ended before a reducer came back");
+    // A survivor's metrics show the loss: a second assignment, of a larger span.
+    let (_, m) = scrape(&survivor, "/metrics");
+    assert!(
+        sample(&m, "capsnet_reducer_assignments_total").is_some_and(|n| n >= 2.0),
+        "{m}"
+    );
+    assert!(
+        sample(&m, "capsnet_reducer_span_floats").is_some_and(|n| n > span_then),
+        "{span_then}: {m}"
+    );
+    let url = format!(
+        "http://{}",
+        std::fs::read_to_string(tmp.join("lost.addr")).unwrap()
+    );
+    reducers.push(reducer(tmp, &url, "lost-reducer-3", &[]));
+}
+
+/// Each time the coordinator of the run in `run` assigned the spans anew mid-run, the round
+/// it was at and the round it went on from (the same when nothing was rolled back).
+fn reassignments(run: &Path) -> Vec<(u64, u64)> {
+    let log = std::fs::read_to_string(run.parent().unwrap().join("lost.log")).unwrap_or_default();
     let field = |line: &str, name: &str| -> u64 {
         let at = line
             .find(name)
@@ -295,18 +353,18 @@ fn a_reducer_killed_mid_run_costs_the_rounds_since_the_last_gather_and_nothing_e
             .collect();
         digits.parse().unwrap()
     };
-    let rollbacks: Vec<(u64, u64)> = log
-        .lines()
-        .filter(|l| l.contains("rolling back to the last gathered state"))
-        .map(|l| (field(l, "from="), field(l, "to=")))
-        .collect();
-    assert!(rollbacks.len() >= 2, "expected two rollbacks:\n{log}");
-    for &(from, to) in &rollbacks {
-        assert!(
-            to >= 20 && from - to <= 5,
-            "rolled back from round {from} to {to}:\n{log}"
-        );
-    }
+    log.lines()
+        .filter_map(|l| {
+            if l.contains("rolling back to the last gathered state") {
+                Some((field(l, "from="), field(l, "to=")))
+            } else if l.contains("the open round is planned again under the new layout") {
+                let r = field(l, "round=");
+                Some((r, r))
+            } else {
+                None
+            }
+        })
+        .collect()
 }
 
 /// A reducer that no worker can reach (it advertises an address where nothing listens, while

@@ -595,11 +595,13 @@ impl Actor {
                 .shards
                 .as_ref()
                 .is_some_and(|sh| sh.gather_due(self.cfg.gather_every));
-            if finish || eval || checkpoint || due {
+            let relayout = self.spare_waits_for_close();
+            if finish || eval || checkpoint || due || relayout {
                 self.gather(super::sharded::AfterGather {
                     eval,
                     checkpoint,
                     finish,
+                    relayout,
                 });
             }
             return;

@@ -15,7 +15,8 @@
 //!   reducer's death rolls the run back to. The spans are then assigned again over the live
 //!   reducers from that state, the round counter and data position go back with it, and workers
 //!   see the new layout in their next work order. What is lost: the rounds since the last
-//!   gather (at least every `--gather-every`, and at each checkpoint).
+//!   gather (at least every `--gather-every`, and at each checkpoint). A reducer that joins
+//!   takes a span from a gather made for it instead, which costs no round.
 //! - a worker that says it cannot reach a reducer (GetWork's `cannot_reach`) gets no work
 //!   while other workers reach that reducer; a reducer that no live worker reaches is dropped
 //!   as if it had died, and one that joins again at the same address waits as a spare for a
@@ -56,6 +57,8 @@ pub(super) struct AfterGather {
     pub(super) eval: bool,
     pub(super) checkpoint: bool,
     pub(super) finish: bool,
+    /// Assign the spans anew (a spare can take one) from the state gathered.
+    pub(super) relayout: bool,
 }
 
 struct Gathering {
@@ -106,6 +109,9 @@ pub(super) struct Shards {
     gathering: Option<Gathering>,
     /// The next `Open` commits the round closed before it.
     commit: bool,
+    /// A spare can take a span once the close under way is done (the state is gathered
+    /// then, and the spans assigned anew from it).
+    take_spare_after_close: bool,
     /// The state in the actor's `params`, `adam` and `outer_m` is the state before this round
     /// at this data position, after this many Adam steps: what a rollback returns to.
     known_good: (u64, DataPosition, u64),
@@ -129,6 +135,7 @@ impl Shards {
             closing: None,
             gathering: None,
             commit: false,
+            take_spare_after_close: false,
             known_good: (round, position, step),
             gathered_at: Instant::now(),
             quarantine: HashMap::new(),
@@ -279,7 +286,7 @@ impl Actor {
             sh.layout.len() < sh.want && sh.takeable_spares(now) > 0
         };
         if wanted && !self.finished {
-            self.relayout("a reducer joined");
+            self.take_spare("a reducer joined");
         }
         Ok(session)
     }
@@ -389,6 +396,38 @@ impl Actor {
         self.reducer_lost(session);
     }
 
+    /// The layout has room for a spare: a layout that trains gathers its state first and is
+    /// assigned anew from it, so that the rounds since the last gather are not lost (only the
+    /// open one is planned again); after the close under way, if one is. A layout that is not
+    /// ready yet is assigned anew at once.
+    pub(super) fn take_spare(&mut self, why: &'static str) {
+        let Some(sh) = self.shards.as_mut() else {
+            return;
+        };
+        if sh.layout_id == 0 || !sh.ready() {
+            self.relayout(why);
+        } else if sh.closing.is_some() || sh.commit {
+            sh.take_spare_after_close = true;
+        } else {
+            tracing::info!(
+                why,
+                round = self.round,
+                "gathering the state before the spans are assigned anew"
+            );
+            self.gather(AfterGather {
+                relayout: true,
+                ..Default::default()
+            });
+        }
+    }
+
+    /// Whether a spare waits for the close under way to end (see [`Actor::take_spare`]).
+    pub(super) fn spare_waits_for_close(&mut self) -> bool {
+        self.shards
+            .as_mut()
+            .is_some_and(|sh| std::mem::take(&mut sh.take_spare_after_close))
+    }
+
     /// Assigns the spans anew over the reducers of the layout and the spares (up to
     /// `--reducers`), and rolls the run back to the last gathered state: the open round and any
     /// round since are dropped, the data position goes back with the round counter.
@@ -408,18 +447,25 @@ impl Actor {
         sh.spares = links.split_off(take);
         sh.spares.extend(waiting);
         sh.layout_id += 1;
+        sh.take_spare_after_close = false;
         sh.clear_round();
         sh.closing = None;
         sh.gathering = None;
         sh.commit = false;
         let (round, position, step) = sh.known_good.clone();
         // Roll back: the round counter and the data position return to the gathered state's.
-        if self.round != round || self.plan.is_some() {
+        if self.round != round {
             tracing::warn!(
                 from = self.round,
                 to = round,
                 why,
                 "rolling back to the last gathered state"
+            );
+        } else if self.plan.is_some() {
+            tracing::info!(
+                round,
+                why,
+                "the open round is planned again under the new layout"
             );
         }
         self.plan = None;
@@ -750,6 +796,7 @@ impl Actor {
             g.then.eval |= then.eval;
             g.then.checkpoint |= then.checkpoint;
             g.then.finish |= then.finish;
+            g.then.relayout |= then.relayout;
             return;
         }
         sh.all(Order::Gather(pb::RoundRef { round }));
@@ -794,6 +841,9 @@ impl Actor {
         if g.then.checkpoint {
             let _ = self.checkpoint_now(false);
         }
+        if g.then.relayout && !self.finished {
+            self.relayout("a spare takes a span");
+        }
     }
 
     /// Tells every reducer that training is over.
@@ -830,7 +880,7 @@ impl Actor {
                 && sh.spares.iter().any(|l| over.contains(&l.address));
             if room && !self.finished {
                 tracing::info!(reducers = ?over, "a spare's wait is over");
-                self.relayout("a spare's wait was over");
+                self.take_spare("a spare's wait was over");
             }
         }
         let timeout = self.cfg.round_timeout;
