@@ -222,28 +222,7 @@ fn bf16_colocated_and_params_mode_shard_bit_for_bit() {
 #[test]
 fn a_reducer_killed_mid_run_costs_the_rounds_since_the_last_gather_and_nothing_else() {
     let tmp = tempfile::tempdir().unwrap();
-    // 2400 samples: one epoch of 300 rounds, so the only checkpoint is the last one.
-    let d = synthetic(tmp.path(), 2400);
-    let extra = ["--gather-every", "1ms"];
-    let one = run(
-        tmp.path(),
-        &d,
-        "one",
-        300,
-        &extra,
-        Layout::None,
-        |_, _, _, _| {},
-    );
-    let lost = run(
-        tmp.path(),
-        &d,
-        "lost",
-        300,
-        &extra,
-        Layout::Separate(3),
-        kill_one_then_add_one,
-    );
-    same_checkpoints(&one, &lost, 300, "after a reducer was killed");
+    let lost = killed_and_joined(tmp.path(), &["--gather-every", "1ms"]);
     // Each time the spans moved, the run went back to a recent gather: a round or two, not
     // to the start.
     let moves = reassignments(&lost);
@@ -263,22 +242,29 @@ fn a_reducer_killed_mid_run_costs_the_rounds_since_the_last_gather_and_nothing_e
 #[test]
 fn a_reducer_that_joins_takes_a_span_without_a_rollback() {
     let tmp = tempfile::tempdir().unwrap();
-    let d = synthetic(tmp.path(), 2400);
-    let one = run(
-        tmp.path(),
-        &d,
-        "one",
-        300,
-        &[],
-        Layout::None,
-        |_, _, _, _| {},
+    let lost = killed_and_joined(tmp.path(), &[]);
+    let moves = reassignments(&lost);
+    assert_eq!(moves.len(), 2, "{moves:?}");
+    assert_eq!(moves[0].1, 0, "the death goes back to the start: {moves:?}");
+    let (from, to) = moves[1];
+    assert!(
+        from == to && to >= 10,
+        "the join rolled back from {from} to {to}"
     );
+}
+
+/// One epoch of 300 rounds (2400 samples, so the only checkpoint is the last one) with
+/// `extra` flags, by one coordinator and by 3 reducers of which one is killed and another
+/// joins ([`kill_one_then_add_one`]): both end with the same bits. Returns the second's run.
+fn killed_and_joined(tmp: &Path, extra: &[&str]) -> PathBuf {
+    let d = synthetic(tmp, 2400);
+    let one = run(tmp, &d, "one", 300, extra, Layout::None, |_, _, _, _| {});
     let lost = run(
-        tmp.path(),
+        tmp,
         &d,
         "lost",
         300,
-        &[],
+        extra,
         Layout::Separate(3),
         kill_one_then_add_one,
     );
@@ -288,14 +274,7 @@ fn a_reducer_that_joins_takes_a_span_without_a_rollback() {
         300,
         "after a reducer was killed and another joined",
     );
-    let moves = reassignments(&lost);
-    assert_eq!(moves.len(), 2, "{moves:?}");
-    assert_eq!(moves[0].1, 0, "the death goes back to the start: {moves:?}");
-    let (from, to) = moves[1];
-    assert!(
-        from == to && to >= 10,
-        "the join rolled back from {from} to {to}"
-    );
+    lost
 }
 
 /// Kills the reducer that owns the first span after 30 rounds (--reducers 3 with 3
