@@ -255,7 +255,8 @@ fn a_reducer_that_joins_takes_a_span_without_a_rollback() {
 
 /// One epoch of 300 rounds (2400 samples, so the only checkpoint is the last one) with
 /// `extra` flags, by one coordinator and by 3 reducers of which one is killed and another
-/// joins ([`kill_one_then_add_one`]): both end with the same bits. Returns the second's run.
+/// joins ([`kill_one_then_add_one`]): both end with the same bits, and neither worker had to
+/// join again. Returns the second's run.
 fn killed_and_joined(tmp: &Path, extra: &[&str]) -> PathBuf {
     let d = synthetic(tmp, 2400);
     let one = run(tmp, &d, "one", 300, extra, Layout::None, |_, _, _, _| {});
@@ -274,6 +275,12 @@ fn killed_and_joined(tmp: &Path, extra: &[&str]) -> PathBuf {
         300,
         "after a reducer was killed and another joined",
     );
+    // A worker whose push or pull the death cut short keeps its session (and its place in
+    // the rounds): it asks for the round's order again instead of joining again.
+    for k in 0..2 {
+        let w = std::fs::read_to_string(tmp.join(format!("worker-{k}.log"))).unwrap();
+        assert!(!w.contains("joining again"), "{w}");
+    }
     lost
 }
 
@@ -354,7 +361,42 @@ fn reassignments(run: &Path) -> Vec<(u64, u64)> {
 #[test]
 fn a_reducer_that_no_worker_can_reach_is_dropped_and_the_run_goes_on() {
     let tmp = tempfile::tempdir().unwrap();
-    let t = tmp.path();
+    unreachable_reducer(tmp.path(), &format!("http://{}", free_addr()));
+}
+
+/// The same where a gRPC server at the advertised address accepts every connection and fails
+/// every call (it serves only `grpc.health.v1`, so capsnet's calls are UNIMPLEMENTED): a
+/// worker checks that a reducer answers a heartbeat, not only that it accepts a connection,
+/// before it counts it as reachable again.
+#[test]
+fn a_reducer_address_that_accepts_connections_and_fails_every_call_is_unreachable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let at = listener.local_addr().unwrap();
+    let (_, health) = tonic_health::server::health_reporter();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = rt.spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async {
+                    let _ = stopped.await;
+                },
+            ),
+    );
+    unreachable_reducer(tmp.path(), &format!("http://{at}"));
+    let _ = stop.send(());
+    rt.block_on(server).unwrap().unwrap();
+}
+
+/// Trains one epoch (50 rounds) with two workers and two reducers, one of which advertises
+/// `advertise` (where the workers cannot reach it) and is dropped; checks that no round
+/// waited for its deadline.
+fn unreachable_reducer(t: &Path, advertise: &str) {
     let d = synthetic(t, 400);
     let run = t.join("run");
     let args = [
@@ -372,9 +414,8 @@ fn a_reducer_that_no_worker_can_reach_is_dropped_and_the_run_goes_on() {
         "2",
     ];
     let (mut coord, url) = tiny_coordinator(t, "coordinator", &d, &run, &args);
-    let nowhere = format!("http://{}", free_addr());
     let mut reachable = reducer(t, &url, "reducer-0", &[]);
-    let mut unreachable = reducer(t, &url, "reducer-1", &["--advertise", &nowhere]);
+    let mut unreachable = reducer(t, &url, "reducer-1", &["--advertise", advertise]);
     let mut workers = [worker(t, &url, 0, &d, &[]), worker(t, &url, 1, &d, &[])];
     coord.expect_success(Duration::from_secs(120));
     for w in &mut workers {
@@ -383,7 +424,7 @@ fn a_reducer_that_no_worker_can_reach_is_dropped_and_the_run_goes_on() {
     reachable.expect_success(Duration::from_secs(30));
     let c = coord.log_text();
     assert!(
-        c.contains("no live worker can reach this reducer") && c.contains(&nowhere),
+        c.contains("no live worker can reach this reducer") && c.contains(advertise),
         "{c}"
     );
     assert!(!c.contains("missed the round deadline"), "{c}");

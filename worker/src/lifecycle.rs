@@ -146,8 +146,8 @@ pub(crate) async fn train(
                     }
                     // The coordinator sees the reducer's loss (the spans move, the run rolls
                     // back) or not (a connection broke): either way the next work order says
-                    // what to do, the same round again or another one. A step cut short takes
-                    // the model replica with it: that needs a new session.
+                    // what to do, the same round again or another one. A step that did not
+                    // end took the model replica with it: that needs a new session.
                     // A reducer that refuses this worker's token or certificate keeps
                     // refusing it: stop, as a coordinator's refusal does.
                     Err(WorkerError::Reducer { url, status })
@@ -340,7 +340,8 @@ impl Session {
             return Ok(Next::Round);
         }
         // The replica was loaded when the session started and is put back after every
-        // step; a failed step ends the session.
+        // step, also one whose push or pull failed; a step that did not end (a panic, a
+        // session cancelled mid-step) takes it with it, and the next session loads it again.
         let Some(mut r) = replica.take() else {
             return Err(WorkerError::Internal("no model replica is loaded"));
         };
@@ -493,8 +494,22 @@ impl Session {
                         Ok((o, None))
                     }
                 };
-                let ((params, update, samples, loss, computed), used, (next, next_layout)) =
-                    tokio::try_join!(compute, pushing, pulling)?;
+                // A push or pull that fails does not cut the step short: the step's end
+                // puts the replica back, so that the session goes on (the round's order is
+                // asked for again) instead of joining again to load the model. A step that
+                // fails stops the transfers at once.
+                let ((params, update, samples, loss, computed), (used, (next, next_layout))) = {
+                    let comms = async { tokio::try_join!(pushing, pulling) };
+                    tokio::pin!(compute, comms);
+                    tokio::select! {
+                        c = &mut compute => (c?, comms.await?),
+                        t = &mut comms => {
+                            let c = compute.await;
+                            let t = t?;
+                            (c?, t)
+                        }
+                    }
+                };
                 // What crossed the network: the spans not served in this process.
                 metrics.wire(
                     settings.wire,

@@ -188,8 +188,10 @@ struct Unreachable {
 }
 
 /// Whether a reducer's failure with `code` may mean that it cannot be reached from here: no
-/// connection, a broken one, a certificate that does not verify, bytes that arrived damaged.
-/// (Refusals that say the run moved on, a new layout or round, do not.)
+/// connection, a broken one, a certificate that does not verify, bytes that arrived damaged,
+/// a server there that does not serve a reducer (UNIMPLEMENTED). Refusals that say the run
+/// moved on (a new layout or round), that judge the request, or that ask to retry later
+/// (RESOURCE_EXHAUSTED: the reducer is there, and busy) do not.
 fn may_be_unreachable(code: Code) -> bool {
     matches!(
         code,
@@ -199,11 +201,12 @@ fn may_be_unreachable(code: Code) -> bool {
             | Code::Cancelled
             | Code::Internal
             | Code::DataLoss
+            | Code::Unimplemented
     )
 }
 
 /// How long a check that a reducer can be reached again may take (connecting, TLS and
-/// HTTP/2 handshakes).
+/// HTTP/2 handshakes, and a heartbeat).
 const RECHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Reducers {
@@ -257,22 +260,37 @@ impl Reducers {
         }
     }
 
-    /// The reducer this worker cannot reach, if any, after trying to connect to it once more
-    /// when its pause is over (it doubles with each failed try, as [`crate::lifecycle`]'s
-    /// does); a success forgets it, and keeps the connection.
-    pub async fn recheck(&mut self) -> Option<String> {
+    /// The reducer this worker cannot reach, if any, after checking once more when its pause
+    /// is over (it doubles with each failed try, as [`crate::lifecycle`]'s does) that it
+    /// answers: a new connection, then a heartbeat (worker `id`) through its token check and
+    /// its reducer thread, so that a server that accepts connections and fails every call
+    /// still counts as unreachable. A success forgets it, and keeps the connection.
+    pub async fn recheck(&mut self, id: &str) -> Option<String> {
         let u = self.unreachable.as_mut()?;
         if tokio::time::Instant::now() >= u.next {
-            let connect = Client::connect_to(Peer::Reducer, &u.url, &self.token, self.tls.as_ref());
-            match tokio::time::timeout(RECHECK_TIMEOUT, connect).await {
+            let (url, token, tls) = (&u.url, &self.token, self.tls.as_ref());
+            let probe = async {
+                let mut c = Client::connect_to(Peer::Reducer, url, token, tls)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let beat = pb::HeartbeatRequest {
+                    worker_id: id.to_string(),
+                };
+                match c.rpc().heartbeat(beat).await {
+                    Ok(_) => Ok(c),
+                    Err(s) if !may_be_unreachable(s.code()) => Ok(c),
+                    Err(s) => Err(format!("its heartbeat failed: {s}")),
+                }
+            };
+            match tokio::time::timeout(RECHECK_TIMEOUT, probe).await {
                 Ok(Ok(c)) => {
                     tracing::info!(reducer = %u.url, "the reducer can be reached again");
                     self.clients.insert(u.url.clone(), c);
                     self.unreachable = None;
                     return None;
                 }
-                Ok(Err(e)) => {
-                    tracing::debug!(reducer = %u.url, error = %e, "still cannot reach the reducer")
+                Ok(Err(error)) => {
+                    tracing::debug!(reducer = %u.url, %error, "still cannot reach the reducer")
                 }
                 Err(_) => {
                     tracing::debug!(reducer = %u.url, "still cannot reach the reducer: timed out")
@@ -467,7 +485,7 @@ pub async fn fetch(
     } = want;
     // A reducer this worker cannot reach is told to the coordinator, which leaves the worker
     // out of the rounds (or drops the reducer) meanwhile; nothing is pulled early from it.
-    let cannot_reach = reducers.recheck().await;
+    let cannot_reach = reducers.recheck(id).await;
     let known = known.filter(|_| cannot_reach.is_none());
     let ask = |layout: Option<u64>| pb::PullRequest {
         worker_id: id.to_string(),
