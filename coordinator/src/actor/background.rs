@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use capsnet_core::checkpoint::{Checkpoint, Checkpointer};
 use capsnet_core::net::NetWorkspace;
+use capsnet_core::optim::Adam;
 use capsnet_core::run::eval_record;
 use capsnet_core::train::{self, EvalReport, MetricsLog};
 use capsnet_proto::SyncMode;
@@ -62,12 +63,9 @@ impl Actor {
         }
         // A sharded run's state here is the one last gathered from its reducers, with the round
         // and data position it was gathered at.
-        let (step, position) = match self.shards() {
-            Some(sh) => {
-                let (round, position, _) = sh.known_good();
-                (round, position)
-            }
-            None => (self.round, self.position()),
+        let (step, position, adam_step) = match self.shards() {
+            Some(sh) => sh.known_good(),
+            None => (self.round, self.position(), self.adam.step),
         };
         // The one copy of the state a checkpoint makes (training goes on meanwhile).
         let ck = Checkpoint {
@@ -75,7 +73,10 @@ impl Actor {
             baseline: self.cfg.train.baseline.clone(),
             params: self.params.clone(),
             // Params mode steps no Adam here: its moments would mean nothing on resume.
-            adam: (self.cfg.sync_mode == SyncMode::Grad).then(|| self.adam.clone()),
+            adam: (self.cfg.sync_mode == SyncMode::Grad).then(|| Adam {
+                step: adam_step,
+                ..self.adam.clone()
+            }),
             ema: self.ema.clone(),
             outer: (!self.outer_m.is_empty()).then(|| self.outer_m.clone()),
             step,

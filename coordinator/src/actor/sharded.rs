@@ -62,7 +62,11 @@ pub(super) struct AfterGather {
 }
 
 struct Gathering {
+    /// The state is the one before this round, at this data position, after this many Adam
+    /// steps (taken when the gather was ordered: what happens meanwhile does not move them).
     round: u64,
+    position: DataPosition,
+    step: u64,
     since: Instant,
     /// Floats received from each reducer of the layout.
     got: Vec<usize>,
@@ -785,7 +789,7 @@ impl Actor {
     /// Gathers the state after the last committed round from the reducers; `then` runs once
     /// it is whole.
     pub(super) fn gather(&mut self, then: AfterGather) {
-        let round = self.round;
+        let (round, position, step) = (self.round, self.position(), self.adam.step);
         let n = self.params.data.len();
         let grad = self.cfg.sync_mode == SyncMode::Grad;
         let outer = self.cfg.outer.is_some();
@@ -803,6 +807,8 @@ impl Actor {
         sh.gathered_at = Instant::now();
         sh.gathering = Some(Gathering {
             round,
+            position,
+            step,
             since: Instant::now(),
             got: vec![0; sh.layout.len()],
             params: vec![0.0; n],
@@ -815,7 +821,6 @@ impl Actor {
     /// The gathered state becomes the actor's (and what a rollback returns to); then the
     /// evaluation, checkpoint or end of the run that waited for it.
     fn finish_gather(&mut self) {
-        let position = self.position();
         let Some(sh) = self.shards.as_mut() else {
             return;
         };
@@ -829,7 +834,7 @@ impl Actor {
         } else if self.cfg.outer.is_some() {
             self.outer_m = g.m;
         }
-        sh.known_good = (g.round, position, self.adam.step);
+        sh.known_good = (g.round, g.position, g.step);
         tracing::debug!(round = g.round, "state gathered from the reducers");
         if g.then.finish {
             self.finish();
