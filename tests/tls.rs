@@ -275,6 +275,81 @@ fn a_worker_that_cannot_verify_a_reducer_is_named_and_left_out_while_the_others_
     assert!(!c.contains("no live worker can reach this reducer"), "{c}");
 }
 
+/// Two workers each cut off from a different reducer (each checks a name that only one of the
+/// two reducers' certificates has): no round could complete, so once both said so the
+/// coordinator drops one of the reducers (the other takes the whole grid), and the worker that
+/// reaches it trains the run to its end while the other is left out. No round waits for the
+/// deadline (600 s here: one that did would stall the test).
+#[test]
+fn workers_cut_off_from_different_reducers_make_the_coordinator_drop_one() {
+    let m = Mtls::start(&[
+        "--reducers",
+        "2",
+        "--chunk-bytes",
+        "4096",
+        "--expect-workers",
+        "2",
+        "--round-timeout",
+        "600s",
+        "--max-steps",
+        "12",
+    ]);
+    let t = m.tmp.path();
+    let reducer_flags = |name: &str| {
+        [
+            "--tls-cert".to_string(),
+            m.file(&format!("{name}.pem")),
+            "--tls-key".into(),
+            m.file(&format!("{name}.key")),
+            "--tls-ca".into(),
+            m.file("ca.pem"),
+        ]
+    };
+    let (a, b) = (reducer_flags("reducer"), reducer_flags("reducer-b"));
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let b: Vec<&str> = b.iter().map(String::as_str).collect();
+    let mut reducers = [
+        reducer(t, &m.https, "reducer-0", &a),
+        reducer(t, &m.https, "reducer-1", &b),
+    ];
+    let flags = |domain: &str| {
+        let mut args = m.client_flags();
+        args.extend(["--reducer-tls-domain".to_string(), domain.into()]);
+        args
+    };
+    let (fa, fb) = (flags("capsnet-reducer"), flags("capsnet-reducer-b"));
+    let fa: Vec<&str> = fa.iter().map(String::as_str).collect();
+    let fb: Vec<&str> = fb.iter().map(String::as_str).collect();
+    let mut workers = [
+        worker(t, &m.https, 0, &m.data, &fa),
+        worker(t, &m.https, 1, &m.data, &fb),
+    ];
+    let Mtls { mut coord, .. } = m;
+    coord.expect_success(Duration::from_secs(90));
+    for w in &mut workers {
+        w.expect_success(Duration::from_secs(30));
+    }
+    let c = coord.log_text();
+    assert!(c.contains("training finished"), "{c}");
+    // Both claims, then the worker left out claims again under the new layout.
+    assert!(
+        c.matches("the worker cannot reach a reducer").count() >= 2,
+        "{c}"
+    );
+    assert!(
+        c.contains("every live worker is cut off from a reducer, the most of them from this one: dropping it"),
+        "{c}"
+    );
+    assert!(!c.contains("missed the round deadline"), "{c}");
+    // The dropped reducer may still be joining again when the run ends.
+    for r in &mut reducers {
+        if r.exited().is_none() {
+            r.signal(libc::SIGTERM);
+        }
+        r.wait(Duration::from_secs(30));
+    }
+}
+
 /// A server on loopback that answers whatever comes with a TLS alert, as a coordinator serving
 /// TLS does to plaintext, and records every byte it was sent until `stop` is set (or 20 s).
 fn fake_tls_server() -> (

@@ -16,7 +16,8 @@ fn openssl(dir: &Path, args: &[&str]) {
 
 /// In `dir`: a CA (`ca.pem`, `ca.key`), a server certificate for localhost, 127.0.0.1 and
 /// capsnet-coordinator (the name of the coordinator's Service in deploy/k8s), a client
-/// certificate, and one for reducers that names only capsnet-reducer; `NAME.pem`/`NAME.key`.
+/// certificate, one for reducers that names only capsnet-reducer and one (`reducer-b`) that
+/// names only capsnet-reducer-b; `NAME.pem`/`NAME.key`.
 pub fn certificates(dir: &Path) {
     let ec = [
         "-newkey",
@@ -51,6 +52,12 @@ pub fn certificates(dir: &Path) {
             "reducer",
             "capsnet-reducer",
             "serverAuth,clientAuth\nsubjectAltName=DNS:capsnet-reducer",
+        ),
+        // A reducer of another name: a worker that checks one name cannot verify it.
+        (
+            "reducer-b",
+            "capsnet-reducer-b",
+            "serverAuth,clientAuth\nsubjectAltName=DNS:capsnet-reducer-b",
         ),
     ] {
         let mut req = vec!["req"];

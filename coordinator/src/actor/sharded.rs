@@ -326,8 +326,10 @@ impl Actor {
     }
 
     /// Worker `name` says it cannot reach the reducer at `address` (None: it reaches them
-    /// all). It gets no work while other live workers reach that reducer; once none does, the
-    /// reducer is dropped.
+    /// all). It gets no work while some live worker reaches every reducer. Once none does
+    /// (every live worker is cut off, from that reducer or from others: no round could
+    /// complete), the reducer the most live workers cannot reach is dropped; the first of the
+    /// layout's order among equals.
     pub(super) fn cannot_reach(&mut self, name: &str, address: Option<String>) {
         let Some(sh) = self.shards.as_ref() else {
             return;
@@ -350,30 +352,46 @@ impl Actor {
             (None, _) => {}
         }
         w.cut_off = now.clone();
-        let Some((address, _)) = now else {
+        if now.is_none() {
+            return;
+        }
+        let live = self.live();
+        if live.iter().any(|n| self.reaches_every_reducer(n)) {
+            if self.plan.is_some() {
+                // The open round no longer waits for it.
+                let expected = self.expected();
+                self.tell_expected(&expected);
+            }
+            return;
+        }
+        // How many live workers cannot reach each reducer of the layout, in its order.
+        let Some(sh) = self.shards.as_ref() else {
             return;
         };
-        let live = self.live();
-        let reached = live.iter().any(|n| {
-            (self.members.workers.get(n)).is_none_or(|w| {
-                w.cut_off
-                    .as_ref()
-                    .is_none_or(|(a, l)| *a != address || *l != layout)
+        let claims: Vec<(String, usize)> = (sh.layout.iter())
+            .map(|(l, _, _)| {
+                let n = (live.iter())
+                    .filter_map(|n| self.members.workers.get(n))
+                    .filter(|w| {
+                        w.cut_off
+                            .as_ref()
+                            .is_some_and(|(a, l2)| *a == l.address && *l2 == layout)
+                    })
+                    .count();
+                (l.address.clone(), n)
             })
-        });
-        if !reached {
-            self.drop_unreachable(&address, live.len());
-        } else if self.plan.is_some() {
-            // The open round no longer waits for it.
-            let expected = self.expected();
-            self.tell_expected(&expected);
+            .collect();
+        let most = claims.iter().map(|(_, n)| *n).max().unwrap_or(0);
+        if let Some((address, n)) = claims.into_iter().find(|(_, n)| *n == most && most > 0) {
+            self.drop_unreachable(&address, n, live.len());
         }
     }
 
-    /// No live worker reaches the reducer at `address`: it is dropped as if it had died, and a
-    /// reducer at that address waits as a spare for a while (longer each time) before it takes
-    /// a span again.
-    fn drop_unreachable(&mut self, address: &str, workers: usize) {
+    /// `claims` of the `workers` live workers cannot reach the reducer at `address`, and no
+    /// live worker reaches every reducer: it is dropped as if it had died, and a reducer at
+    /// that address waits as a spare for a while (longer each time) before it takes a span
+    /// again.
+    fn drop_unreachable(&mut self, address: &str, claims: usize, workers: usize) {
         let Some(sh) = self.shards.as_mut() else {
             return;
         };
@@ -396,7 +414,11 @@ impl Actor {
                 length: wait,
             },
         );
-        tracing::warn!(reducer = %address, workers, ?wait, "no live worker can reach this reducer: dropping it");
+        if claims == workers {
+            tracing::warn!(reducer = %address, workers, ?wait, "no live worker can reach this reducer: dropping it");
+        } else {
+            tracing::warn!(reducer = %address, claims, workers, ?wait, "every live worker is cut off from a reducer, the most of them from this one: dropping it");
+        }
         self.reducer_lost(session);
     }
 
