@@ -14,8 +14,10 @@ use crate::exit::ConfigError;
 pub enum SyncLayout {
     /// The coordinator reduces every range.
     Coordinator,
-    /// Each worker serves a reducer of its share of the ranges.
+    /// Each worker serves a reducer of its share of the ranges, on a loopback TCP port.
     Colocated,
+    /// The same on unix sockets (as `capsnet launch --reducers N` serves them).
+    ColocatedUnix,
 }
 
 #[derive(Args)]
@@ -35,13 +37,14 @@ pub struct BenchSyncArgs {
     /// Tensor size: the paper's model (8,215,568 floats) or the tiny one.
     #[arg(long, value_enum, default_value = "paper")]
     model: ModelSize,
-    /// Who reduces: the coordinator, or a reducer served in each worker (co-located, as
-    /// `capsnet launch --reducers N` runs them; each worker's own span in process).
+    /// Who reduces: the coordinator, or a reducer served in each worker (co-located; each
+    /// worker's own span in process) reached over loopback TCP or over unix sockets (as
+    /// `capsnet launch --reducers N` runs them).
     #[arg(
         long,
         value_delimiter = ',',
         value_enum,
-        default_value = "coordinator,colocated"
+        default_value = "coordinator,colocated,colocated-unix"
     )]
     layout: Vec<SyncLayout>,
     /// Chunk size in bytes (default: 1 MiB through the coordinator, 256 KiB with reducers, as
@@ -80,7 +83,7 @@ pub fn run(a: BenchSyncArgs) -> Result<()> {
         "round = every worker pushes its update, the coordinator (or the reducer of each span) averages and applies Adam, every worker pulls the result"
     );
     println!(
-        "layouts: coordinator = every byte through the coordinator; colocated = a reducer in each worker, each worker's own span in process"
+        "layouts: coordinator = every byte through the coordinator; colocated = a reducer in each worker, each worker's own span in process, the others over loopback TCP (-unix: over unix sockets)"
     );
     let floats = capsnet_core::ParamLayout::for_config(&model).total();
     println!("machine: {}", capsnet_core::bench::machine_summary());
@@ -91,7 +94,7 @@ pub fn run(a: BenchSyncArgs) -> Result<()> {
     );
     println!();
     println!(
-        "{:>7} {:>11} {:>5} {:>10} {:>9} {:>9} {:>13} {:>14} {:>9}",
+        "{:>7} {:>14} {:>5} {:>10} {:>9} {:>9} {:>13} {:>14} {:>9}",
         "workers",
         "layout",
         "wire",
@@ -106,10 +109,10 @@ pub fn run(a: BenchSyncArgs) -> Result<()> {
     for &n in &a.workers {
         for &layout in &a.layout {
             for &w in &a.wire {
-                let reducers = if layout == SyncLayout::Colocated {
-                    n
-                } else {
+                let reducers = if layout == SyncLayout::Coordinator {
                     0
+                } else {
+                    n
                 };
                 let chunk_bytes = a.chunk_bytes.unwrap_or(if reducers > 0 {
                     capsnet_proto::wire::SHARDED_CHUNK_BYTES
@@ -124,11 +127,16 @@ pub fn run(a: BenchSyncArgs) -> Result<()> {
                     model: model.clone(),
                     chunk_bytes,
                     reducers,
+                    unix: layout == SyncLayout::ColocatedUnix,
                 })?;
+                let label = match r.transport {
+                    "unix" => format!("{}-unix", r.layout),
+                    _ => r.layout.to_string(),
+                };
                 println!(
-                    "{:>7} {:>11} {:>5} {:>10.1} {:>9.1} {:>9.1} {:>13.0} {:>14} {:>9.0}",
+                    "{:>7} {:>14} {:>5} {:>10.1} {:>9.1} {:>9.1} {:>13.0} {:>14} {:>9.0}",
                     r.workers,
-                    r.layout,
+                    label,
                     r.wire,
                     r.median_ms,
                     r.min_ms,

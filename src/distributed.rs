@@ -184,11 +184,12 @@ pub struct WorkerArgs {
     #[arg(long, env = "CAPSNET_NO_OVERLAP")]
     no_overlap: bool,
     /// Also serve a reducer of a sharded run (coordinator --reducers) on this address, in this
-    /// process (the co-located layout: one reducer per worker machine).
+    /// process (the co-located layout: one reducer per worker machine); `unix:/path` serves a
+    /// unix socket, which only workers of this machine reach (capsnet launch uses one).
     #[arg(long, env = "CAPSNET_SERVE_REDUCER")]
     serve_reducer: Option<String>,
     /// The URL workers reach this process's reducer at [default: http://ADDR of
-    /// --serve-reducer when it names a host].
+    /// --serve-reducer when it names a host; unix:/path for a unix socket].
     #[arg(long, env = "CAPSNET_REDUCER_ADVERTISE", requires = "serve_reducer")]
     reducer_advertise: Option<String>,
     /// TLS certificate and key (PEM) the reducer serves with (its advertised URL is then
@@ -229,7 +230,8 @@ pub struct ReducerArgs {
         default_value = "http://127.0.0.1:50051"
     )]
     coordinator: String,
-    /// Address to serve workers on; port 0 picks a free port.
+    /// Address to serve workers on; port 0 picks a free port. `unix:/path` serves a unix
+    /// socket instead: workers of this machine only, without the TCP/IP stack (no TLS).
     #[arg(
         long,
         env = "CAPSNET_REDUCER_LISTEN",
@@ -237,7 +239,7 @@ pub struct ReducerArgs {
     )]
     listen: String,
     /// The URL workers reach this reducer at [default: http(s)://ADDR of --listen when it
-    /// names a host].
+    /// names a host; unix:/path for a unix socket].
     #[arg(long, env = "CAPSNET_REDUCER_ADVERTISE")]
     advertise: Option<String>,
     /// A name for the logs [default: reducer-<host name>].
@@ -280,13 +282,20 @@ pub struct ReducerArgs {
     ready_file: Option<PathBuf>,
 }
 
-/// The URL a reducer listening on `local` is reached at: `advertise`, else `http(s)://local`
-/// when `local` names a host (not 0.0.0.0 or ::).
-fn advertised(advertise: Option<&str>, local: std::net::SocketAddr, tls: bool) -> Result<String> {
+/// The URL a reducer listening on `local` (`host:port` or `unix:/path`) is reached at:
+/// `advertise`, else `unix:/path`, else `http(s)://local` when `local` names a host (not
+/// 0.0.0.0 or ::).
+fn advertised(advertise: Option<&str>, local: &str, tls: bool) -> Result<String> {
     if let Some(a) = advertise {
         return Ok(a.to_string());
     }
-    if local.ip().is_unspecified() {
+    if local.starts_with(capsnet_coordinator::UNIX_PREFIX) {
+        return Ok(local.to_string());
+    }
+    let unspecified = local
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|a| a.ip().is_unspecified());
+    if unspecified {
         return Err(ConfigError(format!(
             "the reducer listens on {local}, which workers cannot dial: give the URL they reach \
              it at with --advertise (CAPSNET_REDUCER_ADVERTISE)"
@@ -302,13 +311,17 @@ async fn reducer_config(
     advertise: Option<&str>,
     base: capsnet_coordinator::ReducerConfig,
     ready_file: Option<&PathBuf>,
-) -> Result<(tokio::net::TcpListener, capsnet_coordinator::ReducerConfig)> {
-    // A port taken or an address not of this host: retrying cannot help (exit 2).
-    let listener = tokio::net::TcpListener::bind(listen)
+) -> Result<(
+    capsnet_coordinator::Listener,
+    capsnet_coordinator::ReducerConfig,
+)> {
+    // A port taken, an address not of this host, a socket path in use: retrying cannot help
+    // (exit 2).
+    let listener = capsnet_coordinator::Listener::bind(listen)
         .await
-        .map_err(|e| ConfigError(format!("reducer address {listen}: {e}")))?;
-    let local = listener.local_addr()?;
-    let advertise = advertised(advertise, local, base.tls.is_some())?;
+        .map_err(|e| ConfigError(format!("reducer {e}")))?;
+    let local = listener.local()?;
+    let advertise = advertised(advertise, &local, base.tls.is_some())?;
     if let Some(f) = ready_file {
         capsnet_core::checkpoint::write_atomic(f, advertise.as_bytes())?;
     }
@@ -588,10 +601,14 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
         )
         .await?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stop_tx = std::sync::Arc::new(stop_tx);
         let signal = shutdown_signal();
-        let stopper = tokio::spawn(async move {
-            signal.await;
-            let _ = stop_tx.send(true);
+        let stopper = tokio::spawn({
+            let stop_tx = stop_tx.clone();
+            async move {
+                signal.await;
+                let _ = stop_tx.send(true);
+            }
         });
         let on_stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
@@ -603,7 +620,15 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
         ));
         let out = capsnet_worker::run(cfg, on_stop(stop_rx)).await;
         // The worker is done (training over, or stopped): the reducer ends with the
-        // coordinator's word that training is over, or with the stop signal.
+        // coordinator's word that training is over, or with the stop signal. A worker that
+        // failed stops its reducer too: the process exits with the error (and is restarted
+        // whole) instead of serving on without its worker.
+        if out.is_err() {
+            let _ = stop_tx.send(true);
+            let _ = reducer.await;
+            stopper.abort();
+            return anyhow::Ok(out?);
+        }
         let reduced = reducer.await.context("the reducer task")?;
         stopper.abort();
         if let Err(e) = reduced {

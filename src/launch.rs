@@ -3,7 +3,8 @@
 //! processes whose output is prefixed (`[worker-0] ...`) and interleaved with the coordinator's
 //! (`[coordinator] ...`). Ctrl-c or SIGTERM stops them all (the coordinator checkpoints first);
 //! the exit status says whether training finished. With `--reducers R` the first R workers
-//! also serve a reducer each (co-located, `capsnet worker --serve-reducer`).
+//! also serve a reducer each (co-located, `capsnet worker --serve-reducer`), on a unix socket
+//! in a private temporary folder by default (`--reducer-transport tcp`: a loopback port).
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -28,8 +29,18 @@ pub struct LaunchArgs {
     /// `capsnet worker --no-overlap`).
     #[arg(long)]
     no_overlap: bool,
+    /// How the workers reach the reducers they serve (--reducers): unix sockets (every
+    /// process is on this machine: no TCP/IP stack) or loopback TCP ports.
+    #[arg(long, value_enum, default_value_t = ReducerTransport::Unix)]
+    reducer_transport: ReducerTransport,
     #[command(flatten)]
     coordinator: CoordinatorArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReducerTransport {
+    Unix,
+    Tcp,
 }
 
 /// 32 hex characters from the kernel's random source.
@@ -121,6 +132,23 @@ pub fn run(a: LaunchArgs) -> Result<()> {
         .map(|n| n.get())
         .unwrap_or(1);
     let threads = (cores / a.workers).max(1);
+    // The reducers' sockets: in a folder only this user can enter, removed at the end.
+    let sockets = match (args.reducers > 0, a.reducer_transport) {
+        (true, ReducerTransport::Unix) => Some(
+            tempfile::Builder::new()
+                .prefix("capsnet-launch-")
+                .tempdir()
+                .context("making a folder for the reducers' unix sockets")?,
+        ),
+        _ => None,
+    };
+    let serve_at = |i: usize| match &sockets {
+        Some(dir) => format!(
+            "unix:{}",
+            dir.path().join(format!("reducer-{i}.sock")).display()
+        ),
+        None => "127.0.0.1:0".to_string(),
+    };
     runtime()?.block_on(async {
         // Handlers first: a signal from here on stops the coordinator (after its checkpoint)
         // and then the workers, never the process alone with its workers left behind.
@@ -143,10 +171,10 @@ pub fn run(a: LaunchArgs) -> Result<()> {
                 .args(["worker", "--coordinator", &url, "--rank", &i.to_string(), "--name", &name])
                 .args(["--threads", &threads.to_string()])
                 .args(a.no_overlap.then_some("--no-overlap"))
-                // With --reducers R, the first R workers each serve one on a loopback port.
+                // With --reducers R, the first R workers each serve one.
                 .args(
                     (i < args.reducers)
-                        .then_some(["--serve-reducer", "127.0.0.1:0"])
+                        .then(|| ["--serve-reducer".to_string(), serve_at(i)])
                         .into_iter()
                         .flatten(),
                 )

@@ -452,31 +452,33 @@ fn bench_sync_times_rounds_and_writes_json() {
         args.extend(bad);
         config_error(&capsnet(&args), says);
     }
-    let settings: Vec<(u64, &str, u64, &str)> = rows
+    let settings: Vec<(u64, &str, &str, u64, &str)> = rows
         .iter()
         .map(|r| {
             (
                 r["workers"].as_u64().unwrap(),
                 r["layout"].as_str().unwrap(),
+                r["transport"].as_str().unwrap(),
                 r["reducers"].as_u64().unwrap(),
                 r["wire"].as_str().unwrap(),
             )
         })
         .collect();
-    // Both layouts by default: through the coordinator, and a reducer in every worker.
-    assert_eq!(
-        settings,
-        [
-            (1, "coordinator", 0, "f32"),
-            (1, "coordinator", 0, "bf16"),
-            (1, "colocated", 1, "f32"),
-            (1, "colocated", 1, "bf16"),
-            (2, "coordinator", 0, "f32"),
-            (2, "coordinator", 0, "bf16"),
-            (2, "colocated", 2, "f32"),
-            (2, "colocated", 2, "bf16"),
-        ]
-    );
+    // Every layout by default: through the coordinator, and a reducer in every worker reached
+    // over loopback TCP and over unix sockets.
+    let mut expected = vec![];
+    for n in [1, 2] {
+        for (layout, transport, reducers) in [
+            ("coordinator", "tcp", 0),
+            ("colocated", "tcp", n),
+            ("colocated", "unix", n),
+        ] {
+            for wire in ["f32", "bf16"] {
+                expected.push((n, layout, transport, reducers, wire));
+            }
+        }
+    }
+    assert_eq!(settings, expected);
     // The printed table: one row per setting (workers, layout, wire, median, min, max, MB/s
     // per worker, MB/s coordinator or "-", peak MiB), with the JSON's timings, in order.
     let table: Vec<Vec<&str>> = t
@@ -487,13 +489,13 @@ fn bench_sync_times_rounds_and_writes_json() {
     assert_eq!(table.len(), rows.len(), "{t}");
     for (row, r) in table.iter().zip(&rows) {
         let (workers, wire) = (r["workers"].as_u64().unwrap(), r["wire"].as_str().unwrap());
+        let label = match r["transport"].as_str().unwrap() {
+            "unix" => format!("{}-unix", r["layout"].as_str().unwrap()),
+            _ => r["layout"].as_str().unwrap().to_string(),
+        };
         assert_eq!(
             (row[0], row[1], row[2]),
-            (
-                workers.to_string().as_str(),
-                r["layout"].as_str().unwrap(),
-                wire
-            ),
+            (workers.to_string().as_str(), label.as_str(), wire),
             "{t}"
         );
         // With reducers the coordinator moves no tensors.

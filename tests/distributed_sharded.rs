@@ -807,3 +807,28 @@ fn reducers_serve_their_metrics_alone_and_beside_their_worker() {
     coord.signal(libc::SIGTERM);
     coord.expect_success(Duration::from_secs(30));
 }
+
+/// A worker that serves a reducer and fails (here: its data set is not the coordinator's)
+/// exits with its error, its reducer stopped and its unix socket removed, instead of serving
+/// on without its worker (before, the process waited for the end of a run it could no longer
+/// take part in).
+#[test]
+fn a_worker_that_fails_stops_the_reducer_it_serves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let d = synthetic(t, 64);
+    let other = t.join("other");
+    capsnet_core::data::write_synthetic(&other, 32, 16, 28, 10, 3).unwrap();
+    let args = ["--batch-size", "4", "--max-steps", "100", "--reducers", "1"];
+    let (mut coord, url) = tiny_coordinator(t, "coordinator", &d, &t.join("run"), &args);
+    let socket = t.join("reducer.sock");
+    let serve = format!("unix:{}", socket.display());
+    let mut w = worker(t, &url, 0, &other, &["--serve-reducer", &serve]);
+    let status = w.wait(Duration::from_secs(60));
+    let log = w.log_text();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("training images"), "{log}");
+    assert!(!socket.exists(), "the socket file was left behind\n{log}");
+    coord.signal(libc::SIGTERM);
+    coord.wait(Duration::from_secs(30));
+}

@@ -28,6 +28,9 @@ pub struct SyncSettings {
     pub chunk_bytes: usize,
     /// Reducers served in the first workers (0: the coordinator reduces everything).
     pub reducers: usize,
+    /// The reducers serve unix sockets instead of loopback TCP ports (as `capsnet launch`
+    /// has them).
+    pub unix: bool,
 }
 
 /// The result of one setting.
@@ -38,6 +41,8 @@ pub struct SyncRow {
     pub reducers: usize,
     /// "coordinator", "colocated" (a reducer in every worker) or "sharded" (in some).
     pub layout: &'static str,
+    /// How workers reach the reducers: "tcp" (loopback) or "unix" (sockets).
+    pub transport: &'static str,
     pub wire: &'static str,
     pub floats: usize,
     pub median_ms: f64,
@@ -219,26 +224,33 @@ async fn synthetic_worker(url: String, token: String, rank: usize, spans: Spans)
     }
 }
 
-/// Binds a loopback port for the reducer of synthetic worker `rank` and returns it serving
-/// there until the coordinator says training is over, its bulk RPCs also in `local`. It
-/// reduces on `threads` threads: the worker's share of the cores, as `capsnet launch` gives
-/// each worker (`--threads`, which its reducer uses too).
+/// Binds a loopback port (or the unix socket `socket`) for the reducer of synthetic worker
+/// `rank` and returns it serving there until the coordinator says training is over, its bulk
+/// RPCs also in `local`. It reduces on `threads` threads: the worker's share of the cores, as
+/// `capsnet launch` gives each worker (`--threads`, which its reducer uses too).
 async fn co_located_reducer(
     url: &str,
     token: &str,
     rank: usize,
     threads: usize,
     local: capsnet_proto::frame::LocalReducer,
+    socket: Option<std::path::PathBuf>,
 ) -> Result<impl Future<Output = Result<()>> + Send + 'static> {
-    let io = |what| move |source| BenchError::Io { what, source };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(io("binding a loopback port"))?;
-    let address = listener.local_addr().map_err(io("reading the port"))?;
+    let at = match &socket {
+        Some(p) => format!("{}{}", capsnet_coordinator::UNIX_PREFIX, p.display()),
+        None => "127.0.0.1:0".to_string(),
+    };
+    let listener = capsnet_coordinator::Listener::bind(&at).await?;
+    let address = listener.local()?;
+    let advertise = if listener.is_unix() {
+        address
+    } else {
+        format!("http://{address}")
+    };
     let cfg = capsnet_coordinator::ReducerConfig {
         coordinator: url.to_string(),
         token: token.to_string().into(),
-        advertise: format!("http://{address}"),
+        advertise,
         name: format!("reducer-{rank}"),
         threads,
         tls: None,
@@ -349,6 +361,7 @@ pub fn measure(s: &SyncSettings) -> Result<SyncRow> {
             let (url, token, spans) = (url.clone(), token.clone(), spans.clone());
             let sharded = s.reducers > 0;
             let reducer = rank < s.reducers;
+            let socket = s.unix.then(|| tmp.join(format!("reducer-{rank}.sock")));
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("synthetic-{rank}"))
@@ -373,8 +386,15 @@ pub fn measure(s: &SyncSettings) -> Result<SyncRow> {
                             let local = reducer.then(capsnet_proto::frame::LocalReducer::default);
                             let served = match &local {
                                 Some(slot) => Some(tokio::spawn(
-                                    co_located_reducer(&url, &token, rank, share, slot.clone())
-                                        .await?,
+                                    co_located_reducer(
+                                        &url,
+                                        &token,
+                                        rank,
+                                        share,
+                                        slot.clone(),
+                                        socket,
+                                    )
+                                    .await?,
                                 )),
                                 None => None,
                             };
@@ -442,6 +462,10 @@ pub fn measure(s: &SyncSettings) -> Result<SyncRow> {
             0 => "coordinator",
             r if r == workers => "colocated",
             _ => "sharded",
+        },
+        transport: match (s.reducers, s.unix) {
+            (0, _) | (_, false) => "tcp",
+            (_, true) => "unix",
         },
         wire: if wire == Encoding::Bf16 {
             "bf16"

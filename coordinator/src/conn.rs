@@ -1,8 +1,9 @@
 //! Accepted connections, bounded before a byte of them is read (anyone who can reach the port
 //! gets this far, token or not):
 //!
-//! - at most `--max-connections` at once, and `--max-connections-per-ip` from one address;
-//!   more are closed as soon as they are accepted (the peer sees a reset and retries);
+//! - at most `--max-connections` at once, and `--max-connections-per-ip` from one address
+//!   (connections to a unix socket, from processes of this machine, count only against the
+//!   first); more are closed as soon as they are accepted (the peer sees a reset and retries);
 //! - each must send its first request within [`FIRST_REQUEST_WITHIN`] of being accepted (its
 //!   TLS handshake, HTTP/2 preface and request headers included), or it is closed; after that,
 //!   HTTP/2 keepalive pings close a peer that stops answering;
@@ -21,7 +22,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 use tonic::server::NamedService;
 use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
 
@@ -38,6 +39,8 @@ struct Table {
     per_ip: HashMap<IpAddr, usize>,
     /// Whether each open connection has sent a request.
     spoke: HashMap<SocketAddr, Arc<AtomicBool>>,
+    /// The key of the last connection to the unix socket (see [`Conns::admit_unix`]).
+    unix_key: u16,
     refused: u64,
     logged: Option<Instant>,
 }
@@ -71,10 +74,40 @@ impl Conns {
     /// Takes an accepted connection in, or closes it (None) when a limit is reached.
     pub fn admit(&self, stream: TcpStream) -> Option<Conn> {
         let peer = stream.peer_addr().ok()?;
+        let local = stream.local_addr().ok();
+        self.admit_as(Stream::Tcp(stream), peer, local, true)
+    }
+
+    /// Takes a connection to the unix socket in, or closes it (None) at `--max-connections`.
+    /// Such a peer has no address: it is known by one of `0.0.0.0`, which no TCP peer has,
+    /// and a port not taken by another open one (the per-address limit does not apply).
+    pub fn admit_unix(&self, stream: UnixStream) -> Option<Conn> {
+        let peer = {
+            let mut t = self.table.lock().ok()?;
+            let free = (1..=u16::MAX)
+                .map(|i| t.unix_key.wrapping_add(i))
+                .find(|&k| k != 0 && !t.spoke.contains_key(&SocketAddr::from(([0, 0, 0, 0], k))))?;
+            t.unix_key = free;
+            SocketAddr::from(([0, 0, 0, 0], free))
+        };
+        self.admit_as(Stream::Unix(stream), peer, None, false)
+    }
+
+    fn admit_as(
+        &self,
+        stream: Stream,
+        peer: SocketAddr,
+        local: Option<SocketAddr>,
+        per_ip: bool,
+    ) -> Option<Conn> {
         let spoke = Arc::new(AtomicBool::new(false));
         {
             let mut t = self.table.lock().ok()?;
-            let from_ip = t.per_ip.get(&peer.ip()).copied().unwrap_or(0);
+            let from_ip = if per_ip {
+                t.per_ip.get(&peer.ip()).copied().unwrap_or(0)
+            } else {
+                0
+            };
             if t.total >= self.max_total || from_ip >= self.max_per_ip {
                 t.refused += 1;
                 self.metrics.connections_refused.inc();
@@ -91,17 +124,24 @@ impl Conns {
                 return None;
             }
             t.total += 1;
-            *t.per_ip.entry(peer.ip()).or_default() += 1;
+            if per_ip {
+                *t.per_ip.entry(peer.ip()).or_default() += 1;
+            }
             t.spoke.insert(peer, spoke.clone());
             self.metrics.connections.set(t.total as i64);
         }
         Some(Conn {
             stream,
+            info: TcpConnectInfo {
+                local_addr: local,
+                remote_addr: Some(peer),
+            },
             spoke,
             deadline: Box::pin(tokio::time::sleep(FIRST_REQUEST_WITHIN)),
             _slot: Slot {
                 conns: self.clone(),
                 peer,
+                per_ip,
             },
             _on_close: self.liveness.on_close(peer),
         })
@@ -121,6 +161,7 @@ impl Conns {
 struct Slot {
     conns: Conns,
     peer: SocketAddr,
+    per_ip: bool,
 }
 
 impl Drop for Slot {
@@ -128,7 +169,9 @@ impl Drop for Slot {
         if let Ok(mut t) = self.conns.table.lock() {
             t.total = t.total.saturating_sub(1);
             let ip = self.peer.ip();
-            if let Some(n) = t.per_ip.get_mut(&ip) {
+            if self.per_ip
+                && let Some(n) = t.per_ip.get_mut(&ip)
+            {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
                     t.per_ip.remove(&ip);
@@ -140,9 +183,17 @@ impl Drop for Slot {
     }
 }
 
-/// An accepted TCP connection that holds its slot, must speak in time, and reports its close.
+/// An accepted stream: TCP, or a unix socket's.
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+/// An accepted connection that holds its slot, must speak in time, and reports its close.
 pub(crate) struct Conn {
-    stream: TcpStream,
+    stream: Stream,
+    /// Its addresses as the server's services see them (a unix socket's peer: its key).
+    info: TcpConnectInfo,
     spoke: Arc<AtomicBool>,
     deadline: Pin<Box<tokio::time::Sleep>>,
     _slot: Slot,
@@ -153,7 +204,7 @@ impl Connected for Conn {
     type ConnectInfo = TcpConnectInfo;
 
     fn connect_info(&self) -> TcpConnectInfo {
-        self.stream.connect_info()
+        self.info.clone()
     }
 }
 
@@ -171,7 +222,10 @@ impl AsyncRead for Conn {
                 "no request within the first 10 s",
             )));
         }
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        match &mut self.stream {
+            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
     }
 }
 
@@ -181,15 +235,24 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        match &mut self.stream {
+            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        match &mut self.stream {
+            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+        match &mut self.stream {
+            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
     }
 
     fn poll_write_vectored(
@@ -197,11 +260,17 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        match &mut self.stream {
+            Stream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        match &self.stream {
+            Stream::Tcp(s) => s.is_write_vectored(),
+            Stream::Unix(s) => s.is_write_vectored(),
+        }
     }
 }
 

@@ -110,6 +110,119 @@ fn server(timeout: Duration, tls: Option<ServerTlsConfig>) -> Result<Server> {
     Ok(builder)
 }
 
+/// Where a reducer listens: a TCP address, or a unix socket (`unix:/path`: only processes of
+/// this machine reach it, without the TCP/IP stack; capsnet launch's co-located reducers).
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix {
+        listener: tokio::net::UnixListener,
+        file: SocketFile,
+    },
+}
+
+/// A unix socket's file, removed when this is dropped (with the server's stream of
+/// connections).
+pub struct SocketFile(std::path::PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl From<TcpListener> for Listener {
+    fn from(l: TcpListener) -> Self {
+        Listener::Tcp(l)
+    }
+}
+
+/// The prefix of a unix socket's address and URL.
+pub const UNIX_PREFIX: &str = "unix:";
+
+impl Listener {
+    /// Binds `address`: `unix:/absolute/path` or `host:port`. A socket file left at that path
+    /// by a process that is gone is replaced; a live one, or a file that is no socket, is an
+    /// error.
+    pub async fn bind(address: &str) -> Result<Self> {
+        let Some(path) = address.strip_prefix(UNIX_PREFIX) else {
+            let l = TcpListener::bind(address)
+                .await
+                .map_err(|e| CoordinatorError::io(format!("address {address}"), e))?;
+            return Ok(Listener::Tcp(l));
+        };
+        let path = std::path::PathBuf::from(path);
+        if !path.is_absolute() {
+            return Err(CoordinatorError::Config(format!(
+                "{address}: a unix socket's path must be absolute (unix:/dir/name.sock)"
+            )));
+        }
+        // sun_path holds 108 bytes with the closing NUL.
+        if path.as_os_str().len() > 107 {
+            return Err(CoordinatorError::Config(format!(
+                "{address}: a unix socket's path may be at most 107 bytes long"
+            )));
+        }
+        if let Ok(meta) = std::fs::symlink_metadata(&path) {
+            use std::os::unix::fs::FileTypeExt;
+            if !meta.file_type().is_socket() {
+                return Err(CoordinatorError::Config(format!(
+                    "{address}: the file exists and is not a socket"
+                )));
+            }
+            if tokio::net::UnixStream::connect(&path).await.is_ok() {
+                return Err(CoordinatorError::Config(format!(
+                    "{address}: another process serves this socket"
+                )));
+            }
+            std::fs::remove_file(&path)
+                .map_err(|e| CoordinatorError::io(format!("removing the stale {address}"), e))?;
+        }
+        let listener = tokio::net::UnixListener::bind(&path)
+            .map_err(|e| CoordinatorError::io(format!("address {address}"), e))?;
+        Ok(Listener::Unix {
+            listener,
+            file: SocketFile(path),
+        })
+    }
+
+    /// The address it listens on: `host:port`, or `unix:/path`.
+    pub fn local(&self) -> Result<String> {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map(|a| a.to_string())
+                .map_err(|e| CoordinatorError::io("reading the listener's address", e)),
+            Listener::Unix { file, .. } => Ok(format!("{UNIX_PREFIX}{}", file.0.display())),
+        }
+    }
+
+    /// Whether it is a unix socket.
+    pub fn is_unix(&self) -> bool {
+        matches!(self, Listener::Unix { .. })
+    }
+}
+
+/// The connections accepted on `listener` (see [`incoming`]); those of a unix socket take a
+/// slot of `conns` without an address, and its file is removed once the stream is dropped.
+fn incoming_any(
+    listener: Listener,
+    conns: conn::Conns,
+) -> std::pin::Pin<Box<dyn tokio_stream::Stream<Item = std::io::Result<conn::Conn>> + Send>> {
+    match listener {
+        Listener::Tcp(l) => Box::pin(incoming(l, conns)),
+        Listener::Unix { listener, file } => {
+            let accepted = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            Box::pin(tokio_stream::StreamExt::filter_map(accepted, move |c| {
+                let _file = &file;
+                match c {
+                    Ok(s) => conns.admit_unix(s).map(Ok),
+                    Err(e) => Some(Err(e)),
+                }
+            }))
+        }
+    }
+}
+
 /// The connections accepted on `listener`: TCP_NODELAY on each (the builder's own setting only
 /// applies to listeners it binds: a round's small messages, the end of an update or a pull
 /// request, must not wait for Nagle and delayed ACKs); each takes a slot of `conns` or is

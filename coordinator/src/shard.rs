@@ -19,7 +19,6 @@ use capsnet_proto::wire::{self, Grid};
 use capsnet_proto::{RunSettings, SyncMode, pb};
 use pb::reducer_order::Order;
 use pb::reducer_report::Report;
-use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
 use crate::actor::{Msg, Progress, Published, PullReply};
@@ -906,7 +905,7 @@ impl Drop for Unset {
 /// Runs a reducer on `listener` until the coordinator says training is over (Ok, finished) or
 /// `shutdown` resolves (Ok, not finished).
 pub async fn serve_reducer(
-    listener: TcpListener,
+    listener: crate::Listener,
     cfg: ReducerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<ReducerOutcome> {
@@ -916,9 +915,18 @@ pub async fn serve_reducer(
         ));
     }
     let https = cfg.advertise.starts_with("https://");
-    if !(https || cfg.advertise.starts_with("http://")) || https != cfg.tls.is_some() {
+    let unix = cfg.advertise.starts_with(crate::UNIX_PREFIX);
+    if unix != listener.is_unix() || (unix && cfg.tls.is_some()) {
         return Err(CoordinatorError::Config(format!(
-            "--advertise {} must be an http:// URL (https:// with --tls-cert)",
+            "--advertise {}: a reducer that listens on a unix socket advertises it \
+             (unix:/path), and serves it without TLS (it does not leave the machine)",
+            cfg.advertise
+        )));
+    }
+    if !unix && (!(https || cfg.advertise.starts_with("http://")) || https != cfg.tls.is_some()) {
+        return Err(CoordinatorError::Config(format!(
+            "--advertise {} must be an http:// URL (https:// with --tls-cert, unix:/path for a \
+             unix socket)",
             cfg.advertise
         )));
     }
@@ -1028,9 +1036,7 @@ pub async fn serve_reducer(
         },
         conns: conns.clone(),
     };
-    let local = listener
-        .local_addr()
-        .map_err(|e| CoordinatorError::io("reading the listener's address", e))?;
+    let local = listener.local()?;
     tracing::info!(address = %local, advertised = %cfg.advertise, "reducer serving");
     let mut builder = crate::server(Duration::from_secs(300), tls)?;
     // Stop on the signal, when the coordinator says training is over, or when the session
@@ -1050,7 +1056,7 @@ pub async fn serve_reducer(
     });
     let served = builder
         .add_service(grpc)
-        .serve_with_incoming_shutdown(crate::incoming(listener, conns), async {
+        .serve_with_incoming_shutdown(crate::incoming_any(listener, conns), async {
             let _ = stop_rx.await;
         })
         .await;

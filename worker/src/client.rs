@@ -95,6 +95,39 @@ fn scheme_error(peer: Peer, url: &str, uri: &http::Uri, tls: bool) -> Option<Wor
     Some(WorkerError::Config(why))
 }
 
+/// The prefix of a unix socket's URL (`unix:/path`): a reducer of this machine.
+pub const UNIX_PREFIX: &str = "unix:";
+
+/// The placeholder URI of a channel over a unix socket (requests need an authority).
+const UNIX_ORIGIN: &str = "http://localhost";
+
+/// Dials the unix socket at its path, whatever the URI (the channel's is [`UNIX_ORIGIN`]).
+#[derive(Clone)]
+struct UnixConnector(PathBuf);
+
+impl tower_service::Service<http::Uri> for UnixConnector {
+    type Response = hyper_util::rt::TokioIo<tokio::net::UnixStream>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Uri) -> Self::Future {
+        let path = self.0.clone();
+        Box::pin(async move {
+            let s = tokio::net::UnixStream::connect(&path).await?;
+            Ok(hyper_util::rt::TokioIo::new(s))
+        })
+    }
+}
+
 impl Client {
     /// A client of the coordinator at `url`.
     pub async fn connect(url: &str, token: &str, tls: Option<&ClientTls>) -> Result<Self> {
@@ -103,25 +136,62 @@ impl Client {
 
     /// A client of `peer` at `url`. A URL of the other scheme than `tls` asks for is a
     /// configuration error; before a plaintext connection carries the token, the server must
-    /// answer HTTP/2 in clear.
+    /// answer HTTP/2 in clear. A reducer's `unix:/path` is dialed as a unix socket of this
+    /// machine, without TLS whatever `tls` says (nothing leaves the machine; who may connect
+    /// is the socket file's permissions' and the token's to say).
     pub async fn connect_to(
         peer: Peer,
         url: &str,
         token: &str,
         tls: Option<&ClientTls>,
     ) -> Result<Self> {
-        let mut ep = Endpoint::from_shared(url.to_string())
-            .map_err(|source| WorkerError::Address {
-                url: url.to_string(),
-                source,
-            })?
-            .connect_timeout(Duration::from_secs(5))
-            .initial_stream_window_size(Some(16 << 20))
-            .initial_connection_window_size(Some(32 << 20))
-            .max_frame_size(Some(2 << 20))
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(20));
+        let unix = match url.strip_prefix(UNIX_PREFIX) {
+            Some(path) if peer == Peer::Reducer && path.starts_with('/') => {
+                Some(PathBuf::from(path))
+            }
+            Some(_) => {
+                return Err(WorkerError::Config(format!(
+                    "{url}: only a reducer may be reached over a unix socket, at an absolute \
+                     path (unix:/dir/name.sock)"
+                )));
+            }
+            None => None,
+        };
+        let mut ep = Endpoint::from_shared(if unix.is_some() {
+            UNIX_ORIGIN.to_string()
+        } else {
+            url.to_string()
+        })
+        .map_err(|source| WorkerError::Address {
+            url: url.to_string(),
+            source,
+        })?
+        .connect_timeout(Duration::from_secs(5))
+        .initial_stream_window_size(Some(16 << 20))
+        .initial_connection_window_size(Some(32 << 20))
+        .max_frame_size(Some(2 << 20))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20));
         let uri = ep.uri().clone();
+        let value: MetadataValue<_> = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| WorkerError::TokenNotAscii)?;
+        if let Some(path) = unix {
+            let channel = ep
+                .connect_with_connector(UnixConnector(path))
+                .await
+                .map_err(|e| {
+                    WorkerError::Rpc(Status::unavailable(format!("{url}: {}", error_chain(&e))))
+                })?;
+            return Ok(Client {
+                rpc: CoordinatorClient::with_interceptor(channel.clone(), Auth(value.clone()))
+                    .max_decoding_message_size(MAX_MESSAGE),
+                channel,
+                local: None,
+                origin: UNIX_ORIGIN.to_string(),
+                authorization: value,
+            });
+        }
         if let Some(e) = scheme_error(peer, url, &uri, tls.is_some()) {
             return Err(e);
         }
@@ -150,9 +220,6 @@ impl Client {
             .connect()
             .await
             .map_err(|e| WorkerError::Rpc(Status::unavailable(error_chain(&e))))?;
-        let value: MetadataValue<_> = format!("Bearer {token}")
-            .parse()
-            .map_err(|_| WorkerError::TokenNotAscii)?;
         let origin = format!(
             "{}://{}",
             uri.scheme_str().unwrap_or("http"),
@@ -173,7 +240,11 @@ impl Client {
     /// channel for the small RPCs ([`Client::rpc`]) would dial the advertised URL lazily,
     /// without TLS or the plaintext check of [`Client::connect`], so nothing calls them.
     pub fn local(local: InProcess, token: &str) -> Result<Self> {
-        let url = local.url.clone();
+        let url = if local.url.starts_with(UNIX_PREFIX) {
+            UNIX_ORIGIN.to_string()
+        } else {
+            local.url.clone()
+        };
         let ep = Endpoint::from_shared(url.clone())
             .map_err(|source| WorkerError::Address { url, source })?;
         let uri = ep.uri().clone();

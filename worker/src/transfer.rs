@@ -152,11 +152,12 @@ impl Layout {
                 "its reducers' spans do not tile the grid of {chunks} chunks"
             )));
         }
-        if let Some((a, _)) = owners
-            .iter()
-            .find(|(a, _)| !(a.starts_with("http://") || a.starts_with("https://")))
-        {
-            return Err(bad(format!("reducer address {a:?} is not an http(s) URL")));
+        if let Some((a, _)) = owners.iter().find(|(a, _)| {
+            !(a.starts_with("http://") || a.starts_with("https://") || a.starts_with("unix:/"))
+        }) {
+            return Err(bad(format!(
+                "reducer address {a:?} is not an http(s):// or unix:/ URL"
+            )));
         }
         Ok(Layout {
             id: order.layout,

@@ -227,9 +227,10 @@ impl Shards {
     }
 }
 
-/// A URL a worker can dial: http(s)://host:port, printable, short.
+/// A URL a worker can dial: http(s)://host:port or unix:/path (workers of the reducer's
+/// machine), printable, short.
 fn valid_address(a: &str) -> bool {
-    (a.starts_with("http://") || a.starts_with("https://"))
+    (a.starts_with("http://") || a.starts_with("https://") || a.starts_with("unix:/"))
         && a.len() <= 256
         && a.chars().all(|c| c.is_ascii_graphic())
 }
@@ -261,7 +262,7 @@ impl Actor {
         };
         if !valid_address(&hello.address) {
             return Err(CoordinatorError::InvalidArgument(format!(
-                "a reducer must advertise an http:// or https:// URL (at most 256 characters), \
+                "a reducer must advertise an http://, https:// or unix:/ URL (at most 256 characters), \
                  not {:?}",
                 hello.address
             )));
