@@ -639,7 +639,19 @@ fn launch_serves_reducers_in_its_workers() {
     let text = output_text(&out);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("every reducer has its span"), "{text}");
+    // On unix sockets by default, in a folder removed at the end.
+    let socket = text
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("address=unix:"))
+        .unwrap_or_else(|| panic!("no reducer on a unix socket:\n{text}"));
+    let folder = Path::new(socket).parent().unwrap();
+    assert!(!folder.exists(), "{} is left behind", folder.display());
     same_checkpoints(&one, &sharded, 4, "launch --reducers 2");
+    let (tcp, out) = launch("tcp", &["--reducers", "2", "--reducer-transport", "tcp"]);
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("address=http://127.0.0.1:"), "{text}");
+    same_checkpoints(&one, &tcp, 4, "launch --reducers 2 --reducer-transport tcp");
 
     let (_, out) = launch("refused", &["--reducers", "3"]);
     let text = output_text(&out);

@@ -171,7 +171,7 @@ impl Listener {
             }
             if tokio::net::UnixStream::connect(&path).await.is_ok() {
                 return Err(CoordinatorError::Config(format!(
-                    "{address}: another process serves this socket"
+                    "{address}: a server listens on this socket already"
                 )));
             }
             std::fs::remove_file(&path)
@@ -427,4 +427,41 @@ pub async fn serve(
         })?
         .map_err(|_| CoordinatorError::Panicked("the round thread"))?;
     Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    /// `unix:` addresses: absolute, short enough, not a file that is no socket, not a socket
+    /// served already; a stale socket file is replaced, and the file goes with the listener.
+    #[tokio::test]
+    async fn a_unix_socket_address_is_checked_and_its_file_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = |r: Result<Listener>| r.err().map(|e| e.to_string()).unwrap_or_default();
+        let e = err(Listener::bind("unix:relative.sock").await);
+        assert!(e.contains("must be absolute"), "{e}");
+        let e = err(Listener::bind(&format!("unix:/{}", "a".repeat(120))).await);
+        assert!(e.contains("at most 107 bytes"), "{e}");
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, b"x").unwrap();
+        let e = err(Listener::bind(&format!("unix:{}", plain.display())).await);
+        assert!(e.contains("not a socket"), "{e}");
+        assert_eq!(std::fs::read(&plain).unwrap(), b"x");
+        let path = dir.path().join("r.sock");
+        let address = format!("unix:{}", path.display());
+        let l = Listener::bind(&address).await.unwrap();
+        assert!(l.is_unix());
+        assert_eq!(l.local().unwrap(), address);
+        let e = err(Listener::bind(&address).await);
+        assert!(e.contains("listens on this socket already"), "{e}");
+        drop(l);
+        assert!(!path.exists());
+        // A socket file whose server is gone (std's listener leaves its file behind).
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        let l = Listener::bind(&address).await.unwrap();
+        assert_eq!(l.local().unwrap(), address);
+    }
 }

@@ -389,6 +389,31 @@ async fn check_plaintext(peer: Peer, url: &str, uri: &http::Uri) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// Only a reducer is reached over a unix socket, at an absolute path; one where nothing
+    /// listens is unavailable, and the error names the URL.
+    #[tokio::test]
+    async fn a_unix_socket_url_is_for_reducers_at_absolute_paths() {
+        let config = |peer, url: &str| {
+            let r = futures_util::FutureExt::now_or_never(Client::connect_to(peer, url, "t", None));
+            match r {
+                Some(Err(e)) => (e.is_config(), e.to_string()),
+                _ => (false, String::new()),
+            }
+        };
+        let (is, e) = config(Peer::Coordinator, "unix:/run/c.sock");
+        assert!(is && e.contains("only a reducer"), "{e}");
+        let (is, e) = config(Peer::Reducer, "unix:run/r.sock");
+        assert!(is && e.contains("absolute path"), "{e}");
+        let dir = std::env::temp_dir().join(format!("capsnet-client-test-{}", std::process::id()));
+        let url = format!("unix:{}/nobody.sock", dir.display());
+        let Err(WorkerError::Rpc(s)) = Client::connect_to(Peer::Reducer, &url, "t", None).await
+        else {
+            panic!("{url} connected");
+        };
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert!(s.message().contains(&url), "{s}");
+    }
+
     /// A worker reaches every peer over TLS exactly when it has `--tls-ca`: a URL of the other
     /// scheme is a configuration error (exit 2) that names the peer and what to set.
     #[test]
