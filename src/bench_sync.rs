@@ -12,8 +12,10 @@ use crate::exit::ConfigError;
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SyncLayout {
-    /// The coordinator reduces every range.
+    /// The coordinator reduces every range, reached over loopback TCP.
     Coordinator,
+    /// The same over a unix socket (as `capsnet launch` serves it).
+    CoordinatorUnix,
     /// Each worker serves a reducer of its share of the ranges, on a loopback TCP port.
     Colocated,
     /// The same on unix sockets (as `capsnet launch --reducers N` serves them).
@@ -38,13 +40,13 @@ pub struct BenchSyncArgs {
     #[arg(long, value_enum, default_value = "paper")]
     model: ModelSize,
     /// Who reduces: the coordinator, or a reducer served in each worker (co-located; each
-    /// worker's own span in process) reached over loopback TCP or over unix sockets (as
-    /// `capsnet launch --reducers N` runs them).
+    /// worker's own span in process); reached over loopback TCP, or over unix sockets (-unix,
+    /// as `capsnet launch` runs them).
     #[arg(
         long,
         value_delimiter = ',',
         value_enum,
-        default_value = "coordinator,colocated,colocated-unix"
+        default_value = "coordinator,coordinator-unix,colocated,colocated-unix"
     )]
     layout: Vec<SyncLayout>,
     /// Chunk size in bytes (default: 1 MiB through the coordinator, 256 KiB with reducers, as
@@ -83,7 +85,7 @@ pub fn run(a: BenchSyncArgs) -> Result<()> {
         "round = every worker pushes its update, the coordinator (or the reducer of each span) averages and applies Adam, every worker pulls the result"
     );
     println!(
-        "layouts: coordinator = every byte through the coordinator; colocated = a reducer in each worker, each worker's own span in process, the others over loopback TCP (-unix: over unix sockets)"
+        "layouts: coordinator = every byte through the coordinator; colocated = a reducer in each worker, each worker's own span in process; over loopback TCP, or over unix sockets (-unix)"
     );
     let floats = capsnet_core::ParamLayout::for_config(&model).total();
     println!("machine: {}", capsnet_core::bench::machine_summary());
@@ -109,10 +111,11 @@ pub fn run(a: BenchSyncArgs) -> Result<()> {
     for &n in &a.workers {
         for &layout in &a.layout {
             for &w in &a.wire {
-                let reducers = if layout == SyncLayout::Coordinator {
-                    0
-                } else {
-                    n
+                let (reducers, unix) = match layout {
+                    SyncLayout::Coordinator => (0, false),
+                    SyncLayout::CoordinatorUnix => (0, true),
+                    SyncLayout::Colocated => (n, false),
+                    SyncLayout::ColocatedUnix => (n, true),
                 };
                 let chunk_bytes = a.chunk_bytes.unwrap_or(if reducers > 0 {
                     capsnet_proto::wire::SHARDED_CHUNK_BYTES
@@ -127,7 +130,7 @@ pub fn run(a: BenchSyncArgs) -> Result<()> {
                     model: model.clone(),
                     chunk_bytes,
                     reducers,
-                    unix: layout == SyncLayout::ColocatedUnix,
+                    unix,
                 })?;
                 let label = match r.transport {
                     "unix" => format!("{}-unix", r.layout),

@@ -476,7 +476,7 @@ impl CoordinatorArgs {
 /// Serves a coordinator on `listener` until training is over or `stop` resolves; prints how
 /// the run ended, each line after `prefix`. `launch` runs it too, beside its worker processes.
 pub async fn serve_coordinator(
-    listener: tokio::net::TcpListener,
+    listener: impl Into<capsnet_coordinator::Listener>,
     cfg: capsnet_coordinator::CoordinatorConfig,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
     prefix: &str,

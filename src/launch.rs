@@ -1,10 +1,12 @@
 //! `capsnet launch --workers N`: a coordinator and N workers on this machine. The coordinator
-//! runs in this process on a free loopback port with a generated token; the workers are child
+//! runs in this process (on a unix socket, or a free loopback port with `--transport tcp`)
+//! with a generated token; the workers are child
 //! processes whose output is prefixed (`[worker-0] ...`) and interleaved with the coordinator's
 //! (`[coordinator] ...`). Ctrl-c or SIGTERM stops them all (the coordinator checkpoints first);
 //! the exit status says whether training finished. With `--reducers R` the first R workers
-//! also serve a reducer each (co-located, `capsnet worker --serve-reducer`), on a unix socket
-//! in a private temporary folder by default (`--reducer-transport tcp`: a loopback port).
+//! also serve a reducer each (co-located, `capsnet worker --serve-reducer`). The coordinator
+//! and the reducers serve unix sockets in a private temporary folder (`--transport tcp`:
+//! loopback ports).
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -29,16 +31,16 @@ pub struct LaunchArgs {
     /// `capsnet worker --no-overlap`).
     #[arg(long)]
     no_overlap: bool,
-    /// How the workers reach the reducers they serve (--reducers): unix sockets (every
-    /// process is on this machine: no TCP/IP stack) or loopback TCP ports.
-    #[arg(long, value_enum, default_value_t = ReducerTransport::Unix)]
-    reducer_transport: ReducerTransport,
+    /// How the workers reach the coordinator and the reducers they serve (--reducers): unix
+    /// sockets (every process is on this machine: no TCP/IP stack) or loopback TCP ports.
+    #[arg(long, value_enum, default_value_t = Transport::Unix)]
+    transport: Transport,
     #[command(flatten)]
     coordinator: CoordinatorArgs,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum ReducerTransport {
+pub enum Transport {
     Unix,
     Tcp,
 }
@@ -132,15 +134,15 @@ pub fn run(a: LaunchArgs) -> Result<()> {
         .map(|n| n.get())
         .unwrap_or(1);
     let threads = (cores / a.workers).max(1);
-    // The reducers' sockets: in a folder only this user can enter, removed at the end.
-    let sockets = match (args.reducers > 0, a.reducer_transport) {
-        (true, ReducerTransport::Unix) => Some(
+    // The sockets: in a folder only this user can enter, removed at the end.
+    let sockets = match a.transport {
+        Transport::Unix => Some(
             tempfile::Builder::new()
                 .prefix("capsnet-launch-")
                 .tempdir()
-                .context("making a folder for the reducers' unix sockets")?,
+                .context("making a folder for the unix sockets")?,
         ),
-        _ => None,
+        Transport::Tcp => None,
     };
     let serve_at = |i: usize| match &sockets {
         Some(dir) => format!(
@@ -153,10 +155,22 @@ pub fn run(a: LaunchArgs) -> Result<()> {
         // Handlers first: a signal from here on stops the coordinator (after its checkpoint)
         // and then the workers, never the process alone with its workers left behind.
         let signal = shutdown_signal();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .context("binding a loopback port for the coordinator")?;
-        let url = format!("http://{}", listener.local_addr()?);
+        let (listener, url) = match &sockets {
+            Some(dir) => {
+                let at = format!("unix:{}", dir.path().join("coordinator.sock").display());
+                let l = capsnet_coordinator::Listener::bind(&at)
+                    .await
+                    .context("binding the coordinator's unix socket")?;
+                (l, at)
+            }
+            None => {
+                let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .context("binding a loopback port for the coordinator")?;
+                let url = format!("http://{}", l.local_addr()?);
+                (l.into(), url)
+            }
+        };
         let coordinator = tokio::spawn(async move {
             serve_coordinator(listener, cfg, signal, COORDINATOR_PREFIX).await
         });

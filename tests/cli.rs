@@ -464,12 +464,13 @@ fn bench_sync_times_rounds_and_writes_json() {
             )
         })
         .collect();
-    // Every layout by default: through the coordinator, and a reducer in every worker reached
+    // Every layout by default: through the coordinator, and a reducer in every worker; each
     // over loopback TCP and over unix sockets.
     let mut expected = vec![];
     for n in [1, 2] {
         for (layout, transport, reducers) in [
             ("coordinator", "tcp", 0),
+            ("coordinator", "unix", 0),
             ("colocated", "tcp", n),
             ("colocated", "unix", n),
         ] {

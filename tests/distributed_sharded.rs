@@ -647,11 +647,11 @@ fn launch_serves_reducers_in_its_workers() {
     let folder = Path::new(socket).parent().unwrap();
     assert!(!folder.exists(), "{} is left behind", folder.display());
     same_checkpoints(&one, &sharded, 4, "launch --reducers 2");
-    let (tcp, out) = launch("tcp", &["--reducers", "2", "--reducer-transport", "tcp"]);
+    let (tcp, out) = launch("tcp", &["--reducers", "2", "--transport", "tcp"]);
     let text = output_text(&out);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("address=http://127.0.0.1:"), "{text}");
-    same_checkpoints(&one, &tcp, 4, "launch --reducers 2 --reducer-transport tcp");
+    same_checkpoints(&one, &tcp, 4, "launch --reducers 2 --transport tcp");
 
     let (_, out) = launch("refused", &["--reducers", "3"]);
     let text = output_text(&out);

@@ -28,8 +28,8 @@ pub struct SyncSettings {
     pub chunk_bytes: usize,
     /// Reducers served in the first workers (0: the coordinator reduces everything).
     pub reducers: usize,
-    /// The reducers serve unix sockets instead of loopback TCP ports (as `capsnet launch`
-    /// has them).
+    /// The coordinator and the reducers serve unix sockets instead of loopback TCP ports (as
+    /// `capsnet launch` has them).
     pub unix: bool,
 }
 
@@ -337,13 +337,20 @@ pub fn measure(s: &SyncSettings) -> Result<SyncRow> {
         })?;
     rt.block_on(async {
         let io = |what| move |source| BenchError::Io { what, source };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(io("binding a loopback port"))?;
-        let url = format!(
-            "http://{}",
-            listener.local_addr().map_err(io("reading the port"))?
-        );
+        let (listener, url) = if s.unix {
+            let at = format!(
+                "{}{}",
+                capsnet_coordinator::UNIX_PREFIX,
+                tmp.join("coordinator.sock").display()
+            );
+            (capsnet_coordinator::Listener::bind(&at).await?, at)
+        } else {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .map_err(io("binding a loopback port"))?;
+            let url = format!("http://{}", l.local_addr().map_err(io("reading the port"))?);
+            (l.into(), url)
+        };
         let server = tokio::spawn(capsnet_coordinator::serve(
             listener,
             cfg,
@@ -463,9 +470,9 @@ pub fn measure(s: &SyncSettings) -> Result<SyncRow> {
             r if r == workers => "colocated",
             _ => "sharded",
         },
-        transport: match (s.reducers, s.unix) {
-            (0, _) | (_, false) => "tcp",
-            (_, true) => "unix",
+        transport: match s.unix {
+            false => "tcp",
+            true => "unix",
         },
         wire: if wire == Encoding::Bf16 {
             "bf16"

@@ -110,8 +110,8 @@ fn server(timeout: Duration, tls: Option<ServerTlsConfig>) -> Result<Server> {
     Ok(builder)
 }
 
-/// Where a reducer listens: a TCP address, or a unix socket (`unix:/path`: only processes of
-/// this machine reach it, without the TCP/IP stack; capsnet launch's co-located reducers).
+/// Where a coordinator or reducer listens: a TCP address, or a unix socket (`unix:/path`: only
+/// processes of this machine reach it, without the TCP/IP stack; capsnet launch's).
 pub enum Listener {
     Tcp(TcpListener),
     Unix {
@@ -136,8 +136,7 @@ impl From<TcpListener> for Listener {
     }
 }
 
-/// The prefix of a unix socket's address and URL.
-pub const UNIX_PREFIX: &str = "unix:";
+pub use capsnet_proto::unix::UNIX_PREFIX;
 
 impl Listener {
     /// Binds `address`: `unix:/absolute/path` or `host:port`. A socket file left at that path
@@ -244,11 +243,18 @@ fn incoming(
 /// Serves until training is finished (then exits after workers had time to hear it) or until
 /// `shutdown` resolves (then writes a checkpoint first). Returns how the run ended.
 pub async fn serve(
-    listener: TcpListener,
+    listener: impl Into<Listener>,
     cfg: CoordinatorConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Outcome> {
     cfg.validate()?;
+    let listener = listener.into();
+    if listener.is_unix() && cfg.tls.is_some() {
+        return Err(CoordinatorError::Config(
+            "a coordinator on a unix socket serves it without TLS (it does not leave the machine)"
+                .into(),
+        ));
+    }
     let tls = cfg.tls.as_ref().map(tls_config).transpose()?;
     let (pub_tx, pub_rx) = watch::channel(Arc::new(actor::Published::placeholder()));
     let (progress_tx, progress_rx) = watch::channel(actor::Progress::empty(0, 0));
@@ -400,16 +406,14 @@ pub async fn serve(
     };
     drop(tx);
 
-    let local = listener
-        .local_addr()
-        .map_err(|e| CoordinatorError::io("reading the listener's address", e))?;
+    let local = listener.local()?;
     tracing::info!(address = %local, tls = tls.is_some(), "coordinator listening");
     let mut builder = server(request_timeout(&cfg), tls)?;
     let served = builder
         .add_service(health_svc)
         .add_service(reducers)
         .add_service(grpc)
-        .serve_with_incoming_shutdown(incoming(listener, conns), async {
+        .serve_with_incoming_shutdown(incoming_any(listener, conns), async {
             let _ = stop_rx.await;
         })
         .await;

@@ -820,7 +820,15 @@ async fn session(cfg: &ReducerConfig, tx: &mpsc::Sender<Msg>, since: &mut Instan
 
 async fn connect(cfg: &ReducerConfig) -> Result<tonic::transport::Channel> {
     let url = &cfg.coordinator;
-    let mut ep = tonic::transport::Endpoint::from_shared(url.clone())
+    // A coordinator of this machine on a unix socket (capsnet launch's).
+    let unix = capsnet_proto::unix::socket_path(url)
+        .transpose()
+        .map_err(CoordinatorError::Config)?;
+    let target = match unix {
+        Some(_) => capsnet_proto::unix::UNIX_ORIGIN.to_string(),
+        None => url.clone(),
+    };
+    let mut ep = tonic::transport::Endpoint::from_shared(target)
         .map_err(|e| CoordinatorError::Config(format!("--coordinator {url}: {e}")))?
         .connect_timeout(Duration::from_secs(5))
         .initial_stream_window_size(Some(16 << 20))
@@ -861,9 +869,14 @@ async fn connect(cfg: &ReducerConfig) -> Result<tonic::transport::Channel> {
         }
         (false, None) => {}
     }
-    ep.connect()
-        .await
-        .map_err(|e| CoordinatorError::NotReady(format!("{url}: {e}")))
+    let connected = match unix {
+        Some(path) => {
+            ep.connect_with_connector(capsnet_proto::unix::UnixConnector(path))
+                .await
+        }
+        None => ep.connect().await,
+    };
+    connected.map_err(|e| CoordinatorError::NotReady(format!("{url}: {e}")))
 }
 
 /// Keeps a session with the coordinator open (reconnecting with backoff) until training is

@@ -95,38 +95,8 @@ fn scheme_error(peer: Peer, url: &str, uri: &http::Uri, tls: bool) -> Option<Wor
     Some(WorkerError::Config(why))
 }
 
-/// The prefix of a unix socket's URL (`unix:/path`): a reducer of this machine.
-pub const UNIX_PREFIX: &str = "unix:";
-
-/// The placeholder URI of a channel over a unix socket (requests need an authority).
-const UNIX_ORIGIN: &str = "http://localhost";
-
-/// Dials the unix socket at its path, whatever the URI (the channel's is [`UNIX_ORIGIN`]).
-#[derive(Clone)]
-struct UnixConnector(PathBuf);
-
-impl tower_service::Service<http::Uri> for UnixConnector {
-    type Response = hyper_util::rt::TokioIo<tokio::net::UnixStream>;
-    type Error = std::io::Error;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>,
-    >;
-
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: http::Uri) -> Self::Future {
-        let path = self.0.clone();
-        Box::pin(async move {
-            let s = tokio::net::UnixStream::connect(&path).await?;
-            Ok(hyper_util::rt::TokioIo::new(s))
-        })
-    }
-}
+use capsnet_proto::unix::UnixConnector;
+pub use capsnet_proto::unix::{UNIX_ORIGIN, UNIX_PREFIX};
 
 impl Client {
     /// A client of the coordinator at `url`.
@@ -136,27 +106,18 @@ impl Client {
 
     /// A client of `peer` at `url`. A URL of the other scheme than `tls` asks for is a
     /// configuration error; before a plaintext connection carries the token, the server must
-    /// answer HTTP/2 in clear. A reducer's `unix:/path` is dialed as a unix socket of this
-    /// machine, without TLS whatever `tls` says (nothing leaves the machine; who may connect
-    /// is the socket file's permissions' and the token's to say).
+    /// answer HTTP/2 in clear. `unix:/path` is dialed as a unix socket of this machine,
+    /// without TLS whatever `tls` says (nothing leaves the machine; who may connect is the
+    /// socket file's permissions' and the token's to say).
     pub async fn connect_to(
         peer: Peer,
         url: &str,
         token: &str,
         tls: Option<&ClientTls>,
     ) -> Result<Self> {
-        let unix = match url.strip_prefix(UNIX_PREFIX) {
-            Some(path) if peer == Peer::Reducer && path.starts_with('/') => {
-                Some(PathBuf::from(path))
-            }
-            Some(_) => {
-                return Err(WorkerError::Config(format!(
-                    "{url}: only a reducer may be reached over a unix socket, at an absolute \
-                     path (unix:/dir/name.sock)"
-                )));
-            }
-            None => None,
-        };
+        let unix = capsnet_proto::unix::socket_path(url)
+            .transpose()
+            .map_err(WorkerError::Config)?;
         let mut ep = Endpoint::from_shared(if unix.is_some() {
             UNIX_ORIGIN.to_string()
         } else {
@@ -389,10 +350,10 @@ async fn check_plaintext(peer: Peer, url: &str, uri: &http::Uri) -> Result<()> {
 mod tests {
     use super::*;
 
-    /// Only a reducer is reached over a unix socket, at an absolute path; one where nothing
-    /// listens is unavailable, and the error names the URL.
+    /// A unix socket's URL names an absolute path; one where nothing listens is unavailable,
+    /// and the error names the URL.
     #[tokio::test]
-    async fn a_unix_socket_url_is_for_reducers_at_absolute_paths() {
+    async fn a_unix_socket_url_names_an_absolute_path() {
         let config = |peer, url: &str| {
             let r = futures_util::FutureExt::now_or_never(Client::connect_to(peer, url, "t", None));
             match r {
@@ -400,10 +361,10 @@ mod tests {
                 _ => (false, String::new()),
             }
         };
-        let (is, e) = config(Peer::Coordinator, "unix:/run/c.sock");
-        assert!(is && e.contains("only a reducer"), "{e}");
-        let (is, e) = config(Peer::Reducer, "unix:run/r.sock");
-        assert!(is && e.contains("absolute path"), "{e}");
+        for peer in [Peer::Coordinator, Peer::Reducer] {
+            let (is, e) = config(peer, "unix:run/r.sock");
+            assert!(is && e.contains("must be absolute"), "{e}");
+        }
         let dir = std::env::temp_dir().join(format!("capsnet-client-test-{}", std::process::id()));
         let url = format!("unix:{}/nobody.sock", dir.display());
         let Err(WorkerError::Rpc(s)) = Client::connect_to(Peer::Reducer, &url, "t", None).await
