@@ -67,6 +67,46 @@ impl Mtls {
         self.tmp.path().join(f).display().to_string()
     }
 
+    /// A run of 12 steps with `reducers` reducers and 2 workers that no round waits for
+    /// beyond --round-timeout 600s (one that did would stall the test).
+    fn sharded(reducers: &str) -> Mtls {
+        Mtls::start(&[
+            "--reducers",
+            reducers,
+            "--chunk-bytes",
+            "4096",
+            "--expect-workers",
+            "2",
+            "--round-timeout",
+            "600s",
+            "--max-steps",
+            "12",
+        ])
+    }
+
+    /// Starts reducer `name` serving TLS with the certificate `cert` (`cert.pem`, `cert.key`)
+    /// and reaching the coordinator with it.
+    fn reducer(&self, name: &str, cert: &str) -> Proc {
+        let flags = [
+            "--tls-cert".to_string(),
+            self.file(&format!("{cert}.pem")),
+            "--tls-key".into(),
+            self.file(&format!("{cert}.key")),
+            "--tls-ca".into(),
+            self.file("ca.pem"),
+        ];
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        reducer(self.tmp.path(), &self.https, name, &flags)
+    }
+
+    /// Starts worker `rank` over mutual TLS, checking `domain` in every reducer's certificate.
+    fn worker_checking(&self, rank: u32, domain: &str) -> Proc {
+        let mut flags = self.client_flags();
+        flags.extend(["--reducer-tls-domain".to_string(), domain.into()]);
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        worker(self.tmp.path(), &self.https, rank, &self.data, &flags)
+    }
+
     /// The flags of a worker that trusts the test CA and shows the client certificate.
     fn client_flags(&self) -> Vec<String> {
         let (ca, cert, key) = (
@@ -218,39 +258,10 @@ fn sharded_tls_run(cert: &str, extra: &[&str]) {
 /// doubles).
 #[test]
 fn a_worker_that_cannot_verify_a_reducer_is_named_and_left_out_while_the_others_train() {
-    let m = Mtls::start(&[
-        "--reducers",
-        "1",
-        "--chunk-bytes",
-        "4096",
-        "--expect-workers",
-        "2",
-        "--round-timeout",
-        "600s",
-        "--max-steps",
-        "12",
-    ]);
-    let t = m.tmp.path();
-    let reducer_args = [
-        "--tls-cert".to_string(),
-        m.file("reducer.pem"),
-        "--tls-key".into(),
-        m.file("reducer.key"),
-        "--tls-ca".into(),
-        m.file("ca.pem"),
-    ];
-    let reducer_args: Vec<&str> = reducer_args.iter().map(String::as_str).collect();
-    let mut red = reducer(t, &m.https, "reducer-0", &reducer_args);
-    let flags = |domain: &str| {
-        let mut args = m.client_flags();
-        args.extend(["--reducer-tls-domain".to_string(), domain.into()]);
-        args
-    };
-    let (bad_flags, good_flags) = (flags("wrong-name"), flags("capsnet-reducer"));
-    let bad_args: Vec<&str> = bad_flags.iter().map(String::as_str).collect();
-    let good_args: Vec<&str> = good_flags.iter().map(String::as_str).collect();
-    let mut bad = worker(t, &m.https, 0, &m.data, &bad_args);
-    let mut good = worker(t, &m.https, 1, &m.data, &good_args);
+    let m = Mtls::sharded("1");
+    let mut red = m.reducer("reducer-0", "reducer");
+    let mut bad = m.worker_checking(0, "wrong-name");
+    let mut good = m.worker_checking(1, "capsnet-reducer");
     let Mtls { run, mut coord, .. } = m;
     good.expect_success(Duration::from_secs(90));
     coord.expect_success(Duration::from_secs(60));
@@ -282,47 +293,14 @@ fn a_worker_that_cannot_verify_a_reducer_is_named_and_left_out_while_the_others_
 /// deadline (600 s here: one that did would stall the test).
 #[test]
 fn workers_cut_off_from_different_reducers_make_the_coordinator_drop_one() {
-    let m = Mtls::start(&[
-        "--reducers",
-        "2",
-        "--chunk-bytes",
-        "4096",
-        "--expect-workers",
-        "2",
-        "--round-timeout",
-        "600s",
-        "--max-steps",
-        "12",
-    ]);
-    let t = m.tmp.path();
-    let reducer_flags = |name: &str| {
-        [
-            "--tls-cert".to_string(),
-            m.file(&format!("{name}.pem")),
-            "--tls-key".into(),
-            m.file(&format!("{name}.key")),
-            "--tls-ca".into(),
-            m.file("ca.pem"),
-        ]
-    };
-    let (a, b) = (reducer_flags("reducer"), reducer_flags("reducer-b"));
-    let a: Vec<&str> = a.iter().map(String::as_str).collect();
-    let b: Vec<&str> = b.iter().map(String::as_str).collect();
+    let m = Mtls::sharded("2");
     let mut reducers = [
-        reducer(t, &m.https, "reducer-0", &a),
-        reducer(t, &m.https, "reducer-1", &b),
+        m.reducer("reducer-0", "reducer"),
+        m.reducer("reducer-1", "reducer-b"),
     ];
-    let flags = |domain: &str| {
-        let mut args = m.client_flags();
-        args.extend(["--reducer-tls-domain".to_string(), domain.into()]);
-        args
-    };
-    let (fa, fb) = (flags("capsnet-reducer"), flags("capsnet-reducer-b"));
-    let fa: Vec<&str> = fa.iter().map(String::as_str).collect();
-    let fb: Vec<&str> = fb.iter().map(String::as_str).collect();
     let mut workers = [
-        worker(t, &m.https, 0, &m.data, &fa),
-        worker(t, &m.https, 1, &m.data, &fb),
+        m.worker_checking(0, "capsnet-reducer"),
+        m.worker_checking(1, "capsnet-reducer-b"),
     ];
     let Mtls { mut coord, .. } = m;
     coord.expect_success(Duration::from_secs(90));
