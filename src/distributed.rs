@@ -24,7 +24,9 @@ pub struct CoordinatorArgs {
     /// Continue from the newest checkpoint in --run-dir (fresh start if there is none).
     #[arg(long, env = "CAPSNET_RESUME")]
     pub resume: bool,
-    /// Address to listen on; port 0 picks a free port (the address is logged).
+    /// Address to listen on: host:port (port 0 picks a free port; the address is logged) or
+    /// unix:/path, a unix socket for workers and reducers of this machine (no TLS; the token
+    /// is still checked; the socket file is removed when it stops).
     #[arg(long, env = "CAPSNET_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: String,
     /// What workers send: gradients (default) or parameters after local steps.
@@ -508,14 +510,22 @@ pub async fn serve_coordinator(
 
 pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
     let cfg = a.config(a.token.token()?, None)?;
+    if a.listen.starts_with(capsnet_proto::unix::UNIX_PREFIX) && a.tls_cert.is_some() {
+        return Err(ConfigError(format!(
+            "--listen {}: a coordinator on a unix socket serves it without TLS (it does not \
+             leave the machine); drop --tls-cert/--tls-key or listen on host:port",
+            a.listen
+        ))
+        .into());
+    }
     runtime()?.block_on(async {
         let stop = shutdown_signal();
-        let listener = tokio::net::TcpListener::bind(&a.listen)
+        let listener = capsnet_coordinator::Listener::bind(&a.listen)
             .await
-            .with_context(|| format!("--listen {}", a.listen))?;
+            .map_err(|e| ConfigError(format!("--listen {}: {e}", a.listen)))?;
+        let local = listener.local()?;
         if let Some(f) = &a.ready_file {
-            let addr = listener.local_addr()?.to_string();
-            capsnet_core::checkpoint::write_atomic(f, addr.as_bytes())?;
+            capsnet_core::checkpoint::write_atomic(f, local.as_bytes())?;
         }
         serve_coordinator(listener, cfg, stop, "").await
     })?;

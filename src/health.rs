@@ -14,7 +14,8 @@ use crate::args::parse_duration;
 
 #[derive(Args)]
 pub struct HealthArgs {
-    /// The coordinator's address (plaintext; the health service needs no token).
+    /// The coordinator's address, host:port or unix:/path (plaintext; the health service
+    /// needs no token).
     #[arg(long, default_value = "127.0.0.1:50051")]
     address: String,
     /// "" for the process (liveness), `capsnet.v1.Coordinator` for readiness.
@@ -50,18 +51,30 @@ pub fn run(a: HealthArgs) -> Result<()> {
 }
 
 async fn check(address: &str, service: &str) -> Result<ServingStatus> {
-    let url = format!("http://{address}");
-    let channel = tonic::transport::Endpoint::from_shared(url.clone())
-        .with_context(|| format!("--address {address}"))?
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {url}"))?;
+    use capsnet_proto::unix::{UNIX_ORIGIN, UnixConnector, socket_path};
+    let channel = match socket_path(address) {
+        Some(path) => {
+            let path = path.map_err(|e| anyhow::anyhow!("--address {e}"))?;
+            tonic::transport::Endpoint::from_static(UNIX_ORIGIN)
+                .connect_with_connector(UnixConnector(path))
+                .await
+                .with_context(|| format!("connecting to {address}"))?
+        }
+        None => {
+            let url = format!("http://{address}");
+            tonic::transport::Endpoint::from_shared(url.clone())
+                .with_context(|| format!("--address {address}"))?
+                .connect()
+                .await
+                .with_context(|| format!("connecting to {url}"))?
+        }
+    };
     let reply = HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: service.into(),
         })
         .await
-        .with_context(|| format!("asking {url} for the health of {service:?}"))?
+        .with_context(|| format!("asking {address} for the health of {service:?}"))?
         .into_inner();
     Ok(ServingStatus::try_from(reply.status).unwrap_or(ServingStatus::Unknown))
 }

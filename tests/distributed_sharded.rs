@@ -820,6 +820,78 @@ fn reducers_serve_their_metrics_alone_and_beside_their_worker() {
     coord.expect_success(Duration::from_secs(30));
 }
 
+/// `capsnet coordinator --listen unix:/path`: a reducer process and worker processes of the
+/// machine dial it at that URL and train the bits of the same run over TCP, and the socket file
+/// is gone once the run ends; `capsnet health --address unix:/path` answers there, SIGTERM
+/// removes the socket too; TLS on a unix socket is refused as a configuration error.
+#[test]
+fn a_coordinator_on_a_unix_socket_trains_the_bits_of_one_on_tcp() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let d = synthetic(t, 64);
+    let tcp = run(t, &d, "tcp", 4, &[], Layout::Separate(1), |_, _, _, _| {});
+    let socket = t.join("coordinator.sock");
+    let listen = format!("unix:{}", socket.display());
+    let extra = ["--listen", listen.as_str()];
+    let unix = run(
+        t,
+        &d,
+        "unix",
+        4,
+        &extra,
+        Layout::Separate(1),
+        |_, _, _, url| {
+            assert_eq!(url, listen);
+        },
+    );
+    same_checkpoints(&tcp, &unix, 4, "a coordinator on a unix socket");
+    assert!(!socket.exists(), "the socket file was left behind");
+
+    // Waiting for its workers: live, not ready, and gone with SIGTERM.
+    let args = ["--batch-size", "4", "--max-steps", "4", "--listen", &listen];
+    let (mut coord, url) = tiny_coordinator(t, "waiting", &d, &t.join("waiting"), &args);
+    assert_eq!(url, listen);
+    let health = |extra: &[&str]| {
+        let o = capsnet()
+            .args(["health", "--address", &listen])
+            .args(extra)
+            .output()
+            .unwrap();
+        (o.status.code(), output_text(&o))
+    };
+    let (code, text) = health(&[]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("SERVING"), "{text}");
+    let (code, text) = health(&["--service", "capsnet.v1.Coordinator"]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("NOT_SERVING"), "{text}");
+    coord.signal(libc::SIGTERM);
+    coord.expect_success(Duration::from_secs(30));
+    assert!(!socket.exists(), "SIGTERM left the socket file behind");
+    let (code, text) = health(&["--timeout", "1s"]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains(&listen), "{text}");
+
+    common::certs::certificates(t);
+    let (cert, key) = (t.join("server.pem"), t.join("server.key"));
+    let o = capsnet()
+        .args(["coordinator", "--model", "tiny", "--listen", &listen])
+        .arg("--data-dir")
+        .arg(&d)
+        .arg("--run-dir")
+        .arg(t.join("tls"))
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .output()
+        .unwrap();
+    let text = output_text(&o);
+    assert_eq!(o.status.code(), Some(2), "{text}");
+    assert!(text.contains("without TLS"), "{text}");
+    assert!(!socket.exists(), "a refused start left a socket file");
+}
+
 /// A worker that serves a reducer and fails (here: its data set is not the coordinator's)
 /// exits with its error, its reducer stopped and its unix socket removed, instead of serving
 /// on without its worker (before, the process waited for the end of a run it could no longer

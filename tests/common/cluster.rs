@@ -32,7 +32,13 @@ pub fn coordinator(dir: &Path, name: &str, args: &[&str]) -> (Proc, String) {
     }
     let mut p = Proc::spawn(name, cmd, dir);
     let addr = p.wait_ready(&ready, Duration::from_secs(60));
-    (p, format!("http://{addr}"))
+    // host:port, or unix:/path (--listen unix:/path), which is its URL as it is.
+    let url = if addr.starts_with("unix:") {
+        addr
+    } else {
+        format!("http://{addr}")
+    };
+    (p, url)
 }
 
 /// [`coordinator`] for the tiny network on `data`, writing to `run`, one thread, plus `extra`.
