@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use capsnet_proto::wire::{Assembler, encode_chunks};
+use capsnet_proto::wire::{Assembler, encode_chunks, encode_span, to_grid_order};
 use capsnet_proto::{Encoding, RunSettings, pb};
 use capsnet_worker::{Client, Pulled, WorkerError};
 use common::*;
@@ -46,7 +46,17 @@ fn chunks_sized(
     data: &[f32],
     chunk_bytes: usize,
 ) -> Vec<pb::UpdateChunk> {
-    encode_chunks(data, Encoding::F32, chunk_bytes)
+    // On the run's grid (a sharded run's lays the vector's chunks out in stripe order), unless
+    // the case is about another size of chunk or vector.
+    let (grid, place) = s.grids();
+    let on_grid = chunk_bytes == s.chunk_bytes && grid.last().map_or(0, |r| r.end) == data.len();
+    let chunks = if on_grid {
+        let ordered = to_grid_order(data, &grid, &place);
+        encode_span(&ordered, &grid, 0..grid.len(), Encoding::F32)
+    } else {
+        encode_chunks(data, Encoding::F32, chunk_bytes)
+    };
+    chunks
         .into_iter()
         .map(|c| pb::UpdateChunk {
             worker_id: id.into(),
@@ -267,13 +277,14 @@ impl Target {
         let Some((_, _, reducers)) = &mut self.reducer else {
             return pull(j, after).await;
         };
-        let grid = j.settings.grid();
+        let (grid, place) = j.settings.grids();
         let mut params = vec![0.0f32; j.total as usize];
         let want = capsnet_worker::Want {
             id: &j.id,
             after,
             enc: Encoding::F32,
             grid: &grid,
+            place: &place,
         };
         let (order, _) = capsnet_worker::fetch(&mut j.client, reducers, want, None, &mut params)
             .await
@@ -327,7 +338,7 @@ fn bad_updates(sharded: bool) {
         let mut target = Target { reducer: None };
         if sharded {
             // The layout of round 0's order names the reducer.
-            let grid = j.settings.grid();
+            let (grid, place) = j.settings.grids();
             let mut params = vec![0.0f32; j.total as usize];
             let mut reducers = capsnet_worker::Reducers::new(TOKEN, None, None, None);
             let want = capsnet_worker::Want {
@@ -335,6 +346,7 @@ fn bad_updates(sharded: bool) {
                 after: None,
                 enc: Encoding::F32,
                 grid: &grid,
+                place: &place,
             };
             let (_, layout) =
                 capsnet_worker::fetch(&mut j.client, &mut reducers, want, None, &mut params)
@@ -350,7 +362,8 @@ fn bad_updates(sharded: bool) {
         let samples = before.order.end - before.order.start;
         let good = vec![1e-3f32; total as usize];
         let chunk_floats = (j.settings.chunk_bytes / 4) as u64;
-        let last_offset = (total - 1) / chunk_floats * chunk_floats;
+        // The last chunk sent is the grid's last (a sharded grid is striped: not the vector's).
+        let last_offset = j.settings.grid().last().map_or(0, |r| r.start) as u64;
         assert!(
             last_offset > chunk_floats,
             "the update needs 3 chunks or more"

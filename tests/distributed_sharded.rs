@@ -458,7 +458,7 @@ fn a_member_that_joins_again_pushes_to_the_reducers_under_its_new_id() {
     let log = with_coordinator(&args, |url| async move {
         let mut r = reducer(dir.path(), &url, "rejoin-reducer", &[]);
         let first = join(&url, "w", Some(0)).await;
-        let grid = first.settings.grid();
+        let (grid, place) = first.settings.grids();
         let mut params = vec![0.0f32; first.total as usize];
         let mut reducers = capsnet_worker::Reducers::new(TOKEN, None, None, None);
         let want = |id, after| capsnet_worker::Want {
@@ -466,6 +466,7 @@ fn a_member_that_joins_again_pushes_to_the_reducers_under_its_new_id() {
             after,
             enc: Encoding::F32,
             grid: &grid,
+            place: &place,
         };
         let mut c = first.client.clone();
         let (o, _) = capsnet_worker::fetch(

@@ -141,11 +141,13 @@ async fn sharded_worker(
     let pool = capsnet_proto::wire::BufPool::new(2 * grid.len());
     let _heartbeats = heartbeats(&client, &id, Duration::from_millis(s.heartbeat_ms.max(50)));
     let mut reducers = capsnet_worker::Reducers::new(&token, None, None, local);
+    let place = s.placement();
     let want = |after| capsnet_worker::Want {
         id: &id,
         after,
         enc: s.wire,
         grid: &grid,
+        place: &place,
     };
     let (mut order, mut layout) =
         capsnet_worker::fetch(&mut client, &mut reducers, want(None), None, &mut params).await?;

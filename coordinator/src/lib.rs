@@ -293,7 +293,7 @@ pub async fn serve(
         .map(|s| (s.name.clone(), s.range()))
         .collect();
     let (tx, rx) = mpsc::channel();
-    let grid = actor.grid();
+    let (grid, place) = (actor.grid(), actor.place());
     let actor_thread = std::thread::Builder::new()
         .name("capsnet-rounds".into())
         .spawn(move || actor.run(rx))
@@ -311,6 +311,7 @@ pub async fn serve(
         layout_hash: capsnet_proto::layout_hash(&model_layout),
         names: Arc::new(names),
         grid,
+        place,
         liveness: liveness.clone(),
         metrics: metrics.clone(),
         opened: None,

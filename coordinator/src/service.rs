@@ -79,6 +79,9 @@ pub(crate) struct Service {
     pub names: Arc<Vec<(String, Range<usize>)>>,
     /// The run's chunk grid: update chunk `i` must cover exactly `grid[i]`.
     pub grid: Arc<Vec<Range<usize>>>,
+    /// For each chunk of the grid, the floats of the flat vector it holds
+    /// ([`capsnet_proto::RunSettings::placement`]).
+    pub place: Arc<Vec<Range<usize>>>,
     /// Heartbeats are stamped here before they queue for the actor.
     pub liveness: crate::liveness::Liveness,
     pub metrics: Arc<crate::metrics::Metrics>,
@@ -405,8 +408,20 @@ impl Service {
         Ok(pb::PushResponse { round: out? })
     }
 
-    /// Names a float index as `tensor[i]` for error messages.
-    fn locate(&self, i: usize) -> String {
+    /// Names a float index of the grid as `tensor[i]` for error messages.
+    fn locate(&self, at: usize) -> String {
+        let Ok(j) = self.grid.binary_search_by(|r| {
+            if r.end <= at {
+                std::cmp::Ordering::Less
+            } else if r.start > at {
+                std::cmp::Ordering::Greater
+            } else {
+                std::cmp::Ordering::Equal
+            }
+        }) else {
+            return format!("float {at}");
+        };
+        let i = self.place[j].start + (at - self.grid[j].start);
         match self.names.iter().find(|(_, r)| r.contains(&i)) {
             Some((n, r)) => format!("{n}[{}]", i - r.start),
             None => format!("float {i}"),

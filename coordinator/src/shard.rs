@@ -1014,6 +1014,7 @@ pub async fn serve_reducer(
                 .collect(),
         ),
         grid: settings.grid(),
+        place: settings.placement(),
         liveness: liveness.clone(),
         metrics: metrics.clone(),
         opened: Some(opened_rx),

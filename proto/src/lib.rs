@@ -163,9 +163,28 @@ impl RunSettings {
         }
     }
 
-    /// The run's chunk grid: every parameter and update stream is cut into these ranges.
+    /// The run's chunk grid: every parameter and update stream is cut into these ranges. One
+    /// coordinator's run cuts the flat vector in order; a sharded run lays the same chunks out
+    /// in [`wire::stripe_order`] (a reducer's span holds a share of every layer), and
+    /// [`Self::placement`] says where each chunk's floats lie in the flat vector.
     pub fn grid(&self) -> wire::Grid {
-        wire::Assembler::grid(self.layout().total(), self.wire, self.chunk_bytes)
+        self.grids().0
+    }
+
+    /// For each chunk of [`Self::grid`], the floats of the model's flat vector it holds (the
+    /// grid itself, unless the run is sharded).
+    pub fn placement(&self) -> wire::Grid {
+        self.grids().1
+    }
+
+    /// [`Self::grid`] and [`Self::placement`].
+    pub fn grids(&self) -> (wire::Grid, wire::Grid) {
+        let natural = wire::Assembler::grid(self.layout().total(), self.wire, self.chunk_bytes);
+        if self.sharded {
+            wire::reorder(&natural, &wire::stripe_order(natural.len()))
+        } else {
+            (natural.clone(), natural)
+        }
     }
 
     pub fn to_message(&self) -> Result<pb::RunConfig> {

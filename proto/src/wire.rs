@@ -51,6 +51,65 @@ pub fn chunk_ranges(
     (0..total.div_ceil(per)).map(move |i| i * per..((i + 1) * per).min(total))
 }
 
+/// The order in which a sharded run lays the chunks of the flat vector on its grid: chunk `j`
+/// of the grid holds chunk `order[j]` of the vector, in bit-reversed order (of the smallest
+/// power of two at least `n`, skipping the indices past `n`). Any run of consecutive grid
+/// chunks then samples the whole vector evenly, so a reducer's span (a run of them) holds a
+/// share of every layer: the ranges the backward pass makes final first (the decoder's and the
+/// digit capsules', at the end of the vector) go to every reducer at once, not all to the one
+/// whose span ends the vector, and every reducer's link is busy from the first range on.
+pub fn stripe_order(n: usize) -> Vec<usize> {
+    let bits = n.next_power_of_two().trailing_zeros();
+    (0..n.next_power_of_two())
+        .map(|j| {
+            if bits == 0 {
+                0
+            } else {
+                j.reverse_bits() >> (usize::BITS - bits)
+            }
+        })
+        .filter(|&i| i < n)
+        .collect()
+}
+
+/// A grid of the chunks `natural` (a vector's, in order) laid end to end in `order`, and for
+/// each of its chunks the floats of the vector it holds: `(grid, place)`.
+pub fn reorder(natural: &[Range<usize>], order: &[usize]) -> (Grid, Grid) {
+    let mut at = 0;
+    let mut grid = Vec::with_capacity(order.len());
+    let mut place = Vec::with_capacity(order.len());
+    for &i in order {
+        let r = natural[i].clone();
+        grid.push(at..at + r.len());
+        at += r.len();
+        place.push(r);
+    }
+    (Arc::new(grid), Arc::new(place))
+}
+
+/// `x` (in the vector's order) in the order of `grid`, whose chunk `j` holds the vector's
+/// floats `place[j]`; empty stays empty.
+pub fn to_grid_order(x: &[f32], grid: &[Range<usize>], place: &[Range<usize>]) -> Vec<f32> {
+    let mut out = vec![0.0; x.len()];
+    if !x.is_empty() {
+        for (g, p) in grid.iter().zip(place) {
+            out[g.clone()].copy_from_slice(&x[p.clone()]);
+        }
+    }
+    out
+}
+
+/// The inverse of [`to_grid_order`]: `w` in grid order back in the vector's order.
+pub fn to_vector_order(w: &[f32], grid: &[Range<usize>], place: &[Range<usize>]) -> Vec<f32> {
+    let mut out = vec![0.0; w.len()];
+    if !w.is_empty() {
+        for (g, p) in grid.iter().zip(place) {
+            out[p.clone()].copy_from_slice(&w[g.clone()]);
+        }
+    }
+    out
+}
+
 /// Encodes floats as a payload in a fresh buffer (see [`encode_pooled`] for the hot paths).
 pub fn encode(values: &[f32], enc: Encoding) -> Bytes {
     let mut b = vec![0u8; values.len() * bytes_per_float(enc)];
@@ -892,6 +951,45 @@ mod tests {
 
     /// Spans are contiguous, cover the grid, are never empty, and split the floats as evenly
     /// as whole chunks allow.
+    /// The stripe order is a permutation in which every run of consecutive grid chunks
+    /// samples the whole vector: cut into spans for 2 to 8 reducers, every span of the paper
+    /// model's grid holds chunks of the last 35% of the vector (what the backward pass makes
+    /// final first) in about its share; the reordered grid tiles the vector, and the state
+    /// goes to grid order and back unchanged.
+    #[test]
+    fn the_stripe_order_spreads_every_span_over_the_vector() {
+        for n in [1, 2, 3, 7, 8, 126, 252] {
+            let mut o = stripe_order(n);
+            assert_eq!(o.len(), n);
+            o.sort_unstable();
+            assert_eq!(o, (0..n).collect::<Vec<_>>(), "{n}");
+        }
+        assert_eq!(stripe_order(8), vec![0, 4, 2, 6, 1, 5, 3, 7]);
+        let natural: Vec<_> = chunk_ranges(8_215_568, Encoding::F32, 256 << 10).collect();
+        let (grid, place) = reorder(&natural, &stripe_order(natural.len()));
+        assert_eq!(grid.first().map(|r| r.start), Some(0));
+        assert_eq!(grid.last().map(|r| r.end), Some(8_215_568));
+        assert!(grid.windows(2).all(|w| w[0].end == w[1].start));
+        let late = 8_215_568 * 65 / 100;
+        for parts in 2..=8 {
+            for s in spans(&grid, parts).unwrap() {
+                let all: usize = grid[s.clone()].iter().map(|r| r.len()).sum();
+                let first: usize = place[s.clone()]
+                    .iter()
+                    .filter(|r| r.start >= late)
+                    .map(|r| r.len())
+                    .sum();
+                let share = first as f64 / all as f64;
+                assert!((0.2..0.5).contains(&share), "{parts} spans, {s:?}: {share}");
+            }
+        }
+        let x: Vec<f32> = (0..8_215_568).map(|i| i as f32).collect();
+        let w = to_grid_order(&x, &grid, &place);
+        assert_ne!(w, x);
+        assert_eq!(to_vector_order(&w, &grid, &place), x);
+        assert!(to_grid_order(&[], &grid, &place).is_empty());
+    }
+
     #[test]
     fn spans_cover_the_grid_in_balanced_contiguous_parts() {
         let grid: Vec<_> = chunk_ranges(8_215_568, Encoding::F32, 1 << 20).collect();

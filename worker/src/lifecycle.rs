@@ -45,6 +45,8 @@ struct Session {
     id: String,
     settings: RunSettings,
     grid: Grid,
+    /// Where each chunk of the grid lies in the flat vector.
+    place: Grid,
     /// Payload buffers for two updates: the one being sent and the next.
     pool: BufPool,
     /// Floats of the model.
@@ -249,13 +251,14 @@ impl Session {
             cfg.reducer_tls_domain.as_deref(),
             cfg.local_reducer.clone(),
         );
-        let grid = settings.grid();
+        let (grid, place) = settings.grids();
         Ok(Session {
             client,
             id,
             pool: BufPool::new(2 * grid.len()),
             total: settings.layout().total() as u64,
             grid,
+            place,
             settings,
             _heartbeat: heartbeat,
             lost,
@@ -295,6 +298,7 @@ impl Session {
             ref id,
             ref settings,
             ref grid,
+            ref place,
             ref pool,
             total,
             ref mut after,
@@ -317,6 +321,7 @@ impl Session {
                         after: *after,
                         enc: settings.wire,
                         grid,
+                        place,
                     };
                     let (o, l) = transfer::fetch(client, reducers, want, None, pulled).await?;
                     *layout = l;
@@ -371,8 +376,13 @@ impl Session {
                 (Some(l), true) => l.owners.iter().map(|(a, _)| a.clone()).collect(),
                 _ => vec![cfg.coordinator.clone()],
             };
-            let (mut snd, loss, chunks) =
-                ChunkSender::new(grid.clone(), &spans, settings.wire, pool.clone())?;
+            let (mut snd, loss, chunks) = ChunkSender::new(
+                grid.clone(),
+                place.clone(),
+                &spans,
+                settings.wire,
+                pool.clone(),
+            )?;
             for (k, c) in clients.iter().enumerate() {
                 if c.is_in_process() {
                     snd.in_process(k);
@@ -470,6 +480,7 @@ impl Session {
                             after: *after,
                             enc: settings.wire,
                             grid,
+                            place,
                         };
                         let (o, l) = transfer::fetch(
                             &mut puller,

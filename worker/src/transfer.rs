@@ -344,17 +344,22 @@ impl Reducers {
     }
 }
 
-/// Pulls the parameters of the round after `after` from every span's owner into `params`,
-/// all spans at once, each checked as a stream of its own; returns the round they are of.
+/// Pulls the parameters of the round after `want.after` from every span's owner into
+/// `params`, all spans at once, each checked as a stream of its own; returns the round they
+/// are of.
 pub async fn pull_spans(
     clients: Vec<Client>,
     layout: &Layout,
-    id: &str,
-    after: Option<u64>,
-    enc: Encoding,
-    grid: &Grid,
+    want: Want<'_>,
     params: &mut [f32],
 ) -> Result<u64> {
+    let Want {
+        id,
+        after,
+        enc,
+        grid,
+        place,
+    } = want;
     // The layout tells a reducer whose spans moved since to refuse the pull.
     let req = pb::PullRequest {
         worker_id: id.to_string(),
@@ -363,20 +368,19 @@ pub async fn pull_spans(
         layout: Some(layout.id),
         cannot_reach: None,
     };
-    if grid.last().map_or(0, |r| r.end) != params.len() {
+    if grid.last().map_or(0, |r| r.end) != params.len() || place.len() != grid.len() {
         return Err(WorkerError::Internal(
             "the parameter buffer does not match the grid",
         ));
     }
-    let mut rest = params;
+    // Every span's chunks land all over the flat vector (a sharded grid is striped): the
+    // streams, polled by this one task, take turns decoding into it.
+    let out = std::sync::Mutex::new(params);
     let mut pulls = vec![];
     for ((url, span), mut c) in layout.owners.iter().zip(clients) {
-        let (lo, hi) = (grid[span.start].start, grid[span.end - 1].end);
-        let (mine, tail) = std::mem::take(&mut rest).split_at_mut(hi - lo);
-        rest = tail;
-        let req = &req;
+        let (req, out) = (&req, &out);
         pulls.push(async move {
-            pull_span(&mut c, req, grid, span.clone(), lo, mine)
+            pull_span(&mut c, req, grid, place, span.clone(), out)
                 .await
                 .map_err(|e| from_reducer(url, e))
         });
@@ -397,13 +401,13 @@ async fn pull_span(
     client: &mut Client,
     req: &pb::PullRequest,
     grid: &Grid,
+    place: &Grid,
     span: Range<usize>,
-    base: usize,
-    out: &mut [f32],
+    out: &std::sync::Mutex<&mut [f32]>,
 ) -> Result<u64> {
     let mut tries = 0u32;
     loop {
-        match pull_span_stream(client, req, grid, span.clone(), base, out).await {
+        match pull_span_stream(client, req, grid, place, span.clone(), out).await {
             Err(WorkerError::Rpc(s))
                 if matches!(s.code(), Code::Aborted | Code::Unavailable) && tries < 20 =>
             {
@@ -420,9 +424,9 @@ async fn pull_span_stream(
     client: &mut Client,
     req: &pb::PullRequest,
     grid: &Grid,
+    place: &Grid,
     span: Range<usize>,
-    base: usize,
-    out: &mut [f32],
+    out: &std::sync::Mutex<&mut [f32]>,
 ) -> Result<u64> {
     let body = Body::new(http_body_util::Full::new(frame::frame(req)));
     let mut stream = client.call(frame::PULL_PATH, body).await?;
@@ -442,12 +446,17 @@ async fn pull_span_stream(
         if c.round != round {
             return Err(tonic::Status::data_loss("the round changed mid-stream").into());
         }
-        let (_, r) = asm.check(ChunkIn::from(&c))?;
-        let out = &mut out[r.start - base..r.end - base];
-        capsnet_core::simd::with_avx2(
-            #[inline(always)]
-            || capsnet_proto::wire::decode_into(&c.payload, enc, out),
-        )?;
+        let (i, _) = asm.check(ChunkIn::from(&c))?;
+        {
+            let mut params = out
+                .lock()
+                .map_err(|_| WorkerError::Internal("a parameter pull panicked"))?;
+            let to = &mut params[place[i].clone()];
+            capsnet_core::simd::with_avx2(
+                #[inline(always)]
+                || capsnet_proto::wire::decode_into(&c.payload, enc, to),
+            )?;
+        }
         next = stream.message().await?;
     }
     stream.status().await?;
@@ -463,6 +472,8 @@ pub struct Want<'a> {
     pub after: Option<u64>,
     pub enc: Encoding,
     pub grid: &'a Grid,
+    /// Where each chunk of the grid lies in the flat vector ([`RunSettings::placement`]).
+    pub place: &'a Grid,
 }
 
 /// A sharded run's next work order (the round after `after`) and its parameters in `params`:
@@ -483,6 +494,7 @@ pub async fn fetch(
         after,
         enc,
         grid,
+        ..
     } = want;
     // A reducer this worker cannot reach is told to the coordinator, which leaves the worker
     // out of the rounds (or drops the reducer) meanwhile; nothing is pulled early from it.
@@ -500,7 +512,7 @@ pub async fn fetch(
             let clients = reducers.clients(l).await?;
             let mut c = coordinator.clone();
             let get = c.rpc().get_work(ask(Some(l.id)));
-            let pull = pull_spans(clients, l, id, after, enc, grid, params);
+            let pull = pull_spans(clients, l, want, params);
             tokio::pin!(get, pull);
             let mut pulled = None;
             let order = loop {
@@ -541,7 +553,17 @@ pub async fn fetch(
         }
         let clients = reducers.clients(&layout).await?;
         let before = order.round.checked_sub(1);
-        match pull_spans(clients, &layout, id, before, enc, grid, params).await {
+        match pull_spans(
+            clients,
+            &layout,
+            Want {
+                after: before,
+                ..want
+            },
+            params,
+        )
+        .await
+        {
             Ok(r) if r == order.round => return Ok((order, Some(layout))),
             Ok(r) => tracing::debug!(round = order.round, got = r, "parameters of another round"),
             Err(WorkerError::Reducer { status: s, .. })
@@ -689,8 +711,13 @@ pub async fn push_spans(
     update: Update<Arc<[f32]>>,
     pool: &BufPool,
 ) -> Result<bool> {
-    let (mut sender, _loss, chunks) =
-        ChunkSender::new(s.grid(), &layout.spans(), s.wire, pool.clone())?;
+    let (mut sender, _loss, chunks) = ChunkSender::new(
+        s.grid(),
+        s.placement(),
+        &layout.spans(),
+        s.wire,
+        pool.clone(),
+    )?;
     for (k, c) in clients.iter().enumerate() {
         if c.is_in_process() {
             sender.in_process(k);
@@ -729,9 +756,13 @@ pub async fn push_spans(
 /// span whose last chunk sent carries the checksum over the span.
 pub(crate) struct ChunkSender {
     grid: Grid,
+    /// Where each chunk's floats lie in the flat vector ([`RunSettings::placement`]).
+    place: Grid,
+    /// The chunks in the order of their floats in the flat vector.
+    by_place: Vec<usize>,
     wire: Encoding,
     pool: BufPool,
-    /// Chunks `[0, pending)` are not sent yet (they are sent from the last one down).
+    /// Chunks `by_place[..pending]` are not sent yet (they are sent from the last one down).
     pending: usize,
     /// The stream of each span, and the span each chunk belongs to.
     outs: Vec<SpanOut>,
@@ -753,10 +784,12 @@ struct SpanOut {
 }
 
 impl ChunkSender {
-    /// A sender of the chunks of `grid` to one stream per span of `spans`, which tile the
-    /// grid in order; the receivers come in the same order.
+    /// A sender of the chunks of `grid` (chunk `i` holding the flat vector's floats
+    /// `place[i]`) to one stream per span of `spans`, which tile the grid in order; the
+    /// receivers come in the same order.
     pub(crate) fn new(
         grid: Grid,
+        place: Grid,
         spans: &[Range<usize>],
         wire: Encoding,
         pool: BufPool,
@@ -766,6 +799,18 @@ impl ChunkSender {
         Vec<tokio::sync::mpsc::Receiver<EncodedChunk>>,
     )> {
         let n = grid.len();
+        if place.len() != n
+            || place
+                .iter()
+                .zip(grid.iter())
+                .any(|(p, g)| p.len() != g.len())
+        {
+            return Err(WorkerError::Internal(
+                "the placement does not match the grid",
+            ));
+        }
+        let mut by_place: Vec<usize> = (0..n).collect();
+        by_place.sort_by_key(|&i| place[i].start);
         let tiles = spans.first().is_some_and(|s| s.start == 0)
             && spans.last().is_some_and(|s| s.end == n)
             && spans.windows(2).all(|w| w[0].end == w[1].start)
@@ -795,6 +840,8 @@ impl ChunkSender {
         let sender = ChunkSender {
             pending: n,
             grid,
+            place,
+            by_place,
             wire,
             pool,
             outs,
@@ -822,17 +869,17 @@ impl ChunkSender {
         self.send_final(0, data);
     }
 
-    /// Sends every chunk not sent yet that lies in the final part `from..`, whose floats are
-    /// `tail`, last first.
+    /// Sends every chunk not sent yet whose floats lie in the final part `from..` of the flat
+    /// vector, whose floats are `tail`, last first.
     fn send_final(&mut self, from: usize, tail: &[f32]) {
-        while self.pending > 0 && self.grid[self.pending - 1].start >= from {
-            let i = self.pending - 1;
-            self.pending = i;
+        while self.pending > 0 && self.place[self.by_place[self.pending - 1]].start >= from {
+            self.pending -= 1;
+            let i = self.by_place[self.pending];
             let out = &mut self.outs[self.owner[i]];
             if !out.open {
                 continue;
             }
-            let r = self.grid[i].clone();
+            let r = self.place[i].clone();
             let values = &tail[r.start - from..r.end - from];
             let payload = capsnet_core::simd::with_avx2(
                 #[inline(always)]
@@ -847,7 +894,7 @@ impl ChunkSender {
             };
             out.crc.record(i - out.span.start, h.clone());
             let chunk = EncodedChunk {
-                offset: r.start as u64,
+                offset: self.grid[i].start as u64,
                 crc32: h.finalize(),
                 payload,
                 total_crc32: out.crc.total(),
@@ -923,6 +970,7 @@ mod tests {
         assert_eq!(grid.len(), 3);
         let (mut snd, loss, mut rxs) = ChunkSender::new(
             grid.clone(),
+            grid.clone(),
             std::slice::from_ref(&(0..3)),
             Encoding::F32,
             BufPool::new(0),
@@ -969,8 +1017,14 @@ mod tests {
         let grid = Assembler::grid(20, Encoding::F32, 16);
         assert_eq!(grid.len(), 5);
         let spans = capsnet_proto::wire::spans(&grid, 2).unwrap();
-        let (mut snd, _loss, mut rxs) =
-            ChunkSender::new(grid.clone(), &spans, Encoding::F32, BufPool::new(0)).unwrap();
+        let (mut snd, _loss, mut rxs) = ChunkSender::new(
+            grid.clone(),
+            grid.clone(),
+            &spans,
+            Encoding::F32,
+            BufPool::new(0),
+        )
+        .unwrap();
         let stats = BatchStats::default();
         snd.ready(&stats, 0, &g);
         let mut out = vec![0.0; 20];
@@ -989,8 +1043,14 @@ mod tests {
         assert_eq!(out, g);
 
         // The first span's stream is gone: the second still gets everything.
-        let (mut snd, _loss, mut rxs) =
-            ChunkSender::new(grid.clone(), &spans, Encoding::F32, BufPool::new(0)).unwrap();
+        let (mut snd, _loss, mut rxs) = ChunkSender::new(
+            grid.clone(),
+            grid.clone(),
+            &spans,
+            Encoding::F32,
+            BufPool::new(0),
+        )
+        .unwrap();
         drop(rxs.remove(0));
         snd.ready(&stats, 0, &g);
         assert_eq!(
@@ -999,8 +1059,14 @@ mod tests {
         );
         // The second span's reducer is in this process: its chunks go without checksums
         // (an in-process assembler takes them), the first span's keep theirs.
-        let (mut snd, _loss, mut rxs) =
-            ChunkSender::new(grid.clone(), &spans, Encoding::F32, BufPool::new(0)).unwrap();
+        let (mut snd, _loss, mut rxs) = ChunkSender::new(
+            grid.clone(),
+            grid.clone(),
+            &spans,
+            Encoding::F32,
+            BufPool::new(0),
+        )
+        .unwrap();
         snd.in_process(1);
         snd.ready(&stats, 0, &g);
         let mut out = vec![0.0; 20];
@@ -1020,8 +1086,75 @@ mod tests {
         assert_eq!(out, g);
         let short = 0..2;
         for bad in [vec![short], vec![0..2, 3..5], vec![0..0, 0..5], vec![]] {
-            let e = ChunkSender::new(grid.clone(), &bad, Encoding::F32, BufPool::new(0));
+            let e = ChunkSender::new(
+                grid.clone(),
+                grid.clone(),
+                &bad,
+                Encoding::F32,
+                BufPool::new(0),
+            );
             assert!(matches!(e, Err(WorkerError::Config(_))), "{bad:?}");
         }
+        let e = ChunkSender::new(
+            grid.clone(),
+            grid[1..].to_vec().into(),
+            &spans,
+            Encoding::F32,
+            BufPool::new(0),
+        );
+        assert!(matches!(e, Err(WorkerError::Internal(_))));
+    }
+
+    /// On a striped grid (a sharded run's) a chunk goes out once the floats it holds are
+    /// final, wherever it lies on the grid: the ranges final first reach both spans' streams
+    /// at once; each stream assembles to its span of the gradient in grid order, and put back
+    /// in place the chunks give the gradient.
+    #[test]
+    fn a_striped_grid_sends_each_chunk_when_its_floats_are_final() {
+        use capsnet_proto::wire::{reorder, stripe_order, to_grid_order};
+        let g: Vec<f32> = (0..32).map(|i| i as f32 * 0.25 - 2.0).collect();
+        let natural = Assembler::grid(30, Encoding::F32, 16);
+        let g = &g[..30];
+        assert_eq!(natural.len(), 8);
+        let (grid, place) = reorder(&natural, &stripe_order(natural.len()));
+        let spans = capsnet_proto::wire::spans(&grid, 2).unwrap();
+        let (mut snd, _loss, mut rxs) = ChunkSender::new(
+            grid.clone(),
+            place.clone(),
+            &spans,
+            Encoding::F32,
+            BufPool::new(0),
+        )
+        .unwrap();
+        let stats = BatchStats::default();
+        let mut got: Vec<Vec<EncodedChunk>> = vec![vec![]; 2];
+        let mut take = |rxs: &mut Vec<tokio::sync::mpsc::Receiver<EncodedChunk>>| {
+            let mut now = vec![];
+            for (k, rx) in rxs.iter_mut().enumerate() {
+                let c: Vec<EncodedChunk> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+                now.push(c.len());
+                got[k].extend(c);
+            }
+            now
+        };
+        // The last quarter of the vector (floats 22..30: natural chunks 6 and 7, which the
+        // stripe order puts in different halves of the grid) is final first.
+        snd.ready(&stats, 22, &g[22..]);
+        assert_eq!(take(&mut rxs), vec![1, 1]);
+        snd.ready(&stats, 0, g);
+        assert_eq!(take(&mut rxs), vec![3, 3]);
+        let mut out = vec![0.0; 30];
+        for (span, chunks) in spans.iter().zip(&got) {
+            let mut asm = Assembler::span(grid.clone(), span.clone(), 30, Encoding::F32).unwrap();
+            for ch in chunks {
+                let (i, _) = asm.check(ChunkIn::of(ch, 30, Encoding::F32)).unwrap();
+                let mut v = vec![0.0; grid[i].len()];
+                capsnet_proto::wire::decode_into(&ch.payload, Encoding::F32, &mut v).unwrap();
+                assert_eq!(v, g[place[i].clone()], "chunk {i}");
+                out[grid[i].clone()].copy_from_slice(&v);
+            }
+            asm.finish().unwrap();
+        }
+        assert_eq!(out, to_grid_order(g, &grid, &place));
     }
 }

@@ -38,7 +38,6 @@ use capsnet_core::net::Net;
 use capsnet_core::optim::Adam;
 use capsnet_core::run::{Resume, Run, RunState};
 use capsnet_core::train::{self, TestSet};
-use capsnet_proto::wire::chunk_ranges;
 use capsnet_proto::{RunSettings, WorkerState, pb};
 use tokio::sync::watch;
 
@@ -91,6 +90,9 @@ pub(crate) struct Actor {
     members: Members,
     /// The reduction of an unsharded run (and the run's chunk grid in any run).
     reducer: Reducer,
+    /// For each chunk of the grid, the floats of the flat vector it holds
+    /// ([`RunSettings::placement`]).
+    place: Arc<Vec<std::ops::Range<usize>>>,
     /// A sharded run's reducers (`--reducers`).
     shards: Option<sharded::Shards>,
     round_started: Instant,
@@ -184,15 +186,16 @@ impl Actor {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
-        let n_floats = params.data.len();
-        let grid: Arc<Vec<_>> =
-            Arc::new(chunk_ranges(n_floats, cfg.wire, cfg.chunk_bytes).collect());
+        // A sharded run's grid holds the flat vector's chunks in stripe order: the state the
+        // reducers hold and send is in grid order, this actor's in the vector's.
+        let (grid, place) = settings.grids();
         let shards = (cfg.reducers > 0).then(|| {
             let position = EpochCursor::from_position(&pos, train_ds.len()).position();
             sharded::Shards::new(cfg.reducers, round, position, adam.step)
         });
         let actor = Actor {
             shards,
+            place,
             cfg: cfg.clone(),
             run_msg,
             model,
@@ -254,6 +257,11 @@ impl Actor {
     /// The run's chunk grid, which the service checks update chunks against.
     pub(crate) fn grid(&self) -> Arc<Vec<std::ops::Range<usize>>> {
         self.reducer.grid()
+    }
+
+    /// Where each chunk of the grid lies in the flat vector.
+    pub(crate) fn place(&self) -> Arc<Vec<std::ops::Range<usize>>> {
+        self.place.clone()
     }
 
     fn plan_done(&self) -> bool {

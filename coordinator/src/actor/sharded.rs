@@ -1,6 +1,8 @@
 //! A sharded run (`--reducers N`): reducer processes own contiguous spans of the grid, balanced
 //! by bytes, with the optimizer state of their spans; workers push each span to its owner and
-//! pull it from there. This actor keeps what it keeps in any run (members, rounds, deadlines,
+//! pull it from there. The grid holds the flat vector's chunks in stripe order
+//! ([`capsnet_proto::wire::stripe_order`]), so each span holds a share of every layer; the
+//! state this actor keeps is in the vector's order, what it sends and gathers in the grid's. This actor keeps what it keeps in any run (members, rounds, deadlines,
 //! shards of the data, evaluation, checkpoints) and drives the reducers over their sessions:
 //!
 //! - a round opens on every reducer with its members (`Open`), and the set it waits for is
@@ -36,6 +38,7 @@ use super::Actor;
 use crate::error::{CoordinatorError, Result};
 use crate::plan::EpochCursor;
 use crate::shard::{fill, pieces};
+use capsnet_proto::wire::{to_grid_order, to_vector_order};
 
 /// A reducer's session.
 pub(super) struct Link {
@@ -225,6 +228,11 @@ impl Shards {
         self.accepted.clear();
         self.told.clear();
     }
+}
+
+/// `x[r]`, or nothing when `x` is not kept.
+fn part(x: &[f32], r: Range<usize>) -> &[f32] {
+    if x.is_empty() { &[] } else { &x[r] }
 }
 
 /// A URL a worker can dial: http(s)://host:port or unix:/path (workers of the reducer's
@@ -510,6 +518,16 @@ impl Actor {
         let config = self.run_msg.clone();
         let stall_ms = u64::try_from(self.cfg.stall_timeout.as_millis()).unwrap_or(u64::MAX);
         let grad = self.cfg.sync_mode == SyncMode::Grad;
+        // The reducers hold their spans in grid order.
+        let ordered = |x: &[f32]| to_grid_order(x, &grid, &self.place);
+        let params = ordered(&self.params.data);
+        let (m_all, v_all) = if grad {
+            (ordered(&self.adam.m), ordered(&self.adam.v))
+        } else if outer.is_some() {
+            (ordered(&self.outer_m), vec![])
+        } else {
+            (vec![], vec![])
+        };
         let Some(sh) = self.shards.as_mut() else {
             return;
         };
@@ -527,14 +545,8 @@ impl Actor {
                 outer_momentum: outer.map_or(0.0, |o| o.momentum),
                 stall_ms,
             }));
-            let (m, v): (&[f32], &[f32]) = if grad {
-                (&self.adam.m[lo..hi], &self.adam.v[lo..hi])
-            } else if outer.is_some() {
-                (&self.outer_m[lo..hi], &[])
-            } else {
-                (&[], &[])
-            };
-            for p in pieces(round, lo, &self.params.data[lo..hi], m, v) {
+            let (m, v) = (part(&m_all, lo..hi), part(&v_all, lo..hi));
+            for p in pieces(round, lo, &params[lo..hi], m, v) {
                 l.send(Order::State(p));
             }
             sh.layout.push((l, span, false));
@@ -850,12 +862,15 @@ impl Actor {
         let Some(g) = sh.gathering.take() else {
             return;
         };
-        self.params.data = g.params;
+        // The pieces came in grid order.
+        let grid = self.reducer.grid();
+        let back = |w: &[f32]| to_vector_order(w, &grid, &self.place);
+        self.params.data = back(&g.params);
         if self.cfg.sync_mode == SyncMode::Grad {
-            self.adam.m = g.m;
-            self.adam.v = g.v;
+            self.adam.m = back(&g.m);
+            self.adam.v = back(&g.v);
         } else if self.cfg.outer.is_some() {
-            self.outer_m = g.m;
+            self.outer_m = back(&g.m);
         }
         sh.known_good = (g.round, g.position, g.step);
         tracing::debug!(round = g.round, "state gathered from the reducers");
