@@ -308,7 +308,7 @@ pub async fn serve(
         published: pub_rx.clone(),
         progress: progress_rx,
         num_floats: model_layout.total() as u64,
-        layout_hash: capsnet_proto::layout_hash(&model_layout),
+        layout_hash: capsnet_proto::run_layout_hash(&model_layout, cfg.reducers > 0),
         names: Arc::new(names),
         grid,
         place,

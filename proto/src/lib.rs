@@ -113,6 +113,19 @@ pub fn layout_hash(layout: &ParamLayout) -> u64 {
     h
 }
 
+/// The hash a run's config and updates carry: [`layout_hash`], and for a sharded run also
+/// that its grid is striped ([`wire::stripe_order`]). A process that does not lay the chunks
+/// out the same way (an older build) then refuses the run config instead of reading every
+/// chunk at the wrong place.
+pub fn run_layout_hash(layout: &ParamLayout, sharded: bool) -> u64 {
+    let h = layout_hash(layout);
+    if sharded {
+        (h ^ 0x7374_7269_7065_6431).wrapping_mul(0x0000_0100_0000_01B3) // "striped1"
+    } else {
+        h
+    }
+}
+
 /// The positions in the epoch's permutation of `epoch_len` samples that a work order covers.
 /// An order that starts after its end or past the epoch is refused, never sliced.
 pub fn work_range(order: &pb::WorkOrder, epoch_len: usize) -> Result<std::ops::Range<usize>> {
@@ -432,13 +445,15 @@ impl TryFrom<pb::RunConfig> for RunSettings {
             Some(b) => ParamLayout::for_cnn(b),
             None => ParamLayout::for_config(&model),
         };
-        let hash = layout_hash(&layout);
+        let hash = run_layout_hash(&layout, m.sharded);
         if hash != m.layout_hash
             || layout.total() as u64 != m.num_floats
             || layout.specs().len() != m.tensors.len()
         {
             return Err(bad(
-                "run config: the tensor layout does not match the model config".into(),
+                "run config: the tensor layout or the grid's order does not match the model \
+                 config (is the peer a build of another version?)"
+                    .into(),
             ));
         }
         for (s, t) in layout.specs().iter().zip(&m.tensors) {
@@ -591,6 +606,24 @@ mod tests {
         let mut bad = m.clone();
         bad.layout_hash ^= 1;
         assert!(RunSettings::try_from(bad).is_err());
+        // A sharded run's hash says its grid is striped: a config of the unstriped kind (an
+        // older build's) for a sharded run is refused, and so is the other way round.
+        let layout = ParamLayout::for_config(&CapsNetConfig::tiny());
+        let sharded = RunSettings {
+            sharded: true,
+            layout_hash: run_layout_hash(&layout, true),
+            ..settings()
+        };
+        assert_ne!(sharded.layout_hash, layout_hash(&layout));
+        let sm = sharded.to_message().unwrap();
+        assert_eq!(RunSettings::try_from(sm.clone()).unwrap(), sharded);
+        let mut old = sm.clone();
+        old.layout_hash = layout_hash(&layout);
+        let e = RunSettings::try_from(old).unwrap_err().to_string();
+        assert!(e.contains("grid's order"), "{e}");
+        let mut unsharded = sm;
+        unsharded.sharded = false;
+        assert!(RunSettings::try_from(unsharded).is_err());
         let mut bad = m.clone();
         bad.model.as_mut().unwrap().routing_iters = 0;
         assert!(

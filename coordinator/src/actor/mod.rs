@@ -170,7 +170,7 @@ impl Actor {
             sync_mode: cfg.sync_mode,
             sync_every: cfg.sync_every,
             max_shift: t.max_shift,
-            layout_hash: capsnet_proto::layout_hash(model.layout()),
+            layout_hash: capsnet_proto::run_layout_hash(model.layout(), cfg.reducers > 0),
             wire: cfg.wire,
             chunk_bytes: cfg.chunk_bytes,
             // Checked against u32 by validate().
