@@ -711,13 +711,9 @@ pub async fn push_spans(
     update: Update<Arc<[f32]>>,
     pool: &BufPool,
 ) -> Result<bool> {
-    let (mut sender, _loss, chunks) = ChunkSender::new(
-        s.grid(),
-        s.placement(),
-        &layout.spans(),
-        s.wire,
-        pool.clone(),
-    )?;
+    let (grid, place) = s.grids();
+    let (mut sender, _loss, chunks) =
+        ChunkSender::new(grid, place, &layout.spans(), s.wire, pool.clone())?;
     for (k, c) in clients.iter().enumerate() {
         if c.is_in_process() {
             sender.in_process(k);
@@ -934,6 +930,25 @@ pub(crate) fn used(round: u64, pushed: Result<()>) -> Result<bool> {
 mod tests {
     use super::*;
 
+    type Senders = (
+        ChunkSender,
+        tokio::sync::oneshot::Receiver<f64>,
+        Vec<tokio::sync::mpsc::Receiver<EncodedChunk>>,
+    );
+
+    /// A sender of the f32 chunks of `grid` (placed at `place` in the flat vector), one stream
+    /// per span of `spans`.
+    fn sender(grid: &Grid, place: &Grid, spans: &[Range<usize>]) -> Senders {
+        ChunkSender::new(
+            grid.clone(),
+            place.clone(),
+            spans,
+            Encoding::F32,
+            BufPool::new(0),
+        )
+        .unwrap()
+    }
+
     /// Wire bytes count what crosses the network: the spans of a reducer served in this
     /// process do not, and they count again once it stops serving.
     #[test]
@@ -968,14 +983,7 @@ mod tests {
         let g: Vec<f32> = (0..10).map(|i| i as f32 * 0.5 - 1.0).collect();
         let grid = Assembler::grid(10, Encoding::F32, 16);
         assert_eq!(grid.len(), 3);
-        let (mut snd, loss, mut rxs) = ChunkSender::new(
-            grid.clone(),
-            grid.clone(),
-            std::slice::from_ref(&(0..3)),
-            Encoding::F32,
-            BufPool::new(0),
-        )
-        .unwrap();
+        let (mut snd, loss, mut rxs) = sender(&grid, &grid, std::slice::from_ref(&(0..3)));
         let mut rx = rxs.remove(0);
         let stats = BatchStats {
             samples: 2,
@@ -1017,14 +1025,7 @@ mod tests {
         let grid = Assembler::grid(20, Encoding::F32, 16);
         assert_eq!(grid.len(), 5);
         let spans = capsnet_proto::wire::spans(&grid, 2).unwrap();
-        let (mut snd, _loss, mut rxs) = ChunkSender::new(
-            grid.clone(),
-            grid.clone(),
-            &spans,
-            Encoding::F32,
-            BufPool::new(0),
-        )
-        .unwrap();
+        let (mut snd, _loss, mut rxs) = sender(&grid, &grid, &spans);
         let stats = BatchStats::default();
         snd.ready(&stats, 0, &g);
         let mut out = vec![0.0; 20];
@@ -1043,14 +1044,7 @@ mod tests {
         assert_eq!(out, g);
 
         // The first span's stream is gone: the second still gets everything.
-        let (mut snd, _loss, mut rxs) = ChunkSender::new(
-            grid.clone(),
-            grid.clone(),
-            &spans,
-            Encoding::F32,
-            BufPool::new(0),
-        )
-        .unwrap();
+        let (mut snd, _loss, mut rxs) = sender(&grid, &grid, &spans);
         drop(rxs.remove(0));
         snd.ready(&stats, 0, &g);
         assert_eq!(
@@ -1059,14 +1053,7 @@ mod tests {
         );
         // The second span's reducer is in this process: its chunks go without checksums
         // (an in-process assembler takes them), the first span's keep theirs.
-        let (mut snd, _loss, mut rxs) = ChunkSender::new(
-            grid.clone(),
-            grid.clone(),
-            &spans,
-            Encoding::F32,
-            BufPool::new(0),
-        )
-        .unwrap();
+        let (mut snd, _loss, mut rxs) = sender(&grid, &grid, &spans);
         snd.in_process(1);
         snd.ready(&stats, 0, &g);
         let mut out = vec![0.0; 20];
@@ -1118,14 +1105,7 @@ mod tests {
         assert_eq!(natural.len(), 8);
         let (grid, place) = reorder(&natural, &stripe_order(natural.len()));
         let spans = capsnet_proto::wire::spans(&grid, 2).unwrap();
-        let (mut snd, _loss, mut rxs) = ChunkSender::new(
-            grid.clone(),
-            place.clone(),
-            &spans,
-            Encoding::F32,
-            BufPool::new(0),
-        )
-        .unwrap();
+        let (mut snd, _loss, mut rxs) = sender(&grid, &place, &spans);
         let stats = BatchStats::default();
         let mut got: Vec<Vec<EncodedChunk>> = vec![vec![]; 2];
         let mut take = |rxs: &mut Vec<tokio::sync::mpsc::Receiver<EncodedChunk>>| {

@@ -2,8 +2,9 @@
 //! by bytes, with the optimizer state of their spans; workers push each span to its owner and
 //! pull it from there. The grid holds the flat vector's chunks in stripe order
 //! ([`capsnet_proto::wire::stripe_order`]), so each span holds a share of every layer; the
-//! state this actor keeps is in the vector's order, what it sends and gathers in the grid's. This actor keeps what it keeps in any run (members, rounds, deadlines,
-//! shards of the data, evaluation, checkpoints) and drives the reducers over their sessions:
+//! state this actor keeps is in the vector's order, what it sends and gathers in the grid's.
+//! This actor keeps what it keeps in any run (members, rounds, deadlines, shards of the data,
+//! evaluation, checkpoints) and drives the reducers over their sessions:
 //!
 //! - a round opens on every reducer with its members (`Open`), and the set it waits for is
 //!   kept up to date (`Expect`);
