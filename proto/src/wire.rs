@@ -90,21 +90,20 @@ pub fn reorder(natural: &[Range<usize>], order: &[usize]) -> (Grid, Grid) {
 /// `x` (in the vector's order) in the order of `grid`, whose chunk `j` holds the vector's
 /// floats `place[j]`; empty stays empty.
 pub fn to_grid_order(x: &[f32], grid: &[Range<usize>], place: &[Range<usize>]) -> Vec<f32> {
-    let mut out = vec![0.0; x.len()];
-    if !x.is_empty() {
-        for (g, p) in grid.iter().zip(place) {
-            out[g.clone()].copy_from_slice(&x[p.clone()]);
-        }
-    }
-    out
+    move_chunks(x, place, grid)
 }
 
 /// The inverse of [`to_grid_order`]: `w` in grid order back in the vector's order.
 pub fn to_vector_order(w: &[f32], grid: &[Range<usize>], place: &[Range<usize>]) -> Vec<f32> {
-    let mut out = vec![0.0; w.len()];
-    if !w.is_empty() {
-        for (g, p) in grid.iter().zip(place) {
-            out[p.clone()].copy_from_slice(&w[g.clone()]);
+    move_chunks(w, grid, place)
+}
+
+/// A copy of `x` with its floats `from[j]` moved to `to[j]`, for every `j`.
+fn move_chunks(x: &[f32], from: &[Range<usize>], to: &[Range<usize>]) -> Vec<f32> {
+    let mut out = vec![0.0; x.len()];
+    if !x.is_empty() {
+        for (f, t) in from.iter().zip(to) {
+            out[t.clone()].copy_from_slice(&x[f.clone()]);
         }
     }
     out
