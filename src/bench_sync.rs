@@ -53,6 +53,10 @@ pub struct BenchSyncArgs {
     /// `capsnet coordinator` chooses).
     #[arg(long)]
     chunk_bytes: Option<usize>,
+    /// Pull parameters as their changes from the last round's (the coordinator's
+    /// --delta-pulls).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    delta_pulls: bool,
     /// Also write the rows as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -81,6 +85,11 @@ pub fn run(a: BenchSyncArgs) -> Result<()> {
         a.rounds,
         a.warmup
     );
+    if a.delta_pulls {
+        println!(
+            "parameters pulled as their changes from the last round's (--delta-pulls): the synthetic update is the same every round, so the changes are Adam steps of about the learning rate, as in training"
+        );
+    }
     println!(
         "round = every worker pushes its update, the coordinator (or the reducer of each span) averages and applies Adam, every worker pulls the result"
     );
@@ -131,6 +140,7 @@ pub fn run(a: BenchSyncArgs) -> Result<()> {
                     chunk_bytes,
                     reducers,
                     unix,
+                    delta: a.delta_pulls,
                 })?;
                 let label = match r.transport {
                     "unix" => format!("{}-unix", r.layout),

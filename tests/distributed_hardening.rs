@@ -292,6 +292,7 @@ fn a_pull_that_is_never_read_is_let_go() {
             encoding: capsnet_proto::Encoding::F32 as i32,
             layout: None,
             cannot_reach: None,
+            delta: false,
         };
         body.send_data(capsnet_proto::frame::frame(&pull), true)
             .unwrap();

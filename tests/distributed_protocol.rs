@@ -112,6 +112,7 @@ async fn pull_stream(c: &mut Client, id: &str, after: u64) -> tonic::Streaming<p
             encoding: Encoding::F32 as i32,
             layout: None,
             cannot_reach: None,
+            delta: false,
         })
         .await
         .unwrap()
@@ -203,6 +204,7 @@ fn a_generic_grpc_client_reads_the_hand_framed_parameter_stream() {
                 encoding: Encoding::F32 as i32,
                 layout: None,
                 cannot_reach: None,
+                delta: false,
             })
             .await
             .unwrap()
@@ -232,6 +234,104 @@ fn a_generic_grpc_client_reads_the_hand_framed_parameter_stream() {
     });
     coord.signal(libc::SIGTERM);
     coord.expect_success(Duration::from_secs(30));
+}
+
+/// With --delta-pulls, a worker that holds round 0's parameters pulls round 1's as their changes
+/// from those: rebuilt bit for bit, in fewer bytes out of the coordinator. A worker that holds other parameters gets changes
+/// that do not rebuild them, and pulls the whole chunks again: the same parameters. A pull
+/// that did not ask for changes gets whole chunks.
+#[test]
+fn delta_pulls_rebuild_the_parameters_or_fall_back_to_whole_chunks() {
+    for wire in ["f32", "bf16"] {
+        let metrics = free_addr();
+        let args: Vec<&str> = PROBE
+            .iter()
+            .copied()
+            .chain(["--delta-pulls", "true", "--wire", wire])
+            .chain(["--metrics-listen", metrics.as_str()])
+            .collect();
+        let Setup {
+            tmp: _tmp,
+            mut coord,
+            url,
+            ..
+        } = Setup::start(64, &args);
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let mut j = join(&url, "probe", Some(0)).await;
+            let s = j.settings.clone();
+            assert!(s.delta_pulls);
+            let (enc, grid, n) = (s.wire, s.grid(), j.total as usize);
+            let id = j.id.clone();
+            let mut held = vec![0.0f32; n];
+            let o = capsnet_worker::pull_into(&mut j.client, &id, None, enc, &grid, &mut held)
+                .await
+                .unwrap();
+            assert_eq!(o.round, 0);
+            let update = capsnet_worker::Update {
+                round: 0,
+                samples: o.end - o.start,
+                loss: 0.5,
+                data: vec![1e-3f32; n],
+            };
+            let pool = capsnet_proto::wire::BufPool::new(0);
+            capsnet_worker::push(&mut j.client, &id, &s, update, &pool)
+                .await
+                .unwrap();
+            let sent = || {
+                let (_, body) = scrape(&metrics, "/metrics");
+                let name =
+                    format!(r#"capsnet_wire_bytes_total{{encoding="{wire}",direction="out"}}"#);
+                sample(&body, &name).unwrap_or(0.0)
+            };
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let mut pull = async |buf: &mut Vec<f32>, holds: bool| {
+                let before = sent();
+                let o = capsnet_worker::pull_changes_into(
+                    &mut j.client,
+                    &id,
+                    Some(0),
+                    enc,
+                    &grid,
+                    buf,
+                    holds,
+                )
+                .await
+                .unwrap();
+                assert_eq!(o.round, 1);
+                sent() - before
+            };
+            // Whole chunks, for a worker that says it holds nothing.
+            let mut whole = held.clone();
+            let whole_bytes = pull(&mut whole, false).await;
+            assert_eq!(whole_bytes, (n * wire_bytes(enc)) as f64);
+            assert_ne!(bits(&whole), bits(&held), "round 1 changed nothing");
+            // The changes from round 0.
+            let mut changed = held.clone();
+            let delta_bytes = pull(&mut changed, true).await;
+            assert_eq!(bits(&changed), bits(&whole), "{wire}");
+            // Adam's first step moves every parameter by about the learning rate: the top
+            // byte changes where that changes the exponent (the tiny model's zero biases,
+            // small weights).
+            let share = delta_bytes / whole_bytes;
+            let most = if enc == Encoding::Bf16 { 0.75 } else { 0.9 };
+            eprintln!("{wire}: the changes are {share:.3} of the whole");
+            assert!(share > 0.25 && share < most, "{wire}: {share}");
+            // Other parameters than round 0's: the changes do not rebuild, the whole chunks
+            // follow.
+            let mut wrong: Vec<f32> = held.iter().map(|x| x + 0.5).collect();
+            let both = pull(&mut wrong, true).await;
+            assert_eq!(bits(&wrong), bits(&whole), "{wire}");
+            assert!(both > whole_bytes, "{both} {whole_bytes}");
+        });
+        coord.signal(libc::SIGTERM);
+        coord.expect_success(Duration::from_secs(30));
+    }
+}
+
+/// Bytes per float of `enc` on the wire.
+fn wire_bytes(enc: Encoding) -> usize {
+    capsnet_proto::wire::bytes_per_float(enc)
 }
 
 /// A valid round-0 update of the probe worker, for a case to break.
@@ -285,6 +385,7 @@ impl Target {
             enc: Encoding::F32,
             grid: &grid,
             place: &place,
+            holds: false,
         };
         let (order, _) = capsnet_worker::fetch(&mut j.client, reducers, want, None, &mut params)
             .await
@@ -347,6 +448,7 @@ fn bad_updates(sharded: bool) {
                 enc: Encoding::F32,
                 grid: &grid,
                 place: &place,
+                holds: false,
             };
             let (_, layout) =
                 capsnet_worker::fetch(&mut j.client, &mut reducers, want, None, &mut params)
@@ -738,6 +840,7 @@ fn a_pull_before_the_epoch_is_planned_is_answered_when_it_starts() {
                 encoding: Encoding::F32 as i32,
                 layout: None,
                 cannot_reach: None,
+                delta: false,
             })
             .await
             .unwrap()
@@ -1007,6 +1110,7 @@ fn a_reducer_streams_every_range_before_the_round_commits() {
                 encoding: Encoding::F32 as i32,
                 layout: None,
                 cannot_reach: None,
+                delta: false,
             };
             let o = tokio::time::timeout(Duration::from_secs(30), j.client.rpc().get_work(ask))
                 .await
@@ -1052,6 +1156,7 @@ fn a_reducer_streams_every_range_before_the_round_commits() {
             encoding: Encoding::F32 as i32,
             layout: Some(layout - 1),
             cannot_reach: None,
+            delta: false,
         };
         let e = match rb.rpc().pull_params(stale_pull).await {
             Err(e) => e,

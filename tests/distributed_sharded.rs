@@ -132,7 +132,8 @@ fn same_checkpoints(a: &Path, b: &Path, round: u64, what: &str) {
 }
 
 /// Grad mode: 1, 2 and 3 reducers give, after 8 rounds, the parameters and Adam moments of one
-/// coordinator, bit for bit.
+/// coordinator, bit for bit; the 3 with the parameters pulled as their changes
+/// (`--delta-pulls`).
 #[test]
 fn any_number_of_reducers_gives_the_bits_of_one_coordinator() {
     let tmp = tempfile::tempdir().unwrap();
@@ -140,12 +141,17 @@ fn any_number_of_reducers_gives_the_bits_of_one_coordinator() {
     let one = run(tmp.path(), &d, "one", 8, &[], Layout::None, |_, _, _, _| {});
     for r in 1..=3 {
         let name = format!("sharded-{r}");
+        let extra: &[&str] = if r == 3 {
+            &["--delta-pulls", "true"]
+        } else {
+            &[]
+        };
         let sharded = run(
             tmp.path(),
             &d,
             &name,
             8,
-            &[],
+            extra,
             Layout::Separate(r),
             |_, _, _, _| {},
         );
@@ -158,8 +164,9 @@ fn any_number_of_reducers_gives_the_bits_of_one_coordinator() {
     }
 }
 
-/// The bf16 wire with a reducer in each worker process, and params mode with the outer
-/// optimizer over two reducer processes, give the bits of one coordinator too.
+/// The bf16 wire with a reducer in each worker process (and the parameters pulled as their
+/// changes), and params mode with the outer optimizer over two reducer processes, give the
+/// bits of one coordinator too.
 #[test]
 fn bf16_colocated_and_params_mode_shard_bit_for_bit() {
     let tmp = tempfile::tempdir().unwrap();
@@ -179,7 +186,7 @@ fn bf16_colocated_and_params_mode_shard_bit_for_bit() {
         &d,
         "bf16-co",
         6,
-        &bf16,
+        &["--wire", "bf16", "--delta-pulls", "true"],
         Layout::Colocated,
         |_, _, _, _| {},
     );
@@ -222,7 +229,11 @@ fn bf16_colocated_and_params_mode_shard_bit_for_bit() {
 #[test]
 fn a_reducer_killed_mid_run_costs_the_rounds_since_the_last_gather_and_nothing_else() {
     let tmp = tempfile::tempdir().unwrap();
-    let lost = killed_and_joined(tmp.path(), &["--gather-every", "1ms"]);
+    // The parameters are pulled as their changes, also across the rollbacks.
+    let lost = killed_and_joined(
+        tmp.path(),
+        &["--gather-every", "1ms", "--delta-pulls", "true"],
+    );
     // Each time the spans moved, the run went back to a recent gather: a round or two, not
     // to the start.
     let moves = reassignments(&lost);
@@ -467,6 +478,7 @@ fn a_member_that_joins_again_pushes_to_the_reducers_under_its_new_id() {
             enc: Encoding::F32,
             grid: &grid,
             place: &place,
+            holds: false,
         };
         let mut c = first.client.clone();
         let (o, _) = capsnet_worker::fetch(
@@ -560,6 +572,7 @@ fn a_sharded_coordinator_refuses_what_belongs_to_the_reducers() {
                 encoding: Encoding::F32 as i32,
                 layout: None,
                 cannot_reach: None,
+                delta: false,
             };
             let waited =
                 tokio::time::timeout(Duration::from_millis(500), j.client.rpc().get_work(ask))
@@ -605,6 +618,7 @@ fn a_sharded_coordinator_refuses_what_belongs_to_the_reducers() {
             encoding: Encoding::F32 as i32,
             layout: None,
             cannot_reach: None,
+            delta: false,
         };
         let e = j.client.rpc().get_work(ask).await.unwrap_err();
         assert!(e.message().contains("no reducers"), "{e}");

@@ -52,8 +52,8 @@ fn lan_bench(args: &[&str]) -> Command {
 
 /// One test, as the runs must not overlap (each compares the namespaces before and after):
 /// - two workers, f32 and bf16, batch 2, through the coordinator and sharded (a reducer in
-///   each worker, and separate reducers), with and without overlap: a row each with round
-///   times, in the table and the JSON;
+///   each worker, and separate reducers), with and without overlap, parameters pulled whole
+///   and as changes (`--delta-pulls`): a row each with round times, in the table and the JSON;
 /// - a run that fails (a binary that exits at once) exits non-zero;
 /// - a run interrupted with SIGTERM once its processes run exits 143.
 ///
@@ -67,7 +67,14 @@ fn lan_bench_runs_small_and_cleans_up_after_success_failure_and_interrupt() {
     let tmp = tempfile::tempdir().unwrap();
     let json = tmp.path().join("rows.jsonl");
     let out = lan_bench(&["--workers", "2", "--wire", "f32,bf16", "--rounds", "3"])
-        .args(["--batch-size", "2", "--overlap", "on,off"])
+        .args([
+            "--batch-size",
+            "2",
+            "--overlap",
+            "on,off",
+            "--delta",
+            "off,on",
+        ])
         .args(["--layout", "coordinator,colocated,separate"])
         .args(["--warmup", "1", "--json"])
         .arg(&json)
@@ -88,15 +95,18 @@ fn lan_bench_runs_small_and_cleans_up_after_success_failure_and_interrupt() {
     for wire in ["f32", "bf16"] {
         for layout in ["coordinator", "colocated", "separate"] {
             for overlap in [true, false] {
-                settings.push((wire, layout, overlap));
+                for delta in [false, true] {
+                    settings.push((wire, layout, overlap, delta));
+                }
             }
         }
     }
     assert_eq!(rows.len(), settings.len(), "{text}");
-    for (r, (wire, layout, overlap)) in rows.iter().zip(settings) {
+    for (r, (wire, layout, overlap, delta)) in rows.iter().zip(settings) {
         assert_eq!(r["wire"], wire, "{text}");
         assert_eq!(r["layout"], layout, "{text}");
         assert_eq!(r["overlap"], overlap, "{text}");
+        assert_eq!(r["delta"], delta, "{text}");
         let bound = r["layout_bound_ms"].as_f64().unwrap();
         let want = match layout {
             "coordinator" => r["coordinator_bound_ms"].as_f64().unwrap(),

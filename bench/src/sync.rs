@@ -31,6 +31,9 @@ pub struct SyncSettings {
     /// The coordinator and the reducers serve unix sockets instead of loopback TCP ports (as
     /// `capsnet launch` has them).
     pub unix: bool,
+    /// The run's parameters are pulled as their changes from the last round's
+    /// (`--delta-pulls`).
+    pub delta: bool,
 }
 
 /// The result of one setting.
@@ -44,6 +47,7 @@ pub struct SyncRow {
     /// How workers reach the reducers: "tcp" (loopback) or "unix" (sockets).
     pub transport: &'static str,
     pub wire: &'static str,
+    pub delta_pulls: bool,
     pub floats: usize,
     pub median_ms: f64,
     pub min_ms: f64,
@@ -148,6 +152,7 @@ async fn sharded_worker(
         enc: s.wire,
         grid: &grid,
         place: &place,
+        holds: s.delta_pulls,
     };
     let (mut order, mut layout) =
         capsnet_worker::fetch(&mut client, &mut reducers, want(None), None, &mut params).await?;
@@ -172,6 +177,10 @@ async fn sharded_worker(
         };
         let clients = reducers.clients(l).await?;
         let mut puller = client.clone();
+        // As a worker does: the next parameters stream into a copy of these, as changes.
+        if s.delta_pulls {
+            next.copy_from_slice(&params);
+        }
         let (_, (o, next_layout)) = tokio::try_join!(
             capsnet_worker::push_spans(clients, l, &id, &s, u, &pool),
             capsnet_worker::fetch(&mut puller, &mut reducers, want(after), Some(l), &mut next),
@@ -219,7 +228,16 @@ async fn synthetic_worker(url: String, token: String, rank: usize, spans: Spans)
         };
         let (_, next) = tokio::try_join!(
             capsnet_worker::push(&mut client, &id, &s, u, &pool),
-            capsnet_worker::pull_into(&mut puller, &id, after, s.wire, &grid, &mut params),
+            // The update is not these parameters: they are still as they were pulled.
+            capsnet_worker::pull_changes_into(
+                &mut puller,
+                &id,
+                after,
+                s.wire,
+                &grid,
+                &mut params,
+                s.delta_pulls,
+            ),
         )?;
         record(&spans, o.round, start)?;
         ready = Some(next);
@@ -323,6 +341,7 @@ pub fn measure(s: &SyncSettings) -> Result<SyncRow> {
     cfg.wire = wire;
     cfg.chunk_bytes = s.chunk_bytes;
     cfg.reducers = s.reducers;
+    cfg.delta_pulls = s.delta;
     // Heartbeats every 500 ms (unhealthy after 1.5 s without one): a loaded machine does not
     // fail the run, and each setting still ends 1.5 s after its last round.
     cfg.heartbeat = Duration::from_millis(500);
@@ -481,6 +500,7 @@ pub fn measure(s: &SyncSettings) -> Result<SyncRow> {
         } else {
             "f32"
         },
+        delta_pulls: s.delta,
         floats,
         median_ms: median,
         min_ms: ms[0],

@@ -65,6 +65,9 @@ pub struct CoordinatorConfig {
     /// and checkpoint), since a reducer that dies rolls the run back to the last gather;
     /// zero gathers only for evaluations and checkpoints.
     pub gather_every: Duration,
+    /// Grad mode: also encode new parameters as their change from the last round's, which
+    /// workers that hold those pull instead (lossless; fewer bytes, more CPU).
+    pub delta_pulls: bool,
 }
 
 /// The outer optimizer of `--sync params` (DiLoCo, Douillard et al. 2023): Nesterov momentum
@@ -98,6 +101,7 @@ impl CoordinatorConfig {
             clip_updates: false,
             max_connections: 1024,
             max_connections_per_ip: 64,
+            delta_pulls: false,
             max_workers: 4096,
             outer: None,
             stall_timeout: Duration::from_secs(30),

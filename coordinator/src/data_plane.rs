@@ -226,10 +226,14 @@ fn grpc_response(body: Body) -> http::Response<Body> {
 fn chunk_frames(
     round: u64,
     total_len: u64,
-    encoding: Encoding,
+    (encoding, delta): (Encoding, bool),
     c: &EncodedChunk,
     (work, total_crc32): (Option<pb::WorkOrder>, Option<u32>),
 ) -> [Bytes; 2] {
+    let (payload, delta) = match &c.delta {
+        Some(d) if delta => (d.clone(), true),
+        _ => (c.payload.clone(), false),
+    };
     let fields = pb::ParamChunk {
         round,
         offset: c.offset,
@@ -239,8 +243,18 @@ fn chunk_frames(
         crc32: c.crc32,
         work,
         total_crc32,
+        delta,
     };
-    frame::frame_with_payload(&fields, frame::PARAM_PAYLOAD_TAG, c.payload.clone())
+    frame::frame_with_payload(&fields, frame::PARAM_PAYLOAD_TAG, payload)
+}
+
+/// The bytes chunk `c` goes out with: its change from the round before when the pull asked for
+/// that (`delta`) and the chunk has one, else its payload.
+fn sent_len(c: &EncodedChunk, delta: bool) -> u64 {
+    match &c.delta {
+        Some(d) if delta => d.len() as u64,
+        _ => c.payload.len() as u64,
+    }
 }
 
 /// A published round's chunks not in `sent` (indexed by chunk), in grid order.
@@ -250,14 +264,20 @@ fn unsent<'a>(snapshot: &'a Published, sent: &'a [bool]) -> impl Iterator<Item =
         .map(|(_, c)| c)
 }
 
-/// Payload bytes of a published round's chunks not in `sent`.
-fn payload_bytes(snapshot: &Published, sent: &[bool]) -> u64 {
-    unsent(snapshot, sent).map(|c| c.payload.len() as u64).sum()
+/// Bytes of a published round's chunks not in `sent`, as they go out.
+fn payload_bytes(snapshot: &Published, sent: &[bool], delta: bool) -> u64 {
+    unsent(snapshot, sent).map(|c| sent_len(c, delta)).sum()
 }
 
-/// The frames of a published round's chunks not in `sent`, in grid order; the last carries
-/// the work order and the checksum of the whole (the same whatever order the chunks went in).
-fn round_frames(snapshot: &Published, sent: &[bool], order: pb::WorkOrder) -> Vec<Bytes> {
+/// The frames of a published round's chunks not in `sent`, in grid order (as changes from the
+/// round before where `delta` asks for them); the last carries the work order and the checksum
+/// of the whole (the same whatever order the chunks went in).
+fn round_frames(
+    snapshot: &Published,
+    sent: &[bool],
+    order: pb::WorkOrder,
+    delta: bool,
+) -> Vec<Bytes> {
     let total = snapshot.chunks.last().and_then(|c| c.total_crc32);
     let rest: Vec<&EncodedChunk> = unsent(snapshot, sent).collect();
     let n = rest.len();
@@ -273,7 +293,7 @@ fn round_frames(snapshot: &Published, sent: &[bool], order: pb::WorkOrder) -> Ve
             chunk_frames(
                 snapshot.round,
                 snapshot.total_len,
-                snapshot.encoding,
+                (snapshot.encoding, delta),
                 c,
                 last,
             )
@@ -336,14 +356,14 @@ async fn speculate(
             }
         };
         for (i, g, c) in early {
-            svc.count_wire(wire, "out", c.payload.len() as u64);
+            svc.count_wire(wire, "out", sent_len(&c, r.delta));
             crcs.record(
                 i,
                 crc32fast::Hasher::new_with_initial_len(c.crc32, c.payload.len() as u64),
             );
             // The last chunk of the stream carries the checksum over the span.
             let last = (None, crcs.total());
-            for b in chunk_frames(round, svc.num_floats, wire, &c, last) {
+            for b in chunk_frames(round, svc.num_floats, (wire, r.delta), &c, last) {
                 send(b).await?;
             }
             sent[i] = Some(g);
@@ -365,8 +385,8 @@ async fn speculate(
                     ));
                 }
                 let done: Vec<bool> = sent.iter().map(Option::is_some).collect();
-                svc.count_wire(wire, "out", payload_bytes(&snapshot, &done));
-                for b in round_frames(&snapshot, &done, order) {
+                svc.count_wire(wire, "out", payload_bytes(&snapshot, &done, r.delta));
+                for b in round_frames(&snapshot, &done, order, r.delta) {
                     send(b).await?;
                 }
                 return Ok(());
@@ -406,9 +426,13 @@ async fn serve(
         let mut published = svc.published.clone();
         published.borrow_and_update();
         if let PullReply::Ready(order, snapshot) = svc.ask_pull(&r).await? {
-            svc.count_wire(snapshot.encoding, "out", payload_bytes(&snapshot, &[]));
+            svc.count_wire(
+                snapshot.encoding,
+                "out",
+                payload_bytes(&snapshot, &[], r.delta),
+            );
             return Ok(stream_frames(
-                round_frames(&snapshot, &[], order),
+                round_frames(&snapshot, &[], order, r.delta),
                 svc.stall,
             ));
         }

@@ -134,6 +134,9 @@ type Block<'o, 'b> = (
     ((&'o mut [f32], &'o mut [u8]), &'o mut BlockState<'b>),
 );
 
+/// Block `k` of a range's delta: the old floats, the new payload and the low bytes' place.
+type DeltaBlock<'a> = (usize, ((&'a [f32], &'a [u8]), &'a mut [u8]));
+
 /// What a closed round hands back: the new state lives in the reducer's `next_*` buffers.
 pub(crate) struct Closed {
     pub members: Vec<usize>,
@@ -163,19 +166,24 @@ pub(crate) struct Reducer {
     threads: Option<rayon::ThreadPool>,
     /// Reductions so far (the generation of the next one).
     generation: u64,
+    /// Also encode each range as its change from the parameters it was reduced from.
+    delta: bool,
     pub next_params: Vec<f32>,
     pub next_m: Vec<f32>,
     pub next_v: Vec<f32>,
 }
 
 impl Reducer {
-    /// A reducer of the chunks `span` of `grid`, whose [`Source`]s hold those chunks' floats.
+    /// A reducer of the chunks `span` of `grid`, whose [`Source`]s hold those chunks' floats;
+    /// with `delta`, each reduced range also carries its change from the parameters it was
+    /// reduced from ([`EncodedChunk::delta`]), for the workers that hold them.
     pub fn new(
         grid: Arc<Vec<Range<usize>>>,
         span: Range<usize>,
         wire: Encoding,
         kept: Kept,
         threads: usize,
+        delta: bool,
     ) -> Result<Self> {
         if span.is_empty() || span.end > grid.len() {
             return Err(CoordinatorError::Config(format!(
@@ -214,6 +222,7 @@ impl Reducer {
             next_v: vec![0.0; v_len],
             threads,
             generation: 0,
+            delta,
         })
     }
 
@@ -416,6 +425,11 @@ impl Reducer {
             crc.combine(h);
         }
         let finite = crcs.iter().all(|(_, f)| *f);
+        // The range's change from the parameters it was reduced from, which the last round
+        // published, for the workers that hold them.
+        let delta = self
+            .delta
+            .then(|| self.delta_of(&src.params[local], payload.as_ref()));
         self.generation += 1;
         self.reduced[at] = Some(Reduced {
             generation: self.generation,
@@ -425,10 +439,38 @@ impl Reducer {
                 crc32: crc.clone().finalize(),
                 payload: payload.freeze(),
                 total_crc32: None,
+                delta,
             },
             crc,
             finite,
         });
+    }
+
+    /// The delta ([`wire::delta_encode`]) of the encoded range `new` from the floats `old`, in
+    /// blocks over the reducer's threads.
+    fn delta_of(&self, old: &[f32], new: &[u8]) -> Bytes {
+        let w = wire::bytes_per_float(self.wire);
+        let mut low = wire::delta_buffer(old.len(), self.wire);
+        let block = |(k, ((o, n), l)): DeltaBlock<'_>| {
+            let mut high = vec![];
+            wire::delta_block(o, n, self.wire, l, (k * BLOCK) as u32, &mut high);
+            high
+        };
+        let highs: Vec<Vec<(u32, u8)>> = match &self.threads {
+            Some(pool) => pool.install(|| {
+                (old.par_chunks(BLOCK).zip(new.par_chunks(BLOCK * w)))
+                    .zip(low.par_chunks_mut(BLOCK * (w - 1)))
+                    .enumerate()
+                    .map(block)
+                    .collect()
+            }),
+            None => (old.chunks(BLOCK).zip(new.chunks(BLOCK * w)))
+                .zip(low.chunks_mut(BLOCK * (w - 1)))
+                .enumerate()
+                .map(block)
+                .collect(),
+        };
+        wire::delta_finish(low, &highs.concat())
     }
 
     /// Closes the round over the complete updates: redoes every range that was reduced over
@@ -595,7 +637,15 @@ mod tests {
 
     /// A reducer of every chunk of `grid`, as the coordinator's own.
     fn whole(grid: &Arc<Vec<Range<usize>>>, kept: Kept, threads: usize) -> Reducer {
-        Reducer::new(grid.clone(), 0..grid.len(), Encoding::F32, kept, threads).unwrap()
+        Reducer::new(
+            grid.clone(),
+            0..grid.len(),
+            Encoding::F32,
+            kept,
+            threads,
+            false,
+        )
+        .unwrap()
     }
 
     fn decode(chunks: &[EncodedChunk], n: usize) -> Vec<f32> {
@@ -681,8 +731,9 @@ mod tests {
 
     /// The sharded layout's arithmetic: R reducers, each over its span of the grid with its
     /// span's state, give the bits of one reducer over the whole grid (parameters, moments and
-    /// encoded results), for R = 1, 2, 3, whatever order the chunks arrive in and on any number
-    /// of threads.
+    /// encoded results, and their changes from the parameters reduced from, which rebuild
+    /// them), for R = 1, 2, 3, whatever order the chunks arrive in and on any number of
+    /// threads.
     #[test]
     fn reducers_of_spans_give_the_bits_of_one_over_the_grid() {
         let n = 23_000;
@@ -709,6 +760,7 @@ mod tests {
                 Encoding::F32,
                 Kept::AdamMoments,
                 threads,
+                true,
             )
             .unwrap();
             for (k, (samples, _)) in updates.iter().enumerate() {
@@ -733,6 +785,21 @@ mod tests {
         };
         let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         let (wp, wm, wv, wc) = run(0..grid.len(), false, 1);
+        let mut rebuilt = vec![];
+        for (c, r) in wc.iter().zip(grid.iter()) {
+            let d = c.delta.as_ref().unwrap();
+            assert!(
+                d.len() < c.payload.len(),
+                "{} of {}",
+                d.len(),
+                c.payload.len()
+            );
+            wire::delta_decode(d, &p[r.clone()], Encoding::F32, &mut rebuilt).unwrap();
+            assert!(
+                rebuilt == c.payload,
+                "the change at {r:?} does not rebuild the result"
+            );
+        }
         for r in 1..=3 {
             let (mut sp, mut sm, mut sv, mut payloads) = (vec![], vec![], vec![], vec![]);
             for (j, span) in wire::spans(&grid, r).unwrap().into_iter().enumerate() {
@@ -744,19 +811,22 @@ mod tests {
                 sp.extend(p);
                 sm.extend(m);
                 sv.extend(v);
-                payloads.extend(chunks.into_iter().map(|c| c.payload));
+                payloads.extend(chunks.into_iter().map(|c| (c.payload, c.delta)));
             }
             assert_eq!(bits(&sp), bits(&wp), "{r} reducers: parameters");
             assert_eq!(bits(&sm), bits(&wm), "{r} reducers: first moments");
             assert_eq!(bits(&sv), bits(&wv), "{r} reducers: second moments");
             assert!(
-                payloads.iter().zip(&wc).all(|(a, b)| *a == b.payload),
+                payloads
+                    .iter()
+                    .zip(&wc)
+                    .all(|(a, b)| a.0 == b.payload && a.1 == b.delta),
                 "{r} reducers: encoded results"
             );
         }
         // A span off the grid is refused.
-        assert!(Reducer::new(grid.clone(), 8..9, Encoding::F32, Kept::Nothing, 1).is_err());
-        assert!(Reducer::new(grid, 3..3, Encoding::F32, Kept::Nothing, 1).is_err());
+        assert!(Reducer::new(grid.clone(), 8..9, Encoding::F32, Kept::Nothing, 1, false).is_err());
+        assert!(Reducer::new(grid, 3..3, Encoding::F32, Kept::Nothing, 1, false).is_err());
     }
 
     /// A reduction whose result is not finite (here from a damaged moment) says so, so that

@@ -731,6 +731,7 @@ impl ShardActor {
             settings.wire,
             kept,
             self.threads,
+            settings.delta_pulls && settings.sync_mode == SyncMode::Grad,
         )?;
         let mut adam = Adam::new(
             settings.adam.clone(),

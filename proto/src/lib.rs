@@ -166,6 +166,9 @@ pub struct RunSettings {
     /// Reducers own the grid's spans: work orders come from GetWork, parameters and updates
     /// move to and from each span's owner.
     pub sharded: bool,
+    /// Grad mode: new parameters may be pulled as their change from the last round's
+    /// ([`wire::delta_encode`]).
+    pub delta_pulls: bool,
 }
 
 impl RunSettings {
@@ -234,6 +237,7 @@ impl RunSettings {
                 .map(pb::CnnConfig::try_from)
                 .transpose()?,
             sharded: self.sharded,
+            delta_pulls: self.delta_pulls,
         })
     }
 }
@@ -550,6 +554,7 @@ impl TryFrom<pb::RunConfig> for RunSettings {
             baseline,
             multi: m.multi.map(|c| c as usize),
             sharded: m.sharded,
+            delta_pulls: m.delta_pulls,
         })
     }
 }
@@ -578,6 +583,7 @@ mod tests {
             baseline: None,
             multi: None,
             sharded: false,
+            delta_pulls: true,
         }
     }
 

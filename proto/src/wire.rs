@@ -396,6 +396,217 @@ pub fn crc32(payload: &[u8]) -> u32 {
     crc32fast::hash(payload)
 }
 
+/// Delta pulls: a parameter chunk sent as its change from the round before, which the puller
+/// holds. With `x` the XOR of a float's old and new payload word (`w` bytes, little-endian:
+/// 4 for f32, 2 for bf16), an Adam step changes the low bits of almost every float but the top
+/// byte (the sign and most of the exponent) of few: the payload is the low `w - 1` bytes of
+/// every `x`, float by float, then each nonzero top byte as a LEB128 gap (its float's index
+/// minus the index after the previous one's) and the byte. Lossless: the puller rebuilds the
+/// exact payload of the round and checks it against the chunk's CRC.
+///
+/// One block of a delta: the low bytes of `old` XOR `new` (the payload of `old.len()` floats)
+/// into `low` (`old.len() * (w - 1)` bytes), and each nonzero top byte with its float's index
+/// (from `first`) into `high`.
+#[inline]
+pub fn delta_block(
+    old: &[f32],
+    new: &[u8],
+    enc: Encoding,
+    low: &mut [u8],
+    first: u32,
+    high: &mut Vec<(u32, u8)>,
+) {
+    let w = bytes_per_float(enc);
+    debug_assert!(new.len() == old.len() * w && low.len() == old.len() * (w - 1));
+    // Eight floats at a time, the top bytes looked at one by one only where one of the eight
+    // changed (few do), so that the loop over the low bytes vectorizes; then the rest.
+    const G: usize = 8;
+    let body = old.len() / G * G;
+    let mut x = [0u32; G];
+    let mut push = |at: usize, x: &[u32], shift: u32| {
+        for (k, &v) in x.iter().enumerate() {
+            if v >> shift != 0 {
+                high.push((first + (at + k) as u32, (v >> shift) as u8));
+            }
+        }
+    };
+    match enc {
+        Encoding::Bf16 => {
+            for (g, ((o, n), l)) in (old[..body].chunks_exact(G))
+                .zip(new.chunks_exact(2 * G))
+                .zip(low.chunks_exact_mut(G))
+                .enumerate()
+            {
+                let mut any = 0;
+                for k in 0..G {
+                    let v = f32_to_bf16(o[k]) ^ u16::from_le_bytes([n[2 * k], n[2 * k + 1]]);
+                    l[k] = v as u8;
+                    x[k] = u32::from(v);
+                    any |= v;
+                }
+                if any >> 8 != 0 {
+                    push(g * G, &x, 8);
+                }
+            }
+            for i in body..old.len() {
+                let v = f32_to_bf16(old[i]) ^ u16::from_le_bytes([new[2 * i], new[2 * i + 1]]);
+                low[i] = v as u8;
+                push(i, &[u32::from(v)], 8);
+            }
+        }
+        _ => {
+            for (g, ((o, n), l)) in (old[..body].chunks_exact(G))
+                .zip(new.chunks_exact(4 * G))
+                .zip(low.chunks_exact_mut(3 * G))
+                .enumerate()
+            {
+                let mut any = 0;
+                for k in 0..G {
+                    let v = o[k].to_bits()
+                        ^ u32::from_le_bytes([n[4 * k], n[4 * k + 1], n[4 * k + 2], n[4 * k + 3]]);
+                    x[k] = v;
+                    any |= v;
+                }
+                // Four floats' low bytes in three words.
+                for (q, l) in x.chunks_exact(4).zip(l.chunks_exact_mut(12)) {
+                    let a = (q[0] & 0x00FF_FFFF) | (q[1] << 24);
+                    let b = ((q[1] >> 8) & 0xFFFF) | (q[2] << 16);
+                    let c = ((q[2] >> 16) & 0xFF) | (q[3] << 8);
+                    l[0..4].copy_from_slice(&a.to_le_bytes());
+                    l[4..8].copy_from_slice(&b.to_le_bytes());
+                    l[8..12].copy_from_slice(&c.to_le_bytes());
+                }
+                if any >> 24 != 0 {
+                    push(g * G, &x, 24);
+                }
+            }
+            for i in body..old.len() {
+                let n = &new[4 * i..4 * i + 4];
+                let v = old[i].to_bits() ^ u32::from_le_bytes([n[0], n[1], n[2], n[3]]);
+                low[3 * i..3 * i + 3].copy_from_slice(&v.to_le_bytes()[..3]);
+                push(i, &[v], 24);
+            }
+        }
+    }
+}
+
+/// A buffer for the low bytes of a delta of `n` floats (zeroed), with room for the top bytes of
+/// one float in four.
+pub fn delta_buffer(n: usize, enc: Encoding) -> Vec<u8> {
+    let low = n * (bytes_per_float(enc) - 1);
+    let mut b = Vec::with_capacity(low + n / 2);
+    b.resize(low, 0);
+    b
+}
+
+/// Appends the top bytes of [`delta_block`] (in index order) to a delta's low bytes.
+pub fn delta_finish(mut low: Vec<u8>, high: &[(u32, u8)]) -> Bytes {
+    low.reserve(high.len() * 2);
+    let mut next = 0u32;
+    for &(i, b) in high {
+        let mut gap = i - next;
+        loop {
+            let more = gap >= 0x80;
+            low.push((gap as u8 & 0x7F) | if more { 0x80 } else { 0 });
+            gap >>= 7;
+            if !more {
+                break;
+            }
+        }
+        low.push(b);
+        next = i + 1;
+    }
+    Bytes::from(low)
+}
+
+/// The delta of the payload `new` (of `old.len()` floats as `enc`) from the floats `old`.
+pub fn delta_encode(old: &[f32], new: &[u8], enc: Encoding) -> Bytes {
+    let mut low = delta_buffer(old.len(), enc);
+    let mut high = vec![];
+    delta_block(old, new, enc, &mut low, 0, &mut high);
+    delta_finish(low, &high)
+}
+
+/// Rebuilds into `out` the payload that the delta `delta` of [`delta_encode`] makes of the
+/// floats `old` (as `enc`). A delta that does not fit `old.len()` floats is an error.
+pub fn delta_decode(delta: &[u8], old: &[f32], enc: Encoding, out: &mut Vec<u8>) -> Result<()> {
+    let w = bytes_per_float(enc);
+    let n = old.len();
+    let bad = |why: String| ProtoError::Invalid(format!("delta of {n} floats: {why}"));
+    let (low, mut rest) = delta
+        .split_at_checked(n * (w - 1))
+        .ok_or_else(|| bad(format!("{} bytes, too few for the low bytes", delta.len())))?;
+    out.clear();
+    out.resize(n * w, 0);
+    // The low bytes, XORed onto the old payload.
+    match enc {
+        Encoding::Bf16 => {
+            for ((o, &x), &l) in out.chunks_exact_mut(2).zip(old).zip(low) {
+                o.copy_from_slice(&(f32_to_bf16(x) ^ u16::from(l)).to_le_bytes());
+            }
+        }
+        _ => {
+            // Four floats' low bytes from three words, then the rest.
+            let body = n / 4 * 4;
+            for ((o, x), l) in (out[..body * 4].chunks_exact_mut(16))
+                .zip(old.chunks_exact(4))
+                .zip(low.chunks_exact(12))
+            {
+                let word = |k: usize| u32::from_le_bytes([l[k], l[k + 1], l[k + 2], l[k + 3]]);
+                let (a, b, c) = (word(0), word(4), word(8));
+                let d = [
+                    a & 0x00FF_FFFF,
+                    (a >> 24) | ((b & 0xFFFF) << 8),
+                    (b >> 16) | ((c & 0xFF) << 16),
+                    c >> 8,
+                ];
+                for k in 0..4 {
+                    o[4 * k..4 * k + 4].copy_from_slice(&(x[k].to_bits() ^ d[k]).to_le_bytes());
+                }
+            }
+            for i in body..n {
+                let l = &low[3 * i..3 * i + 3];
+                let d = u32::from_le_bytes([l[0], l[1], l[2], 0]);
+                out[4 * i..4 * i + 4].copy_from_slice(&(old[i].to_bits() ^ d).to_le_bytes());
+            }
+        }
+    }
+    // The top bytes.
+    let mut next = 0usize;
+    while !rest.is_empty() {
+        let mut gap = 0usize;
+        let mut shift = 0;
+        loop {
+            let (&b, r) = rest
+                .split_first()
+                .ok_or_else(|| bad("a top byte's gap is cut short".into()))?;
+            rest = r;
+            if shift > 28 {
+                return Err(bad("a top byte's gap is too long".into()));
+            }
+            gap |= usize::from(b & 0x7F) << shift;
+            shift += 7;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        let i = next
+            .checked_add(gap)
+            .filter(|&i| i < n)
+            .ok_or_else(|| bad(format!("a top byte for float {} or later", next + gap)))?;
+        let (&b, r) = rest
+            .split_first()
+            .ok_or_else(|| bad(format!("no top byte for float {i}")))?;
+        rest = r;
+        if b == 0 {
+            return Err(bad(format!("a zero top byte for float {i}")));
+        }
+        out[i * w + w - 1] ^= b;
+        next = i + 1;
+    }
+    Ok(())
+}
+
 /// One encoded chunk, before it is put in a message.
 #[derive(Clone, Debug)]
 pub struct EncodedChunk {
@@ -404,6 +615,9 @@ pub struct EncodedChunk {
     pub crc32: u32,
     /// Set on the last chunk: CRC-32 of all payloads in order.
     pub total_crc32: Option<u32>,
+    /// The payload as its change from the previous round's ([`delta_encode`]), for pullers
+    /// that hold that.
+    pub delta: Option<Bytes>,
 }
 
 /// Cuts `values` into encoded chunks with their checksums.
@@ -434,6 +648,7 @@ pub fn chunk_encoder<V: AsRef<[f32]>>(
             crc32: h.finalize(),
             payload,
             total_crc32: total.total(),
+            delta: None,
         }
     })
 }
@@ -591,6 +806,7 @@ pub fn encode_span(
                 crc32: h.finalize(),
                 payload,
                 total_crc32: (k + 1 == n).then(|| total.clone().finalize()),
+                delta: None,
             }
         })
         .collect()
@@ -787,6 +1003,100 @@ impl Assembler {
 
 #[cfg(test)]
 mod tests {
+    /// A delta rebuilds the exact payload, in both encodings, whatever changed: small steps
+    /// (few top bytes), sign flips and exponent changes (many), nothing, everything.
+    #[test]
+    fn a_delta_rebuilds_the_payload_of_the_new_floats() {
+        // Not a multiple of the blocks of eight: the rest is encoded one by one.
+        let old: Vec<f32> = (0..5003)
+            .map(|i| ((i * 7919) % 2001) as f32 * 1e-4 - 0.1)
+            .collect();
+        let steps: [&dyn Fn(usize, f32) -> f32; 4] = [
+            &|i, x| x - 1e-3 * (((i * 31) % 17) as f32 / 8.0 - 1.0),
+            &|i, x| if i % 3 == 0 { -x * 4.0 } else { x },
+            &|_, x| x,
+            &|i, _| (i as f32).sin() * 1e6,
+        ];
+        for enc in [Encoding::F32, Encoding::Bf16] {
+            let w = bytes_per_float(enc);
+            // What the puller holds: the old payload, decoded.
+            let mut held = vec![0.0; old.len()];
+            decode_into(&encode(&old, enc), enc, &mut held).unwrap();
+            for (k, step) in steps.iter().enumerate() {
+                let new: Vec<f32> = old.iter().enumerate().map(|(i, &x)| step(i, x)).collect();
+                let payload = encode(&new, enc);
+                // The reducer encodes from its f32 master copy; the puller from what it holds.
+                let d = delta_encode(&old, &payload, enc);
+                let mut out = vec![];
+                delta_decode(&d, &held, enc, &mut out).unwrap();
+                assert_eq!(out, payload.as_ref(), "{enc:?} step {k}");
+                if k == 0 {
+                    // Small steps: the low bytes and a few top bytes.
+                    assert!(d.len() < old.len() * (w - 1) + old.len() / 5, "{}", d.len());
+                }
+                if k == 2 {
+                    assert_eq!(d.len(), old.len() * (w - 1));
+                }
+            }
+            // Block by block, as a reducer builds it, the same bytes.
+            let new: Vec<f32> = old.iter().map(|&x| x * 1.5).collect();
+            let payload = encode(&new, enc);
+            let mut low = vec![0u8; old.len() * (w - 1)];
+            let mut high = vec![];
+            for (b, (o, l)) in old
+                .chunks(1024)
+                .zip(low.chunks_mut(1024 * (w - 1)))
+                .enumerate()
+            {
+                let p = &payload[b * 1024 * w..(b * 1024 + o.len()) * w];
+                delta_block(o, p, enc, l, (b * 1024) as u32, &mut high);
+            }
+            assert_eq!(delta_finish(low, &high), delta_encode(&old, &payload, enc));
+        }
+    }
+
+    /// A delta that does not fit the floats it is for is refused with what is wrong, never read
+    /// out of bounds.
+    #[test]
+    fn a_delta_that_does_not_fit_is_refused() {
+        let old = vec![1.0f32; 10];
+        let mut new = old.clone();
+        new[9] = -1.0;
+        let d = delta_encode(&old, &encode(&new, Encoding::F32), Encoding::F32);
+        assert_eq!(d.len(), 30 + 2); // gap 9, then the top byte
+        let mut out = vec![];
+        let err = |d: &[u8]| {
+            let mut out = vec![];
+            delta_decode(d, &old, Encoding::F32, &mut out)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(
+            err(&d[..29]).contains("too few for the low bytes"),
+            "{}",
+            err(&d[..29])
+        );
+        assert!(err(&d[..31]).contains("no top byte for float 9"));
+        let mut far = d[..30].to_vec();
+        far.extend([10, 0x80]);
+        assert!(err(&far).contains("float 10 or later"), "{}", err(&far));
+        let mut zero = d[..30].to_vec();
+        zero.extend([3, 0]);
+        assert!(err(&zero).contains("zero top byte for float 3"));
+        let mut long = d[..30].to_vec();
+        long.extend([0x80; 6]);
+        assert!(err(&long).contains("too long"), "{}", err(&long));
+        let mut cut = d[..30].to_vec();
+        cut.push(0x80);
+        assert!(err(&cut).contains("cut short"));
+        // A second top byte for the last float runs past the end.
+        let mut twice = d.to_vec();
+        twice.extend([0, 0x80]);
+        assert!(err(&twice).contains("float 10 or later"));
+        delta_decode(&d, &old, Encoding::F32, &mut out).unwrap();
+        assert_eq!(out, encode(&new, Encoding::F32).as_ref());
+    }
+
     /// The norm (and distance) are exact sums of squares; values out of bounds are found
     /// where they are, in both encodings.
     #[test]

@@ -39,8 +39,8 @@ pub use error::{Result, WorkerError};
 pub use identity::identity;
 pub use metrics::WorkerMetrics;
 pub use transfer::{
-    Layout, Pulled, Reducers, SharedFloats, Update, Want, fetch, pull, pull_into, push,
-    push_chunks, push_spans,
+    Layout, Pulled, Reducers, SharedFloats, Update, Want, fetch, pull, pull_changes_into,
+    pull_into, push, push_chunks, push_spans,
 };
 
 #[derive(Clone, Debug)]

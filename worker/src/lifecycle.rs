@@ -14,7 +14,7 @@ use tonic::Code;
 
 use crate::replica::Replica;
 use crate::transfer::{
-    self, ChunkSender, SharedFloats, Update, pull_into, push, push_chunks, used,
+    self, ChunkSender, SharedFloats, Update, pull_changes_into, pull_into, push, push_chunks, used,
 };
 use crate::{
     AbortOnDrop, Client, Phase, Result, WorkerConfig, WorkerError, WorkerMetrics, WorkerOutcome,
@@ -316,12 +316,14 @@ impl Session {
                     *pulled = vec![0.0; total as usize];
                 }
                 let o = if settings.sharded {
+                    // Nothing is known of what the buffer holds: whole chunks.
                     let want = transfer::Want {
                         id,
                         after: *after,
                         enc: settings.wire,
                         grid,
                         place,
+                        holds: false,
                     };
                     let (o, l) = transfer::fetch(client, reducers, want, None, pulled).await?;
                     *layout = l;
@@ -352,6 +354,11 @@ impl Session {
         };
         let o = order.clone();
         let mut params = std::mem::take(pulled);
+        // Delta pulls: a step of grad mode leaves its parameters as they were pulled, so the
+        // next round's may come as their changes from these.
+        let holds = settings.delta_pulls
+            && settings.sync_mode == SyncMode::Grad
+            && params.len() == total as usize;
         let started = Instant::now();
         tracing::trace!(target: "capsnet::timeline", round = order.round, "compute");
         // Overlap (grad mode): each chunk goes out as soon as the backward pass has
@@ -429,6 +436,12 @@ impl Session {
                 Ok(all.into_iter().all(|u| u))
             })));
             sender = Some(snd);
+            // The next parameters stream into the second buffer while this step runs on
+            // these: the changes are taken from a copy of them.
+            if holds {
+                second.resize(params.len(), 0.0);
+                second.copy_from_slice(&params);
+            }
         }
         let compute = async {
             let (r, params, out) = tokio::task::spawn_blocking(move || {
@@ -481,6 +494,7 @@ impl Session {
                             enc: settings.wire,
                             grid,
                             place,
+                            holds,
                         };
                         let (o, l) = transfer::fetch(
                             &mut puller,
@@ -493,13 +507,14 @@ impl Session {
                         tracing::trace!(target: "capsnet::timeline", round = o.round, "fetched");
                         Ok::<_, WorkerError>((o, l))
                     } else {
-                        let o = pull_into(
+                        let o = pull_changes_into(
                             &mut puller,
                             id,
                             *after,
                             settings.wire,
                             grid,
                             &mut next_params,
+                            holds,
                         )
                         .await?;
                         Ok((o, None))
@@ -553,7 +568,8 @@ impl Session {
                 // streams out (the coordinator sends each range once it is reduced).
                 let pushing =
                     async { used(order.round, push(client, id, settings, update, pool).await) };
-                let pulling = pull_into(&mut puller, id, *after, settings.wire, grid, pulled);
+                let pulling =
+                    pull_changes_into(&mut puller, id, *after, settings.wire, grid, pulled, holds);
                 let (used, next) = tokio::try_join!(pushing, pulling)?;
                 metrics.wire(settings.wire, "out", total);
                 metrics.wire(settings.wire, "in", total);

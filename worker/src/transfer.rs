@@ -51,12 +51,28 @@ pub async fn pull_into(
     grid: &Grid,
     params: &mut [f32],
 ) -> Result<pb::WorkOrder> {
-    let req = pb::PullRequest {
+    pull_changes_into(client, id, after, enc, grid, params, false).await
+}
+
+/// [`pull_into`]; with `holds` (`params` holds the parameters of round `after` exactly as they
+/// were pulled) the chunks may come as their change from those ([`wire::delta_decode`]). A
+/// pull tried again asks for whole chunks: the first may have written some of the new ones.
+pub async fn pull_changes_into(
+    client: &mut Client,
+    id: &str,
+    after: Option<u64>,
+    enc: Encoding,
+    grid: &Grid,
+    params: &mut [f32],
+    holds: bool,
+) -> Result<pb::WorkOrder> {
+    let mut req = pb::PullRequest {
         worker_id: id.to_string(),
         after_round: after,
         encoding: enc as i32,
         layout: None,
         cannot_reach: None,
+        delta: holds && after.is_some(),
     };
     let mut tries = 0;
     loop {
@@ -64,10 +80,67 @@ pub async fn pull_into(
             Err(WorkerError::Rpc(s)) if s.code() == Code::Aborted && tries < 3 => {
                 tracing::debug!(status = %s.message(), "pulling again");
                 tries += 1;
+                req.delta = false;
             }
             r => return r,
         }
     }
+}
+
+/// Checks parameter chunk `c` (of a stream encoded as `enc`) and decodes it into `params` at
+/// its place: a delta (which the pull must have asked for) is first rebuilt from what `params`
+/// holds there. A delta that does not rebuild the chunk the reducer sent means this worker's
+/// parameters were not the ones it took them to be: ABORTED, to pull the whole chunks again.
+fn take_chunk(
+    asm: &mut Assembler,
+    c: &pb::ParamChunk,
+    (enc, asked): (Encoding, bool),
+    (grid, place): (&Grid, &Grid),
+    params: &mut [f32],
+    rebuilt: &mut Vec<u8>,
+) -> Result<usize> {
+    let stale = |e: capsnet_proto::ProtoError| {
+        WorkerError::Rpc(tonic::Status::aborted(format!(
+            "a parameter chunk sent as a change does not rebuild from this worker's \
+             parameters ({e}); pulling them whole"
+        )))
+    };
+    let payload: &[u8] = if c.delta {
+        if !asked {
+            return Err(tonic::Status::data_loss(
+                "a parameter chunk came as a change, which this pull did not ask for",
+            )
+            .into());
+        }
+        let old = grid
+            .binary_search_by_key(&c.offset, |r| r.start as u64)
+            .ok()
+            .and_then(|i| params.get(place.get(i)?.clone()))
+            .ok_or_else(|| {
+                tonic::Status::data_loss(format!(
+                    "a parameter chunk at offset {} is not on this run's grid",
+                    c.offset
+                ))
+            })?;
+        capsnet_proto::wire::delta_decode(&c.payload, old, enc, rebuilt).map_err(stale)?;
+        rebuilt
+    } else {
+        &c.payload
+    };
+    let chunk = ChunkIn {
+        payload,
+        ..ChunkIn::from(c)
+    };
+    let (i, _) = match asm.check(chunk) {
+        Err(e) if c.delta => return Err(stale(e)),
+        r => r?,
+    };
+    let to = &mut params[place[i].clone()];
+    capsnet_core::simd::with_avx2(
+        #[inline(always)]
+        || capsnet_proto::wire::decode_into(payload, enc, to),
+    )?;
+    Ok(i)
 }
 
 /// One parameter stream, checked chunk by chunk into `params` (its chunks in any order); the
@@ -89,15 +162,21 @@ async fn pull_stream(
             "the parameter buffer does not match the grid",
         ));
     }
-    let mut asm = Assembler::new(
-        grid.clone(),
-        first.total_len,
-        Encoding::try_from(first.encoding).unwrap_or(Encoding::Unspecified),
-    )?;
+    let enc = Encoding::try_from(first.encoding).unwrap_or(Encoding::Unspecified);
+    let mut asm = Assembler::new(grid.clone(), first.total_len, enc)?;
     let mut order = None;
     let mut next = Some(first);
+    let mut rebuilt = vec![];
     while let Some(c) = next {
-        asm.accept(ChunkIn::from(&c), params)?;
+        // One coordinator's grid is in the vector's order: each chunk's place is its range.
+        take_chunk(
+            &mut asm,
+            &c,
+            (enc, req.delta),
+            (grid, grid),
+            params,
+            &mut rebuilt,
+        )?;
         order = c.work.or(order);
         next = stream.message().await?;
     }
@@ -359,6 +438,7 @@ pub async fn pull_spans(
         enc,
         grid,
         place,
+        holds,
     } = want;
     // The layout tells a reducer whose spans moved since to refuse the pull.
     let req = pb::PullRequest {
@@ -367,6 +447,7 @@ pub async fn pull_spans(
         encoding: enc as i32,
         layout: Some(layout.id),
         cannot_reach: None,
+        delta: holds && after.is_some(),
     };
     if grid.last().map_or(0, |r| r.end) != params.len() || place.len() != grid.len() {
         return Err(WorkerError::Internal(
@@ -378,7 +459,12 @@ pub async fn pull_spans(
     let out = std::sync::Mutex::new(params);
     let mut pulls = vec![];
     for ((url, span), mut c) in layout.owners.iter().zip(clients) {
-        let (req, out) = (&req, &out);
+        // The reducer of this process hands its chunks over whole: no wire to spare.
+        let req = pb::PullRequest {
+            delta: req.delta && !c.is_in_process(),
+            ..req.clone()
+        };
+        let out = &out;
         pulls.push(async move {
             pull_span(&mut c, req, grid, place, span.clone(), out)
                 .await
@@ -399,7 +485,7 @@ pub async fn pull_spans(
 /// ready (a moment after it was assigned its span).
 async fn pull_span(
     client: &mut Client,
-    req: &pb::PullRequest,
+    mut req: pb::PullRequest,
     grid: &Grid,
     place: &Grid,
     span: Range<usize>,
@@ -407,12 +493,14 @@ async fn pull_span(
 ) -> Result<u64> {
     let mut tries = 0u32;
     loop {
-        match pull_span_stream(client, req, grid, place, span.clone(), out).await {
+        match pull_span_stream(client, &req, grid, place, span.clone(), out).await {
             Err(WorkerError::Rpc(s))
                 if matches!(s.code(), Code::Aborted | Code::Unavailable) && tries < 20 =>
             {
                 tracing::debug!(status = %s.message(), "pulling the span again");
                 tries += 1;
+                // The first try may have written some of the new chunks.
+                req.delta = false;
                 tokio::time::sleep(std::time::Duration::from_millis(25 * u64::from(tries))).await;
             }
             r => return r,
@@ -442,19 +530,22 @@ async fn pull_span_stream(
         asm = asm.in_process();
     }
     let mut next = Some(first);
+    let mut rebuilt = vec![];
     while let Some(c) = next {
         if c.round != round {
             return Err(tonic::Status::data_loss("the round changed mid-stream").into());
         }
-        let (i, _) = asm.check(ChunkIn::from(&c))?;
         {
             let mut params = out
                 .lock()
                 .map_err(|_| WorkerError::Internal("a parameter pull panicked"))?;
-            let to = &mut params[place[i].clone()];
-            capsnet_core::simd::with_avx2(
-                #[inline(always)]
-                || capsnet_proto::wire::decode_into(&c.payload, enc, to),
+            take_chunk(
+                &mut asm,
+                &c,
+                (enc, req.delta),
+                (grid, place),
+                &mut params,
+                &mut rebuilt,
             )?;
         }
         next = stream.message().await?;
@@ -474,6 +565,9 @@ pub struct Want<'a> {
     pub grid: &'a Grid,
     /// Where each chunk of the grid lies in the flat vector ([`RunSettings::placement`]).
     pub place: &'a Grid,
+    /// The buffer pulled into holds the parameters of round `after` exactly as they were
+    /// pulled: the first pull asks for the changes from those ([`pull_changes_into`]).
+    pub holds: bool,
 }
 
 /// A sharded run's next work order (the round after `after`) and its parameters in `params`:
@@ -506,6 +600,7 @@ pub async fn fetch(
         encoding: enc as i32,
         layout,
         cannot_reach: cannot_reach.clone(),
+        delta: false,
     };
     let (mut order, mut early) = match known {
         Some(l) => {
@@ -553,11 +648,14 @@ pub async fn fetch(
         }
         let clients = reducers.clients(&layout).await?;
         let before = order.round.checked_sub(1);
+        // An early pull may have written some of the new chunks.
+        let holds = want.holds && known.is_none() && before == after;
         match pull_spans(
             clients,
             &layout,
             Want {
                 after: before,
+                holds,
                 ..want
             },
             params,
@@ -894,6 +992,7 @@ impl ChunkSender {
                 crc32: h.finalize(),
                 payload,
                 total_crc32: out.crc.total(),
+                delta: None,
             };
             // Never full: the channel has room for every chunk of its span.
             out.open = out.tx.try_send(chunk).is_ok();

@@ -180,6 +180,7 @@ impl Actor {
             canvas: t.canvas,
             multi: t.multi,
             sharded: cfg.reducers > 0,
+            delta_pulls: cfg.delta_pulls && cfg.sync_mode == capsnet_proto::SyncMode::Grad,
         };
         let run_msg = settings.to_message()?;
         let nonce = std::time::SystemTime::now()
@@ -227,6 +228,7 @@ impl Actor {
                 cfg.wire,
                 Kept::of(cfg.sync_mode, cfg.outer.is_some()),
                 cfg.train.threads,
+                settings.delta_pulls && cfg.reducers == 0,
             )?,
             round_started: Instant::now(),
             first_update: None,
