@@ -90,8 +90,8 @@ pub fn run(a: BenchScaleArgs) -> Result<()> {
         "Projected scaling efficiency (step time over step time plus the sync's share), every machine like this one, every link at the rate each way:"
     );
     let mut header = format!(
-        "{:>8} {:<24} {:>5} {:>7} {:>5}",
-        "Gbit/s", "layout", "wire", "overlap", "K"
+        "{:>8} {:<24} {:>5} {:>7} {:>5} {:>5}",
+        "Gbit/s", "layout", "wire", "overlap", "delta", "K"
     );
     for n in &a.workers {
         header += &format!(" {:>6}", format!("N={n}"));
@@ -102,18 +102,22 @@ pub fn run(a: BenchScaleArgs) -> Result<()> {
     for &rate in &a.rates {
         for layout in LAYOUTS {
             let variants = [
-                (WireKind::F32, false, 1),
-                (WireKind::F32, true, 1),
-                (WireKind::Bf16, false, 1),
-                (WireKind::Bf16, true, 1),
-                (WireKind::F32, false, a.sync_every),
+                (WireKind::F32, false, false, 1),
+                (WireKind::F32, true, false, 1),
+                (WireKind::F32, true, true, 1),
+                (WireKind::Bf16, false, false, 1),
+                (WireKind::Bf16, true, false, 1),
+                (WireKind::Bf16, true, true, 1),
+                (WireKind::F32, false, false, a.sync_every),
             ];
-            for (wire, overlap, k) in variants {
+            let yes = |b: bool| if b { "yes" } else { "no" };
+            for (wire, overlap, delta, k) in variants {
                 let mut row = format!(
-                    "{rate:>8} {:<24} {:>5} {:>7} {:>5}",
+                    "{rate:>8} {:<24} {:>5} {:>7} {:>5} {:>5}",
                     layout.name(),
                     wire.name(),
-                    if overlap { "yes" } else { "no" },
+                    yes(overlap),
+                    yes(delta),
                     k
                 );
                 let mut points = vec![];
@@ -126,6 +130,7 @@ pub fn run(a: BenchScaleArgs) -> Result<()> {
                         overlap,
                         sync_every: k,
                         shared_cores: None,
+                        delta,
                     };
                     let p = scale::project(&c, &s);
                     row += &format!(" {:>5.1}%", 100.0 * p.efficiency);
@@ -133,10 +138,12 @@ pub fn run(a: BenchScaleArgs) -> Result<()> {
                     json_rows.push(serde_json::json!({"scenario": s, "projection": p}));
                 }
                 println!("{row}");
-                let plotted = match (wire, overlap, k) {
-                    (WireKind::F32, false, 1) => Some(format!("{}, f32", layout.name())),
-                    (WireKind::Bf16, true, 1) => Some(format!("{}, bf16 + overlap", layout.name())),
-                    (_, _, k) if k > 1 && layout == Layout::ShardedSeparate => {
+                let plotted = match (wire, overlap, delta, k) {
+                    (WireKind::F32, false, false, 1) => Some(format!("{}, f32", layout.name())),
+                    (WireKind::Bf16, true, false, 1) => {
+                        Some(format!("{}, bf16 + overlap", layout.name()))
+                    }
+                    (_, _, _, k) if k > 1 && layout == Layout::ShardedSeparate => {
                         Some(format!("{}, params K={k}", layout.name()))
                     }
                     _ => None,
@@ -152,7 +159,7 @@ pub fn run(a: BenchScaleArgs) -> Result<()> {
         }
     }
     println!(
-        "(K: local steps per sync, --sync params --sync-every K; overlap: each range sent as soon as the backward pass has made it final, the next round pulled meanwhile, as workers do unless --no-overlap; the sharded layouts are not built yet)"
+        "(K: local steps per sync, --sync params --sync-every K; overlap: each range sent as soon as the backward pass has made it final, the next round pulled meanwhile, as workers do unless --no-overlap; delta: parameters pulled as their changes from the last round's, --delta-pulls)"
     );
     if let Some(png) = &a.png {
         scale::plot_png(png, &a.font, &lines)?;
@@ -194,6 +201,16 @@ fn print_costs(c: &Costs) {
         c.add_s[1] * 1e9,
         c.adam_s * 1e9
     );
+    println!(
+        "measured for --delta-pulls: the change a training step makes (the 4th from the initial parameters, batch 1) is {:.1}% of the f32 payload and {:.1}% of bf16's; per float on one core (ns): encode the change f32 {:.2} bf16 {:.2}, rebuild the payload f32 {:.2} bf16 {:.2}, copy the parameters {:.2}",
+        100.0 * c.delta_share[0],
+        100.0 * c.delta_share[1],
+        c.delta_encode_s[0] * 1e9,
+        c.delta_encode_s[1] * 1e9,
+        c.delta_decode_s[0] * 1e9,
+        c.delta_decode_s[1] * 1e9,
+        c.copy_s * 1e9
+    );
 }
 
 /// The projection of each `scripts/lan-bench` row beside its measurement.
@@ -230,12 +247,13 @@ fn check_lan(
     }
     println!();
     println!(
-        "{:>7} {:>5} {:<28} {:>5} {:>7} {:>12} {:>13} {:>10}",
+        "{:>7} {:>5} {:<28} {:>5} {:>7} {:>5} {:>12} {:>13} {:>10}",
         "workers",
         "wire",
         "layout",
         "batch",
         "overlap",
+        "delta",
         "measured_ms",
         "projected_ms",
         "difference"
@@ -258,6 +276,7 @@ fn check_lan(
             .with_context(|| format!("the rate of {r}"))?;
         let batch = r["batch"].as_u64().unwrap_or(1) as usize;
         let overlap = r["overlap"].as_bool().unwrap_or(false);
+        let delta = r["delta"].as_bool().unwrap_or(false);
         let Some(c) = costs.get(&batch) else {
             continue;
         };
@@ -269,16 +288,18 @@ fn check_lan(
             overlap,
             sync_every: 1,
             shared_cores: Some(cores),
+            delta,
         };
         let p = scale::project(c, &s);
         let projected = p.round_s * 1e3;
         println!(
-            "{:>7} {:>5} {:<28} {:>5} {:>7} {:>12.1} {:>13.1} {:>9.1}%",
+            "{:>7} {:>5} {:<28} {:>5} {:>7} {:>5} {:>12.1} {:>13.1} {:>9.1}%",
             n,
             wire.name(),
             layout.name(),
             batch,
             if overlap { "on" } else { "off" },
+            if delta { "on" } else { "off" },
             measured,
             projected,
             100.0 * (projected - measured) / measured

@@ -562,8 +562,8 @@ fn bench_scale_projects_plots_and_checks_against_lan_rows() {
         "{t}"
     );
     let rows = v["rows"].as_array().unwrap();
-    // 2 rates x 3 layouts x 5 variants x 2 worker counts.
-    assert_eq!(rows.len(), 60, "{t}");
+    // 2 rates x 3 layouts x 7 variants x 2 worker counts.
+    assert_eq!(rows.len(), 84, "{t}");
     for r in rows {
         let e = r["projection"]["efficiency"].as_f64().unwrap();
         assert!(e > 0.0 && e <= 1.0, "{r}");
@@ -585,6 +585,9 @@ fn bench_scale_projects_plots_and_checks_against_lan_rows() {
             "\n",
             r#"{"workers":2,"wire":"f32","layout":"coordinator","overlap":true,"batch":2,"#,
             r#""median_ms":7,"rate":"1gbit"}"#,
+            "\n",
+            r#"{"workers":2,"wire":"f32","layout":"colocated","overlap":true,"delta":true,"#,
+            r#""median_ms":9,"rate":"1gbit"}"#,
             "\n"
         ),
     )
@@ -612,6 +615,14 @@ fn bench_scale_projects_plots_and_checks_against_lan_rows() {
     assert!(cols.contains(&"2") && cols.contains(&"on"), "{out}");
     assert!(out.contains("batch 2:"), "{out}");
     assert!(!out.contains("gloo"), "{out}");
+    // A row with delta pulls is projected with them.
+    let row = out
+        .lines()
+        .find(|l| l.contains("in the workers") && l.contains("9.0"))
+        .unwrap_or_else(|| panic!("{out}"));
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cols.iter().filter(|c| **c == "on").count(), 2, "{out}");
+    assert!(out.contains("measured for --delta-pulls"), "{out}");
 
     // Bad flags: a configuration error that names them, before anything is measured.
     for bad in [["--workers", "0"], ["--rates", "0"], ["--sync-every", "0"]] {

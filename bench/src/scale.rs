@@ -12,8 +12,12 @@
 //! | sharded, one reducer machine per worker | `B` (each worker's push and pull) | as above |
 //!
 //! The sync takes the longest of: the link's bytes at its rate, the reduce work, the worker's
-//! own encode and decode of `F` floats; plus a pipeline fill of one chunk in and one out. A
-//! link's rate counts whole Ethernet frames: of a 1,514-byte frame (MTU 1500) TCP carries 1,448
+//! own encode and decode of `F` floats; plus a pipeline fill of one chunk in and one out.
+//! With `--delta-pulls` a pull carries `rho B` (the measured share of the change an early
+//! training step makes): a link's busier direction is still the pushes'
+//! with one coordinator and with separate reducers, while a co-located worker's link carries
+//! `(N-1)/N (1 + rho) B` each way; the reducers add an encoding of their span's change, the
+//! workers a rebuild and a copy of the parameters. A link's rate counts whole Ethernet frames: of a 1,514-byte frame (MTU 1500) TCP carries 1,448
 //! bytes of payload (with timestamps), so payload moves at 95.6% of the rate.
 //! With overlap, a worker sends each range once the backward pass has made it final: the
 //! decoder's and digit capsules' gradients (35% of the paper model's floats) while the primary
@@ -53,6 +57,14 @@ pub struct Costs {
     pub add_s: [f64; 2],
     /// Seconds per float of an Adam step on one core.
     pub adam_s: f64,
+    /// `--delta-pulls`, by wire encoding: a pulled change's bytes over the whole payload's
+    /// (of an early training step, [`DELTA_STEPS`]), and seconds per float on one core to
+    /// encode the change (a reducer) and to rebuild the payload from it (a worker).
+    pub delta_share: [f64; 2],
+    pub delta_encode_s: [f64; 2],
+    pub delta_decode_s: [f64; 2],
+    /// Seconds per float to copy the parameters (a worker's base for the changes).
+    pub copy_s: f64,
     /// Chunk payload with one coordinator, and with reducers (the defaults of each).
     pub chunk_bytes: usize,
     pub sharded_chunk_bytes: usize,
@@ -111,6 +123,8 @@ pub struct Scenario {
     pub overlap: bool,
     /// Local steps per sync (`--sync params --sync-every K`; 1 is grad mode).
     pub sync_every: usize,
+    /// Parameters pulled as their changes (`--delta-pulls`; grad mode only).
+    pub delta: bool,
     /// All processes share one machine of this many cores (the LAN benchmark), instead of a
     /// machine each.
     pub shared_cores: Option<usize>,
@@ -173,21 +187,31 @@ pub fn project(c: &Costs, s: &Scenario) -> Projection {
     let k = s.wire.index();
     let bytes = f * s.wire.bytes() as f64;
     let per_byte = 8.0 / (s.rate_bps * TCP_PAYLOAD_SHARE);
+    let delta = s.delta && s.sync_every <= 1;
+    // A pull's bytes over a push's.
+    let rho = if delta { c.delta_share[k] } else { 1.0 };
     let link_s = match s.layout {
-        Layout::Coordinator => n * bytes * per_byte,
-        Layout::ShardedColocated => 2.0 * (n - 1.0) / n * bytes * per_byte,
-        Layout::ShardedSeparate => bytes * per_byte,
+        // Pushes in and pulls out of the busiest link: the pushes' direction bounds it.
+        Layout::Coordinator => n * bytes * rho.max(1.0) * per_byte,
+        Layout::ShardedColocated => (n - 1.0) / n * (1.0 + rho) * bytes * per_byte,
+        Layout::ShardedSeparate => bytes * rho.max(1.0) * per_byte,
     };
     // Optimizer steps on the reducers: Adam in grad mode; the outer step is cheaper, count it
     // as one.
     let step_and_encode = c.adam_s + c.encode_s[k];
+    let step_and_encode = step_and_encode + if delta { c.delta_encode_s[k] } else { 0.0 };
     let reduce_work = match s.layout {
         Layout::Coordinator => n * f * c.add_s[k] + f * step_and_encode,
         Layout::ShardedColocated | Layout::ShardedSeparate => {
             f * c.add_s[k] + f / n * step_and_encode
         }
     };
-    let worker_work = f * (c.encode_s[k] + c.decode_s[k]);
+    let rebuild = if delta {
+        c.delta_decode_s[k] + c.copy_s
+    } else {
+        0.0
+    };
+    let worker_work = f * (c.encode_s[k] + c.decode_s[k] + rebuild);
     let cores = c.cores.max(1) as f64;
     let (cpu_s, step_s) = match s.shared_cores {
         // One machine for everything: every process's work on its cores, the workers' steps
@@ -233,6 +257,36 @@ pub fn project(c: &Costs, s: &Scenario) -> Projection {
         efficiency: c.step_s / per_step,
         images_per_s: n * c.batch as f64 / per_step,
     }
+}
+
+/// Training steps before the one whose change [`measure`] sizes: the LAN benchmark's warm-up.
+const DELTA_STEPS: usize = 3;
+
+/// The parameters after `steps` training steps (batch 1, random images, Adam) from the initial
+/// ones, and after one more.
+fn trained_pair(model: &CapsNetConfig, steps: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+    use capsnet_core::data::Batch;
+    use capsnet_core::net::{Net, NetWorkspace};
+    let net = Net::new(model, None)?;
+    let mut params = net.init_params(1);
+    let mut rng = capsnet_core::rng::Rng::new(2);
+    let images: Vec<f32> = (0..net.pixels()).map(|_| rng.uniform(0.0, 1.0)).collect();
+    let batch = Batch::single(
+        images,
+        vec![rng.below(net.classes())],
+        model.image_size,
+        model.image_size,
+    );
+    let mut grads = capsnet_core::params::Params::zeros(net.layout());
+    let mut adam = Adam::new(AdamConfig::default(), params.data.len());
+    let mut ws = NetWorkspace::new();
+    let mut before = vec![];
+    for _ in 0..=steps {
+        before.clone_from(&params.data);
+        net.train_batch(&params, &batch, &[0], &mut grads, &mut ws)?;
+        adam.update(&mut params.data, &grads.data)?;
+    }
+    Ok((before, params.data))
 }
 
 /// The best of `reps` timings of `f`, in seconds.
@@ -314,6 +368,43 @@ pub fn measure(model: &CapsNetConfig, batch: usize, threads: usize, steps: usize
     let adam_s = best_of(reps, || {
         step.apply_into((&x, &adam.m, &adam.v), &out, (&mut p2, &mut m2, &mut v2));
     }) / floats as f64;
+    // Delta pulls: the change that a training step makes to the parameters, after as many
+    // steps from the initial ones as the LAN benchmark's first timed round (batch 1, random
+    // images; the first steps move every parameter by about the learning rate, later ones less).
+    let (init, mut p2) = trained_pair(model, DELTA_STEPS)?;
+    let (mut delta_share, mut delta_encode_s, mut delta_decode_s) = ([0.0; 2], [0.0; 2], [0.0; 2]);
+    for kind in [WireKind::F32, WireKind::Bf16] {
+        let (enc, k) = (kind.encoding(), kind.index());
+        let payload = wire::encode(&p2, enc);
+        let mut sent = 0;
+        let pool = wire::BufPool::new(64);
+        delta_encode_s[k] = best_of(reps, || {
+            // In chunks, into buffers of a pool, as a reducer encodes them.
+            let chunk = wire::SHARDED_CHUNK_BYTES / kind.bytes();
+            sent = (init.chunks(chunk).zip(payload.chunks(chunk * kind.bytes())))
+                .map(|(o, p)| {
+                    let mut buf = pool.take(o.len() * (kind.bytes() - 1));
+                    let mut high = vec![];
+                    wire::delta_block(o, p, enc, buf.as_mut(), 0, &mut high);
+                    wire::delta_finish(buf.vec_mut(), &high);
+                    buf.freeze().len()
+                })
+                .sum::<usize>();
+        }) / floats as f64;
+        let change = wire::delta_encode(&init, &payload, enc);
+        delta_share[k] = sent as f64 / payload.len() as f64;
+        let mut rebuilt = vec![];
+        let mut err = None;
+        delta_decode_s[k] = best_of(reps, || {
+            if let Err(e) = wire::delta_decode(&change, &init, enc, &mut rebuilt) {
+                err = Some(e);
+            }
+        }) / floats as f64;
+        if let Some(e) = err {
+            return Err(BenchError::Proto(e));
+        }
+    }
+    let copy_s = best_of(reps, || p2.copy_from_slice(&init)) / floats as f64;
     Ok(Costs {
         floats,
         batch,
@@ -324,6 +415,10 @@ pub fn measure(model: &CapsNetConfig, batch: usize, threads: usize, steps: usize
         decode_s: costs[1],
         add_s: costs[2],
         adam_s,
+        delta_share,
+        delta_encode_s,
+        delta_decode_s,
+        copy_s,
         chunk_bytes: capsnet_proto::wire::DEFAULT_CHUNK_BYTES,
         sharded_chunk_bytes: capsnet_proto::wire::SHARDED_CHUNK_BYTES,
     })
@@ -392,6 +487,10 @@ mod tests {
             decode_s: [0.0; 2],
             add_s: [0.0; 2],
             adam_s: 0.0,
+            delta_share: [0.75, 0.5],
+            delta_encode_s: [0.0; 2],
+            delta_decode_s: [0.0; 2],
+            copy_s: 0.0,
             chunk_bytes: 1 << 20,
             sharded_chunk_bytes: 256 << 10,
         }
@@ -406,6 +505,7 @@ mod tests {
             overlap: false,
             sync_every: 1,
             shared_cores: None,
+            delta: false,
         }
     }
 
@@ -436,6 +536,20 @@ mod tests {
         s.sync_every = 8;
         let p = project(&c, &s);
         assert!(close(p.round_s, 8.0 * 0.1 + 4.0 * b + fill), "{p:?}");
+        // Delta pulls shrink what comes back (0.75 of f32 here): a co-located worker's link
+        // carries both ways, so it gains; the coordinator's and a separate worker's busier
+        // direction is the pushes', so they do not. Parameters pushed after local steps are
+        // never pulled as changes.
+        let delta = |layout, n| {
+            let mut s = scenario(layout, n);
+            s.delta = true;
+            project(&c, &s).link_s
+        };
+        assert!(close(delta(Layout::ShardedColocated, 4), 0.75 * 1.75 * b));
+        assert!(close(delta(Layout::Coordinator, 4), 4.0 * b));
+        assert!(close(delta(Layout::ShardedSeparate, 4), b));
+        s.delta = true;
+        assert!(close(project(&c, &s).round_s, p.round_s));
     }
 
     #[test]

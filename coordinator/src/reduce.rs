@@ -212,8 +212,9 @@ impl Reducer {
             reduced: (0..span.len()).map(|_| None).collect(),
             wire,
             slots: BTreeMap::new(),
-            // This round's results, the last round's (still being pulled) and one more.
-            pool: BufPool::new(3 * span.len()),
+            // This round's results, the last round's (still being pulled) and one more; as
+            // many again for their changes.
+            pool: BufPool::new(if delta { 6 } else { 3 } * span.len()),
             grid,
             span,
             base,
@@ -450,7 +451,9 @@ impl Reducer {
     /// blocks over the reducer's threads.
     fn delta_of(&self, old: &[f32], new: &[u8]) -> Bytes {
         let w = wire::bytes_per_float(self.wire);
-        let mut low = wire::delta_buffer(old.len(), self.wire);
+        // From the pool (no fresh pages): every low byte is written, the top bytes appended.
+        let mut buf = self.pool.take(old.len() * (w - 1));
+        let low = buf.as_mut();
         let block = |(k, ((o, n), l)): DeltaBlock<'_>| {
             let mut high = vec![];
             wire::delta_block(o, n, self.wire, l, (k * BLOCK) as u32, &mut high);
@@ -470,7 +473,8 @@ impl Reducer {
                 .map(block)
                 .collect(),
         };
-        wire::delta_finish(low, &highs.concat())
+        wire::delta_finish(buf.vec_mut(), &highs.concat());
+        buf.freeze()
     }
 
     /// Closes the round over the complete updates: redoes every range that was reduced over

@@ -204,6 +204,11 @@ impl PoolBuf {
     pub fn freeze(self) -> Bytes {
         Bytes::from_owner(self)
     }
+
+    /// The buffer as a vector, to append to (a payload whose length is known only once written).
+    pub fn vec_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.data
+    }
 }
 
 impl AsRef<[u8]> for PoolBuf {
@@ -500,7 +505,7 @@ pub fn delta_buffer(n: usize, enc: Encoding) -> Vec<u8> {
 }
 
 /// Appends the top bytes of [`delta_block`] (in index order) to a delta's low bytes.
-pub fn delta_finish(mut low: Vec<u8>, high: &[(u32, u8)]) -> Bytes {
+pub fn delta_finish(low: &mut Vec<u8>, high: &[(u32, u8)]) {
     low.reserve(high.len() * 2);
     let mut next = 0u32;
     for &(i, b) in high {
@@ -516,7 +521,6 @@ pub fn delta_finish(mut low: Vec<u8>, high: &[(u32, u8)]) -> Bytes {
         low.push(b);
         next = i + 1;
     }
-    Bytes::from(low)
 }
 
 /// The delta of the payload `new` (of `old.len()` floats as `enc`) from the floats `old`.
@@ -524,7 +528,8 @@ pub fn delta_encode(old: &[f32], new: &[u8], enc: Encoding) -> Bytes {
     let mut low = delta_buffer(old.len(), enc);
     let mut high = vec![];
     delta_block(old, new, enc, &mut low, 0, &mut high);
-    delta_finish(low, &high)
+    delta_finish(&mut low, &high);
+    Bytes::from(low)
 }
 
 /// Rebuilds into `out` the payload that the delta `delta` of [`delta_encode`] makes of the
@@ -1051,7 +1056,8 @@ mod tests {
                 let p = &payload[b * 1024 * w..(b * 1024 + o.len()) * w];
                 delta_block(o, p, enc, l, (b * 1024) as u32, &mut high);
             }
-            assert_eq!(delta_finish(low, &high), delta_encode(&old, &payload, enc));
+            delta_finish(&mut low, &high);
+            assert_eq!(low, delta_encode(&old, &payload, enc));
         }
     }
 
