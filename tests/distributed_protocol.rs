@@ -287,7 +287,7 @@ fn delta_pulls_rebuild_the_parameters_or_fall_back_to_whole_chunks() {
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             let mut pull = async |buf: &mut Vec<f32>, holds: bool| {
                 let before = sent();
-                let o = capsnet_worker::pull_changes_into(
+                let (o, got) = capsnet_worker::pull_changes_into(
                     &mut j.client,
                     &id,
                     Some(0),
@@ -299,16 +299,19 @@ fn delta_pulls_rebuild_the_parameters_or_fall_back_to_whole_chunks() {
                 .await
                 .unwrap();
                 assert_eq!(o.round, 1);
-                sent() - before
+                (sent() - before, got as f64)
             };
             // Whole chunks, for a worker that says it holds nothing.
             let mut whole = held.clone();
-            let whole_bytes = pull(&mut whole, false).await;
+            // What the worker counts received is what the coordinator counts sent.
+            let (whole_bytes, got) = pull(&mut whole, false).await;
             assert_eq!(whole_bytes, (n * wire_bytes(enc)) as f64);
+            assert_eq!(got, whole_bytes);
             assert_ne!(bits(&whole), bits(&held), "round 1 changed nothing");
             // The changes from round 0.
             let mut changed = held.clone();
-            let delta_bytes = pull(&mut changed, true).await;
+            let (delta_bytes, got) = pull(&mut changed, true).await;
+            assert_eq!(got, delta_bytes);
             assert_eq!(bits(&changed), bits(&whole), "{wire}");
             // Adam's first step moves every parameter by about the learning rate: the top
             // byte changes where that changes the exponent (the tiny model's zero biases,
@@ -318,11 +321,13 @@ fn delta_pulls_rebuild_the_parameters_or_fall_back_to_whole_chunks() {
             eprintln!("{wire}: the changes are {share:.3} of the whole");
             assert!(share > 0.25 && share < most, "{wire}: {share}");
             // Other parameters than round 0's: the changes do not rebuild, the whole chunks
-            // follow.
+            // follow (the worker stops reading the changes at the first that does not
+            // rebuild; the coordinator counts what it queued).
             let mut wrong: Vec<f32> = held.iter().map(|x| x + 0.5).collect();
-            let both = pull(&mut wrong, true).await;
+            let (both, got) = pull(&mut wrong, true).await;
             assert_eq!(bits(&wrong), bits(&whole), "{wire}");
             assert!(both > whole_bytes, "{both} {whole_bytes}");
+            assert!(got > whole_bytes && got <= both, "{got} {both}");
         });
         coord.signal(libc::SIGTERM);
         coord.expect_success(Duration::from_secs(30));

@@ -226,7 +226,7 @@ async fn synthetic_worker(url: String, token: String, rank: usize, spans: Spans)
             loss: 0.0,
             data: update.clone(),
         };
-        let (_, next) = tokio::try_join!(
+        let (_, (next, _)) = tokio::try_join!(
             capsnet_worker::push(&mut client, &id, &s, u, &pool),
             // The update is not these parameters: they are still as they were pulled.
             capsnet_worker::pull_changes_into(

@@ -14,7 +14,7 @@ use tonic::Code;
 
 use crate::replica::Replica;
 use crate::transfer::{
-    self, ChunkSender, SharedFloats, Update, pull_changes_into, pull_into, push, push_chunks, used,
+    self, ChunkSender, SharedFloats, Update, pull_changes_into, push, push_chunks, used,
 };
 use crate::{
     AbortOnDrop, Client, Phase, Result, WorkerConfig, WorkerError, WorkerMetrics, WorkerOutcome,
@@ -327,16 +327,13 @@ impl Session {
                     };
                     let (o, l) = transfer::fetch(client, reducers, want, None, pulled).await?;
                     *layout = l;
-                    o
+                    (o, reducers.take_received())
                 } else {
-                    pull_into(client, id, *after, settings.wire, grid, pulled).await?
+                    pull_changes_into(client, id, *after, settings.wire, grid, pulled, false)
+                        .await?
                 };
-                metrics.wire(
-                    settings.wire,
-                    "in",
-                    reducers.network_floats(layout.as_ref(), grid),
-                );
-                o
+                metrics.wire_bytes(settings.wire, "in", o.1);
+                o.0
             }
         };
         if order.finished {
@@ -505,9 +502,9 @@ impl Session {
                         )
                         .await?;
                         tracing::trace!(target: "capsnet::timeline", round = o.round, "fetched");
-                        Ok::<_, WorkerError>((o, l))
+                        Ok::<_, WorkerError>((o, l, reducers.take_received()))
                     } else {
-                        let o = pull_changes_into(
+                        let (o, bytes) = pull_changes_into(
                             &mut puller,
                             id,
                             *after,
@@ -517,14 +514,14 @@ impl Session {
                             holds,
                         )
                         .await?;
-                        Ok((o, None))
+                        Ok((o, None, bytes))
                     }
                 };
                 // A push or pull that fails does not cut the step short: the step's end
                 // puts the replica back, so that the session goes on (the round's order is
                 // asked for again) instead of joining again to load the model. A step that
                 // fails stops the transfers at once.
-                let ((params, update, samples, loss, computed), (used, (next, next_layout))) = {
+                let ((params, update, samples, loss, computed), (used, (next, next_layout, got))) = {
                     let comms = async { tokio::try_join!(pushing, pulling) };
                     tokio::pin!(compute, comms);
                     tokio::select! {
@@ -545,11 +542,7 @@ impl Session {
                 if settings.sharded {
                     *layout = next_layout;
                 }
-                metrics.wire(
-                    settings.wire,
-                    "in",
-                    reducers.network_floats(layout.as_ref(), grid),
-                );
+                metrics.wire_bytes(settings.wire, "in", got);
                 *second = params;
                 *pulled = next_params;
                 (used, next, Some(update), samples, loss, computed)
@@ -570,9 +563,9 @@ impl Session {
                     async { used(order.round, push(client, id, settings, update, pool).await) };
                 let pulling =
                     pull_changes_into(&mut puller, id, *after, settings.wire, grid, pulled, holds);
-                let (used, next) = tokio::try_join!(pushing, pulling)?;
+                let (used, (next, got)) = tokio::try_join!(pushing, pulling)?;
                 metrics.wire(settings.wire, "out", total);
-                metrics.wire(settings.wire, "in", total);
+                metrics.wire_bytes(settings.wire, "in", got);
                 // The stream that sent the update is done with it by now (or else it
                 // is left to be freed, and the next update gets a fresh buffer).
                 (

@@ -126,9 +126,21 @@ impl WorkerMetrics {
         direction: &'static str,
         floats: u64,
     ) {
-        let (name, bytes) = match encoding {
-            capsnet_proto::Encoding::Bf16 => ("bf16", 2 * floats),
-            _ => ("f32", 4 * floats),
+        let bytes = floats * capsnet_proto::wire::bytes_per_float(encoding) as u64;
+        self.wire_bytes(encoding, direction, bytes);
+    }
+
+    /// `bytes` of payload in `encoding` moved in `direction` (parameters pulled as their
+    /// changes are fewer bytes than their floats).
+    pub(crate) fn wire_bytes(
+        &self,
+        encoding: capsnet_proto::Encoding,
+        direction: &'static str,
+        bytes: u64,
+    ) {
+        let name = match encoding {
+            capsnet_proto::Encoding::Bf16 => "bf16",
+            _ => "f32",
         };
         self.wire_bytes
             .get_or_create(&WireLabel {

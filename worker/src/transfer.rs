@@ -51,12 +51,15 @@ pub async fn pull_into(
     grid: &Grid,
     params: &mut [f32],
 ) -> Result<pb::WorkOrder> {
-    pull_changes_into(client, id, after, enc, grid, params, false).await
+    pull_changes_into(client, id, after, enc, grid, params, false)
+        .await
+        .map(|(order, _)| order)
 }
 
 /// [`pull_into`]; with `holds` (`params` holds the parameters of round `after` exactly as they
 /// were pulled) the chunks may come as their change from those ([`wire::delta_decode`]). A
 /// pull tried again asks for whole chunks: the first may have written some of the new ones.
+/// Returns the order and the payload bytes received (of every try).
 pub async fn pull_changes_into(
     client: &mut Client,
     id: &str,
@@ -65,7 +68,7 @@ pub async fn pull_changes_into(
     grid: &Grid,
     params: &mut [f32],
     holds: bool,
-) -> Result<pb::WorkOrder> {
+) -> Result<(pb::WorkOrder, u64)> {
     let mut req = pb::PullRequest {
         worker_id: id.to_string(),
         after_round: after,
@@ -75,14 +78,15 @@ pub async fn pull_changes_into(
         delta: holds && after.is_some(),
     };
     let mut tries = 0;
+    let received = std::sync::atomic::AtomicU64::new(0);
     loop {
-        match pull_stream(client, &req, grid, params).await {
+        match pull_stream(client, &req, grid, params, &received).await {
             Err(WorkerError::Rpc(s)) if s.code() == Code::Aborted && tries < 3 => {
                 tracing::debug!(status = %s.message(), "pulling again");
                 tries += 1;
                 req.delta = false;
             }
-            r => return r,
+            r => return r.map(|order| (order, received.into_inner())),
         }
     }
 }
@@ -150,6 +154,7 @@ async fn pull_stream(
     req: &pb::PullRequest,
     grid: &Grid,
     params: &mut [f32],
+    received: &std::sync::atomic::AtomicU64,
 ) -> Result<pb::WorkOrder> {
     let body = Body::new(http_body_util::Full::new(frame::frame(req)));
     let mut stream = client.call(frame::PULL_PATH, body).await?;
@@ -168,6 +173,7 @@ async fn pull_stream(
     let mut next = Some(first);
     let mut rebuilt = vec![];
     while let Some(c) = next {
+        received.fetch_add(c.payload.len() as u64, std::sync::atomic::Ordering::Relaxed);
         // One coordinator's grid is in the vector's order: each chunk's place is its range.
         take_chunk(
             &mut asm,
@@ -258,6 +264,8 @@ pub struct Reducers {
     /// A reducer this worker could not reach, told to the coordinator with each work order
     /// asked for until a connection to it succeeds again ([`Reducers::recheck`]).
     unreachable: Option<Unreachable>,
+    /// Payload bytes pulled over the network since [`Reducers::take_received`] was last asked.
+    received: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A reducer that could not be reached: when to try it again, after how many failed tries.
@@ -302,6 +310,7 @@ impl Reducers {
         Reducers {
             local,
             unreachable: None,
+            received: Arc::default(),
             clients: Default::default(),
             token: token.to_string(),
             tls: tls.map(|t| crate::ClientTls {
@@ -309,6 +318,12 @@ impl Reducers {
                 ..t.clone()
             }),
         }
+    }
+
+    /// Payload bytes pulled from reducers over the network (not from one in this process)
+    /// since the last call: fewer than the floats' with delta pulls.
+    pub fn take_received(&self) -> u64 {
+        self.received.swap(0, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The floats of `grid` that cross the network under `layout`: all of them, less the spans
@@ -431,6 +446,7 @@ pub async fn pull_spans(
     layout: &Layout,
     want: Want<'_>,
     params: &mut [f32],
+    received: &std::sync::atomic::AtomicU64,
 ) -> Result<u64> {
     let Want {
         id,
@@ -466,7 +482,7 @@ pub async fn pull_spans(
         };
         let out = &out;
         pulls.push(async move {
-            pull_span(&mut c, req, grid, place, span.clone(), out)
+            pull_span(&mut c, req, grid, place, span.clone(), (out, received))
                 .await
                 .map_err(|e| from_reducer(url, e))
         });
@@ -489,7 +505,7 @@ async fn pull_span(
     grid: &Grid,
     place: &Grid,
     span: Range<usize>,
-    out: &std::sync::Mutex<&mut [f32]>,
+    out: (&std::sync::Mutex<&mut [f32]>, &std::sync::atomic::AtomicU64),
 ) -> Result<u64> {
     let mut tries = 0u32;
     loop {
@@ -514,7 +530,7 @@ async fn pull_span_stream(
     grid: &Grid,
     place: &Grid,
     span: Range<usize>,
-    out: &std::sync::Mutex<&mut [f32]>,
+    (out, received): (&std::sync::Mutex<&mut [f32]>, &std::sync::atomic::AtomicU64),
 ) -> Result<u64> {
     let body = Body::new(http_body_util::Full::new(frame::frame(req)));
     let mut stream = client.call(frame::PULL_PATH, body).await?;
@@ -534,6 +550,9 @@ async fn pull_span_stream(
     while let Some(c) = next {
         if c.round != round {
             return Err(tonic::Status::data_loss("the round changed mid-stream").into());
+        }
+        if !client.is_in_process() {
+            received.fetch_add(c.payload.len() as u64, std::sync::atomic::Ordering::Relaxed);
         }
         {
             let mut params = out
@@ -593,6 +612,7 @@ pub async fn fetch(
     // A reducer this worker cannot reach is told to the coordinator, which leaves the worker
     // out of the rounds (or drops the reducer) meanwhile; nothing is pulled early from it.
     let cannot_reach = reducers.recheck(id).await;
+    let received = reducers.received.clone();
     let known = known.filter(|_| cannot_reach.is_none());
     let ask = |layout: Option<u64>| pb::PullRequest {
         worker_id: id.to_string(),
@@ -607,7 +627,7 @@ pub async fn fetch(
             let clients = reducers.clients(l).await?;
             let mut c = coordinator.clone();
             let get = c.rpc().get_work(ask(Some(l.id)));
-            let pull = pull_spans(clients, l, want, params);
+            let pull = pull_spans(clients, l, want, params, &received);
             tokio::pin!(get, pull);
             let mut pulled = None;
             let order = loop {
@@ -659,6 +679,7 @@ pub async fn fetch(
                 ..want
             },
             params,
+            &received,
         )
         .await
         {
