@@ -257,6 +257,12 @@ fn sent_len(c: &EncodedChunk, delta: bool) -> u64 {
     }
 }
 
+/// Whether pull `r` gets round `round` as changes: it asked for them, and holds the round
+/// before (the one its changes are from); a puller further behind gets whole chunks.
+fn changes_apply(r: &pb::PullRequest, round: u64) -> bool {
+    r.delta && r.after_round.and_then(|a| a.checked_add(1)) == Some(round)
+}
+
 /// A published round's chunks not in `sent` (indexed by chunk), in grid order.
 fn unsent<'a>(snapshot: &'a Published, sent: &'a [bool]) -> impl Iterator<Item = &'a EncodedChunk> {
     (snapshot.chunks.iter().enumerate())
@@ -385,8 +391,9 @@ async fn speculate(
                     ));
                 }
                 let done: Vec<bool> = sent.iter().map(Option::is_some).collect();
-                svc.count_wire(wire, "out", payload_bytes(&snapshot, &done, r.delta));
-                for b in round_frames(&snapshot, &done, order, r.delta) {
+                let delta = changes_apply(r, snapshot.round);
+                svc.count_wire(wire, "out", payload_bytes(&snapshot, &done, delta));
+                for b in round_frames(&snapshot, &done, order, delta) {
                     send(b).await?;
                 }
                 return Ok(());
@@ -426,13 +433,14 @@ async fn serve(
         let mut published = svc.published.clone();
         published.borrow_and_update();
         if let PullReply::Ready(order, snapshot) = svc.ask_pull(&r).await? {
+            let delta = changes_apply(&r, snapshot.round);
             svc.count_wire(
                 snapshot.encoding,
                 "out",
-                payload_bytes(&snapshot, &[], r.delta),
+                payload_bytes(&snapshot, &[], delta),
             );
             return Ok(stream_frames(
-                round_frames(&snapshot, &[], order, r.delta),
+                round_frames(&snapshot, &[], order, delta),
                 svc.stall,
             ));
         }
