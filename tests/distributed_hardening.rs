@@ -293,6 +293,7 @@ fn a_pull_that_is_never_read_is_let_go() {
             layout: None,
             cannot_reach: None,
             delta: false,
+            shm: false,
         };
         body.send_data(capsnet_proto::frame::frame(&pull), true)
             .unwrap();

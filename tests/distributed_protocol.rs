@@ -71,6 +71,7 @@ fn chunks_sized(
             total_crc32: c.total_crc32,
             loss: 0.5,
             layout: 0,
+            shm: None,
         })
         .collect()
 }
@@ -113,6 +114,7 @@ async fn pull_stream(c: &mut Client, id: &str, after: u64) -> tonic::Streaming<p
             layout: None,
             cannot_reach: None,
             delta: false,
+            shm: false,
         })
         .await
         .unwrap()
@@ -205,6 +207,7 @@ fn a_generic_grpc_client_reads_the_hand_framed_parameter_stream() {
                 layout: None,
                 cannot_reach: None,
                 delta: false,
+                shm: false,
             })
             .await
             .unwrap()
@@ -846,6 +849,7 @@ fn a_pull_before_the_epoch_is_planned_is_answered_when_it_starts() {
                 layout: None,
                 cannot_reach: None,
                 delta: false,
+                shm: false,
             })
             .await
             .unwrap()
@@ -1116,6 +1120,7 @@ fn a_reducer_streams_every_range_before_the_round_commits() {
                 layout: None,
                 cannot_reach: None,
                 delta: false,
+                shm: false,
             };
             let o = tokio::time::timeout(Duration::from_secs(30), j.client.rpc().get_work(ask))
                 .await
@@ -1162,6 +1167,7 @@ fn a_reducer_streams_every_range_before_the_round_commits() {
             layout: Some(layout - 1),
             cannot_reach: None,
             delta: false,
+            shm: false,
         };
         let e = match rb.rpc().pull_params(stale_pull).await {
             Err(e) => e,

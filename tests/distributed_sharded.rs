@@ -573,6 +573,7 @@ fn a_sharded_coordinator_refuses_what_belongs_to_the_reducers() {
                 layout: None,
                 cannot_reach: None,
                 delta: false,
+                shm: false,
             };
             let waited =
                 tokio::time::timeout(Duration::from_millis(500), j.client.rpc().get_work(ask))
@@ -619,6 +620,7 @@ fn a_sharded_coordinator_refuses_what_belongs_to_the_reducers() {
             layout: None,
             cannot_reach: None,
             delta: false,
+            shm: false,
         };
         let e = j.client.rpc().get_work(ask).await.unwrap_err();
         assert!(e.message().contains("no reducers"), "{e}");
@@ -930,4 +932,181 @@ fn a_worker_that_fails_stops_the_reducer_it_serves() {
     assert!(!socket.exists(), "the socket file was left behind\n{log}");
     coord.signal(libc::SIGTERM);
     coord.wait(Duration::from_secs(30));
+}
+
+/// A reducer on a unix socket and a worker of its machine pass payloads through shared memory:
+/// the reducer leaves each reduced range in a sealed memfd region the worker copies out of, and
+/// once the worker has read there it leaves its update in a region of its own for the reducer
+/// to reduce from. No payload byte crosses the socket (the reducer's counters), and the
+/// parameters are the bits of a pull over the socket. A push that names something else than a
+/// worker's region is refused by name and changes nothing: the round closes on the valid push
+/// that follows.
+#[test]
+fn workers_of_the_reducers_machine_push_and_pull_through_shared_memory() {
+    use capsnet_worker::{Reducers, Want};
+    let args: Vec<&str> = STEADY
+        .iter()
+        .copied()
+        .chain([
+            "--reducers",
+            "1",
+            "--expect-workers",
+            "1",
+            "--min-workers",
+            "1",
+        ])
+        .collect();
+    let Setup {
+        tmp,
+        mut coord,
+        url,
+        ..
+    } = Setup::start(64, &args);
+    let socket = tmp.path().join("reducer.sock");
+    let (listen, metrics) = (format!("unix:{}", socket.display()), free_addr());
+    let mut cmd = capsnet();
+    cmd.args(["reducer", "--coordinator", &url, "--listen", &listen])
+        .args([
+            "--threads",
+            "1",
+            "--name",
+            "r0",
+            "--metrics-listen",
+            &metrics,
+        ]);
+    let mut red = Proc::spawn("reducer", cmd, tmp.path());
+    let counter = |family: &str, dir: &str| {
+        let (_, body) = scrape(&metrics, "/metrics");
+        let name = format!(r#"capsnet_reducer_{family}_total{{encoding="f32",direction="{dir}"}}"#);
+        sample(&body, &name).unwrap_or(0.0)
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut j = join(&url, "probe", Some(0)).await;
+        let s = j.settings.clone();
+        let (grid, place) = s.grids();
+        let n = j.total as usize;
+        let id = j.id.clone();
+        let want = |after| Want {
+            id: &id,
+            after,
+            enc: s.wire,
+            grid: &grid,
+            place: &place,
+            holds: false,
+        };
+        let mut reducers = Reducers::new(TOKEN, None, None, None);
+        let mut params = vec![0.0f32; n];
+        let (order, layout) =
+            capsnet_worker::fetch(&mut j.client, &mut reducers, want(None), None, &mut params)
+                .await
+                .unwrap();
+        let layout = layout.unwrap();
+        assert_eq!((order.round, order.participate), (0, true));
+        assert_eq!(layout.owners[0].0, listen);
+        // Round 0's parameters are the ones the reducer was assigned, not reduced there: they
+        // come over the socket.
+        let bytes = (n * 4) as f64;
+        assert_eq!(counter("wire_bytes", "out"), bytes);
+
+        // A push whose payload is said to lie in a file that is no worker's region (over a
+        // connection of its own: a refused push turns shared memory off for pushes over it).
+        let clients = Reducers::new(TOKEN, None, None, None)
+            .clients(&layout)
+            .await
+            .unwrap();
+        let bogus = capsnet_proto::wire::EncodedChunk {
+            offset: 0,
+            payload: bytes::Bytes::new(),
+            crc32: 0,
+            total_crc32: None,
+            delta: None,
+            shared: Some(capsnet_shm::At {
+                region: std::sync::Arc::new(capsnet_shm::Desc {
+                    path: "/etc/passwd".into(),
+                    id: [0; 16],
+                    len: 4096,
+                }),
+                offset: 0,
+            }),
+        };
+        let mut c = clients[0].clone();
+        let head = (0, order.end - order.start, 0.5);
+        let e = capsnet_worker::push_chunks(
+            &mut c,
+            &id,
+            &s,
+            head,
+            layout.id,
+            tokio_stream::iter([bogus]),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("not a /proc/<pid>/fd/<fd> path"), "{e}");
+        let off = &c.shm().unwrap().push_off;
+        assert!(off.load(std::sync::atomic::Ordering::Relaxed));
+
+        // The valid update of round 0 (over the socket: the worker has not read the
+        // reducer's shared memory yet), then round 1's parameters from shared memory, and the
+        // update of round 1 from the worker's.
+        let pool = capsnet_proto::wire::BufPool::new(0);
+        let push = async |reducers: &mut Reducers, round: u64| {
+            let update = capsnet_worker::Update {
+                round,
+                samples: order.end - order.start,
+                loss: 0.5,
+                data: std::sync::Arc::from(vec![1e-3f32; n]),
+            };
+            let clients = reducers.clients(&layout).await.unwrap();
+            assert!(
+                capsnet_worker::push_spans(clients, &layout, &id, &s, update, &pool)
+                    .await
+                    .unwrap()
+            );
+        };
+        // The parameters of the round after `after`, into a copy of `from`.
+        let mut client = j.client.clone();
+        let mut pull = async |reducers: &mut Reducers, after: u64, from: &[f32]| {
+            let mut buf = from.to_vec();
+            let known = Some(&layout);
+            let w = want(Some(after));
+            let (o, _) = capsnet_worker::fetch(&mut client, reducers, w, known, &mut buf)
+                .await
+                .unwrap();
+            assert_eq!(o.round, after + 1);
+            buf
+        };
+        push(&mut reducers, 0).await;
+        assert_eq!(counter("wire_bytes", "in"), bytes);
+        let next = pull(&mut reducers, 0, &params).await;
+        assert_eq!(counter("shared_memory_bytes", "out"), bytes);
+        assert_eq!(counter("wire_bytes", "out"), bytes);
+        push(&mut reducers, 1).await;
+        assert_eq!(counter("shared_memory_bytes", "in"), bytes);
+        assert_eq!(counter("wire_bytes", "in"), bytes);
+
+        // Round 2 from shared memory, and over the socket by a second connection whose shared
+        // memory is off: the same bits.
+        let shared = pull(&mut reducers, 1, &next).await;
+        assert_eq!(counter("shared_memory_bytes", "out"), 2.0 * bytes);
+        let mut socket = Reducers::new(TOKEN, None, None, None);
+        for c in socket.clients(&layout).await.unwrap() {
+            c.shm()
+                .unwrap()
+                .pull_off
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        let inline = pull(&mut socket, 1, &next).await;
+        assert_eq!(counter("wire_bytes", "out"), 2.0 * bytes);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&shared), bits(&inline));
+        assert_ne!(bits(&shared), bits(&next), "round 1 changed nothing");
+    });
+    coord.signal(libc::SIGTERM);
+    coord.expect_success(Duration::from_secs(30));
+    // Stopped before training finished: it says so, and removes its socket.
+    red.signal(libc::SIGTERM);
+    red.expect_failure(Duration::from_secs(30));
+    assert!(!socket.exists());
 }

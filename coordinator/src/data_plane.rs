@@ -221,20 +221,25 @@ fn grpc_response(body: Body) -> http::Response<Body> {
     resp
 }
 
+/// How a pull takes its chunks: where a chunk lies in shared memory and the pull reads that
+/// (`shm`), as a reference to it; else as its change from the round before where the pull asked
+/// for that (`delta`) and the chunk has one; else whole.
+#[derive(Clone, Copy)]
+struct Form {
+    delta: bool,
+    shm: bool,
+}
+
 /// The frames of one parameter chunk of round `round`; the last chunk sent carries the
 /// checksum of the whole (`total_crc32`) and, from the coordinator, the work order.
 fn chunk_frames(
     round: u64,
     total_len: u64,
-    (encoding, delta): (Encoding, bool),
+    (encoding, form): (Encoding, Form),
     c: &EncodedChunk,
     (work, total_crc32): (Option<pb::WorkOrder>, Option<u32>),
-) -> [Bytes; 2] {
-    let (payload, delta) = match &c.delta {
-        Some(d) if delta => (d.clone(), true),
-        _ => (c.payload.clone(), false),
-    };
-    let fields = pb::ParamChunk {
+) -> Vec<Bytes> {
+    let mut fields = pb::ParamChunk {
         round,
         offset: c.offset,
         total_len,
@@ -243,24 +248,51 @@ fn chunk_frames(
         crc32: c.crc32,
         work,
         total_crc32,
-        delta,
+        delta: false,
+        shm: None,
     };
-    frame::frame_with_payload(&fields, frame::PARAM_PAYLOAD_TAG, payload)
+    if let Some(at) = c.shared.as_ref().filter(|_| form.shm) {
+        fields.shm = Some(capsnet_proto::shared::shm_ref(at));
+        return vec![frame::frame(&fields)];
+    }
+    let payload = match &c.delta {
+        Some(d) if form.delta => {
+            fields.delta = true;
+            d.clone()
+        }
+        _ => c.payload.clone(),
+    };
+    frame::frame_with_payload(&fields, frame::PARAM_PAYLOAD_TAG, payload).into()
 }
 
-/// The bytes chunk `c` goes out with: its change from the round before when the pull asked for
-/// that (`delta`) and the chunk has one, else its payload.
-fn sent_len(c: &EncodedChunk, delta: bool) -> u64 {
-    match &c.delta {
-        Some(d) if delta => d.len() as u64,
-        _ => c.payload.len() as u64,
+/// The payload bytes chunk `c` puts on the wire as `form` takes it, and those it leaves in
+/// shared memory instead.
+fn sent_len(c: &EncodedChunk, form: Form) -> (u64, u64) {
+    match (&c.shared, &c.delta) {
+        (Some(_), _) if form.shm => (0, c.payload.len() as u64),
+        (_, Some(d)) if form.delta => (d.len() as u64, 0),
+        _ => (c.payload.len() as u64, 0),
     }
 }
 
-/// Whether pull `r` gets round `round` as changes: it asked for them, and holds the round
-/// before (the one its changes are from); a puller further behind gets whole chunks.
-fn changes_apply(r: &pb::PullRequest, round: u64) -> bool {
-    r.delta && r.after_round.and_then(|a| a.checked_add(1)) == Some(round)
+impl Service {
+    /// Counts what a pull sends: `(wire, shared)` payload bytes ([`sent_len`]).
+    fn count_sent(&self, encoding: Encoding, (wire, shared): (u64, u64)) {
+        self.count_wire(encoding, "out", wire);
+        if shared > 0 {
+            self.metrics.shared(encoding, "out", shared);
+        }
+    }
+}
+
+/// How pull `r` gets round `round`: as changes if it asked for them and holds the round before
+/// (the one its changes are from; a puller further behind gets whole chunks); from shared
+/// memory if it asked for that.
+fn form_of(r: &pb::PullRequest, round: u64) -> Form {
+    Form {
+        delta: r.delta && r.after_round.and_then(|a| a.checked_add(1)) == Some(round),
+        shm: r.shm,
+    }
 }
 
 /// A published round's chunks not in `sent` (indexed by chunk), in grid order.
@@ -271,8 +303,10 @@ fn unsent<'a>(snapshot: &'a Published, sent: &'a [bool]) -> impl Iterator<Item =
 }
 
 /// Bytes of a published round's chunks not in `sent`, as they go out.
-fn payload_bytes(snapshot: &Published, sent: &[bool], delta: bool) -> u64 {
-    unsent(snapshot, sent).map(|c| sent_len(c, delta)).sum()
+fn payload_bytes(snapshot: &Published, sent: &[bool], form: Form) -> (u64, u64) {
+    unsent(snapshot, sent)
+        .map(|c| sent_len(c, form))
+        .fold((0, 0), |(w, s), (a, b)| (w + a, s + b))
 }
 
 /// The frames of a published round's chunks not in `sent`, in grid order (as changes from the
@@ -282,7 +316,7 @@ fn round_frames(
     snapshot: &Published,
     sent: &[bool],
     order: pb::WorkOrder,
-    delta: bool,
+    form: Form,
 ) -> Vec<Bytes> {
     let total = snapshot.chunks.last().and_then(|c| c.total_crc32);
     let rest: Vec<&EncodedChunk> = unsent(snapshot, sent).collect();
@@ -299,7 +333,7 @@ fn round_frames(
             chunk_frames(
                 snapshot.round,
                 snapshot.total_len,
-                (snapshot.encoding, delta),
+                (snapshot.encoding, form),
                 c,
                 last,
             )
@@ -362,14 +396,19 @@ async fn speculate(
             }
         };
         for (i, g, c) in early {
-            svc.count_wire(wire, "out", sent_len(&c, r.delta));
+            // Early ranges are of the round after the one the puller holds.
+            let form = Form {
+                delta: r.delta,
+                shm: r.shm,
+            };
+            svc.count_sent(wire, sent_len(&c, form));
             crcs.record(
                 i,
                 crc32fast::Hasher::new_with_initial_len(c.crc32, c.payload.len() as u64),
             );
             // The last chunk of the stream carries the checksum over the span.
             let last = (None, crcs.total());
-            for b in chunk_frames(round, svc.num_floats, (wire, r.delta), &c, last) {
+            for b in chunk_frames(round, svc.num_floats, (wire, form), &c, last) {
                 send(b).await?;
             }
             sent[i] = Some(g);
@@ -391,9 +430,9 @@ async fn speculate(
                     ));
                 }
                 let done: Vec<bool> = sent.iter().map(Option::is_some).collect();
-                let delta = changes_apply(r, snapshot.round);
-                svc.count_wire(wire, "out", payload_bytes(&snapshot, &done, delta));
-                for b in round_frames(&snapshot, &done, order, delta) {
+                let form = form_of(r, snapshot.round);
+                svc.count_sent(wire, payload_bytes(&snapshot, &done, form));
+                for b in round_frames(&snapshot, &done, order, form) {
                     send(b).await?;
                 }
                 return Ok(());
@@ -433,14 +472,10 @@ async fn serve(
         let mut published = svc.published.clone();
         published.borrow_and_update();
         if let PullReply::Ready(order, snapshot) = svc.ask_pull(&r).await? {
-            let delta = changes_apply(&r, snapshot.round);
-            svc.count_wire(
-                snapshot.encoding,
-                "out",
-                payload_bytes(&snapshot, &[], delta),
-            );
+            let form = form_of(&r, snapshot.round);
+            svc.count_sent(snapshot.encoding, payload_bytes(&snapshot, &[], form));
             return Ok(stream_frames(
-                round_frames(&snapshot, &[], order, delta),
+                round_frames(&snapshot, &[], order, form),
                 svc.stall,
             ));
         }

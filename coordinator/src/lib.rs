@@ -316,6 +316,7 @@ pub async fn serve(
         metrics: metrics.clone(),
         opened: None,
         in_process: false,
+        shm: None,
     };
     let metrics_server = metrics_listener.map(|l| {
         if let Ok(a) = l.local_addr() {

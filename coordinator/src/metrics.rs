@@ -49,6 +49,9 @@ pub(crate) struct Metrics {
     pub straggler: Family<WorkerLabel, Gauge>,
     pub cut_off: Family<WorkerLabel, Gauge>,
     pub wire_bytes: Family<WireLabel, Counter>,
+    /// Payload bytes that passed through shared memory instead (a reducer's workers on its
+    /// machine).
+    pub shared_bytes: Family<WireLabel, Counter>,
     pub test_accuracy: FloatGauge,
     pub test_margin_loss: FloatGauge,
     pub test_reconstruction_loss: FloatGauge,
@@ -94,6 +97,7 @@ impl Metrics {
             straggler: Family::default(),
             cut_off: Family::default(),
             wire_bytes: Family::default(),
+            shared_bytes: Family::default(),
             test_accuracy: FloatGauge::default(),
             test_margin_loss: FloatGauge::default(),
             test_reconstruction_loss: FloatGauge::default(),
@@ -285,6 +289,12 @@ impl Metrics {
             m.wire_bytes.clone(),
         );
         r.register(
+            "shared_memory_bytes",
+            "Payload bytes of updates taken from (in) and parameters left in (out) shared memory \
+             for workers on the reducer's machine",
+            m.shared_bytes.clone(),
+        );
+        r.register(
             "connections",
             "Connections open to the reducer's port",
             m.connections.clone(),
@@ -303,11 +313,24 @@ impl Metrics {
     }
 
     pub fn wire(&self, encoding: capsnet_proto::Encoding, direction: &str, bytes: u64) {
+        Self::count(&self.wire_bytes, encoding, direction, bytes);
+    }
+
+    pub fn shared(&self, encoding: capsnet_proto::Encoding, direction: &str, bytes: u64) {
+        Self::count(&self.shared_bytes, encoding, direction, bytes);
+    }
+
+    fn count(
+        family: &Family<WireLabel, Counter>,
+        encoding: capsnet_proto::Encoding,
+        direction: &str,
+        bytes: u64,
+    ) {
         let enc = match encoding {
             capsnet_proto::Encoding::Bf16 => "bf16",
             _ => "f32",
         };
-        self.wire_bytes
+        family
             .get_or_create(&WireLabel {
                 encoding: enc.into(),
                 direction: direction.into(),

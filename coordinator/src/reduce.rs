@@ -137,6 +137,38 @@ type Block<'o, 'b> = (
 /// Block `k` of a range's delta: the old floats, the new payload and the low bytes' place.
 type DeltaBlock<'a> = (usize, ((&'a [f32], &'a [u8]), &'a mut [u8]));
 
+/// A range's encoded result: in a slot of shared memory, or in a buffer of the pool.
+enum OutBuf {
+    Shared(capsnet_shm::SlotBuf),
+    Heap(wire::PoolBuf),
+}
+
+impl OutBuf {
+    fn as_mut(&mut self) -> &mut [u8] {
+        match self {
+            OutBuf::Shared(b) => b.as_mut(),
+            OutBuf::Heap(b) => b.as_mut(),
+        }
+    }
+
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            OutBuf::Shared(b) => b.as_ref(),
+            OutBuf::Heap(b) => b.as_ref(),
+        }
+    }
+
+    fn freeze(self) -> (Bytes, Option<capsnet_shm::At>) {
+        match self {
+            OutBuf::Shared(b) => {
+                let (bytes, at) = b.freeze();
+                (bytes, Some(at))
+            }
+            OutBuf::Heap(b) => (b.freeze(), None),
+        }
+    }
+}
+
 /// What a closed round hands back: the new state lives in the reducer's `next_*` buffers.
 pub(crate) struct Closed {
     pub members: Vec<usize>,
@@ -168,6 +200,9 @@ pub(crate) struct Reducer {
     generation: u64,
     /// Also encode each range as its change from the parameters it was reduced from.
     delta: bool,
+    /// Slots of shared memory for the encoded results, for pullers on this machine to read
+    /// ([`Reducer::with_shared_memory`]); results go to `pool` when none is free.
+    shared: Option<capsnet_shm::SlotPool>,
     pub next_params: Vec<f32>,
     pub next_m: Vec<f32>,
     pub next_v: Vec<f32>,
@@ -224,7 +259,23 @@ impl Reducer {
             threads,
             generation: 0,
             delta,
+            shared: None,
         })
+    }
+
+    /// Encodes the results into shared memory (as many slots as the pool keeps buffers, each
+    /// the size of the largest chunk), which pullers on this machine copy out of without a
+    /// socket between. Without it (memfd refused) the reducer goes on as it was.
+    pub fn with_shared_memory(mut self) -> Self {
+        use capsnet_proto::shared::{PULL_SLOTS_PER_CHUNK, pull_slot_len};
+        let slot = pull_slot_len(&self.grid, self.span.clone(), self.wire);
+        match capsnet_shm::SlotPool::create(PULL_SLOTS_PER_CHUNK * self.span.len(), slot) {
+            Ok(p) => self.shared = Some(p),
+            Err(e) => {
+                tracing::warn!(error = %e, "no shared memory: results go out over the socket")
+            }
+        }
+        self
     }
 
     pub fn grid(&self) -> Arc<Vec<Range<usize>>> {
@@ -375,7 +426,10 @@ impl Reducer {
             .collect();
         let (wire, update) = (self.wire, src.update);
         let out_bpf = wire::bytes_per_float(wire);
-        let mut payload = self.pool.take(r.len() * out_bpf);
+        let mut payload = match self.shared.as_ref().and_then(|p| p.take(r.len() * out_bpf)) {
+            Some(b) => OutBuf::Shared(b),
+            None => OutBuf::Heap(self.pool.take(r.len() * out_bpf)),
+        };
         // The new optimizer state's blocks: Adam's moments, the outer momentum, or none.
         let mut moments: Vec<BlockState<'_>> = match update {
             Update::Adam(_) => self.next_m[local.clone()]
@@ -432,15 +486,17 @@ impl Reducer {
             .delta
             .then(|| self.delta_of(&src.params[local], payload.as_ref()));
         self.generation += 1;
+        let (payload, shared) = payload.freeze();
         self.reduced[at] = Some(Reduced {
             generation: self.generation,
             members: members.to_vec(),
             chunk: EncodedChunk {
                 offset: r.start as u64,
                 crc32: crc.clone().finalize(),
-                payload: payload.freeze(),
+                payload,
                 total_crc32: None,
                 delta,
+                shared,
             },
             crc,
             finite,
@@ -667,6 +723,73 @@ mod tests {
     /// Chunks arriving in any interleaving, a member failing half-way and retrying, and a
     /// member missing the round all give the bits of the whole-vector reference over the
     /// updates that completed.
+    /// Results in shared memory are the bits of results on the heap, and read back through
+    /// another mapping of the region; when every slot is held (pullers still hold three
+    /// rounds), results go to the heap with the same bits.
+    #[test]
+    fn results_in_shared_memory_are_the_bits_of_results_on_the_heap() {
+        let n = 12_000;
+        let grid: Arc<Vec<Range<usize>>> =
+            Arc::new(wire::chunk_ranges(n, Encoding::Bf16, 2 * 5000).collect());
+        let p: Vec<f32> = (0..n).map(|i| i as f32 * 1e-3).collect();
+        let adam = Adam::new(AdamConfig::default(), n);
+        let src = Source {
+            params: &p,
+            m: &adam.m,
+            v: &adam.v,
+            update: Update::Adam(adam.next_step()),
+        };
+        let round = |red: &mut Reducer| {
+            red.begin(0, 2, 0.1, Encoding::Bf16);
+            for i in 0..grid.len() {
+                red.chunk(
+                    0,
+                    i,
+                    wire::encode(&grad(0, n)[grid[i].clone()], Encoding::Bf16),
+                    &[0],
+                    &src,
+                );
+            }
+            red.end(0).unwrap();
+            red.close(&src).unwrap().chunks
+        };
+        let mk = || {
+            Reducer::new(
+                grid.clone(),
+                0..grid.len(),
+                Encoding::Bf16,
+                Kept::AdamMoments,
+                2,
+                false,
+            )
+            .unwrap()
+        };
+        let heap = round(&mut mk());
+        assert!(heap.iter().all(|c| c.shared.is_none()));
+        let mut red = mk().with_shared_memory();
+        let readers = capsnet_shm::Readers::new(2);
+        let mut held = vec![];
+        for r in 0..4 {
+            let chunks = round(&mut red);
+            for (c, h) in chunks.iter().zip(&heap) {
+                assert_eq!((&c.payload, c.crc32), (&h.payload, h.crc32));
+                match (&c.shared, r) {
+                    (Some(at), 0..3) => {
+                        let reader = readers.get(&at.region, u64::MAX).unwrap();
+                        let len = c.payload.len() as u64;
+                        assert_eq!(reader.bytes(at.offset, len).unwrap(), c.payload);
+                    }
+                    (None, 3) => {}
+                    (s, r) => panic!("round {r}: {s:?}"),
+                }
+            }
+            held.push(chunks);
+        }
+        // Slots come back once their chunks are gone.
+        held.clear();
+        assert!(round(&mut red).iter().all(|c| c.shared.is_some()));
+    }
+
     #[test]
     fn ranges_reduced_while_streaming_equal_the_whole_vector_reference() {
         // Chunks of 5000 floats: three blocks each, the last one short.

@@ -91,6 +91,9 @@ pub(crate) struct Service {
     /// This copy serves callers in this process ([`crate::data_plane::in_process`]): what it
     /// moves is not counted as wire bytes.
     pub in_process: bool,
+    /// A reducer on a unix socket: the regions of shared memory its workers on this machine
+    /// push payloads in (`UpdateChunk.shm`), opened once each. None: payloads come inline.
+    pub shm: Option<Arc<capsnet_shm::Readers>>,
 }
 
 /// Tells the actor to forget an update whose stream ended early or failed (also when the
@@ -116,6 +119,47 @@ impl Drop for AbortOnDrop {
 }
 
 impl Service {
+    /// The payload of the update chunk at float `offset` that a worker of this machine left in
+    /// its shared memory at `at` (it must send no bytes besides): a view of it, which the
+    /// chunk's checks then read like bytes from the socket. A region that is not one (not a
+    /// sealed memfd, another id, larger than a worker's for this span) is refused.
+    fn shared_payload(
+        &self,
+        at: &pb::ShmRef,
+        offset: u64,
+        enc: Encoding,
+        inline: &[u8],
+    ) -> Result<Bytes, Status> {
+        let refuse = |why: String| {
+            Status::invalid_argument(format!("update chunk at offset {offset}: {why}"))
+        };
+        let Some(readers) = &self.shm else {
+            return Err(refuse(
+                "this reducer takes no payloads in shared memory".into(),
+            ));
+        };
+        if !inline.is_empty() {
+            return Err(refuse("a payload both inline and in shared memory".into()));
+        }
+        let bpf = capsnet_proto::wire::bytes_per_float(enc) as u64;
+        let span = self.span();
+        let span_bytes = (span.clone())
+            .map(|i| self.grid[i].len() as u64)
+            .sum::<u64>()
+            * bpf;
+        // Not a chunk of the span: no bytes, which the chunk's checks refuse by name.
+        let Some(len) = (self
+            .grid
+            .binary_search_by_key(&offset, |r| r.start as u64)
+            .ok())
+        .filter(|i| span.contains(i))
+        .map(|i| self.grid[i].len() * bpf as usize) else {
+            return Ok(Bytes::new());
+        };
+        let max = capsnet_proto::shared::PUSH_SLOTS as u64 * span_bytes;
+        capsnet_proto::shared::shm_bytes(readers, at, len, max).map_err(|e| refuse(e.to_string()))
+    }
+
     /// Counts `bytes` of `encoding` as having crossed the network (`direction` in or out),
     /// unless this copy serves callers in this process.
     pub fn count_wire(&self, encoding: Encoding, direction: &str, bytes: u64) {
@@ -324,12 +368,17 @@ impl Service {
         let mut next = Some(first);
         let mut received = 0;
         let mut sum_sq = 0.0f64;
-        while let Some(c) = next {
+        while let Some(mut c) = next {
             if c.round != round || c.worker_id != worker_id {
                 return Err(CoordinatorError::BadUpdate(
                     "round or worker id changed mid-stream".into(),
                 )
                 .into());
+            }
+            // From shared memory: no byte of it crossed the network.
+            let shared = c.shm.is_some();
+            if let Some(at) = c.shm.take() {
+                c.payload = self.shared_payload(&at, c.offset, enc, &c.payload)?;
             }
             // Any order (a worker sends each range as its gradient is final), each chunk once.
             let (index, r) = asm
@@ -376,7 +425,11 @@ impl Service {
                     .into());
                 }
             }
-            self.count_wire(enc, "in", c.payload.len() as u64);
+            if shared {
+                self.metrics.shared(enc, "in", c.payload.len() as u64);
+            } else {
+                self.count_wire(enc, "in", c.payload.len() as u64);
+            }
             self.tx
                 .send(Msg::Chunk {
                     member,

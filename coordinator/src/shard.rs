@@ -161,6 +161,9 @@ impl Span {
 /// The reducer's round thread.
 pub(crate) struct ShardActor {
     threads: usize,
+    /// Reduced payloads go into shared memory, for workers of this machine to read (a
+    /// reducer on a unix socket).
+    shared_memory: bool,
     st: Option<Span>,
     /// The settings of the first assignment go here (the server starts with them).
     started: Option<oneshot::Sender<RunSettings>>,
@@ -733,6 +736,11 @@ impl ShardActor {
             self.threads,
             settings.delta_pulls && settings.sync_mode == SyncMode::Grad,
         )?;
+        let reducer = if self.shared_memory {
+            reducer.with_shared_memory()
+        } else {
+            reducer
+        };
         let mut adam = Adam::new(
             settings.adam.clone(),
             if kept == Kept::AdamMoments { len } else { 0 },
@@ -953,6 +961,7 @@ pub async fn serve_reducer(
     let (tx, rx) = mpsc::channel();
     let actor = ShardActor {
         threads: cfg.threads,
+        shared_memory: unix,
         st: None,
         started: Some(started_tx),
         reports: None,
@@ -1020,6 +1029,8 @@ pub async fn serve_reducer(
         metrics: metrics.clone(),
         opened: Some(opened_rx),
         in_process: false,
+        // Two regions per worker that may push here, as connections allow.
+        shm: unix.then(|| Arc::new(capsnet_shm::Readers::new(2 * cfg.max_connections.max(1)))),
     };
     drop(tx);
     let check = crate::auth::TokenCheck::new(cfg.token.expose());

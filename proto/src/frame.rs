@@ -356,6 +356,7 @@ mod tests {
             total_crc32: Some(3),
             loss: 0.25,
             layout: 2,
+            shm: None,
         }
     }
 

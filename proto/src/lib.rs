@@ -14,6 +14,7 @@ use capsnet_config::{AdamConfig, CapsNetConfig, CnnConfig, LrSchedule, ParamLayo
 
 pub mod frame;
 pub mod metrics_http;
+pub mod shared;
 pub mod unix;
 pub mod wire;
 

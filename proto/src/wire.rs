@@ -623,6 +623,9 @@ pub struct EncodedChunk {
     /// The payload as its change from the previous round's ([`delta_encode`]), for pullers
     /// that hold that.
     pub delta: Option<Bytes>,
+    /// Where the payload lies in shared memory, for pullers on this machine
+    /// ([`capsnet_shm::SlotPool`]).
+    pub shared: Option<capsnet_shm::At>,
 }
 
 /// Cuts `values` into encoded chunks with their checksums.
@@ -654,6 +657,7 @@ pub fn chunk_encoder<V: AsRef<[f32]>>(
             payload,
             total_crc32: total.total(),
             delta: None,
+            shared: None,
         }
     })
 }
@@ -812,6 +816,7 @@ pub fn encode_span(
                 payload,
                 total_crc32: (k + 1 == n).then(|| total.clone().finalize()),
                 delta: None,
+                shared: None,
             }
         })
         .collect()

@@ -60,6 +60,68 @@ pub struct Client {
     /// `scheme://authority` of the coordinator.
     origin: String,
     authorization: MetadataValue<tonic::metadata::Ascii>,
+    /// A peer on this machine (a unix socket): payloads may pass in shared memory.
+    shm: Option<std::sync::Arc<SharedMemory>>,
+}
+
+/// Payloads in shared memory with a peer of this machine ([`capsnet_shm`]), kept with its
+/// client across rounds.
+pub struct SharedMemory {
+    /// The peer's regions this worker read parameters from.
+    pub readers: capsnet_shm::Readers,
+    /// Parameters from the peer's shared memory were read here: it speaks it, and shares this
+    /// machine's processes, so pushes to it go there too.
+    pub peer_reads: std::sync::atomic::AtomicBool,
+    /// Reading the peer's shared memory failed: pull payloads inline from now on.
+    pub pull_off: std::sync::atomic::AtomicBool,
+    /// A push through shared memory was refused: push payloads inline from now on.
+    pub push_off: std::sync::atomic::AtomicBool,
+    /// The region this worker pushes to the peer in, made for a span of so many bytes.
+    push: std::sync::Mutex<Option<(usize, std::sync::Arc<capsnet_shm::Writer>)>>,
+}
+
+impl SharedMemory {
+    fn new() -> Self {
+        SharedMemory {
+            // A reducer keeps one region at a time (two across a reassignment).
+            readers: capsnet_shm::Readers::new(4),
+            peer_reads: Default::default(),
+            pull_off: Default::default(),
+            push_off: Default::default(),
+            push: Default::default(),
+        }
+    }
+
+    /// Whether pulls ask for payloads in shared memory.
+    pub fn pulls(&self) -> bool {
+        !self.pull_off.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The region to push a span of `span_bytes` in ([`capsnet_proto::shared::PUSH_SLOTS`]
+    /// rounds of it), if pushes go through shared memory: parameters from the peer's shared
+    /// memory were read here, no push there was refused, and a region could be made (one is
+    /// made anew when the span's size changed).
+    pub fn push_region(&self, span_bytes: usize) -> Option<std::sync::Arc<capsnet_shm::Writer>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if !self.peer_reads.load(Relaxed) || self.push_off.load(Relaxed) || span_bytes == 0 {
+            return None;
+        }
+        let mut held = self.push.lock().ok()?;
+        if let Some((_, w)) = held.as_ref().filter(|(n, _)| *n == span_bytes) {
+            return Some(w.clone());
+        }
+        match capsnet_shm::Writer::create(capsnet_proto::shared::PUSH_SLOTS * span_bytes) {
+            Ok(w) => {
+                *held = Some((span_bytes, w.clone()));
+                Some(w)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no shared memory for pushes: they go over the socket");
+                self.push_off.store(true, Relaxed);
+                None
+            }
+        }
+    }
 }
 
 /// Whom a [`Client`] dials: its errors name it and say what to set.
@@ -151,6 +213,7 @@ impl Client {
                 local: None,
                 origin: UNIX_ORIGIN.to_string(),
                 authorization: value,
+                shm: Some(std::sync::Arc::new(SharedMemory::new())),
             });
         }
         if let Some(e) = scheme_error(peer, url, &uri, tls.is_some()) {
@@ -193,6 +256,7 @@ impl Client {
             local: None,
             origin,
             authorization: value,
+            shm: None,
         })
     }
 
@@ -218,6 +282,7 @@ impl Client {
                 .max_decoding_message_size(MAX_MESSAGE),
             channel,
             local: Some(local),
+            shm: None,
             origin: format!(
                 "{}://{}",
                 uri.scheme_str().unwrap_or("http"),
@@ -225,6 +290,11 @@ impl Client {
             ),
             authorization: value,
         })
+    }
+
+    /// Shared memory with the peer, where it is on this machine (a unix socket).
+    pub fn shm(&self) -> Option<&std::sync::Arc<SharedMemory>> {
+        self.shm.as_ref()
     }
 
     /// Whether the bulk RPCs are calls in this process.

@@ -387,11 +387,7 @@ impl Session {
                 settings.wire,
                 pool.clone(),
             )?;
-            for (k, c) in clients.iter().enumerate() {
-                if c.is_in_process() {
-                    snd.in_process(k);
-                }
-            }
+            snd.route(&clients, order.round);
             let range = capsnet_proto::work_range(&order, settings.train_len as usize)?;
             let head = (order.round, range.len() as u64);
             let (id, s) = (id.clone(), settings.clone());

@@ -76,6 +76,7 @@ pub async fn pull_changes_into(
         layout: None,
         cannot_reach: None,
         delta: holds && after.is_some(),
+        shm: false,
     };
     let mut tries = 0;
     let received = std::sync::atomic::AtomicU64::new(0);
@@ -102,6 +103,7 @@ fn take_chunk(
     (grid, place): (&Grid, &Grid),
     params: &mut [f32],
     rebuilt: &mut Vec<u8>,
+    shared: Option<&[u8]>,
 ) -> Result<usize> {
     let stale = |e: capsnet_proto::ProtoError| {
         WorkerError::Rpc(tonic::Status::aborted(format!(
@@ -129,7 +131,7 @@ fn take_chunk(
         capsnet_proto::wire::delta_decode(&c.payload, old, enc, rebuilt).map_err(stale)?;
         rebuilt
     } else {
-        &c.payload
+        shared.unwrap_or(&c.payload)
     };
     let chunk = ChunkIn {
         payload,
@@ -182,6 +184,7 @@ async fn pull_stream(
             (grid, grid),
             params,
             &mut rebuilt,
+            None,
         )?;
         order = c.work.or(order);
         next = stream.message().await?;
@@ -464,6 +467,7 @@ pub async fn pull_spans(
         layout: Some(layout.id),
         cannot_reach: None,
         delta: holds && after.is_some(),
+        shm: false,
     };
     if grid.last().map_or(0, |r| r.end) != params.len() || place.len() != grid.len() {
         return Err(WorkerError::Internal(
@@ -478,6 +482,7 @@ pub async fn pull_spans(
         // The reducer of this process hands its chunks over whole: no wire to spare.
         let req = pb::PullRequest {
             delta: req.delta && !c.is_in_process(),
+            shm: c.shm().is_some_and(|m| m.pulls()),
             ..req.clone()
         };
         let out = &out;
@@ -515,8 +520,10 @@ async fn pull_span(
             {
                 tracing::debug!(status = %s.message(), "pulling the span again");
                 tries += 1;
-                // The first try may have written some of the new chunks.
+                // The first try may have written some of the new chunks; a chunk in shared
+                // memory that did not check out was overwritten before it was read.
                 req.delta = false;
+                req.shm = false;
                 tokio::time::sleep(std::time::Duration::from_millis(25 * u64::from(tries))).await;
             }
             r => return r,
@@ -540,13 +547,13 @@ async fn pull_span_stream(
         .ok_or_else(|| tonic::Status::data_loss("empty parameter stream"))?;
     let round = first.round;
     let enc = Encoding::try_from(first.encoding).unwrap_or(Encoding::Unspecified);
-    let mut asm = Assembler::span(grid.clone(), span, first.total_len, enc)?;
+    let mut asm = Assembler::span(grid.clone(), span.clone(), first.total_len, enc)?;
     // From the reducer of this process: its chunks never crossed a wire.
     if client.is_in_process() {
         asm = asm.in_process();
     }
     let mut next = Some(first);
-    let mut rebuilt = vec![];
+    let (mut rebuilt, mut copied) = (vec![], vec![]);
     while let Some(c) = next {
         if c.round != round {
             return Err(tonic::Status::data_loss("the round changed mid-stream").into());
@@ -554,24 +561,98 @@ async fn pull_span_stream(
         if !client.is_in_process() {
             received.fetch_add(c.payload.len() as u64, std::sync::atomic::Ordering::Relaxed);
         }
+        // A payload in the reducer's shared memory is copied out first, and checked as copied.
+        let shared = match &c.shm {
+            None => None,
+            Some(at) => {
+                let m = client.shm().filter(|_| req.shm).ok_or_else(|| {
+                    tonic::Status::data_loss(
+                        "a parameter chunk in shared memory, which this pull did not ask for",
+                    )
+                })?;
+                copy_shared(m, at, c.offset, (grid, span.clone(), enc), &mut copied)?;
+                Some(&copied[..])
+            }
+        };
         {
             let mut params = out
                 .lock()
                 .map_err(|_| WorkerError::Internal("a parameter pull panicked"))?;
-            take_chunk(
+            let taken = take_chunk(
                 &mut asm,
                 &c,
                 (enc, req.delta),
                 (grid, place),
                 &mut params,
                 &mut rebuilt,
-            )?;
+                shared,
+            );
+            match taken {
+                Err(WorkerError::Proto(e)) if shared.is_some() => {
+                    return Err(tonic::Status::aborted(format!(
+                        "a parameter chunk in shared memory does not check out ({e}): it was \
+                         written again before it was read; pulling over the socket"
+                    ))
+                    .into());
+                }
+                r => r?,
+            };
+        }
+        if shared.is_some()
+            && let Some(m) = client.shm()
+            && !m
+                .peer_reads
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::info!(
+                "a reducer of this machine: parameters come from its shared memory, updates \
+                 go in this worker's"
+            );
         }
         next = stream.message().await?;
     }
     stream.status().await?;
     asm.finish()?;
     Ok(round)
+}
+
+/// Copies into `out` the payload of the chunk at float `offset` (of the chunks `span` of `grid`,
+/// as `enc`) that the reducer left in its shared memory at `at`. A region that cannot be read
+/// here turns shared memory off for this reducer's pulls (ABORTED: pulled again over the
+/// socket).
+fn copy_shared(
+    m: &crate::client::SharedMemory,
+    at: &pb::ShmRef,
+    offset: u64,
+    (grid, span, enc): (&Grid, Range<usize>, Encoding),
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    let Some(i) = grid
+        .binary_search_by_key(&offset, |r| r.start as u64)
+        .ok()
+        .filter(|i| span.contains(i))
+    else {
+        return Err(tonic::Status::data_loss(format!(
+            "a parameter chunk at offset {offset} is not one of this span's"
+        ))
+        .into());
+    };
+    let len = grid[i].len() * capsnet_proto::wire::bytes_per_float(enc);
+    let max = capsnet_proto::shared::pull_region_len(grid, span, enc);
+    match capsnet_proto::shared::shm_bytes(&m.readers, at, len, max) {
+        Ok(view) => {
+            out.clear();
+            out.extend_from_slice(&view);
+            Ok(())
+        }
+        Err(e) => {
+            m.pull_off.store(true, std::sync::atomic::Ordering::Relaxed);
+            Err(tonic::Status::aborted(format!(
+                "the reducer's shared memory cannot be read here ({e}); pulling over the socket"
+            ))
+            .into())
+        }
+    }
 }
 
 /// What [`fetch`] asks for: worker `id`'s order for the round after `after`, and its
@@ -621,6 +702,7 @@ pub async fn fetch(
         layout,
         cannot_reach: cannot_reach.clone(),
         delta: false,
+        shm: false,
     };
     let (mut order, mut early) = match known {
         Some(l) => {
@@ -787,8 +869,11 @@ pub async fn push_chunks(
     let (round, samples, loss) = head;
     let total = s.layout().total() as u64;
     let (id, wire, layout_hash) = (id.to_string(), s.wire, s.layout_hash);
+    // Whether a payload went as a place in shared memory: a refusal then turns that off.
+    let shared = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sent_shared = shared.clone();
     let frames = futures_util::StreamExt::flat_map(chunks, move |c| {
-        let fields = pb::UpdateChunk {
+        let mut fields = pb::UpdateChunk {
             worker_id: id.clone(),
             round,
             offset: c.offset,
@@ -801,22 +886,39 @@ pub async fn push_chunks(
             total_crc32: c.total_crc32,
             loss,
             layout,
+            shm: None,
         };
-        futures_util::stream::iter(frame::frame_with_payload(
-            &fields,
-            frame::UPDATE_PAYLOAD_TAG,
-            c.payload,
-        ))
+        let pieces: Vec<Bytes> = match &c.shared {
+            Some(at) => {
+                sent_shared.store(true, std::sync::atomic::Ordering::Relaxed);
+                fields.shm = Some(capsnet_proto::shared::shm_ref(at));
+                vec![frame::frame(&fields)]
+            }
+            None => frame::frame_with_payload(&fields, frame::UPDATE_PAYLOAD_TAG, c.payload).into(),
+        };
+        futures_util::stream::iter(pieces)
     });
     let body = frames.map(|b| Ok::<_, tonic::Status>(Frame::data(b)));
-    let mut resp = client
-        .call(frame::PUSH_PATH, Body::new(StreamBody::new(body)))
-        .await?;
-    resp.message::<pb::PushResponse>()
-        .await?
-        .ok_or_else(|| tonic::Status::data_loss("no answer to the update"))?;
-    resp.status().await?;
-    Ok(())
+    let answered = async {
+        let mut resp = client
+            .call(frame::PUSH_PATH, Body::new(StreamBody::new(body)))
+            .await?;
+        resp.message::<pb::PushResponse>()
+            .await?
+            .ok_or_else(|| tonic::Status::data_loss("no answer to the update"))?;
+        resp.status().await?;
+        Ok::<(), tonic::Status>(())
+    }
+    .await;
+    if let Err(s) = &answered
+        && s.code() == Code::InvalidArgument
+        && shared.load(std::sync::atomic::Ordering::Relaxed)
+        && let Some(m) = client.shm()
+    {
+        tracing::warn!(status = %s.message(), "a push through shared memory was refused: pushing over the socket from now on");
+        m.push_off.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    Ok(answered?)
 }
 
 /// Streams one whole update of a sharded run, each span to its owner in `clients` (in the
@@ -833,11 +935,7 @@ pub async fn push_spans(
     let (grid, place) = s.grids();
     let (mut sender, _loss, chunks) =
         ChunkSender::new(grid, place, &layout.spans(), s.wire, pool.clone())?;
-    for (k, c) in clients.iter().enumerate() {
-        if c.is_in_process() {
-            sender.in_process(k);
-        }
-    }
+    sender.route(&clients, update.round);
     let Update {
         round,
         samples,
@@ -896,6 +994,9 @@ struct SpanOut {
     /// False for the stream to the reducer of this process, whose chunks cross no wire: no
     /// checksums computed (it does not check them).
     checksummed: bool,
+    /// The payloads go into this region of shared memory, from this byte on (the slot of the
+    /// round), the span's chunks in order; the stream says where they lie.
+    shared: Option<(Arc<capsnet_shm::Writer>, usize)>,
 }
 
 impl ChunkSender {
@@ -948,6 +1049,7 @@ impl ChunkSender {
                 tx,
                 open: true,
                 checksummed: true,
+                shared: None,
             });
             rxs.push(rx);
         }
@@ -976,6 +1078,27 @@ impl ChunkSender {
         }
     }
 
+    /// Streams the spans to `clients` (one per span, in order) for round `round`: to the
+    /// reducer of this process without checksums, to one of this machine that reads this
+    /// worker's shared memory through it ([`crate::client::SharedMemory::push_region`]).
+    pub(crate) fn route(&mut self, clients: &[Client], round: u64) {
+        let bpf = capsnet_proto::wire::bytes_per_float(self.wire);
+        for (k, c) in clients.iter().enumerate() {
+            if c.is_in_process() {
+                self.in_process(k);
+                continue;
+            }
+            let Some(out) = self.outs.get_mut(k) else {
+                continue;
+            };
+            let floats: usize = out.span.clone().map(|i| self.grid[i].len()).sum();
+            let slot = (round % capsnet_proto::shared::PUSH_SLOTS as u64) as usize;
+            if let Some(w) = c.shm().and_then(|m| m.push_region(floats * bpf)) {
+                out.shared = Some((w, slot * floats * bpf));
+            }
+        }
+    }
+
     /// Sends a whole update at once (no overlap): `loss` for the heads, then every chunk.
     pub(crate) fn send_all(&mut self, loss: f64, data: &[f32]) {
         if let Some(l) = self.loss.take() {
@@ -996,6 +1119,40 @@ impl ChunkSender {
             }
             let r = self.place[i].clone();
             let values = &tail[r.start - from..r.end - from];
+            if let Some((w, base)) = &out.shared {
+                // Into the region, with its checksum while the bytes are in cache.
+                let bpf = capsnet_proto::wire::bytes_per_float(self.wire);
+                let at = base + (self.grid[i].start - self.grid[out.span.start].start) * bpf;
+                let wire = self.wire;
+                let written = w.write_with(at, values.len() * bpf, |b| {
+                    capsnet_core::simd::with_avx2(
+                        #[inline(always)]
+                        || capsnet_proto::wire::encode_into(values, wire, b),
+                    );
+                    let mut h = crc32fast::Hasher::new();
+                    h.update(b);
+                    h
+                });
+                let Ok(h) = written else {
+                    // Out of the region: cannot be, the region is sized for the span.
+                    out.open = false;
+                    continue;
+                };
+                out.crc.record(i - out.span.start, h.clone());
+                let chunk = EncodedChunk {
+                    offset: self.grid[i].start as u64,
+                    crc32: h.finalize(),
+                    payload: Bytes::new(),
+                    total_crc32: out.crc.total(),
+                    delta: None,
+                    shared: Some(capsnet_shm::At {
+                        region: w.desc().clone(),
+                        offset: at as u64,
+                    }),
+                };
+                out.open = out.tx.try_send(chunk).is_ok();
+                continue;
+            }
             let payload = capsnet_core::simd::with_avx2(
                 #[inline(always)]
                 || encode_pooled(values, self.wire, &self.pool),
@@ -1014,6 +1171,7 @@ impl ChunkSender {
                 payload,
                 total_crc32: out.crc.total(),
                 delta: None,
+                shared: None,
             };
             // Never full: the channel has room for every chunk of its span.
             out.open = out.tx.try_send(chunk).is_ok();
