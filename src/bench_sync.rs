@@ -94,7 +94,7 @@ pub fn run(a: BenchSyncArgs) -> Result<()> {
         "round = every worker pushes its update, the coordinator (or the reducer of each span) averages and applies Adam, every worker pulls the result"
     );
     println!(
-        "layouts: coordinator = every byte through the coordinator; colocated = a reducer in each worker, each worker's own span in process; over loopback TCP, or over unix sockets (-unix)"
+        "layouts: coordinator = every byte through the coordinator; colocated = a reducer in each worker, each worker's own span in process; over loopback TCP, or over unix sockets (-unix; the reducers' payloads then pass in shared memory)"
     );
     let floats = capsnet_core::ParamLayout::for_config(&model).total();
     println!("machine: {}", capsnet_core::bench::machine_summary());
