@@ -32,6 +32,24 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// A size in bytes: `65536`, `64KiB`, `1MiB` (also `k`/`KB`/`M`/`MB` as powers of 1024).
+pub fn parse_bytes(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: usize = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 65536, 64KiB, 1MiB)"))?;
+    let scale: usize = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        other => return Err(format!("{s:?}: unknown unit {other:?} (B, KiB or MiB)")),
+    };
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
 /// A duration as [`parse_duration`] reads it, or 0 (off).
 pub fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
     if s.trim().parse::<f64>() == Ok(0.0) {
@@ -318,8 +336,28 @@ impl TrainFlags {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_duration;
+    use super::{parse_bytes, parse_duration};
     use std::time::Duration;
+
+    #[test]
+    fn sizes_take_binary_units_or_plain_bytes() {
+        assert_eq!(parse_bytes("65536"), Ok(65536));
+        assert_eq!(parse_bytes("64KiB"), Ok(65536));
+        assert_eq!(parse_bytes(" 64k "), Ok(65536));
+        assert_eq!(parse_bytes("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_bytes("0"), Ok(0));
+        for (bad, says) in [
+            ("", "not a size"),
+            ("KiB", "not a size"),
+            ("-1", "not a size"),
+            ("64GiB", "unknown unit"),
+            ("99999999999999999999999MiB", "not a size"),
+            ("18446744073709551615MiB", "too large"),
+        ] {
+            let e = parse_bytes(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn durations_take_units_or_plain_seconds() {

@@ -236,6 +236,38 @@ fn bad_flags_fail_before_any_work_with_a_clear_message() {
         "often",
     ]);
     config_error(&o, "--gather-every");
+    // Socket buffers: a size the flag cannot read, and one out of range (the coordinator's
+    // and a reducer's, before anything listens).
+    let o = with_token(&[
+        "coordinator",
+        "--data-dir",
+        &d,
+        "--run-dir",
+        &run,
+        "--socket-buffer",
+        "64GiB",
+    ]);
+    config_error(&o, "--socket-buffer");
+    let o = with_token(&[
+        "coordinator",
+        "--data-dir",
+        &d,
+        "--run-dir",
+        &run,
+        "--socket-buffer",
+        "1000",
+    ]);
+    config_error(&o, "socket buffer of 1000 bytes");
+    let o = with_token(&[
+        "reducer",
+        "--listen",
+        "127.0.0.1:0",
+        "--coordinator",
+        "http://127.0.0.1:1",
+        "--socket-buffer",
+        "128MiB",
+    ]);
+    config_error(&o, "socket buffer of 134217728 bytes");
     let o = with_token(&[
         "reducer",
         "--listen",

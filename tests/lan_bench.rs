@@ -107,6 +107,7 @@ fn lan_bench_runs_small_and_cleans_up_after_success_failure_and_interrupt() {
         assert_eq!(r["layout"], layout, "{text}");
         assert_eq!(r["overlap"], overlap, "{text}");
         assert_eq!(r["delta"], delta, "{text}");
+        assert_eq!(r["socket_buffer"], "64KiB", "{text}");
         let bound = r["layout_bound_ms"].as_f64().unwrap();
         let want = match layout {
             "coordinator" => r["coordinator_bound_ms"].as_f64().unwrap(),

@@ -278,6 +278,7 @@ async fn co_located_reducer(
         give_up_after: Duration::from_secs(30),
         max_connections: 64,
         max_connections_per_ip: 64,
+        socket_buffer: 0,
         local: Some(local),
         metrics: Default::default(),
     };

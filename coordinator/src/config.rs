@@ -51,6 +51,9 @@ pub struct CoordinatorConfig {
     pub clip_updates: bool,
     /// Open connections at once, and from one IP address; more are closed when accepted.
     pub max_connections: usize,
+    /// Bytes each accepted TCP connection buffers each way (0: the kernel's autotuning;
+    /// [`crate::conn::set_socket_buffers`]).
+    pub socket_buffer: usize,
     pub max_connections_per_ip: usize,
     /// Workers the registry holds (live, or gone and not yet forgotten).
     pub max_workers: usize,
@@ -101,6 +104,7 @@ impl CoordinatorConfig {
             clip_updates: false,
             max_connections: 1024,
             max_connections_per_ip: 64,
+            socket_buffer: 0,
             delta_pulls: false,
             max_workers: 4096,
             outer: None,
@@ -131,6 +135,7 @@ impl CoordinatorConfig {
         if self.round_timeout.is_zero() || self.heartbeat.is_zero() {
             return bad("round timeout and heartbeat interval must be positive");
         }
+        crate::conn::check_socket_buffer(self.socket_buffer).map_err(CoordinatorError::Config)?;
         if self.chunk_bytes < 1024 || self.chunk_bytes > 4 << 20 {
             return bad("chunk size must be between 1 KiB and 4 MiB");
         }

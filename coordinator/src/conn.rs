@@ -53,6 +53,34 @@ pub(crate) struct Conns {
     max_per_ip: usize,
     liveness: Liveness,
     metrics: Arc<crate::metrics::Metrics>,
+    /// Bytes each accepted TCP connection may buffer each way (0: the kernel's autotuning).
+    socket_buffer: usize,
+}
+
+/// Caps a connection's send and receive buffers at `bytes` (Linux doubles the figure for its
+/// bookkeeping). Bounded buffers bound what each connection has in flight: on a link whose
+/// switch queues deeply, connections that share it then share it evenly, instead of one
+/// running seconds of queue ahead of the others (a round waits for the last of them).
+/// Best effort: a socket that refuses keeps the kernel's sizes.
+pub(crate) fn set_socket_buffers(stream: &TcpStream, bytes: usize) {
+    let s = socket2::SockRef::from(stream);
+    if let Err(e) = s
+        .set_send_buffer_size(bytes)
+        .and_then(|()| s.set_recv_buffer_size(bytes))
+    {
+        tracing::debug!(error = %e, "socket buffers left as the kernel sized them");
+    }
+}
+
+/// The socket buffer sizes `--socket-buffer` takes: 0 (the kernel's), or 16 KiB to 64 MiB.
+pub(crate) fn check_socket_buffer(bytes: usize) -> std::result::Result<(), String> {
+    if bytes == 0 || (16 << 10..=64 << 20).contains(&bytes) {
+        Ok(())
+    } else {
+        Err(format!(
+            "socket buffer of {bytes} bytes: 0 (the kernel's autotuning) or 16 KiB to 64 MiB"
+        ))
+    }
 }
 
 impl Conns {
@@ -68,11 +96,22 @@ impl Conns {
             max_per_ip,
             liveness,
             metrics,
+            socket_buffer: 0,
         }
+    }
+
+    /// Caps each accepted TCP connection's send and receive buffers at `bytes` (0: the
+    /// kernel's autotuning), see [`set_socket_buffers`].
+    pub fn with_socket_buffer(mut self, bytes: usize) -> Self {
+        self.socket_buffer = bytes;
+        self
     }
 
     /// Takes an accepted connection in, or closes it (None) when a limit is reached.
     pub fn admit(&self, stream: TcpStream) -> Option<Conn> {
+        if self.socket_buffer > 0 {
+            set_socket_buffers(&stream, self.socket_buffer);
+        }
         let peer = stream.peer_addr().ok()?;
         let local = stream.local_addr().ok();
         self.admit_as(Stream::Tcp(stream), peer, local, true)
@@ -310,5 +349,36 @@ where
             self.conns.spoke(p);
         }
         self.inner.call(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_connection_gets_the_buffers_asked_for() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (server, _) = l.accept().await.unwrap();
+        let size = |s: &TcpStream| {
+            let r = socket2::SockRef::from(s);
+            (r.send_buffer_size().unwrap(), r.recv_buffer_size().unwrap())
+        };
+        set_socket_buffers(&server, 64 << 10);
+        // Linux keeps twice the figure for its bookkeeping; the other end keeps its own.
+        assert_eq!(size(&server), (128 << 10, 128 << 10));
+        assert_ne!(size(&client), size(&server));
+    }
+
+    #[test]
+    fn socket_buffers_are_zero_or_of_a_sane_size() {
+        for ok in [0, 16 << 10, 64 << 10, 64 << 20] {
+            assert!(check_socket_buffer(ok).is_ok(), "{ok}");
+        }
+        for bad in [1, 4096, (16 << 10) - 1, (64 << 20) + 1] {
+            let e = check_socket_buffer(bad).unwrap_err();
+            assert!(e.contains(&format!("{bad} bytes")), "{e}");
+        }
     }
 }

@@ -341,7 +341,8 @@ pub async fn serve(
         cfg.max_connections_per_ip,
         liveness.clone(),
         metrics.clone(),
-    );
+    )
+    .with_socket_buffer(cfg.socket_buffer);
     let svc_reducers = svc.clone();
     let session_check = check.clone();
     // The RPCs tonic decodes carry no tensors (those go through the data plane): tiny limits.

@@ -53,6 +53,8 @@ pub struct ReducerConfig {
     pub give_up_after: Duration,
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
+    /// Bytes each accepted TCP connection buffers each way (0: the kernel's autotuning).
+    pub socket_buffer: usize,
     /// Where to leave the handle for in-process calls (a reducer served inside a worker).
     pub local: Option<capsnet_proto::frame::LocalReducer>,
     /// What the reducer counts; the caller serves it (`--metrics-listen`).
@@ -936,6 +938,7 @@ pub async fn serve_reducer(
             "threads must be at least 1".into(),
         ));
     }
+    crate::conn::check_socket_buffer(cfg.socket_buffer).map_err(CoordinatorError::Config)?;
     let https = cfg.advertise.starts_with("https://");
     let unix = cfg.advertise.starts_with(crate::UNIX_PREFIX);
     if unix != listener.is_unix() || (unix && cfg.tls.is_some()) {
@@ -1040,7 +1043,8 @@ pub async fn serve_reducer(
         cfg.max_connections_per_ip,
         liveness,
         metrics,
-    );
+    )
+    .with_socket_buffer(cfg.socket_buffer);
     // The worker beside this reducer calls its bulk RPCs without a socket, until it stops.
     let _local = cfg.local.as_ref().map(|slot| {
         slot.set(Some(crate::data_plane::in_process(
