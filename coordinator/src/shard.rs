@@ -1032,8 +1032,10 @@ pub async fn serve_reducer(
         metrics: metrics.clone(),
         opened: Some(opened_rx),
         in_process: false,
-        // Two regions per worker that may push here, as connections allow.
-        shm: unix.then(|| Arc::new(capsnet_shm::Readers::new(2 * cfg.max_connections.max(1)))),
+        // One region per worker process of this machine that pushes here; each holds a
+        // descriptor, so a peer that names many regions gets the oldest let go, not the
+        // process's descriptors used up.
+        shm: unix.then(|| Arc::new(capsnet_shm::Readers::new(64))),
     };
     drop(tx);
     let check = crate::auth::TokenCheck::new(cfg.token.expose());
