@@ -92,6 +92,12 @@ impl SharedMemory {
         }
     }
 
+    /// Whether pushes go through shared memory (once a region is made for them).
+    pub fn pushes(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.peer_reads.load(Relaxed) && !self.push_off.load(Relaxed)
+    }
+
     /// Whether pulls ask for payloads in shared memory.
     pub fn pulls(&self) -> bool {
         !self.pull_off.load(std::sync::atomic::Ordering::Relaxed)
@@ -103,7 +109,7 @@ impl SharedMemory {
     /// made anew when the span's size changed).
     pub fn push_region(&self, span_bytes: usize) -> Option<std::sync::Arc<capsnet_shm::Writer>> {
         use std::sync::atomic::Ordering::Relaxed;
-        if !self.peer_reads.load(Relaxed) || self.push_off.load(Relaxed) || span_bytes == 0 {
+        if !self.pushes() || span_bytes == 0 {
             return None;
         }
         let mut held = self.push.lock().ok()?;

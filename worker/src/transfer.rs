@@ -330,13 +330,19 @@ impl Reducers {
     }
 
     /// The floats of `grid` that cross the network under `layout`: all of them, less the spans
-    /// of a reducer served in this process (none without a layout: the coordinator's path).
+    /// of a reducer served in this process and of one this worker pushes to through shared
+    /// memory (none without a layout: the coordinator's path).
     pub fn network_floats(&self, layout: Option<&Layout>, grid: &Grid) -> u64 {
         let total = grid.last().map_or(0, |r| r.end);
+        let shared = |a: &String| {
+            (self.clients.get(a))
+                .and_then(Client::shm)
+                .is_some_and(|m| m.pushes())
+        };
         let local: usize = layout
             .into_iter()
             .flat_map(|l| &l.owners)
-            .filter(|(a, _)| self.local.as_ref().is_some_and(|l| l.get(a).is_some()))
+            .filter(|(a, _)| self.local.as_ref().is_some_and(|l| l.get(a).is_some()) || shared(a))
             .filter_map(|(_, span)| {
                 let (first, last) = (grid.get(span.start)?, grid.get(span.end.checked_sub(1)?)?);
                 Some(last.end - first.start)
