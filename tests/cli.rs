@@ -238,26 +238,22 @@ fn bad_flags_fail_before_any_work_with_a_clear_message() {
     config_error(&o, "--gather-every");
     // Socket buffers: a size the flag cannot read, and one out of range (the coordinator's
     // and a reducer's, before anything listens).
-    let o = with_token(&[
-        "coordinator",
-        "--data-dir",
-        &d,
-        "--run-dir",
-        &run,
-        "--socket-buffer",
-        "64GiB",
-    ]);
-    config_error(&o, "--socket-buffer");
-    let o = with_token(&[
-        "coordinator",
-        "--data-dir",
-        &d,
-        "--run-dir",
-        &run,
-        "--socket-buffer",
-        "1000",
-    ]);
-    config_error(&o, "socket buffer of 1000 bytes");
+    for (size, says) in [
+        ("64GiB", "--socket-buffer"),
+        ("1000", "socket buffer of 1000 bytes"),
+    ] {
+        let args = [
+            "coordinator",
+            "--data-dir",
+            &d,
+            "--run-dir",
+            &run,
+            "--socket-buffer",
+            size,
+        ];
+        let o = with_token(&args);
+        config_error(&o, says);
+    }
     let o = with_token(&[
         "reducer",
         "--listen",

@@ -143,10 +143,8 @@ impl Service {
         }
         let bpf = capsnet_proto::wire::bytes_per_float(enc) as u64;
         let span = self.span();
-        let span_bytes = (span.clone())
-            .map(|i| self.grid[i].len() as u64)
-            .sum::<u64>()
-            * bpf;
+        // A span is a run of consecutive chunks: its floats lie between its ends.
+        let span_bytes = (self.grid[span.end - 1].end - self.grid[span.start].start) as u64 * bpf;
         // Not a chunk of the span: no bytes, which the chunk's checks refuse by name.
         let Some(len) = (self
             .grid

@@ -1097,7 +1097,8 @@ impl ChunkSender {
             let Some(out) = self.outs.get_mut(k) else {
                 continue;
             };
-            let floats: usize = out.span.clone().map(|i| self.grid[i].len()).sum();
+            // A span is a run of consecutive chunks: its floats lie between its ends.
+            let floats = self.grid[out.span.end - 1].end - self.grid[out.span.start].start;
             let slot = (round % capsnet_proto::shared::PUSH_SLOTS as u64) as usize;
             if let Some(w) = c.shm().and_then(|m| m.push_region(floats * bpf)) {
                 out.shared = Some((w, slot * floats * bpf));
