@@ -211,6 +211,13 @@ fn print_costs(c: &Costs) {
         c.delta_decode_s[1] * 1e9,
         c.copy_s * 1e9
     );
+    println!(
+        "measured for the data plane (loopback rounds of 2 workers, CPU less the work above), CPU per byte through a socket, sender and receiver together (ns): the coordinator's chunks f32 {:.2} bf16 {:.2}, the reducers' f32 {:.2} bf16 {:.2}",
+        c.net_s[0][0] * 1e9,
+        c.net_s[0][1] * 1e9,
+        c.net_s[1][0] * 1e9,
+        c.net_s[1][1] * 1e9
+    );
 }
 
 /// The projection of each `scripts/lan-bench` row beside its measurement.

@@ -94,6 +94,9 @@ pub fn run(a: BenchSyncArgs) -> Result<()> {
         "round = every worker pushes its update, the coordinator (or the reducer of each span) averages and applies Adam, every worker pulls the result"
     );
     println!(
+        "cpu_ms = CPU time per round of the whole setting (coordinator, reducers and workers are threads of this one process), from the end of the last warm-up round"
+    );
+    println!(
         "layouts: coordinator = every byte through the coordinator; colocated = a reducer in each worker, each worker's own span in process; over loopback TCP, or over unix sockets (-unix; the reducers' payloads then pass in shared memory)"
     );
     let floats = capsnet_core::ParamLayout::for_config(&model).total();
@@ -105,7 +108,7 @@ pub fn run(a: BenchSyncArgs) -> Result<()> {
     );
     println!();
     println!(
-        "{:>7} {:>14} {:>5} {:>10} {:>9} {:>9} {:>13} {:>14} {:>9}",
+        "{:>7} {:>14} {:>5} {:>10} {:>9} {:>9} {:>13} {:>14} {:>9} {:>10}",
         "workers",
         "layout",
         "wire",
@@ -115,6 +118,7 @@ pub fn run(a: BenchSyncArgs) -> Result<()> {
         "MB/s/worker",
         "MB/s coord.",
         "peak_MiB",
+        "cpu_ms",
     );
     let mut rows = vec![];
     for &n in &a.workers {
@@ -147,7 +151,7 @@ pub fn run(a: BenchSyncArgs) -> Result<()> {
                     _ => r.layout.to_string(),
                 };
                 println!(
-                    "{:>7} {:>14} {:>5} {:>10.1} {:>9.1} {:>9.1} {:>13.0} {:>14} {:>9.0}",
+                    "{:>7} {:>14} {:>5} {:>10.1} {:>9.1} {:>9.1} {:>13.0} {:>14} {:>9.0} {:>10}",
                     r.workers,
                     label,
                     r.wire,
@@ -158,6 +162,8 @@ pub fn run(a: BenchSyncArgs) -> Result<()> {
                     r.mb_per_s_coordinator
                         .map_or_else(|| "-".to_string(), |m| format!("{m:.0}")),
                     r.peak_rss_mib,
+                    r.cpu_ms_per_round
+                        .map_or_else(|| "-".to_string(), |m| format!("{m:.1}")),
                 );
                 rows.push(r);
             }

@@ -509,11 +509,12 @@ fn bench_sync_times_rounds_and_writes_json() {
     }
     assert_eq!(settings, expected);
     // The printed table: one row per setting (workers, layout, wire, median, min, max, MB/s
-    // per worker, MB/s coordinator or "-", peak MiB), with the JSON's timings, in order.
+    // per worker, MB/s coordinator or "-", peak MiB, CPU ms per round), with the JSON's
+    // timings, in order.
     let table: Vec<Vec<&str>> = t
         .lines()
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .filter(|w| w.len() == 9 && w[0].parse::<u64>().is_ok())
+        .filter(|w| w.len() == 10 && w[0].parse::<u64>().is_ok())
         .collect();
     assert_eq!(table.len(), rows.len(), "{t}");
     for (row, r) in table.iter().zip(&rows) {
@@ -538,6 +539,10 @@ fn bench_sync_times_rounds_and_writes_json() {
             );
         }
         assert!(printed[1] <= printed[0] && printed[0] <= printed[2], "{t}");
+        // Every round costs CPU: the whole setting's, more than nothing.
+        let cpu: f64 = row[9].parse().unwrap();
+        let want = r["cpu_ms_per_round"].as_f64().unwrap();
+        assert!(cpu > 0.0 && (cpu - want).abs() <= 0.05 + 1e-9, "{t}");
     }
     for r in &rows {
         let ms = |k: &str| r[k].as_f64().unwrap();
@@ -597,6 +602,16 @@ fn bench_scale_projects_plots_and_checks_against_lan_rows() {
         assert!(e > 0.0 && e <= 1.0, "{r}");
     }
     assert!(v["costs"]["step_s"].as_f64().unwrap() > 0.0);
+    // The data plane's CPU per byte, by chunk size and encoding: measured, so not all zero.
+    let net: Vec<f64> = (v["costs"]["net_s"].as_array().unwrap().iter())
+        .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()))
+        .collect();
+    assert!(
+        net.len() == 4 && net.iter().all(|x| x.is_finite() && *x >= 0.0),
+        "{net:?}"
+    );
+    assert!(net.iter().any(|x| *x > 0.0), "{net:?}");
+    assert!(t.contains("measured for the data plane"), "{t}");
     let bytes = std::fs::read(&png).unwrap();
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
     let width = u32::from_be_bytes(bytes[16..20].try_into().unwrap());

@@ -13,6 +13,9 @@
 //!
 //! The sync takes the longest of: the link's bytes at its rate, the reduce work, the worker's
 //! own encode and decode of `F` floats; plus a pipeline fill of one chunk in and one out.
+//! Every byte through a socket also costs CPU at both of its ends (framing, checksums, system
+//! calls, the kernel's copies and TCP): half of the measured data-plane cost per byte on each
+//! machine it leaves or enters, added to the reduce work and the worker's own.
 //! With `--delta-pulls` a pull carries `rho B` (the measured share of the change an early
 //! training step makes): a link's busier direction is still the pushes'
 //! with one coordinator and with separate reducers, while a co-located worker's link carries
@@ -24,7 +27,8 @@
 //! capsules' and conv1's backward passes run, the primary capsules' weights (65%) while their
 //! input gradient and conv1's run. The sync moves like a fluid through the busiest link: what
 //! is final can be sent while the rest is computed ([`Stage`]), and that much of the sync is
-//! hidden. With `--sync params
+//! hidden; its CPU is then taken from the step's cores, which lengthens the step (and leaves
+//! more of the backward pass to hide behind: the fixed point of the two). With `--sync params
 //! --sync-every K` a round is K local steps and one sync (no overlap: parameters are pushed
 //! after the last step). Scaling efficiency is the step time alone over the step time plus the
 //! sync's share: what N workers train per second over N times one worker without sync.
@@ -65,6 +69,11 @@ pub struct Costs {
     pub delta_decode_s: [f64; 2],
     /// Seconds per float to copy the parameters (a worker's base for the changes).
     pub copy_s: f64,
+    /// CPU seconds per byte that crosses a socket, sender and receiver together, beyond the
+    /// per-float work above: framing, checksums, system calls, the kernel's copies and its TCP.
+    /// By chunk size (one coordinator's, the reducers'), then wire encoding. Measured from
+    /// loopback rounds of the real data plane ([`crate::sync::measure`], 2 workers).
+    pub net_s: [[f64; 2]; 2],
     /// Chunk payload with one coordinator, and with reducers (the defaults of each).
     pub chunk_bytes: usize,
     pub sharded_chunk_bytes: usize,
@@ -211,23 +220,52 @@ pub fn project(c: &Costs, s: &Scenario) -> Projection {
     } else {
         0.0
     };
+    // Bytes through sockets per round, in and out: of a worker, of a reducer (or the
+    // coordinator), and of all machines together (each byte once); a machine pays half a
+    // byte's data-plane cost for each byte it sends or receives.
+    let round_bytes = (1.0 + rho) * bytes;
+    let (worker_bytes, reducer_bytes, all_bytes) = match s.layout {
+        Layout::Coordinator => (round_bytes, n * round_bytes, n * round_bytes),
+        Layout::ShardedColocated => {
+            let b = (n - 1.0) / n * round_bytes;
+            (b, b, n * b)
+        }
+        Layout::ShardedSeparate => (round_bytes, round_bytes, n * round_bytes),
+    };
+    let net = c.net_s[usize::from(s.layout != Layout::Coordinator)][k];
+    // A worker's own sync work runs on one core; a reducer's on all of its machine's.
     let worker_work = f * (c.encode_s[k] + c.decode_s[k] + rebuild);
+    let worker_cpu = worker_work + worker_bytes * net / 2.0;
+    let reducer_cpu = reduce_work + reducer_bytes * net / 2.0;
     let cores = c.cores.max(1) as f64;
-    let (cpu_s, step_s) = match s.shared_cores {
+    let reducers = match s.layout {
+        Layout::Coordinator => 1.0,
+        _ => n,
+    };
+    // The sync's CPU: its bound on the sync, and what of it a worker's step shares its cores
+    // with while overlap hides the sync behind the backward pass (on the step's cores).
+    let (cpu_s, beside_step, step_cores, step_s) = match s.shared_cores {
         // One machine for everything: every process's work on its cores, the workers' steps
         // (each on one thread) taking turns on them.
         Some(shared) => {
             let shared = shared.max(1) as f64;
-            let reducers = match s.layout {
-                Layout::Coordinator => 1.0,
-                _ => n,
-            };
-            (
-                (reducers * reduce_work + n * worker_work) / shared,
-                c.step_s * (n / shared).max(1.0),
-            )
+            let all = reducers * reduce_work + n * worker_work + all_bytes * net;
+            (all / shared, all, shared, c.step_s * (n / shared).max(1.0))
         }
-        None => ((reduce_work / cores).max(worker_work), c.step_s),
+        None => match s.layout {
+            Layout::ShardedColocated => (
+                ((reducer_cpu + worker_cpu) / cores).max(worker_cpu),
+                reducer_cpu + worker_cpu,
+                cores,
+                c.step_s,
+            ),
+            _ => (
+                (reducer_cpu / cores).max(worker_cpu),
+                worker_cpu,
+                cores,
+                c.step_s,
+            ),
+        },
     };
     let fill = if s.layout == Layout::ShardedColocated && s.workers <= 1 {
         0.0
@@ -239,13 +277,26 @@ pub fn project(c: &Costs, s: &Scenario) -> Projection {
         };
         2.0 * chunk.min(c.floats * s.wire.bytes()) as f64 * per_byte
     };
-    let slow = step_s / c.step_s.max(1e-12);
     let moving = link_s.max(cpu_s);
-    let hidden = if s.overlap && s.sync_every <= 1 {
-        hidden_share(&c.stages, moving, slow)
-    } else {
-        0.0
-    };
+    // With overlap, the part of the sync that is hidden runs beside the backward pass and
+    // takes its CPU from the step, which then leaves more time to hide: the fixed point of
+    // the two (both only grow, and the share is at most 1).
+    let (mut hidden, mut step_s) = (0.0, step_s);
+    if s.overlap && s.sync_every <= 1 {
+        let alone = step_s;
+        for _ in 0..100 {
+            let h = hidden_share(&c.stages, moving, step_s / c.step_s.max(1e-12));
+            step_s = match s.shared_cores {
+                Some(_) => alone.max((n * c.step_s + h * beside_step) / step_cores),
+                None => alone + h * beside_step / step_cores,
+            };
+            let done = (h - hidden).abs() < 1e-12;
+            hidden = h;
+            if done {
+                break;
+            }
+        }
+    }
     let sync_s = moving * (1.0 - hidden) + fill;
     let k_steps = s.sync_every.max(1) as f64;
     let round_s = k_steps * step_s + sync_s;
@@ -405,6 +456,7 @@ pub fn measure(model: &CapsNetConfig, batch: usize, threads: usize, steps: usize
         }
     }
     let copy_s = best_of(reps, || p2.copy_from_slice(&init)) / floats as f64;
+    let net_s = data_plane_costs(model, floats, (&costs, adam_s))?;
     Ok(Costs {
         floats,
         batch,
@@ -419,9 +471,67 @@ pub fn measure(model: &CapsNetConfig, batch: usize, threads: usize, steps: usize
         delta_encode_s,
         delta_decode_s,
         copy_s,
+        net_s,
         chunk_bytes: capsnet_proto::wire::DEFAULT_CHUNK_BYTES,
         sharded_chunk_bytes: capsnet_proto::wire::SHARDED_CHUNK_BYTES,
     })
+}
+
+/// The data plane's CPU per byte through a socket ([`Costs::net_s`]): rounds of 2 synthetic
+/// workers on loopback TCP, with one coordinator and with a reducer in each worker, their
+/// process's CPU time less the per-float work the model counts apart (`per_float`: encode,
+/// decode and add by encoding; Adam); the lower of two runs, as other work on the machine only
+/// adds to a process's CPU time.
+fn data_plane_costs(
+    model: &CapsNetConfig,
+    floats: usize,
+    (per_float, adam_s): (&[[f64; 2]; 3], f64),
+) -> Result<[[f64; 2]; 2]> {
+    let (n, f) = (2.0, floats as f64);
+    let mut net = [[0.0; 2]; 2];
+    for (i, reducers) in [0usize, 2].into_iter().enumerate() {
+        for kind in [WireKind::F32, WireKind::Bf16] {
+            let mut cpu_ms = f64::INFINITY;
+            for _ in 0..2 {
+                let row = crate::sync::measure(&crate::sync::SyncSettings {
+                    workers: 2,
+                    wire: kind.encoding(),
+                    rounds: 10,
+                    warmup: 3,
+                    model: model.clone(),
+                    chunk_bytes: if reducers == 0 {
+                        wire::DEFAULT_CHUNK_BYTES
+                    } else {
+                        wire::SHARDED_CHUNK_BYTES
+                    },
+                    reducers,
+                    unix: false,
+                    delta: false,
+                })?;
+                cpu_ms = cpu_ms.min(row.cpu_ms_per_round.unwrap_or(f64::INFINITY));
+            }
+            if !cpu_ms.is_finite() {
+                continue;
+            }
+            let k = kind.index();
+            let b = f * kind.bytes() as f64;
+            let [encode, decode, add] = [per_float[0][k], per_float[1][k], per_float[2][k]];
+            let workers = n * f * (encode + decode);
+            // One coordinator: every update in, every result out. A reducer in each worker:
+            // the other worker's half of the update in, of the result out; its own half stays
+            // in the process.
+            let (work, bytes) = if reducers == 0 {
+                (n * f * add + f * (adam_s + encode) + workers, 2.0 * n * b)
+            } else {
+                (
+                    n * (f * add + f / n * (adam_s + encode)) + workers,
+                    2.0 * (n - 1.0) * b,
+                )
+            };
+            net[i][k] = ((cpu_ms / 1e3 - work) / bytes).max(0.0);
+        }
+    }
+    Ok(net)
 }
 
 pub use crate::plots::FONT;
@@ -491,6 +601,7 @@ mod tests {
             delta_encode_s: [0.0; 2],
             delta_decode_s: [0.0; 2],
             copy_s: 0.0,
+            net_s: [[0.0; 2]; 2],
             chunk_bytes: 1 << 20,
             sharded_chunk_bytes: 256 << 10,
         }
@@ -596,5 +707,67 @@ mod tests {
         let p = project(&c, &s);
         // Four single-thread steps on two cores take twice one step.
         assert!((p.round_s - p.sync_s - 0.2).abs() < 1e-12, "{p:?}");
+    }
+
+    #[test]
+    fn the_data_plane_costs_cpu_where_bytes_are_sent_and_received() {
+        let mut c = free_cpu(0.2);
+        c.net_s = [[1e-9; 2]; 2];
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+        let mut s = scenario(Layout::ShardedSeparate, 4);
+        // At 100 Gbit/s the link moves the 4 MB in 0.33 ms: the sync is the CPU of a worker's
+        // 8 MB in and out, half a byte's cost each on one core (4 ms), not the reducer's
+        // (the same bytes on two cores).
+        s.rate_bps = 100e9;
+        let fill = 2.0 * (256 << 10) as f64 * 8.0 / (100e9 * TCP_PAYLOAD_SHARE);
+        let p = project(&c, &s);
+        assert!(p.link_s < 0.001 && close(p.sync_s, 0.004 + fill), "{p:?}");
+        // One coordinator's machine handles every worker's bytes: 4 x 8 MB on two cores.
+        s.layout = Layout::Coordinator;
+        let fill = 2.0 * (1 << 20) as f64 * 8.0 / (100e9 * TCP_PAYLOAD_SHARE);
+        assert!(close(project(&c, &s).sync_s, 0.008 + fill));
+        // On one shared machine of two cores every byte costs both its ends there: 32 MB.
+        s.layout = Layout::ShardedSeparate;
+        s.shared_cores = Some(2);
+        let fill = 2.0 * (256 << 10) as f64 * 8.0 / (100e9 * TCP_PAYLOAD_SHARE);
+        assert!(close(project(&c, &s).sync_s, 0.016 + fill));
+    }
+
+    #[test]
+    fn a_hidden_sync_takes_its_cpu_from_the_step() {
+        let mut c = free_cpu(0.2);
+        c.net_s = [[1e-9; 2]; 2];
+        let mut s = scenario(Layout::ShardedSeparate, 4);
+        s.rate_bps = 100e9;
+        s.overlap = true;
+        let fill = 2.0 * (256 << 10) as f64 * 8.0 / (100e9 * TCP_PAYLOAD_SHARE);
+        // The 4 ms of CPU fit in the windows (0.99 of the update is hidden), and that CPU is
+        // taken from the step's two cores: 0.99 x 4 ms / 2 longer.
+        let p = project(&c, &s);
+        let step = 0.2 + 0.99 * 0.004 / 2.0;
+        assert!(
+            (p.round_s - (step + 0.01 * 0.004 + fill)).abs() < 1e-12,
+            "{p:?}"
+        );
+        // Without a data-plane cost, hiding is free.
+        c.net_s = [[0.0; 2]; 2];
+        let free = project(&c, &s);
+        assert!(free.round_s < p.round_s && (free.round_s - free.sync_s - 0.2).abs() < 1e-12);
+        // On a shared machine the hidden CPU stretches the steps' turns, which leaves more
+        // of the backward pass to hide behind: at 100 Mbit/s more is hidden than without it.
+        c.net_s = [[1e-9; 2]; 2];
+        s.rate_bps = 1e8;
+        s.shared_cores = Some(2);
+        let shared = project(&c, &s);
+        c.net_s = [[0.0; 2]; 2];
+        let shared_free = project(&c, &s);
+        assert!(
+            shared.sync_s < shared_free.sync_s,
+            "{shared:?} {shared_free:?}"
+        );
+        assert!(
+            shared.round_s > shared_free.round_s,
+            "{shared:?} {shared_free:?}"
+        );
     }
 }

@@ -57,10 +57,23 @@ pub struct SyncRow {
     pub mb_per_s_coordinator: Option<f64>,
     /// Peak resident memory of the setting (coordinator and workers, one process), MiB.
     pub peak_rss_mib: f64,
+    /// CPU time per timed round of the whole setting (coordinator, reducers, workers: all
+    /// threads of this process), ms; None without an untimed round to start from.
+    pub cpu_ms_per_round: Option<f64>,
 }
 
-/// Per round: the earliest push start and the latest end of the next pull, over all workers.
-type Spans = Arc<Mutex<BTreeMap<u64, (Instant, Instant)>>>;
+/// Per round: the earliest push start and the latest end of the next pull, over all workers,
+/// and the CPU time this process had used by then.
+type Spans = Arc<Mutex<BTreeMap<u64, (Instant, Instant, Duration)>>>;
+
+/// CPU time used by this process, all threads together.
+pub fn process_cpu() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    Duration::new(
+        u64::try_from(t.tv_sec).unwrap_or(0),
+        u32::try_from(t.tv_nsec).unwrap_or(0),
+    )
+}
 
 /// The update every synthetic worker sends: small values, so that Adam's steps stay finite.
 fn synthetic_update(total: usize) -> Arc<[f32]> {
@@ -71,13 +84,14 @@ fn synthetic_update(total: usize) -> Arc<[f32]> {
 
 /// Records one worker's round: from the start of its push to the end of its next pull.
 fn record(spans: &Spans, round: u64, start: Instant) -> Result<()> {
-    let now = Instant::now();
+    let (now, cpu) = (Instant::now(), process_cpu());
     let mut m = spans
         .lock()
         .map_err(|_| BenchError::Panicked("a synthetic worker"))?;
-    let e = m.entry(round).or_insert((start, now));
+    let e = m.entry(round).or_insert((start, now, cpu));
     e.0 = e.0.min(start);
     e.1 = e.1.max(now);
+    e.2 = e.2.max(cpu);
     Ok(())
 }
 
@@ -474,8 +488,18 @@ pub fn measure(s: &SyncSettings) -> Result<SyncRow> {
         .iter()
         .skip(s.warmup)
         .take(s.rounds)
-        .map(|(_, (s, e))| (*e - *s).as_secs_f64() * 1e3)
+        .map(|(_, (s, e, _))| (*e - *s).as_secs_f64() * 1e3)
         .collect();
+    // CPU from the end of the last untimed round to the end of the last timed one.
+    let ends: Vec<Duration> = spans.values().map(|v| v.2).collect();
+    let cpu_ms_per_round = match (s.warmup.checked_sub(1), ends.len()) {
+        (Some(first), n) if n > s.warmup => {
+            let last = (s.warmup + s.rounds - 1).min(n - 1);
+            let timed = (last - first) as f64;
+            Some(ends[last].saturating_sub(ends[first]).as_secs_f64() * 1e3 / timed)
+        }
+        _ => None,
+    };
     if ms.is_empty() {
         return Err(BenchError::NoRounds);
     }
@@ -509,6 +533,7 @@ pub fn measure(s: &SyncSettings) -> Result<SyncRow> {
         mb_per_s_per_worker: per_worker,
         mb_per_s_coordinator: (s.reducers == 0).then_some(per_worker * workers as f64),
         peak_rss_mib: capsnet_core::bench::peak_rss_mib().unwrap_or(f64::NAN),
+        cpu_ms_per_round,
     })
 }
 

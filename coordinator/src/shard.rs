@@ -994,7 +994,17 @@ pub async fn serve_reducer(
     let settings = tokio::select! {
         s = started_rx => match s {
             Ok(s) => s,
-            Err(_) => return Err(CoordinatorError::Session("the reducer thread ended".into())),
+            // The thread ends when the session hands it the run's end, or on an order that
+            // breaks the protocol: a run that ended before it gave this reducer a span (more
+            // reducers than chunks) is not a failure.
+            Err(_) => {
+                let outcome = done_rx.borrow().clone();
+                return match outcome {
+                    Some(Ok(rounds)) => Ok(ReducerOutcome { rounds, finished: true }),
+                    Some(Err(e)) => Err(CoordinatorError::Session(e)),
+                    None => Err(CoordinatorError::Session("the reducer thread ended".into())),
+                };
+            }
         },
         r = &mut sessions => {
             return match session_ended(r) {
