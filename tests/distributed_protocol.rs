@@ -1316,3 +1316,75 @@ fn a_member_that_joins_again_replaces_its_half_sent_update() {
     });
     assert!(!log.contains("round timed out"), "{log}");
 }
+
+/// An update whose payload is said to lie in shared memory goes only to a reducer on a unix
+/// socket: the coordinator refuses it by name (INVALID_ARGUMENT), nothing of it is applied,
+/// and the round closes on the worker's valid update.
+#[test]
+fn the_coordinator_takes_no_payloads_in_shared_memory() {
+    let Setup {
+        tmp: _tmp,
+        mut coord,
+        url,
+        ..
+    } = Setup::start(64, &PROBE);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut j = join(&url, "probe", Some(0)).await;
+        let s = j.settings.clone();
+        let (enc, grid, n) = (s.wire, s.grid(), j.total as usize);
+        let id = j.id.clone();
+        let mut held = vec![0.0f32; n];
+        let o = capsnet_worker::pull_into(&mut j.client, &id, None, enc, &grid, &mut held)
+            .await
+            .unwrap();
+        // The first chunk of a valid update, its payload moved to a "region" instead.
+        let mut chunk = encode_chunks(&vec![1e-3f32; n], enc, s.chunk_bytes)
+            .into_iter()
+            .next()
+            .unwrap();
+        chunk.payload = bytes::Bytes::new();
+        chunk.shared = Some(capsnet_shm::At {
+            region: std::sync::Arc::new(capsnet_shm::Desc {
+                path: format!("/proc/{}/fd/0", std::process::id()),
+                id: [7; 16],
+                len: 4096,
+            }),
+            offset: 0,
+        });
+        let e = capsnet_worker::push_chunks(
+            &mut j.client,
+            &id,
+            &s,
+            (0, o.end - o.start, 0.5),
+            0,
+            tokio_stream::iter([chunk]),
+        )
+        .await
+        .unwrap_err();
+        let WorkerError::Rpc(st) = &e else {
+            panic!("{e}")
+        };
+        assert_eq!(st.code(), Code::InvalidArgument, "{e}");
+        assert!(st.message().contains("no payloads in shared memory"), "{e}");
+        // The valid update closes round 0: round 1's parameters differ from round 0's.
+        let update = capsnet_worker::Update {
+            round: 0,
+            samples: o.end - o.start,
+            loss: 0.5,
+            data: vec![1e-3f32; n],
+        };
+        let pool = capsnet_proto::wire::BufPool::new(0);
+        capsnet_worker::push(&mut j.client, &id, &s, update, &pool)
+            .await
+            .unwrap();
+        let mut next = held.clone();
+        let o = capsnet_worker::pull_into(&mut j.client, &id, Some(0), enc, &grid, &mut next)
+            .await
+            .unwrap();
+        assert_eq!(o.round, 1);
+        assert_ne!(next, held, "round 0 changed nothing");
+    });
+    coord.signal(libc::SIGTERM);
+    coord.expect_success(Duration::from_secs(30));
+}

@@ -1044,8 +1044,21 @@ fn workers_of_the_reducers_machine_push_and_pull_through_shared_memory() {
         .unwrap_err()
         .to_string();
         assert!(e.contains("not a /proc/<pid>/fd/<fd> path"), "{e}");
-        let off = &c.shm().unwrap().push_off;
-        assert!(off.load(std::sync::atomic::Ordering::Relaxed));
+        // Pushes through shared memory pause for a round (round 0's goes again over the
+        // socket), and for twice as long after each refusal in a row.
+        let m = c.shm().unwrap();
+        m.peer_reads
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(!m.pushes_in(0) && m.pushes_in(1));
+        assert_eq!(m.push_refused(1), 2);
+        assert!(!m.pushes_in(2) && m.pushes_in(3));
+        let pauses: Vec<u64> = (0..12).map(|_| m.push_refused(3)).collect();
+        assert_eq!(pauses[..3], [4, 8, 16]);
+        assert_eq!(pauses[11], capsnet_worker::MAX_PUSH_PAUSE);
+        assert!(!m.pushes_in(1026) && m.pushes_in(3 + capsnet_worker::MAX_PUSH_PAUSE));
+        // One push it takes ends the run of refusals.
+        m.push_taken();
+        assert_eq!(m.push_refused(2000), 1);
 
         // The valid update of round 0 (over the socket: the worker has not read the
         // reducer's shared memory yet), then round 1's parameters from shared memory, and the

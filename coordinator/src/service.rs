@@ -135,7 +135,8 @@ impl Service {
         };
         let Some(readers) = &self.shm else {
             return Err(refuse(
-                "this reducer takes no payloads in shared memory".into(),
+                "no payloads in shared memory here (only a reducer on a unix socket takes them)"
+                    .into(),
             ));
         };
         if !inline.is_empty() {

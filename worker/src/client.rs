@@ -64,6 +64,9 @@ pub struct Client {
     shm: Option<std::sync::Arc<SharedMemory>>,
 }
 
+/// The longest pause, in rounds, of pushes through shared memory after refusals in a row.
+pub const MAX_PUSH_PAUSE: u64 = 1024;
+
 /// Payloads in shared memory with a peer of this machine ([`capsnet_shm`]), kept with its
 /// client across rounds.
 pub struct SharedMemory {
@@ -74,8 +77,15 @@ pub struct SharedMemory {
     pub peer_reads: std::sync::atomic::AtomicBool,
     /// Reading the peer's shared memory failed: pull payloads inline from now on.
     pub pull_off: std::sync::atomic::AtomicBool,
-    /// A push through shared memory was refused: push payloads inline from now on.
-    pub push_off: std::sync::atomic::AtomicBool,
+    /// Pushes through shared memory the peer refused in a row (reset by one it took), and the
+    /// round from which pushes may go through shared memory again: 1, 2, 4 ... rounds after
+    /// the last refusal, at most [`MAX_PUSH_PAUSE`]. A transient refusal (a region replaced at
+    /// a reassignment) costs a round; a peer that keeps refusing is asked rarely. `u64::MAX`:
+    /// never (no region could be made here).
+    push_refusals: std::sync::atomic::AtomicU32,
+    push_paused_until: std::sync::atomic::AtomicU64,
+    /// The round whose update is being routed ([`SharedMemory::route_round`]).
+    push_round: std::sync::atomic::AtomicU64,
     /// The region this worker pushes to the peer in, made for a span of so many bytes.
     push: std::sync::Mutex<Option<(usize, std::sync::Arc<capsnet_shm::Writer>)>>,
 }
@@ -87,15 +97,51 @@ impl SharedMemory {
             readers: capsnet_shm::Readers::new(4),
             peer_reads: Default::default(),
             pull_off: Default::default(),
-            push_off: Default::default(),
+            push_refusals: Default::default(),
+            push_paused_until: Default::default(),
+            push_round: Default::default(),
             push: Default::default(),
         }
     }
 
-    /// Whether pushes go through shared memory (once a region is made for them).
+    /// Whether pushes go through shared memory (once a region is made for them) in the round
+    /// being routed.
     pub fn pushes(&self) -> bool {
+        self.pushes_in(self.push_round.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Whether the update of `round` would go through shared memory: parameters from the
+    /// peer's shared memory were read here, and pushes are not paused after a refusal.
+    pub fn pushes_in(&self, round: u64) -> bool {
         use std::sync::atomic::Ordering::Relaxed;
-        self.peer_reads.load(Relaxed) && !self.push_off.load(Relaxed)
+        self.peer_reads.load(Relaxed) && round >= self.push_paused_until.load(Relaxed)
+    }
+
+    /// The update of `round` is being routed.
+    pub fn route_round(&self, round: u64) {
+        (self.push_round).store(round, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The peer refused a push of `round` through shared memory: pushes go over the socket
+    /// for the next 1, 2, 4 ... rounds (this one's is pushed again over the socket). Returns
+    /// the rounds paused.
+    pub fn push_refused(&self, round: u64) -> u64 {
+        use std::sync::atomic::Ordering::Relaxed;
+        let k = self
+            .push_refusals
+            .fetch_add(1, Relaxed)
+            .min(MAX_PUSH_PAUSE.ilog2());
+        let pause = 1u64 << k;
+        let until = round.saturating_add(pause);
+        // Never earlier than a pause already set (or "never").
+        self.push_paused_until.fetch_max(until, Relaxed);
+        pause
+    }
+
+    /// The peer took a push through shared memory.
+    pub fn push_taken(&self) {
+        self.push_refusals
+            .store(0, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether pulls ask for payloads in shared memory.
@@ -123,7 +169,7 @@ impl SharedMemory {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "no shared memory for pushes: they go over the socket");
-                self.push_off.store(true, Relaxed);
+                self.push_paused_until.store(u64::MAX, Relaxed);
                 None
             }
         }

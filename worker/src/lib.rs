@@ -34,7 +34,7 @@ pub mod metrics;
 mod replica;
 mod transfer;
 
-pub use client::{Client, ClientTls, Peer};
+pub use client::{Client, ClientTls, MAX_PUSH_PAUSE, Peer};
 pub use error::{Result, WorkerError};
 pub use identity::identity;
 pub use metrics::WorkerMetrics;

@@ -916,13 +916,22 @@ pub async fn push_chunks(
         Ok::<(), tonic::Status>(())
     }
     .await;
-    if let Err(s) = &answered
-        && s.code() == Code::InvalidArgument
-        && shared.load(std::sync::atomic::Ordering::Relaxed)
+    if shared.load(std::sync::atomic::Ordering::Relaxed)
         && let Some(m) = client.shm()
     {
-        tracing::warn!(status = %s.message(), "a push through shared memory was refused: pushing over the socket from now on");
-        m.push_off.store(true, std::sync::atomic::Ordering::Relaxed);
+        match &answered {
+            Ok(()) => m.push_taken(),
+            Err(s) if s.code() == Code::InvalidArgument => {
+                let rounds = m.push_refused(round);
+                tracing::warn!(
+                    status = %s.message(),
+                    round,
+                    rounds,
+                    "a push through shared memory was refused: pushing over the socket for a while"
+                );
+            }
+            Err(_) => {}
+        }
     }
     Ok(answered?)
 }
@@ -1100,6 +1109,9 @@ impl ChunkSender {
             // A span is a run of consecutive chunks: its floats lie between its ends.
             let floats = self.grid[out.span.end - 1].end - self.grid[out.span.start].start;
             let slot = (round % capsnet_proto::shared::PUSH_SLOTS as u64) as usize;
+            if let Some(m) = c.shm() {
+                m.route_round(round);
+            }
             if let Some(w) = c.shm().and_then(|m| m.push_region(floats * bpf)) {
                 out.shared = Some((w, slot * floats * bpf));
             }
