@@ -1,5 +1,5 @@
 //! `capsnet bench scale`: how many machines to use. Measures a training step and the sync path's
-//! per-float costs on this machine, then projects the round time and scaling efficiency for 1
+//! costs (per float, and the data plane's per byte) on this machine, then projects the round time and scaling efficiency for 1
 //! to 64 workers at several link rates, for each sync layout ([`capsnet_bench::scale`] has the
 //! model), as a table and a PNG plot. `--lan` checks the projection against rows of
 //! `scripts/lan-bench --json`.

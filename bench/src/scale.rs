@@ -71,8 +71,11 @@ pub struct Costs {
     pub copy_s: f64,
     /// CPU seconds per byte that crosses a socket, sender and receiver together, beyond the
     /// per-float work above: framing, checksums, system calls, the kernel's copies and its TCP.
-    /// By chunk size (one coordinator's, the reducers'), then wire encoding. Measured from
-    /// loopback rounds of the real data plane ([`crate::sync::measure`], 2 workers).
+    /// By layout (one coordinator; reducers, each with its default chunk size), then wire
+    /// encoding. Measured from loopback rounds of the real data plane ([`crate::sync::measure`],
+    /// 2 workers): it also holds the per-float work those rounds do beyond the single-core
+    /// passes measured above (cold caches, checks, copies), charged per byte that crosses a
+    /// socket, which is conservative where more of the floats cross sockets than there.
     pub net_s: [[f64; 2]; 2],
     /// Chunk payload with one coordinator, and with reducers (the defaults of each).
     pub chunk_bytes: usize,
@@ -508,10 +511,7 @@ fn data_plane_costs(
                     unix: false,
                     delta: false,
                 })?;
-                cpu_ms = cpu_ms.min(row.cpu_ms_per_round.unwrap_or(f64::INFINITY));
-            }
-            if !cpu_ms.is_finite() {
-                continue;
+                cpu_ms = cpu_ms.min(row.cpu_ms_per_round.ok_or(BenchError::NoRounds)?);
             }
             let k = kind.index();
             let b = f * kind.bytes() as f64;

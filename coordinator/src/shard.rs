@@ -998,6 +998,7 @@ pub async fn serve_reducer(
             // breaks the protocol: a run that ended before it gave this reducer a span (more
             // reducers than chunks) is not a failure.
             Err(_) => {
+                sessions.abort();
                 let outcome = done_rx.borrow().clone();
                 return match outcome {
                     Some(Ok(rounds)) => Ok(ReducerOutcome { rounds, finished: true }),

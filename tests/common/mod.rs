@@ -63,18 +63,25 @@ pub fn wait_for_or_log<T>(
     what: &str,
     timeout: Duration,
     procs: &[&Proc],
-    mut f: impl FnMut() -> Option<T>,
+    f: impl FnMut() -> Option<T>,
 ) -> T {
+    poll_for(timeout, f).unwrap_or_else(|| {
+        for p in procs {
+            eprintln!("--- {} ---\n{}", p.name, p.log_text());
+        }
+        panic!("timed out waiting for {what}");
+    })
+}
+
+/// Polls `f` every 20 ms until it returns Some, or None after `timeout`.
+pub fn poll_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let start = Instant::now();
     loop {
         if let Some(v) = f() {
-            return v;
+            return Some(v);
         }
         if start.elapsed() >= timeout {
-            for p in procs {
-                eprintln!("--- {} ---\n{}", p.name, p.log_text());
-            }
-            panic!("timed out waiting for {what}");
+            return None;
         }
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -83,6 +83,8 @@ pub struct SharedMemory {
     /// a reassignment) costs a round; a peer that keeps refusing is asked rarely. `u64::MAX`:
     /// never (no region could be made here).
     push_refusals: std::sync::atomic::AtomicU32,
+    /// The round of the last refusal: a round's refusals (of several streams) count once.
+    push_refused_round: std::sync::atomic::AtomicU64,
     push_paused_until: std::sync::atomic::AtomicU64,
     /// The round whose update is being routed ([`SharedMemory::route_round`]).
     push_round: std::sync::atomic::AtomicU64,
@@ -98,6 +100,7 @@ impl SharedMemory {
             peer_reads: Default::default(),
             pull_off: Default::default(),
             push_refusals: Default::default(),
+            push_refused_round: std::sync::atomic::AtomicU64::new(u64::MAX),
             push_paused_until: Default::default(),
             push_round: Default::default(),
             push: Default::default(),
@@ -127,10 +130,11 @@ impl SharedMemory {
     /// the rounds paused.
     pub fn push_refused(&self, round: u64) -> u64 {
         use std::sync::atomic::Ordering::Relaxed;
-        let k = self
-            .push_refusals
-            .fetch_add(1, Relaxed)
-            .min(MAX_PUSH_PAUSE.ilog2());
+        let k = match self.push_refused_round.swap(round, Relaxed) == round {
+            true => self.push_refusals.load(Relaxed).saturating_sub(1),
+            false => self.push_refusals.fetch_add(1, Relaxed),
+        };
+        let k = k.min(MAX_PUSH_PAUSE.ilog2());
         let pause = 1u64 << k;
         let until = round.saturating_add(pause);
         // Never earlier than a pause already set (or "never").
@@ -151,8 +155,8 @@ impl SharedMemory {
 
     /// The region to push a span of `span_bytes` in ([`capsnet_proto::shared::PUSH_SLOTS`]
     /// rounds of it), if pushes go through shared memory: parameters from the peer's shared
-    /// memory were read here, no push there was refused, and a region could be made (one is
-    /// made anew when the span's size changed).
+    /// memory were read here, pushes are not paused after a refusal, and a region could be made
+    /// (one is made anew when the span's size changed).
     pub fn push_region(&self, span_bytes: usize) -> Option<std::sync::Arc<capsnet_shm::Writer>> {
         use std::sync::atomic::Ordering::Relaxed;
         if !self.pushes() || span_bytes == 0 {
